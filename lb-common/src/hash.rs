@@ -1,0 +1,121 @@
+//! The flow hash. The datapath indexes a service's Maglev ring with it, and the agent and the
+//! tests compute the same value to predict where a flow goes, so it lives here, once.
+//!
+//! It is MurmurHash3's 32-bit body and finaliser over whole 32-bit words: a few multiplies
+//! and rotates per word, no tables, no loops the verifier cannot bound (the word counts are
+//! constants), and a good avalanche so nearby source ports spread over the ring.
+
+use crate::{FlowKey, PROTO_TCP};
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+/// Seed of every Weir hash. Changing it moves every untracked flow.
+pub const SEED: u32 = 0x5745_4952; // "WEIR"
+
+#[inline(always)]
+const fn mix(h: u32, word: u32) -> u32 {
+    let k = word.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(mut h: u32, len_bytes: u32) -> u32 {
+    h ^= len_bytes;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+const fn word(b: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Hash of a whole 5-tuple (the `maglev` scheduler).
+#[inline(always)]
+#[must_use]
+pub const fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = SEED;
+    h = mix(h, word(&key.src_addr, 0));
+    h = mix(h, word(&key.src_addr, 4));
+    h = mix(h, word(&key.src_addr, 8));
+    h = mix(h, word(&key.src_addr, 12));
+    h = mix(h, word(&key.dst_addr, 0));
+    h = mix(h, word(&key.dst_addr, 4));
+    h = mix(h, word(&key.dst_addr, 8));
+    h = mix(h, word(&key.dst_addr, 12));
+    h = mix(h, (key.src_port_be as u32) | ((key.dst_port_be as u32) << 16));
+    h = mix(h, (key.proto as u32) | ((key.family as u32) << 8));
+    finish(h, 40)
+}
+
+/// Hash of the source address alone (the `ip-hash` scheduler: every flow of a client goes to
+/// the same backend while the ring does not change).
+#[inline(always)]
+#[must_use]
+pub const fn source_hash(key: &FlowKey) -> u32 {
+    let mut h = SEED;
+    h = mix(h, word(&key.src_addr, 0));
+    h = mix(h, word(&key.src_addr, 4));
+    h = mix(h, word(&key.src_addr, 8));
+    h = mix(h, word(&key.src_addr, 12));
+    h = mix(h, key.family as u32);
+    finish(h, 20)
+}
+
+/// Whether the flow is TCP (helper kept next to the hash so callers read alike).
+#[inline(always)]
+#[must_use]
+pub const fn is_tcp(key: &FlowKey) -> bool {
+    key.proto == PROTO_TCP
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FAMILY_V4, PROTO_UDP};
+
+    fn key(src_port: u16) -> FlowKey {
+        let mut k = FlowKey {
+            src_port_be: src_port.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: PROTO_UDP,
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        };
+        k.src_addr[..4].copy_from_slice(&[198, 51, 100, 2]);
+        k.dst_addr[..4].copy_from_slice(&[203, 0, 113, 10]);
+        k
+    }
+
+    #[test]
+    fn murmur3_reference_vector() {
+        // MurmurHash3_x86_32 of the 4 bytes 0x00000000 with seed 0 is 0x2362f9de; of
+        // "abcd" (one little-endian word 0x64636261) with seed 0 is 0x43ed676a.
+        assert_eq!(finish(mix(0, 0), 4), 0x2362_f9de);
+        assert_eq!(finish(mix(0, 0x6463_6261), 4), 0x43ed_676a);
+    }
+
+    #[test]
+    fn ports_spread_evenly_over_buckets() {
+        // 60,000 consecutive source ports into 3 buckets: each within 2% of a third.
+        let mut buckets = [0u32; 3];
+        for port in 1024..61024u16 {
+            buckets[(flow_hash(&key(port)) % 3) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((19_600..=20_400).contains(&b), "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn source_hash_ignores_ports_but_flow_hash_does_not() {
+        assert_eq!(source_hash(&key(1000)), source_hash(&key(2000)));
+        assert_ne!(flow_hash(&key(1000)), flow_hash(&key(2000)));
+        let mut other = key(1000);
+        other.src_addr[3] = 3;
+        assert_ne!(source_hash(&key(1000)), source_hash(&other));
+    }
+}

@@ -1,0 +1,349 @@
+//! Types shared by Weir's XDP datapath (`lb-ebpf`) and its agent (`lb-userspace`), and the
+//! pure logic both sides must agree on: the flow hash, the IPv4 header checksum and the
+//! builders of the outer tunnel headers.
+//!
+//! Everything here is `#![no_std]` so the BPF target can use it. Map value types follow one
+//! set of rules: `#[repr(C)]`, `Copy`, explicit padding, no `bool`/`enum`/`Option` (the
+//! kernel sees raw bytes), a size assertion each, and the byte order in the field name where
+//! it matters (`port_be` holds the port exactly as it appears on the wire).
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+pub mod csum;
+pub mod hash;
+pub mod headers;
+#[cfg(feature = "user")]
+pub mod maglev;
+
+/// Names of the maps in the eBPF object. They are the names of the `static`s in `lb-ebpf`,
+/// kept here so the agent and the tests cannot drift from the datapath.
+pub mod map_name {
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RING: &str = "RING";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const STATS: &str = "STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const GLOBAL: &str = "GLOBAL";
+    pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod prog_name {
+    /// The balancer, attached to the LB's NIC.
+    pub const BALANCER: &str = "weir_balancer";
+    /// The decapsulator, attached to a backend's NIC.
+    pub const DECAP: &str = "weir_decap";
+    /// `XDP_PASS` and nothing else: the benchmark floor, and the program veth peers need
+    /// so that frames sent with `XDP_TX` are picked up.
+    pub const PASS: &str = "weir_pass";
+    /// Benchmark entry: restores the packet from `BENCH_TEMPLATE`, then balances it.
+    pub const BENCH: &str = "weir_bench";
+    /// Benchmark of one `bpf_fib_lookup` call, to price the next-hop choice.
+    pub const BENCH_FIB: &str = "weir_bench_fib";
+}
+
+/// Most services (one VIP each) the datapath holds.
+pub const MAX_SERVICES: u32 = 64;
+/// Most backends across all services.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev ring a service may have (a prime). `RING` holds `MAX_SERVICES` rings of
+/// this size back to back: 64 x 65537 x 4 bytes = 16 MiB, preallocated.
+pub const MAX_RING_SIZE: u32 = 65537;
+/// Default ring size: the smallest prime above 65536, as in the Maglev paper.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default size of the connection table when the config does not say.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// Entries of the devmap used for `XDP_REDIRECT` to other interfaces.
+pub const MAX_TX_PORTS: u32 = 64;
+/// Ring slot value meaning "no backend" (every backend of the service is down or removed).
+pub const BACKEND_NONE: u32 = u32::MAX;
+/// TTL / hop limit of the outer header the balancer adds (RFC 2003 leaves it to the
+/// encapsulator; 64 is the Linux default).
+pub const OUTER_TTL: u8 = 64;
+/// Bytes of packet the benchmark template holds.
+pub const BENCH_TEMPLATE_LEN: usize = 128;
+
+/// Address family values used in map keys (the kernel's `AF_INET` / `AF_INET6`).
+pub const FAMILY_V4: u8 = 2;
+pub const FAMILY_V6: u8 = 10;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+/// IPv4-in-IP (RFC 2003).
+pub const PROTO_IPIP: u8 = 4;
+/// IPv6-in-IP (RFC 2473 / RFC 4213).
+pub const PROTO_IPV6: u8 = 41;
+
+/// `VipInfo::forwarding` values.
+pub const FORWARD_TUNNEL: u8 = 0;
+pub const FORWARD_DIRECT: u8 = 1;
+
+/// `VipInfo::scheduler` values: which hash indexes the ring.
+pub const SCHED_MAGLEV: u8 = 0;
+pub const SCHED_IP_HASH: u8 = 1;
+
+/// `BackendInfo::state` values.
+pub const BACKEND_DOWN: u8 = 0;
+pub const BACKEND_UP: u8 = 1;
+
+/// Index of each counter in the per-CPU `STATS` array. One `u64` per index per CPU.
+pub mod stat {
+    pub const XDP_ABORTED: u32 = 0;
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
+    pub const XDP_REDIRECT: u32 = 4;
+    /// A packet of a tracked flow whose entry was honoured.
+    pub const CT_HIT: u32 = 5;
+    /// A packet that asked the scheduler (no entry, a stale entry, or a SYN).
+    pub const CT_MISS: u32 = 6;
+    /// Passes by reason.
+    pub const PASS_NON_IP: u32 = 7;
+    pub const PASS_NOT_VIP: u32 = 8;
+    pub const PASS_IPV6_EXT: u32 = 9;
+    /// Drops by reason.
+    pub const DROP_TRUNC_ETH: u32 = 10;
+    pub const DROP_TRUNC_IPV4: u32 = 11;
+    pub const DROP_BAD_IPV4: u32 = 12;
+    pub const DROP_TRUNC_IPV6: u32 = 13;
+    pub const DROP_TRUNC_L4: u32 = 14;
+    pub const DROP_FRAGMENT: u32 = 15;
+    pub const DROP_TTL: u32 = 16;
+    pub const DROP_NO_BACKEND: u32 = 17;
+    pub const DROP_FIB: u32 = 18;
+    pub const DROP_ENCAP: u32 = 19;
+    pub const DROP_REDIRECT: u32 = 20;
+    pub const DROP_FAMILY: u32 = 21;
+    /// Decap program: packets whose outer header it removed.
+    pub const DECAP_OK: u32 = 22;
+    /// Number of counters; the size of `STATS`.
+    pub const COUNT: u32 = 23;
+
+    /// Human and metric names, indexed by counter.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "xdp_aborted",
+        "xdp_drop",
+        "xdp_pass",
+        "xdp_tx",
+        "xdp_redirect",
+        "conntrack_hit",
+        "conntrack_miss",
+        "pass_non_ip",
+        "pass_not_vip",
+        "pass_ipv6_ext_header",
+        "drop_truncated_ethernet",
+        "drop_truncated_ipv4",
+        "drop_malformed_ipv4",
+        "drop_truncated_ipv6",
+        "drop_truncated_l4",
+        "drop_fragment",
+        "drop_ttl_expired",
+        "drop_no_backend",
+        "drop_fib_lookup",
+        "drop_encap",
+        "drop_redirect",
+        "drop_family_mismatch",
+        "decap_ok",
+    ];
+}
+
+/// Key of `VIPS` (and, with `port_be = 0, proto = 0`, of `VIP_ADDRS` and `DECAP_VIPS`).
+/// An IPv4 address occupies `addr[..4]`, the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Destination port as on the wire; 0 matches every port.
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipInfo {
+    /// Index of the service: its ring is `RING[service_id * MAX_RING_SIZE ..][..ring_size]`,
+    /// its counters `VIP_STATS[service_id]`.
+    pub service_id: u32,
+    pub ring_size: u32,
+    /// `FORWARD_TUNNEL` or `FORWARD_DIRECT`.
+    pub forwarding: u8,
+    /// `SCHED_MAGLEV` or `SCHED_IP_HASH`.
+    pub scheduler: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
+
+/// Value of `BACKENDS`, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendInfo {
+    pub addr: [u8; 16],
+    /// Service the backend belongs to; a tracked flow is honoured only if it matches.
+    pub service_id: u32,
+    /// Bumped by the agent each time the id is given to a new backend, so a tracked flow
+    /// that pointed at the id's previous owner is not honoured.
+    pub generation: u32,
+    pub family: u8,
+    /// `BACKEND_UP` or `BACKEND_DOWN`.
+    pub state: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 28);
+
+/// Key of the connection table `CONNTRACK`: the 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    /// `BackendInfo::generation` when the entry was made.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+
+/// Value of the single-entry `GLOBAL` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalConfig {
+    /// Outer source address for IPv4 outer headers.
+    pub tunnel_source_v4: [u8; 4],
+    /// Outer source address for IPv6 outer headers.
+    pub tunnel_source_v6: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 20);
+
+/// Per-CPU traffic counters of one service (`VIP_STATS`) or one backend (`BACKEND_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    /// Bytes of the packets as received (Ethernet frame length).
+    pub bytes: u64,
+    /// Connection-table entries created.
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);
+
+impl TrafficCounters {
+    /// Sum of two readings (used to fold per-CPU values).
+    #[must_use]
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets.wrapping_add(other.packets),
+            bytes: self.bytes.wrapping_add(other.bytes),
+            new_flows: self.new_flows.wrapping_add(other.new_flows),
+        }
+    }
+}
+
+/// Value of the single-entry `BENCH_TEMPLATE` array: the packet the benchmark entry point
+/// restores before every run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchTemplate {
+    pub len: u32,
+    pub data: [u8; BENCH_TEMPLATE_LEN],
+}
+const _: () = assert!(core::mem::size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        BackendInfo, BenchTemplate, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipInfo,
+        VipKey,
+    };
+
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
+    // with every padding byte an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GlobalConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BenchTemplate {}
+}
+
+#[cfg(feature = "user")]
+mod convert {
+    use core::net::IpAddr;
+
+    use super::{FAMILY_V4, FAMILY_V6, VipKey};
+
+    /// The 16-byte map form of an address and its family.
+    #[must_use]
+    pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+        match addr {
+            IpAddr::V4(v4) => {
+                let mut out = [0u8; 16];
+                out[..4].copy_from_slice(&v4.octets());
+                (out, FAMILY_V4)
+            }
+            IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+        }
+    }
+
+    /// The address a map entry holds.
+    #[must_use]
+    pub fn addr_from_bytes(addr: [u8; 16], family: u8) -> IpAddr {
+        if family == FAMILY_V4 {
+            IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+        } else {
+            IpAddr::from(addr)
+        }
+    }
+
+    impl VipKey {
+        /// Key of `VIPS` for a service.
+        #[must_use]
+        pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
+            let (addr, family) = addr_bytes(addr);
+            Self {
+                addr,
+                port_be: port.to_be(),
+                proto,
+                family,
+            }
+        }
+
+        /// Key of `VIP_ADDRS` / `DECAP_VIPS` for an address.
+        #[must_use]
+        pub fn addr_only(addr: IpAddr) -> Self {
+            Self::new(addr, 0, 0)
+        }
+    }
+}
+#[cfg(feature = "user")]
+pub use convert::{addr_bytes, addr_from_bytes};

@@ -1,0 +1,3 @@
+//! Exists so `lb-userspace` can name this crate as a build dependency: cargo then rebuilds
+//! the agent when the datapath's dependencies change. The programs are in `main.rs`.
+#![no_std]
