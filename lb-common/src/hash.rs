@@ -15,7 +15,10 @@ pub const SEED: u32 = 0x5745_4952; // "WEIR"
 #[inline(always)]
 const fn mix(h: u32, word: u32) -> u32 {
     let k = word.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -46,7 +49,10 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     h = mix(h, word(&key.dst_addr, 4));
     h = mix(h, word(&key.dst_addr, 8));
     h = mix(h, word(&key.dst_addr, 12));
-    h = mix(h, (key.src_port_be as u32) | ((key.dst_port_be as u32) << 16));
+    h = mix(
+        h,
+        (key.src_port_be as u32) | ((key.dst_port_be as u32) << 16),
+    );
     h = mix(h, (key.proto as u32) | ((key.family as u32) << 8));
     finish(h, 40)
 }

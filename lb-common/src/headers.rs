@@ -91,7 +91,14 @@ mod tests {
     #[test]
     fn ipv4_outer_is_valid_and_complete() {
         let mut h = [0u8; 20];
-        write_ipv4_outer(&mut h, [198, 51, 100, 1], [198, 51, 100, 11], PROTO_IPIP, 60, true);
+        write_ipv4_outer(
+            &mut h,
+            [198, 51, 100, 1],
+            [198, 51, 100, 11],
+            PROTO_IPIP,
+            60,
+            true,
+        );
         assert!(ipv4_header_valid(&h));
         assert_eq!(h[0], 0x45);
         assert_eq!(u16::from_be_bytes([h[2], h[3]]), 80);

@@ -112,7 +112,8 @@ pub mod stat {
     /// Drops by reason.
     pub const DROP_TRUNC_ETH: u32 = 10;
     pub const DROP_TRUNC_IPV4: u32 = 11;
-    pub const DROP_BAD_IPV4: u32 = 12;
+    /// A bad version, IHL or length field.
+    pub const DROP_MALFORMED_IP: u32 = 12;
     pub const DROP_TRUNC_IPV6: u32 = 13;
     pub const DROP_TRUNC_L4: u32 = 14;
     pub const DROP_FRAGMENT: u32 = 15;
@@ -141,7 +142,7 @@ pub mod stat {
         "pass_ipv6_ext_header",
         "drop_truncated_ethernet",
         "drop_truncated_ipv4",
-        "drop_malformed_ipv4",
+        "drop_malformed_ip",
         "drop_truncated_ipv6",
         "drop_truncated_l4",
         "drop_fragment",
@@ -166,7 +167,7 @@ pub struct VipKey {
     pub proto: u8,
     pub family: u8,
 }
-const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipKey>() == 20);
 
 /// Value of `VIPS`.
 #[repr(C)]
@@ -182,7 +183,7 @@ pub struct VipInfo {
     pub scheduler: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
+const _: () = assert!(size_of::<VipInfo>() == 12);
 
 /// Value of `BACKENDS`, indexed by backend id.
 #[repr(C)]
@@ -199,7 +200,7 @@ pub struct BackendInfo {
     pub state: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<BackendInfo>() == 28);
+const _: () = assert!(size_of::<BackendInfo>() == 28);
 
 /// Key of the connection table `CONNTRACK`: the 5-tuple as seen on the wire.
 #[repr(C)]
@@ -213,7 +214,7 @@ pub struct FlowKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// Value of `CONNTRACK`.
 #[repr(C)]
@@ -223,7 +224,7 @@ pub struct FlowValue {
     /// `BackendInfo::generation` when the entry was made.
     pub generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<FlowValue>() == 8);
 
 /// Value of the single-entry `GLOBAL` array.
 #[repr(C)]
@@ -234,7 +235,7 @@ pub struct GlobalConfig {
     /// Outer source address for IPv6 outer headers.
     pub tunnel_source_v6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 20);
+const _: () = assert!(size_of::<GlobalConfig>() == 20);
 
 /// Per-CPU traffic counters of one service (`VIP_STATS`) or one backend (`BACKEND_STATS`).
 #[repr(C)]
@@ -246,7 +247,7 @@ pub struct TrafficCounters {
     /// Connection-table entries created.
     pub new_flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);
+const _: () = assert!(size_of::<TrafficCounters>() == 24);
 
 impl TrafficCounters {
     /// Sum of two readings (used to fold per-CPU values).
@@ -268,7 +269,7 @@ pub struct BenchTemplate {
     pub len: u32,
     pub data: [u8; BENCH_TEMPLATE_LEN],
 }
-const _: () = assert!(core::mem::size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
+const _: () = assert!(size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
 
 #[cfg(feature = "user")]
 mod pod {

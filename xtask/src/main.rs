@@ -1,1 +1,141 @@
-fn main() {}
+//! Weir's developer and CI entry point: `cargo xtask <command>`.
+//!
+//! Every command except `setup` runs `setup` first, so a fresh clone (or CI's fresh machine)
+//! needs nothing but rustup and this workspace.
+mod bench;
+mod cmd;
+mod setup;
+mod testing;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Weir's build, test and benchmark tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build and the tests need (idempotent; a fast no-op when done):
+    /// Debian packages, rustfmt/clippy, the nightly toolchain with rust-src, bpf-linker.
+    Setup,
+    /// Build the host crates (the eBPF object is built by lb-userspace's build script).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test tier in order: fmt, clippy, host unit tests, privileged tests.
+    ///
+    /// The privileged tier (golden-packet and network-namespace tests) needs root. Without
+    /// root it is SKIPPED, or FAILS when CI is set.
+    Test {
+        /// Run only the unprivileged tiers (fmt, clippy, host unit tests).
+        #[arg(long)]
+        host_only: bool,
+        /// Arguments for the privileged tests' harness (a name filter, `--nocapture`, ...),
+        /// appended after `--test-threads=1`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run benchmarks: `datapath` (default: all implemented ones).
+    Bench {
+        /// Benchmarks to run; none means all implemented ones.
+        names: Vec<String>,
+        /// Arguments passed to the benchmark binaries.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo (not implemented yet).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
+        Command::Build { release } => {
+            setup::setup()?;
+            let mut cargo = cmd::cargo();
+            cargo.arg("build");
+            cmd::host_packages(&mut cargo);
+            if release {
+                cargo.arg("--release");
+            }
+            cmd::run(&mut cargo)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { host_only, args } => {
+            setup::setup()?;
+            testing::test(host_only, &args)
+        }
+        Command::Bench { names, args } => {
+            setup::setup()?;
+            bench::bench(&names, &args)
+        }
+        Command::Demo => {
+            // STUB: the lead fills this in.
+            eprintln!("demo: not implemented yet");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_trailing_args() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--host-only",
+            "--",
+            "golden",
+            "--nocapture",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Test { host_only, args } => {
+                assert!(host_only);
+                assert_eq!(args, ["golden", "--nocapture"]);
+            }
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_takes_names() {
+        let cli = Cli::try_parse_from(["xtask", "bench", "datapath", "e2e"]).expect("parses");
+        match cli.command {
+            Command::Bench { names, args } => {
+                assert_eq!(names, ["datapath", "e2e"]);
+                assert!(args.is_empty());
+            }
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+}

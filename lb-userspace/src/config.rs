@@ -1,0 +1,1644 @@
+//! The configuration file of `weir agent`: TOML parsing and validation.
+//!
+//! Parsing happens in two layers. The private `Raw*` structs mirror the file exactly (every
+//! table rejects unknown keys, numbers are read as `i64` so range errors get a clear reason)
+//! and are deserialised through `serde_path_to_error`, so even a type error names the key it
+//! is about. Validation then turns them into the public types below, which hold only
+//! checked values with the defaults filled in: the agent never sees a config it cannot load.
+//!
+//! Every error is a [`ConfigError`] naming the file, the key (`service[0].backend[2].weight`)
+//! and the reason. Validation stops at the first problem, in file order.
+//!
+//! New optional keys (health checks, an API socket, a metrics address) go into the `Raw*`
+//! struct as `Option<_>`/`#[serde(default)]` fields plus a checked field on the public type,
+//! so older files stay valid.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use lb_common::maglev::is_prime;
+use lb_common::{
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FORWARD_DIRECT, FORWARD_TUNNEL, MAX_BACKENDS,
+    MAX_RING_SIZE, MAX_SERVICES, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH, SCHED_MAGLEV,
+};
+use serde::Deserialize;
+
+/// The largest accepted `agent.conntrack_entries` (2^26 entries).
+pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 26;
+
+/// The largest accepted backend `weight`.
+pub const MAX_WEIGHT: u32 = 65535;
+
+/// The longest accepted service `name`, in bytes.
+pub const MAX_SERVICE_NAME_LEN: usize = 64;
+
+/// The longest Linux interface name (`IFNAMSIZ` - 1).
+const MAX_INTERFACE_NAME_LEN: usize = 15;
+
+/// The key reported for errors that belong to no key (the file cannot be read, or is not
+/// TOML at all).
+pub const NO_KEY: &str = "-";
+
+/// A config file that cannot be loaded. Displays as `{file}: {key}: {reason}`, e.g.
+/// `weir.toml: service[1].backend[0].address: invalid IP address "203.0.113.x"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {reason}", .file.display())]
+pub struct ConfigError {
+    /// The file, as given to [`load`] or [`parse`].
+    pub file: PathBuf,
+    /// The key the error is about, as a path (`agent.interface`, `service[0].backend[2]`),
+    /// or [`NO_KEY`] when the file could not be read or is not valid TOML.
+    pub key: String,
+    /// What is wrong, in words; includes the line and column when TOML reported them.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// An error about `key` of `file`.
+    pub fn new(
+        file: impl Into<PathBuf>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            file: file.into(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The `[agent]` table.
+    pub agent: AgentConfig,
+    /// The `[[service]]` tables, in file order (at least one, at most `MAX_SERVICES`).
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Config {
+    /// The number of backends over all services (a backend listed by two services counts
+    /// twice).
+    pub fn backend_count(&self) -> usize {
+        self.services.iter().map(|s| s.backends.len()).sum()
+    }
+}
+
+/// The `[agent]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The interface the balancer attaches to (non-empty, at most 15 bytes).
+    pub interface: String,
+    /// How to attach the XDP program.
+    pub xdp_mode: XdpMode,
+    /// Outer IPv4 source address of tunnelled packets; set whenever a tunnel-mode service
+    /// has an IPv4 backend.
+    pub tunnel_source: Option<Ipv4Addr>,
+    /// Outer IPv6 source address of tunnelled packets; set whenever a tunnel-mode service
+    /// has an IPv6 backend.
+    pub tunnel_source_v6: Option<Ipv6Addr>,
+    /// Capacity of the connection-tracking map (1..=`MAX_CONNTRACK_ENTRIES`).
+    pub conntrack_entries: u32,
+}
+
+/// How the XDP program is attached (`xdp_mode`, `--xdp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode if the driver supports it, generic (SKB) mode otherwise.
+    #[default]
+    Auto,
+    /// Native (driver) mode only; attaching fails if the driver lacks XDP support.
+    Native,
+    /// Generic (SKB) mode: works on every interface, slower.
+    Generic,
+}
+
+impl XdpMode {
+    /// The name used in the config file and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+/// A `[[service]]` table: one virtual service (VIP, port, protocol) and its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Unique name (1..=64 bytes of `A-Z a-z 0-9 . _ -`).
+    pub name: String,
+    /// The virtual IP address (never unspecified, loopback, multicast or broadcast).
+    pub vip: IpAddr,
+    /// Destination port; 0 means every port (a service with a specific port on the same
+    /// VIP and protocol takes precedence).
+    pub port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// How a backend is picked for a new flow.
+    pub scheduler: Scheduler,
+    /// How packets reach the backend.
+    pub forwarding: Forwarding,
+    /// Maglev lookup table size: prime, at most `MAX_RING_SIZE`, and at least the number of
+    /// backends.
+    pub ring_size: u32,
+    /// The backends, in file order (at least one; at least one has weight > 0).
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A service's transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number (6 or 17).
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+
+    /// The name used in the config file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// How a service picks the backend of a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Maglev consistent hashing over the 5-tuple.
+    #[default]
+    Maglev,
+    /// Hash of the client address only: a client sticks to one backend.
+    IpHash,
+}
+
+impl Scheduler {
+    /// The datapath's code for this scheduler (`SCHED_*`).
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::Maglev => SCHED_MAGLEV,
+            Self::IpHash => SCHED_IP_HASH,
+        }
+    }
+
+    /// The name used in the config file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::IpHash => "ip-hash",
+        }
+    }
+}
+
+/// How a service's packets reach the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Encapsulated in an outer IP header (IPIP / IP6IP6 / mixed) addressed to the backend.
+    #[default]
+    Tunnel,
+    /// L2 direct server return: only the destination MAC changes, so the backend must be
+    /// on the local link and have the VIP configured; VIP and backend share a family.
+    Direct,
+}
+
+impl Forwarding {
+    /// The datapath's code for this mode (`FORWARD_*`).
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::Tunnel => FORWARD_TUNNEL,
+            Self::Direct => FORWARD_DIRECT,
+        }
+    }
+
+    /// The name used in the config file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tunnel => "tunnel",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+macro_rules! display_as_str {
+    ($($ty:ty),*) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(XdpMode, Protocol, Scheduler, Forwarding);
+
+/// A `[[service.backend]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The backend's address (never unspecified, multicast or broadcast; unique within the
+    /// service).
+    pub address: IpAddr,
+    /// Relative share of new flows, 0..=65535; 0 means no new flows (draining).
+    pub weight: u32,
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::new(path, NO_KEY, format!("cannot read the file: {err}")))?;
+    parse(&text, path)
+}
+
+/// Parses and validates `text`, the contents of `file` (used in errors only).
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    deserialize(text)
+        .and_then(validate)
+        .map_err(|Fail { key, reason }| ConfigError::new(file, key, reason))
+}
+
+/// An error before the file name is attached.
+#[derive(Debug)]
+struct Fail {
+    key: String,
+    reason: String,
+}
+
+fn fail(key: impl Into<String>, reason: impl Into<String>) -> Fail {
+    Fail {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Option<RawAgent>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interface: String,
+    #[serde(default)]
+    xdp_mode: XdpMode,
+    tunnel_source: Option<String>,
+    tunnel_source_v6: Option<String>,
+    conntrack_entries: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: String,
+    port: i64,
+    protocol: Protocol,
+    #[serde(default)]
+    scheduler: Scheduler,
+    #[serde(default)]
+    forwarding: Forwarding,
+    ring_size: Option<i64>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    weight: Option<i64>,
+}
+
+fn deserialize(text: &str) -> Result<RawConfig, Fail> {
+    // Syntax first, so that a broken file is reported as such rather than as whatever the
+    // serde layer happened to be looking at.
+    if let Err(err) = text.parse::<toml::Table>() {
+        return Err(fail(
+            NO_KEY,
+            format!(
+                "invalid TOML{}: {}",
+                location(text, err.span()),
+                one_line(err.message())
+            ),
+        ));
+    }
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|err| {
+        let mut key = match err.path().to_string() {
+            root if root == "." => String::new(),
+            path => path,
+        };
+        let inner = err.into_inner();
+        let message = one_line(inner.message());
+        // serde reports a missing key at the enclosing table; name the key itself.
+        let field = message
+            .strip_prefix("missing field `")
+            .or_else(|| message.strip_prefix("unknown field `"))
+            .and_then(|rest| rest.split('`').next());
+        if let Some(field) = field
+            && key != field
+            && !key.ends_with(&format!(".{field}"))
+        {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(field);
+        }
+        if key.is_empty() {
+            key.push_str(NO_KEY);
+        }
+        let reason = match inner.span() {
+            Some(span) => format!("{message} ({})", line_column(text, span.start)),
+            None => message,
+        };
+        fail(key, reason)
+    })
+}
+
+/// ` at line L, column C` for a span, or nothing.
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|span| format!(" at {}", line_column(text, span.start)))
+        .unwrap_or_default()
+}
+
+/// `line L, column C` (both 1-based, columns in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> String {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    format!("line {line}, column {column}")
+}
+
+fn one_line(message: &str) -> String {
+    message.trim().replace('\n', "; ")
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation.
+
+fn validate(raw: RawConfig) -> Result<Config, Fail> {
+    let Some(raw_agent) = raw.agent else {
+        return Err(fail(
+            "agent",
+            "the [agent] table is missing (it needs at least `interface`)",
+        ));
+    };
+    let agent = validate_agent(raw_agent)?;
+
+    if raw.service.is_empty() {
+        return Err(fail("service", "at least one [[service]] is required"));
+    }
+    if raw.service.len() > MAX_SERVICES as usize {
+        return Err(fail(
+            "service",
+            format!(
+                "{} services, but at most {MAX_SERVICES} are supported",
+                raw.service.len()
+            ),
+        ));
+    }
+    let total_backends: usize = raw.service.iter().map(|s| s.backend.len()).sum();
+    if total_backends > MAX_BACKENDS as usize {
+        return Err(fail(
+            "service",
+            format!(
+                "{total_backends} backends in total over all services, but at most \
+                 {MAX_BACKENDS} are supported"
+            ),
+        ));
+    }
+
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut listeners: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
+    let mut services = Vec::with_capacity(raw.service.len());
+    for (index, raw_service) in raw.service.into_iter().enumerate() {
+        let service = validate_service(index, raw_service)?;
+        let prefix = format!("service[{index}]");
+
+        if let Some(&other) = names.get(&service.name) {
+            return Err(fail(
+                format!("{prefix}.name"),
+                format!(
+                    "duplicate service name \"{}\" (also service[{other}])",
+                    service.name
+                ),
+            ));
+        }
+        names.insert(service.name.clone(), index);
+
+        let listener = (service.vip, service.port, service.protocol);
+        if let Some(&other) = listeners.get(&listener) {
+            let port = match service.port {
+                0 => "every port (0)".to_owned(),
+                port => format!("port {port}"),
+            };
+            return Err(fail(
+                format!("{prefix}.vip"),
+                format!(
+                    "duplicate VIP: {} {port}/{} is already used by service \"{}\" \
+                     (service[{other}])",
+                    service.vip,
+                    service.protocol,
+                    services_name(&services, other)
+                ),
+            ));
+        }
+        listeners.insert(listener, index);
+
+        check_tunnel_sources(&agent, index, &service)?;
+        services.push(service);
+    }
+
+    Ok(Config { agent, services })
+}
+
+fn services_name(services: &[ServiceConfig], index: usize) -> &str {
+    services.get(index).map_or("?", |s| s.name.as_str())
+}
+
+fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
+    check_interface_name(&raw.interface).map_err(|reason| fail("agent.interface", reason))?;
+
+    let tunnel_source = raw
+        .tunnel_source
+        .as_deref()
+        .map(|text| match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(addr)) => check_source(IpAddr::V4(addr)).map(|()| addr),
+            Ok(IpAddr::V6(_)) => Err(format!(
+                "\"{text}\" is an IPv6 address; tunnel_source must be IPv4 (IPv6 goes into \
+                 tunnel_source_v6)"
+            )),
+            Err(_) => Err(format!("invalid IPv4 address \"{text}\"")),
+        })
+        .transpose()
+        .map_err(|reason| fail("agent.tunnel_source", reason))?;
+
+    let tunnel_source_v6 = raw
+        .tunnel_source_v6
+        .as_deref()
+        .map(|text| match text.parse::<IpAddr>() {
+            Ok(IpAddr::V6(addr)) => check_source(IpAddr::V6(addr)).map(|()| addr),
+            Ok(IpAddr::V4(_)) => Err(format!(
+                "\"{text}\" is an IPv4 address; tunnel_source_v6 must be IPv6 (IPv4 goes into \
+                 tunnel_source)"
+            )),
+            Err(_) => Err(format!("invalid IPv6 address \"{text}\"")),
+        })
+        .transpose()
+        .map_err(|reason| fail("agent.tunnel_source_v6", reason))?;
+
+    let conntrack_entries = match raw.conntrack_entries {
+        None => DEFAULT_CONNTRACK_ENTRIES,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=MAX_CONNTRACK_ENTRIES).contains(n))
+            .ok_or_else(|| {
+                fail(
+                    "agent.conntrack_entries",
+                    format!("{n} is out of range (1..={MAX_CONNTRACK_ENTRIES})"),
+                )
+            })?,
+    };
+
+    Ok(AgentConfig {
+        interface: raw.interface,
+        xdp_mode: raw.xdp_mode,
+        tunnel_source,
+        tunnel_source_v6,
+        conntrack_entries,
+    })
+}
+
+fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail> {
+    let prefix = format!("service[{index}]");
+    let key = |field: &str| format!("{prefix}.{field}");
+
+    check_service_name(&raw.name).map_err(|reason| fail(key("name"), reason))?;
+
+    let vip = parse_ip(&raw.vip).map_err(|reason| fail(key("vip"), reason))?;
+    if let Some(problem) = special_address(vip, true) {
+        return Err(fail(
+            key("vip"),
+            format!("{vip} is {problem} and cannot be a VIP"),
+        ));
+    }
+
+    let port = u16::try_from(raw.port).map_err(|_| {
+        fail(
+            key("port"),
+            format!(
+                "{} is out of range (0..=65535; 0 means every port)",
+                raw.port
+            ),
+        )
+    })?;
+
+    let ring_size = match raw.ring_size {
+        None => DEFAULT_RING_SIZE,
+        Some(n) if n <= 0 => {
+            return Err(fail(
+                key("ring_size"),
+                format!("{n} is out of range (the Maglev ring size must be a prime, e.g. 65537)"),
+            ));
+        }
+        Some(n) if n > i64::from(MAX_RING_SIZE) => {
+            return Err(fail(
+                key("ring_size"),
+                format!("{n} is too large (at most {MAX_RING_SIZE})"),
+            ));
+        }
+        Some(n) => {
+            let n = u32::try_from(n).map_err(|_| fail(key("ring_size"), "out of range"))?;
+            if !is_prime(n) {
+                return Err(fail(
+                    key("ring_size"),
+                    format!("{n} is not prime (the Maglev ring size must be a prime, e.g. 65537)"),
+                ));
+            }
+            n
+        }
+    };
+
+    if raw.backend.is_empty() {
+        return Err(fail(
+            key("backend"),
+            "no backends: at least one [[service.backend]] is required",
+        ));
+    }
+    if raw.backend.len() > ring_size as usize {
+        return Err(fail(
+            key("ring_size"),
+            format!(
+                "{ring_size} is smaller than the number of backends ({}); every backend needs \
+                 at least one ring slot",
+                raw.backend.len()
+            ),
+        ));
+    }
+
+    let mut seen: HashMap<IpAddr, usize> = HashMap::new();
+    let mut backends = Vec::with_capacity(raw.backend.len());
+    for (b, raw_backend) in raw.backend.into_iter().enumerate() {
+        let bkey = |field: &str| format!("{prefix}.backend[{b}].{field}");
+
+        let address =
+            parse_ip(&raw_backend.address).map_err(|reason| fail(bkey("address"), reason))?;
+        if let Some(problem) = special_address(address, false) {
+            return Err(fail(
+                bkey("address"),
+                format!("{address} is {problem} and cannot be a backend"),
+            ));
+        }
+        if let Some(&other) = seen.get(&address) {
+            return Err(fail(
+                bkey("address"),
+                format!("duplicate backend {address} (also {prefix}.backend[{other}])"),
+            ));
+        }
+        seen.insert(address, b);
+        if raw.forwarding == Forwarding::Direct && address.is_ipv4() != vip.is_ipv4() {
+            return Err(fail(
+                bkey("address"),
+                format!(
+                    "{} backend {address} for {} VIP {vip}: forwarding = \"direct\" (L2 DSR) \
+                     cannot change the IP header; use a backend of the VIP's family or \
+                     forwarding = \"tunnel\"",
+                    family(address),
+                    family(vip)
+                ),
+            ));
+        }
+
+        let weight = match raw_backend.weight {
+            None => 1,
+            Some(w) => u32::try_from(w)
+                .ok()
+                .filter(|w| *w <= MAX_WEIGHT)
+                .ok_or_else(|| {
+                    fail(
+                        bkey("weight"),
+                        format!("{w} is out of range (0..={MAX_WEIGHT}; 0 means no new flows)"),
+                    )
+                })?,
+        };
+        backends.push(BackendConfig { address, weight });
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(fail(
+            key("backend"),
+            "zero total weight: at least one backend needs weight > 0",
+        ));
+    }
+
+    Ok(ServiceConfig {
+        name: raw.name,
+        vip,
+        port,
+        protocol: raw.protocol,
+        scheduler: raw.scheduler,
+        forwarding: raw.forwarding,
+        ring_size,
+        backends,
+    })
+}
+
+/// Tunnel mode needs an outer source address of each backend family it sends to.
+fn check_tunnel_sources(
+    agent: &AgentConfig,
+    index: usize,
+    service: &ServiceConfig,
+) -> Result<(), Fail> {
+    if service.forwarding != Forwarding::Tunnel {
+        return Ok(());
+    }
+    let needs = |v4: bool| {
+        service
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.address.is_ipv4() == v4)
+    };
+    let missing = |key: &str, b: usize, backend: &BackendConfig| {
+        fail(
+            format!("agent.{key}"),
+            format!(
+                "missing, but service \"{}\" (service[{index}]) tunnels to {} backend {} \
+                 (service[{index}].backend[{b}]); set it to an {} address of this host",
+                service.name,
+                family(backend.address),
+                backend.address,
+                family(backend.address),
+            ),
+        )
+    };
+    if agent.tunnel_source.is_none()
+        && let Some((b, backend)) = needs(true)
+    {
+        return Err(missing("tunnel_source", b, backend));
+    }
+    if agent.tunnel_source_v6.is_none()
+        && let Some((b, backend)) = needs(false)
+    {
+        return Err(missing("tunnel_source_v6", b, backend));
+    }
+    Ok(())
+}
+
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.parse()
+        .map_err(|_| format!("invalid IP address \"{text}\""))
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Why `addr` cannot be a VIP (`vip`) or a backend, if it cannot.
+fn special_address(addr: IpAddr, vip: bool) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        Some("the unspecified address")
+    } else if addr.is_multicast() {
+        Some("a multicast address")
+    } else if addr == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else if vip && addr.is_loopback() {
+        Some("a loopback address")
+    } else if let IpAddr::V6(v6) = addr
+        && v6.to_ipv4_mapped().is_some()
+    {
+        Some("an IPv4-mapped IPv6 address (write the plain IPv4 address instead)")
+    } else {
+        None
+    }
+}
+
+/// A VIP given on the command line (`weir decap --vip`) must pass the same checks as one in
+/// the config file.
+pub(crate) fn check_vip(addr: IpAddr) -> Result<(), String> {
+    match special_address(addr, true) {
+        Some(problem) => Err(format!("{addr} is {problem} and cannot be a VIP")),
+        None => Ok(()),
+    }
+}
+
+fn check_source(addr: IpAddr) -> Result<(), String> {
+    match special_address(addr, false) {
+        Some(problem) => Err(format!(
+            "{addr} is {problem} and cannot be a source address"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The checks on an interface name (also used for `weir decap --interface`).
+pub(crate) fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        Err("must not be empty".to_owned())
+    } else if name.len() > MAX_INTERFACE_NAME_LEN {
+        Err(format!(
+            "\"{name}\" is longer than {MAX_INTERFACE_NAME_LEN} bytes, the longest interface \
+             name Linux allows"
+        ))
+    } else if name.contains(['/', ':']) || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        Err(format!(
+            "\"{name}\" is not a valid interface name (no '/', ':' or whitespace)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_service_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        Err("must not be empty".to_owned())
+    } else if name.len() > MAX_SERVICE_NAME_LEN {
+        Err(format!(
+            "\"{name}\" is longer than {MAX_SERVICE_NAME_LEN} bytes"
+        ))
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Err(format!(
+            "\"{name}\" contains characters other than A-Z, a-z, 0-9, '-', '_' and '.'"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "weir.toml";
+
+    const AGENT: &str = r#"
+[agent]
+interface = "eth0"
+tunnel_source = "198.51.100.1"
+tunnel_source_v6 = "2001:db8::1"
+"#;
+
+    /// An `[[service]]` table (TCP) with `extra` lines before its backends.
+    fn service(name: &str, vip: &str, port: u16, extra: &str, backends: &[String]) -> String {
+        let mut text = format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n\
+             protocol = \"tcp\"\n{extra}\n"
+        );
+        for backend in backends {
+            text.push_str("[[service.backend]]\n");
+            text.push_str(backend);
+            text.push('\n');
+        }
+        text
+    }
+
+    fn backend(address: &str) -> String {
+        format!("address = \"{address}\"")
+    }
+
+    fn weighted(address: &str, weight: i64) -> String {
+        format!("address = \"{address}\"\nweight = {weight}")
+    }
+
+    /// The standard agent plus service "web" on 198.51.100.10:80/tcp.
+    fn web(extra: &str, backends: &[String]) -> String {
+        format!(
+            "{AGENT}{}",
+            service("web", "198.51.100.10", 80, extra, backends)
+        )
+    }
+
+    fn ok(text: &str) -> Config {
+        parse(text, Path::new(FILE)).unwrap_or_else(|err| panic!("{err}\n---\n{text}"))
+    }
+
+    /// Asserts that `text` is rejected at `key` with a reason containing `needle`.
+    #[track_caller]
+    fn rejects(text: &str, key: &str, needle: &str) -> ConfigError {
+        let err = match parse(text, Path::new(FILE)) {
+            Ok(config) => panic!("accepted: {config:?}\n---\n{text}"),
+            Err(err) => err,
+        };
+        assert_eq!(err.file, Path::new(FILE));
+        assert_eq!(err.key, key, "wrong key in: {err}");
+        assert!(
+            err.reason.contains(needle),
+            "reason of `{err}` does not mention {needle:?}"
+        );
+        err
+    }
+
+    // --- accepted files -------------------------------------------------------------
+
+    #[test]
+    fn valid_full_config_round_trip() {
+        let text = r#"
+[agent]
+interface = "ens5"
+xdp_mode = "native"
+tunnel_source = "198.51.100.1"
+tunnel_source_v6 = "2001:db8::1"
+conntrack_entries = 4096
+
+[[service]]
+name = "web"
+vip = "198.51.100.10"
+port = 443
+protocol = "tcp"
+scheduler = "maglev"
+forwarding = "tunnel"
+ring_size = 251
+
+[[service.backend]]
+address = "203.0.113.11"
+weight = 3
+
+[[service.backend]]
+address = "2001:db8:1::11"
+weight = 0
+
+[[service]]
+name = "dns.v6"
+vip = "2001:db8::53"
+port = 0
+protocol = "udp"
+scheduler = "ip-hash"
+forwarding = "direct"
+ring_size = 65537
+
+[[service.backend]]
+address = "2001:db8:2::53"
+weight = 65535
+"#;
+        let expected = Config {
+            agent: AgentConfig {
+                interface: "ens5".to_owned(),
+                xdp_mode: XdpMode::Native,
+                tunnel_source: Some(Ipv4Addr::new(198, 51, 100, 1)),
+                tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
+                conntrack_entries: 4096,
+            },
+            services: vec![
+                ServiceConfig {
+                    name: "web".to_owned(),
+                    vip: "198.51.100.10".parse().unwrap(),
+                    port: 443,
+                    protocol: Protocol::Tcp,
+                    scheduler: Scheduler::Maglev,
+                    forwarding: Forwarding::Tunnel,
+                    ring_size: 251,
+                    backends: vec![
+                        BackendConfig {
+                            address: "203.0.113.11".parse().unwrap(),
+                            weight: 3,
+                        },
+                        BackendConfig {
+                            address: "2001:db8:1::11".parse().unwrap(),
+                            weight: 0,
+                        },
+                    ],
+                },
+                ServiceConfig {
+                    name: "dns.v6".to_owned(),
+                    vip: "2001:db8::53".parse().unwrap(),
+                    port: 0,
+                    protocol: Protocol::Udp,
+                    scheduler: Scheduler::IpHash,
+                    forwarding: Forwarding::Direct,
+                    ring_size: 65537,
+                    backends: vec![BackendConfig {
+                        address: "2001:db8:2::53".parse().unwrap(),
+                        weight: 65535,
+                    }],
+                },
+            ],
+        };
+        let config = ok(text);
+        assert_eq!(config, expected);
+        assert_eq!(config.backend_count(), 3);
+        assert_eq!(config.services[0].protocol.number(), 6);
+        assert_eq!(config.services[1].protocol.number(), 17);
+        assert_eq!(config.services[0].scheduler.code(), SCHED_MAGLEV);
+        assert_eq!(config.services[1].scheduler.code(), SCHED_IP_HASH);
+        assert_eq!(config.services[0].forwarding.code(), FORWARD_TUNNEL);
+        assert_eq!(config.services[1].forwarding.code(), FORWARD_DIRECT);
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let text = r#"
+[agent]
+interface = "eth0"
+tunnel_source = "198.51.100.1"
+
+[[service]]
+name = "web"
+vip = "198.51.100.10"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "203.0.113.11"
+"#;
+        let config = ok(text);
+        assert_eq!(config.agent.xdp_mode, XdpMode::Auto);
+        assert_eq!(config.agent.tunnel_source_v6, None);
+        assert_eq!(config.agent.conntrack_entries, DEFAULT_CONNTRACK_ENTRIES);
+        assert_eq!(config.agent.conntrack_entries, 1 << 20);
+        let service = &config.services[0];
+        assert_eq!(service.scheduler, Scheduler::Maglev);
+        assert_eq!(service.forwarding, Forwarding::Tunnel);
+        assert_eq!(service.ring_size, DEFAULT_RING_SIZE);
+        assert_eq!(service.backends[0].weight, 1);
+    }
+
+    #[test]
+    fn repo_config_files_parse() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config"));
+        let mut count = 0;
+        for entry in std::fs::read_dir(dir).expect("config/ exists") {
+            let path = entry.expect("readable config/").path();
+            if path.extension().is_some_and(|ext| ext == "toml") {
+                if let Err(err) = load(&path) {
+                    panic!("{err}");
+                }
+                count += 1;
+            }
+        }
+        assert!(count >= 1, "no config/*.toml found in {}", dir.display());
+    }
+
+    #[test]
+    fn example_config_has_the_documented_shape() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/example.toml"
+        ));
+        let config = load(path).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.services.len(), 2);
+        let [tcp, udp] = &config.services[..] else {
+            unreachable!()
+        };
+        assert_eq!(
+            (
+                tcp.protocol,
+                tcp.scheduler,
+                tcp.forwarding,
+                tcp.backends.len()
+            ),
+            (Protocol::Tcp, Scheduler::Maglev, Forwarding::Tunnel, 3)
+        );
+        assert!(tcp.backends.windows(2).any(|w| w[0].weight != w[1].weight));
+        assert_eq!(
+            (udp.protocol, udp.scheduler, udp.forwarding),
+            (Protocol::Udp, Scheduler::IpHash, Forwarding::Direct)
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(
+            !text.contains("192.0.2."),
+            "example.toml must not use 192.0.2.0/24"
+        );
+    }
+
+    #[test]
+    fn same_vip_with_port_zero_and_specific_port_is_allowed() {
+        let text = format!(
+            "{}{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service("any", "198.51.100.10", 0, "", &[backend("203.0.113.12")]),
+            service("udp", "198.51.100.10", 80, "", &[backend("203.0.113.13")])
+                .replace("\"tcp\"", "\"udp\""),
+        );
+        assert_eq!(ok(&text).services.len(), 3);
+    }
+
+    #[test]
+    fn same_backend_in_two_services_is_allowed() {
+        let text = format!(
+            "{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service("tls", "198.51.100.10", 443, "", &[backend("203.0.113.11")]),
+        );
+        assert_eq!(ok(&text).backend_count(), 2);
+    }
+
+    #[test]
+    fn direct_forwarding_needs_no_tunnel_source() {
+        let text = format!(
+            "[agent]\ninterface = \"eth0\"\n{}",
+            service(
+                "web",
+                "198.51.100.10",
+                80,
+                "forwarding = \"direct\"",
+                &[backend("198.51.100.21")]
+            )
+        );
+        assert_eq!(ok(&text).agent.tunnel_source, None);
+    }
+
+    #[test]
+    fn zero_weight_backend_is_allowed_next_to_a_weighted_one() {
+        let config = ok(&web(
+            "",
+            &[weighted("203.0.113.11", 0), weighted("203.0.113.12", 2)],
+        ));
+        assert_eq!(config.services[0].backends[0].weight, 0);
+    }
+
+    #[test]
+    fn smallest_and_largest_ring_sizes_are_accepted() {
+        assert_eq!(
+            ok(&web("ring_size = 2", &[backend("203.0.113.11")])).services[0].ring_size,
+            2
+        );
+        assert_eq!(
+            ok(&web("ring_size = 65537", &[backend("203.0.113.11")])).services[0].ring_size,
+            65537
+        );
+    }
+
+    // --- error format ---------------------------------------------------------------
+
+    #[test]
+    fn error_display_is_file_key_reason() {
+        let text = format!(
+            "{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service("tls", "198.51.100.10", 443, "", &[backend("203.0.113.x")]),
+        );
+        let err = rejects(&text, "service[1].backend[0].address", "203.0.113.x");
+        assert_eq!(
+            err.to_string(),
+            "weir.toml: service[1].backend[0].address: invalid IP address \"203.0.113.x\""
+        );
+    }
+
+    #[test]
+    fn load_of_a_missing_file_is_a_config_error() {
+        let path = Path::new("/nonexistent/weir.toml");
+        let err = load(path).expect_err("no such file");
+        assert_eq!(err.file, path);
+        assert_eq!(err.key, NO_KEY);
+        assert!(err.reason.contains("cannot read"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/weir.toml: -: cannot read")
+        );
+    }
+
+    #[test]
+    fn toml_syntax_error_has_line_and_column() {
+        let text = format!("{AGENT}\n[[service]\nname = \"web\"\n");
+        let err = rejects(&text, NO_KEY, "invalid TOML at line 7, column");
+        assert!(!err.reason.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn duplicate_toml_key_is_a_syntax_error() {
+        rejects(
+            "[agent]\ninterface = \"eth0\"\ninterface = \"eth1\"\n",
+            NO_KEY,
+            "line 3",
+        );
+    }
+
+    #[test]
+    fn type_error_names_key_and_line() {
+        let err = rejects(
+            &web(
+                "",
+                &[weighted("203.0.113.11", 1).replace("= 1", "= \"heavy\"")],
+            ),
+            "service[0].backend[0].weight",
+            "invalid type",
+        );
+        assert!(err.reason.contains("(line 15, column 10)"), "{err}");
+    }
+
+    // --- unknown keys ---------------------------------------------------------------
+
+    #[test]
+    fn unknown_top_level_key() {
+        let text = format!(
+            "{}\n[metrics]\naddress = \"x\"\n",
+            web("", &[backend("203.0.113.11")])
+        );
+        rejects(&text, "metrics", "unknown field");
+    }
+
+    #[test]
+    fn unknown_agent_key() {
+        let text = web("", &[backend("203.0.113.11")])
+            .replace("[agent]\n", "[agent]\ninterfaces = \"eth1\"\n");
+        rejects(&text, "agent.interfaces", "unknown field `interfaces`");
+    }
+
+    #[test]
+    fn unknown_service_key() {
+        rejects(
+            &web("weight = 3", &[backend("203.0.113.11")]),
+            "service[0].weight",
+            "unknown field `weight`",
+        );
+    }
+
+    #[test]
+    fn unknown_backend_key() {
+        let text = format!(
+            "{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service(
+                "tls",
+                "198.51.100.10",
+                443,
+                "",
+                &[
+                    backend("203.0.113.11"),
+                    format!("{}\nport = 8443", backend("203.0.113.12"))
+                ]
+            ),
+        );
+        rejects(&text, "service[1].backend[1].port", "unknown field `port`");
+    }
+
+    #[test]
+    fn plural_services_table_is_an_unknown_key() {
+        let text = web("", &[backend("203.0.113.11")]).replace("[[service]]", "[[services]]");
+        rejects(&text, "services", "unknown field");
+    }
+
+    #[test]
+    fn unknown_enum_value() {
+        let text = web("", &[backend("203.0.113.11")])
+            .replace("[agent]\n", "[agent]\nxdp_mode = \"offload\"\n");
+        rejects(&text, "agent.xdp_mode", "unknown variant `offload`");
+        rejects(
+            &web("scheduler = \"round-robin\"", &[backend("203.0.113.11")]),
+            "service[0].scheduler",
+            "unknown variant",
+        );
+        rejects(
+            &web("forwarding = \"nat\"", &[backend("203.0.113.11")]),
+            "service[0].forwarding",
+            "unknown variant",
+        );
+        rejects(
+            &web("", &[backend("203.0.113.11")]).replace("\"tcp\"", "\"sctp\""),
+            "service[0].protocol",
+            "unknown variant",
+        );
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let text = web("", &[backend("203.0.113.11")]).replace("port = 80\n", "");
+        rejects(&text, "service[0].port", "missing field");
+        let text = web("", &["weight = 1".to_owned()]);
+        rejects(&text, "service[0].backend[0].address", "missing field");
+    }
+
+    // --- [agent] --------------------------------------------------------------------
+
+    #[test]
+    fn missing_agent_table() {
+        let text = service("web", "198.51.100.10", 80, "", &[backend("203.0.113.11")]);
+        rejects(&text, "agent", "[agent] table is missing");
+    }
+
+    #[test]
+    fn missing_interface() {
+        let text = web("", &[backend("203.0.113.11")]).replace("interface = \"eth0\"\n", "");
+        rejects(&text, "agent.interface", "missing field");
+    }
+
+    #[test]
+    fn empty_interface() {
+        let text = web("", &[backend("203.0.113.11")]).replace("\"eth0\"", "\"\"");
+        rejects(&text, "agent.interface", "must not be empty");
+    }
+
+    #[test]
+    fn invalid_interface_name() {
+        let text = web("", &[backend("203.0.113.11")]).replace("\"eth0\"", "\"a-very-long-name0\"");
+        rejects(&text, "agent.interface", "longer than 15 bytes");
+        let text = web("", &[backend("203.0.113.11")]).replace("\"eth0\"", "\"eth 0\"");
+        rejects(&text, "agent.interface", "not a valid interface name");
+    }
+
+    #[test]
+    fn conntrack_entries_zero() {
+        let text = web("", &[backend("203.0.113.11")])
+            .replace("[agent]\n", "[agent]\nconntrack_entries = 0\n");
+        rejects(
+            &text,
+            "agent.conntrack_entries",
+            "0 is out of range (1..=67108864)",
+        );
+    }
+
+    #[test]
+    fn conntrack_entries_too_large() {
+        let text = web("", &[backend("203.0.113.11")])
+            .replace("[agent]\n", "[agent]\nconntrack_entries = 67108865\n");
+        rejects(&text, "agent.conntrack_entries", "67108865 is out of range");
+        let text = web("", &[backend("203.0.113.11")])
+            .replace("[agent]\n", "[agent]\nconntrack_entries = 67108864\n");
+        assert_eq!(ok(&text).agent.conntrack_entries, MAX_CONNTRACK_ENTRIES);
+    }
+
+    #[test]
+    fn invalid_tunnel_source() {
+        let base = web("", &[backend("203.0.113.11")]);
+        rejects(
+            &base.replace("\"198.51.100.1\"", "\"198.51.100\""),
+            "agent.tunnel_source",
+            "invalid IPv4 address \"198.51.100\"",
+        );
+        rejects(
+            &base.replace("\"198.51.100.1\"", "\"2001:db8::2\""),
+            "agent.tunnel_source",
+            "is an IPv6 address",
+        );
+        rejects(
+            &base.replace("\"2001:db8::1\"", "\"198.51.100.2\""),
+            "agent.tunnel_source_v6",
+            "is an IPv4 address",
+        );
+        rejects(
+            &base.replace("\"198.51.100.1\"", "\"0.0.0.0\""),
+            "agent.tunnel_source",
+            "unspecified",
+        );
+    }
+
+    #[test]
+    fn tunnel_ipv4_backend_needs_tunnel_source() {
+        let text = web("", &[backend("2001:db8:1::11"), backend("203.0.113.11")])
+            .replace("tunnel_source = \"198.51.100.1\"\n", "");
+        let err = rejects(&text, "agent.tunnel_source", "service \"web\" (service[0])");
+        assert!(err.reason.contains("IPv4 backend 203.0.113.11"), "{err}");
+        assert!(err.reason.contains("service[0].backend[1]"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_ipv6_backend_needs_tunnel_source_v6() {
+        let text = web("", &[backend("203.0.113.11"), backend("2001:db8:1::11")])
+            .replace("tunnel_source_v6 = \"2001:db8::1\"\n", "");
+        let err = rejects(
+            &text,
+            "agent.tunnel_source_v6",
+            "service \"web\" (service[0])",
+        );
+        assert!(err.reason.contains("IPv6 backend 2001:db8:1::11"), "{err}");
+    }
+
+    // --- [[service]] ----------------------------------------------------------------
+
+    #[test]
+    fn no_services() {
+        rejects(AGENT, "service", "at least one [[service]] is required");
+    }
+
+    #[test]
+    fn too_many_services() {
+        let mut text = AGENT.to_owned();
+        for i in 0..=MAX_SERVICES {
+            let port = u16::try_from(i + 1).unwrap();
+            text.push_str(&service(
+                &format!("s{i}"),
+                "198.51.100.10",
+                port,
+                "",
+                &[backend("203.0.113.11")],
+            ));
+        }
+        rejects(&text, "service", "65 services, but at most 64");
+    }
+
+    #[test]
+    fn too_many_backends_in_total() {
+        let backends = |base: u32| -> Vec<String> {
+            (0..2049)
+                .map(|i| backend(&format!("2001:db8:1::{:x}", base + i)))
+                .collect()
+        };
+        let text = format!(
+            "{AGENT}{}{}",
+            service("a", "198.51.100.10", 80, "", &backends(1)),
+            service("b", "198.51.100.10", 81, "", &backends(1)),
+        );
+        rejects(&text, "service", "4098 backends in total");
+    }
+
+    #[test]
+    fn duplicate_service_name() {
+        let text = format!(
+            "{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service("web", "198.51.100.11", 80, "", &[backend("203.0.113.11")]),
+        );
+        rejects(
+            &text,
+            "service[1].name",
+            "duplicate service name \"web\" (also service[0])",
+        );
+    }
+
+    #[test]
+    fn invalid_service_name() {
+        let text = web("", &[backend("203.0.113.11")]).replace("\"web\"", "\"\"");
+        rejects(&text, "service[0].name", "must not be empty");
+        let text = web("", &[backend("203.0.113.11")]).replace("\"web\"", "\"my web\"");
+        rejects(&text, "service[0].name", "contains characters");
+        let long = "x".repeat(MAX_SERVICE_NAME_LEN + 1);
+        let text = web("", &[backend("203.0.113.11")]).replace("\"web\"", &format!("\"{long}\""));
+        rejects(&text, "service[0].name", "longer than 64 bytes");
+    }
+
+    #[test]
+    fn duplicate_vip_port_protocol() {
+        let text = format!(
+            "{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service("web2", "198.51.100.10", 80, "", &[backend("203.0.113.12")]),
+        );
+        rejects(
+            &text,
+            "service[1].vip",
+            "duplicate VIP: 198.51.100.10 port 80/tcp is already used by service \"web\" (service[0])",
+        );
+        let text = format!(
+            "{}{}{}",
+            web("", &[backend("203.0.113.11")]),
+            service("all", "198.51.100.10", 0, "", &[backend("203.0.113.12")]),
+            service("all2", "198.51.100.10", 0, "", &[backend("203.0.113.12")]),
+        );
+        rejects(&text, "service[2].vip", "every port (0)/tcp");
+    }
+
+    #[test]
+    fn invalid_vip_address() {
+        let text =
+            web("", &[backend("203.0.113.11")]).replace("\"198.51.100.10\"", "\"vip.example\"");
+        rejects(
+            &text,
+            "service[0].vip",
+            "invalid IP address \"vip.example\"",
+        );
+    }
+
+    #[test]
+    fn special_vip_addresses_are_rejected() {
+        for (vip, what) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("127.0.0.1", "loopback"),
+            ("127.1.2.3", "loopback"),
+            ("::1", "loopback"),
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("::ffff:198.51.100.10", "IPv4-mapped"),
+        ] {
+            let text = format!(
+                "{AGENT}{}",
+                service("web", vip, 80, "", &[backend("203.0.113.11")])
+            );
+            rejects(&text, "service[0].vip", what);
+        }
+    }
+
+    #[test]
+    fn port_out_of_range() {
+        let text = web("", &[backend("203.0.113.11")]).replace("port = 80", "port = 65536");
+        rejects(&text, "service[0].port", "65536 is out of range");
+        let text = web("", &[backend("203.0.113.11")]).replace("port = 80", "port = -1");
+        rejects(&text, "service[0].port", "-1 is out of range");
+    }
+
+    #[test]
+    fn ring_size_not_prime() {
+        let err = rejects(
+            &web("ring_size = 65536", &[backend("203.0.113.11")]),
+            "service[0].ring_size",
+            "not prime",
+        );
+        assert_eq!(
+            err.to_string(),
+            "weir.toml: service[0].ring_size: 65536 is not prime (the Maglev ring size must be \
+             a prime, e.g. 65537)"
+        );
+        rejects(
+            &web("ring_size = 1", &[backend("203.0.113.11")]),
+            "service[0].ring_size",
+            "1 is not prime",
+        );
+    }
+
+    #[test]
+    fn ring_size_zero() {
+        rejects(
+            &web("ring_size = 0", &[backend("203.0.113.11")]),
+            "service[0].ring_size",
+            "0 is out of range",
+        );
+    }
+
+    #[test]
+    fn ring_size_too_large() {
+        rejects(
+            &web("ring_size = 65539", &[backend("203.0.113.11")]),
+            "service[0].ring_size",
+            "65539 is too large (at most 65537)",
+        );
+    }
+
+    #[test]
+    fn ring_size_smaller_than_backend_count() {
+        rejects(
+            &web(
+                "ring_size = 2",
+                &[
+                    backend("203.0.113.11"),
+                    backend("203.0.113.12"),
+                    backend("203.0.113.13"),
+                ],
+            ),
+            "service[0].ring_size",
+            "smaller than the number of backends (3)",
+        );
+    }
+
+    // --- [[service.backend]] --------------------------------------------------------
+
+    #[test]
+    fn no_backends() {
+        rejects(&web("", &[]), "service[0].backend", "no backends");
+    }
+
+    #[test]
+    fn zero_total_weight() {
+        rejects(
+            &web(
+                "",
+                &[weighted("203.0.113.11", 0), weighted("203.0.113.12", 0)],
+            ),
+            "service[0].backend",
+            "zero total weight: at least one backend needs weight > 0",
+        );
+    }
+
+    #[test]
+    fn duplicate_backend_address() {
+        rejects(
+            &web(
+                "",
+                &[
+                    backend("203.0.113.11"),
+                    backend("203.0.113.12"),
+                    backend("203.0.113.11"),
+                ],
+            ),
+            "service[0].backend[2].address",
+            "duplicate backend 203.0.113.11 (also service[0].backend[0])",
+        );
+        // Same address, different spelling.
+        rejects(
+            &web(
+                "",
+                &[backend("2001:db8:1::11"), backend("2001:db8:1:0:0:0:0:11")],
+            ),
+            "service[0].backend[1].address",
+            "duplicate backend",
+        );
+    }
+
+    #[test]
+    fn weight_out_of_range() {
+        rejects(
+            &web("", &[weighted("203.0.113.11", 65536)]),
+            "service[0].backend[0].weight",
+            "65536 is out of range (0..=65535",
+        );
+        rejects(
+            &web("", &[weighted("203.0.113.11", -1)]),
+            "service[0].backend[0].weight",
+            "-1 is out of range",
+        );
+    }
+
+    #[test]
+    fn invalid_backend_address() {
+        rejects(
+            &web("", &[backend("203.0.113.11/32")]),
+            "service[0].backend[0].address",
+            "invalid IP address \"203.0.113.11/32\"",
+        );
+    }
+
+    #[test]
+    fn special_backend_addresses_are_rejected() {
+        for (address, what) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("239.1.1.1", "multicast"),
+            ("ff05::2", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            rejects(
+                &web("", &[backend("203.0.113.11"), backend(address)]),
+                "service[0].backend[1].address",
+                what,
+            );
+        }
+    }
+
+    #[test]
+    fn direct_forwarding_with_other_family_backend() {
+        let err = rejects(
+            &web(
+                "forwarding = \"direct\"",
+                &[backend("198.51.100.21"), backend("2001:db8:1::21")],
+            ),
+            "service[0].backend[1].address",
+            "forwarding = \"direct\"",
+        );
+        assert!(
+            err.reason
+                .contains("IPv6 backend 2001:db8:1::21 for IPv4 VIP"),
+            "{err}"
+        );
+        let text = format!(
+            "{AGENT}{}",
+            service(
+                "v6",
+                "2001:db8::10",
+                80,
+                "forwarding = \"direct\"",
+                &[backend("198.51.100.21")]
+            )
+        );
+        rejects(
+            &text,
+            "service[0].backend[0].address",
+            "IPv4 backend 198.51.100.21 for IPv6 VIP",
+        );
+    }
+
+    #[test]
+    fn tunnel_forwarding_allows_mixed_families() {
+        let config = ok(&web(
+            "",
+            &[backend("203.0.113.11"), backend("2001:db8:1::11")],
+        ));
+        assert_eq!(config.services[0].backends.len(), 2);
+    }
+
+    #[test]
+    fn helpers() {
+        let primes: Vec<u32> = (0..40).filter(|&n| is_prime(n)).collect();
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]);
+        assert!(is_prime(65537));
+        assert!(!is_prime(65536));
+        assert!(!is_prime(65535));
+        assert!(is_prime(4_294_967_291));
+        assert_eq!(line_column("ab\ncdé\nx", 7), "line 2, column 4");
+        assert!(check_vip("198.51.100.1".parse().unwrap()).is_ok());
+        assert!(check_vip("127.0.0.1".parse().unwrap()).is_err());
+        for mode in [XdpMode::Auto, XdpMode::Native, XdpMode::Generic] {
+            assert_eq!(mode.to_string(), mode.as_str());
+        }
+        assert_eq!(Scheduler::IpHash.to_string(), "ip-hash");
+    }
+}

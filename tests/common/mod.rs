@@ -1,0 +1,1178 @@
+//! Privileged end-to-end test harness.
+//!
+//! Everything here runs inside network namespaces the harness creates, linked by veth pairs
+//! it creates, and is torn down by `Drop` guards even when a test panics:
+//!
+//! ```text
+//!  ns PREFIX-cli            ns PREFIX-sw (bridge br0)           ns PREFIX-bN (N = 1..3)
+//!  eth0 198.51.100.2  ─veth─ pcli ──┐              ┌── pbN ─veth─ eth0 198.51.100.1N
+//!       2001:db8::2                 br0 ── plb ─┐  │              2001:db8::1N, VIPs on lo
+//!                                               └─veth─ ns PREFIX-lb: eth0 198.51.100.1,
+//!                                                       2001:db8::1 (the agent's interface)
+//! ```
+//!
+//! Addresses: only 198.51.100.0/24, 203.0.113.0/24 and 2001:db8::/32, and only inside these
+//! namespaces. Nothing is ever added to the root namespace.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::{
+    fs::{self, File},
+    io::{self, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    ops::Range,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+// ---------------------------------------------------------------------------------------------
+// Addresses and names
+// ---------------------------------------------------------------------------------------------
+
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x2);
+pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1);
+pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+/// Number of backends in the standard topology.
+pub const BACKENDS: usize = 3;
+/// Interface name of every node's (client, LB, backends) veth end inside its namespace.
+pub const NODE_IF: &str = "eth0";
+/// Switch-side port of the LB's veth (gets an XDP_PASS program so XDP_TX frames are received).
+pub const SWITCH_LB_PORT: &str = "plb";
+
+/// IPv4 address of backend `i` (0-based): 198.51.100.11, .12, .13.
+pub fn backend_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 11 + u8::try_from(i).expect("backend index"))
+}
+
+/// IPv6 address of backend `i` (0-based): 2001:db8::11, ::12, ::13.
+pub fn backend_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x11 + u16::try_from(i).expect("backend index"),
+    )
+}
+
+/// Path of the `weir` binary built for this test run.
+pub fn weir_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_weir")
+}
+
+/// A per-process, per-test namespace prefix: `w{pid % 10000}{tag}`. Keep `tag` short.
+pub fn prefix(tag: &str) -> String {
+    format!("w{}{}", std::process::id() % 10_000, tag)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Privileges
+// ---------------------------------------------------------------------------------------------
+
+/// True when the test may run. Without root: panics in CI (`CI=true`), otherwise prints a
+/// SKIPPED line and returns false so the test returns early.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("privileged test needs root; CI must run as root (euid is {euid})");
+    }
+    let test = thread::current().name().unwrap_or("?").to_owned();
+    eprintln!("SKIPPED {test}: privileged end-to-end test needs root (euid is {euid})");
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a command to completion; a non-zero exit is an error carrying the command line and
+/// its stderr. Returns stdout.
+pub fn run(args: &[&str]) -> Result<String> {
+    let (prog, rest) = args.split_first().context("empty command")?;
+    let out = Command::new(prog)
+        .args(rest)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{}`", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip -n NS ARGS...`
+pub fn ip(ns: &str, args: &[&str]) -> Result<String> {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend_from_slice(args);
+    run(&v)
+}
+
+/// `ip netns exec NS ARGS...` (for tools without a namespace option: sysctl, ethtool, ping).
+pub fn ns_exec(ns: &str, args: &[&str]) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    run(&v)
+}
+
+/// Sets sysctls inside a namespace (`sysctl -w k=v ...`).
+pub fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
+    let mut v = vec!["sysctl", "-q", "-w"];
+    v.extend_from_slice(settings);
+    ns_exec(ns, &v).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces and threads inside them
+// ---------------------------------------------------------------------------------------------
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        if PathBuf::from(format!("/run/netns/{name}")).exists() {
+            // A leftover of an earlier, killed run with the same pid modulo: ours to remove.
+            let _ = run(&["ip", "netns", "del", name]);
+        }
+        run(&["ip", "netns", "add", name])?;
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ip(name, &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = run(&["ip", "netns", "del", &self.name]) {
+            eprintln!("warning: cannot delete namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Moves the calling thread into network namespace `ns` (network namespaces are per thread).
+pub fn enter_netns(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let f = File::open(&path).with_context(|| format!("open {path}"))?;
+    // SAFETY: setns with a valid namespace fd only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!(
+            "setns({path}, CLONE_NEWNET): {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread inside network namespace `ns` and returns its result
+/// (panics in `f` propagate).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        let h = thread::Builder::new()
+            .name(format!("in-{ns}"))
+            .spawn_scoped(s, move || {
+                enter_netns(ns).unwrap_or_else(|e| panic!("{e:#}"));
+                f()
+            })
+            .expect("spawn thread");
+        h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Spawns a long-lived thread inside network namespace `ns`. Returns once the thread is in
+/// the namespace (or with the error if it could not enter it).
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>> {
+    let (tx, rx) = mpsc::channel::<Result<(), String>>();
+    let ns_owned = ns.to_owned();
+    let h = thread::Builder::new()
+        .name(format!("{name}@{ns}"))
+        .spawn(move || {
+            let entered = enter_netns(&ns_owned).map_err(|e| format!("{e:#}"));
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            if !ok {
+                panic!("thread could not enter namespace {ns_owned}");
+            }
+            f()
+        })
+        .context("spawn thread")?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(h),
+        Ok(Err(e)) => {
+            let _ = h.join();
+            Err(anyhow!(e))
+        }
+        Err(_) => Err(anyhow!("thread for namespace {ns} died before entering it")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// XDP pass program on the switch port (keeps XDP_TX frames flowing on veth)
+// ---------------------------------------------------------------------------------------------
+
+/// Holds `weir::datapath::attach_pass`'s guard on a thread inside the namespace that owns the
+/// interface; dropping this detaches it (from the same namespace) and joins the thread.
+pub struct PassHolder {
+    stop: Option<mpsc::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl PassHolder {
+    pub fn attach(ns: &str, ifname: &str) -> Result<Self> {
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let ifname_owned = ifname.to_owned();
+        let handle = spawn_in_netns(ns, "xdp-pass", move || {
+            match weir::datapath::attach_pass(&ifname_owned) {
+                Ok(guard) => {
+                    let _ = ready_tx.send(Ok(()));
+                    // Returns when the sender is dropped.
+                    let _ = stop_rx.recv();
+                    drop(guard);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("{e:#}")));
+                }
+            }
+        })?;
+        let mut holder = Self {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(holder),
+            Ok(Err(e)) => {
+                holder.shutdown();
+                bail!("attach_pass({ifname}) in {ns}: {e}")
+            }
+            Err(e) => {
+                holder.shutdown();
+                bail!("attach_pass({ifname}) in {ns}: no answer ({e})")
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for PassHolder {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------------
+
+static LOG_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A child process in a namespace, with stdout/stderr captured to a log file. Drop sends
+/// SIGTERM, waits up to 3 s, then SIGKILLs; the log is printed if the test is panicking.
+pub struct ChildGuard {
+    what: String,
+    child: Option<Child>,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+/// Runs `ip netns exec NS <weir> ARGS...` in the background.
+pub fn spawn_in_ns(ns: &str, args: &[&str]) -> Result<ChildGuard> {
+    spawn_cmd_in_ns(ns, weir_bin(), args)
+}
+
+/// Runs `ip netns exec NS PROGRAM ARGS...` in the background.
+pub fn spawn_cmd_in_ns(ns: &str, program: &str, args: &[&str]) -> Result<ChildGuard> {
+    let seq = LOG_SEQ.fetch_add(1, Ordering::Relaxed);
+    let base = program.rsplit('/').next().unwrap_or(program);
+    let sub = args.first().copied().unwrap_or("");
+    let log = std::env::temp_dir().join(format!("{ns}-{base}-{sub}-{seq}.log"));
+    let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let what = format!("ip netns exec {ns} {program} {}", args.join(" "));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("spawn `{what}`"))?;
+    Ok(ChildGuard {
+        what,
+        child: Some(child),
+        log,
+        status: None,
+    })
+}
+
+impl ChildGuard {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The captured stdout+stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
+    }
+
+    /// Some(status) once the process has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none()
+            && let Some(c) = self.child.as_mut()
+            && let Ok(Some(st)) = c.try_wait()
+        {
+            self.status = Some(st);
+        }
+        self.status
+    }
+
+    /// Waits until `ip -n NS -d link show dev IF` shows an XDP program, failing early if the
+    /// process exits, and after `timeout` (10 s if None).
+    pub fn wait_xdp(&mut self, ns: &str, ifname: &str, timeout: Option<Duration>) -> Result<()> {
+        let deadline = Instant::now() + timeout.unwrap_or(Duration::from_secs(10));
+        loop {
+            if let Some(st) = self.try_status() {
+                bail!(
+                    "`{}` exited ({st}) before attaching XDP to {ifname} in {ns}; its log:\n{}",
+                    self.what,
+                    self.log()
+                );
+            }
+            let shown = ip(ns, &["-d", "link", "show", "dev", ifname])?;
+            if shown.contains("xdp") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no XDP program on {ifname} in {ns} after waiting for `{}`; link:\n{}\nits log:\n{}",
+                    self.what,
+                    shown.trim(),
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, wait up to 3 s, then SIGKILL. Returns the exit status.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return self.status;
+        };
+        if self.status.is_none() {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.status = Some(st);
+                return self.status;
+            }
+            let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+            // SAFETY: kill(2) on our own, not yet reaped child (so the pid cannot be reused).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => {
+                        self.status = Some(st);
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        eprintln!(
+                            "warning: `{}` ignored SIGTERM for 3 s; killing it",
+                            self.what
+                        );
+                        let _ = child.kill();
+                        self.status = child.wait().ok();
+                        break;
+                    }
+                }
+            }
+        }
+        self.status
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let st = self.stop();
+        if thread::panicking() {
+            eprintln!(
+                "----- log of `{}` (exit: {st:?}) -----\n{}\n----- end of log -----",
+                self.what,
+                self.log()
+            );
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topology
+// ---------------------------------------------------------------------------------------------
+
+/// Topologies run one at a time inside a test process (2 cores, timing-sensitive traffic).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The client / switch / LB / 3 backends topology of `docs`/the notes. Dropping it tears
+/// everything down (pass program, namespaces, temp files).
+pub struct Topology {
+    pub prefix: String,
+    pub cli: String,
+    pub sw: String,
+    pub lb: String,
+    pub backends: Vec<String>,
+    pub workdir: PathBuf,
+    pass: Option<PassHolder>,
+    namespaces: Vec<Netns>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Topology {
+    /// Builds the standard topology with 3 backends, the XDP pass program on the switch
+    /// port and neighbour entries primed (LB→backends, client→LB).
+    pub fn build(tag: &str) -> Result<Self> {
+        Self::build_with(tag, true)
+    }
+
+    /// As `build`; `switch_pass` false leaves the switch port without an XDP program
+    /// (only kernel forwarding is checked then).
+    pub fn build_with(tag: &str, switch_pass: bool) -> Result<Self> {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = prefix(tag);
+        let workdir = std::env::temp_dir().join(format!("weir-e2e-{prefix}"));
+        let _ = fs::remove_dir_all(&workdir);
+        fs::create_dir_all(&workdir)?;
+        let mut t = Self {
+            cli: format!("{prefix}-cli"),
+            sw: format!("{prefix}-sw"),
+            lb: format!("{prefix}-lb"),
+            backends: (1..=BACKENDS).map(|i| format!("{prefix}-b{i}")).collect(),
+            prefix,
+            workdir,
+            pass: None,
+            namespaces: Vec::new(),
+            _serial: serial,
+        };
+        t.setup().context("building the test topology")?;
+        if switch_pass {
+            t.pass = Some(PassHolder::attach(&t.sw, SWITCH_LB_PORT).context(
+                "attaching an XDP_PASS program to the switch port of the LB (needed for XDP_TX on veth)",
+            )?);
+        }
+        t.prime_neighbours().context("priming neighbour entries")?;
+        Ok(t)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        let all: Vec<String> = [self.cli.clone(), self.sw.clone(), self.lb.clone()]
+            .into_iter()
+            .chain(self.backends.iter().cloned())
+            .collect();
+        for ns in &all {
+            self.namespaces.push(Netns::create(ns)?);
+            // No duplicate address detection anywhere (link-local addresses included):
+            // tentative addresses silently drop traffic.
+            sysctl(
+                ns,
+                &[
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            )?;
+        }
+
+        // Switch: a bridge without netfilter, STP or multicast snooping.
+        let sw = self.sw.clone();
+        ip(
+            &sw,
+            &[
+                "link",
+                "add",
+                "name",
+                "br0",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
+        ip(&sw, &["link", "set", "br0", "up"])?;
+        // Keys exist only when br_netfilter is loaded (-e: ignore unknown keys).
+        ns_exec(
+            &sw,
+            &[
+                "sysctl",
+                "-q",
+                "-e",
+                "-w",
+                "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0",
+                "net.bridge.bridge-nf-call-arptables=0",
+            ],
+        )?;
+
+        let mut links: Vec<(String, String)> = vec![
+            ("pcli".into(), self.cli.clone()),
+            (SWITCH_LB_PORT.into(), self.lb.clone()),
+        ];
+        for (i, b) in self.backends.iter().enumerate() {
+            links.push((format!("pb{}", i + 1), b.clone()));
+        }
+        for (port, node) in &links {
+            ip(
+                &sw,
+                &[
+                    "link", "add", "name", port, "type", "veth", "peer", "name", NODE_IF, "netns",
+                    node,
+                ],
+            )?;
+            ip(&sw, &["link", "set", port, "master", "br0"])?;
+            ns_exec(&sw, &["ethtool", "-K", port, "gro", "off", "txvlan", "off"])?;
+            ip(&sw, &["link", "set", port, "up"])?;
+        }
+
+        // Client: only the VIPs are routed via the LB.
+        let cli = self.cli.clone();
+        self.node_addrs(&cli, &CLIENT_V4.to_string(), &CLIENT_V6.to_string())?;
+        ns_exec(&cli, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+        ip(
+            &cli,
+            &[
+                "route",
+                "add",
+                &format!("{VIP_V4}/32"),
+                "via",
+                &LB_V4.to_string(),
+            ],
+        )?;
+        ip(
+            &cli,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{VIP_V6}/128"),
+                "via",
+                &LB_V6.to_string(),
+            ],
+        )?;
+
+        // LB: addresses on the veth the agent attaches to; backends are on-link.
+        let lb = self.lb.clone();
+        self.node_addrs(&lb, &LB_V4.to_string(), &LB_V6.to_string())?;
+
+        // Backends: VIPs on lo, DSR-friendly ARP, no reverse-path filtering.
+        for (i, b) in self.backends.clone().iter().enumerate() {
+            self.node_addrs(b, &backend_v4(i).to_string(), &backend_v6(i).to_string())?;
+            ns_exec(b, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+            ip(b, &["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            ip(
+                b,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{VIP_V6}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ],
+            )?;
+            sysctl(
+                b,
+                &[
+                    "net.ipv4.conf.all.arp_ignore=1",
+                    "net.ipv4.conf.all.arp_announce=2",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    &format!("net.ipv4.conf.{NODE_IF}.rp_filter=0"),
+                    "net.ipv4.conf.lo.rp_filter=0",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn node_addrs(&self, ns: &str, v4: &str, v6: &str) -> Result<()> {
+        ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", NODE_IF])?;
+        ip(
+            ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                NODE_IF,
+                "nodad",
+            ],
+        )?;
+        ip(ns, &["link", "set", NODE_IF, "up"])?;
+        Ok(())
+    }
+
+    /// One ping from the LB to each backend (both families) and from the client to the LB,
+    /// so neighbour entries exist before traffic starts. Also proves plain L2/L3 connectivity.
+    pub fn prime_neighbours(&self) -> Result<()> {
+        let mut targets: Vec<(&str, String)> = Vec::new();
+        for i in 0..self.backends.len() {
+            targets.push((&self.lb, backend_v4(i).to_string()));
+            targets.push((&self.lb, backend_v6(i).to_string()));
+        }
+        targets.push((&self.cli, LB_V4.to_string()));
+        targets.push((&self.cli, LB_V6.to_string()));
+        for (ns, dst) in targets {
+            // Up to 3 one-second attempts (the first may wait for address resolution).
+            ns_exec(
+                ns,
+                &["ping", "-q", "-n", "-c", "1", "-w", "3", "-W", "1", &dst],
+            )
+            .with_context(|| format!("ping {dst} from {ns}"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `contents` to a file in this topology's temp directory and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf> {
+        let p = self.workdir.join(name);
+        fs::write(&p, contents).with_context(|| format!("write {}", p.display()))?;
+        Ok(p)
+    }
+
+    /// Starts `weir agent --config FILE` in the LB namespace and waits for its XDP program.
+    pub fn start_agent(&self, config: &str) -> Result<ChildGuard> {
+        let path = self.write_file("agent.toml", config)?;
+        let path = path.to_str().context("utf-8 path")?;
+        let mut child = spawn_in_ns(&self.lb, &["agent", "--config", path])?;
+        child
+            .wait_xdp(&self.lb, NODE_IF, None)
+            .context("waiting for the agent")?;
+        Ok(child)
+    }
+
+    /// Starts `weir decap --interface eth0 --vip ...` on every backend and waits for each.
+    pub fn start_decap(&self, vips: &[IpAddr]) -> Result<Vec<ChildGuard>> {
+        let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
+        let mut args = vec!["decap", "--interface", NODE_IF];
+        for v in &vips {
+            args.push("--vip");
+            args.push(v);
+        }
+        let mut children = Vec::new();
+        for b in &self.backends {
+            children.push(spawn_in_ns(b, &args)?);
+        }
+        for (b, c) in self.backends.iter().zip(children.iter_mut()) {
+            c.wait_xdp(b, NODE_IF, None)
+                .with_context(|| format!("waiting for decap in {b}"))?;
+        }
+        Ok(children)
+    }
+
+    /// TCP echo (dual-stack, every address) and UDP echo (bound to each VIP) on `port` in
+    /// every backend.
+    pub fn start_echo_servers(&self, port: u16) -> Result<EchoServers> {
+        EchoServers::start(
+            &self.backends,
+            port,
+            &[IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)],
+        )
+    }
+
+    pub fn tcp_flows(
+        &self,
+        vip: IpAddr,
+        port: u16,
+        src_ports: Range<u16>,
+        payload: &str,
+    ) -> Result<FlowReport> {
+        tcp_flows(&self.cli, vip, port, src_ports, payload)
+    }
+
+    pub fn udp_flows(
+        &self,
+        vip: IpAddr,
+        port: u16,
+        src_ports: Range<u16>,
+        payload: &str,
+    ) -> Result<FlowReport> {
+        udp_flows(&self.cli, vip, port, src_ports, payload)
+    }
+
+    /// One UDP datagram from the client to `vip:port` from `src_port`: true if its echo came
+    /// back within `timeout`. For negative checks (traffic that must not get through).
+    pub fn udp_probe(
+        &self,
+        vip: IpAddr,
+        port: u16,
+        src_port: u16,
+        timeout: Duration,
+    ) -> Result<bool> {
+        udp_probe(&self.cli, vip, port, src_port, timeout)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Detach the pass program from inside the switch namespace, then delete namespaces
+        // (Vec<Netns> drops after this), then temp files.
+        drop(self.pass.take());
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Echo servers
+// ---------------------------------------------------------------------------------------------
+
+/// Per-backend counters kept by the echo servers.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    pub tcp_accepted: AtomicU64,
+    pub udp_echoed: AtomicU64,
+}
+
+/// Echo servers in every backend namespace; stop (and are joined) on drop.
+pub struct EchoServers {
+    pub counters: Vec<Arc<BackendCounters>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+const POLL: Duration = Duration::from_millis(100);
+
+impl EchoServers {
+    pub fn start(backends: &[String], port: u16, udp_addrs: &[IpAddr]) -> Result<Self> {
+        let mut me = Self {
+            counters: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        };
+        for ns in backends {
+            let c = Arc::new(BackendCounters::default());
+            me.counters.push(c.clone());
+            me.spawn_server(ns, "tcp-echo", {
+                let (c, stop) = (c.clone(), me.stop.clone());
+                move || -> Result<Box<dyn FnOnce() + Send>> {
+                    let listener = tcp_listener(port)?;
+                    Ok(Box::new(move || tcp_accept_loop(listener, &c, &stop)))
+                }
+            })?;
+            for &addr in udp_addrs {
+                me.spawn_server(ns, "udp-echo", {
+                    let (c, stop) = (c.clone(), me.stop.clone());
+                    move || -> Result<Box<dyn FnOnce() + Send>> {
+                        let sock = UdpSocket::bind(SocketAddr::new(addr, port))
+                            .with_context(|| format!("bind UDP {}", SocketAddr::new(addr, port)))?;
+                        sock.set_read_timeout(Some(POLL))?;
+                        Ok(Box::new(move || udp_echo_loop(&sock, &c, &stop)))
+                    }
+                })?;
+            }
+        }
+        Ok(me)
+    }
+
+    /// Spawns a thread in `ns` that runs `bind` (reporting its error) and then the loop it
+    /// returns; returns once bound.
+    fn spawn_server(
+        &mut self,
+        ns: &str,
+        name: &str,
+        bind: impl FnOnce() -> Result<Box<dyn FnOnce() + Send>> + Send + 'static,
+    ) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Result<(), String>>();
+        let h = spawn_in_netns(ns, name, move || match bind() {
+            Ok(serve) => {
+                let _ = tx.send(Ok(()));
+                serve();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(format!("{e:#}")));
+            }
+        })?;
+        self.threads.push(h);
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => bail!("{name} server in {ns}: {e}"),
+            Err(e) => bail!("{name} server in {ns}: not ready ({e})"),
+        }
+    }
+
+    pub fn tcp_counts(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .map(|c| c.tcp_accepted.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    pub fn udp_counts(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .map(|c| c.udp_echoed.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    pub fn reset(&self) {
+        for c in &self.counters {
+            c.tcp_accepted.store(0, Ordering::SeqCst);
+            c.udp_echoed.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for EchoServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn tcp_listener(port: u16) -> Result<TcpListener> {
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    s.bind(&SockAddr::from(addr))
+        .with_context(|| format!("bind TCP {addr}"))?;
+    s.listen(1024)?;
+    // accept(2) honours SO_RCVTIMEO: lets the loop notice the stop flag.
+    s.set_read_timeout(Some(POLL))?;
+    Ok(s.into())
+}
+
+fn tcp_accept_loop(listener: TcpListener, c: &BackendCounters, stop: &AtomicBool) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _peer)) => {
+                c.tcp_accepted.fetch_add(1, Ordering::SeqCst);
+                conns.push(thread::spawn(move || tcp_echo_conn(stream)));
+                conns.retain(|h| !h.is_finished());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                eprintln!("tcp echo: accept: {e}");
+                thread::sleep(POLL);
+            }
+        }
+    }
+    for h in conns {
+        let _ = h.join();
+    }
+}
+
+/// Echoes until EOF, an error, or 3 s of silence.
+fn tcp_echo_conn(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(3)));
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn udp_echo_loop(sock: &UdpSocket, c: &BackendCounters, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        match sock.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                if sock.send_to(&buf[..n], peer).is_ok() {
+                    c.udp_echoed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                eprintln!("udp echo: recv: {e}");
+                thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// Outcome of a batch of flows, one entry per source port.
+#[derive(Debug)]
+pub struct FlowReport {
+    pub what: String,
+    pub results: Vec<(u16, Result<(), String>)>,
+    pub elapsed: Duration,
+}
+
+impl FlowReport {
+    pub fn ok_count(&self) -> usize {
+        self.results.iter().filter(|(_, r)| r.is_ok()).count()
+    }
+
+    pub fn failures(&self) -> Vec<&(u16, Result<(), String>)> {
+        self.results.iter().filter(|(_, r)| r.is_err()).collect()
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: {}/{} ok in {:.2?}",
+            self.what,
+            self.ok_count(),
+            self.results.len(),
+            self.elapsed
+        )
+    }
+
+    /// Panics with the first few failures unless every flow got its echo.
+    pub fn assert_all_ok(&self) {
+        let f = self.failures();
+        if !f.is_empty() {
+            let sample: Vec<String> = f
+                .iter()
+                .take(8)
+                .map(|(p, r)| {
+                    format!(
+                        "  src port {p}: {}",
+                        r.as_ref().err().map_or("", String::as_str)
+                    )
+                })
+                .collect();
+            panic!(
+                "{}; {} failed, first ones:\n{}",
+                self.summary(),
+                f.len(),
+                sample.join("\n")
+            );
+        }
+    }
+}
+
+/// Whole-batch time limit, and the early give-up: when the first `GIVE_UP_AFTER` flows all
+/// fail the datapath is clearly down and the rest are recorded as not attempted.
+const BATCH_DEADLINE: Duration = Duration::from_secs(30);
+const GIVE_UP_AFTER: usize = 16;
+
+fn run_flows(
+    what: String,
+    src_ports: Range<u16>,
+    mut one: impl FnMut(u16) -> Result<()>,
+) -> FlowReport {
+    let start = Instant::now();
+    let mut results = Vec::with_capacity(src_ports.len());
+    let mut give_up: Option<String> = None;
+    for (i, port) in src_ports.enumerate() {
+        if let Some(why) = &give_up {
+            results.push((port, Err(format!("not attempted: {why}"))));
+            continue;
+        }
+        let r = one(port).map_err(|e| format!("{e:#}"));
+        results.push((port, r));
+        if i + 1 == GIVE_UP_AFTER && results.iter().all(|(_, r)| r.is_err()) {
+            give_up = Some(format!("the first {GIVE_UP_AFTER} flows all failed"));
+        } else if start.elapsed() > BATCH_DEADLINE {
+            give_up = Some(format!("batch deadline of {BATCH_DEADLINE:?} passed"));
+        }
+    }
+    FlowReport {
+        what,
+        results,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn flow_payload(tag: &str, proto: &str, port: u16) -> Vec<u8> {
+    format!("{tag}/{proto}/src={port}/weir-e2e-payload").into_bytes()
+}
+
+fn bind_src(domain: Domain, ty: Type, proto: Protocol, src_port: u16) -> Result<Socket> {
+    let s = Socket::new(domain, ty, Some(proto))?;
+    s.set_reuse_address(true)?;
+    let ip: IpAddr = if domain == Domain::IPV6 {
+        s.set_only_v6(true)?;
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    s.bind(&SockAddr::from(SocketAddr::new(ip, src_port)))
+        .with_context(|| format!("bind source port {src_port}"))?;
+    Ok(s)
+}
+
+/// From namespace `ns`: one TCP connection per source port to VIP:port (2 s timeouts),
+/// sending a per-flow payload and checking its echo.
+pub fn tcp_flows(
+    ns: &str,
+    vip: IpAddr,
+    port: u16,
+    src_ports: Range<u16>,
+    payload: &str,
+) -> Result<FlowReport> {
+    let dst = SocketAddr::new(vip, port);
+    let domain = Domain::for_address(dst);
+    let what = format!("TCP {dst} from ports {src_ports:?}");
+    let t = Duration::from_secs(2);
+    Ok(in_netns(ns, move || {
+        run_flows(what, src_ports, |src| {
+            let s = bind_src(domain, Type::STREAM, Protocol::TCP, src)?;
+            s.connect_timeout(&SockAddr::from(dst), t)
+                .context("connect")?;
+            let mut stream: TcpStream = s.into();
+            stream.set_read_timeout(Some(t))?;
+            stream.set_write_timeout(Some(t))?;
+            let msg = flow_payload(payload, "tcp", src);
+            stream.write_all(&msg).context("send")?;
+            let mut got = vec![0u8; msg.len()];
+            stream.read_exact(&mut got).context("read echo")?;
+            if got != msg {
+                bail!(
+                    "echo mismatch: sent {:?}, got {:?}",
+                    String::from_utf8_lossy(&msg),
+                    String::from_utf8_lossy(&got)
+                );
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// From namespace `ns`: one UDP socket per source port, connected to VIP:port, sending a
+/// per-flow datagram and waiting 1 s for its echo (one retry).
+pub fn udp_flows(
+    ns: &str,
+    vip: IpAddr,
+    port: u16,
+    src_ports: Range<u16>,
+    payload: &str,
+) -> Result<FlowReport> {
+    let dst = SocketAddr::new(vip, port);
+    let domain = Domain::for_address(dst);
+    let what = format!("UDP {dst} from ports {src_ports:?}");
+    Ok(in_netns(ns, move || {
+        run_flows(what, src_ports, |src| {
+            let s = bind_src(domain, Type::DGRAM, Protocol::UDP, src)?;
+            s.connect(&SockAddr::from(dst)).context("connect")?;
+            let sock: UdpSocket = s.into();
+            sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+            sock.set_write_timeout(Some(Duration::from_secs(1)))?;
+            let msg = flow_payload(payload, "udp", src);
+            let mut buf = [0u8; 2048];
+            let mut last = String::new();
+            for _attempt in 0..2 {
+                sock.send(&msg).context("send")?;
+                match sock.recv(&mut buf) {
+                    Ok(n) if buf[..n] == msg[..] => return Ok(()),
+                    Ok(n) => {
+                        last = format!(
+                            "echo mismatch: got {:?}",
+                            String::from_utf8_lossy(&buf[..n])
+                        )
+                    }
+                    Err(e) => last = format!("recv: {e}"),
+                }
+            }
+            Err(anyhow!("no echo after 2 attempts ({last})"))
+        })
+    }))
+}
+
+/// From namespace `ns`: one datagram to VIP:port from `src_port`; true if echoed in `timeout`.
+pub fn udp_probe(
+    ns: &str,
+    vip: IpAddr,
+    port: u16,
+    src_port: u16,
+    timeout: Duration,
+) -> Result<bool> {
+    let dst = SocketAddr::new(vip, port);
+    in_netns(ns, move || {
+        let s = bind_src(
+            Domain::for_address(dst),
+            Type::DGRAM,
+            Protocol::UDP,
+            src_port,
+        )?;
+        s.connect(&SockAddr::from(dst)).context("connect")?;
+        let sock: UdpSocket = s.into();
+        sock.set_read_timeout(Some(timeout))?;
+        let msg = flow_payload("probe", "udp", src_port);
+        sock.send(&msg).context("send")?;
+        let mut buf = [0u8; 2048];
+        Ok(matches!(sock.recv(&mut buf), Ok(n) if buf[..n] == msg[..]))
+    })
+}

@@ -1,0 +1,1333 @@
+//! Golden packets through `BPF_PROG_TEST_RUN`: for each case, the input frame, the expected
+//! XDP action and the full expected output frame, plus the counters the case must move.
+//!
+//! The balancer runs in a namespace this test creates (`bpf_fib_lookup` reads that
+//! namespace's routes and neighbours): interface `g0` with 198.51.100.1/24 and
+//! 2001:db8::1/64 and permanent neighbour entries for the backends, and `h0` with
+//! 203.0.113.129/25 for the redirect case. Expected output frames are built here, by hand,
+//! independently of the datapath's header builders.
+
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
+
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP,
+    hash::{flow_hash, source_hash},
+    prog_name, stat,
+};
+use weir::{
+    agent::Balancer,
+    config,
+    datapath::{self, KernelMaps, MapWriter, StatsReader as _, XdpMd},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const H0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x81];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT4: [u8; 4] = [198, 51, 100, 2];
+const CLIENT6: [u8; 16] = v6(0x2);
+const TUNNEL4: [u8; 4] = [198, 51, 100, 1];
+const TUNNEL6: [u8; 16] = v6(0x1);
+
+const fn v6(last: u8) -> [u8; 16] {
+    [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last,
+    ]
+}
+const fn vip6(last: u8) -> [u8; 16] {
+    [
+        0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last,
+    ]
+}
+/// MAC of the backend whose address ends in `last`.
+const fn backend_mac(last: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0xbe, last]
+}
+
+const CONFIG: &str = r#"
+[agent]
+interface = "g0"
+tunnel_source = "198.51.100.1"
+tunnel_source_v6 = "2001:db8::1"
+conntrack_entries = 4096
+
+[[service]]
+name = "tcp4-tunnel"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.11"
+[[service.backend]]
+address = "198.51.100.12"
+[[service.backend]]
+address = "198.51.100.13"
+
+[[service]]
+name = "udp4-tunnel"
+vip = "203.0.113.10"
+port = 53
+protocol = "udp"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.11"
+[[service.backend]]
+address = "198.51.100.12"
+
+[[service]]
+name = "tcp4-direct"
+vip = "203.0.113.11"
+port = 80
+protocol = "tcp"
+forwarding = "direct"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.11"
+[[service.backend]]
+address = "198.51.100.12"
+
+[[service]]
+name = "udp4-direct"
+vip = "203.0.113.11"
+port = 53
+protocol = "udp"
+forwarding = "direct"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.13"
+
+[[service]]
+name = "tcp6-tunnel"
+vip = "2001:db8:100::10"
+port = 80
+protocol = "tcp"
+ring_size = 1009
+[[service.backend]]
+address = "2001:db8::11"
+[[service.backend]]
+address = "2001:db8::12"
+
+[[service]]
+name = "udp6-tunnel"
+vip = "2001:db8:100::10"
+port = 53
+protocol = "udp"
+ring_size = 1009
+[[service.backend]]
+address = "2001:db8::13"
+
+[[service]]
+name = "tcp6-direct"
+vip = "2001:db8:100::11"
+port = 80
+protocol = "tcp"
+forwarding = "direct"
+ring_size = 1009
+[[service.backend]]
+address = "2001:db8::11"
+[[service.backend]]
+address = "2001:db8::12"
+
+[[service]]
+name = "udp6-direct"
+vip = "2001:db8:100::11"
+port = 53
+protocol = "udp"
+forwarding = "direct"
+ring_size = 1009
+[[service.backend]]
+address = "2001:db8::12"
+
+[[service]]
+name = "every-port"
+vip = "203.0.113.12"
+port = 0
+protocol = "udp"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.11"
+
+[[service]]
+name = "v4-in-v6"
+vip = "203.0.113.13"
+port = 80
+protocol = "tcp"
+ring_size = 1009
+[[service.backend]]
+address = "2001:db8::11"
+
+[[service]]
+name = "v6-in-v4"
+vip = "2001:db8:100::13"
+port = 80
+protocol = "tcp"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.12"
+
+[[service]]
+name = "redirect"
+vip = "203.0.113.14"
+port = 80
+protocol = "tcp"
+forwarding = "direct"
+ring_size = 1009
+[[service.backend]]
+address = "203.0.113.150"
+
+[[service]]
+name = "ip-hash"
+vip = "203.0.113.15"
+port = 80
+protocol = "tcp"
+scheduler = "ip-hash"
+ring_size = 1009
+[[service.backend]]
+address = "198.51.100.11"
+[[service.backend]]
+address = "198.51.100.12"
+[[service.backend]]
+address = "198.51.100.13"
+"#;
+
+// ----- packet builders (independent of the datapath's) -----
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const RST: u8 = 0x04;
+const PSH_ACK: u8 = 0x18;
+
+fn csum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    if let Some(tci) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&tci.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+fn l4(proto: u8, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    if proto == PROTO_TCP {
+        h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+    }
+    h.extend_from_slice(payload);
+    h
+}
+
+struct V4 {
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    ttl: u8,
+    frag: u16,
+    options: Vec<u8>,
+}
+
+fn ipv4(h: &V4, payload: &[u8]) -> Vec<u8> {
+    let ihl = 5 + h.options.len() / 4;
+    let total = (ihl * 4 + payload.len()) as u16;
+    let mut p = vec![0x40 | ihl as u8, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34]);
+    p.extend_from_slice(&h.frag.to_be_bytes());
+    p.extend_from_slice(&[h.ttl, h.proto, 0, 0]);
+    p.extend_from_slice(&h.src);
+    p.extend_from_slice(&h.dst);
+    p.extend_from_slice(&h.options);
+    let c = csum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, hop: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, hop]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn v4_packet(dst: [u8; 4], proto: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    v4_packet_with(dst, proto, sport, dport, flags, 64, 0x4000, &[])
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a test builder, every field is a knob"
+)]
+fn v4_packet_with(
+    dst: [u8; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    ttl: u8,
+    frag: u16,
+    options: &[u8],
+) -> Vec<u8> {
+    ipv4(
+        &V4 {
+            src: CLIENT4,
+            dst,
+            proto,
+            ttl,
+            frag,
+            options: options.to_vec(),
+        },
+        &l4(proto, sport, dport, flags, b"weir-golden"),
+    )
+}
+
+fn v6_packet(dst: [u8; 16], proto: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    ipv6(
+        CLIENT6,
+        dst,
+        proto,
+        64,
+        &l4(proto, sport, dport, flags, b"weir-golden"),
+    )
+}
+
+fn frame4(ip: &[u8]) -> Vec<u8> {
+    let mut f = eth(LB_MAC, CLIENT_MAC, None, 0x0800);
+    f.extend_from_slice(ip);
+    f
+}
+
+fn frame6(ip: &[u8]) -> Vec<u8> {
+    let mut f = eth(LB_MAC, CLIENT_MAC, None, 0x86dd);
+    f.extend_from_slice(ip);
+    f
+}
+
+/// The expected tunnel output: new Ethernet header to the backend, outer header, inner
+/// packet unchanged.
+fn tunnel_out(
+    inner: &[u8],
+    inner_v4: bool,
+    backend: IpAddr,
+    hash: u32,
+    vlan: Option<u16>,
+) -> Vec<u8> {
+    let inner_proto = if inner_v4 { 4 } else { 41 };
+    match backend {
+        IpAddr::V4(b) => {
+            let mut f = eth(backend_mac(b.octets()[3]), LB_MAC, vlan, 0x0800);
+            let df = if inner_v4 { inner[6] & 0x40 != 0 } else { true };
+            let outer = ipv4_outer_expected(TUNNEL4, b.octets(), inner_proto, inner.len(), df);
+            f.extend_from_slice(&outer);
+            f.extend_from_slice(inner);
+            f
+        }
+        IpAddr::V6(b) => {
+            let mut f = eth(backend_mac(b.octets()[15]), LB_MAC, vlan, 0x86dd);
+            let label = hash & 0xf_ffff;
+            f.extend_from_slice(&[0x60, (label >> 16) as u8, (label >> 8) as u8, label as u8]);
+            f.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[inner_proto, 64]);
+            f.extend_from_slice(&TUNNEL6);
+            f.extend_from_slice(&b.octets());
+            f.extend_from_slice(inner);
+            f
+        }
+    }
+}
+
+fn ipv4_outer_expected(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    inner_len: usize,
+    df: bool,
+) -> Vec<u8> {
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((inner_len + 20) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0, if df { 0x40 } else { 0 }, 0, 64, proto, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(csum(&h), 0, "expected outer header must verify");
+    h
+}
+
+fn direct_out(frame: &[u8], backend: IpAddr, smac: [u8; 6]) -> Vec<u8> {
+    let last = match backend {
+        IpAddr::V4(b) => b.octets()[3],
+        IpAddr::V6(b) => b.octets()[15],
+    };
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&backend_mac(last));
+    f[6..12].copy_from_slice(&smac);
+    f
+}
+
+/// The 5-tuple of an IP packet (as the datapath keys it).
+fn key_of(ip: &[u8]) -> FlowKey {
+    let mut k = FlowKey::default();
+    let l4 = if ip[0] >> 4 == 4 {
+        k.src_addr[..4].copy_from_slice(&ip[12..16]);
+        k.dst_addr[..4].copy_from_slice(&ip[16..20]);
+        k.proto = ip[9];
+        k.family = FAMILY_V4;
+        &ip[(ip[0] & 0xf) as usize * 4..]
+    } else {
+        k.src_addr.copy_from_slice(&ip[8..24]);
+        k.dst_addr.copy_from_slice(&ip[24..40]);
+        k.proto = ip[6];
+        k.family = FAMILY_V6;
+        &ip[40..]
+    };
+    k.src_port_be = u16::from_ne_bytes([l4[0], l4[1]]);
+    k.dst_port_be = u16::from_ne_bytes([l4[2], l4[3]]);
+    k
+}
+
+/// The backend the agent's ring assigns to a packet of `service` (what the datapath must
+/// pick on a miss).
+fn predicted<M: MapWriter>(balancer: &Balancer<M>, service: &str, ip: &[u8]) -> IpAddr {
+    let s = balancer.service(service).expect("service");
+    let key = key_of(ip);
+    let hash = if s.config.scheduler == config::Scheduler::IpHash {
+        source_hash(&key)
+    } else {
+        flow_hash(&key)
+    };
+    let id = s.ring[(hash % s.config.ring_size) as usize];
+    s.backends
+        .iter()
+        .find(|b| b.id == id)
+        .expect("ring points at a backend of the service")
+        .address
+}
+
+struct Lab {
+    ebpf: aya::Ebpf,
+    balancer: Balancer<KernelMaps>,
+    g0: u32,
+}
+
+impl Lab {
+    fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let program: &Xdp = self
+            .ebpf
+            .program(prog_name::BALANCER)
+            .expect("balancer program")
+            .try_into()
+            .expect("xdp program");
+        let ctx = XdpMd {
+            // The kernel requires `data_end` to equal the input's length.
+            data_end: input.len() as u32,
+            ingress_ifindex: self.g0,
+            ..XdpMd::default()
+        }
+        .as_bytes();
+        let mut out = vec![0u8; input.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn stats(&self) -> [u64; stat::COUNT as usize] {
+        self.balancer.maps().global().expect("read STATS")
+    }
+}
+
+struct Case {
+    desc: &'static str,
+    input: Vec<u8>,
+    action: u32,
+    /// `None`: the frame must come out unchanged.
+    output: Option<Vec<u8>>,
+    /// Counters (besides the action's own) that must rise by exactly one.
+    counters: Vec<u32>,
+}
+
+fn setup_namespace(ns: &str) {
+    use common::{ip, sysctl};
+    ip(
+        ns,
+        &[
+            "link",
+            "add",
+            "g0",
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "g1",
+        ],
+    )
+    .unwrap();
+    ip(
+        ns,
+        &[
+            "link",
+            "add",
+            "h0",
+            "address",
+            "02:00:00:00:00:81",
+            "type",
+            "veth",
+            "peer",
+            "h1",
+        ],
+    )
+    .unwrap();
+    for dev in ["g0", "g1", "h0", "h1"] {
+        ip(ns, &["link", "set", dev, "up"]).unwrap();
+    }
+    ip(ns, &["addr", "add", "198.51.100.1/24", "dev", "g0"]).unwrap();
+    ip(ns, &["addr", "add", "2001:db8::1/64", "dev", "g0", "nodad"]).unwrap();
+    ip(ns, &["addr", "add", "203.0.113.129/25", "dev", "h0"]).unwrap();
+    // Backend MACs end in the address's last byte (`backend_mac`): 198.51.100.11 -> be:0b,
+    // 2001:db8::11 -> be:11.
+    for last in [11u8, 12, 13] {
+        let a4 = format!("198.51.100.{last}");
+        let mac4 = format!("02:00:00:00:be:{last:02x}");
+        ip(
+            ns,
+            &[
+                "neigh",
+                "replace",
+                &a4,
+                "lladdr",
+                &mac4,
+                "nud",
+                "permanent",
+                "dev",
+                "g0",
+            ],
+        )
+        .unwrap();
+        let a6 = format!("2001:db8::{last}");
+        let mac6 = format!("02:00:00:00:be:{last}");
+        ip(
+            ns,
+            &[
+                "neigh",
+                "replace",
+                &a6,
+                "lladdr",
+                &mac6,
+                "nud",
+                "permanent",
+                "dev",
+                "g0",
+            ],
+        )
+        .unwrap();
+    }
+    let mac150 = "02:00:00:00:be:96";
+    ip(
+        ns,
+        &[
+            "neigh",
+            "replace",
+            "203.0.113.150",
+            "lladdr",
+            mac150,
+            "nud",
+            "permanent",
+            "dev",
+            "h0",
+        ],
+    )
+    .unwrap();
+    sysctl(
+        ns,
+        &[
+            "net.ipv4.conf.g0.forwarding=1",
+            "net.ipv4.conf.h0.forwarding=1",
+            "net.ipv6.conf.g0.forwarding=1",
+        ],
+    )
+    .unwrap();
+}
+
+fn open_lab(text: &str) -> Lab {
+    let cfg = config::parse(text, Path::new("golden.toml")).expect("golden config is valid");
+    let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load object");
+    datapath::load_program(&mut ebpf, prog_name::BALANCER).expect("verifier accepts the balancer");
+    let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
+    balancer.apply(&cfg).expect("apply config");
+    let h0 = datapath::ifindex("h0").unwrap();
+    balancer.maps_mut().set_tx_port(h0).expect("devmap entry");
+    let g0 = datapath::ifindex("g0").unwrap();
+    Lab { ebpf, balancer, g0 }
+}
+
+fn ip4(s: &str) -> [u8; 4] {
+    s.parse::<Ipv4Addr>().unwrap().octets()
+}
+
+#[test]
+fn golden_packets() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gold")).expect("namespace");
+    setup_namespace(ns.name());
+    common::in_netns(ns.name(), || {
+        let mut lab = open_lab(CONFIG);
+        let cases = build_cases(&lab);
+        assert!(cases.len() >= 30, "{} cases", cases.len());
+        for case in cases {
+            let before = lab.stats();
+            let (action, out) = lab.run(&case.input);
+            let after = lab.stats();
+            let moved: Vec<String> = (0..stat::COUNT as usize)
+                .filter(|&i| after[i] != before[i])
+                .map(|i| format!("{}+{}", stat::NAMES[i], after[i] - before[i]))
+                .collect();
+            assert_eq!(
+                action, case.action,
+                "{}: action (counters moved: {moved:?})",
+                case.desc
+            );
+            let expected = case.output.as_ref().unwrap_or(&case.input);
+            assert_eq!(
+                hex(&out),
+                hex(expected),
+                "{}: output frame (got, want)",
+                case.desc
+            );
+            let action_stat = match action {
+                XDP_DROP => stat::XDP_DROP,
+                XDP_PASS => stat::XDP_PASS,
+                XDP_TX => stat::XDP_TX,
+                XDP_REDIRECT => stat::XDP_REDIRECT,
+                _ => stat::XDP_ABORTED,
+            };
+            let mut want_delta = [0u64; stat::COUNT as usize];
+            want_delta[action_stat as usize] += 1;
+            for c in &case.counters {
+                want_delta[*c as usize] += 1;
+            }
+            for i in 0..stat::COUNT as usize {
+                let got = after[i] - before[i];
+                // Conntrack hit/miss are asserted where a case lists them.
+                if (i == stat::CT_HIT as usize || i == stat::CT_MISS as usize)
+                    && !case.counters.contains(&(i as u32))
+                {
+                    continue;
+                }
+                assert_eq!(
+                    got,
+                    want_delta[i],
+                    "{}: counter {}",
+                    case.desc,
+                    stat::NAMES[i]
+                );
+            }
+            println!("ok: {}", case.desc);
+        }
+    });
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn tunnel_case(lab: &Lab, desc: &'static str, service: &str, ip: Vec<u8>, v4: bool) -> Case {
+    let backend = predicted(&lab.balancer, service, &ip);
+    let hash = flow_hash(&key_of(&ip));
+    let input = if v4 { frame4(&ip) } else { frame6(&ip) };
+    Case {
+        desc,
+        output: Some(tunnel_out(&ip, v4, backend, hash, None)),
+        input,
+        action: XDP_TX,
+        counters: vec![stat::CT_MISS],
+    }
+}
+
+fn direct_case(lab: &Lab, desc: &'static str, service: &str, ip: Vec<u8>, v4: bool) -> Case {
+    let backend = predicted(&lab.balancer, service, &ip);
+    let input = if v4 { frame4(&ip) } else { frame6(&ip) };
+    Case {
+        desc,
+        output: Some(direct_out(&input, backend, LB_MAC)),
+        input,
+        action: XDP_TX,
+        counters: vec![stat::CT_MISS],
+    }
+}
+
+fn drop_case(desc: &'static str, input: Vec<u8>, reason: u32) -> Case {
+    Case {
+        desc,
+        input,
+        action: XDP_DROP,
+        output: None,
+        counters: vec![reason],
+    }
+}
+
+fn pass_case(desc: &'static str, input: Vec<u8>, reason: u32) -> Case {
+    Case {
+        desc,
+        input,
+        action: XDP_PASS,
+        output: None,
+        counters: vec![reason],
+    }
+}
+
+fn build_cases(lab: &Lab) -> Vec<Case> {
+    let vip4 = ip4("203.0.113.10");
+    let vip4d = ip4("203.0.113.11");
+    let mut cases = vec![
+        tunnel_case(
+            lab,
+            "IPv4 TCP SYN, tunnel: IPv4-in-IPv4 to the ring's backend",
+            "tcp4-tunnel",
+            v4_packet(vip4, PROTO_TCP, 40001, 80, SYN),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv4 TCP data, untracked, tunnel: same backend as the hash says",
+            "tcp4-tunnel",
+            v4_packet(vip4, PROTO_TCP, 40002, 80, PSH_ACK),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv4 UDP, tunnel",
+            "udp4-tunnel",
+            v4_packet(vip4, PROTO_UDP, 40003, 53, 0),
+            true,
+        ),
+        direct_case(
+            lab,
+            "IPv4 TCP SYN, direct: only MACs change",
+            "tcp4-direct",
+            v4_packet(vip4d, PROTO_TCP, 40004, 80, SYN),
+            true,
+        ),
+        direct_case(
+            lab,
+            "IPv4 UDP, direct",
+            "udp4-direct",
+            v4_packet(vip4d, PROTO_UDP, 40005, 53, 0),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv6 TCP SYN, tunnel: IPv6-in-IPv6, flow label from the hash",
+            "tcp6-tunnel",
+            v6_packet(vip6(0x10), PROTO_TCP, 40006, 80, SYN),
+            false,
+        ),
+        tunnel_case(
+            lab,
+            "IPv6 UDP, tunnel",
+            "udp6-tunnel",
+            v6_packet(vip6(0x10), PROTO_UDP, 40007, 53, 0),
+            false,
+        ),
+        direct_case(
+            lab,
+            "IPv6 TCP SYN, direct",
+            "tcp6-direct",
+            v6_packet(vip6(0x11), PROTO_TCP, 40008, 80, SYN),
+            false,
+        ),
+        direct_case(
+            lab,
+            "IPv6 UDP, direct",
+            "udp6-direct",
+            v6_packet(vip6(0x11), PROTO_UDP, 40009, 53, 0),
+            false,
+        ),
+        tunnel_case(
+            lab,
+            "port-0 VIP matches port 9999",
+            "every-port",
+            v4_packet(ip4("203.0.113.12"), PROTO_UDP, 40010, 9999, 0),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "port-0 VIP matches port 1",
+            "every-port",
+            v4_packet(ip4("203.0.113.12"), PROTO_UDP, 40011, 1, 0),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv4 VIP with an IPv6 backend: IPv4-in-IPv6",
+            "v4-in-v6",
+            v4_packet(ip4("203.0.113.13"), PROTO_TCP, 40012, 80, SYN),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv6 VIP with an IPv4 backend: IPv6-in-IPv4 (DF set)",
+            "v6-in-v4",
+            v6_packet(vip6(0x13), PROTO_TCP, 40013, 80, SYN),
+            false,
+        ),
+        tunnel_case(
+            lab,
+            "IPv4 with options (IHL 7): options kept inside the tunnel",
+            "tcp4-tunnel",
+            v4_packet_with(
+                vip4,
+                PROTO_TCP,
+                40014,
+                80,
+                SYN,
+                64,
+                0x4000,
+                &[1, 1, 1, 1, 7, 3, 4, 0],
+            ),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv4 without DF: outer DF clear (copied, RFC 2003)",
+            "tcp4-tunnel",
+            v4_packet_with(vip4, PROTO_TCP, 40015, 80, SYN, 64, 0, &[]),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "IPv4 TTL 1: forwarded, inner TTL untouched, outer TTL 64",
+            "tcp4-tunnel",
+            v4_packet_with(vip4, PROTO_TCP, 40016, 80, SYN, 1, 0x4000, &[]),
+            true,
+        ),
+        tunnel_case(
+            lab,
+            "ip-hash: backend chosen by the source address",
+            "ip-hash",
+            v4_packet(ip4("203.0.113.15"), PROTO_TCP, 40017, 80, SYN),
+            true,
+        ),
+    ];
+
+    // ip-hash: another source port of the same client goes to the same backend.
+    {
+        let a = v4_packet(ip4("203.0.113.15"), PROTO_TCP, 50000, 80, SYN);
+        let b = v4_packet(ip4("203.0.113.15"), PROTO_TCP, 50001, 80, SYN);
+        assert_eq!(
+            predicted(&lab.balancer, "ip-hash", &a),
+            predicted(&lab.balancer, "ip-hash", &b)
+        );
+        cases.push(tunnel_case(
+            lab,
+            "ip-hash: second port of the client, same backend",
+            "ip-hash",
+            b,
+            true,
+        ));
+    }
+
+    // Padding: a 60-byte minimum Ethernet frame carrying a shorter IP packet.
+    {
+        let ip = v4_packet(vip4, PROTO_UDP, 40018, 53, 0);
+        let mut input = frame4(&ip);
+        let backend = predicted(&lab.balancer, "udp4-tunnel", &ip);
+        input.resize(input.len() + 12, 0);
+        let mut output = tunnel_out(&ip, true, backend, 0, None);
+        output.resize(output.len() + 12, 0);
+        cases.push(Case {
+            desc: "Ethernet padding after the IP packet: kept, outer length from the IP header",
+            input,
+            action: XDP_TX,
+            output: Some(output),
+            counters: vec![stat::CT_MISS],
+        });
+    }
+
+    // VLAN: tag kept, frame leaves by XDP_TX.
+    {
+        let ip = v4_packet(vip4, PROTO_TCP, 40019, 80, SYN);
+        let mut input = eth(LB_MAC, CLIENT_MAC, Some(0x0064), 0x0800);
+        input.extend_from_slice(&ip);
+        let backend = predicted(&lab.balancer, "tcp4-tunnel", &ip);
+        cases.push(Case {
+            desc: "802.1Q tag (VID 100), tunnel: tag kept around the new outer header",
+            output: Some(tunnel_out(&ip, true, backend, 0, Some(0x0064))),
+            input,
+            action: XDP_TX,
+            counters: vec![stat::CT_MISS],
+        });
+        let ip = v4_packet(vip4d, PROTO_UDP, 40020, 53, 0);
+        let mut input = eth(LB_MAC, CLIENT_MAC, Some(0x0064), 0x0800);
+        input.extend_from_slice(&ip);
+        let backend = predicted(&lab.balancer, "udp4-direct", &ip);
+        cases.push(Case {
+            desc: "802.1Q tag, direct: only MACs change",
+            output: Some(direct_out(&input, backend, LB_MAC)),
+            input,
+            action: XDP_TX,
+            counters: vec![stat::CT_MISS],
+        });
+    }
+
+    // Redirect: next hop on another interface.
+    {
+        let ip = v4_packet(ip4("203.0.113.14"), PROTO_TCP, 40021, 80, SYN);
+        let input = frame4(&ip);
+        let mut output = input.clone();
+        output[..6].copy_from_slice(&backend_mac(0x96));
+        output[6..12].copy_from_slice(&H0_MAC);
+        cases.push(Case {
+            desc: "next hop behind another interface: XDP_REDIRECT via the devmap, MACs of h0",
+            input,
+            action: XDP_REDIRECT,
+            output: Some(output),
+            counters: vec![stat::CT_MISS],
+        });
+    }
+
+    // Not ours.
+    let mut arp = eth([0xff; 6], CLIENT_MAC, None, 0x0806);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&CLIENT4);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&TUNNEL4);
+    cases.push(pass_case("ARP passes", arp, stat::PASS_NON_IP));
+    cases.push(pass_case(
+        "IPv4 to a non-VIP address passes",
+        frame4(&v4_packet(ip4("198.51.100.1"), PROTO_TCP, 40022, 22, SYN)),
+        stat::PASS_NOT_VIP,
+    ));
+    cases.push(pass_case(
+        "IPv6 to a non-VIP address passes",
+        frame6(&v6_packet(v6(1), PROTO_TCP, 40023, 22, SYN)),
+        stat::PASS_NOT_VIP,
+    ));
+    cases.push(pass_case(
+        "VIP address, port without a service, passes",
+        frame4(&v4_packet(vip4, PROTO_TCP, 40024, 443, SYN)),
+        stat::PASS_NOT_VIP,
+    ));
+    cases.push(pass_case(
+        "VIP address, ICMP, passes",
+        frame4(&ipv4(
+            &V4 {
+                src: CLIENT4,
+                dst: vip4,
+                proto: 1,
+                ttl: 64,
+                frag: 0,
+                options: vec![],
+            },
+            &[8, 0, 0, 0, 0, 1, 0, 1],
+        )),
+        stat::PASS_NOT_VIP,
+    ));
+    cases.push(pass_case(
+        "IPv6 with a hop-by-hop extension header passes",
+        frame6(&ipv6(
+            CLIENT6,
+            vip6(0x10),
+            0,
+            64,
+            &[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0],
+        )),
+        stat::PASS_IPV6_EXT,
+    ));
+    cases.push(pass_case(
+        "a non-VIP fragment passes",
+        frame4(&v4_packet_with(
+            ip4("198.51.100.1"),
+            PROTO_UDP,
+            1,
+            2,
+            0,
+            64,
+            0x2000,
+            &[],
+        )),
+        stat::PASS_NOT_VIP,
+    ));
+
+    // Dropped with a reason.
+    cases.push(drop_case(
+        "first fragment (MF) to a VIP",
+        frame4(&v4_packet_with(
+            vip4,
+            PROTO_UDP,
+            40025,
+            53,
+            0,
+            64,
+            0x2000,
+            &[],
+        )),
+        stat::DROP_FRAGMENT,
+    ));
+    cases.push(drop_case(
+        "later fragment (offset) to a VIP",
+        frame4(&v4_packet_with(
+            vip4,
+            PROTO_UDP,
+            40026,
+            53,
+            0,
+            64,
+            0x0010,
+            &[],
+        )),
+        stat::DROP_FRAGMENT,
+    ));
+    cases.push(drop_case(
+        "IPv4 TTL 0 to a VIP",
+        frame4(&v4_packet_with(
+            vip4,
+            PROTO_TCP,
+            40027,
+            80,
+            SYN,
+            0,
+            0x4000,
+            &[],
+        )),
+        stat::DROP_TTL,
+    ));
+    {
+        let mut ip = v6_packet(vip6(0x10), PROTO_TCP, 40028, 80, SYN);
+        ip[7] = 0;
+        cases.push(drop_case(
+            "IPv6 hop limit 0 to a VIP",
+            frame6(&ip),
+            stat::DROP_TTL,
+        ));
+    }
+    let full4 = frame4(&v4_packet(vip4, PROTO_TCP, 40029, 80, SYN));
+    // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (EINVAL), so the
+    // shortest truncation it can show is inside the 802.1Q tag.
+    {
+        let mut cut = eth(LB_MAC, CLIENT_MAC, None, 0x8100);
+        cut.extend_from_slice(&[0, 100]);
+        cases.push(drop_case(
+            "truncated inside the 802.1Q tag",
+            cut,
+            stat::DROP_TRUNC_ETH,
+        ));
+    }
+    cases.push(drop_case(
+        "truncated inside the IPv4 header",
+        full4[..14 + 12].to_vec(),
+        stat::DROP_TRUNC_IPV4,
+    ));
+    {
+        // The IP header claims more bytes than the frame has.
+        cases.push(drop_case(
+            "truncated IPv4 payload (total length beyond the frame)",
+            full4[..14 + 20 + 10].to_vec(),
+            stat::DROP_TRUNC_IPV4,
+        ));
+        // A consistent IPv4 packet whose TCP header is cut.
+        let ip = ipv4(
+            &V4 {
+                src: CLIENT4,
+                dst: vip4,
+                proto: PROTO_TCP,
+                ttl: 64,
+                frag: 0,
+                options: vec![],
+            },
+            &[0x9c, 0x41, 0, 80, 0, 0, 0, 1, 0, 0],
+        );
+        cases.push(drop_case(
+            "truncated TCP header",
+            frame4(&ip),
+            stat::DROP_TRUNC_L4,
+        ));
+        let ip = ipv4(
+            &V4 {
+                src: CLIENT4,
+                dst: vip4,
+                proto: PROTO_UDP,
+                ttl: 64,
+                frag: 0,
+                options: vec![],
+            },
+            &[0x9c, 0x41, 0, 53],
+        );
+        cases.push(drop_case(
+            "truncated UDP header",
+            frame4(&ip),
+            stat::DROP_TRUNC_L4,
+        ));
+    }
+    {
+        let full6 = frame6(&v6_packet(vip6(0x10), PROTO_TCP, 40030, 80, SYN));
+        cases.push(drop_case(
+            "truncated inside the IPv6 header",
+            full6[..14 + 30].to_vec(),
+            stat::DROP_TRUNC_IPV6,
+        ));
+        cases.push(drop_case(
+            "truncated IPv6 payload",
+            full6[..14 + 40 + 8].to_vec(),
+            stat::DROP_TRUNC_IPV6,
+        ));
+    }
+    {
+        let mut bad = full4.clone();
+        bad[14] = 0x44; // IHL 4 < 5
+        cases.push(drop_case(
+            "IPv4 IHL below 5 to a VIP",
+            bad,
+            stat::DROP_MALFORMED_IP,
+        ));
+        let mut bad = full4.clone();
+        bad[14 + 2..14 + 4].copy_from_slice(&10u16.to_be_bytes()); // total length < IHL
+        cases.push(drop_case(
+            "IPv4 total length below the header length",
+            bad,
+            stat::DROP_MALFORMED_IP,
+        ));
+    }
+    // RST for an unknown flow: forwarded by the hash, never inserted (checked below too).
+    {
+        let ip = v4_packet(vip4, PROTO_TCP, 40031, 80, RST | ACK);
+        cases.push(tunnel_case(
+            lab,
+            "RST of an untracked flow: forwarded by the hash, no entry made",
+            "tcp4-tunnel",
+            ip,
+            true,
+        ));
+    }
+    cases
+}
+
+/// Connection-table behaviour across ring changes, and exact counters.
+#[test]
+fn tracked_flows_and_counters() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("ct")).expect("namespace");
+    setup_namespace(ns.name());
+    common::in_netns(ns.name(), || {
+        let base = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
+                    [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nring_size = 1009\n";
+        let two = format!(
+            "{base}[[service.backend]]\naddress = \"198.51.100.11\"\n[[service.backend]]\naddress = \"198.51.100.12\"\n"
+        );
+        let three = format!("{two}[[service.backend]]\naddress = \"198.51.100.13\"\nweight = 20\n");
+        let mut lab = open_lab(&two);
+        let vip4 = ip4("203.0.113.10");
+
+        // Find a source port whose slot moves to the new backend when it is added.
+        let after_cfg = config::parse(&three, Path::new("t.toml")).unwrap();
+        let mut probe = Balancer::new(Recorder);
+        probe.apply(&after_cfg).unwrap();
+        let port = (41000..42000u16)
+            .find(|&p| {
+                let ip = v4_packet(vip4, PROTO_TCP, p, 80, SYN);
+                predicted(&lab.balancer, "web", &ip) != predicted(&probe, "web", &ip)
+            })
+            .expect("some flow moves");
+        let syn = v4_packet(vip4, PROTO_TCP, port, 80, SYN);
+        let data = v4_packet(vip4, PROTO_TCP, port, 80, PSH_ACK);
+        let first = predicted(&lab.balancer, "web", &syn);
+
+        // Counters rise by exactly what was sent.
+        let before_vip = lab.balancer.maps().service(0).unwrap();
+        let (action, out) = lab.run(&frame4(&syn));
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            hex(&out),
+            hex(&tunnel_out(&syn, true, first, 0, None)),
+            "SYN goes to the ring's pick"
+        );
+        for _ in 0..9 {
+            let (action, out) = lab.run(&frame4(&data));
+            assert_eq!(action, XDP_TX);
+            assert_eq!(hex(&out), hex(&tunnel_out(&data, true, first, 0, None)));
+        }
+        let after_vip = lab.balancer.maps().service(0).unwrap();
+        assert_eq!(after_vip.packets - before_vip.packets, 10, "VIP packets");
+        assert_eq!(
+            after_vip.new_flows - before_vip.new_flows,
+            1,
+            "VIP new flows"
+        );
+        let frame_len = (frame4(&syn).len() + frame4(&data).len() * 9) as u64;
+        assert_eq!(after_vip.bytes - before_vip.bytes, frame_len, "VIP bytes");
+        let first_id = lab
+            .balancer
+            .service("web")
+            .unwrap()
+            .backends
+            .iter()
+            .find(|b| b.address == first)
+            .unwrap()
+            .id;
+        let be = lab.balancer.maps().backend(first_id).unwrap();
+        assert_eq!(
+            (be.packets, be.new_flows),
+            (10, 1),
+            "backend packets/new flows"
+        );
+
+        // The ring changes; the tracked flow keeps its backend.
+        let cfg3 = config::parse(&three, Path::new("t.toml")).unwrap();
+        lab.balancer.apply(&cfg3).unwrap();
+        let moved_to = predicted(&lab.balancer, "web", &syn);
+        assert_ne!(moved_to, first);
+        let before = lab.stats();
+        let (_, out) = lab.run(&frame4(&data));
+        assert_eq!(
+            hex(&out),
+            hex(&tunnel_out(&data, true, first, 0, None)),
+            "tracked flow keeps its backend after the ring changed"
+        );
+        assert_eq!(
+            lab.stats()[stat::CT_HIT as usize] - before[stat::CT_HIT as usize],
+            1,
+            "a table hit"
+        );
+
+        // A new SYN on the same tuple asks the scheduler again.
+        let (_, out) = lab.run(&frame4(&syn));
+        assert_eq!(
+            hex(&out),
+            hex(&tunnel_out(&syn, true, moved_to, 0, None)),
+            "a SYN re-picks"
+        );
+        let (_, out) = lab.run(&frame4(&data));
+        assert_eq!(
+            hex(&out),
+            hex(&tunnel_out(&data, true, moved_to, 0, None)),
+            "and the entry follows the SYN"
+        );
+
+        // A RST never inserts.
+        let rst = v4_packet(vip4, PROTO_TCP, 43000, 80, RST);
+        let (action, _) = lab.run(&frame4(&rst));
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            lab.balancer.maps().conntrack_get(&key_of(&rst)).unwrap(),
+            None,
+            "RST made no entry"
+        );
+        assert!(
+            lab.balancer
+                .maps()
+                .conntrack_get(&key_of(&syn))
+                .unwrap()
+                .is_some()
+        );
+
+        // The tracked backend goes away: the entry is not honoured.
+        let only_first = match moved_to {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => unreachable!(),
+        };
+        let keep: Vec<&str> = ["198.51.100.11", "198.51.100.12", "198.51.100.13"]
+            .into_iter()
+            .filter(|a| a.parse::<Ipv4Addr>().unwrap() != only_first)
+            .collect();
+        let mut cfg = base.to_owned();
+        for a in &keep {
+            cfg.push_str(&format!("[[service.backend]]\naddress = \"{a}\"\n"));
+        }
+        lab.balancer
+            .apply(&config::parse(&cfg, Path::new("t.toml")).unwrap())
+            .unwrap();
+        let before = lab.stats();
+        let (_, out) = lab.run(&frame4(&data));
+        let repicked = predicted(&lab.balancer, "web", &data);
+        assert_ne!(repicked, moved_to);
+        assert_eq!(
+            hex(&out),
+            hex(&tunnel_out(&data, true, repicked, 0, None)),
+            "entry to a removed backend is not honoured"
+        );
+        assert_eq!(
+            lab.stats()[stat::CT_MISS as usize] - before[stat::CT_MISS as usize],
+            1
+        );
+    });
+}
+
+/// A map writer that discards writes: for computing a ring without touching the kernel.
+struct Recorder;
+impl MapWriter for Recorder {
+    fn set_global(&mut self, _: lb_common::GlobalConfig) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn set_vip(
+        &mut self,
+        _: lb_common::VipKey,
+        _: lb_common::VipInfo,
+    ) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn remove_vip(&mut self, _: lb_common::VipKey) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, _: lb_common::VipKey) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn remove_vip_addr(&mut self, _: lb_common::VipKey) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn set_backend(
+        &mut self,
+        _: u32,
+        _: lb_common::BackendInfo,
+    ) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn set_ring_slot(&mut self, _: u32, _: u32, _: u32) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+    fn set_tx_port(&mut self, _: u32) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
+}
