@@ -6,10 +6,11 @@
 
 mod common;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use common::{
-    BACKENDS, EchoServers, LB_V4, LB_V6, Topology, VIP_V4, VIP_V6, backend_v4, backend_v6,
+    BACKENDS, ChildGuard, EchoServers, LB_V4, LB_V6, Topology, VIP_V4, VIP_V6, backend_v4,
+    backend_v6,
 };
 
 const PORT: u16 = 7;
@@ -110,6 +111,74 @@ fn assert_distribution(what: &str, counts: &[u64], expected: &[f64], tolerance: 
     );
 }
 
+/// Source ports of the negative probes (outside every flow range).
+const PROBE_PORT: u16 = 39_000;
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Starts the agent (and, for tunnel mode, `weir decap` on every backend) with two negative
+/// controls on the way: before the agent, the VIP must not answer (no kernel path to it, so
+/// what answers later is the XDP balancer); in tunnel mode, before decap runs, it must not
+/// answer either (the LB really encapsulates: a backend without decap drops IP-in-IP).
+/// Resets the servers' counters at the end. Returns (agent, decap processes).
+fn start_datapath(
+    topo: &Topology,
+    servers: &EchoServers,
+    family: Family,
+    forwarding: &str,
+    config: &str,
+) -> (ChildGuard, Vec<ChildGuard>) {
+    let vip = family.vip();
+    assert!(
+        !topo
+            .udp_probe(vip, PORT, PROBE_PORT, PROBE_TIMEOUT)
+            .expect("probe"),
+        "the VIP {vip} answered before the agent started: the topology has a kernel path to it"
+    );
+    let agent = topo.start_agent(config).expect("weir agent");
+    let decap = if forwarding == "tunnel" {
+        assert!(
+            !topo
+                .udp_probe(vip, PORT, PROBE_PORT + 1, PROBE_TIMEOUT)
+                .expect("probe"),
+            "tunnel mode: the VIP {vip} answered before `weir decap` ran on the backends, so \
+             the balancer did not encapsulate"
+        );
+        topo.start_decap(&[VIP_V4.into(), VIP_V6.into()])
+            .expect("weir decap on the backends")
+    } else {
+        Vec::new()
+    };
+    servers.reset();
+    (agent, decap)
+}
+
+/// Stops the agent and the decap processes with SIGTERM: each must exit successfully and
+/// leave no XDP program behind.
+fn stop_datapath(topo: &Topology, mut agent: ChildGuard, decap: Vec<ChildGuard>) {
+    let st = agent.stop();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "agent exit on SIGTERM: {st:?}; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !common::xdp_attached(&topo.lb, common::NODE_IF).expect("ip link"),
+        "XDP still attached to the LB's interface after the agent stopped"
+    );
+    for (ns, mut d) in topo.backends.iter().zip(decap) {
+        let st = d.stop();
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "decap in {ns} exit on SIGTERM: {st:?}; log:\n{}",
+            d.log()
+        );
+        assert!(
+            !common::xdp_attached(ns, common::NODE_IF).expect("ip link"),
+            "XDP still attached in {ns} after decap stopped"
+        );
+    }
+}
+
 fn print_counts(test: &str, servers: &EchoServers) {
     println!(
         "[{test}] per-backend TCP connections accepted: {:?}; UDP datagrams echoed: {:?}",
@@ -127,12 +196,6 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
     let test = format!("{forwarding}-{family:?}");
     let topo = Topology::build(tag).expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let _decap = if forwarding == "tunnel" {
-        topo.start_decap(&[VIP_V4.into(), VIP_V6.into()])
-            .expect("weir decap on the backends")
-    } else {
-        Vec::new()
-    };
     let weights = [1; BACKENDS];
     let config = agent_config(
         family,
@@ -151,7 +214,7 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
             },
         ],
     );
-    let _agent = topo.start_agent(&config).expect("weir agent");
+    let (agent, decap) = start_datapath(&topo, &servers, family, forwarding, &config);
 
     let tcp = topo
         .tcp_flows(family.vip(), PORT, TCP_PORTS, &test)
@@ -178,6 +241,7 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
         &even(UDP_PORTS.len()),
         0.20,
     );
+    stop_datapath(&topo, agent, decap);
 }
 
 #[test]
@@ -209,9 +273,6 @@ fn weights_tunnel_ipv4() {
     let test = "weights-tunnel-V4";
     let topo = Topology::build("wt").expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let _decap = topo
-        .start_decap(&[VIP_V4.into()])
-        .expect("weir decap on the backends");
     let weights = [1, 2, 3];
     let config = agent_config(
         Family::V4,
@@ -222,7 +283,7 @@ fn weights_tunnel_ipv4() {
             weights: &weights,
         }],
     );
-    let _agent = topo.start_agent(&config).expect("weir agent");
+    let (agent, decap) = start_datapath(&topo, &servers, Family::V4, "tunnel", &config);
 
     let ports = 40_000..43_000;
     let n = ports.len() as f64;
@@ -244,6 +305,7 @@ fn weights_tunnel_ipv4() {
         &expected,
         0.15,
     );
+    stop_datapath(&topo, agent, decap);
 }
 
 /// Harness self-check, no agent: the topology carries plain kernel traffic from the client to

@@ -32,6 +32,7 @@ pub mod map_name {
     pub const GLOBAL: &str = "GLOBAL";
     pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -67,6 +68,9 @@ pub const BACKEND_NONE: u32 = u32::MAX;
 /// TTL / hop limit of the outer header the balancer adds (RFC 2003 leaves it to the
 /// encapsulator; 64 is the Linux default).
 pub const OUTER_TTL: u8 = 64;
+/// How long the datapath reuses a next hop it got from `bpf_fib_lookup` before asking the
+/// kernel again (see `NextHop`).
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// Bytes of packet the benchmark template holds.
 pub const BENCH_TEMPLATE_LEN: usize = 128;
 
@@ -261,6 +265,20 @@ impl TrafficCounters {
     }
 }
 
+/// Value of the per-CPU `NEXT_HOPS` cache, indexed by backend id: what `bpf_fib_lookup`
+/// answered for the backend's address, reused until `expires_ns` (`bpf_ktime_get_ns`).
+/// The lookup costs about as much as the rest of the balancer (docs/BENCHMARKS.md), so it
+/// is paid once per backend per CPU per `NEXT_HOP_TTL_NS`, not per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+const _: () = assert!(size_of::<NextHop>() == 24);
+
 /// Value of the single-entry `BENCH_TEMPLATE` array: the packet the benchmark entry point
 /// restores before every run.
 #[repr(C)]
@@ -274,8 +292,8 @@ const _: () = assert!(size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BackendInfo, BenchTemplate, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipInfo,
-        VipKey,
+        BackendInfo, BenchTemplate, FlowKey, FlowValue, GlobalConfig, NextHop, TrafficCounters,
+        VipInfo, VipKey,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -295,6 +313,8 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BenchTemplate {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NextHop {}
 }
 
 #[cfg(feature = "user")]

@@ -28,7 +28,10 @@ use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_store_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_store_bytes},
+    },
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -36,8 +39,8 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_NONE, BACKEND_UP, BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FAMILY_V4,
     FAMILY_V6, FORWARD_DIRECT, FlowKey, FlowValue, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_SERVICES, MAX_TX_PORTS, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH,
-    TrafficCounters, VipInfo, VipKey,
+    MAX_SERVICES, MAX_TX_PORTS, NEXT_HOP_TTL_NS, NextHop, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
+    PROTO_UDP, SCHED_IP_HASH, TrafficCounters, VipInfo, VipKey,
     hash::{flow_hash, source_hash},
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
@@ -79,6 +82,9 @@ static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entri
 /// Interfaces other than the ingress one that packets may be redirected to, keyed by ifindex.
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map]
+static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 static GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
@@ -426,14 +432,15 @@ fn try_balance(
     }
 
     if vip.forwarding == FORWARD_DIRECT {
-        forward_direct(ctx, &p, backend)
+        forward_direct(ctx, &p, backend_id, backend)
     } else {
-        forward_tunnel(ctx, &p, backend)
+        forward_tunnel(ctx, &p, backend_id, backend)
     }
 }
 
 /// Next hop of `dst` from the kernel's FIB and neighbour table: (egress ifindex, source
-/// MAC, destination MAC). `tot_len` lets the kernel check the egress MTU.
+/// MAC, destination MAC). A non-zero `tot_len` would have the kernel check the egress MTU;
+/// the cached path cannot repeat that check per packet, so it is not asked for.
 #[inline(always)]
 fn fib_next_hop(
     ctx: &XdpContext,
@@ -488,6 +495,53 @@ fn fib_next_hop(
     Ok((params.ifindex, params.smac, params.dmac))
 }
 
+/// The LB's own address of `family` (the tunnel source), as the FIB lookup's source.
+#[inline(always)]
+fn tunnel_source(family: u8) -> Result<[u8; 16], Exit> {
+    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
+    let mut src = [0u8; 16];
+    if family == FAMILY_V4 {
+        src[..4].copy_from_slice(&global.tunnel_source_v4);
+    } else {
+        src = global.tunnel_source_v6;
+    }
+    Ok(src)
+}
+
+/// The next hop towards a backend: this CPU's cached answer while fresh, else a FIB lookup
+/// whose answer is cached for `NEXT_HOP_TTL_NS`. Failed lookups are not cached.
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    backend_id: u32,
+    backend: &BackendInfo,
+    src: &[u8; 16],
+) -> Result<(u32, [u8; 6], [u8; 6]), Exit> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cached = NEXT_HOPS.get_ptr_mut(backend_id);
+    if let Some(hop) = cached {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+        let hop = unsafe { &*hop };
+        if hop.expires_ns > now {
+            return Ok((hop.ifindex, hop.smac, hop.dmac));
+        }
+    }
+    let (ifindex, smac, dmac) = fib_next_hop(ctx, backend.family, src, &backend.addr, 0)?;
+    if let Some(hop) = cached {
+        // SAFETY: as above; the value is written whole.
+        unsafe {
+            *hop = NextHop {
+                expires_ns: now + NEXT_HOP_TTL_NS,
+                ifindex,
+                smac,
+                dmac,
+            };
+        }
+    }
+    Ok((ifindex, smac, dmac))
+}
+
 /// `XDP_TX` when the next hop is behind the ingress interface (or the frame is tagged: the
 /// tag names the segment), otherwise `XDP_REDIRECT` through the devmap.
 #[inline(always)]
@@ -512,17 +566,19 @@ fn write_macs(ctx: &XdpContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), Ex
 
 /// L2 DSR: only the MAC addresses change; the backend owns the VIP on a loopback.
 #[inline(always)]
-fn forward_direct(ctx: &XdpContext, p: &Parsed, backend: &BackendInfo) -> Result<u32, Exit> {
+fn forward_direct(
+    ctx: &XdpContext,
+    p: &Parsed,
+    backend_id: u32,
+    backend: &BackendInfo,
+) -> Result<u32, Exit> {
     if backend.family != p.key.family {
         return Err(drop(stat::DROP_FAMILY));
     }
-    let (ifindex, smac, dmac) = fib_next_hop(
-        ctx,
-        backend.family,
-        &p.key.src_addr,
-        &backend.addr,
-        p.ip_len,
-    )?;
+    // The next hop towards the backend does not depend on the client, so it is cached per
+    // backend; the LB's own address (zero if none is configured) is the lookup's source.
+    let src = tunnel_source(backend.family)?;
+    let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src)?;
     write_macs(ctx, &smac, &dmac)?;
     egress(ctx, ifindex, p.l2_len != ETH_HDR_LEN)
 }
@@ -530,7 +586,12 @@ fn forward_direct(ctx: &XdpContext, p: &Parsed, backend: &BackendInfo) -> Result
 /// IP-in-IP: a new outer IPv4 or IPv6 header (the backend's family) in front of the
 /// untouched inner packet.
 #[inline(always)]
-fn forward_tunnel(ctx: &XdpContext, p: &Parsed, backend: &BackendInfo) -> Result<u32, Exit> {
+fn forward_tunnel(
+    ctx: &XdpContext,
+    p: &Parsed,
+    backend_id: u32,
+    backend: &BackendInfo,
+) -> Result<u32, Exit> {
     let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
     let inner_proto = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
@@ -539,15 +600,8 @@ fn forward_tunnel(ctx: &XdpContext, p: &Parsed, backend: &BackendInfo) -> Result
     };
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len = if outer_v4 { IPV4_HDR_LEN } else { IPV6_HDR_LEN };
-    let mut src = [0u8; 16];
-    if outer_v4 {
-        src[..4].copy_from_slice(&global.tunnel_source_v4);
-    } else {
-        src = global.tunnel_source_v6;
-    }
-    let outer_total = p.ip_len.wrapping_add(outer_len as u16);
-    let (ifindex, smac, dmac) =
-        fib_next_hop(ctx, backend.family, &src, &backend.addr, outer_total)?;
+    let src = tunnel_source(backend.family)?;
+    let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src)?;
 
     // Keep the 802.1Q tag (TCI) if there was one; read it before the headers move.
     let tagged = p.l2_len != ETH_HDR_LEN;

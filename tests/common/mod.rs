@@ -150,6 +150,11 @@ pub fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
     ns_exec(ns, &v).map(drop)
 }
 
+/// Whether `ip -n NS -d link show dev IF` shows an XDP program attached.
+pub fn xdp_attached(ns: &str, ifname: &str) -> Result<bool> {
+    Ok(ip(ns, &["-d", "link", "show", "dev", ifname])?.contains(" xdp"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Namespaces and threads inside them
 // ---------------------------------------------------------------------------------------------
@@ -390,7 +395,7 @@ impl ChildGuard {
                 );
             }
             let shown = ip(ns, &["-d", "link", "show", "dev", ifname])?;
-            if shown.contains("xdp") {
+            if shown.contains(" xdp") {
                 return Ok(());
             }
             if Instant::now() > deadline {
