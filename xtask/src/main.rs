@@ -4,6 +4,7 @@
 //! needs nothing but rustup and this workspace.
 mod bench;
 mod cmd;
+mod demo;
 mod setup;
 mod testing;
 
@@ -51,8 +52,19 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the demo (not implemented yet).
-    Demo,
+    /// Run the demo: a real `weir agent` balancing 1,000 HTTP requests over three backends,
+    /// in network namespaces it creates (`weirdemo-*`) and removes again. Needs root.
+    ///
+    /// `--clean` does not run setup: it only removes what an earlier demo left.
+    Demo {
+        /// Leave the namespaces and processes running at the end (and print how to use them).
+        #[arg(long)]
+        keep: bool,
+        /// Remove what a `--keep` (or killed) demo left: stop the processes in `weirdemo-*`
+        /// namespaces and delete those namespaces.
+        #[arg(long, conflicts_with = "keep")]
+        clean: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,11 +100,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             setup::setup()?;
             bench::bench(&names, &args)
         }
-        Command::Demo => {
-            // STUB: the lead fills this in.
-            eprintln!("demo: not implemented yet");
-            Ok(ExitCode::FAILURE)
-        }
+        // Runs setup itself, after its root check (and not for `--clean`).
+        Command::Demo { keep, clean } => demo::demo(keep, clean),
     }
 }
 
@@ -125,6 +134,19 @@ mod tests {
             }
             other => panic!("unexpected command {other:?}"),
         }
+    }
+
+    #[test]
+    fn demo_flags() {
+        let cli = Cli::try_parse_from(["xtask", "demo", "--keep"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Demo {
+                keep: true,
+                clean: false
+            }
+        ));
+        assert!(Cli::try_parse_from(["xtask", "demo", "--keep", "--clean"]).is_err());
     }
 
     #[test]

@@ -13,8 +13,17 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd;
 
-/// Debian packages the tests use. Later tiers add nftables, prometheus, nginx, haproxy, wrk.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "procps", "curl"];
+/// Debian packages the tests and the demo use (the demo adds ping and python3, whose
+/// http.server the backends run). Later tiers add nftables, prometheus, nginx, haproxy, wrk.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "util-linux",
+    "procps",
+    "curl",
+    "iputils-ping",
+    "python3",
+];
 
 /// The toolchain aya-build compiles lb-ebpf with (`rustup run nightly cargo build -Z build-std`).
 const NIGHTLY: &str = "nightly";

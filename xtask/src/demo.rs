@@ -1,0 +1,1348 @@
+//! `cargo xtask demo`: a real `weir agent` balancing HTTP requests over three backends, in
+//! network namespaces the demo creates and removes again:
+//!
+//! ```text
+//!  ns weirdemo-cli         ns weirdemo-sw (bridge br0)          ns weirdemo-bN (N = 1..3)
+//!  eth0 198.51.100.2 ─veth─ pcli ──┐               ┌── pbN ─veth─ eth0 198.51.100.1N,
+//!                                  br0 ── plb ─┐   │              VIP 203.0.113.10/32 on lo,
+//!                                              │                  HTTP server, weir decap
+//!                                              └─veth─ ns weirdemo-lb: eth0 198.51.100.1,
+//!                                                      weir agent (config/demo.toml)
+//! ```
+//!
+//! Traffic stays between these namespaces, over veth pairs the demo creates: nothing is added
+//! to the root namespace, and only the documentation ranges 198.51.100.0/24 and
+//! 203.0.113.0/24 are used. Everything is torn down at the end, on failure and on Ctrl-C,
+//! unless `--keep` is given; `--clean` removes what a kept (or killed) demo left behind.
+//! Every wait and every loop is bounded in count and time.
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::{self, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cmd, setup};
+
+/// Prefix of everything the demo creates: namespaces and the temporary folder.
+const PREFIX: &str = "weirdemo-";
+const NS_CLI: &str = "weirdemo-cli";
+const NS_SW: &str = "weirdemo-sw";
+const NS_LB: &str = "weirdemo-lb";
+const NS_BACKENDS: [&str; 3] = ["weirdemo-b1", "weirdemo-b2", "weirdemo-b3"];
+
+/// Every node's veth end inside its namespace (config/demo.toml names it).
+const NODE_IF: &str = "eth0";
+/// The switch-side port of the balancer's veth.
+const SWITCH_LB_PORT: &str = "plb";
+
+const CLIENT_ADDR: &str = "198.51.100.2";
+const LB_ADDR: &str = "198.51.100.1";
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const HTTP_PORT: u16 = 80;
+/// The VIP of the decap program that serves as the pass program on the switch port: an
+/// address no service uses, so that program decapsulates nothing. (Giving it the demo's VIP
+/// would unwrap the balancer's tunnelled packets at the switch instead of at the backends.)
+const SWITCH_PASS_VIP: &str = "203.0.113.254";
+
+/// The agent's config, relative to the workspace root.
+const CONFIG: &str = "config/demo.toml";
+
+/// Requests of the main run, and of each phase of the backend-down run.
+const REQUESTS: usize = 1000;
+const PHASE_REQUESTS: usize = 100;
+/// Allowed deviation of each backend's share from an even split.
+const TOLERANCE: f64 = 0.20;
+/// Per-request connect/read/write timeout (like `curl --max-time 2`).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A batch of requests stops after this long, or when its first `GIVE_UP_AFTER` all fail.
+const BATCH_DEADLINE: Duration = Duration::from_secs(45);
+const GIVE_UP_AFTER: usize = 20;
+
+/// How long the agent may take to attach its XDP program.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the decap programs and the HTTP servers may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a process gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+const POLL: Duration = Duration::from_millis(50);
+
+const STEPS: usize = 10;
+
+const NOT_ROOT: &str = "cargo xtask demo needs root (it creates network namespaces and attaches \
+                        XDP programs); run it as root";
+
+pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
+    if !cmd::is_root() {
+        eprintln!("{NOT_ROOT}");
+        return Ok(ExitCode::FAILURE);
+    }
+    install_signal_handlers();
+    if clean {
+        return clean_up().map(|()| ExitCode::SUCCESS);
+    }
+
+    let prepared = (|| {
+        step(1, "checking prerequisites");
+        let tools = prerequisites()?;
+
+        step(2, "running setup and building weir");
+        setup::setup()?;
+        let weir = build_weir()?;
+        println!("      weir: {}", weir.display());
+        let config = cmd::workspace_root().join(CONFIG);
+        let checked = run(&[path_str(&weir)?, "config", "check", path_str(&config)?])?;
+        println!("      {}", checked.trim());
+        check_interrupted()?;
+        anyhow::Ok((tools, weir, config))
+    })();
+    let (tools, weir, config) = match prepared {
+        Ok(prepared) => prepared,
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            eprintln!("\ndemo: interrupted (nothing was created yet)");
+            return Ok(ExitCode::from(130));
+        }
+        Err(err) => return Err(err),
+    };
+
+    let workdir = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
+    let _ = fs::remove_dir_all(&workdir);
+    fs::create_dir_all(&workdir).with_context(|| format!("create {}", workdir.display()))?;
+    let mut demo = Demo {
+        weir,
+        python: tools.python,
+        config,
+        workdir,
+        namespaces: Vec::new(),
+        switch_pass: None,
+        servers: Vec::new(),
+        decaps: Vec::new(),
+        agent: None,
+        keep: false,
+    };
+    match demo.run() {
+        Ok(()) if keep => {
+            demo.keep = true;
+            step(STEPS, "leaving everything running (--keep)");
+            demo.print_keep_help();
+            println!();
+            println!("demo: PASSED (left running)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(()) => {
+            step(STEPS, "tearing down");
+            demo.teardown()?;
+            println!();
+            println!("demo: PASSED");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            if interrupted {
+                eprintln!("\ndemo: interrupted; tearing down");
+            } else {
+                eprintln!("\ndemo: FAILED: {err:#}");
+                demo.print_failure_logs();
+                eprintln!("demo: tearing down");
+            }
+            if let Err(teardown) = demo.teardown() {
+                eprintln!("demo: teardown: {teardown:#}");
+            }
+            if interrupted {
+                Ok(ExitCode::from(130))
+            } else {
+                eprintln!("demo: FAILED");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn step(index: usize, what: &str) {
+    println!("[{index}/{STEPS}] {what}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ctrl-C
+// ---------------------------------------------------------------------------------------------
+
+/// Set by SIGINT, SIGTERM or SIGHUP: every wait and request loop checks it and unwinds, so the
+/// teardown runs. The long-running children sit in process groups of their own, so a Ctrl-C
+/// on the terminal reaches only this process, which stops them in order.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler) };
+    }
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps `duration`, waking early (with an error) when interrupted.
+fn sleep(duration: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + duration;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(());
+        }
+        thread::sleep((deadline - now).min(POLL));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites and build
+// ---------------------------------------------------------------------------------------------
+
+struct Tools {
+    python: PathBuf,
+}
+
+fn prerequisites() -> anyhow::Result<Tools> {
+    println!("      root: yes");
+    let kernel = cmd::output(Command::new("uname").arg("-r")).unwrap_or_else(|| "?".into());
+    if !Path::new("/sys/fs/bpf").is_dir() {
+        bail!(
+            "this kernel ({kernel}) shows no BPF support (/sys/fs/bpf is missing); the demo \
+             needs a kernel with BPF and XDP"
+        );
+    }
+    let missing: Vec<&str> = ["ip", "ethtool", "sysctl", "ping", "curl", "python3"]
+        .into_iter()
+        .filter(|tool| find_on_path(tool).is_none())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing tools: {} (Debian: iproute2 ethtool procps iputils-ping curl python3)",
+            missing.join(" ")
+        );
+    }
+    // `ip link help` exits with 255 and prints to stderr.
+    let help = Command::new("ip")
+        .args(["link", "help"])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `ip link help`")?;
+    let help = String::from_utf8_lossy(&help.stderr) + String::from_utf8_lossy(&help.stdout);
+    if !help.contains("xdp") {
+        bail!("this iproute2 (`ip`) knows nothing about XDP; install a newer iproute2");
+    }
+    println!("      kernel {kernel} with BPF; iproute2 with XDP; ethtool, sysctl, ping, curl");
+    // The interpreter itself rather than a wrapper script (pyenv's shims), so that the pid
+    // the demo stops is the server's.
+    let python = run(&[
+        "python3",
+        "-c",
+        "import sys; assert sys.version_info >= (3, 7), 'python >= 3.7 needed'; \
+         print(sys.executable); print(sys.version.split()[0])",
+    ])
+    .context("python3 (for the backends' HTTP servers)")?;
+    let mut lines = python.lines();
+    let python = PathBuf::from(lines.next().unwrap_or_default().trim());
+    if !python.is_file() {
+        bail!(
+            "python3 reports no usable interpreter path ({})",
+            python.display()
+        );
+    }
+    println!(
+        "      python {} for the backends' HTTP servers",
+        lines.next().unwrap_or("?").trim()
+    );
+    let leftovers = demo_namespaces()?;
+    if !leftovers.is_empty() {
+        bail!(
+            "namespaces of an earlier demo still exist ({}); remove them with \
+             `cargo xtask demo --clean`",
+            leftovers.join(", ")
+        );
+    }
+    let config = cmd::workspace_root().join(CONFIG);
+    if !config.is_file() {
+        bail!("the demo's agent config {} is missing", config.display());
+    }
+    Ok(Tools { python })
+}
+
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// `cargo build -p lb-userspace --bin weir`; returns the binary's path as cargo reports it
+/// (so `CARGO_TARGET_DIR`, `--target-dir` in cargo config and the like are respected).
+fn build_weir() -> anyhow::Result<PathBuf> {
+    let mut cargo = cmd::cargo();
+    cargo.args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "weir",
+        "--message-format=json-render-diagnostics",
+    ]);
+    let line = cmd::display(&cargo);
+    println!("$ {line}");
+    let output = cargo
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{line}`"))?;
+    check_interrupted()?;
+    if !output.status.success() {
+        bail!("`{line}` failed ({})", output.status);
+    }
+    weir_executable(&String::from_utf8_lossy(&output.stdout))
+        .with_context(|| format!("`{line}` reported no executable for the `weir` binary"))
+}
+
+/// The `executable` of the `compiler-artifact` message for the `weir` binary target.
+fn weir_executable(messages: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter(|message| message["target"]["name"] == "weir")
+        .filter(|message| {
+            message["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|kind| kind == "bin"))
+        })
+        .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .next_back()
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("path is not UTF-8: {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a command to completion; a failure is an error with the command line and its output.
+/// Returns stdout.
+fn run(args: &[&str]) -> anyhow::Result<String> {
+    let (program, rest) = args.split_first().context("empty command")?;
+    let output = Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{}`", args.join(" ")))?;
+    if !output.status.success() {
+        check_interrupted()?;
+        bail!(
+            "`{}` failed ({}): {}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `ip -n NS ARGS...`
+fn ip(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// `ip netns exec NS ARGS...`, for tools without a namespace option.
+fn ns_exec(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["ip", "netns", "exec", ns];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+fn sysctl(ns: &str, settings: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec!["sysctl", "-q", "-w"];
+    all.extend_from_slice(settings);
+    ns_exec(ns, &all).map(drop)
+}
+
+/// The demo's namespaces that exist now (`ip netns list` prints `NAME` or `NAME (id: N)`).
+fn demo_namespaces() -> anyhow::Result<Vec<String>> {
+    Ok(run(&["ip", "netns", "list"])?
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (namespaces are per thread).
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(ns)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn enter_netns(ns: &str) -> anyhow::Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("open {path}"))?;
+    // SAFETY: setns with a valid namespace fd changes only this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns({path}): {}", io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// A long-running process inside a namespace (`ip netns exec NS PROGRAM ARGS...`, which execs,
+/// so the pid is the program's), in a process group of its own, output to a log file.
+struct Proc {
+    what: String,
+    child: Option<Child>,
+    status: Option<ExitStatus>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(
+        what: &str,
+        ns: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("PYTHONUNBUFFERED", "1")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let line = cmd::display(&command);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start `{line}`"))?;
+        println!("      $ {line}   (pid {})", child.id());
+        Ok(Self {
+            what: what.to_owned(),
+            child: Some(child),
+            status: None,
+            log,
+        })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Some(status) once the process has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none()
+            && let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            self.status = Some(status);
+        }
+        self.status
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        match fs::read_to_string(&self.log) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(err) => format!("<cannot read {}: {err}>", self.log.display()),
+        }
+    }
+
+    /// `what` exited early (its log is printed with the failure).
+    fn died(&self, status: ExitStatus, doing: &str) -> anyhow::Error {
+        anyhow::anyhow!("{} exited ({status}) {doing}; see its log below", self.what)
+    }
+
+    /// SIGTERM, up to `STOP_GRACE` to exit, then SIGKILL. Returns how it ended.
+    fn stop(&mut self) -> Option<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return self.status;
+        };
+        if self.status.is_none() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.status = Some(status);
+                return self.status;
+            }
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) on our own child, not reaped yet, so the pid is still its.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + STOP_GRACE;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        self.status = Some(status);
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => thread::sleep(POLL / 2),
+                    _ => {
+                        eprintln!("      {} ignored SIGTERM; killing it", self.what);
+                        let _ = child.kill();
+                        self.status = child.wait().ok();
+                        break;
+                    }
+                }
+            }
+        }
+        self.status
+    }
+}
+
+/// Waits until `ip -n NS -d link show dev IF` shows an XDP program; fails if `proc` exits or
+/// after `timeout`.
+fn wait_xdp(proc: &mut Proc, ns: &str, ifname: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        if let Some(status) = proc.exited() {
+            // Say which step failed; an attach error in the log points at the kernel.
+            return Err(proc.died(
+                status,
+                &format!(
+                    "before attaching its XDP program to {ifname} in {ns} (if its log shows an \
+                     attach error, this kernel lacks XDP support for veth)"
+                ),
+            ));
+        }
+        let link = ip(ns, &["-d", "link", "show", "dev", ifname])?;
+        if link.contains("xdp") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} attached no XDP program to {ifname} in {ns} within {timeout:?} (see its \
+                 log below); link:\n{}",
+                proc.what,
+                link.trim(),
+            );
+        }
+        sleep(POLL * 2)?;
+    }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port` in `ns`; fails if
+/// `proc` exits or after `START_TIMEOUT`.
+fn wait_listening(proc: &mut Proc, ns: &str, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        check_interrupted()?;
+        if let Some(status) = proc.exited() {
+            return Err(proc.died(status, &format!("before listening on port {port} in {ns}")));
+        }
+        if in_netns(ns, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} does not listen on port {port} in {ns} after {START_TIMEOUT:?} (see its log \
+                 below)",
+                proc.what,
+            );
+        }
+        sleep(POLL * 2)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The demo
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the demo started and created; `teardown` (or, as a safety net, `Drop`) stops
+/// the processes and deletes the namespaces, which takes their links along.
+struct Demo {
+    weir: PathBuf,
+    python: PathBuf,
+    config: PathBuf,
+    workdir: PathBuf,
+    namespaces: Vec<String>,
+    switch_pass: Option<Proc>,
+    /// One slot per backend; `None` while that backend's server is stopped.
+    servers: Vec<Option<Proc>>,
+    decaps: Vec<Proc>,
+    agent: Option<Proc>,
+    /// Set when `--keep` leaves everything running.
+    keep: bool,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if !self.keep
+            && let Err(err) = self.teardown()
+        {
+            eprintln!("demo: teardown: {err:#}");
+        }
+    }
+}
+
+fn backend_addr(index: usize) -> String {
+    format!("198.51.100.{}", 11 + index)
+}
+
+fn backend_name(index: usize) -> String {
+    format!("backend-{}", index + 1)
+}
+
+impl Demo {
+    fn run(&mut self) -> anyhow::Result<()> {
+        step(
+            3,
+            "creating the topology: namespaces weirdemo-{cli,sw,lb,b1,b2,b3}, a bridge, veth pairs",
+        );
+        self.topology().context("creating the topology")?;
+
+        step(4, "starting an HTTP server in each backend");
+        for index in 0..NS_BACKENDS.len() {
+            self.start_server(index)?;
+        }
+
+        step(
+            5,
+            &format!("starting weir agent in namespace {NS_LB} with {CONFIG}"),
+        );
+        self.start_agent()?;
+
+        step(6, "starting weir decap on the backends");
+        self.start_decaps()?;
+
+        step(
+            7,
+            &format!("sending {REQUESTS} HTTP requests to http://{VIP}/, one connection each"),
+        );
+        let batch = http_batch(REQUESTS)?;
+        batch.print();
+        batch.check_even(REQUESTS)?;
+        println!("      every request answered; each backend within ±20% of an even share");
+
+        step(
+            8,
+            "stopping backend-2's HTTP server, then starting it again",
+        );
+        self.backend_down_and_up()?;
+
+        step(9, "the agent's log (last lines)");
+        if let Some(agent) = &self.agent {
+            for line in agent.log_tail(8).lines() {
+                println!("      | {line}");
+            }
+        }
+        Ok(())
+    }
+
+    fn topology(&mut self) -> anyhow::Result<()> {
+        for ns in [NS_CLI, NS_SW, NS_LB].into_iter().chain(NS_BACKENDS) {
+            run(&["ip", "netns", "add", ns])?;
+            self.namespaces.push(ns.to_owned());
+            ip(ns, &["link", "set", "lo", "up"])?;
+        }
+
+        // The switch: a bridge without STP, multicast snooping or netfilter (a new namespace
+        // starts with bridge-nf-call-* on when br_netfilter is loaded; -e: the keys exist
+        // only then).
+        ip(
+            NS_SW,
+            &[
+                "link",
+                "add",
+                "name",
+                "br0",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
+        ip(NS_SW, &["link", "set", "br0", "up"])?;
+        ns_exec(
+            NS_SW,
+            &[
+                "sysctl",
+                "-q",
+                "-e",
+                "-w",
+                "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0",
+                "net.bridge.bridge-nf-call-arptables=0",
+            ],
+        )?;
+        let mut links = vec![
+            ("pcli".to_owned(), NS_CLI),
+            (SWITCH_LB_PORT.to_owned(), NS_LB),
+        ];
+        for (index, ns) in NS_BACKENDS.iter().enumerate() {
+            links.push((format!("pb{}", index + 1), ns));
+        }
+        for (port, node) in &links {
+            // Both ends are created inside the demo's namespaces, never in the root one.
+            ip(
+                NS_SW,
+                &[
+                    "link", "add", "name", port, "type", "veth", "peer", "name", NODE_IF, "netns",
+                    node,
+                ],
+            )?;
+            ip(NS_SW, &["link", "set", port, "master", "br0"])?;
+            // Merged frames and stripped VLAN tags would hide what XDP sees.
+            ns_exec(
+                NS_SW,
+                &["ethtool", "-K", port, "gro", "off", "txvlan", "off"],
+            )?;
+            ip(NS_SW, &["link", "set", port, "up"])?;
+        }
+
+        // The client routes only the VIP via the balancer. Checksum offload off: with it, TCP
+        // through an XDP path arrives with bad checksums.
+        node_addr(NS_CLI, CLIENT_ADDR)?;
+        ns_exec(NS_CLI, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+        ip(
+            NS_CLI,
+            &["route", "add", &format!("{VIP}/32"), "via", LB_ADDR],
+        )?;
+        node_addr(NS_LB, LB_ADDR)?;
+        // Backends: the VIP on lo, no ARP answers or announcements for it, no reverse-path
+        // filter (decapsulated packets carry the client's source address).
+        for (index, ns) in NS_BACKENDS.iter().enumerate() {
+            node_addr(ns, &backend_addr(index))?;
+            ns_exec(ns, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+            ip(ns, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            sysctl(
+                ns,
+                &[
+                    "net.ipv4.conf.all.arp_ignore=1",
+                    "net.ipv4.conf.all.arp_announce=2",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    &format!("net.ipv4.conf.{NODE_IF}.rp_filter=0"),
+                    "net.ipv4.conf.lo.rp_filter=0",
+                ],
+            )?;
+        }
+        println!(
+            "      client {CLIENT_ADDR} (route to {VIP} via {LB_ADDR}), balancer {LB_ADDR}, \
+             backends {}, {}, {} (VIP {VIP} on lo)",
+            backend_addr(0),
+            backend_addr(1),
+            backend_addr(2)
+        );
+
+        // On veth, frames sent with XDP_TX reach the peer only when the peer has an XDP
+        // program: the balancer's replies to its own veth need one on the switch port. A
+        // decap program for an address nothing uses passes every frame unchanged.
+        println!(
+            "      XDP pass program on the switch port {SWITCH_LB_PORT} (needed for XDP_TX on veth):"
+        );
+        let mut pass = Proc::spawn(
+            &format!("weir decap on {SWITCH_LB_PORT} in {NS_SW}"),
+            NS_SW,
+            &self.weir,
+            &[
+                "decap",
+                "--interface",
+                SWITCH_LB_PORT,
+                "--vip",
+                SWITCH_PASS_VIP,
+            ],
+            self.workdir.join("switch-pass.log"),
+        )?;
+        let attached = wait_xdp(&mut pass, NS_SW, SWITCH_LB_PORT, START_TIMEOUT);
+        self.switch_pass = Some(pass);
+        attached?;
+
+        // Neighbour entries before traffic (and proof of plain L2/L3 connectivity).
+        let mut pings: Vec<(&str, String)> = (0..NS_BACKENDS.len())
+            .map(|index| (NS_LB, backend_addr(index)))
+            .collect();
+        pings.push((NS_CLI, LB_ADDR.to_owned()));
+        for (ns, addr) in &pings {
+            ping(ns, addr)?;
+        }
+        println!(
+            "      ping from the balancer to each backend and from the client to the balancer: ok"
+        );
+        Ok(())
+    }
+
+    fn start_server(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = backend_name(index);
+        let ns = NS_BACKENDS[index];
+        let root = self.workdir.join(&name);
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("index.html"), format!("{name}\n"))?;
+        let log = self.workdir.join(format!("{name}-http.log"));
+        let mut server = Proc::spawn(
+            &format!("the HTTP server of {name}"),
+            ns,
+            &self.python,
+            &[
+                "-m",
+                "http.server",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                path_str(&root)?,
+                &HTTP_PORT.to_string(),
+            ],
+            log,
+        )?;
+        let listening = wait_listening(&mut server, ns, HTTP_PORT);
+        if self.servers.len() <= index {
+            self.servers.resize_with(index + 1, || None);
+        }
+        self.servers[index] = Some(server);
+        listening?;
+        println!(
+            "      {name} ({ns}, {}) serves \"{name}\" on port {HTTP_PORT}",
+            backend_addr(index)
+        );
+        Ok(())
+    }
+
+    fn start_agent(&mut self) -> anyhow::Result<()> {
+        let mut agent = Proc::spawn(
+            &format!("weir agent in {NS_LB}"),
+            NS_LB,
+            &self.weir,
+            &["agent", "--config", path_str(&self.config)?],
+            self.workdir.join("agent.log"),
+        )?;
+        let attached = wait_xdp(&mut agent, NS_LB, NODE_IF, AGENT_TIMEOUT);
+        self.agent = Some(agent);
+        attached?;
+        let link = ip(NS_LB, &["-d", "link", "show", "dev", NODE_IF])?;
+        if let Some(line) = link.lines().find(|line| line.contains("xdp")) {
+            println!("      {NS_LB} {NODE_IF}: {}", line.trim());
+        }
+        Ok(())
+    }
+
+    fn start_decaps(&mut self) -> anyhow::Result<()> {
+        // The balancer tunnels (IP-in-IP) to the backends, which drop such packets until
+        // weir decap unwraps them: so the VIP must not answer yet.
+        match http_get_in(NS_CLI, Duration::from_secs(1))? {
+            Err(err) => println!(
+                "      before decap, http://{VIP}/ does not answer ({err}), as expected: the \
+                 balancer tunnels the packets and the backends cannot unwrap them yet"
+            ),
+            Ok(name) => bail!(
+                "http://{VIP}/ answered ({name}) before weir decap ran on the backends: the \
+                 balancer did not tunnel the packets"
+            ),
+        }
+        for (index, ns) in NS_BACKENDS.iter().enumerate() {
+            let decap = Proc::spawn(
+                &format!("weir decap in {ns}"),
+                ns,
+                &self.weir,
+                &["decap", "--interface", NODE_IF, "--vip", &VIP.to_string()],
+                self.workdir
+                    .join(format!("{}-decap.log", backend_name(index))),
+            )?;
+            self.decaps.push(decap);
+        }
+        for (decap, ns) in self.decaps.iter_mut().zip(NS_BACKENDS) {
+            wait_xdp(decap, ns, NODE_IF, START_TIMEOUT)?;
+        }
+        let curl = [
+            "ip",
+            "netns",
+            "exec",
+            NS_CLI,
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            &format!("http://{VIP}/"),
+        ];
+        println!("      $ {}", curl.join(" "));
+        let answer = run(&curl).context("the first request through the balancer")?;
+        println!("      {}", answer.trim());
+        Ok(())
+    }
+
+    fn backend_down_and_up(&mut self) -> anyhow::Result<()> {
+        let down = 1;
+        let name = backend_name(down);
+        if let Some(mut server) = self.servers.get_mut(down).and_then(Option::take) {
+            server.stop();
+        }
+        println!(
+            "      {name}'s server stopped. This version of weir has no health checks yet (a \
+             later version adds them), so the balancer keeps sending {name} its share of new \
+             connections, which {name} refuses:"
+        );
+        let batch = http_batch(PHASE_REQUESTS)?;
+        batch.print();
+        if batch.answered.contains_key(&name) {
+            bail!("{name} answered while its server was stopped");
+        }
+        if batch.failed() == 0 {
+            bail!("no request failed while {name}'s server was stopped");
+        }
+
+        println!("      starting {name}'s server again:");
+        self.start_server(down)?;
+        let batch = http_batch(PHASE_REQUESTS)?;
+        batch.print();
+        if batch.failed() > 0 {
+            bail!(
+                "{} of {PHASE_REQUESTS} requests failed after {name}'s server was back",
+                batch.failed()
+            );
+        }
+        println!("      every request answered again");
+        Ok(())
+    }
+
+    fn print_failure_logs(&self) {
+        let procs = self
+            .agent
+            .iter()
+            .chain(&self.decaps)
+            .chain(self.servers.iter().flatten())
+            .chain(&self.switch_pass);
+        for proc in procs {
+            eprintln!(
+                "----- last lines of the log of {} ({}) -----\n{}",
+                proc.what,
+                proc.log.display(),
+                proc.log_tail(15)
+            );
+        }
+    }
+
+    fn print_keep_help(&self) {
+        let weir = self.weir.display();
+        let pid = |proc: Option<&Proc>| {
+            proc.and_then(Proc::pid)
+                .map_or("?".into(), |p| p.to_string())
+        };
+        println!(
+            "      everything is still running: namespaces {}",
+            self.namespaces.join(" ")
+        );
+        println!(
+            "      weir agent pid {} (log {}), logs of all processes in {}",
+            pid(self.agent.as_ref()),
+            self.workdir.join("agent.log").display(),
+            self.workdir.display()
+        );
+        println!("      try:");
+        println!("        ip netns exec {NS_CLI} curl http://{VIP}/");
+        println!("        ip -n {NS_LB} -d link show dev {NODE_IF}        # the XDP balancer");
+        println!("        ip netns exec {NS_LB} {weir} --help");
+        println!(
+            "        ip netns exec {NS_LB} {weir} config check {}",
+            self.config.display()
+        );
+        println!("        ip netns pids {NS_LB}");
+        println!("      remove it all with: cargo xtask demo --clean");
+    }
+
+    /// Stops every process (SIGTERM, then SIGKILL), deletes the namespaces (their links go
+    /// with them) and the temporary folder, then checks that no demo namespace is left.
+    fn teardown(&mut self) -> anyhow::Result<()> {
+        let mut stopped = 0;
+        let procs = self
+            .servers
+            .iter_mut()
+            .flatten()
+            .chain(&mut self.decaps)
+            .chain(&mut self.agent)
+            .chain(&mut self.switch_pass);
+        for proc in procs {
+            if proc.child.is_some() {
+                proc.stop();
+                stopped += 1;
+            }
+        }
+        let mut problems = Vec::new();
+        // Also any other demo namespace: the demo starts only when none exists, so one that
+        // is not on the list was created by an `ip netns add` interrupted before it returned.
+        let mut namespaces: Vec<String> = self.namespaces.drain(..).rev().collect();
+        for ns in demo_namespaces().unwrap_or_default() {
+            if !namespaces.contains(&ns) {
+                namespaces.push(ns);
+            }
+        }
+        let deleted = namespaces.len();
+        for ns in namespaces {
+            if let Err(err) = remove_namespace(&ns) {
+                problems.push(format!("{err:#}"));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.workdir);
+        match demo_namespaces() {
+            Ok(left) if left.is_empty() => {}
+            Ok(left) => problems.push(format!("namespaces left: {}", left.join(" "))),
+            Err(err) => problems.push(format!("{err:#}")),
+        }
+        if !problems.is_empty() {
+            bail!(
+                "{}; run `cargo xtask demo --clean` to retry",
+                problems.join("; ")
+            );
+        }
+        if deleted > 0 || stopped > 0 {
+            println!(
+                "      stopped {stopped} process{}, deleted {deleted} namespace{} (and their \
+                 links); no {PREFIX}* namespace left",
+                if stopped == 1 { "" } else { "es" },
+                if deleted == 1 { "" } else { "s" }
+            );
+        }
+        Ok(())
+    }
+}
+
+fn node_addr(ns: &str, addr: &str) -> anyhow::Result<()> {
+    ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", NODE_IF])?;
+    ip(ns, &["link", "set", NODE_IF, "up"])?;
+    Ok(())
+}
+
+/// One ping (up to 3 tries of 1 s) from `ns` to `addr`.
+fn ping(ns: &str, addr: &str) -> anyhow::Result<()> {
+    let mut last = None;
+    for _ in 0..3 {
+        match ns_exec(ns, &["ping", "-c", "1", "-W", "1", "-q", addr]) {
+            Ok(_) => return Ok(()),
+            Err(err) => last = Some(err),
+        }
+        check_interrupted()?;
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no ping")))
+        .with_context(|| format!("no answer to ping from {ns} to {addr}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cleaning up
+// ---------------------------------------------------------------------------------------------
+
+/// `--clean`: stops every process in a `weirdemo-*` namespace, deletes those namespaces and
+/// the demo's temporary folders.
+fn clean_up() -> anyhow::Result<()> {
+    let namespaces = demo_namespaces()?;
+    for ns in &namespaces {
+        remove_namespace(ns)?;
+        println!("demo --clean: deleted namespace {ns}");
+    }
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with(PREFIX) && entry.path().is_dir() {
+                let _ = fs::remove_dir_all(entry.path());
+                println!("demo --clean: removed {}", entry.path().display());
+            }
+        }
+    }
+    let left = demo_namespaces()?;
+    if !left.is_empty() {
+        bail!("namespaces still there: {}", left.join(" "));
+    }
+    if namespaces.is_empty() {
+        println!("demo --clean: nothing to remove");
+    } else {
+        println!("demo --clean: done; no {PREFIX}* namespace left");
+    }
+    Ok(())
+}
+
+/// Stops whatever still runs in `ns` (`ip netns pids`: SIGTERM, then SIGKILL after
+/// `STOP_GRACE`), then deletes it.
+fn remove_namespace(ns: &str) -> anyhow::Result<()> {
+    let pids = |ns: &str| -> Vec<libc::pid_t> {
+        run(&["ip", "netns", "pids", ns])
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect()
+    };
+    let mut left = pids(ns);
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        if left.is_empty() {
+            break;
+        }
+        for &pid in &left {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            println!(
+                "      stopping process {pid} ({}) left in {ns}",
+                comm.trim()
+            );
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid was just listed as
+            // a process inside the demo's own namespace.
+            unsafe { libc::kill(pid, signal) };
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            left = pids(ns);
+            if left.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(POLL);
+        }
+    }
+    run(&["ip", "netns", "del", ns]).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP client
+// ---------------------------------------------------------------------------------------------
+
+/// Outcome of a batch of requests.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Responses per answering backend (the body of its page).
+    answered: BTreeMap<String, usize>,
+    /// Failures per kind of error.
+    errors: BTreeMap<String, usize>,
+    sent: usize,
+    elapsed: Duration,
+}
+
+impl Batch {
+    fn failed(&self) -> usize {
+        self.errors.values().sum()
+    }
+
+    fn print(&self) {
+        let share = |n: usize| 100.0 * n as f64 / self.sent.max(1) as f64;
+        println!(
+            "        {:<12} {:>9} {:>7}",
+            "backend", "responses", "share"
+        );
+        let mut names: Vec<String> = (0..NS_BACKENDS.len()).map(backend_name).collect();
+        for name in self.answered.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        for name in &names {
+            let n = self.answered.get(name).copied().unwrap_or(0);
+            println!("        {name:<12} {n:>9} {:>6.1}%", share(n));
+        }
+        println!(
+            "        {:<12} {:>9} {:>6.1}%",
+            "failed",
+            self.failed(),
+            share(self.failed())
+        );
+        for (error, n) in &self.errors {
+            println!("          {n} × {error}");
+        }
+        println!(
+            "        {:<12} {:>9}   in {:.1} s",
+            "total",
+            self.sent,
+            self.elapsed.as_secs_f64()
+        );
+    }
+
+    /// Every one of `requests` answered, by the known backends only, each within
+    /// `TOLERANCE` of an even share.
+    fn check_even(&self, requests: usize) -> anyhow::Result<()> {
+        if self.sent != requests || self.failed() > 0 {
+            bail!(
+                "{} of {requests} requests were not answered",
+                requests - (self.sent - self.failed()).min(requests)
+            );
+        }
+        let expected = requests as f64 / NS_BACKENDS.len() as f64;
+        let mut uneven = Vec::new();
+        for name in (0..NS_BACKENDS.len()).map(backend_name) {
+            let n = self.answered.get(&name).copied().unwrap_or(0);
+            if (n as f64 - expected).abs() > expected * TOLERANCE {
+                uneven.push(format!("{name} answered {n}"));
+            }
+        }
+        if self.answered.len() != NS_BACKENDS.len() {
+            uneven.push(format!("answers came from {:?}", self.answered.keys()));
+        }
+        if !uneven.is_empty() {
+            bail!(
+                "uneven distribution: {} (expected {expected:.0} ±{:.0}% each)",
+                uneven.join(", "),
+                TOLERANCE * 100.0
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `requests` HTTP requests from the client namespace to the VIP, one connection each,
+/// sequentially; stops early after `BATCH_DEADLINE`, when interrupted, or when the first
+/// `GIVE_UP_AFTER` all fail (what was not sent counts as failed).
+fn http_batch(requests: usize) -> anyhow::Result<Batch> {
+    let batch = in_netns(NS_CLI, || {
+        let start = Instant::now();
+        let mut batch = Batch::default();
+        let mut give_up = None;
+        for index in 0..requests {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                give_up = Some("interrupted".to_owned());
+            } else if start.elapsed() > BATCH_DEADLINE {
+                give_up = Some(format!("not sent: {BATCH_DEADLINE:?} deadline passed"));
+            } else if index == GIVE_UP_AFTER && batch.answered.is_empty() {
+                give_up = Some(format!("not sent: the first {GIVE_UP_AFTER} all failed"));
+            }
+            if let Some(why) = &give_up {
+                *batch.errors.entry(why.clone()).or_default() += requests - index;
+                break;
+            }
+            batch.sent += 1;
+            match http_get(REQUEST_TIMEOUT) {
+                Ok(name) => *batch.answered.entry(name).or_default() += 1,
+                Err(err) => *batch.errors.entry(err).or_default() += 1,
+            }
+        }
+        batch.elapsed = start.elapsed();
+        batch
+    })?;
+    check_interrupted()?;
+    Ok(batch)
+}
+
+/// One request from namespace `ns` (for single probes).
+fn http_get_in(ns: &str, timeout: Duration) -> anyhow::Result<Result<String, String>> {
+    in_netns(ns, || http_get(timeout))
+}
+
+/// `GET /` on the VIP over a new connection; the answering backend's name (the body), or
+/// what went wrong.
+fn http_get(timeout: Duration) -> Result<String, String> {
+    let addr = SocketAddr::V4(SocketAddrV4::new(VIP, HTTP_PORT));
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|err| describe("connect", &err))?;
+    let io = |err: io::Error| describe("request", &err);
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    stream
+        .write_all(
+            format!("GET / HTTP/1.0\r\nHost: {VIP}\r\nUser-Agent: weir-demo\r\n\r\n").as_bytes(),
+        )
+        .map_err(io)?;
+    let mut response = Vec::new();
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut response)
+        .map_err(|err| describe("response", &err))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| "response: incomplete".to_owned())?;
+    let status = head.lines().next().unwrap_or_default();
+    if !(status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")) {
+        return Err(format!("response: {status}"));
+    }
+    Ok(body.trim().to_owned())
+}
+
+fn describe(what: &str, err: &io::Error) -> String {
+    let kind = match err.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out".to_owned(),
+        io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
+        _ => err.to_string(),
+    };
+    format!("{what}: {kind}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_weir_executable_in_cargo_messages() {
+        let messages = r#"{"reason":"compiler-artifact","target":{"name":"weir","kind":["lib"]},"executable":null}
+{"reason":"build-script-executed","package_id":"x"}
+{"reason":"compiler-artifact","target":{"name":"weir","kind":["bin"]},"executable":"/t/debug/weir"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            weir_executable(messages),
+            Some(PathBuf::from("/t/debug/weir"))
+        );
+        assert_eq!(weir_executable("not json\n"), None);
+    }
+
+    #[test]
+    fn even_check_allows_twenty_percent() {
+        let batch = |counts: [usize; 3], failed: usize| Batch {
+            answered: counts
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (backend_name(i), n))
+                .collect(),
+            errors: if failed > 0 {
+                BTreeMap::from([("connect: timed out".to_owned(), failed)])
+            } else {
+                BTreeMap::new()
+            },
+            sent: counts.iter().sum::<usize>() + failed,
+            elapsed: Duration::ZERO,
+        };
+        assert!(batch([333, 334, 333], 0).check_even(1000).is_ok());
+        assert!(batch([270, 331, 399], 0).check_even(1000).is_ok());
+        assert!(batch([260, 340, 400], 0).check_even(1000).is_err());
+        assert!(batch([333, 333, 333], 1).check_even(1000).is_err());
+    }
+
+    #[test]
+    fn addresses_stay_in_the_documentation_ranges() {
+        for addr in [CLIENT_ADDR, LB_ADDR, &backend_addr(0), &backend_addr(2)] {
+            assert!(addr.starts_with("198.51.100."), "{addr}");
+        }
+        assert_eq!(VIP.octets()[..3], [203, 0, 113]);
+        assert!(SWITCH_PASS_VIP.starts_with("203.0.113."));
+    }
+}
