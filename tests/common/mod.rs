@@ -13,9 +13,9 @@
 //!
 //! Addresses: only 198.51.100.0/24, 203.0.113.0/24 and 2001:db8::/32, and only inside these
 //! namespaces. Nothing is ever added to the root namespace.
-#![allow(
+#![expect(
     dead_code,
-    reason = "each test binary uses a different part of the harness"
+    reason = "each test binary (golden, e2e, the datapath bench) uses a different part of the harness"
 )]
 
 use std::{
