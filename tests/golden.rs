@@ -484,109 +484,6 @@ struct Case {
     counters: Vec<u32>,
 }
 
-fn setup_namespace(ns: &str) {
-    use common::{ip, sysctl};
-    ip(
-        ns,
-        &[
-            "link",
-            "add",
-            "g0",
-            "address",
-            "02:00:00:00:00:01",
-            "type",
-            "veth",
-            "peer",
-            "g1",
-        ],
-    )
-    .unwrap();
-    ip(
-        ns,
-        &[
-            "link",
-            "add",
-            "h0",
-            "address",
-            "02:00:00:00:00:81",
-            "type",
-            "veth",
-            "peer",
-            "h1",
-        ],
-    )
-    .unwrap();
-    for dev in ["g0", "g1", "h0", "h1"] {
-        ip(ns, &["link", "set", dev, "up"]).unwrap();
-    }
-    ip(ns, &["addr", "add", "198.51.100.1/24", "dev", "g0"]).unwrap();
-    ip(ns, &["addr", "add", "2001:db8::1/64", "dev", "g0", "nodad"]).unwrap();
-    ip(ns, &["addr", "add", "203.0.113.129/25", "dev", "h0"]).unwrap();
-    // Backend MACs end in the address's last byte (`backend_mac`): 198.51.100.11 -> be:0b,
-    // 2001:db8::11 -> be:11.
-    for last in [11u8, 12, 13] {
-        let a4 = format!("198.51.100.{last}");
-        let mac4 = format!("02:00:00:00:be:{last:02x}");
-        ip(
-            ns,
-            &[
-                "neigh",
-                "replace",
-                &a4,
-                "lladdr",
-                &mac4,
-                "nud",
-                "permanent",
-                "dev",
-                "g0",
-            ],
-        )
-        .unwrap();
-        let a6 = format!("2001:db8::{last}");
-        let mac6 = format!("02:00:00:00:be:{last}");
-        ip(
-            ns,
-            &[
-                "neigh",
-                "replace",
-                &a6,
-                "lladdr",
-                &mac6,
-                "nud",
-                "permanent",
-                "dev",
-                "g0",
-            ],
-        )
-        .unwrap();
-    }
-    let mac150 = "02:00:00:00:be:96";
-    ip(
-        ns,
-        &[
-            "neigh",
-            "replace",
-            "203.0.113.150",
-            "lladdr",
-            mac150,
-            "nud",
-            "permanent",
-            "dev",
-            "h0",
-        ],
-    )
-    .unwrap();
-    sysctl(
-        ns,
-        &[
-            "net.ipv4.conf.g0.forwarding=1",
-            "net.ipv4.conf.h0.forwarding=1",
-            "net.ipv6.conf.g0.forwarding=1",
-        ],
-    )
-    .unwrap();
-}
-
 fn open_lab(text: &str) -> Lab {
     let cfg = config::parse(text, Path::new("golden.toml")).expect("golden config is valid");
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load object");
@@ -609,7 +506,7 @@ fn golden_packets() {
         return;
     }
     let ns = common::Netns::create(&common::prefix("gold")).expect("namespace");
-    setup_namespace(ns.name());
+    common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
         let mut lab = open_lab(CONFIG);
         let cases = build_cases(&lab);
@@ -1150,7 +1047,7 @@ fn tracked_flows_and_counters() {
         return;
     }
     let ns = common::Netns::create(&common::prefix("ct")).expect("namespace");
-    setup_namespace(ns.name());
+    common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
         let base = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
                     [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nring_size = 1009\n";

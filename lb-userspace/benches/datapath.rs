@@ -197,55 +197,7 @@ fn main() {
     }
     let ns = common::Netns::create(&common::prefix("bdp")).expect("namespace");
     let n = ns.name().to_owned();
-    for args in [
-        &[
-            "link",
-            "add",
-            "g0",
-            "address",
-            "02:00:00:00:00:01",
-            "type",
-            "veth",
-            "peer",
-            "g1",
-        ][..],
-        &["link", "set", "g0", "up"],
-        &["link", "set", "g1", "up"],
-        &["addr", "add", "198.51.100.1/24", "dev", "g0"],
-        &["addr", "add", "2001:db8::1/64", "dev", "g0", "nodad"],
-    ] {
-        common::ip(&n, args).expect("ip");
-    }
-    for last in [11, 12, 13] {
-        let a4 = format!("198.51.100.{last}");
-        let a6 = format!("2001:db8::{last}");
-        let mac = format!("02:00:00:00:be:{last}");
-        for a in [&a4, &a6] {
-            common::ip(
-                &n,
-                &[
-                    "neigh",
-                    "replace",
-                    a,
-                    "lladdr",
-                    &mac,
-                    "nud",
-                    "permanent",
-                    "dev",
-                    "g0",
-                ],
-            )
-            .expect("neighbour");
-        }
-    }
-    common::sysctl(
-        &n,
-        &[
-            "net.ipv4.conf.g0.forwarding=1",
-            "net.ipv6.conf.g0.forwarding=1",
-        ],
-    )
-    .expect("sysctl");
+    common::lab_namespace(&n).expect("lab namespace");
 
     let rows = common::in_netns(&n, || {
         let cfg = config::parse(CONFIG, Path::new("bench.toml")).expect("config");

@@ -35,6 +35,22 @@ pub struct BackendState {
     pub generation: u32,
 }
 
+impl BackendState {
+    /// The datapath's entry for this backend.
+    #[must_use]
+    pub fn info(&self, service_id: u32, state: u8) -> BackendInfo {
+        let (addr, family) = addr_bytes(self.address);
+        BackendInfo {
+            addr,
+            service_id,
+            generation: self.generation,
+            family,
+            state,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// A service as the agent tracks it.
 #[derive(Debug, Clone)]
 pub struct ServiceState {
@@ -186,18 +202,8 @@ impl<M: MapWriter> Balancer<M> {
         service_id: u32,
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
-        let (addr, family) = addr_bytes(backend.address);
-        self.maps.set_backend(
-            backend.id,
-            BackendInfo {
-                addr,
-                service_id,
-                generation: backend.generation,
-                family,
-                state: BACKEND_DOWN,
-                _pad: [0; 2],
-            },
-        )?;
+        self.maps
+            .set_backend(backend.id, backend.info(service_id, BACKEND_DOWN))?;
         report.backends_written += 1;
         self.free_backend_ids.push(backend.id);
         Ok(())
@@ -246,7 +252,6 @@ impl<M: MapWriter> Balancer<M> {
         let old_backends = std::mem::take(&mut state.backends);
         let mut backends = Vec::with_capacity(service.backends.len());
         for wanted in &service.backends {
-            let (addr, family) = addr_bytes(wanted.address);
             let (backend, changed) = match old_backends.iter().find(|b| b.address == wanted.address)
             {
                 Some(old) => (
@@ -275,17 +280,8 @@ impl<M: MapWriter> Balancer<M> {
                 }
             };
             if changed {
-                self.maps.set_backend(
-                    backend.id,
-                    BackendInfo {
-                        addr,
-                        service_id: state.id,
-                        generation: backend.generation,
-                        family,
-                        state: BACKEND_UP,
-                        _pad: [0; 2],
-                    },
-                )?;
+                self.maps
+                    .set_backend(backend.id, backend.info(state.id, BACKEND_UP))?;
                 report.backends_written += 1;
             }
             backends.push(backend);

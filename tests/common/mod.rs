@@ -1181,3 +1181,111 @@ pub fn udp_probe(
         Ok(matches!(sock.recv(&mut buf), Ok(n) if buf[..n] == msg[..]))
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// A one-namespace lab for BPF_PROG_TEST_RUN (golden packets, datapath bench)
+// ---------------------------------------------------------------------------------------------
+
+/// Prepares namespace `ns` for running the balancer with `BPF_PROG_TEST_RUN`:
+/// `bpf_fib_lookup` reads this namespace's routes and neighbours. Interface `g0`
+/// (02:00:00:00:00:01) has 198.51.100.1/24 and 2001:db8::1/64 and permanent neighbours for
+/// the backends 198.51.100.11..13 (MAC 02:00:00:00:be:0b..0d) and 2001:db8::11..13 (MAC
+/// 02:00:00:00:be:11..13); `h0` (02:00:00:00:00:81) has 203.0.113.129/25 and a neighbour
+/// 203.0.113.150 (02:00:00:00:be:96), for the redirect path. Forwarding is on, as
+/// `bpf_fib_lookup` needs.
+pub fn lab_namespace(ns: &str) -> Result<()> {
+    ip(
+        ns,
+        &[
+            "link",
+            "add",
+            "g0",
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "g1",
+        ],
+    )?;
+    ip(
+        ns,
+        &[
+            "link",
+            "add",
+            "h0",
+            "address",
+            "02:00:00:00:00:81",
+            "type",
+            "veth",
+            "peer",
+            "h1",
+        ],
+    )?;
+    for dev in ["g0", "g1", "h0", "h1"] {
+        ip(ns, &["link", "set", dev, "up"])?;
+    }
+    ip(ns, &["addr", "add", "198.51.100.1/24", "dev", "g0"])?;
+    ip(ns, &["addr", "add", "2001:db8::1/64", "dev", "g0", "nodad"])?;
+    ip(ns, &["addr", "add", "203.0.113.129/25", "dev", "h0"])?;
+    // Backend MACs end in the address's last byte (`backend_mac`): 198.51.100.11 -> be:0b,
+    // 2001:db8::11 -> be:11.
+    for last in [11u8, 12, 13] {
+        let a4 = format!("198.51.100.{last}");
+        let mac4 = format!("02:00:00:00:be:{last:02x}");
+        ip(
+            ns,
+            &[
+                "neigh",
+                "replace",
+                &a4,
+                "lladdr",
+                &mac4,
+                "nud",
+                "permanent",
+                "dev",
+                "g0",
+            ],
+        )?;
+        let a6 = format!("2001:db8::{last}");
+        let mac6 = format!("02:00:00:00:be:{last}");
+        ip(
+            ns,
+            &[
+                "neigh",
+                "replace",
+                &a6,
+                "lladdr",
+                &mac6,
+                "nud",
+                "permanent",
+                "dev",
+                "g0",
+            ],
+        )?;
+    }
+    let mac150 = "02:00:00:00:be:96";
+    ip(
+        ns,
+        &[
+            "neigh",
+            "replace",
+            "203.0.113.150",
+            "lladdr",
+            mac150,
+            "nud",
+            "permanent",
+            "dev",
+            "h0",
+        ],
+    )?;
+    sysctl(
+        ns,
+        &[
+            "net.ipv4.conf.g0.forwarding=1",
+            "net.ipv4.conf.h0.forwarding=1",
+            "net.ipv6.conf.g0.forwarding=1",
+        ],
+    )?;
+    Ok(())
+}
