@@ -15,8 +15,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use lb_common::maglev::is_prime;
 use lb_common::{
@@ -102,6 +103,86 @@ pub struct AgentConfig {
     pub tunnel_source_v6: Option<Ipv6Addr>,
     /// Capacity of the connection-tracking map (1..=`MAX_CONNTRACK_ENTRIES`).
     pub conntrack_entries: u32,
+    /// Unix socket of the management API (mode 0600).
+    pub api_socket: PathBuf,
+    /// Listen address of the Prometheus `/metrics` endpoint.
+    pub metrics: SocketAddr,
+    /// Directory in a bpffs where the XDP link and the maps are pinned.
+    pub bpffs: PathBuf,
+    /// File where changes made from the CLI are kept across agent restarts.
+    pub state_file: PathBuf,
+}
+
+/// Default `[agent] api_socket`.
+pub const DEFAULT_API_SOCKET: &str = "/run/weir/weir.sock";
+/// Default `[agent] metrics`.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9650";
+/// Default `[agent] bpffs`.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weir";
+/// Default `[agent] state_file`.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/weir/state.json";
+
+/// `[service.health_check]`: active checks with keepalived/HAProxy semantics: a backend
+/// goes down after `fall` consecutive failures and up after `rise` consecutive successes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Time between two checks of one backend (jittered by up to 10%).
+    pub interval: Duration,
+    /// Time a check may take; at most `interval`.
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// `http`: the path requested.
+    pub path: String,
+    /// `http`: the status that counts as healthy.
+    pub expect_status: u16,
+    /// Port to check; `None` means the service's port.
+    pub port: Option<u16>,
+    /// `udp`: the datagram sent; any reply counts as healthy.
+    pub payload: String,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            path: "/".to_owned(),
+            expect_status: 200,
+            port: None,
+            payload: "weir-health-check".to_owned(),
+        }
+    }
+}
+
+/// `health_check.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// No checks: backends are up unless disabled.
+    #[default]
+    None,
+    /// A TCP connect succeeds.
+    Tcp,
+    /// An HTTP/1.1 GET of `path` answers `expect_status`.
+    Http,
+    /// A UDP datagram gets any reply.
+    Udp,
+}
+
+impl HealthKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Udp => "udp",
+        }
+    }
 }
 
 /// How the XDP program is attached (`xdp_mode`, `--xdp-mode`).
@@ -149,6 +230,8 @@ pub struct ServiceConfig {
     pub ring_size: u32,
     /// The backends, in file order (at least one; at least one has weight > 0).
     pub backends: Vec<BackendConfig>,
+    /// Active health checks of the backends.
+    pub health_check: HealthCheck,
 }
 
 /// A service's transport protocol.
@@ -307,6 +390,10 @@ struct RawAgent {
     tunnel_source: Option<String>,
     tunnel_source_v6: Option<String>,
     conntrack_entries: Option<i64>,
+    api_socket: Option<String>,
+    metrics: Option<String>,
+    bpffs: Option<String>,
+    state_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +410,27 @@ struct RawService {
     ring_size: Option<i64>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+    health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    #[serde(default = "default_health_kind")]
+    kind: HealthKind,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+    path: Option<String>,
+    expect_status: Option<i64>,
+    port: Option<i64>,
+    payload: Option<String>,
+}
+
+/// A `[service.health_check]` table without `kind` checks TCP connects.
+const fn default_health_kind() -> HealthKind {
+    HealthKind::Tcp
 }
 
 #[derive(Debug, Deserialize)]
@@ -527,12 +635,34 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
             })?,
     };
 
+    let path = |value: Option<String>, default: &str, key: &str| -> Result<PathBuf, Fail> {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        if !value.starts_with('/') {
+            return Err(fail(key, format!("\"{value}\" must be an absolute path")));
+        }
+        Ok(PathBuf::from(value))
+    };
+    let api_socket = path(raw.api_socket, DEFAULT_API_SOCKET, "agent.api_socket")?;
+    let bpffs = path(raw.bpffs, DEFAULT_BPFFS, "agent.bpffs")?;
+    let state_file = path(raw.state_file, DEFAULT_STATE_FILE, "agent.state_file")?;
+    let metrics_text = raw.metrics.unwrap_or_else(|| DEFAULT_METRICS.to_owned());
+    let metrics = metrics_text.parse::<SocketAddr>().map_err(|_| {
+        fail(
+            "agent.metrics",
+            format!("invalid listen address \"{metrics_text}\" (expected IP:PORT, e.g. {DEFAULT_METRICS})"),
+        )
+    })?;
+
     Ok(AgentConfig {
         interface: raw.interface,
         xdp_mode: raw.xdp_mode,
         tunnel_source,
         tunnel_source_v6,
         conntrack_entries,
+        api_socket,
+        metrics,
+        bpffs,
+        state_file,
     })
 }
 
@@ -657,6 +787,11 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         ));
     }
 
+    let health_check = match raw.health_check {
+        None => HealthCheck::default(),
+        Some(hc) => validate_health_check(&prefix, port, hc)?,
+    };
+
     Ok(ServiceConfig {
         name: raw.name,
         vip,
@@ -666,7 +801,110 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         forwarding: raw.forwarding,
         ring_size,
         backends,
+        health_check,
     })
+}
+
+/// Parses a duration such as `500ms`, `2s` or `1m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("\"{text}\" has no unit (use ms, s or m, e.g. \"2s\")"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a duration (e.g. \"500ms\", \"2s\")"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!(
+            "\"{text}\": unknown unit \"{unit}\" (use ms, s or m)"
+        )),
+    }
+}
+
+fn validate_health_check(
+    prefix: &str,
+    service_port: u16,
+    raw: RawHealthCheck,
+) -> Result<HealthCheck, Fail> {
+    let key = |field: &str| format!("{prefix}.health_check.{field}");
+    let mut hc = HealthCheck {
+        kind: raw.kind,
+        ..HealthCheck::default()
+    };
+    if let Some(text) = raw.interval {
+        hc.interval = parse_duration(&text).map_err(|r| fail(key("interval"), r))?;
+    }
+    if let Some(text) = raw.timeout {
+        hc.timeout = parse_duration(&text).map_err(|r| fail(key("timeout"), r))?;
+    }
+    if hc.interval < Duration::from_millis(100) {
+        return Err(fail(key("interval"), "must be at least 100ms"));
+    }
+    if hc.timeout.is_zero() || hc.timeout > hc.interval {
+        return Err(fail(
+            key("timeout"),
+            format!(
+                "must be above 0 and at most the interval ({:?})",
+                hc.interval
+            ),
+        ));
+    }
+    let count = |value: Option<i64>, default: u32, field: &str| -> Result<u32, Fail> {
+        match value {
+            None => Ok(default),
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| fail(key(field), format!("{n} is out of range (1..=100)"))),
+        }
+    };
+    hc.rise = count(raw.rise, hc.rise, "rise")?;
+    hc.fall = count(raw.fall, hc.fall, "fall")?;
+    if let Some(path) = raw.path {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(fail(
+                key("path"),
+                format!("\"{path}\" must start with / and contain no spaces"),
+            ));
+        }
+        hc.path = path;
+    }
+    if let Some(status) = raw.expect_status {
+        hc.expect_status = u16::try_from(status)
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+            .ok_or_else(|| {
+                fail(
+                    key("expect_status"),
+                    format!("{status} is not an HTTP status (100..=599)"),
+                )
+            })?;
+    }
+    if let Some(port) = raw.port {
+        hc.port = Some(
+            u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| fail(key("port"), format!("{port} is out of range (1..=65535)")))?,
+        );
+    }
+    if let Some(payload) = raw.payload {
+        if payload.is_empty() || payload.len() > 1024 {
+            return Err(fail(key("payload"), "must be 1 to 1024 bytes"));
+        }
+        hc.payload = payload;
+    }
+    if hc.kind != HealthKind::None && hc.port.is_none() && service_port == 0 {
+        return Err(fail(
+            key("port"),
+            "the service listens on every port (port = 0): say which port to check",
+        ));
+    }
+    Ok(hc)
 }
 
 /// Tunnel mode needs an outer source address of each backend family it sends to.
@@ -860,6 +1098,115 @@ tunnel_source_v6 = "2001:db8::1"
 
     // --- accepted files -------------------------------------------------------------
 
+    /// A web service whose `[service.health_check]` table holds `hc` (TOML lines).
+    fn with_health(hc: &str) -> String {
+        format!(
+            "{}\n[service.health_check]\n{hc}\n",
+            web("", &[backend("203.0.113.11")])
+        )
+    }
+
+    #[test]
+    fn health_check_defaults_and_values() {
+        let none = ok(&web("", &[backend("203.0.113.11")]));
+        assert_eq!(none.services[0].health_check.kind, HealthKind::None);
+        let c = ok(&with_health(
+            "kind = \"http\"\ninterval = \"500ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 2\npath = \"/healthz\"\nexpect_status = 204",
+        ));
+        let hc = &c.services[0].health_check;
+        assert_eq!(hc.kind, HealthKind::Http);
+        assert_eq!(hc.interval, Duration::from_millis(500));
+        assert_eq!(hc.timeout, Duration::from_millis(200));
+        assert_eq!((hc.rise, hc.fall, hc.expect_status), (1, 2, 204));
+        assert_eq!(hc.path, "/healthz");
+        let tcp = ok(&with_health(""));
+        assert_eq!(
+            tcp.services[0].health_check.kind,
+            HealthKind::Tcp,
+            "kind defaults to tcp"
+        );
+    }
+
+    #[test]
+    fn health_check_rejections() {
+        rejects(
+            &with_health("interval = \"2\""),
+            "service[0].health_check.interval",
+            "no unit",
+        );
+        rejects(
+            &with_health("interval = \"2h\""),
+            "service[0].health_check.interval",
+            "unknown unit",
+        );
+        rejects(
+            &with_health("interval = \"50ms\""),
+            "service[0].health_check.interval",
+            "at least 100ms",
+        );
+        rejects(
+            &with_health("interval = \"1s\"\ntimeout = \"2s\""),
+            "service[0].health_check.timeout",
+            "at most the interval",
+        );
+        rejects(
+            &with_health("rise = 0"),
+            "service[0].health_check.rise",
+            "out of range",
+        );
+        rejects(
+            &with_health("path = \"healthz\""),
+            "service[0].health_check.path",
+            "must start with /",
+        );
+        rejects(
+            &with_health("expect_status = 700"),
+            "service[0].health_check.expect_status",
+            "not an HTTP status",
+        );
+        rejects(
+            &with_health("kind = \"icmp\""),
+            "service[0].health_check.kind",
+            "unknown variant",
+        );
+        rejects(
+            &with_health("bogus = 1"),
+            "service[0].health_check.bogus",
+            "unknown field",
+        );
+        let every_port = format!(
+            "{AGENT}{}\n[service.health_check]\nkind = \"tcp\"\n",
+            service("all", "198.51.100.10", 0, "", &[backend("203.0.113.11")])
+        );
+        rejects(
+            &every_port,
+            "service[0].health_check.port",
+            "say which port",
+        );
+    }
+
+    #[test]
+    fn agent_paths_and_metrics_address() {
+        let c = ok(&web("", &[backend("203.0.113.11")]));
+        assert_eq!(c.agent.api_socket, PathBuf::from(DEFAULT_API_SOCKET));
+        assert_eq!(
+            c.agent.metrics,
+            DEFAULT_METRICS.parse::<SocketAddr>().unwrap()
+        );
+        let text = web("", &[backend("203.0.113.11")]).replacen(
+            "[agent]\n",
+            "[agent]\nmetrics = \"localhost:9650\"\n",
+            1,
+        );
+        rejects(&text, "agent.metrics", "invalid listen address");
+        let text = web("", &[backend("203.0.113.11")]).replacen(
+            "[agent]\n",
+            "[agent]\napi_socket = \"weir.sock\"\n",
+            1,
+        );
+        rejects(&text, "agent.api_socket", "absolute path");
+    }
+
     #[test]
     fn valid_full_config_round_trip() {
         let text = r#"
@@ -907,6 +1254,10 @@ weight = 65535
                 tunnel_source: Some(Ipv4Addr::new(198, 51, 100, 1)),
                 tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
                 conntrack_entries: 4096,
+                api_socket: PathBuf::from(DEFAULT_API_SOCKET),
+                metrics: DEFAULT_METRICS.parse().unwrap(),
+                bpffs: PathBuf::from(DEFAULT_BPFFS),
+                state_file: PathBuf::from(DEFAULT_STATE_FILE),
             },
             services: vec![
                 ServiceConfig {
@@ -927,6 +1278,7 @@ weight = 65535
                             weight: 0,
                         },
                     ],
+                    health_check: HealthCheck::default(),
                 },
                 ServiceConfig {
                     name: "dns.v6".to_owned(),
@@ -940,6 +1292,7 @@ weight = 65535
                         address: "2001:db8:2::53".parse().unwrap(),
                         weight: 65535,
                     }],
+                    health_check: HealthCheck::default(),
                 },
             ],
         };
