@@ -1,5 +1,6 @@
 //! The `weir` agent and CLI as a library, so the integration tests drive the same code.
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod datapath;
