@@ -54,15 +54,16 @@ struct Service<'a> {
 
 /// An agent config for the LB namespace: one service per entry, all on `family`'s VIP, port
 /// 7, maglev, backends 1..=N with the given weights.
-fn agent_config(family: Family, services: &[Service<'_>]) -> String {
+fn agent_config(topo: &Topology, family: Family, services: &[Service<'_>]) -> String {
     let mut c = format!(
         "[agent]\n\
          interface = \"{if}\"\n\
          xdp_mode = \"native\"\n\
          tunnel_source = \"{LB_V4}\"\n\
          tunnel_source_v6 = \"{LB_V6}\"\n\
-         conntrack_entries = 65536\n",
-        if = common::NODE_IF
+         conntrack_entries = 65536\n{keys}",
+        if = common::NODE_IF,
+        keys = topo.agent_keys(),
     );
     for s in services {
         c.push_str(&format!(
@@ -152,8 +153,9 @@ fn start_datapath(
     (agent, decap)
 }
 
-/// Stops the agent and the decap processes with SIGTERM: each must exit successfully and
-/// leave no XDP program behind.
+/// Stops the agent and the decap processes with SIGTERM: each must exit successfully. The
+/// balancer stays attached after the agent stops (pinned) until `weir teardown`; decap
+/// detaches when it stops.
 fn stop_datapath(topo: &Topology, mut agent: ChildGuard, decap: Vec<ChildGuard>) {
     let st = agent.stop();
     assert!(
@@ -162,9 +164,15 @@ fn stop_datapath(topo: &Topology, mut agent: ChildGuard, decap: Vec<ChildGuard>)
         agent.log()
     );
     assert!(
-        !common::xdp_attached(&topo.lb, common::NODE_IF).expect("ip link"),
-        "XDP still attached to the LB's interface after the agent stopped"
+        common::xdp_attached(&topo.lb, common::NODE_IF).expect("ip link"),
+        "the balancer must stay attached (pinned) after the agent stops"
     );
+    topo.teardown_datapath().expect("weir teardown");
+    assert!(
+        !common::xdp_attached(&topo.lb, common::NODE_IF).expect("ip link"),
+        "XDP still attached to the LB's interface after teardown"
+    );
+    assert!(!topo.bpffs().exists(), "teardown left the pin directory");
     for (ns, mut d) in topo.backends.iter().zip(decap) {
         let st = d.stop();
         assert!(
@@ -198,6 +206,7 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
     let weights = [1; BACKENDS];
     let config = agent_config(
+        &topo,
         family,
         &[
             Service {
@@ -275,6 +284,7 @@ fn weights_tunnel_ipv4() {
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
     let weights = [1, 2, 3];
     let config = agent_config(
+        &topo,
         Family::V4,
         &[Service {
             name: "udp",

@@ -822,3 +822,80 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// `weir_bench_gen`'s settings, written by `cargo xtask bench packets`: the action
+/// (`BENCH_GEN_BALANCE`, or an XDP action returned as is), the number of flows, the byte
+/// offset of the 16-bit field that tells flows apart (a source port), and its first value.
+#[map]
+static BENCH_GEN: Array<u32> = Array::with_max_entries(4, 0);
+
+/// `weir_bench_gen`'s flow counter, one per CPU.
+#[map]
+static BENCH_GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// `BENCH_GEN[0]` value: run the balancer.
+const BENCH_GEN_BALANCE: u32 = 0;
+
+/// Packet generator of `cargo xtask bench packets`, run by `BPF_PROG_TEST_RUN` with live
+/// frames (`BPF_F_TEST_XDP_LIVE_FRAMES`: the kernel really performs the returned action).
+/// Frame pages are reused without being restored, so every run restores the template as
+/// `weir_bench` does, then gives the packet the next of `BENCH_GEN[1]` flows, then either
+/// balances it or returns the configured action (`XDP_DROP`: the generator's ceiling;
+/// `XDP_PASS`: the frame enters the kernel's stack as if received on the ingress interface).
+#[xdp]
+pub fn weir_bench_gen(ctx: XdpContext) -> u32 {
+    let (Some(template), Some(action), Some(flows), Some(offset), Some(base)) = (
+        BENCH_TEMPLATE.get_ptr(0),
+        BENCH_GEN.get(0),
+        BENCH_GEN.get(1),
+        BENCH_GEN.get(2),
+        BENCH_GEN.get(3),
+    ) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (action, flows, offset, base) = (*action, *flows, *offset, *base);
+    // SAFETY: a value of a map of this program, alive for the whole run.
+    let template = unsafe { &*template };
+    let want = template.len as usize;
+    let have = ctx.data_end() - ctx.data();
+    if have > want {
+        // SAFETY: the helper takes the context pointer the kernel gave this program.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (have - want) as i32) } != 0 {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
+    let len = want.min(lb_common::BENCH_TEMPLATE_LEN) as u32;
+    if len == 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: `len` is at most the template's size; the helper bounds-checks the packet.
+    let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, template.data.as_ptr() as *mut _, len) };
+    if rc != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(seq) = BENCH_GEN_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; XDP runs with preemption disabled.
+    let n = unsafe { *seq };
+    let next = if n + 1 >= flows { 0 } else { n + 1 };
+    // SAFETY: as above.
+    unsafe { *seq = next };
+    let mut field = ((base + n) as u16).to_be_bytes();
+    // SAFETY: a 2-byte buffer on the stack; the helper bounds-checks the packet.
+    let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, field.as_mut_ptr().cast(), 2) };
+    if rc != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    if action == BENCH_GEN_BALANCE {
+        return run_balancer(&ctx);
+    }
+    action
+}
+
+/// Sink of `cargo xtask bench packets` on the backends: drops everything in XDP, so what
+/// arrives is counted (interface counters) at the same small cost for every balancer.
+#[xdp]
+pub fn weir_bench_sink(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}

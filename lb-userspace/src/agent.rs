@@ -5,25 +5,17 @@
 //! [`MapWriter`]: Maglev slots that changed, backends that changed, VIPs that appeared or
 //! went. It knows nothing of the kernel, so it is tested with a recording writer.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
-use anyhow::Context as _;
 use lb_common::{
     BACKEND_DOWN, BACKEND_NONE, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_SERVICES,
     VipInfo, VipKey, addr_bytes,
     maglev::{self, MaglevBackend},
-    prog_name,
 };
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{Config, ServiceConfig},
-    datapath::{self, DatapathError, KernelMaps, MapWriter},
+    datapath::{DatapathError, MapWriter},
 };
 
 /// A backend as the agent tracks it.
@@ -31,8 +23,41 @@ use crate::{
 pub struct BackendState {
     pub id: u32,
     pub address: IpAddr,
+    /// Its weight in the ring (0 while draining, disabled or down).
     pub weight: u32,
     pub generation: u32,
+    /// Whether the datapath honours flows tracked to it.
+    pub up: bool,
+}
+
+/// What the agent wants the datapath to do with one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub address: IpAddr,
+    /// Share of new flows (ring weight); 0 means no new flows.
+    pub ring_weight: u32,
+    /// Whether flows already tracked to it keep going there.
+    pub up: bool,
+}
+
+impl DesiredBackend {
+    /// The plain config view: up, with its configured weight.
+    #[must_use]
+    pub fn from_config(backend: &crate::config::BackendConfig) -> Self {
+        Self {
+            address: backend.address,
+            ring_weight: backend.weight,
+            up: true,
+        }
+    }
+}
+
+/// What `Balancer::adopt` found in pinned maps: the datapath state a previous agent left.
+#[derive(Debug, Default, Clone)]
+pub struct Adopted {
+    pub vips: Vec<(VipKey, VipInfo)>,
+    /// Every backend entry ever written (generation above 0), by id.
+    pub backends: Vec<(u32, BackendInfo)>,
 }
 
 impl BackendState {
@@ -89,6 +114,26 @@ pub struct Balancer<M> {
     free_service_ids: Vec<u32>,
 }
 
+/// A stand-in config for a VIP found in pinned maps that no configured service claims; it
+/// exists only so that the next `apply` removes the VIP.
+fn orphan_config(key: VipKey, info: &VipInfo) -> ServiceConfig {
+    ServiceConfig {
+        name: format!("(orphan {})", info.service_id),
+        vip: lb_common::addr_from_bytes(key.addr, key.family),
+        port: u16::from_be(key.port_be),
+        protocol: if key.proto == lb_common::PROTO_UDP {
+            crate::config::Protocol::Udp
+        } else {
+            crate::config::Protocol::Tcp
+        },
+        scheduler: crate::config::Scheduler::default(),
+        forwarding: crate::config::Forwarding::default(),
+        ring_size: info.ring_size,
+        backends: Vec::new(),
+        health_check: crate::config::HealthCheck::default(),
+    }
+}
+
 /// The identity Maglev hashes for a backend: stable across restarts and independent of the
 /// other backends, so a backend keeps its preferred slots.
 fn maglev_key(service: &str, address: IpAddr) -> Vec<u8> {
@@ -126,11 +171,101 @@ impl<M: MapWriter> Balancer<M> {
         self.services.get(name)
     }
 
-    /// Brings the datapath to `config`, writing only what differs from the current state.
+    /// Takes over the state a previous agent left in pinned maps, so that the next `apply`
+    /// writes only differences and keeps service ids, backend ids and generations: flows
+    /// tracked by the datapath stay valid. `read_ring` reads a service's ring from the map.
+    /// VIPs no configured service claims are kept under a placeholder name, so the next
+    /// `apply` removes them. Returns, per (service, backend), whether it was up.
+    pub fn adopt(
+        &mut self,
+        adopted: &Adopted,
+        services: &[ServiceConfig],
+        mut read_ring: impl FnMut(u32, u32) -> Result<Vec<u32>, DatapathError>,
+    ) -> Result<Vec<(String, IpAddr, bool)>, ApplyError> {
+        let mut known = Vec::new();
+        for (id, info) in &adopted.backends {
+            if let Some(g) = self.generations.get_mut(*id as usize) {
+                *g = (*g).max(info.generation);
+            }
+        }
+        let mut used_services = Vec::new();
+        let mut used_backends = Vec::new();
+        for (key, info) in &adopted.vips {
+            let name = services
+                .iter()
+                .find(|s| VipKey::new(s.vip, s.port, s.protocol.number()) == *key)
+                .map_or_else(
+                    || format!("(orphan {})", info.service_id),
+                    |s| s.name.clone(),
+                );
+            let config = services
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .unwrap_or_else(|| orphan_config(*key, info));
+            let backends: Vec<BackendState> = adopted
+                .backends
+                .iter()
+                .filter(|(_, b)| b.service_id == info.service_id && b.generation > 0)
+                .map(|(id, b)| BackendState {
+                    id: *id,
+                    address: lb_common::addr_from_bytes(b.addr, b.family),
+                    weight: 0,
+                    generation: b.generation,
+                    up: b.state == BACKEND_UP,
+                })
+                .collect();
+            for b in &backends {
+                known.push((name.clone(), b.address, b.up));
+                used_backends.push(b.id);
+            }
+            used_services.push(info.service_id);
+            let ring = read_ring(info.service_id, info.ring_size)?;
+            self.services.insert(
+                name,
+                ServiceState {
+                    id: info.service_id,
+                    config,
+                    key: *key,
+                    backends,
+                    ring,
+                },
+            );
+        }
+        self.free_service_ids = (0..MAX_SERVICES)
+            .rev()
+            .filter(|id| !used_services.contains(id))
+            .collect();
+        self.free_backend_ids = (0..MAX_BACKENDS)
+            .rev()
+            .filter(|id| !used_backends.contains(id))
+            .collect();
+        Ok(known)
+    }
+
+    /// Brings the datapath to `config` (every backend up, at its configured weight),
+    /// writing only what differs from the current state.
+    pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, ApplyError> {
+        let desired: Vec<(ServiceConfig, Vec<DesiredBackend>)> = config
+            .services
+            .iter()
+            .map(|s| {
+                let backends = s.backends.iter().map(DesiredBackend::from_config).collect();
+                (s.clone(), backends)
+            })
+            .collect();
+        self.apply_desired(config, &desired)
+    }
+
+    /// Brings the datapath to `desired`, writing only what differs from the current state.
     /// Order matters for packets in flight: backends are written before the ring slots that
     /// point at them, rings before the VIP that makes them reachable; on removal the VIP goes
-    /// first.
-    pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, ApplyError> {
+    /// first. `config` supplies the agent-wide settings (tunnel sources).
+    pub fn apply_desired(
+        &mut self,
+        config: &Config,
+        desired: &[(ServiceConfig, Vec<DesiredBackend>)],
+    ) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
         let mut global = GlobalConfig::default();
         if let Some(v4) = config.agent.tunnel_source {
@@ -142,7 +277,7 @@ impl<M: MapWriter> Balancer<M> {
         self.maps.set_global(global)?;
 
         // Services that are gone.
-        let wanted: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let wanted: Vec<&str> = desired.iter().map(|(s, _)| s.name.as_str()).collect();
         let gone: Vec<String> = self
             .services
             .keys()
@@ -155,8 +290,8 @@ impl<M: MapWriter> Balancer<M> {
             }
         }
 
-        for service in &config.services {
-            self.apply_service(service, &mut report)?;
+        for (service, backends) in desired {
+            self.apply_service(service, backends, &mut report)?;
         }
 
         // VIP addresses: one entry per distinct address, kept while any service uses it.
@@ -212,6 +347,7 @@ impl<M: MapWriter> Balancer<M> {
     fn apply_service(
         &mut self,
         service: &ServiceConfig,
+        desired: &[DesiredBackend],
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
         let key = VipKey::new(service.vip, service.port, service.protocol.number());
@@ -250,17 +386,28 @@ impl<M: MapWriter> Balancer<M> {
 
         // Backends: keep ids of addresses that stay, retire the others, allocate new ones.
         let old_backends = std::mem::take(&mut state.backends);
-        let mut backends = Vec::with_capacity(service.backends.len());
-        for wanted in &service.backends {
-            let (backend, changed) = match old_backends.iter().find(|b| b.address == wanted.address)
-            {
-                Some(old) => (
-                    BackendState {
-                        weight: wanted.weight,
+        let mut backends = Vec::with_capacity(desired.len());
+        // Backends going down are marked down after the ring stops pointing at them (or a
+        // re-picked tracked flow would land on them again); backends coming up are marked up
+        // before the ring points at them.
+        let mut going_down = Vec::new();
+        for wanted in desired {
+            let backend = match old_backends.iter().find(|b| b.address == wanted.address) {
+                Some(old) => {
+                    let backend = BackendState {
+                        weight: wanted.ring_weight,
+                        up: wanted.up,
                         ..old.clone()
-                    },
-                    false,
-                ),
+                    };
+                    if old.up && !wanted.up {
+                        going_down.push(backend.clone());
+                    } else if !old.up && wanted.up {
+                        self.maps
+                            .set_backend(backend.id, backend.info(state.id, BACKEND_UP))?;
+                        report.backends_written += 1;
+                    }
+                    backend
+                }
                 None => {
                     let id = self
                         .free_backend_ids
@@ -268,22 +415,20 @@ impl<M: MapWriter> Balancer<M> {
                         .ok_or(ApplyError::Exhausted("backend"))?;
                     let generation = self.generations[id as usize].wrapping_add(1);
                     self.generations[id as usize] = generation;
-                    (
-                        BackendState {
-                            id,
-                            address: wanted.address,
-                            weight: wanted.weight,
-                            generation,
-                        },
-                        true,
-                    )
+                    let backend = BackendState {
+                        id,
+                        address: wanted.address,
+                        weight: wanted.ring_weight,
+                        generation,
+                        up: wanted.up,
+                    };
+                    let state_code = if wanted.up { BACKEND_UP } else { BACKEND_DOWN };
+                    self.maps
+                        .set_backend(backend.id, backend.info(state.id, state_code))?;
+                    report.backends_written += 1;
+                    backend
                 }
             };
-            if changed {
-                self.maps
-                    .set_backend(backend.id, backend.info(state.id, BACKEND_UP))?;
-                report.backends_written += 1;
-            }
             backends.push(backend);
         }
 
@@ -308,6 +453,11 @@ impl<M: MapWriter> Balancer<M> {
         }
         state.ring = ring;
 
+        for backend in &going_down {
+            self.maps
+                .set_backend(backend.id, backend.info(state.id, BACKEND_DOWN))?;
+            report.backends_written += 1;
+        }
         // Backends that left the service: after the ring no longer points at them.
         for old in &old_backends {
             if !backends.iter().any(|b| b.address == old.address) {
@@ -339,114 +489,7 @@ impl<M: MapWriter> Balancer<M> {
     }
 }
 
-/// Interfaces of this network namespace (name, ifindex), from `if_nameindex(3)`.
-fn interfaces() -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    // SAFETY: `if_nameindex` returns a heap array terminated by a zero entry, or NULL; we
-    // read it until the terminator and free it once.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return out;
-        }
-        let mut entry = list;
-        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
-            let name = std::ffi::CStr::from_ptr((*entry).if_name)
-                .to_string_lossy()
-                .into_owned();
-            out.push((name, (*entry).if_index));
-            entry = entry.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    out
-}
-
-/// `bpf_fib_lookup` answers only for interfaces with forwarding enabled (it reports
-/// "forwarding disabled" otherwise), so the agent turns it on for the interface it serves.
-fn enable_forwarding(interface: &str, v6: bool) -> anyhow::Result<()> {
-    let mut paths = vec![format!("/proc/sys/net/ipv4/conf/{interface}/forwarding")];
-    if v6 {
-        paths.push(format!("/proc/sys/net/ipv6/conf/{interface}/forwarding"));
-    }
-    for path in paths {
-        std::fs::write(&path, "1").with_context(|| format!("enabling forwarding: {path}"))?;
-        tracing::info!(%path, "forwarding enabled (bpf_fib_lookup needs it)");
-    }
-    Ok(())
-}
-
-/// Prompts the kernel to resolve each backend's neighbour entry (ARP/ND), which
-/// `bpf_fib_lookup` reads but does not create: an empty datagram to the discard port.
-fn warm_neighbours(config: &Config) {
-    let v4 = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).ok();
-    let v6 = UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).ok();
-    for service in &config.services {
-        for backend in &service.backends {
-            let socket = match backend.address {
-                IpAddr::V4(_) => v4.as_ref(),
-                IpAddr::V6(_) => v6.as_ref(),
-            };
-            if let Some(socket) = socket {
-                // Best effort: an unreachable backend shows up as drop_fib_lookup.
-                let _ = socket.send_to(&[], SocketAddr::new(backend.address, 9));
-            }
-        }
-    }
-}
-
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
-    let interface = config.agent.interface.clone();
-    tracing::info!(config = %config_path.display(), %interface, services = config.services.len(), "starting");
-    // Fail before loading anything if the interface is not here.
-    datapath::ifindex(&interface)?;
-
-    let mut ebpf = datapath::load_object(config.agent.conntrack_entries, false)?;
-    datapath::load_program(&mut ebpf, prog_name::BALANCER)?;
-    let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf)?);
-    let report = balancer.apply(&config)?;
-    tracing::info!(
-        ring_slots = report.ring_slots_written,
-        backends = report.backends_written,
-        vips = report.vips_written,
-        "maps written"
-    );
-    for (name, index) in interfaces() {
-        if name != "lo" {
-            balancer.maps_mut().set_tx_port(index)?;
-        }
-    }
-    let any_v6 = config
-        .services
-        .iter()
-        .flat_map(|s| &s.backends)
-        .any(|b| b.address.is_ipv6());
-    enable_forwarding(&interface, any_v6)?;
-    warm_neighbours(&config);
-
-    let program: &mut aya::programs::Xdp = ebpf
-        .program_mut(prog_name::BALANCER)
-        .context("balancer program")?
-        .try_into()?;
-    let (link, mode) = datapath::attach(program, &interface, config.agent.xdp_mode)?;
-    tracing::info!(%interface, mode = mode.as_str(), "XDP balancer attached");
-
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut warm = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = warm.tick() => warm_neighbours(&config),
-        }
-    }
-    tracing::info!(%interface, "stopping: detaching XDP");
-    program.detach(link)?;
-    drop(balancer);
-    Ok(())
-}
+pub use crate::runtime::{run, teardown};
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,10 @@
 //! The agent's logic talks to the maps through [`MapWriter`] (Katran's approach), so it can
 //! be tested without a kernel; [`KernelMaps`] is the real implementation.
 
-use std::ffi::CString;
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
@@ -74,6 +77,41 @@ pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
         return Err(DatapathError::NoSuchInterface(interface.into()));
     }
     Ok(index)
+}
+
+/// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
+/// benchmark template or the decap program's VIP set.
+pub const PINNED_MAPS: [&str; 11] = [
+    map_name::VIPS,
+    map_name::VIP_ADDRS,
+    map_name::BACKENDS,
+    map_name::RING,
+    map_name::CONNTRACK,
+    map_name::STATS,
+    map_name::VIP_STATS,
+    map_name::BACKEND_STATS,
+    map_name::TX_PORTS,
+    map_name::GLOBAL,
+    map_name::NEXT_HOPS,
+];
+
+/// Name of the pinned XDP link in the bpffs directory.
+pub const LINK_PIN: &str = "link";
+
+/// Loads the object with the balancer's maps pinned in `bpffs`: maps already pinned there
+/// (by an earlier agent) are reused with their contents, missing ones are created and
+/// pinned. A reused connection table keeps its size until `weir teardown`.
+pub fn load_object_pinned(conntrack_entries: u32, bpffs: &Path) -> Result<Ebpf, DatapathError> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(map_name::CONNTRACK, conntrack_entries.max(1));
+    let paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, bpffs.join(name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
 }
 
 /// Loads the object. `conntrack_entries` sizes the connection table; `small` shrinks the
@@ -253,6 +291,41 @@ impl KernelMaps {
     #[must_use]
     pub fn conntrack_len(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Every VIP entry (for adopting a pinned datapath).
+    pub fn read_vips(&self) -> Result<Vec<(VipKey, VipInfo)>, DatapathError> {
+        self.vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_name::VIPS))
+    }
+
+    /// Every backend entry ever written (generation above 0), by id.
+    pub fn read_backends(&self) -> Result<Vec<(u32, BackendInfo)>, DatapathError> {
+        let mut out = Vec::new();
+        for id in 0..lb_common::MAX_BACKENDS {
+            let info = self
+                .backends
+                .get(&id, 0)
+                .map_err(map_err(map_name::BACKENDS))?;
+            if info.generation > 0 {
+                out.push((id, info));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A service's ring as the datapath holds it.
+    pub fn read_ring(&self, service_id: u32, ring_size: u32) -> Result<Vec<u32>, DatapathError> {
+        let base = service_id * MAX_RING_SIZE;
+        (0..ring_size.min(MAX_RING_SIZE))
+            .map(|slot| {
+                self.ring
+                    .get(&(base + slot), 0)
+                    .map_err(map_err(map_name::RING))
+            })
+            .collect()
     }
 
     /// The connection-table entry of a flow, if any.

@@ -5,3 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod decap;
+pub mod health;
+pub mod metrics;
+pub mod overlay;
+pub mod runtime;

@@ -1,13 +1,16 @@
 //! The `weir` binary: parses the command line, sets up logging and dispatches to the
 //! library. Exit status: 0 on success (and for `--help`/`--version`), 64 (`EX_USAGE`) for a
-//! bad command line or an invalid config file, 1 for a runtime error.
-use std::path::PathBuf;
+//! bad command line or an invalid config file, 1 for a runtime error; the client commands
+//! add 65, 67, 69, 77 and 78 (see `weir::cli` and `weir --help`).
+use std::io::{self, BufWriter, IsTerminal as _};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use weir::cli::{
-    AgentArgs, Cli, Command, ConfigCommand, DecapArgs, EX_USAGE, EXIT_FAILURE, LogFormat,
+    AgentArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs, EX_NOPERM, EX_USAGE,
+    EXIT_FAILURE, LogFormat, Streams,
 };
 
 fn main() -> ExitCode {
@@ -25,6 +28,8 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent(args),
         Command::Decap(args) => decap(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Client(command) => client(&command),
+        Command::Teardown(args) => teardown(&args.bpffs),
     }
 }
 
@@ -39,9 +44,9 @@ fn init_logging(format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(io::stderr)
         // Colour only on a terminal: logs redirected to files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -83,7 +88,7 @@ fn decap(args: DecapArgs) -> ExitCode {
     }
 }
 
-fn config_check(file: &std::path::Path) -> ExitCode {
+fn config_check(file: &Path) -> ExitCode {
     match weir::cli::config_check(file) {
         Ok(line) => {
             println!("{line}");
@@ -92,6 +97,45 @@ fn config_check(file: &std::path::Path) -> ExitCode {
         Err(err) => {
             eprintln!("{err}");
             ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
+fn client(command: &ClientCommand) -> ExitCode {
+    let stdout = io::stdout();
+    let terminal = stdout.is_terminal();
+    // `weir service table` prints a line per slot: buffer them (run_client flushes).
+    let mut out = BufWriter::new(stdout.lock());
+    let mut err = io::stderr().lock();
+    let code = weir::cli::run_client(
+        command,
+        &mut Streams {
+            out: &mut out,
+            err: &mut err,
+            terminal,
+        },
+    );
+    ExitCode::from(code)
+}
+
+fn teardown(bpffs: &Path) -> ExitCode {
+    match weir::agent::teardown(bpffs) {
+        Ok(()) => {
+            println!("{}: XDP program detached and pins removed", bpffs.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            let code = weir::cli::teardown_exit_code(&err);
+            let hint = if code == EX_NOPERM {
+                " (run as root)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "error: tearing down the datapath pinned under {}: {err:#}{hint}",
+                bpffs.display()
+            );
+            ExitCode::from(code)
         }
     }
 }

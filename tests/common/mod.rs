@@ -334,15 +334,29 @@ pub fn spawn_in_ns(ns: &str, args: &[&str]) -> Result<ChildGuard> {
 
 /// Runs `ip netns exec NS PROGRAM ARGS...` in the background.
 pub fn spawn_cmd_in_ns(ns: &str, program: &str, args: &[&str]) -> Result<ChildGuard> {
+    spawn_with(&["ip", "netns", "exec", ns], ns, program, args)
+}
+
+/// Runs `nsenter --net=/run/netns/NS <weir> ARGS...` in the background: only the network
+/// namespace changes, so the process sees the host's bpffs and its pins outlive it (as the
+/// agent's do in production). `ip netns exec` would give it a private mount namespace whose
+/// bpffs vanishes with the process.
+pub fn spawn_nsenter(ns: &str, args: &[&str]) -> Result<ChildGuard> {
+    let net = format!("--net=/run/netns/{ns}");
+    spawn_with(&["nsenter", &net], ns, weir_bin(), args)
+}
+
+fn spawn_with(launcher: &[&str], ns: &str, program: &str, args: &[&str]) -> Result<ChildGuard> {
     let seq = LOG_SEQ.fetch_add(1, Ordering::Relaxed);
     let base = program.rsplit('/').next().unwrap_or(program);
     let sub = args.first().copied().unwrap_or("");
     let log = std::env::temp_dir().join(format!("{ns}-{base}-{sub}-{seq}.log"));
     let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone()?;
-    let what = format!("ip netns exec {ns} {program} {}", args.join(" "));
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
+    let what = format!("{} {program} {}", launcher.join(" "), args.join(" "));
+    let child = Command::new(launcher[0])
+        .args(&launcher[1..])
+        .arg(program)
         .args(args)
         .env(
             "RUST_LOG",
@@ -698,15 +712,81 @@ impl Topology {
         Ok(p)
     }
 
-    /// Starts `weir agent --config FILE` in the LB namespace and waits for its XDP program.
+    /// The `[agent]` keys that keep this topology's agent apart from any other: its API
+    /// socket and state file in the work directory, its pins in its own bpffs directory.
+    pub fn agent_keys(&self) -> String {
+        format!(
+            "api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{}\"\n",
+            self.api_socket().display(),
+            self.workdir.join("state.json").display(),
+            self.bpffs().display()
+        )
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.workdir.join("weir.sock")
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/weir-test-{}", self.prefix))
+    }
+
+    /// Writes the agent's config (`agent.toml` in the work directory) and returns its path.
+    pub fn write_agent_config(&self, config: &str) -> Result<PathBuf> {
+        self.write_file("agent.toml", config)
+    }
+
+    /// Starts `weir agent --config FILE` in the LB namespace (see `spawn_nsenter`) and waits
+    /// until its API answers, which it does once the program is attached and the maps are
+    /// written.
     pub fn start_agent(&self, config: &str) -> Result<ChildGuard> {
-        let path = self.write_file("agent.toml", config)?;
+        let path = self.write_agent_config(config)?;
+        self.start_agent_file(&path)
+    }
+
+    /// As `start_agent`, with the config already written at `path`.
+    pub fn start_agent_file(&self, path: &std::path::Path) -> Result<ChildGuard> {
         let path = path.to_str().context("utf-8 path")?;
-        let mut child = spawn_in_ns(&self.lb, &["agent", "--config", path])?;
-        child
-            .wait_xdp(&self.lb, NODE_IF, None)
-            .context("waiting for the agent")?;
+        let mut child = spawn_nsenter(&self.lb, &["agent", "--config", path])?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(resp) = weir::api::request(&self.api_socket(), &weir::api::Request::Status {})
+                && resp.ok
+            {
+                break;
+            }
+            if let Some(st) = child.try_status() {
+                bail!(
+                    "the agent exited ({st}) before answering; log:\n{}",
+                    child.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not answer on {} within 15 s; log:\n{}",
+                    self.api_socket().display(),
+                    child.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if !xdp_attached(&self.lb, NODE_IF)? {
+            bail!(
+                "the agent answers but no XDP program is attached; log:\n{}",
+                child.log()
+            );
+        }
         Ok(child)
+    }
+
+    /// Sends one API request to this topology's agent.
+    pub fn api(&self, req: &weir::api::Request) -> Result<weir::api::Response> {
+        Ok(weir::api::request(&self.api_socket(), req)?)
+    }
+
+    /// `weir teardown` for this topology's pins.
+    pub fn teardown_datapath(&self) -> Result<()> {
+        weir::agent::teardown(&self.bpffs())
     }
 
     /// Starts `weir decap --interface eth0 --vip ...` on every backend and waits for each.
@@ -776,6 +856,12 @@ impl Drop for Topology {
         // Detach the pass program from inside the switch namespace, then delete namespaces
         // (Vec<Netns> drops after this), then temp files.
         drop(self.pass.take());
+        // Pins live in the host's bpffs: remove them even when the test failed.
+        if self.bpffs().exists()
+            && let Err(e) = weir::agent::teardown(&self.bpffs())
+        {
+            eprintln!("warning: teardown of {}: {e:#}", self.bpffs().display());
+        }
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);
         }

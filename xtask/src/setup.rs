@@ -23,6 +23,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "iputils-ping",
     "python3",
+    "prometheus",
 ];
 
 /// The toolchain aya-build compiles lb-ebpf with (`rustup run nightly cargo build -Z build-std`).

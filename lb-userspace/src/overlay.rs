@@ -1,0 +1,245 @@
+//! Changes made from the CLI (`weir backend add|remove|weight|drain|enable|disable`), kept
+//! in `[agent] state_file` so they survive agent restarts and reloads.
+//!
+//! The config file stays the base; the overlay is applied on top of it, per service and
+//! backend address: an added backend (with its weight), a removed one, a weight, an admin
+//! state. The file is written atomically (temporary file, fsync, rename).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Write as _},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BackendConfig, ServiceConfig};
+
+/// Administrative state of a backend, set from the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    #[default]
+    Enabled,
+    /// No new flows; flows already tracked to it stay.
+    Draining,
+    /// No new flows; tracked flows are re-picked.
+    Disabled,
+}
+
+impl Admin {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "enabled",
+            Self::Draining => "draining",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// What the CLI changed about one backend of one service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendOverride {
+    /// Added from the CLI (not in the config file, or re-added after a removal).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub added: bool,
+    /// Removed from the CLI.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
+}
+
+/// The state file's contents.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overlay {
+    /// Service name -> backend address -> changes.
+    #[serde(default)]
+    pub services: BTreeMap<String, BTreeMap<IpAddr, BackendOverride>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("reading state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "state file {path} is not valid ({reason}); fix or remove it (it holds changes made with `weir backend ...`)"
+    )]
+    Invalid { path: PathBuf, reason: String },
+    #[error("writing state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A backend of a service after the overlay: where it comes from does not matter any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveBackend {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub admin: Admin,
+}
+
+impl Overlay {
+    /// Reads the state file; a missing file is an empty overlay.
+    pub fn load(path: &Path) -> Result<Self, OverlayError> {
+        match fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| OverlayError::Invalid {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(OverlayError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes the state file atomically: a reader sees the old or the new file, never half.
+    pub fn save(&self, path: &Path) -> Result<(), OverlayError> {
+        let err = |source| OverlayError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let mut text = serde_json::to_vec_pretty(self).map_err(|e| err(io::Error::other(e)))?;
+        text.push(b'\n');
+        {
+            let mut file = fs::File::create(&tmp).map_err(err)?;
+            file.write_all(&text).map_err(err)?;
+            file.sync_all().map_err(err)?;
+        }
+        fs::rename(&tmp, path).map_err(err)
+    }
+
+    /// The override of one backend, created empty if needed.
+    pub fn entry(&mut self, service: &str, address: IpAddr) -> &mut BackendOverride {
+        self.services
+            .entry(service.to_owned())
+            .or_default()
+            .entry(address)
+            .or_default()
+    }
+
+    /// The backends of `service` once the overlay is applied, in config order then in
+    /// address order for CLI additions.
+    #[must_use]
+    pub fn effective(&self, service: &ServiceConfig) -> Vec<EffectiveBackend> {
+        let empty = BTreeMap::new();
+        let changes = self.services.get(&service.name).unwrap_or(&empty);
+        let mut out: Vec<EffectiveBackend> = service
+            .backends
+            .iter()
+            .map(|BackendConfig { address, weight }| EffectiveBackend {
+                address: *address,
+                weight: *weight,
+                admin: Admin::Enabled,
+            })
+            .collect();
+        for (address, change) in changes {
+            if change.added && !out.iter().any(|b| b.address == *address) {
+                out.push(EffectiveBackend {
+                    address: *address,
+                    weight: 1,
+                    admin: Admin::Enabled,
+                });
+            }
+        }
+        out.retain(|b| !changes.get(&b.address).is_some_and(|c| c.removed));
+        for backend in &mut out {
+            if let Some(change) = changes.get(&backend.address) {
+                if let Some(weight) = change.weight {
+                    backend.weight = weight;
+                }
+                if let Some(admin) = change.admin {
+                    backend.admin = admin;
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn web() -> ServiceConfig {
+        let text = "[agent]\ninterface = \"eth0\"\ntunnel_source = \"198.51.100.1\"\n\
+                    [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\
+                    [[service.backend]]\naddress = \"198.51.100.11\"\n\
+                    [[service.backend]]\naddress = \"198.51.100.12\"\nweight = 2\n";
+        config::parse(text, Path::new("t.toml"))
+            .unwrap()
+            .services
+            .remove(0)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn overlay_adds_removes_reweights_and_sets_admin() {
+        let svc = web();
+        let mut o = Overlay::default();
+        assert_eq!(o.effective(&svc).len(), 2);
+        o.entry("web", ip("198.51.100.13")).added = true;
+        o.entry("web", ip("198.51.100.13")).weight = Some(5);
+        o.entry("web", ip("198.51.100.11")).removed = true;
+        o.entry("web", ip("198.51.100.12")).admin = Some(Admin::Draining);
+        let eff = o.effective(&svc);
+        assert_eq!(
+            eff,
+            vec![
+                EffectiveBackend {
+                    address: ip("198.51.100.12"),
+                    weight: 2,
+                    admin: Admin::Draining
+                },
+                EffectiveBackend {
+                    address: ip("198.51.100.13"),
+                    weight: 5,
+                    admin: Admin::Enabled
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn save_is_atomic_and_round_trips() {
+        let dir = std::env::temp_dir().join(format!("weir-overlay-{}", std::process::id()));
+        let path = dir.join("state.json");
+        let mut o = Overlay::default();
+        o.entry("web", ip("2001:db8::11")).weight = Some(3);
+        o.save(&path).unwrap();
+        assert_eq!(Overlay::load(&path).unwrap(), o);
+        assert!(!path.with_extension("json.tmp").exists());
+        fs::write(&path, "{\"services\": 3}").unwrap();
+        let err = Overlay::load(&path).unwrap_err().to_string();
+        assert!(err.contains("not valid"), "{err}");
+        assert_eq!(
+            Overlay::load(&dir.join("missing.json")).unwrap(),
+            Overlay::default()
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
