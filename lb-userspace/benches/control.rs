@@ -32,7 +32,7 @@ fn keys(n: usize) -> Vec<Vec<u8>> {
         .map(|i| {
             let mut k = b"web\0".to_vec();
             k.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
-            k.extend_from_slice(&u16::try_from(i).expect("few backends").to_be_bytes());
+            k.extend_from_slice(&u16::try_from(i + 1).expect("few backends").to_be_bytes());
             k
         })
         .collect()
