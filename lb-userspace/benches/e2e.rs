@@ -97,39 +97,45 @@ impl Peer {
     }
 }
 
-/// What a configuration left behind to undo: processes (stopped first, by `ChildGuard`'s
-/// drop: SIGTERM, then SIGKILL) and commands (run in reverse order, errors ignored).
+/// What a configuration left behind to undo: processes (stopped first: SIGTERM, then
+/// SIGKILL) and then the undo steps, in reverse order, errors reported but not fatal.
 #[derive(Default)]
-struct Active {
+struct Active<'a> {
     children: Vec<common::ChildGuard>,
-    undo: Vec<Vec<String>>,
+    undo: Vec<Box<dyn FnOnce() -> Result<()> + 'a>>,
 }
 
-impl Active {
-    fn undo(&mut self, args: &[&str]) {
-        self.undo
-            .push(args.iter().map(|s| (*s).to_owned()).collect());
+impl Active<'_> {
+    /// Runs `args` on teardown.
+    fn undo_cmd(&mut self, args: &[&str]) {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        self.undo.push(Box::new(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            common::run(&args).map(drop)
+        }));
     }
 }
 
-impl Drop for Active {
+impl Drop for Active<'_> {
     fn drop(&mut self) {
         while let Some(mut c) = self.children.pop() {
             c.stop();
         }
-        while let Some(cmd) = self.undo.pop() {
-            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-            let _ = common::run(&args);
+        while let Some(step) = self.undo.pop() {
+            if let Err(e) = step() {
+                eprintln!("warning: teardown step failed: {e:#}");
+            }
         }
     }
 }
 
-fn agent_config(forwarding: &str) -> String {
+fn agent_config(t: &Topology, forwarding: &str) -> String {
     let mut c = format!(
         "[agent]\ninterface = \"{NODE_IF}\"\nxdp_mode = \"native\"\ntunnel_source = \"{}\"\n\
-         conntrack_entries = 262144\n\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\n\
+         conntrack_entries = 262144\n{}\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\n\
          port = 80\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\n",
-        common::LB_V4
+        common::LB_V4,
+        t.agent_keys()
     );
     for i in 0..BACKENDS {
         let _ = write!(c, "[[service.backend]]\naddress = \"{}\"\n", backend_v4(i));
@@ -150,7 +156,7 @@ fn nft_ruleset(hash: &str) -> String {
 
 fn haproxy_config(dir: &Path) -> String {
     let mut c = format!(
-        "global\n  nbthread 1\n  maxconn 200000\n  pidfile {}/haproxy.pid\n\n\
+        "global\n  nbthread 1\n  maxconn 4000\n  pidfile {}/haproxy.pid\n\n\
          defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n\
          frontend vip\n  bind {VIP_V4}:80\n  default_backend web\n\n\
          backend web\n  balance roundrobin\n",
@@ -168,9 +174,9 @@ fn nginx_stream_config(dir: &Path) -> String {
         .collect();
     format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-         worker_processes 1;\nworker_rlimit_nofile 200000;\ndaemon off;\n\
+         worker_processes 1;\nworker_rlimit_nofile 16384;\ndaemon off;\n\
          pid {d}/lb-nginx.pid;\nerror_log {d}/lb-nginx-error.log warn;\n\
-         events {{ worker_connections 100000; }}\n\
+         events {{ worker_connections 8192; }}\n\
          stream {{\n  upstream web {{\n{servers}  }}\n  server {{\n    listen {VIP_V4}:80 backlog=4096;\n    proxy_pass web;\n  }}\n}}\n",
         d = dir.display()
     )
@@ -179,9 +185,9 @@ fn nginx_stream_config(dir: &Path) -> String {
 fn backend_nginx_config(dir: &Path, i: usize) -> String {
     let d = dir.display();
     format!(
-        "worker_processes 1;\nworker_rlimit_nofile 200000;\ndaemon off;\n\
+        "worker_processes 1;\nworker_rlimit_nofile 16384;\ndaemon off;\n\
          pid {d}/b{i}-nginx.pid;\nerror_log {d}/b{i}-nginx-error.log warn;\n\
-         events {{ worker_connections 100000; }}\n\
+         events {{ worker_connections 8192; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 60s;\n\
          \x20 client_body_temp_path {d}/b{i}-body;\n  proxy_temp_path {d}/b{i}-proxy;\n\
          \x20 fastcgi_temp_path {d}/b{i}-fastcgi;\n  uwsgi_temp_path {d}/b{i}-uwsgi;\n\
@@ -225,7 +231,7 @@ fn wait_listening(ns: &str, child: &mut common::ChildGuard, what: &str) -> Resul
     }
 }
 
-fn start(t: &Topology, peer: Peer) -> Result<Active> {
+fn start(t: &Topology, peer: Peer) -> Result<Active<'_>> {
     let mut a = Active::default();
     let vip_lo = format!("{VIP_V4}/32");
     match peer {
@@ -240,7 +246,11 @@ fn start(t: &Topology, peer: Peer) -> Result<Active> {
                 a.children
                     .extend(t.start_decap(&[std::net::IpAddr::V4(VIP_V4)])?);
             }
-            a.children.push(t.start_agent(&agent_config(forwarding))?);
+            // The agent leaves its datapath pinned when it stops (restarts keep flows):
+            // remove it after the run, so the next configuration starts clean.
+            a.undo.push(Box::new(|| t.teardown_datapath()));
+            a.children
+                .push(t.start_agent(&agent_config(t, forwarding))?);
         }
         Peer::NftNumgen | Peer::NftJhash => {
             let hash = if peer == Peer::NftNumgen {
@@ -250,7 +260,7 @@ fn start(t: &Topology, peer: Peer) -> Result<Active> {
             };
             let path = t.write_file("nft.conf", &nft_ruleset(&hash))?;
             let path = path.to_str().context("utf-8 path")?;
-            a.undo(&[
+            a.undo_cmd(&[
                 "ip",
                 "netns",
                 "exec",
@@ -266,12 +276,12 @@ fn start(t: &Topology, peer: Peer) -> Result<Active> {
             let client = format!("{}/32", common::CLIENT_V4);
             let lb = common::LB_V4.to_string();
             for b in &t.backends {
-                a.undo(&["ip", "-n", b, "route", "del", &client]);
+                a.undo_cmd(&["ip", "-n", b, "route", "del", &client]);
                 ip(b, &["route", "add", &client, "via", &lb, "dev", NODE_IF])?;
             }
         }
         Peer::Haproxy => {
-            a.undo(&["ip", "-n", &t.lb, "addr", "del", &vip_lo, "dev", "lo"]);
+            a.undo_cmd(&["ip", "-n", &t.lb, "addr", "del", &vip_lo, "dev", "lo"]);
             ip(&t.lb, &["addr", "add", &vip_lo, "dev", "lo"])?;
             let path = t.write_file("haproxy.cfg", &haproxy_config(&t.workdir))?;
             let path = path.to_str().context("utf-8 path")?;
@@ -282,7 +292,7 @@ fn start(t: &Topology, peer: Peer) -> Result<Active> {
             r?;
         }
         Peer::NginxStream => {
-            a.undo(&["ip", "-n", &t.lb, "addr", "del", &vip_lo, "dev", "lo"]);
+            a.undo_cmd(&["ip", "-n", &t.lb, "addr", "del", &vip_lo, "dev", "lo"]);
             ip(&t.lb, &["addr", "add", &vip_lo, "dev", "lo"])?;
             a.children.push(start_nginx(
                 t,

@@ -474,3 +474,53 @@ impl XdpMd {
         out
     }
 }
+
+/// The interface a pinned XDP link is attached to: `Some(ifindex)`, or `None` when the link
+/// is defunct (its interface is gone). Asks the kernel with `BPF_OBJ_GET` and
+/// `BPF_OBJ_GET_INFO_BY_FD`, which aya's `LinkInfo` does not expose for XDP.
+pub fn pinned_xdp_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // `union bpf_attr` for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    let mut get = [0u64; 3];
+    get[0] = c_path.as_ptr() as u64;
+    // SAFETY: `get` is a valid bpf_attr prefix of the size passed; the kernel only reads
+    // the path string, which outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            get.as_mut_ptr(),
+            size_of_val(&get) as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the per-type union,
+    // whose XDP member starts with the ifindex. 64 bytes cover it.
+    let mut info = [0u32; 16];
+    // `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info pointer.
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32)
+        | (u64::from(size_of_val(&info) as u32) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: `attr` points at `info`, a writable buffer of the length it states.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ifindex = info[4];
+    Ok((ifindex != 0).then_some(ifindex))
+}

@@ -715,6 +715,24 @@ pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
 fn attach_pinned(program: &mut Xdp, config: &Config) -> anyhow::Result<(String, bool)> {
     let pin = config.agent.bpffs.join(LINK_PIN);
     if pin.exists() {
+        // A link left by an earlier agent is adopted only if it still holds our interface.
+        let ours = datapath::ifindex(&config.agent.interface)?;
+        match datapath::pinned_xdp_link_ifindex(&pin) {
+            Ok(Some(index)) if index == ours => {}
+            Ok(Some(index)) => anyhow::bail!(
+                "{} holds an XDP link on another interface (ifindex {index}, not {});                  run `weir teardown --bpffs {}` or set [agent] bpffs to another directory",
+                pin.display(),
+                config.agent.interface,
+                config.agent.bpffs.display()
+            ),
+            Ok(None) | Err(_) => {
+                tracing::warn!(pin = %pin.display(), "the pinned XDP link is defunct (its interface is gone): replacing it");
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+    }
+    if pin.exists() {
         let pinned =
             PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
         let link =
