@@ -1228,3 +1228,156 @@ impl MapWriter for Recorder {
         Ok(())
     }
 }
+
+/// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come
+/// out behind the same Ethernet header, or the frame must pass unchanged.
+#[test]
+fn golden_decap() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gdc")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let vip4: IpAddr = "203.0.113.10".parse().unwrap();
+        let vip6_addr: IpAddr = "2001:db8:100::10".parse().unwrap();
+        let local4: IpAddr = "198.51.100.11".parse().unwrap();
+        let local6: IpAddr = "2001:db8::11".parse().unwrap();
+        let (mut ebpf, mut maps) = weir::decap::load(&[vip4, vip6_addr]).expect("decap program");
+        maps.set_local(&[local4, local6]).expect("local addresses");
+        let stats = aya::maps::PerCpuArray::<_, [u64; stat::COUNT as usize]>::try_from(
+            ebpf.take_map(lb_common::map_name::STATS).expect("STATS"),
+        )
+        .expect("stats map");
+        let g0 = datapath::ifindex("g0").unwrap();
+        let read =
+            |stats: &aya::maps::PerCpuArray<aya::maps::MapData, [u64; stat::COUNT as usize]>| {
+                let mut sum = [0u64; stat::COUNT as usize];
+                for cpu in stats.get(&0, 0).unwrap().iter() {
+                    for (s, v) in sum.iter_mut().zip(cpu.iter()) {
+                        *s += v;
+                    }
+                }
+                sum
+            };
+
+        let in4 = v4_packet(ip4("203.0.113.10"), PROTO_TCP, 45000, 80, SYN);
+        let in6 = v6_packet(vip6(0x10), PROTO_UDP, 45001, 53, 0);
+        let decapped = |inner: &[u8], v4: bool, backend: IpAddr, vlan: Option<u16>| {
+            let last = match backend {
+                IpAddr::V4(b) => b.octets()[3],
+                IpAddr::V6(b) => b.octets()[15],
+            };
+            let mut f = eth(
+                backend_mac(last),
+                LB_MAC,
+                vlan,
+                if v4 { 0x0800 } else { 0x86dd },
+            );
+            f.extend_from_slice(inner);
+            f
+        };
+        let other4: IpAddr = "198.51.100.12".parse().unwrap();
+        let mut not_vip = v4_packet(ip4("203.0.113.99"), PROTO_TCP, 45002, 80, SYN);
+        // A valid IPv4 header checksum is not needed here: the decapsulator reads addresses only.
+        not_vip[19] = 99;
+        let mut arp = eth([0xff; 6], CLIENT_MAC, None, 0x0806);
+        arp.resize(60, 0);
+        let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, u32)> = vec![
+            (
+                "IPv4-in-IPv4 to a local address, inner to a VIP: stripped",
+                tunnel_out(&in4, true, local4, 0, None),
+                Some(decapped(&in4, true, local4, None)),
+                stat::DECAP_OK,
+            ),
+            (
+                "IPv6-in-IPv6: stripped",
+                tunnel_out(&in6, false, local6, flow_hash(&key_of(&in6)), None),
+                Some(decapped(&in6, false, local6, None)),
+                stat::DECAP_OK,
+            ),
+            (
+                "IPv4-in-IPv6: stripped, EtherType becomes IPv4",
+                tunnel_out(&in4, true, local6, flow_hash(&key_of(&in4)), None),
+                Some(decapped(&in4, true, local6, None)),
+                stat::DECAP_OK,
+            ),
+            (
+                "IPv6-in-IPv4: stripped, EtherType becomes IPv6",
+                tunnel_out(&in6, false, local4, 0, None),
+                Some(decapped(&in6, false, local4, None)),
+                stat::DECAP_OK,
+            ),
+            (
+                "802.1Q-tagged IPv4-in-IPv4: tag kept",
+                tunnel_out(&in4, true, local4, 0, Some(0x0064)),
+                Some(decapped(&in4, true, local4, Some(0x0064))),
+                stat::DECAP_OK,
+            ),
+            (
+                "outer destination is not this host: unchanged",
+                tunnel_out(&in4, true, other4, 0, None),
+                None,
+                stat::PASS_NOT_VIP,
+            ),
+            (
+                "inner destination is not a VIP: unchanged",
+                tunnel_out(&not_vip, true, local4, 0, None),
+                None,
+                stat::PASS_NOT_VIP,
+            ),
+            (
+                "a plain TCP packet: unchanged",
+                frame4(&in4),
+                None,
+                stat::PASS_NOT_VIP,
+            ),
+            ("ARP: unchanged", arp, None, stat::PASS_NON_IP),
+            (
+                "inner header cut short: unchanged",
+                tunnel_out(&in4, true, local4, 0, None)[..14 + 20 + 10].to_vec(),
+                None,
+                stat::PASS_NOT_VIP,
+            ),
+        ];
+        let program: &Xdp = ebpf.program(prog_name::DECAP).unwrap().try_into().unwrap();
+        for (desc, input, output, reason) in cases {
+            let before = read(&stats);
+            let ctx = XdpMd {
+                data_end: input.len() as u32,
+                ingress_ifindex: g0,
+                ..XdpMd::default()
+            }
+            .as_bytes();
+            let mut out = vec![0u8; input.len() + 64];
+            let r = program
+                .test_run(TestRunOptions {
+                    data_in: Some(&input),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..TestRunOptions::default()
+                })
+                .expect("BPF_PROG_TEST_RUN");
+            out.truncate(r.data_size_out as usize);
+            assert_eq!(r.return_value, XDP_PASS, "{desc}: action");
+            assert_eq!(
+                hex(&out),
+                hex(output.as_ref().unwrap_or(&input)),
+                "{desc}: output frame"
+            );
+            let after = read(&stats);
+            assert_eq!(
+                after[reason as usize] - before[reason as usize],
+                1,
+                "{desc}: counter {}",
+                stat::NAMES[reason as usize]
+            );
+            assert_eq!(
+                after[stat::XDP_PASS as usize] - before[stat::XDP_PASS as usize],
+                1,
+                "{desc}: xdp_pass"
+            );
+            println!("ok: decap: {desc}");
+        }
+    });
+}

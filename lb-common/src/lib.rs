@@ -32,6 +32,7 @@ pub mod map_name {
     pub const GLOBAL: &str = "GLOBAL";
     pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
 }
 

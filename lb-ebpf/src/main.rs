@@ -97,6 +97,12 @@ static BENCH_TEMPLATE: Array<BenchTemplate> = Array::with_max_entries(1, 0);
 static DECAP_VIPS: HashMap<VipKey, u32> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
+/// Decap program: this host's own addresses. Only a packet whose outer destination is one
+/// of them is decapsulated: a tunnel packet merely passing by (a bridge port, a router) is
+/// not ours to open.
+#[map]
+static DECAP_LOCAL: HashMap<VipKey, u32> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const TCP_SYN: u8 = 0x02;
@@ -701,6 +707,7 @@ fn try_decap(ctx: &XdpContext) -> Result<(), Exit> {
         ether_type = u16::from_be_bytes([l2[16], l2[17]]);
         l2_len = ETH_HDR_LEN + VLAN_HDR_LEN;
     }
+    let mut local = VipKey::default();
     let (outer_len, inner_proto) = if ether_type == ETH_P_IP {
         let ip: *const [u8; IPV4_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(pass(stat::PASS_NON_IP))?;
         // SAFETY: checked by `ptr_at`.
@@ -709,14 +716,26 @@ fn try_decap(ctx: &XdpContext) -> Result<(), Exit> {
         if ihl < IPV4_HDR_LEN || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
             return Err(pass(stat::PASS_NOT_VIP));
         }
+        local.addr[..4].copy_from_slice(&ip[16..20]);
+        local.family = FAMILY_V4;
         (ihl, ip[9])
     } else if ether_type == ETH_P_IPV6 {
         let ip: *const [u8; IPV6_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(pass(stat::PASS_NON_IP))?;
         // SAFETY: checked by `ptr_at`.
-        (IPV6_HDR_LEN, unsafe { (*ip)[6] })
+        let ip = unsafe { &*ip };
+        local.addr.copy_from_slice(&ip[24..40]);
+        local.family = FAMILY_V6;
+        (IPV6_HDR_LEN, ip[6])
     } else {
         return Err(pass(stat::PASS_NON_IP));
     };
+    if inner_proto != PROTO_IPIP && inner_proto != PROTO_IPV6 {
+        return Err(pass(stat::PASS_NOT_VIP));
+    }
+    // SAFETY: presence test only.
+    if unsafe { DECAP_LOCAL.get(&local) }.is_none() {
+        return Err(pass(stat::PASS_NOT_VIP));
+    }
     let inner_off = l2_len + outer_len;
     let mut vip = VipKey::default();
     let inner_type = if inner_proto == PROTO_IPIP {

@@ -1,31 +1,115 @@
 //! `weir decap`: attaches the decapsulation program to a backend's interface so IP-in-IP
 //! packets for its VIPs arrive as plain packets (this kernel has no tunnel devices, and
 //! backends need none).
+//!
+//! A packet is decapsulated only if its inner destination is one of the given VIPs and its
+//! outer destination is one of this host's addresses; the host's addresses are re-read
+//! every 5 s.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use anyhow::Context as _;
-use aya::maps::HashMap;
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError},
+};
 use lb_common::{VipKey, map_name, prog_name};
 
 use crate::{config::XdpMode, datapath};
+
+/// The decap program's maps.
+pub struct DecapMaps {
+    vips: HashMap<MapData, VipKey, u32>,
+    local: HashMap<MapData, VipKey, u32>,
+    local_now: BTreeSet<IpAddr>,
+}
+
+impl DecapMaps {
+    /// Makes the set of local addresses exactly `addrs`.
+    pub fn set_local(&mut self, addrs: &[IpAddr]) -> Result<(), MapError> {
+        let want: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        for gone in self.local_now.difference(&want) {
+            match self.local.remove(&VipKey::addr_only(*gone)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for new in want.difference(&self.local_now) {
+            self.local.insert(VipKey::addr_only(*new), 1, 0)?;
+        }
+        self.local_now = want;
+        Ok(())
+    }
+
+    /// Adds a VIP.
+    pub fn add_vip(&mut self, vip: IpAddr) -> Result<(), MapError> {
+        self.vips.insert(VipKey::addr_only(vip), 1, 0)
+    }
+}
+
+/// Loads (verifies) the decap program and writes its VIPs. The local addresses start empty.
+pub fn load(vips: &[IpAddr]) -> anyhow::Result<(Ebpf, DecapMaps)> {
+    let mut ebpf = datapath::load_object(1, true)?;
+    datapath::load_program(&mut ebpf, prog_name::DECAP)?;
+    let take =
+        |ebpf: &mut Ebpf, name: &'static str| -> anyhow::Result<HashMap<MapData, VipKey, u32>> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("{name} map missing"))?;
+            Ok(HashMap::try_from(map)?)
+        };
+    let mut maps = DecapMaps {
+        vips: take(&mut ebpf, map_name::DECAP_VIPS)?,
+        local: take(&mut ebpf, map_name::DECAP_LOCAL)?,
+        local_now: BTreeSet::new(),
+    };
+    for vip in vips {
+        maps.add_vip(*vip)?;
+    }
+    Ok((ebpf, maps))
+}
+
+/// This host's addresses (in the calling thread's network namespace), from `getifaddrs(3)`.
+#[must_use]
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we walk once and free once; each
+    // `ifa_addr` is null or points at a sockaddr of the family it states.
+    unsafe {
+        if libc::getifaddrs(&raw mut list) != 0 {
+            return out;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = addr.cast::<libc::sockaddr_in>();
+                        out.push(IpAddr::from((*sin).sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = addr.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::from((*sin6).sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
 
 /// Attaches the decap program for `vips` on `interface` and keeps it attached until SIGINT
 /// or SIGTERM.
 pub fn run(interface: String, vips: Vec<IpAddr>, xdp_mode: XdpMode) -> anyhow::Result<()> {
     anyhow::ensure!(!vips.is_empty(), "give at least one --vip");
     datapath::ifindex(&interface)?;
-    let mut ebpf = datapath::load_object(1, true)?;
-    datapath::load_program(&mut ebpf, prog_name::DECAP)?;
-    {
-        let map = ebpf
-            .map_mut(map_name::DECAP_VIPS)
-            .context("DECAP_VIPS map missing")?;
-        let mut decap_vips: HashMap<_, VipKey, u32> = HashMap::try_from(map)?;
-        for vip in &vips {
-            decap_vips.insert(VipKey::addr_only(*vip), 1, 0)?;
-        }
-    }
+    let (mut ebpf, mut maps) = load(&vips)?;
+    maps.set_local(&local_addresses())?;
     let program: &mut aya::programs::Xdp = ebpf
         .program_mut(prog_name::DECAP)
         .context("decap program missing")?
@@ -40,9 +124,17 @@ pub fn run(interface: String, vips: Vec<IpAddr>, xdp_mode: XdpMode) -> anyhow::R
         use tokio::signal::unix::{SignalKind, signal};
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = sigint.recv() => {},
-            _ = sigterm.recv() => {},
+        let mut refresh = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = refresh.tick() => {
+                    if let Err(err) = maps.set_local(&local_addresses()) {
+                        tracing::warn!(error = %err, "updating the local addresses failed");
+                    }
+                }
+            }
         }
         anyhow::Ok(())
     })?;

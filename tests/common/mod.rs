@@ -1375,3 +1375,530 @@ pub fn lab_namespace(ns: &str) -> Result<()> {
     )?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Agent-level helpers: signals, HTTP, metrics text, switchable backend servers, Prometheus
+// ---------------------------------------------------------------------------------------------
+
+impl ChildGuard {
+    /// SIGKILL (no chance to clean up: the socket file and the pins stay), then reap.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if let Some(mut child) = self.child.take() {
+            if self.status.is_none() {
+                let _ = child.kill();
+                self.status = child.wait().ok();
+            }
+        }
+        self.status
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the running process.
+    pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
+        if self.try_status().is_some() {
+            bail!("`{}` has exited; cannot signal it", self.what);
+        }
+        let child = self.child.as_ref().context("no child")?;
+        let pid = libc::pid_t::try_from(child.id()).context("pid")?;
+        // SAFETY: kill(2) on our own, not yet reaped child (so the pid cannot be reused).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Runs `nsenter --net=/run/netns/NS PROGRAM ARGS...` in the background (see `spawn_nsenter`).
+pub fn spawn_cmd_nsenter(ns: &str, program: &str, args: &[&str]) -> Result<ChildGuard> {
+    let net = format!("--net=/run/netns/{ns}");
+    spawn_with(&["nsenter", &net], ns, program, args)
+}
+
+/// Runs a program to completion and returns (exit code, stdout, stderr); unlike `run`, a
+/// non-zero exit is not an error (for CLI tests that check exit codes).
+pub fn run_status(args: &[&str]) -> Result<(i32, String, String)> {
+    let (prog, rest) = args.split_first().context("empty command")?;
+    let out = Command::new(prog)
+        .args(rest)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{}`", args.join(" ")))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Runs a program with `input` on its stdin; returns (exit code, stdout, stderr).
+pub fn run_with_input(args: &[&str], input: &[u8]) -> Result<(i32, String, String)> {
+    let (prog, rest) = args.split_first().context("empty command")?;
+    let mut child = Command::new(prog)
+        .args(rest)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{}`", args.join(" ")))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Decodes a `Transfer-Encoding: chunked` body.
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for _ in 0..1_000_000 {
+        let end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("chunk size line")?;
+        let size_text = String::from_utf8_lossy(&body[..end]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim().to_owned();
+        let size = usize::from_str_radix(&size_text, 16)
+            .with_context(|| format!("chunk size {size_text:?}"))?;
+        body = &body[end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if body.len() < size + 2 {
+            bail!("truncated chunk");
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+    bail!("too many chunks")
+}
+
+/// From namespace `ns`: an HTTP/1.0 GET of `target` (path and query) on `addr`; returns the
+/// status code and the body.
+pub fn http_get(
+    ns: &str,
+    addr: SocketAddr,
+    target: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let target = target.to_owned();
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect to {addr}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(
+            s,
+            "GET {target} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: weir-e2e\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .with_context(|| format!("read the answer of {addr}{target}"))?;
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no end of the response head")?;
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let body = &raw[split + 4..];
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line in {head:?}"))?;
+        let chunked = head
+            .lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+        let body = if chunked {
+            dechunk(body)?
+        } else {
+            body.to_vec()
+        };
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text exposition format (no escapes beyond `\"`, `\\`, `\n`).
+pub fn parse_metrics(text: &str) -> Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("no value in {line:?}"))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().with_context(|| format!("value in {line:?}"))?,
+        };
+        let mut labels = std::collections::BTreeMap::new();
+        let name = match series.split_once('{') {
+            None => series.to_owned(),
+            Some((name, rest)) => {
+                let rest = rest
+                    .strip_suffix('}')
+                    .with_context(|| format!("labels in {line:?}"))?;
+                let mut chars = rest.chars().peekable();
+                loop {
+                    let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+                    if key.is_empty() {
+                        break;
+                    }
+                    if chars.next() != Some('"') {
+                        bail!("label value of {key} in {line:?}");
+                    }
+                    let mut val = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('\\') => match chars.next() {
+                                Some('n') => val.push('\n'),
+                                Some(c) => val.push(c),
+                                None => bail!("escape at the end of {line:?}"),
+                            },
+                            Some('"') => break,
+                            Some(c) => val.push(c),
+                            None => bail!("unterminated label value in {line:?}"),
+                        }
+                    }
+                    labels.insert(key.trim_start_matches(',').to_owned(), val);
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                }
+                name.to_owned()
+            }
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The value of the sample `name` whose labels include all of `labels`.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// Where the agent serves `/metrics` by default, inside the LB namespace.
+pub const METRICS_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9650);
+
+impl Topology {
+    /// The agent's `/metrics` text (a real scrape from inside the LB namespace).
+    pub fn metrics_text(&self) -> Result<String> {
+        let (status, body) = http_get(&self.lb, METRICS_ADDR, "/metrics", Duration::from_secs(5))?;
+        if status != 200 {
+            bail!("GET /metrics answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// The agent's metrics, parsed.
+    pub fn metrics(&self) -> Result<Vec<Sample>> {
+        parse_metrics(&self.metrics_text()?)
+    }
+
+    /// TCP and UDP echo servers on `port` in backend `i` only (as `start_echo_servers`);
+    /// dropping the result stops them, which is how a test stops one backend.
+    pub fn start_backend_echo(&self, i: usize, port: u16) -> Result<EchoServers> {
+        EchoServers::start(
+            std::slice::from_ref(&self.backends[i]),
+            port,
+            &[IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)],
+        )
+    }
+}
+
+/// Small servers in a namespace that stop (and are joined) on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// Requests answered (UDP datagrams echoed, HTTP requests answered).
+    pub served: Arc<AtomicU64>,
+}
+
+impl Servers {
+    fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            served: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A UDP echo server bound to `addr` in namespace `ns` (e.g. a backend's own address,
+    /// for UDP health checks).
+    pub fn udp_echo(ns: &str, addr: SocketAddr) -> Result<Self> {
+        let mut me = Self::new();
+        let (c, stop) = (me.served.clone(), me.stop.clone());
+        let (tx, rx) = mpsc::channel::<Result<(), String>>();
+        let h = spawn_in_netns(ns, "udp-echo-hc", move || {
+            let sock = match UdpSocket::bind(addr).and_then(|s| {
+                s.set_read_timeout(Some(POLL))?;
+                Ok(s)
+            }) {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("bind UDP {addr}: {e}")));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf)
+                    && sock.send_to(&buf[..n], peer).is_ok()
+                {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })?;
+        me.threads.push(h);
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(me),
+            Ok(Err(e)) => bail!("{e}"),
+            Err(e) => bail!("UDP echo in {ns}: not ready ({e})"),
+        }
+    }
+
+    /// A minimal HTTP server on `port` (all addresses) in namespace `ns` answering every
+    /// request with the status code currently in `status` (switchable while it runs).
+    pub fn http_status(ns: &str, port: u16, status: Arc<std::sync::atomic::AtomicU16>) -> Result<Self> {
+        let mut me = Self::new();
+        let (c, stop) = (me.served.clone(), me.stop.clone());
+        let (tx, rx) = mpsc::channel::<Result<(), String>>();
+        let h = spawn_in_netns(ns, "http-status", move || {
+            let listener = match tcp_listener(port) {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                    return;
+                }
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    continue;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let code = status.load(Ordering::SeqCst);
+                let answer = format!(
+                    "HTTP/1.1 {code} Status\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{code}"
+                );
+                if s.write_all(answer.as_bytes()).is_ok() {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })?;
+        me.threads.push(h);
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(me),
+            Ok(Err(e)) => bail!("HTTP server in {ns}: {e}"),
+            Err(e) => bail!("HTTP server in {ns}: not ready ({e})"),
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// From namespace `ns`: a TCP connection from `src_port` to `dst` (the socket belongs to `ns`
+/// and can then be used from any thread).
+pub fn tcp_connect(ns: &str, dst: SocketAddr, src_port: u16, timeout: Duration) -> Result<TcpStream> {
+    in_netns(ns, move || {
+        let s = bind_src(Domain::for_address(dst), Type::STREAM, Protocol::TCP, src_port)?;
+        s.connect_timeout(&SockAddr::from(dst), timeout)
+            .with_context(|| format!("connect to {dst} from port {src_port}"))?;
+        let stream: TcpStream = s.into();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(stream)
+    })
+}
+
+/// One TCP flow from the current thread's namespace: connect from `src_port`, send a
+/// payload, check its echo (as `tcp_flows` does per flow).
+pub fn tcp_echo_once(dst: SocketAddr, src_port: u16, tag: &str, timeout: Duration) -> Result<()> {
+    let s = bind_src(Domain::for_address(dst), Type::STREAM, Protocol::TCP, src_port)?;
+    s.connect_timeout(&SockAddr::from(dst), timeout)
+        .context("connect")?;
+    let mut stream: TcpStream = s.into();
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let msg = flow_payload(tag, "tcp", src_port);
+    stream.write_all(&msg).context("send")?;
+    let mut got = vec![0u8; msg.len()];
+    stream.read_exact(&mut got).context("read echo")?;
+    if got != msg {
+        bail!("echo mismatch");
+    }
+    Ok(())
+}
+
+/// Percent-encodes a URL query value.
+pub fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A real Prometheus server inside the LB namespace, scraping the agent's `/metrics` every
+/// second, with its config and data in the topology's work directory. Killed on drop.
+pub struct Prometheus {
+    ns: String,
+    pub addr: SocketAddr,
+    child: ChildGuard,
+}
+
+/// Prometheus' listen address inside the LB namespace.
+pub const PROMETHEUS_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9090);
+
+impl Prometheus {
+    pub fn start(topo: &Topology) -> Result<Self> {
+        let dir = topo.workdir.join("prometheus");
+        fs::create_dir_all(dir.join("data"))?;
+        let config = dir.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: weir\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n\
+                 \x20   static_configs:\n      - targets: ['{METRICS_ADDR}']\n"
+            ),
+        )?;
+        let config_arg = format!("--config.file={}", config.display());
+        let data_arg = format!("--storage.tsdb.path={}", dir.join("data").display());
+        let listen_arg = format!("--web.listen-address={PROMETHEUS_ADDR}");
+        let mut child = spawn_cmd_nsenter(
+            &topo.lb,
+            "/usr/bin/prometheus",
+            &[
+                &config_arg,
+                &data_arg,
+                &listen_arg,
+                "--log.level=warn",
+                "--storage.tsdb.retention.time=1h",
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(
+                &topo.lb,
+                PROMETHEUS_ADDR,
+                "/-/ready",
+                Duration::from_secs(1),
+            ) {
+                break;
+            }
+            if let Some(st) = child.try_status() {
+                bail!("prometheus exited ({st}); log:\n{}", child.log());
+            }
+            if Instant::now() > deadline {
+                bail!("prometheus not ready within 20 s; log:\n{}", child.log());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            ns: topo.lb.clone(),
+            addr: PROMETHEUS_ADDR,
+            child,
+        })
+    }
+
+    /// An instant query through the HTTP API: the `data.result` array.
+    pub fn query(&self, expr: &str) -> Result<Vec<serde_json::Value>> {
+        let target = format!("/api/v1/query?query={}", url_encode(expr));
+        let (status, body) = http_get(&self.ns, self.addr, &target, Duration::from_secs(5))?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("query {expr:?}: answer {status} is not JSON: {body}"))?;
+        if status != 200 || v["status"] != "success" {
+            bail!("query {expr:?} failed ({status}): {body}");
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until Prometheus holds a scrape of the agent that started after `after` (Unix
+    /// seconds), i.e. the traffic before `after` is in its counters.
+    pub fn wait_scrape_after(&self, after: f64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.query("timestamp(up{job=\"weir\"} == 1)")?;
+            let ts = r
+                .first()
+                .and_then(|s| s["value"][1].as_str())
+                .and_then(|v| v.parse::<f64>().ok());
+            if ts.is_some_and(|ts| ts > after) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no successful scrape of the agent after {after} within {timeout:?} (last: {ts:?}); log:\n{}",
+                    self.child.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+}
+
+/// Unix time in seconds, as Prometheus uses it.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
