@@ -568,6 +568,19 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Counters a forwarded packet of an untracked flow moves besides its action: a table miss,
+/// and for a TCP packet that is not a bare SYN, an untracked mid-flow packet.
+fn miss_counters(ip: &[u8]) -> Vec<u32> {
+    let key = key_of(ip);
+    let l4 = if ip[0] >> 4 == 4 { (ip[0] & 0xf) as usize * 4 } else { 40 };
+    let bare_syn = key.proto == PROTO_TCP && ip[l4 + 13] & (SYN | ACK) == SYN;
+    if key.proto == PROTO_TCP && !bare_syn {
+        vec![stat::CT_MISS, stat::UNTRACKED_MIDFLOW]
+    } else {
+        vec![stat::CT_MISS]
+    }
+}
+
 fn tunnel_case(lab: &Lab, desc: &'static str, service: &str, ip: Vec<u8>, v4: bool) -> Case {
     let backend = predicted(&lab.balancer, service, &ip);
     let hash = flow_hash(&key_of(&ip));
@@ -577,7 +590,7 @@ fn tunnel_case(lab: &Lab, desc: &'static str, service: &str, ip: Vec<u8>, v4: bo
         output: Some(tunnel_out(&ip, v4, backend, hash, None)),
         input,
         action: XDP_TX,
-        counters: vec![stat::CT_MISS],
+        counters: miss_counters(&ip),
     }
 }
 
@@ -589,7 +602,7 @@ fn direct_case(lab: &Lab, desc: &'static str, service: &str, ip: Vec<u8>, v4: bo
         output: Some(direct_out(&input, backend, LB_MAC)),
         input,
         action: XDP_TX,
-        counters: vec![stat::CT_MISS],
+        counters: miss_counters(&ip),
     }
 }
 

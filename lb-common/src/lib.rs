@@ -16,6 +16,8 @@ pub mod hash;
 pub mod headers;
 #[cfg(feature = "user")]
 pub mod maglev;
+#[cfg(feature = "user")]
+pub mod rr;
 
 /// Names of the maps in the eBPF object. They are the names of the `static`s in `lb-ebpf`,
 /// kept here so the agent and the tests cannot drift from the datapath.
@@ -34,6 +36,8 @@ pub mod map_name {
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const RR_COUNTERS: &str = "RR_COUNTERS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -91,9 +95,20 @@ pub const PROTO_IPV6: u8 = 41;
 pub const FORWARD_TUNNEL: u8 = 0;
 pub const FORWARD_DIRECT: u8 = 1;
 
-/// `VipInfo::scheduler` values: which hash indexes the ring.
+/// `VipInfo::scheduler` values. For maglev and ip-hash the ring is a Maglev table indexed
+/// by a hash; for round-robin it holds the smooth weighted round-robin sequence, walked by a
+/// shared per-service counter; for least-conn it is the Maglev table, from which two
+/// candidates are drawn (power of two choices) and the one with fewer active connections
+/// per unit of weight wins.
 pub const SCHED_MAGLEV: u8 = 0;
 pub const SCHED_IP_HASH: u8 = 1;
+pub const SCHED_ROUND_ROBIN: u8 = 2;
+pub const SCHED_LEAST_CONN: u8 = 3;
+
+/// `FlowValue::flags`: the flow is counted in `BACKEND_CONNS` of its backend.
+pub const FLOW_COUNTED: u64 = 1;
+/// `FlowValue::flags`: a FIN or RST was seen; the flow no longer counts as active.
+pub const FLOW_CLOSED: u64 = 2;
 
 /// `BackendInfo::state` values.
 pub const BACKEND_DOWN: u8 = 0;
@@ -130,8 +145,13 @@ pub mod stat {
     pub const DROP_FAMILY: u32 = 21;
     /// Decap program: packets whose outer header it removed.
     pub const DECAP_OK: u32 = 22;
+    /// A non-SYN TCP packet of a flow the table does not know (evicted, idle-expired, or the
+    /// LB restarted): sent by the service's hash.
+    pub const UNTRACKED_MIDFLOW: u32 = 23;
+    /// A tracked flow forgotten because it was idle longer than its service's timeout.
+    pub const CT_IDLE_EXPIRED: u32 = 24;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 25;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -158,6 +178,8 @@ pub mod stat {
         "drop_redirect",
         "drop_family_mismatch",
         "decap_ok",
+        "untracked_midflow",
+        "conntrack_idle_expired",
     ];
 }
 
@@ -184,11 +206,15 @@ pub struct VipInfo {
     pub ring_size: u32,
     /// `FORWARD_TUNNEL` or `FORWARD_DIRECT`.
     pub forwarding: u8,
-    /// `SCHED_MAGLEV` or `SCHED_IP_HASH`.
+    /// `SCHED_*`.
     pub scheduler: u8,
     pub _pad: [u8; 2],
+    /// A tracked TCP flow idle this long (seconds) is forgotten.
+    pub tcp_idle_timeout_s: u32,
+    /// A tracked UDP flow idle this long (seconds) is forgotten.
+    pub udp_idle_timeout_s: u32,
 }
-const _: () = assert!(size_of::<VipInfo>() == 12);
+const _: () = assert!(size_of::<VipInfo>() == 20);
 
 /// Value of `BACKENDS`, indexed by backend id.
 #[repr(C)]
@@ -204,8 +230,10 @@ pub struct BackendInfo {
     /// `BACKEND_UP` or `BACKEND_DOWN`.
     pub state: u8,
     pub _pad: [u8; 2],
+    /// Weight for least-conn comparisons (connections per unit of weight).
+    pub weight: u32,
 }
-const _: () = assert!(size_of::<BackendInfo>() == 28);
+const _: () = assert!(size_of::<BackendInfo>() == 32);
 
 /// Key of the connection table `CONNTRACK`: the 5-tuple as seen on the wire.
 #[repr(C)]
@@ -228,8 +256,17 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// `BackendInfo::generation` when the entry was made.
     pub generation: u32,
+    /// `bpf_ktime_get_ns` of the last packet, refreshed at most every `LAST_SEEN_GRANULARITY_NS`
+    /// so that busy flows do not write their entry on every packet.
+    pub last_seen_ns: u64,
+    /// `FLOW_COUNTED`, `FLOW_CLOSED`. 64 bits wide: the BPF backend only has 64-bit
+    /// atomic or-with-fetch at the default CPU level.
+    pub flags: u64,
 }
-const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<FlowValue>() == 24);
+
+/// How stale `FlowValue::last_seen_ns` may get before a packet refreshes it.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of the single-entry `GLOBAL` array.
 #[repr(C)]

@@ -23,24 +23,31 @@
 //!   left alone; the outer header gets `OUTER_TTL`.
 #![no_std]
 #![no_main]
+// Atomic adds on shared map values: `core::sync::atomic` offers no read-modify-write on the
+// BPF target; the intrinsic lowers to BPF_XADD (no fetch: the default CPU level has none).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics for BPF atomics")]
 
 use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_store_bytes},
     },
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use lb_common::{
     BACKEND_NONE, BACKEND_UP, BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FAMILY_V4,
-    FAMILY_V6, FORWARD_DIRECT, FlowKey, FlowValue, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_SERVICES, MAX_TX_PORTS, NEXT_HOP_TTL_NS, NextHop, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
-    PROTO_UDP, SCHED_IP_HASH, TrafficCounters, VipInfo, VipKey,
+    FAMILY_V6, FLOW_CLOSED, FLOW_COUNTED, FORWARD_DIRECT, FlowKey, FlowValue, GlobalConfig,
+    LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS,
+    NEXT_HOP_TTL_NS, NextHop, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH,
+    SCHED_MAGLEV, SCHED_ROUND_ROBIN, TrafficCounters, VipInfo, VipKey,
     hash::{flow_hash, source_hash},
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
@@ -86,6 +93,16 @@ static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Active connections per backend (new flows minus ended ones), for least-conn and for the
+/// operator. Shared across CPUs and updated atomically; the agent reconciles it with the
+/// table (entries the LRU evicted never report their end).
+#[map]
+static BACKEND_CONNS: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Round-robin position per service, per CPU.
+#[map]
+static RR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
 #[map]
 static GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
@@ -105,6 +122,7 @@ static DECAP_LOCAL: HashMap<VipKey, u32> = HashMap::with_max_entries(1024, BPF_F
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -376,44 +394,72 @@ fn try_balance(
     // elsewhere. A RST never creates state.
     let is_syn = is_tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let is_rst = is_tcp && p.tcp_flags & TCP_RST != 0;
+    let is_end = is_tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_s = if is_tcp {
+        vip.tcp_idle_timeout_s
+    } else {
+        vip.udp_idle_timeout_s
+    };
+    let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
 
     let mut tracked = None;
-    if !is_syn {
-        // SAFETY: the value is copied out at once; entries are written whole.
-        if let Some(flow) = unsafe { CONNTRACK.get(&p.key) } {
-            tracked = honoured(flow, vip.service_id).map(|b| (flow.backend_id, b));
+    let mut stale = None;
+    if let Some(flow) = CONNTRACK.get_ptr_mut(&p.key) {
+        // SAFETY: a value of the table, valid until this program returns.
+        let f = unsafe { &*flow };
+        let expired = timeout_ns != 0 && now.saturating_sub(f.last_seen_ns) > timeout_ns;
+        if expired {
+            bump(stats, stat::CT_IDLE_EXPIRED);
+        } else if !is_syn && let Some(b) = honoured(f, vip.service_id) {
+            tracked = Some((f.backend_id, b, flow));
+        }
+        if tracked.is_none() {
+            stale = Some(flow);
         }
     }
     let mut new_flow = false;
     let (backend_id, backend) = match tracked {
-        Some(hit) => {
+        Some((id, b, flow)) => {
             bump(stats, stat::CT_HIT);
-            hit
+            // SAFETY: as above. A plain store: racing CPUs of one flow write nearly the same
+            // time, and the granularity keeps busy flows from writing on every packet.
+            unsafe {
+                if now.saturating_sub((*flow).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+                    (*flow).last_seen_ns = now;
+                }
+            }
+            if is_end {
+                release(flow);
+            }
+            (id, b)
         }
         None => {
             bump(stats, stat::CT_MISS);
-            let hash = if vip.scheduler == SCHED_IP_HASH {
-                source_hash(&p.key)
-            } else {
-                flow_hash(&p.key)
-            };
-            if vip.ring_size == 0 || vip.service_id >= MAX_SERVICES {
-                return Err(drop(stat::DROP_NO_BACKEND));
+            if let Some(flow) = stale {
+                release(flow);
             }
-            let slot = vip.service_id * MAX_RING_SIZE + hash % vip.ring_size;
-            let id = *RING.get(slot).ok_or(drop(stat::DROP_NO_BACKEND))?;
-            if id == BACKEND_NONE {
-                return Err(drop(stat::DROP_NO_BACKEND));
+            // A TCP packet that is neither a SYN nor known: it belongs to a connection made
+            // before an eviction, an idle expiry or an LB restart. It goes by the hash.
+            let midflow = is_tcp && !is_syn;
+            if midflow {
+                bump(stats, stat::UNTRACKED_MIDFLOW);
             }
+            let id = schedule(&vip, &p.key, midflow)?;
             let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
             if !is_rst {
                 let value = FlowValue {
                     backend_id: id,
                     generation: backend.generation,
+                    last_seen_ns: now,
+                    flags: FLOW_COUNTED,
                 };
-                // A full LRU evicts its oldest entry; a failure here only means the next
-                // packet asks the scheduler again, which picks the same backend.
-                let _ = CONNTRACK.insert(&p.key, &value, 0);
+                // A full LRU evicts its oldest entry (the agent reconciles the counts); a
+                // failure here only means the next packet asks the scheduler again.
+                if CONNTRACK.insert(&p.key, &value, 0).is_ok() {
+                    add_conns(id, 1);
+                }
                 new_flow = true;
             }
             (id, backend)
@@ -441,6 +487,99 @@ fn try_balance(
         forward_direct(ctx, &p, backend_id, backend)
     } else {
         forward_tunnel(ctx, &p, backend_id, backend)
+    }
+}
+
+/// Picks a backend for a flow the table does not hold. `by_hash` forces the service's hash
+/// (for mid-flow TCP packets of unknown flows, whatever the scheduler).
+#[inline(always)]
+fn schedule(vip: &VipInfo, key: &FlowKey, by_hash: bool) -> Result<u32, Exit> {
+    if vip.ring_size == 0 || vip.service_id >= MAX_SERVICES {
+        return Err(drop(stat::DROP_NO_BACKEND));
+    }
+    let base = vip.service_id * MAX_RING_SIZE;
+    let ring_size = vip.ring_size;
+    // `checked_rem`: LLVM cannot always carry the zero check above into the closure, and a
+    // division that could panic leaves the program ending in `unreachable`, which the
+    // verifier rejects.
+    let ring = |n: u32| -> Result<u32, Exit> {
+        let slot = base + n.checked_rem(ring_size).ok_or(drop(stat::DROP_NO_BACKEND))?;
+        let id = *RING.get(slot).ok_or(drop(stat::DROP_NO_BACKEND))?;
+        if id == BACKEND_NONE {
+            return Err(drop(stat::DROP_NO_BACKEND));
+        }
+        Ok(id)
+    };
+    if vip.scheduler == SCHED_IP_HASH {
+        return ring(source_hash(key));
+    }
+    if by_hash || vip.scheduler == SCHED_MAGLEV {
+        return ring(flow_hash(key));
+    }
+    if vip.scheduler == SCHED_ROUND_ROBIN {
+        // The ring holds the smooth weighted round-robin sequence. Each CPU walks it with
+        // its own position (a per-CPU counter: no shared cache line, no atomics, which the
+        // default BPF CPU level lacks for fetch-and-add), starting a slice apart, so every
+        // CPU's picks are exactly weighted per cycle, never bursty, and so is their sum.
+        let counter = RR_COUNTERS
+            .get_ptr_mut(vip.service_id)
+            .ok_or(drop(stat::DROP_NO_BACKEND))?;
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+        let n = unsafe {
+            let n = *counter;
+            *counter = n.wrapping_add(1);
+            n
+        };
+        // SAFETY: a helper without arguments.
+        let cpu = u64::from(unsafe { bpf_get_smp_processor_id() });
+        let len = u64::from(ring_size);
+        let start = cpu.wrapping_mul(len / 8 + 1);
+        let pos = n
+            .wrapping_add(start)
+            .checked_rem(len)
+            .ok_or(drop(stat::DROP_NO_BACKEND))?;
+        return ring(pos as u32);
+    }
+    // Least connections, power of two choices: two random draws from the weighted Maglev
+    // table, the one with fewer active connections per unit of weight wins.
+    // SAFETY: helpers without arguments.
+    let (ra, rb) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    let a = ring(ra)?;
+    let b = ring(rb)?;
+    let load = |id: u32| -> (u64, u64) {
+        let conns = BACKEND_CONNS.get(id).map_or(0, |c| (*c).max(0) as u64);
+        let weight = BACKENDS.get(id).map_or(1, |b| u64::from(b.weight.max(1)));
+        (conns, weight)
+    };
+    let (ca, wa) = load(a);
+    let (cb, wb) = load(b);
+    // ca/wa <= cb/wb without division.
+    Ok(if ca * wb <= cb * wa { a } else { b })
+}
+
+/// Marks a tracked flow closed and takes it out of its backend's active count. A check then
+/// a store, not one atomic step (the default BPF CPU level has no atomic fetch-or): two CPUs
+/// ending the same flow at the same instant could both decrement; the agent's periodic
+/// reconciliation with the table repairs such drift.
+#[inline(always)]
+fn release(flow: *mut FlowValue) {
+    // SAFETY: `flow` points at a live table value.
+    unsafe {
+        let flags = (*flow).flags;
+        if flags & FLOW_COUNTED != 0 && flags & FLOW_CLOSED == 0 {
+            (*flow).flags = flags | FLOW_CLOSED;
+            add_conns((*flow).backend_id, -1);
+        }
+    }
+}
+
+/// Adds to a backend's active-connection count (shared by all CPUs: atomic).
+#[inline(always)]
+fn add_conns(backend_id: u32, delta: i64) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(backend_id) {
+        // SAFETY: a value of a shared array, alive while the program runs; updated only with
+        // atomic adds (here) or whole writes by the agent's reconciliation.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(c, delta) };
     }
 }
 

@@ -1,17 +1,27 @@
 //! `cargo xtask bench e2e`: Weir side by side with the kernel's NAT (nftables DNAT), HAProxy
 //! and NGINX's stream module, with real HTTP traffic through one namespace topology.
 //!
-//! The topology is the e2e tests' (`tests/common`): a client, a bridge, the LB and three
-//! backends, each in its own network namespace, joined by veth pairs. Every backend runs
-//! Debian's nginx (one worker) with a fixed 11-byte response. The same load, `wrk` with one
-//! thread from the client, runs against each configuration in turn:
+//! Topology (namespaces `w<pid>be2e-*`, veth pairs only, no bridge, so that the test's
+//! own plumbing adds as little as possible to what is measured):
 //!
-//! * `direct`: straight to backend 1, no LB (the baseline);
+//! ```text
+//!  cli eth0 198.51.100.2/30 ──── eth0 198.51.100.1/30  lb  b1..b3 ──── eth0 of backend N
+//!      b1..b3 (unnumbered) ─────────────────────────────────────────── eth1 of backend N
+//! ```
+//!
+//! Backend N (N = 0..2) has 198.51.100.(18 + 4N)/30 on its link to the LB and the VIP
+//! 203.0.113.10 on `lo`; its second link goes straight to the client, which is how replies
+//! of the DSR modes (and the baseline's traffic) travel. The client routes only the VIP via
+//! the LB. Every backend runs Debian's nginx (one worker) with a fixed 11-byte response.
+//! The same load, `wrk` with one thread from the client, runs against each configuration:
+//!
+//! * `direct`: straight to backend 0 over its own link, no LB (the baseline);
 //! * `weir-tunnel` / `weir-direct`: `weir agent` on the LB (IP-in-IP with `weir decap` on
 //!   the backends / L2 DSR), replies straight from the backends;
 //! * `nft-numgen` / `nft-jhash`: nftables DNAT in the LB (`numgen random mod 3`, as
 //!   kube-proxy's nftables mode, and `jhash ip saddr . tcp sport mod 3`); replies return
-//!   through the LB (the backends route the client via the LB) for the reverse NAT;
+//!   through the LB (for those runs the backends route the client via the LB) for the
+//!   reverse NAT;
 //! * `haproxy`: HAProxy `mode tcp`, `nbthread 1`; `nginx-stream`: nginx stream proxy,
 //!   one worker. Both listen on the VIP (added to the LB's `lo` for their runs).
 //!
@@ -30,17 +40,261 @@ mod support;
 
 use std::{
     fmt::Write as _,
-    path::Path,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use common::{NODE_IF, Topology, VIP_V4, backend_v4, ip, ns_exec, sysctl};
+use common::{CLIENT_V4, LB_V4, Netns, VIP_V4, ip, ns_exec, sysctl};
 use support::{Spread, show_opt, show_opt_signed};
 
-const BACKENDS: usize = common::BACKENDS;
+const BACKENDS: usize = 3;
+const NODE_IF: &str = "eth0";
+
+/// Backend `i`'s address, on its link to the LB (198.51.100.(16 + 4i)/30).
+fn backend_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        198,
+        51,
+        100,
+        18 + 4 * u8::try_from(i).expect("few backends"),
+    )
+}
+
+/// The LB's address on its link to backend `i`.
+fn lb_side(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        198,
+        51,
+        100,
+        17 + 4 * u8::try_from(i).expect("few backends"),
+    )
+}
+
+/// The namespaces and links of the module docs; dropping it stops what runs inside,
+/// removes the agent's pins and deletes the namespaces.
+struct Lab {
+    prefix: String,
+    cli: String,
+    lb: String,
+    backends: Vec<String>,
+    workdir: PathBuf,
+    namespaces: Vec<Netns>,
+}
+
+impl Lab {
+    fn build() -> Result<Self> {
+        let prefix = common::prefix("be2e");
+        let workdir = std::env::temp_dir().join(format!("weir-bench-{prefix}"));
+        let _ = fs::remove_dir_all(&workdir);
+        fs::create_dir_all(&workdir)?;
+        let mut lab = Self {
+            cli: format!("{prefix}-cli"),
+            lb: format!("{prefix}-lb"),
+            backends: (1..=BACKENDS).map(|i| format!("{prefix}-b{i}")).collect(),
+            prefix,
+            workdir,
+            namespaces: Vec::new(),
+        };
+        lab.setup().context("building the bench topology")?;
+        Ok(lab)
+    }
+
+    fn names(&self) -> Vec<String> {
+        [self.cli.clone(), self.lb.clone()]
+            .into_iter()
+            .chain(self.backends.iter().cloned())
+            .collect()
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        for ns in self.names() {
+            self.namespaces.push(Netns::create(&ns)?);
+            sysctl(
+                &ns,
+                &[
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+        }
+        let (cli, lb) = (self.cli.clone(), self.lb.clone());
+        let link = |a: &str, a_if: &str, b: &str, b_if: &str| {
+            ip(
+                a,
+                &[
+                    "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
+                ],
+            )
+        };
+        link(&lb, NODE_IF, &cli, NODE_IF)?;
+        ip(
+            &lb,
+            &["addr", "add", &format!("{LB_V4}/30"), "dev", NODE_IF],
+        )?;
+        ip(
+            &cli,
+            &["addr", "add", &format!("{CLIENT_V4}/30"), "dev", NODE_IF],
+        )?;
+        for (i, b) in self.backends.iter().enumerate() {
+            let port = format!("b{i}");
+            link(&lb, &port, b, NODE_IF)?;
+            link(&cli, &port, b, "eth1")?;
+            ip(
+                &lb,
+                &["addr", "add", &format!("{}/30", lb_side(i)), "dev", &port],
+            )?;
+            ip(
+                b,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/30", backend_v4(i)),
+                    "dev",
+                    NODE_IF,
+                ],
+            )?;
+            ip(b, &["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            for (ns, dev) in [
+                (&lb, port.as_str()),
+                (&cli, &port),
+                (b, NODE_IF),
+                (b, "eth1"),
+            ] {
+                ip(ns, &["link", "set", dev, "up"])?;
+            }
+            // Checksum offload breaks TCP through an XDP path on veth; GRO lets the
+            // backend's end take frames redirected in XDP when no program is attached.
+            ns_exec(b, &["ethtool", "-K", NODE_IF, "tx", "off", "gro", "on"])?;
+            ns_exec(b, &["ethtool", "-K", "eth1", "tx", "off"])?;
+            ns_exec(&cli, &["ethtool", "-K", &port, "tx", "off"])?;
+            // The baseline reaches the backend over its own link; the backend replies to
+            // the client over it too.
+            ip(
+                &cli,
+                &[
+                    "route",
+                    "add",
+                    &format!("{}/32", backend_v4(i)),
+                    "dev",
+                    &port,
+                ],
+            )?;
+            ip(
+                b,
+                &["route", "add", &format!("{CLIENT_V4}/32"), "dev", "eth1"],
+            )?;
+            sysctl(
+                b,
+                &[
+                    "net.ipv4.conf.eth0.rp_filter=0",
+                    "net.ipv4.conf.eth1.rp_filter=0",
+                    "net.ipv4.conf.lo.rp_filter=0",
+                ],
+            )?;
+        }
+        ip(&lb, &["link", "set", NODE_IF, "up"])?;
+        ip(&cli, &["link", "set", NODE_IF, "up"])?;
+        ns_exec(&cli, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+        ip(
+            &cli,
+            &[
+                "route",
+                "add",
+                &format!("{VIP_V4}/32"),
+                "via",
+                &LB_V4.to_string(),
+            ],
+        )?;
+        // Neighbour entries before any traffic, and a check of every link.
+        let mut pings: Vec<(String, String)> = vec![(cli.clone(), LB_V4.to_string())];
+        for (i, b) in self.backends.iter().enumerate() {
+            pings.push((lb.clone(), backend_v4(i).to_string()));
+            pings.push((cli.clone(), backend_v4(i).to_string()));
+            pings.push((b.clone(), CLIENT_V4.to_string()));
+        }
+        for (ns, dst) in pings {
+            ns_exec(
+                &ns,
+                &["ping", "-q", "-n", "-c", "1", "-w", "3", "-W", "1", &dst],
+            )
+            .with_context(|| format!("ping {dst} from {ns}"))?;
+        }
+        Ok(())
+    }
+
+    fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf> {
+        let p = self.workdir.join(name);
+        fs::write(&p, contents).with_context(|| format!("write {}", p.display()))?;
+        Ok(p)
+    }
+
+    fn bpffs(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/weir-bench-{}", self.prefix))
+    }
+
+    /// `[agent]` keys that keep this agent apart from any other (socket, state, pins).
+    fn agent_keys(&self) -> String {
+        format!(
+            "api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{}\"\n",
+            self.workdir.join("weir.sock").display(),
+            self.workdir.join("state.json").display(),
+            self.bpffs().display()
+        )
+    }
+
+    /// `weir agent` in the LB's namespace (entering only its network namespace, so the
+    /// pins go to the host's bpffs); ready once its XDP program is attached, which the
+    /// agent does after writing its maps.
+    fn start_agent(&self, config: &str) -> Result<common::ChildGuard> {
+        let path = self.write_file("agent.toml", config)?;
+        let path = path.to_str().context("utf-8 path")?;
+        let mut child = common::spawn_nsenter(&self.lb, &["agent", "--config", path])?;
+        child.wait_xdp(&self.lb, NODE_IF, Some(Duration::from_secs(15)))?;
+        Ok(child)
+    }
+
+    /// `weir teardown`: the agent leaves its datapath attached and pinned when it stops.
+    fn teardown_datapath(&self) -> Result<()> {
+        if self.bpffs().exists() {
+            let bpffs = self.bpffs();
+            let bpffs = bpffs.to_str().context("utf-8 path")?;
+            common::run(&[common::weir_bin(), "teardown", "--bpffs", bpffs])?;
+        }
+        Ok(())
+    }
+
+    /// `weir decap` on every backend's link to the LB.
+    fn start_decap(&self) -> Result<Vec<common::ChildGuard>> {
+        let vip = VIP_V4.to_string();
+        let mut children = Vec::new();
+        for b in &self.backends {
+            let mut c = common::spawn_in_ns(b, &["decap", "--interface", NODE_IF, "--vip", &vip])?;
+            c.wait_xdp(b, NODE_IF, None)?;
+            children.push(c);
+        }
+        Ok(children)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        support::kill_namespace_processes(&self.names());
+        if let Err(e) = self.teardown_datapath() {
+            eprintln!("warning: {e:#}");
+        }
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
 const RESPONSE: &str = "weir bench\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,12 +383,12 @@ impl Drop for Active<'_> {
     }
 }
 
-fn agent_config(t: &Topology, forwarding: &str) -> String {
+fn agent_config(t: &Lab, forwarding: &str) -> String {
     let mut c = format!(
         "[agent]\ninterface = \"{NODE_IF}\"\nxdp_mode = \"native\"\ntunnel_source = \"{}\"\n\
          conntrack_entries = 262144\n{}\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\n\
          port = 80\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\n",
-        common::LB_V4,
+        LB_V4,
         t.agent_keys()
     );
     for i in 0..BACKENDS {
@@ -199,7 +453,7 @@ fn backend_nginx_config(dir: &Path, i: usize) -> String {
 
 /// Starts nginx in `ns` with `config` (not forking: `daemon off`) and waits until it
 /// listens on `addr`:80 (connect from inside the namespace), for up to 10 s.
-fn start_nginx(t: &Topology, ns: &str, name: &str, config: &str) -> Result<common::ChildGuard> {
+fn start_nginx(t: &Lab, ns: &str, name: &str, config: &str) -> Result<common::ChildGuard> {
     let path = t.write_file(name, config)?;
     let path = path.to_str().context("utf-8 path")?.to_owned();
     let err = t.workdir.join(format!("{name}.startup.log"));
@@ -231,7 +485,7 @@ fn wait_listening(ns: &str, child: &mut common::ChildGuard, what: &str) -> Resul
     }
 }
 
-fn start(t: &Topology, peer: Peer) -> Result<Active<'_>> {
+fn start(t: &Lab, peer: Peer) -> Result<Active<'_>> {
     let mut a = Active::default();
     let vip_lo = format!("{VIP_V4}/32");
     match peer {
@@ -243,8 +497,7 @@ fn start(t: &Topology, peer: Peer) -> Result<Active<'_>> {
                 "direct"
             };
             if peer == Peer::WeirTunnel {
-                a.children
-                    .extend(t.start_decap(&[std::net::IpAddr::V4(VIP_V4)])?);
+                a.children.extend(t.start_decap()?);
             }
             // The agent leaves its datapath pinned when it stops (restarts keep flows):
             // remove it after the run, so the next configuration starts clean.
@@ -273,11 +526,14 @@ fn start(t: &Topology, peer: Peer) -> Result<Active<'_>> {
             ]);
             ns_exec(&t.lb, &["nft", "-f", path]).context("loading the nftables ruleset")?;
             // The reverse NAT needs the replies: the backends route the client via the LB.
-            let client = format!("{}/32", common::CLIENT_V4);
-            let lb = common::LB_V4.to_string();
-            for b in &t.backends {
-                a.undo_cmd(&["ip", "-n", b, "route", "del", &client]);
-                ip(b, &["route", "add", &client, "via", &lb, "dev", NODE_IF])?;
+            let client = format!("{CLIENT_V4}/32");
+            for (i, b) in t.backends.iter().enumerate() {
+                let via = lb_side(i).to_string();
+                a.undo_cmd(&["ip", "-n", b, "route", "replace", &client, "dev", "eth1"]);
+                ip(
+                    b,
+                    &["route", "replace", &client, "via", &via, "dev", NODE_IF],
+                )?;
             }
         }
         Peer::Haproxy => {
@@ -349,7 +605,7 @@ fn parse_wrk(out: &str) -> Result<(f64, f64, u64)> {
 }
 
 /// Runs wrk (one thread) from the client for `seconds`, measuring the machine's CPU time.
-fn wrk(t: &Topology, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run> {
+fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run> {
     let d = format!("{seconds}s");
     let c = format!("-c{conns}");
     let mut args = vec!["-t1", &c, "-d", &d, "--timeout", "2s"];
@@ -394,7 +650,7 @@ struct Samples {
     failures: Vec<String>,
 }
 
-fn prepare(t: &Topology) -> Result<Vec<common::ChildGuard>> {
+fn prepare(t: &Lab) -> Result<Vec<common::ChildGuard>> {
     // Ephemeral ports and TIME_WAIT: tens of thousands of connections per test.
     for ns in [&t.cli, &t.lb] {
         sysctl(
@@ -436,7 +692,7 @@ fn prepare(t: &Topology) -> Result<Vec<common::ChildGuard>> {
 }
 
 /// Checks that the configuration answers with the backends' response.
-fn check_response(t: &Topology, peer: Peer) -> Result<()> {
+fn check_response(t: &Lab, peer: Peer) -> Result<()> {
     let url = peer.url();
     let body = ns_exec(
         &t.cli,
@@ -449,12 +705,7 @@ fn check_response(t: &Topology, peer: Peer) -> Result<()> {
     Ok(())
 }
 
-fn measure(
-    t: &Topology,
-    peer: Peer,
-    seconds: u64,
-    conns: u32,
-) -> Result<(Result<Run>, Result<Run>)> {
+fn measure(t: &Lab, peer: Peer, seconds: u64, conns: u32) -> Result<(Result<Run>, Result<Run>)> {
     let _active = start(t, peer).with_context(|| format!("starting {}", peer.name()))?;
     check_response(t, peer)?;
     // Warm-up (caches, neighbour and connection tables), not measured.
@@ -494,10 +745,7 @@ fn main() {
         .collect();
 
     let started = Instant::now();
-    let t = Topology::build("be2e").unwrap_or_else(|e| panic!("topology: {e:#}"));
-    let mut all_ns = vec![t.cli.clone(), t.sw.clone(), t.lb.clone()];
-    all_ns.extend(t.backends.iter().cloned());
-    let reaper = Reaper(all_ns);
+    let t = Lab::build().unwrap_or_else(|e| panic!("topology: {e:#}"));
     let backends_nginx = prepare(&t).unwrap_or_else(|e| panic!("preparing the topology: {e:#}"));
 
     let mut samples: Vec<Samples> = peers.iter().map(|_| Samples::default()).collect();
@@ -557,20 +805,10 @@ fn main() {
         }
     }
     drop(backends_nginx);
-    drop(reaper);
     drop(t);
 
     report(&peers, &samples, seconds, repeats, conns);
     println!("bench e2e took {:.0} s", started.elapsed().as_secs_f64());
-}
-
-/// Stops whatever still runs in the namespaces before the topology deletes them.
-struct Reaper(Vec<String>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        support::kill_namespace_processes(&self.0);
-    }
 }
 
 struct Row {

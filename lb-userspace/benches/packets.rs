@@ -9,6 +9,8 @@
 //! and writes the next of 1,000 source ports into it, then:
 //!
 //! * ceiling: returns `XDP_DROP` (the generator alone);
+//! * forwarding floor: returns `XDP_TX` (sent back out of `eth0` to the client's end, which
+//!   has the sink): the cost of transmitting and receiving a frame, without balancing;
 //! * Weir (tunnel, direct): runs the balancer's own code (`run_balancer`, as
 //!   `weir_balancer`), whose `XDP_REDIRECT` really transmits to the backend's veth;
 //! * kernel paths (nftables DNAT, nginx stream, plain forwarding): returns `XDP_PASS`, so
@@ -17,7 +19,8 @@
 //! Topology (namespaces `w<pid>bpk-*`): the LB's `eth0` (peer in a client namespace, only
 //! to be up) and one veth per backend (`b1`..`b3`, each its own /30). Each backend's end
 //! has `weir_bench_sink` (XDP_DROP) attached, so every balancer's output costs the same to
-//! receive; packets are counted from the backends' interface counters. Everything runs on
+//! receive; packets are counted from the backends' interface counters (the client's end
+//! also has a sink, for the forwarding floor). Everything runs on
 //! one core (the generator is pinned to CPU 0; the receive work of veth runs on the
 //! sending CPU), except nginx's worker, which is pinned to CPU 1.
 //!
@@ -58,6 +61,7 @@ const BENCH_GEN: &str = "BENCH_GEN";
 const ACTION_BALANCE: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 const FLOWS: u32 = 1000;
 const SRC_PORT_BASE: u16 = 10_000;
@@ -95,6 +99,7 @@ fn lb_side(i: usize) -> Ipv4Addr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Case {
     Ceiling,
+    XdpTx,
     WeirTunnel,
     WeirDirect,
     NftNumgen,
@@ -103,8 +108,9 @@ enum Case {
     KernelForward,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 8] = [
     Case::Ceiling,
+    Case::XdpTx,
     Case::WeirTunnel,
     Case::WeirDirect,
     Case::NftNumgen,
@@ -117,6 +123,7 @@ impl Case {
     const fn name(self) -> &'static str {
         match self {
             Self::Ceiling => "xdp-drop",
+            Self::XdpTx => "xdp-tx",
             Self::WeirTunnel => "weir-tunnel",
             Self::WeirDirect => "weir-direct",
             Self::NftNumgen => "nft-numgen",
@@ -129,6 +136,7 @@ impl Case {
     const fn label(self) -> &'static str {
         match self {
             Self::Ceiling => "generator into XDP_DROP (ceiling)",
+            Self::XdpTx => "generator into XDP_TX, no balancing (forwarding floor)",
             Self::WeirTunnel => "Weir, tunnel (IP-in-IP)",
             Self::WeirDirect => "Weir, direct (L2 DSR)",
             Self::NftNumgen => "nftables DNAT, numgen random",
@@ -293,7 +301,12 @@ impl Lab {
             .collect()
     }
 
-    fn delivered(&self) -> Result<u64> {
+    /// Frames received so far at the backends, or for `XDP_TX` (which sends back out of
+    /// the ingress interface) at the client.
+    fn delivered(&self, case: Case) -> Result<u64> {
+        if case == Case::XdpTx {
+            return rx_packets(&self.cli);
+        }
         self.backends.iter().map(|b| rx_packets(b)).sum()
     }
 }
@@ -625,7 +638,8 @@ fn main() {
     let sinks: Vec<Sink> = lab
         .backends
         .iter()
-        .map(|b| Sink::attach(b))
+        .chain([&lab.cli])
+        .map(|ns| Sink::attach(ns))
         .collect::<Result<_>>()
         .unwrap_or_else(|e| panic!("{e:#}"));
     let lb_mac = mac_of(&lab.lb, "eth0").expect("LB MAC");
@@ -663,6 +677,7 @@ fn main() {
                     let _active = start_kernel_case(&lab, case)?;
                     let (g, frame, action) = match case {
                         Case::Ceiling => (&mut plain, &to_vip, XDP_DROP),
+                        Case::XdpTx => (&mut plain, &to_vip, XDP_TX),
                         Case::WeirTunnel => (&mut tunnel, &to_vip, ACTION_BALANCE),
                         Case::WeirDirect => (&mut direct, &to_vip, ACTION_BALANCE),
                         Case::KernelForward => (&mut plain, &to_backend, XDP_PASS),
@@ -671,9 +686,9 @@ fn main() {
                     g.set(frame, action)?;
                     // Warm-up: connection tables, nginx's sessions, caches.
                     g.run(frame.len(), ingress, 0.3)?;
-                    let before = lab.delivered()?;
+                    let before = lab.delivered(case)?;
                     let (sent, elapsed) = g.run(frame.len(), ingress, seconds)?;
-                    let delivered = lab.delivered()? - before;
+                    let delivered = lab.delivered(case)? - before;
                     if delivered == 0 && case != Case::Ceiling {
                         bail!("no packet reached the backends ({sent} generated)");
                     }
@@ -726,9 +741,18 @@ fn report(r: &Results, seconds: f64, repeats: usize) {
             .filter_map(|(a, c)| Some(a.as_ref()?.0 / c.as_ref()?.0))
             .collect();
         let ratio = Spread::of(&ratios);
+        let ns = s.map_or_else(String::new, |s| format!("{:.0}", 1e3 / s.median));
+        let over = match (s, ceiling) {
+            (Some(s), Some(c)) if *case != Case::Ceiling => {
+                format!("{:+.0}", 1e3 / s.median - 1e3 / c.median)
+            }
+            _ => String::new(),
+        };
         rows.push(vec![
             case.label().to_owned(),
             support::show_opt(s, 2),
+            ns,
+            over,
             if *case == Case::Ceiling {
                 "1".to_owned()
             } else {

@@ -8,13 +8,13 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    BACKEND_DOWN, BACKEND_NONE, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_SERVICES,
+    BACKEND_DOWN, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
     VipInfo, VipKey, addr_bytes,
     maglev::{self, MaglevBackend},
 };
 
 use crate::{
-    config::{Config, ServiceConfig},
+    config::{Config, Scheduler, ServiceConfig},
     datapath::{DatapathError, MapWriter},
 };
 
@@ -72,6 +72,7 @@ impl BackendState {
             family,
             state,
             _pad: [0; 2],
+            weight: self.weight,
         }
     }
 }
@@ -126,11 +127,14 @@ fn orphan_config(key: VipKey, info: &VipInfo) -> ServiceConfig {
         } else {
             crate::config::Protocol::Tcp
         },
-        scheduler: crate::config::Scheduler::default(),
+        scheduler: Scheduler::default(),
         forwarding: crate::config::Forwarding::default(),
         ring_size: info.ring_size,
         backends: Vec::new(),
         health_check: crate::config::HealthCheck::default(),
+        slow_start: std::time::Duration::ZERO,
+        tcp_idle_timeout: crate::config::DEFAULT_TCP_IDLE_TIMEOUT,
+        udp_idle_timeout: crate::config::DEFAULT_UDP_IDLE_TIMEOUT,
     }
 }
 
@@ -354,9 +358,7 @@ impl<M: MapWriter> Balancer<M> {
         let existing = self.services.remove(&service.name);
         // A changed VIP key is a new service as far as the datapath is concerned.
         let mut state = match existing {
-            Some(state) if state.key == key && state.ring.len() == service.ring_size as usize => {
-                state
-            }
+            Some(state) if state.key == key => state,
             other => {
                 let id = match other {
                     Some(old) => {
@@ -377,9 +379,9 @@ impl<M: MapWriter> Balancer<M> {
                     config: service.clone(),
                     key,
                     backends: Vec::new(),
-                    // The kernel's slots are unknown (a fresh or reused ring): a value no
-                    // backend id can take makes `diff` rewrite every slot.
-                    ring: vec![BACKEND_NONE - 1; service.ring_size as usize],
+                    // The kernel's slots are unknown (a fresh or reused ring): an empty ring
+                    // makes `diff` write every slot of the new one.
+                    ring: Vec::new(),
                 }
             }
         };
@@ -401,7 +403,8 @@ impl<M: MapWriter> Balancer<M> {
                     };
                     if old.up && !wanted.up {
                         going_down.push(backend.clone());
-                    } else if !old.up && wanted.up {
+                    } else if wanted.up && (!old.up || old.weight != backend.weight) {
+                        // Up, or still up with a new weight (least-conn compares by it).
                         self.maps
                             .set_backend(backend.id, backend.info(state.id, BACKEND_UP))?;
                         report.backends_written += 1;
@@ -446,7 +449,12 @@ impl<M: MapWriter> Balancer<M> {
                 key,
             })
             .collect();
-        let ring = maglev::build_ring(&members, service.ring_size);
+        let ring = if service.scheduler == Scheduler::RoundRobin {
+            let weights: Vec<(u32, u32)> = backends.iter().map(|b| (b.id, b.weight)).collect();
+            lb_common::rr::smooth_sequence(&weights, MAX_RING_SIZE)
+        } else {
+            maglev::build_ring(&members, service.ring_size)
+        };
         for (slot, backend) in maglev::diff(&state.ring, &ring) {
             self.maps.set_ring_slot(state.id, slot, backend)?;
             report.ring_slots_written += 1;
@@ -468,10 +476,12 @@ impl<M: MapWriter> Balancer<M> {
 
         let info = VipInfo {
             service_id: state.id,
-            ring_size: service.ring_size,
+            ring_size: state.ring.len() as u32,
             forwarding: service.forwarding.code(),
             scheduler: service.scheduler.code(),
             _pad: [0; 2],
+            tcp_idle_timeout_s: service.tcp_idle_timeout.as_secs() as u32,
+            udp_idle_timeout_s: service.udp_idle_timeout.as_secs() as u32,
         };
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;

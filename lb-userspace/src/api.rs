@@ -189,6 +189,16 @@ pub struct BackendInfo {
     pub up: bool,
     /// Ring slots it holds now.
     pub slots: u32,
+    /// The weight new flows see now: 0 while draining, disabled, down or a standby backup,
+    /// and ramping up during slow start.
+    #[serde(default)]
+    pub effective_weight: u32,
+    /// A standby backend (`backup = true`).
+    #[serde(default)]
+    pub backup: bool,
+    /// Active connections the datapath counts (new flows minus ended or expired ones).
+    #[serde(default)]
+    pub active_connections: i64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,

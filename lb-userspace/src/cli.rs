@@ -1060,9 +1060,11 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
         ("SERVICE", Left),
         ("BACKEND", Left),
         ("WEIGHT", Right),
+        ("EFFECTIVE", Right),
         ("ADMIN", Left),
         ("HEALTH", Left),
         ("UP", Left),
+        ("CONNS", Right),
         ("SLOTS", Right),
         ("PACKETS", Right),
         ("BYTES", Right),
@@ -1072,10 +1074,16 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
         table.row(vec![
             b.service.clone(),
             b.address.to_string(),
-            b.weight.to_string(),
+            if b.backup {
+                format!("{} (backup)", b.weight)
+            } else {
+                b.weight.to_string()
+            },
+            b.effective_weight.to_string(),
             b.admin.clone(),
             b.health.clone(),
             yes_no(b.up),
+            b.active_connections.to_string(),
             b.slots.to_string(),
             b.packets.to_string(),
             b.bytes.to_string(),
@@ -1854,6 +1862,9 @@ mod tests {
             health: "up".into(),
             up: true,
             slots: 21846,
+            effective_weight: weight,
+            backup: false,
+            active_connections: 17,
             packets: 1_234_567,
             bytes: 987_654_321,
             new_flows: 4321,
@@ -1883,10 +1894,10 @@ mod tests {
         assert_eq!(
             text,
             "\
-SERVICE        BACKEND        WEIGHT  ADMIN     HEALTH     UP   SLOTS  PACKETS      BYTES  NEW FLOWS
-web            198.51.100.11       1  enabled   up         yes  21846  1234567  987654321       4321
-web            2001:db8::12      100  draining  unchecked  yes  21846  1234567  987654321       4321
-dns-long-name  203.0.113.5         0  disabled  up         no       0        0          0          0
+SERVICE        BACKEND        WEIGHT  EFFECTIVE  ADMIN     HEALTH     UP   CONNS  SLOTS  PACKETS      BYTES  NEW FLOWS
+web            198.51.100.11       1          1  enabled   up         yes     17  21846  1234567  987654321       4321
+web            2001:db8::12      100        100  draining  unchecked  yes     17  21846  1234567  987654321       4321
+dns-long-name  203.0.113.5         0          0  disabled  up         no      17      0        0          0          0
 "
         );
     }
@@ -1896,7 +1907,7 @@ dns-long-name  203.0.113.5         0  disabled  up         no       0        0  
         let text = render(|out| render_backends(&[], out));
         assert_eq!(
             text,
-            "SERVICE  BACKEND  WEIGHT  ADMIN  HEALTH  UP  SLOTS  PACKETS  BYTES  NEW FLOWS\n"
+            "SERVICE  BACKEND  WEIGHT  EFFECTIVE  ADMIN  HEALTH  UP  CONNS  SLOTS  PACKETS  BYTES  NEW FLOWS\n"
         );
     }
 

@@ -232,7 +232,19 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Active health checks of the backends.
     pub health_check: HealthCheck,
+    /// A backend that becomes healthy ramps its weight up linearly over this time (HAProxy
+    /// `slowstart`); zero: at once.
+    pub slow_start: Duration,
+    /// A tracked TCP flow idle this long is forgotten.
+    pub tcp_idle_timeout: Duration,
+    /// A tracked UDP flow idle this long is forgotten.
+    pub udp_idle_timeout: Duration,
 }
+
+/// Default `tcp_idle_timeout` (IPVS's TCP established timeout).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
+/// Default `udp_idle_timeout` (IPVS's UDP timeout).
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A service's transport protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -271,6 +283,10 @@ pub enum Scheduler {
     Maglev,
     /// Hash of the client address only: a client sticks to one backend.
     IpHash,
+    /// Smooth weighted round robin, per new flow.
+    RoundRobin,
+    /// Fewest active connections per unit of weight (power of two choices).
+    LeastConn,
 }
 
 impl Scheduler {
@@ -279,6 +295,8 @@ impl Scheduler {
         match self {
             Self::Maglev => SCHED_MAGLEV,
             Self::IpHash => SCHED_IP_HASH,
+            Self::RoundRobin => lb_common::SCHED_ROUND_ROBIN,
+            Self::LeastConn => lb_common::SCHED_LEAST_CONN,
         }
     }
 
@@ -287,6 +305,8 @@ impl Scheduler {
         match self {
             Self::Maglev => "maglev",
             Self::IpHash => "ip-hash",
+            Self::RoundRobin => "round-robin",
+            Self::LeastConn => "least-conn",
         }
     }
 }
@@ -340,6 +360,8 @@ pub struct BackendConfig {
     pub address: IpAddr,
     /// Relative share of new flows, 0..=65535; 0 means no new flows (draining).
     pub weight: u32,
+    /// A standby (NGINX `backup`): new flows only while every primary of the service is down.
+    pub backup: bool,
 }
 
 /// Reads and validates the config file at `path`.
@@ -411,6 +433,9 @@ struct RawService {
     #[serde(default)]
     backend: Vec<RawBackend>,
     health_check: Option<RawHealthCheck>,
+    slow_start: Option<String>,
+    tcp_idle_timeout: Option<String>,
+    udp_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -438,6 +463,8 @@ const fn default_health_kind() -> HealthKind {
 struct RawBackend {
     address: String,
     weight: Option<i64>,
+    #[serde(default)]
+    backup: bool,
 }
 
 fn deserialize(text: &str) -> Result<RawConfig, Fail> {
@@ -778,7 +805,11 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
                     )
                 })?,
         };
-        backends.push(BackendConfig { address, weight });
+        backends.push(BackendConfig {
+            address,
+            weight,
+            backup: raw_backend.backup,
+        });
     }
     if backends.iter().all(|b| b.weight == 0) {
         return Err(fail(
@@ -787,6 +818,45 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         ));
     }
 
+    let duration_key = |value: Option<String>,
+                        default: Duration,
+                        field: &str,
+                        min: Duration,
+                        max: Duration|
+     -> Result<Duration, Fail> {
+        let Some(text) = value else {
+            return Ok(default);
+        };
+        let d = parse_duration(&text).map_err(|r| fail(key(field), r))?;
+        if d < min || d > max {
+            return Err(fail(
+                key(field),
+                format!("{text} is out of range ({min:?}..={max:?})"),
+            ));
+        }
+        Ok(d)
+    };
+    let slow_start = duration_key(
+        raw.slow_start,
+        Duration::ZERO,
+        "slow_start",
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    )?;
+    let tcp_idle_timeout = duration_key(
+        raw.tcp_idle_timeout,
+        DEFAULT_TCP_IDLE_TIMEOUT,
+        "tcp_idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+    )?;
+    let udp_idle_timeout = duration_key(
+        raw.udp_idle_timeout,
+        DEFAULT_UDP_IDLE_TIMEOUT,
+        "udp_idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+    )?;
     let health_check = match raw.health_check {
         None => HealthCheck::default(),
         Some(hc) => validate_health_check(&prefix, port, hc)?,
@@ -802,6 +872,9 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         ring_size,
         backends,
         health_check,
+        slow_start,
+        tcp_idle_timeout,
+        udp_idle_timeout,
     })
 }
 
@@ -1186,6 +1259,53 @@ tunnel_source_v6 = "2001:db8::1"
     }
 
     #[test]
+    fn schedulers_backup_slow_start_and_idle_timeouts() {
+        for (name, s) in [
+            ("maglev", Scheduler::Maglev),
+            ("ip-hash", Scheduler::IpHash),
+            ("round-robin", Scheduler::RoundRobin),
+            ("least-conn", Scheduler::LeastConn),
+        ] {
+            let c = ok(&web(
+                &format!("scheduler = \"{name}\""),
+                &[backend("203.0.113.11")],
+            ));
+            assert_eq!(c.services[0].scheduler, s);
+        }
+        let c = ok(&web(
+            "slow_start = \"30s\"\ntcp_idle_timeout = \"10m\"\nudp_idle_timeout = \"5s\"",
+            &[
+                backend("203.0.113.11"),
+                format!("{}\nbackup = true", backend("203.0.113.12")),
+            ],
+        ));
+        let s = &c.services[0];
+        assert_eq!(s.slow_start, Duration::from_secs(30));
+        assert_eq!(s.tcp_idle_timeout, Duration::from_secs(600));
+        assert_eq!(s.udp_idle_timeout, Duration::from_secs(5));
+        assert!(!s.backends[0].backup && s.backends[1].backup);
+        let d = ok(&web("", &[backend("203.0.113.11")]));
+        assert_eq!(d.services[0].tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT);
+        assert_eq!(d.services[0].udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        assert!(d.services[0].slow_start.is_zero());
+        rejects(
+            &web("udp_idle_timeout = \"0s\"", &[backend("203.0.113.11")]),
+            "service[0].udp_idle_timeout",
+            "out of range",
+        );
+        rejects(
+            &web("slow_start = \"2h\"", &[backend("203.0.113.11")]),
+            "service[0].slow_start",
+            "unknown unit",
+        );
+        rejects(
+            &web("slow_start = \"90m\"", &[backend("203.0.113.11")]),
+            "service[0].slow_start",
+            "out of range",
+        );
+    }
+
+    #[test]
     fn agent_paths_and_metrics_address() {
         let c = ok(&web("", &[backend("203.0.113.11")]));
         assert_eq!(c.agent.api_socket, PathBuf::from(DEFAULT_API_SOCKET));
@@ -1272,13 +1392,18 @@ weight = 65535
                         BackendConfig {
                             address: "203.0.113.11".parse().unwrap(),
                             weight: 3,
+                            backup: false,
                         },
                         BackendConfig {
                             address: "2001:db8:1::11".parse().unwrap(),
                             weight: 0,
+                            backup: false,
                         },
                     ],
                     health_check: HealthCheck::default(),
+                    slow_start: Duration::ZERO,
+                    tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+                    udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                 },
                 ServiceConfig {
                     name: "dns.v6".to_owned(),
@@ -1291,8 +1416,12 @@ weight = 65535
                     backends: vec![BackendConfig {
                         address: "2001:db8:2::53".parse().unwrap(),
                         weight: 65535,
+                        backup: false,
                     }],
                     health_check: HealthCheck::default(),
+                    slow_start: Duration::ZERO,
+                    tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+                    udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                 },
             ],
         };
@@ -1557,7 +1686,7 @@ address = "203.0.113.11"
             .replace("[agent]\n", "[agent]\nxdp_mode = \"offload\"\n");
         rejects(&text, "agent.xdp_mode", "unknown variant `offload`");
         rejects(
-            &web("scheduler = \"round-robin\"", &[backend("203.0.113.11")]),
+            &web("scheduler = \"random\"", &[backend("203.0.113.11")]),
             "service[0].scheduler",
             "unknown variant",
         );

@@ -81,7 +81,7 @@ pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 13] = [
     map_name::VIPS,
     map_name::VIP_ADDRS,
     map_name::BACKENDS,
@@ -93,6 +93,8 @@ pub const PINNED_MAPS: [&str; 11] = [
     map_name::TX_PORTS,
     map_name::GLOBAL,
     map_name::NEXT_HOPS,
+    map_name::BACKEND_CONNS,
+    map_name::RR_COUNTERS,
 ];
 
 /// Name of the pinned XDP link in the bpffs directory.
@@ -259,6 +261,7 @@ pub struct KernelMaps {
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     /// An LRU hash in the kernel; aya reads it through its `HashMap` type.
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    backend_conns: Array<MapData, i64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -283,6 +286,7 @@ impl KernelMaps {
             vip_stats: take(ebpf, map_name::VIP_STATS)?,
             backend_stats: take(ebpf, map_name::BACKEND_STATS)?,
             conntrack: take(ebpf, map_name::CONNTRACK)?,
+            backend_conns: take(ebpf, map_name::BACKEND_CONNS)?,
         })
     }
 
@@ -291,6 +295,30 @@ impl KernelMaps {
     #[must_use]
     pub fn conntrack_len(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// A backend's active connections as the datapath counts them.
+    #[must_use]
+    pub fn active_connections(&self, backend_id: u32) -> i64 {
+        self.backend_conns.get(&backend_id, 0).unwrap_or(0)
+    }
+
+    /// Overwrites a backend's active-connection count (reconciliation).
+    pub fn set_active_connections(
+        &mut self,
+        backend_id: u32,
+        count: i64,
+    ) -> Result<(), DatapathError> {
+        self.backend_conns
+            .set(backend_id, count, 0)
+            .map_err(map_err(map_name::BACKEND_CONNS))
+    }
+
+    /// Every connection-table entry (a walk of the table: seconds for a million entries;
+    /// the agent does it in the background every few seconds).
+    #[must_use]
+    pub fn conntrack_entries(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
     }
 
     /// Every VIP entry (for adopting a pinned datapath).

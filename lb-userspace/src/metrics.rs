@@ -52,6 +52,9 @@ const HEALTH_UNCHECKED: &str = "unchecked";
 pub struct Metrics {
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
+    backend_active_connections: IntGaugeVec,
+    untracked_midflow: IntCounter,
+    conntrack_idle_expired: IntCounter,
     backend_packets: IntCounterVec,
     backend_bytes: IntCounterVec,
     backend_new_flows: IntCounterVec,
@@ -149,6 +152,12 @@ impl Metrics {
                 "Configured weight of the backend in its service's ring.",
                 sb,
             )?,
+            backend_active_connections: gauge_vec(
+                registry,
+                "weir_backend_active_connections",
+                "Active connections to the backend as the datapath counts them (new flows minus ended or idle-expired ones).",
+                sb,
+            )?,
             backend_packets: counter_vec(
                 registry,
                 "weir_backend_packets_total",
@@ -235,6 +244,16 @@ impl Metrics {
                 "weir_decap_packets_total",
                 "Packets whose outer tunnel header the decap program removed.",
             )?,
+            untracked_midflow: counter(
+                registry,
+                "weir_untracked_midflow_packets_total",
+                "Non-SYN TCP packets of flows the connection table did not know (evicted, idle-expired, or the LB restarted); sent by the service's hash.",
+            )?,
+            conntrack_idle_expired: counter(
+                registry,
+                "weir_conntrack_idle_expired_total",
+                "Tracked flows forgotten because they were idle longer than their service's timeout.",
+            )?,
             reloads: counter_vec(
                 registry,
                 "weir_reloads_total",
@@ -288,6 +307,8 @@ impl Metrics {
                 "conntrack_hit" => Some(self.conntrack_hits.clone()),
                 "conntrack_miss" => Some(self.conntrack_misses.clone()),
                 "decap_ok" => Some(self.decap_packets.clone()),
+                "untracked_midflow" => Some(self.untracked_midflow.clone()),
+                "conntrack_idle_expired" => Some(self.conntrack_idle_expired.clone()),
                 _ => None,
             }
         }
@@ -329,6 +350,9 @@ impl Metrics {
             self.backend_weight
                 .with_label_values(&labels)
                 .set(i64::from(backend.weight));
+            self.backend_active_connections
+                .with_label_values(&labels)
+                .set(backend.active_connections);
             if backend.health != HEALTH_UNCHECKED {
                 self.touch_check_series(&labels);
             }
@@ -443,6 +467,7 @@ impl Metrics {
         let labels = [service, address.as_str()];
         remove(&self.backend_up, &labels);
         remove(&self.backend_weight, &labels);
+        remove(&self.backend_active_connections, &labels);
         remove(&self.backend_packets, &labels);
         remove(&self.backend_bytes, &labels);
         remove(&self.backend_new_flows, &labels);
@@ -722,6 +747,9 @@ mod tests {
             health: "up".into(),
             up,
             slots: 100,
+            effective_weight: 3,
+            backup: false,
+            active_connections: 7,
             packets,
             bytes: packets * 100,
             new_flows: packets / 10,

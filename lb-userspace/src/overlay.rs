@@ -91,6 +91,8 @@ pub struct EffectiveBackend {
     pub address: IpAddr,
     pub weight: u32,
     pub admin: Admin,
+    /// From the config file; backends added from the CLI are primaries.
+    pub backup: bool,
 }
 
 impl Overlay {
@@ -147,10 +149,11 @@ impl Overlay {
         let mut out: Vec<EffectiveBackend> = service
             .backends
             .iter()
-            .map(|BackendConfig { address, weight }| EffectiveBackend {
-                address: *address,
-                weight: *weight,
+            .map(|b: &BackendConfig| EffectiveBackend {
+                address: b.address,
+                weight: b.weight,
                 admin: Admin::Enabled,
+                backup: b.backup,
             })
             .collect();
         for (address, change) in changes {
@@ -159,6 +162,7 @@ impl Overlay {
                     address: *address,
                     weight: 1,
                     admin: Admin::Enabled,
+                    backup: false,
                 });
             }
         }
@@ -213,12 +217,14 @@ mod tests {
                 EffectiveBackend {
                     address: ip("198.51.100.12"),
                     weight: 2,
-                    admin: Admin::Draining
+                    admin: Admin::Draining,
+                    backup: false,
                 },
                 EffectiveBackend {
                     address: ip("198.51.100.13"),
                     weight: 5,
-                    admin: Admin::Enabled
+                    admin: Admin::Enabled,
+                    backup: false,
                 },
             ]
         );

@@ -80,6 +80,9 @@ struct Agent {
     adopted: bool,
     xdp_mode: String,
     last_reload: Option<api::ReloadOutcome>,
+    /// When a backend last became eligible for traffic (healthy, enabled, added): the start
+    /// of its slow-start ramp.
+    up_since: HashMap<(String, IpAddr), Instant>,
 }
 
 fn now_unix() -> u64 {
@@ -111,33 +114,146 @@ impl Agent {
             .unwrap_or(Health::Down)
     }
 
-    /// Config ⊕ overlay ⊕ health -> what the datapath should do.
+    /// Config ⊕ overlay ⊕ health ⊕ backup ⊕ slow start -> what the datapath should do.
+    ///
+    /// A backend is `up` (tracked flows stay) unless unhealthy or disabled. It takes new
+    /// flows if up and enabled (not draining), and, for a backup, only while no primary of
+    /// the service takes new flows. During slow start its weight ramps linearly from 1/N.
     fn desired(&self) -> Vec<(ServiceConfig, Vec<DesiredBackend>)> {
+        let now = Instant::now();
         self.config
             .services
             .iter()
             .map(|service| {
-                let backends = self
-                    .overlay
-                    .effective(service)
-                    .into_iter()
+                let effective = self.overlay.effective(service);
+                let up = |b: &crate::overlay::EffectiveBackend| {
+                    self.health_of(service, b.address) != Health::Down && b.admin != Admin::Disabled
+                };
+                let takes_new = |b: &crate::overlay::EffectiveBackend| {
+                    up(b) && b.admin == Admin::Enabled && b.weight > 0
+                };
+                let primary_serving = effective.iter().any(|b| !b.backup && takes_new(b));
+                let backends = effective
+                    .iter()
                     .map(|b| {
-                        let healthy = self.health_of(service, b.address) != Health::Down;
-                        let up = healthy && b.admin != Admin::Disabled;
+                        let serving = takes_new(b) && (!b.backup || !primary_serving);
                         DesiredBackend {
                             address: b.address,
-                            ring_weight: if up && b.admin == Admin::Enabled {
-                                b.weight
+                            ring_weight: if serving {
+                                self.ramped(service, b.address, b.weight, now)
                             } else {
                                 0
                             },
-                            up,
+                            up: up(b),
                         }
                     })
                     .collect();
                 (service.clone(), backends)
             })
             .collect()
+    }
+
+    /// A weight during slow start: linear from `weight / 1000` (at least 1) to `weight`.
+    fn ramped(&self, service: &ServiceConfig, address: IpAddr, weight: u32, now: Instant) -> u32 {
+        if service.slow_start.is_zero() {
+            return weight;
+        }
+        let Some(since) = self.up_since.get(&(service.name.clone(), address)) else {
+            return weight;
+        };
+        let elapsed = now.saturating_duration_since(*since);
+        if elapsed >= service.slow_start {
+            return weight;
+        }
+        let share = elapsed.as_secs_f64() / service.slow_start.as_secs_f64();
+        ((f64::from(weight) * share).round() as u32).clamp(1, weight.max(1))
+    }
+
+    /// One slow-start step (every second): re-applies while any ramp runs, and forgets
+    /// ramps only after the step that gave them their full weight.
+    fn ramp_step(&mut self) {
+        if self.up_since.is_empty() {
+            return;
+        }
+        if let Err(err) = self.sync() {
+            tracing::error!(error = %err, "applying a slow-start step failed");
+        }
+        let now = Instant::now();
+        let durations: HashMap<String, Duration> = self
+            .config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.slow_start))
+            .collect();
+        self.up_since.retain(|(name, _), since| {
+            durations
+                .get(name)
+                .is_some_and(|d| now.saturating_duration_since(*since) < *d)
+        });
+    }
+
+    /// Starts a backend's slow-start ramp (it just became eligible for traffic).
+    fn start_ramp(&mut self, service: &str, address: IpAddr) {
+        if self
+            .service_config(service)
+            .is_some_and(|s| !s.slow_start.is_zero())
+        {
+            self.up_since
+                .insert((service.to_owned(), address), Instant::now());
+        }
+    }
+
+    /// Recounts every backend's active connections from the table and writes the counts:
+    /// entries the LRU evicted, or that went idle without another packet, never told the
+    /// datapath their flow ended.
+    fn reconcile_connections(&mut self) {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the struct we pass. CLOCK_MONOTONIC is the clock of
+        // bpf_ktime_get_ns.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let mut timeouts: HashMap<u32, (u64, u64)> = HashMap::new();
+        let mut counts: HashMap<u32, i64> = HashMap::new();
+        for state in self.balancer.services() {
+            for b in &state.backends {
+                timeouts.insert(
+                    b.id,
+                    (
+                        state.config.tcp_idle_timeout.as_nanos() as u64,
+                        state.config.udp_idle_timeout.as_nanos() as u64,
+                    ),
+                );
+                counts.insert(b.id, 0);
+            }
+        }
+        for (key, value) in self.balancer.maps().conntrack_entries() {
+            if value.flags & lb_common::FLOW_COUNTED == 0
+                || value.flags & lb_common::FLOW_CLOSED != 0
+            {
+                continue;
+            }
+            let Some((tcp, udp)) = timeouts.get(&value.backend_id) else {
+                continue;
+            };
+            let timeout = if key.proto == lb_common::PROTO_TCP {
+                *tcp
+            } else {
+                *udp
+            };
+            if now_ns.saturating_sub(value.last_seen_ns) <= timeout {
+                *counts.entry(value.backend_id).or_default() += 1;
+            }
+        }
+        for (id, count) in counts {
+            if self.balancer.maps().active_connections(id) != count
+                && let Err(err) = self.balancer.maps_mut().set_active_connections(id, count)
+            {
+                tracing::warn!(backend_id = id, error = %err, "writing a connection count failed");
+            }
+        }
     }
 
     /// Writes the difference to the datapath and points the health checker at the current
@@ -221,14 +337,17 @@ impl Agent {
             for b in self.overlay.effective(service) {
                 let tracked =
                     state.and_then(|s| s.backends.iter().find(|x| x.address == b.address));
-                let (slots, counters, up) = match (state, tracked) {
-                    (Some(s), Some(t)) => (
-                        s.ring.iter().filter(|&&id| id == t.id).count() as u32,
-                        self.balancer.maps().backend(t.id).unwrap_or_default(),
-                        t.up,
-                    ),
-                    _ => (0, Default::default(), false),
-                };
+                let (slots, counters, up, effective_weight, active_connections) =
+                    match (state, tracked) {
+                        (Some(s), Some(t)) => (
+                            s.ring.iter().filter(|&&id| id == t.id).count() as u32,
+                            self.balancer.maps().backend(t.id).unwrap_or_default(),
+                            t.up,
+                            t.weight,
+                            self.balancer.maps().active_connections(t.id),
+                        ),
+                        _ => (0, Default::default(), false, 0, 0),
+                    };
                 out.push(api::BackendInfo {
                     service: service.name.clone(),
                     address: b.address,
@@ -237,6 +356,9 @@ impl Agent {
                     health: self.health_of(service, b.address).as_str().to_owned(),
                     up,
                     slots,
+                    effective_weight,
+                    backup: b.backup,
+                    active_connections,
                     packets: counters.packets,
                     bytes: counters.bytes,
                     new_flows: counters.new_flows,
@@ -524,6 +646,7 @@ impl Agent {
                         format!("the datapath holds at most {MAX_BACKENDS} backends"),
                     );
                 }
+                self.start_ramp(&service, address);
                 self.change(&service, address, |o| {
                     let e = o.entry(&service, address);
                     e.added = true;
@@ -576,6 +699,9 @@ impl Agent {
     fn set_admin(&mut self, service: String, address: IpAddr, admin: Admin) -> Response {
         if let Some(resp) = self.require_backend(&service, address) {
             return resp;
+        }
+        if admin == Admin::Enabled {
+            self.start_ramp(&service, address);
         }
         self.change(&service, address, |o| {
             o.entry(&service, address).admin = Some(admin);
@@ -982,6 +1108,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         adopted: adopting,
         xdp_mode: String::new(),
         last_reload: None,
+        up_since: HashMap::new(),
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -1032,6 +1159,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut warm = tokio::time::interval(Duration::from_secs(5));
+    let mut ramp = tokio::time::interval(Duration::from_secs(1));
+    let mut reconcile = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -1049,6 +1178,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 }
             },
             _ = warm.tick() => warm_neighbours(&agent.all_backend_addresses()),
+            _ = ramp.tick() => agent.ramp_step(),
+            _ = reconcile.tick() => agent.reconcile_connections(),
         }
     }
     tracing::info!(%interface, "stopping; the datapath stays attached (pinned); `weir teardown` removes it");

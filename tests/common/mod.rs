@@ -1510,9 +1510,10 @@ pub fn http_get(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .with_context(|| format!("bad status line in {head:?}"))?;
-        let chunked = head
-            .lines()
-            .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+        let chunked = head.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("transfer-encoding: chunked")
+        });
         let body = if chunked {
             dechunk(body)?
         } else {
@@ -1606,8 +1607,7 @@ pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option
 }
 
 /// Where the agent serves `/metrics` by default, inside the LB namespace.
-pub const METRICS_ADDR: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9650);
+pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9650);
 
 impl Topology {
     /// The agent's `/metrics` text (a real scrape from inside the LB namespace).
@@ -1691,7 +1691,11 @@ impl Servers {
 
     /// A minimal HTTP server on `port` (all addresses) in namespace `ns` answering every
     /// request with the status code currently in `status` (switchable while it runs).
-    pub fn http_status(ns: &str, port: u16, status: Arc<std::sync::atomic::AtomicU16>) -> Result<Self> {
+    pub fn http_status(
+        ns: &str,
+        port: u16,
+        status: Arc<std::sync::atomic::AtomicU16>,
+    ) -> Result<Self> {
         let mut me = Self::new();
         let (c, stop) = (me.served.clone(), me.stop.clone());
         let (tx, rx) = mpsc::channel::<Result<(), String>>();
@@ -1748,9 +1752,19 @@ impl Drop for Servers {
 
 /// From namespace `ns`: a TCP connection from `src_port` to `dst` (the socket belongs to `ns`
 /// and can then be used from any thread).
-pub fn tcp_connect(ns: &str, dst: SocketAddr, src_port: u16, timeout: Duration) -> Result<TcpStream> {
+pub fn tcp_connect(
+    ns: &str,
+    dst: SocketAddr,
+    src_port: u16,
+    timeout: Duration,
+) -> Result<TcpStream> {
     in_netns(ns, move || {
-        let s = bind_src(Domain::for_address(dst), Type::STREAM, Protocol::TCP, src_port)?;
+        let s = bind_src(
+            Domain::for_address(dst),
+            Type::STREAM,
+            Protocol::TCP,
+            src_port,
+        )?;
         s.connect_timeout(&SockAddr::from(dst), timeout)
             .with_context(|| format!("connect to {dst} from port {src_port}"))?;
         let stream: TcpStream = s.into();
@@ -1763,7 +1777,12 @@ pub fn tcp_connect(ns: &str, dst: SocketAddr, src_port: u16, timeout: Duration) 
 /// One TCP flow from the current thread's namespace: connect from `src_port`, send a
 /// payload, check its echo (as `tcp_flows` does per flow).
 pub fn tcp_echo_once(dst: SocketAddr, src_port: u16, tag: &str, timeout: Duration) -> Result<()> {
-    let s = bind_src(Domain::for_address(dst), Type::STREAM, Protocol::TCP, src_port)?;
+    let s = bind_src(
+        Domain::for_address(dst),
+        Type::STREAM,
+        Protocol::TCP,
+        src_port,
+    )?;
     s.connect_timeout(&SockAddr::from(dst), timeout)
         .context("connect")?;
     let mut stream: TcpStream = s.into();

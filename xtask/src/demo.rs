@@ -10,17 +10,28 @@
 //!                                                      weir agent (config/demo.toml)
 //! ```
 //!
+//! The agent runs with `nsenter --net` (not `ip netns exec`, whose private mount namespace
+//! would take the agent's bpffs pins along when it exits), checks the backends over HTTP,
+//! answers on its own API socket (`/run/weir-demo/weir.sock`) and serves Prometheus metrics
+//! on 127.0.0.1:9650 inside the namespace weirdemo-lb. The demo sends 1,000 requests, shows
+//! the distribution, the metrics and `weir backend list`, then stops one backend, shows the
+//! health check taking it out and the traffic moving, and starts it again.
+//!
 //! Traffic stays between these namespaces, over veth pairs the demo creates: nothing is added
 //! to the root namespace, and only the documentation ranges 198.51.100.0/24 and
-//! 203.0.113.0/24 are used. Everything is torn down at the end, on failure and on Ctrl-C,
-//! unless `--keep` is given; `--clean` removes what a kept (or killed) demo left behind.
-//! Every wait and every loop is bounded in count and time.
+//! 203.0.113.0/24 are used. Everything is torn down at the end (the agent's pins with
+//! `weir teardown`), on failure and on Ctrl-C, unless `--keep` is given; `--clean` removes
+//! what a kept (or killed) demo left behind. Every wait and every loop is bounded in count
+//! and time.
 use std::{
     collections::BTreeMap,
     fs::{self, File},
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::{net::UnixStream, process::CommandExt as _},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -55,10 +66,20 @@ const SWITCH_PASS_VIP: &str = "203.0.113.254";
 
 /// The agent's config, relative to the workspace root.
 const CONFIG: &str = "config/demo.toml";
+/// The service of config/demo.toml.
+const SERVICE: &str = "web";
+/// Where config/demo.toml puts the agent's socket and state file (a test checks that they
+/// agree): the demo's own, never a real agent's.
+const RUN_DIR: &str = "/run/weir-demo";
+const API_SOCKET: &str = "/run/weir-demo/weir.sock";
+/// Where config/demo.toml pins the agent's XDP link and maps.
+const BPFFS: &str = "/sys/fs/bpf/weir-demo";
+/// The agent's metrics endpoint inside the namespace weirdemo-lb.
+const METRICS_URL: &str = "http://127.0.0.1:9650/metrics";
 
 /// Requests of the main run, and of each phase of the backend-down run.
 const REQUESTS: usize = 1000;
-const PHASE_REQUESTS: usize = 100;
+const PHASE_REQUESTS: usize = 300;
 /// Allowed deviation of each backend's share from an even split.
 const TOLERANCE: f64 = 0.20;
 /// Per-request connect/read/write timeout (like `curl --max-time 2`).
@@ -71,11 +92,14 @@ const GIVE_UP_AFTER: usize = 20;
 const AGENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the decap programs and the HTTP servers may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the health checks may take to mark a backend up or down (config/demo.toml
+/// checks every 500 ms; rise and fall are 2).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a process gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(50);
 
-const STEPS: usize = 10;
+const STEPS: usize = 11;
 
 const NOT_ROOT: &str = "cargo xtask demo needs root (it creates network namespaces and attaches \
                         XDP programs); run it as root";
@@ -96,7 +120,7 @@ pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
 
         step(2, "running setup and building weir");
         setup::setup()?;
-        let weir = build_weir()?;
+        let weir = build_weir(false)?;
         println!("      weir: {}", weir.display());
         let config = cmd::workspace_root().join(CONFIG);
         let checked = run(&[path_str(&weir)?, "config", "check", path_str(&config)?])?;
@@ -228,13 +252,16 @@ fn prerequisites() -> anyhow::Result<Tools> {
              needs a kernel with BPF and XDP"
         );
     }
-    let missing: Vec<&str> = ["ip", "ethtool", "sysctl", "ping", "curl", "python3"]
-        .into_iter()
-        .filter(|tool| find_on_path(tool).is_none())
-        .collect();
+    let missing: Vec<&str> = [
+        "ip", "ethtool", "sysctl", "ping", "curl", "python3", "nsenter",
+    ]
+    .into_iter()
+    .filter(|tool| find_on_path(tool).is_none())
+    .collect();
     if !missing.is_empty() {
         bail!(
-            "missing tools: {} (Debian: iproute2 ethtool procps iputils-ping curl python3)",
+            "missing tools: {} (Debian: iproute2 ethtool procps iputils-ping curl python3 \
+             util-linux)",
             missing.join(" ")
         );
     }
@@ -248,7 +275,9 @@ fn prerequisites() -> anyhow::Result<Tools> {
     if !help.contains("xdp") {
         bail!("this iproute2 (`ip`) knows nothing about XDP; install a newer iproute2");
     }
-    println!("      kernel {kernel} with BPF; iproute2 with XDP; ethtool, sysctl, ping, curl");
+    println!(
+        "      kernel {kernel} with BPF; iproute2 with XDP; ethtool, sysctl, ping, curl, nsenter"
+    );
     // The interpreter itself rather than a wrapper script (pyenv's shims), so that the pid
     // the demo stops is the server's.
     let python = run(&[
@@ -278,6 +307,22 @@ fn prerequisites() -> anyhow::Result<Tools> {
             leftovers.join(", ")
         );
     }
+    if Path::new(BPFFS).exists() {
+        bail!(
+            "the pins of an earlier demo's agent are still in {BPFFS}; remove them with \
+             `cargo xtask demo --clean`"
+        );
+    }
+    if UnixStream::connect(API_SOCKET).is_ok() {
+        bail!(
+            "an agent answers on the demo's socket {API_SOCKET}; stop it with \
+             `cargo xtask demo --clean`"
+        );
+    }
+    // Only the demo uses this folder; a killed demo may have left its state file there.
+    if Path::new(RUN_DIR).exists() {
+        fs::remove_dir_all(RUN_DIR).with_context(|| format!("remove the stale {RUN_DIR}"))?;
+    }
     let config = cmd::workspace_root().join(CONFIG);
     if !config.is_file() {
         bail!("the demo's agent config {} is missing", config.display());
@@ -292,9 +337,10 @@ fn find_on_path(tool: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// `cargo build -p lb-userspace --bin weir`; returns the binary's path as cargo reports it
-/// (so `CARGO_TARGET_DIR`, `--target-dir` in cargo config and the like are respected).
-fn build_weir() -> anyhow::Result<PathBuf> {
+/// `cargo build -p lb-userspace --bin weir` (with `--release` if `release`); returns the
+/// binary's path as cargo reports it (so `CARGO_TARGET_DIR`, `--target-dir` in cargo config
+/// and the like are respected).
+pub(crate) fn build_weir(release: bool) -> anyhow::Result<PathBuf> {
     let mut cargo = cmd::cargo();
     cargo.args([
         "build",
@@ -304,6 +350,9 @@ fn build_weir() -> anyhow::Result<PathBuf> {
         "weir",
         "--message-format=json-render-diagnostics",
     ]);
+    if release {
+        cargo.arg("--release");
+    }
     let line = cmd::display(&cargo);
     println!("$ {line}");
     let output = cargo
@@ -424,8 +473,20 @@ fn enter_netns(ns: &str) -> anyhow::Result<()> {
 // Processes
 // ---------------------------------------------------------------------------------------------
 
-/// A long-running process inside a namespace (`ip netns exec NS PROGRAM ARGS...`, which execs,
-/// so the pid is the program's), in a process group of its own, output to a log file.
+/// How a process enters its namespace. Both exec the program, so the pid is the program's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Enter {
+    /// `ip netns exec NS`: the network namespace plus a private mount namespace (with the
+    /// namespace's own /sys), for tools that look at /sys/class/net.
+    IpNetnsExec,
+    /// `nsenter --net=/run/netns/NS`: the network namespace only. The agent runs so: it
+    /// pins its XDP link and maps in the host's bpffs, where they outlive it (a private
+    /// mount namespace would take them along) and where `weir teardown` finds them.
+    Nsenter,
+}
+
+/// A long-running process inside a namespace, in a process group of its own, output to a log
+/// file.
 struct Proc {
     what: String,
     child: Option<Child>,
@@ -436,16 +497,26 @@ struct Proc {
 impl Proc {
     fn spawn(
         what: &str,
-        ns: &str,
+        (ns, enter): (&str, Enter),
         program: &Path,
         args: &[&str],
         log: PathBuf,
     ) -> anyhow::Result<Self> {
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut command = Command::new("ip");
+        let mut command = match enter {
+            Enter::IpNetnsExec => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]);
+                command
+            }
+            Enter::Nsenter => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{ns}"));
+                command
+            }
+        };
         command
-            .args(["netns", "exec", ns])
             .arg(program)
             .args(args)
             .env(
@@ -663,16 +734,35 @@ impl Demo {
         batch.print();
         batch.check_even(REQUESTS)?;
         println!("      every request answered; each backend within ±20% of an even share");
+        self.show_metrics(&batch)?;
+        self.show_backends()?;
 
+        let down = 1;
+        let name = backend_name(down);
         step(
             8,
-            "stopping backend-2's HTTP server, then starting it again",
+            &format!("stopping {name}'s HTTP server: the health check takes it out, traffic moves"),
         );
-        self.backend_down_and_up()?;
+        self.backend_down(down)?;
 
-        step(9, "the agent's log (last lines)");
+        step(
+            9,
+            &format!("starting {name}'s HTTP server again: it comes back into the ring"),
+        );
+        self.backend_up(down)?;
+
+        step(10, "the agent's log");
         if let Some(agent) = &self.agent {
-            for line in agent.log_tail(8).lines() {
+            let log = fs::read_to_string(&agent.log).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|line| {
+                    ["XDP balancer attached", "backend health changed", "ready"]
+                        .iter()
+                        .any(|needle| line.contains(needle))
+                })
+                .collect();
+            for line in &lines[lines.len().saturating_sub(12)..] {
                 println!("      | {line}");
             }
         }
@@ -785,7 +875,7 @@ impl Demo {
         );
         let mut pass = Proc::spawn(
             &format!("weir decap on {SWITCH_LB_PORT} in {NS_SW}"),
-            NS_SW,
+            (NS_SW, Enter::IpNetnsExec),
             &self.weir,
             &[
                 "decap",
@@ -823,7 +913,7 @@ impl Demo {
         let log = self.workdir.join(format!("{name}-http.log"));
         let mut server = Proc::spawn(
             &format!("the HTTP server of {name}"),
-            ns,
+            (ns, Enter::IpNetnsExec),
             &self.python,
             &[
                 "-m",
@@ -852,7 +942,7 @@ impl Demo {
     fn start_agent(&mut self) -> anyhow::Result<()> {
         let mut agent = Proc::spawn(
             &format!("weir agent in {NS_LB}"),
-            NS_LB,
+            (NS_LB, Enter::Nsenter),
             &self.weir,
             &["agent", "--config", path_str(&self.config)?],
             self.workdir.join("agent.log"),
@@ -864,6 +954,26 @@ impl Demo {
         if let Some(line) = link.lines().find(|line| line.contains("xdp")) {
             println!("      {NS_LB} {NODE_IF}: {}", line.trim());
         }
+
+        // The API answers once the agent is ready; the health checks then bring the backends
+        // up (a backend of a checked service starts down, and comes up on its first
+        // successful check).
+        self.wait_backends("the agent's API to answer", AGENT_TIMEOUT, |_| true)?;
+        println!("      $ weir status --socket {API_SOCKET}");
+        for line in self.weir_cli(&["status"])?.lines() {
+            println!("        {line}");
+        }
+        let took = self.wait_backends(
+            "every backend to pass its health check",
+            HEALTH_TIMEOUT,
+            |backends| backends.len() == NS_BACKENDS.len() && backends.iter().all(|b| b.up),
+        )?;
+        println!(
+            "      all {} backends passed their HTTP health check (GET /) {:.1} s after the \
+             agent answered",
+            NS_BACKENDS.len(),
+            took.as_secs_f64()
+        );
         Ok(())
     }
 
@@ -883,7 +993,7 @@ impl Demo {
         for (index, ns) in NS_BACKENDS.iter().enumerate() {
             let decap = Proc::spawn(
                 &format!("weir decap in {ns}"),
-                ns,
+                (ns, Enter::IpNetnsExec),
                 &self.weir,
                 &["decap", "--interface", NODE_IF, "--vip", &VIP.to_string()],
                 self.workdir
@@ -911,37 +1021,172 @@ impl Demo {
         Ok(())
     }
 
-    fn backend_down_and_up(&mut self) -> anyhow::Result<()> {
-        let down = 1;
-        let name = backend_name(down);
-        if let Some(mut server) = self.servers.get_mut(down).and_then(Option::take) {
+    /// `weir ARGS... --socket API_SOCKET`: a command against the demo's agent. The socket is
+    /// a file in the host's mount namespace, so no namespace needs entering.
+    fn weir_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec![path_str(&self.weir)?];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--socket", API_SOCKET]);
+        run(&all)
+    }
+
+    /// The backends of the demo's service, as `weir backend list web -o json` reports them.
+    fn backends(&self) -> anyhow::Result<Vec<BackendState>> {
+        let json = self.weir_cli(&["backend", "list", SERVICE, "--output", "json"])?;
+        parse_backends(&json)
+    }
+
+    /// Polls `weir backend list` until `done` holds; returns how long that took. Fails if the
+    /// agent exits, or after `timeout` (with the last answer).
+    fn wait_backends(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[BackendState]) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        loop {
+            check_interrupted()?;
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.exited()
+            {
+                return Err(agent.died(status, &format!("while waiting for {what}")));
+            }
+            let last = match self.backends() {
+                Ok(backends) if done(&backends) => return Ok(start.elapsed()),
+                Ok(backends) => format!("{backends:?}"),
+                Err(err) => format!("{err:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!("waited {timeout:?} for {what}; last answer: {last}");
+            }
+            sleep(POLL * 2)?;
+        }
+    }
+
+    /// `weir backend list` as a person would run it.
+    fn show_backends(&self) -> anyhow::Result<()> {
+        println!("      $ weir backend list --socket {API_SOCKET}");
+        for line in self.weir_cli(&["backend", "list"])?.lines() {
+            println!("        {line}");
+        }
+        Ok(())
+    }
+
+    /// The agent's Prometheus metrics of the backends, fetched inside the balancer's
+    /// namespace; checks that they saw the requests `batch` sent.
+    fn show_metrics(&self, batch: &Batch) -> anyhow::Result<()> {
+        println!(
+            "      $ ip netns exec {NS_LB} curl -s {METRICS_URL} | grep -E \
+             '^weir_(backend|service)_'"
+        );
+        let text = ns_exec(NS_LB, &["curl", "-sS", "--max-time", "5", METRICS_URL])
+            .context("fetching the agent's metrics")?;
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("weir_backend_") || line.starts_with("weir_service_"))
+            .collect();
+        if samples.is_empty() {
+            bail!("the agent's metrics have no weir_backend_* samples:\n{text}");
+        }
+        for line in &samples {
+            println!("        {line}");
+        }
+        // Every request was a new connection: a new flow, counted at its backend.
+        for index in 0..NS_BACKENDS.len() {
+            let name = backend_name(index);
+            let answered = batch.answered.get(&name).copied().unwrap_or(0);
+            let new_flows = metric_value(
+                &text,
+                "weir_backend_new_flows_total",
+                &[("backend", &backend_addr(index)), ("service", SERVICE)],
+            )
+            .with_context(|| format!("no weir_backend_new_flows_total sample for {name}"))?;
+            if new_flows < answered as f64 {
+                bail!(
+                    "weir_backend_new_flows_total of {name} is {new_flows}, but {name} \
+                     answered {answered} requests"
+                );
+            }
+        }
+        println!("      the new-flow counters agree with the responses above");
+        Ok(())
+    }
+
+    fn backend_down(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = backend_name(index);
+        let addr = backend_addr(index);
+        if let Some(mut server) = self.servers.get_mut(index).and_then(Option::take) {
             server.stop();
         }
+        println!("      {name}'s server stopped; waiting for the health check to mark {addr} down");
+        let took = self.wait_backends(
+            &format!("{name} ({addr}) to be marked down"),
+            HEALTH_TIMEOUT,
+            |backends| {
+                backends
+                    .iter()
+                    .any(|b| b.address == addr && b.health == "down" && !b.up)
+            },
+        )?;
         println!(
-            "      {name}'s server stopped. This version of weir has no health checks yet (a \
-             later version adds them), so the balancer keeps sending {name} its share of new \
-             connections, which {name} refuses:"
+            "      {name} marked down {:.1} s after its server stopped (fall = 2 failed checks, \
+             every 500 ms)",
+            took.as_secs_f64()
         );
-        let batch = http_batch(PHASE_REQUESTS)?;
-        batch.print();
-        if batch.answered.contains_key(&name) {
-            bail!("{name} answered while its server was stopped");
-        }
-        if batch.failed() == 0 {
-            bail!("no request failed while {name}'s server was stopped");
-        }
-
-        println!("      starting {name}'s server again:");
-        self.start_server(down)?;
+        self.show_backends()?;
+        println!("      sending {PHASE_REQUESTS} requests: all must be answered, none by {name}:");
         let batch = http_batch(PHASE_REQUESTS)?;
         batch.print();
         if batch.failed() > 0 {
             bail!(
-                "{} of {PHASE_REQUESTS} requests failed after {name}'s server was back",
+                "{} of {PHASE_REQUESTS} requests failed while {name} was down",
                 batch.failed()
             );
         }
-        println!("      every request answered again");
+        if let Some(n) = batch.answered.get(&name) {
+            bail!("{name} answered {n} requests while its server was stopped");
+        }
+        println!("      every request answered by the other backends: the traffic moved");
+        Ok(())
+    }
+
+    fn backend_up(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = backend_name(index);
+        let addr = backend_addr(index);
+        self.start_server(index)?;
+        let took = self.wait_backends(
+            &format!("{name} ({addr}) to be marked up"),
+            HEALTH_TIMEOUT,
+            |backends| {
+                backends
+                    .iter()
+                    .any(|b| b.address == addr && b.health == "up" && b.up)
+            },
+        )?;
+        println!(
+            "      {name} marked up {:.1} s after its server started (rise = 2 successful \
+             checks)",
+            took.as_secs_f64()
+        );
+        println!("      sending {PHASE_REQUESTS} requests: {name} must get its share again:");
+        let batch = http_batch(PHASE_REQUESTS)?;
+        batch.print();
+        if batch.failed() > 0 {
+            bail!(
+                "{} of {PHASE_REQUESTS} requests failed after {name} was back",
+                batch.failed()
+            );
+        }
+        // An even share is a third; half of that rules out a backend left out of the ring
+        // without depending on luck.
+        let least = PHASE_REQUESTS / NS_BACKENDS.len() / 2;
+        let got = batch.answered.get(&name).copied().unwrap_or(0);
+        if got < least {
+            bail!("{name} answered only {got} of {PHASE_REQUESTS} requests after it came back");
+        }
+        println!("      every request answered; {name} receives traffic again");
         Ok(())
     }
 
@@ -980,26 +1225,33 @@ impl Demo {
         );
         println!("      try:");
         println!("        ip netns exec {NS_CLI} curl http://{VIP}/");
-        println!("        ip -n {NS_LB} -d link show dev {NODE_IF}        # the XDP balancer");
-        println!("        ip netns exec {NS_LB} {weir} --help");
+        println!("        {weir} status --socket {API_SOCKET}");
+        println!("        {weir} backend list --socket {API_SOCKET}");
+        println!("        {weir} stats --watch --socket {API_SOCKET}");
         println!(
-            "        ip netns exec {NS_LB} {weir} config check {}",
-            self.config.display()
+            "        {weir} backend drain {SERVICE} {} --socket {API_SOCKET}",
+            backend_addr(0)
         );
-        println!("        ip netns pids {NS_LB}");
+        println!("        ip netns exec {NS_LB} curl -s {METRICS_URL}");
+        println!("        ip -n {NS_LB} -d link show dev {NODE_IF}        # the XDP balancer");
+        println!(
+            "        ip netns pids {}              # stop one to see its health check fail",
+            NS_BACKENDS[1]
+        );
         println!("      remove it all with: cargo xtask demo --clean");
     }
 
-    /// Stops every process (SIGTERM, then SIGKILL), deletes the namespaces (their links go
-    /// with them) and the temporary folder, then checks that no demo namespace is left.
+    /// Stops every process (SIGTERM, then SIGKILL), removes the agent's pins with
+    /// `weir teardown`, deletes the namespaces (their links go with them), the agent's run
+    /// folder and the temporary folder, then checks that none of it is left.
     fn teardown(&mut self) -> anyhow::Result<()> {
         let mut stopped = 0;
+        // The agent first: it stops health-checking before the servers go.
         let procs = self
-            .servers
+            .agent
             .iter_mut()
-            .flatten()
+            .chain(self.servers.iter_mut().flatten())
             .chain(&mut self.decaps)
-            .chain(&mut self.agent)
             .chain(&mut self.switch_pass);
         for proc in procs {
             if proc.child.is_some() {
@@ -1008,6 +1260,24 @@ impl Demo {
             }
         }
         let mut problems = Vec::new();
+        // A stopped agent leaves its XDP link and maps pinned (the datapath keeps
+        // forwarding, and a restarted agent takes over): take them out as an operator would.
+        if Path::new(BPFFS).exists() {
+            let teardown =
+                path_str(&self.weir).and_then(|weir| run(&[weir, "teardown", "--bpffs", BPFFS]));
+            match teardown {
+                Ok(out) => println!(
+                    "      $ weir teardown --bpffs {BPFFS}\n        {}",
+                    out.trim()
+                ),
+                Err(err) => {
+                    eprintln!("      weir teardown failed ({err:#}); removing the pins directly");
+                    if let Err(err) = remove_pins(Path::new(BPFFS)) {
+                        problems.push(format!("{err:#}"));
+                    }
+                }
+            }
+        }
         // Also any other demo namespace: the demo starts only when none exists, so one that
         // is not on the list was created by an `ip netns add` interrupted before it returned.
         let mut namespaces: Vec<String> = self.namespaces.drain(..).rev().collect();
@@ -1023,10 +1293,18 @@ impl Demo {
             }
         }
         let _ = fs::remove_dir_all(&self.workdir);
+        if Path::new(RUN_DIR).exists()
+            && let Err(err) = fs::remove_dir_all(RUN_DIR)
+        {
+            problems.push(format!("remove {RUN_DIR}: {err}"));
+        }
         match demo_namespaces() {
             Ok(left) if left.is_empty() => {}
             Ok(left) => problems.push(format!("namespaces left: {}", left.join(" "))),
             Err(err) => problems.push(format!("{err:#}")),
+        }
+        if Path::new(BPFFS).exists() {
+            problems.push(format!("{BPFFS} is still there"));
         }
         if !problems.is_empty() {
             bail!(
@@ -1037,7 +1315,7 @@ impl Demo {
         if deleted > 0 || stopped > 0 {
             println!(
                 "      stopped {stopped} process{}, deleted {deleted} namespace{} (and their \
-                 links); no {PREFIX}* namespace left",
+                 links); no {PREFIX}* namespace, no {BPFFS}, no {RUN_DIR} left",
                 if stopped == 1 { "" } else { "es" },
                 if deleted == 1 { "" } else { "s" }
             );
@@ -1070,13 +1348,26 @@ fn ping(ns: &str, addr: &str) -> anyhow::Result<()> {
 // Cleaning up
 // ---------------------------------------------------------------------------------------------
 
-/// `--clean`: stops every process in a `weirdemo-*` namespace, deletes those namespaces and
-/// the demo's temporary folders.
+/// `--clean`: stops every process in a `weirdemo-*` namespace, deletes those namespaces,
+/// removes the agent's pins (what `weir teardown` does: unpinning the link detaches the XDP
+/// program), its run folder and the demo's temporary folders.
 fn clean_up() -> anyhow::Result<()> {
     let namespaces = demo_namespaces()?;
+    let mut removed = 0;
     for ns in &namespaces {
         remove_namespace(ns)?;
         println!("demo --clean: deleted namespace {ns}");
+        removed += 1;
+    }
+    if Path::new(BPFFS).exists() {
+        remove_pins(Path::new(BPFFS))?;
+        println!("demo --clean: removed the agent's pins in {BPFFS}");
+        removed += 1;
+    }
+    if Path::new(RUN_DIR).exists() {
+        fs::remove_dir_all(RUN_DIR).with_context(|| format!("remove {RUN_DIR}"))?;
+        println!("demo --clean: removed {RUN_DIR}");
+        removed += 1;
     }
     if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
@@ -1084,6 +1375,7 @@ fn clean_up() -> anyhow::Result<()> {
             if name.to_string_lossy().starts_with(PREFIX) && entry.path().is_dir() {
                 let _ = fs::remove_dir_all(entry.path());
                 println!("demo --clean: removed {}", entry.path().display());
+                removed += 1;
             }
         }
     }
@@ -1091,12 +1383,23 @@ fn clean_up() -> anyhow::Result<()> {
     if !left.is_empty() {
         bail!("namespaces still there: {}", left.join(" "));
     }
-    if namespaces.is_empty() {
+    if removed == 0 {
         println!("demo --clean: nothing to remove");
     } else {
-        println!("demo --clean: done; no {PREFIX}* namespace left");
+        println!("demo --clean: done; no {PREFIX}* namespace, no {BPFFS}, no {RUN_DIR} left");
     }
     Ok(())
+}
+
+/// Removes every pin in `dir` (a folder of the host's bpffs) and the folder. Removing the
+/// pin of the XDP link drops the last reference to it once the agent is gone: the program
+/// is detached.
+fn remove_pins(dir: &Path) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))
 }
 
 /// Stops whatever still runs in `ns` (`ip netns pids`: SIGTERM, then SIGKILL after
@@ -1134,6 +1437,61 @@ fn remove_namespace(ns: &str) -> anyhow::Result<()> {
         }
     }
     run(&["ip", "netns", "del", ns]).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's answers
+// ---------------------------------------------------------------------------------------------
+
+/// One backend in `weir backend list -o json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BackendState {
+    address: String,
+    /// `up`, `down` or `unchecked`.
+    health: String,
+    /// Whether the datapath sends it traffic.
+    up: bool,
+}
+
+fn parse_backends(json: &str) -> anyhow::Result<Vec<BackendState>> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).context("`weir backend list -o json` printed no JSON")?;
+    let list = value
+        .as_array()
+        .context("`weir backend list -o json` printed no list")?;
+    list.iter()
+        .map(|backend| {
+            Ok(BackendState {
+                address: backend["address"]
+                    .as_str()
+                    .context("a backend without an address")?
+                    .to_owned(),
+                health: backend["health"]
+                    .as_str()
+                    .context("a backend without a health")?
+                    .to_owned(),
+                up: backend["up"].as_bool().context("a backend without `up`")?,
+            })
+        })
+        .collect()
+}
+
+/// The value of the sample of metric `name` whose labels include `labels`, from the
+/// Prometheus text format.
+fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        let set = match rest {
+            "" => "",
+            _ => rest.strip_prefix('{')?.strip_suffix('}')?,
+        };
+        let all = labels.iter().all(|(key, want)| {
+            set.split(',')
+                .any(|pair| pair == format!("{key}=\"{want}\""))
+        });
+        all.then(|| value.parse().ok()).flatten()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1344,5 +1702,83 @@ mod tests {
         }
         assert_eq!(VIP.octets()[..3], [203, 0, 113]);
         assert!(SWITCH_PASS_VIP.starts_with("203.0.113."));
+    }
+
+    #[test]
+    fn demo_config_uses_the_demos_own_socket_state_and_pins() {
+        let config = fs::read_to_string(cmd::workspace_root().join(CONFIG)).expect("readable");
+        for line in [
+            format!("api_socket = \"{API_SOCKET}\""),
+            format!("state_file = \"{RUN_DIR}/state.json\""),
+            format!("bpffs = \"{BPFFS}\""),
+            format!("name = \"{SERVICE}\""),
+            "metrics = \"127.0.0.1:9650\"".to_owned(),
+            "kind = \"http\"".to_owned(),
+            format!("vip = \"{VIP}\""),
+        ] {
+            assert!(
+                config.lines().any(|l| l.trim() == line),
+                "{CONFIG} lacks `{line}`"
+            );
+        }
+        assert!(API_SOCKET.starts_with(RUN_DIR));
+        assert!(METRICS_URL.starts_with("http://127.0.0.1:9650/"));
+        for index in 0..NS_BACKENDS.len() {
+            let line = format!("address = \"{}\"", backend_addr(index));
+            assert!(config.lines().any(|l| l.trim() == line), "{line}");
+        }
+    }
+
+    #[test]
+    fn parses_the_backend_list() {
+        let json = r#"[
+  {"service": "web", "address": "198.51.100.11", "weight": 1, "admin": "enabled",
+   "health": "up", "up": true, "slots": 21846, "packets": 9, "bytes": 900, "new_flows": 2},
+  {"service": "web", "address": "198.51.100.12", "weight": 1, "admin": "enabled",
+   "health": "down", "up": false, "slots": 0, "packets": 0, "bytes": 0, "new_flows": 0}
+]"#;
+        let backends = parse_backends(json).expect("parses");
+        assert_eq!(
+            backends,
+            [
+                BackendState {
+                    address: "198.51.100.11".into(),
+                    health: "up".into(),
+                    up: true
+                },
+                BackendState {
+                    address: "198.51.100.12".into(),
+                    health: "down".into(),
+                    up: false
+                }
+            ]
+        );
+        assert!(parse_backends("error").is_err());
+        assert!(parse_backends(r#"[{"address": "198.51.100.11"}]"#).is_err());
+    }
+
+    #[test]
+    fn reads_metric_samples() {
+        let text = "# HELP weir_backend_new_flows_total New flows.\n\
+                    # TYPE weir_backend_new_flows_total counter\n\
+                    weir_backend_new_flows_total{backend=\"198.51.100.11\",service=\"web\"} 336\n\
+                    weir_backend_new_flows_total{backend=\"198.51.100.12\",service=\"web\"} 0\n\
+                    weir_backend_new_flows_total_x{backend=\"198.51.100.13\",service=\"web\"} 5\n\
+                    weir_conntrack_hits_total 7\n";
+        let flows = |backend: &str| {
+            metric_value(
+                text,
+                "weir_backend_new_flows_total",
+                &[("backend", backend), ("service", "web")],
+            )
+        };
+        assert_eq!(flows("198.51.100.11"), Some(336.0));
+        assert_eq!(flows("198.51.100.12"), Some(0.0));
+        assert_eq!(flows("198.51.100.13"), None);
+        assert_eq!(
+            metric_value(text, "weir_conntrack_hits_total", &[]),
+            Some(7.0)
+        );
+        assert_eq!(metric_value(text, "weir_conntrack", &[]), None);
     }
 }

@@ -3,8 +3,13 @@
 //! Every command except `setup` runs `setup` first, so a fresh clone (or CI's fresh machine)
 //! needs nothing but rustup and this workspace.
 mod bench;
+mod chart;
 mod cmd;
 mod demo;
+mod dist;
+// Compiled into the `weir-docs` helper (feature `docs`); here only for its tests.
+#[cfg(test)]
+mod docs;
 mod setup;
 mod testing;
 
@@ -44,7 +49,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks: `datapath` (default: all implemented ones).
+    /// Run benchmarks: `datapath`, `control`, `packets`, `e2e` (default: all of them, in
+    /// that order). They write docs/BENCHMARKS.md and the charts in docs/. All but the
+    /// Maglev part of `control` need root.
     Bench {
         /// Benchmarks to run; none means all implemented ones.
         names: Vec<String>,
@@ -65,6 +72,10 @@ enum Command {
         #[arg(long, conflicts_with = "keep")]
         clean: bool,
     },
+    /// Build a release tarball: `weir` (release), its man pages and bash/zsh/fish
+    /// completions (generated from its clap definition), the systemd unit, the example
+    /// config and the Grafana dashboard, as `<target dir>/dist/weir-VERSION-ARCH-linux.tar.gz`.
+    Dist,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +113,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         // Runs setup itself, after its root check (and not for `--clean`).
         Command::Demo { keep, clean } => demo::demo(keep, clean),
+        Command::Dist => {
+            setup::setup()?;
+            dist::dist().map(|()| ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -24,7 +24,19 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "python3",
     "prometheus",
+    // `cargo xtask bench e2e` and `packets`: the peers Weir is compared with, the load
+    // generator, and the font of the charts.
+    "nginx",
+    "libnginx-mod-stream",
+    "haproxy",
+    "nftables",
+    "wrk",
+    "fonts-dejavu-core",
 ];
+
+/// Daemons whose Debian packages start a system-wide service on install; the benches run
+/// their own instances inside namespaces, so setup stops these right after installing.
+const SERVICES: &[&str] = &["nginx", "haproxy"];
 
 /// The toolchain aya-build compiles lb-ebpf with (`rustup run nightly cargo build -Z build-std`).
 const NIGHTLY: &str = "nightly";
@@ -96,6 +108,20 @@ fn debian_packages() -> anyhow::Result<()> {
         );
     }
     step(&format!("debian packages: installed {missing}"));
+    for service in SERVICES {
+        if missing.split(' ').any(|p| p == *service) {
+            // Best effort: where no init system runs (containers) there is nothing to stop.
+            let stopped = cmd::output(Command::new("invoke-rc.d").args([service, "stop"]));
+            step(&format!(
+                "debian packages: {service} service {}",
+                if stopped.is_some() {
+                    "stopped (the benches start their own)"
+                } else {
+                    "not running"
+                }
+            ));
+        }
+    }
     Ok(())
 }
 
