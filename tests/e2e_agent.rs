@@ -1336,6 +1336,11 @@ fn prometheus_setup(tag: &str) -> (Topology, EchoServers, common::ChildGuard, Pr
     );
     let agent = topo.start_agent(&config).expect("agent");
     let prometheus = Prometheus::start(&topo).expect("prometheus");
+    let t = Instant::now();
+    prometheus
+        .wait_scrapes(1, Duration::from_secs(20))
+        .expect("first scrape");
+    println!("[prometheus] ready; first scrape of the agent after {:?}", t.elapsed());
     (topo, servers, agent, prometheus)
 }
 
@@ -1511,6 +1516,9 @@ fn grafana_dashboard_queries_return_data() {
     prometheus
         .wait_scrape_after(common::unix_now(), Duration::from_secs(10))
         .expect("scrape");
+    prometheus
+        .wait_scrapes(4, Duration::from_secs(10))
+        .expect("scrapes for rate()");
 
     let mut empty = Vec::new();
     for expr in &exprs {

@@ -572,7 +572,11 @@ fn hex(b: &[u8]) -> String {
 /// and for a TCP packet that is not a bare SYN, an untracked mid-flow packet.
 fn miss_counters(ip: &[u8]) -> Vec<u32> {
     let key = key_of(ip);
-    let l4 = if ip[0] >> 4 == 4 { (ip[0] & 0xf) as usize * 4 } else { 40 };
+    let l4 = if ip[0] >> 4 == 4 {
+        (ip[0] & 0xf) as usize * 4
+    } else {
+        40
+    };
     let bare_syn = key.proto == PROTO_TCP && ip[l4 + 13] & (SYN | ACK) == SYN;
     if key.proto == PROTO_TCP && !bare_syn {
         vec![stat::CT_MISS, stat::UNTRACKED_MIDFLOW]

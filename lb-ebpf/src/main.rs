@@ -503,7 +503,9 @@ fn schedule(vip: &VipInfo, key: &FlowKey, by_hash: bool) -> Result<u32, Exit> {
     // division that could panic leaves the program ending in `unreachable`, which the
     // verifier rejects.
     let ring = |n: u32| -> Result<u32, Exit> {
-        let slot = base + n.checked_rem(ring_size).ok_or(drop(stat::DROP_NO_BACKEND))?;
+        let slot = base
+            + n.checked_rem(ring_size)
+                .ok_or(drop(stat::DROP_NO_BACKEND))?;
         let id = *RING.get(slot).ok_or(drop(stat::DROP_NO_BACKEND))?;
         if id == BACKEND_NONE {
             return Err(drop(stat::DROP_NO_BACKEND));

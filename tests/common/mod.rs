@@ -1842,11 +1842,12 @@ impl Prometheus {
         let mut child = spawn_cmd_nsenter(
             &topo.lb,
             "/usr/bin/prometheus",
+            // The first argument names the log file: no slashes there.
             &[
+                "--log.level=warn",
                 &config_arg,
                 &data_arg,
                 &listen_arg,
-                "--log.level=warn",
                 "--storage.tsdb.retention.time=1h",
             ],
         )?;
@@ -1903,6 +1904,31 @@ impl Prometheus {
             if Instant::now() > deadline {
                 bail!(
                     "no successful scrape of the agent after {after} within {timeout:?} (last: {ts:?}); log:\n{}",
+                    self.child.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until Prometheus holds at least `n` scrapes of the agent in the last minute
+    /// (enough for `rate(...[1m])`). Its first scrape comes a few seconds after it is ready
+    /// (target discovery hands out targets at most every 5 s).
+    pub fn wait_scrapes(&self, n: u32, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.query("count_over_time(up{job=\"weir\"}[1m])")?;
+            let count = r
+                .first()
+                .and_then(|s| s["value"][1].as_str())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if count >= f64::from(n) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {count} scrapes of the agent within {timeout:?}; log:\n{}",
                     self.child.log()
                 );
             }

@@ -2,8 +2,8 @@
 //!
 //! Each is a `harness = false` bench target of lb-userspace: `datapath` (ns per packet
 //! through `BPF_PROG_TEST_RUN`), `e2e` (Weir against nftables, HAProxy and nginx with HTTP
-//! traffic), `packets` (packets per second through each balancer) and `control` (Maglev
-//! build time, map writes per change). Each writes its section of docs/BENCHMARKS.md;
+//! traffic), `packets` (packets per second through each balancer), `control` (Maglev
+//! build time, map writes per change) and `agent` (health verdict to maps, the agent's CPU). Each writes its section of docs/BENCHMARKS.md;
 //! `e2e` and `packets` also leave their results as JSON, from which this draws
 //! docs/bench-e2e.png and docs/bench-packets.png.
 use std::{path::PathBuf, process::ExitCode};
@@ -11,7 +11,7 @@ use std::{path::PathBuf, process::ExitCode};
 use crate::{chart, cmd};
 
 /// Benchmarks that exist, run in this order when no name is given.
-const IMPLEMENTED: &[&str] = &["datapath", "control", "packets", "e2e"];
+const IMPLEMENTED: &[&str] = &["datapath", "control", "agent", "packets", "e2e"];
 
 /// Benchmarks with a chart in docs/.
 const CHARTED: &[&str] = &["e2e", "packets"];
