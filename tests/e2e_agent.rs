@@ -123,7 +123,8 @@ fn service_table(topo: &Topology, service: &str) -> Value {
     )
 }
 
-/// `backend_list` of a service without the traffic counters (which move with any packet).
+/// `backend_list` of a service without the traffic counters and connection counts (which
+/// move with any packet).
 fn backend_config(topo: &Topology, service: &str) -> Vec<Value> {
     let list = api_ok(
         topo,
@@ -137,7 +138,7 @@ fn backend_config(topo: &Topology, service: &str) -> Vec<Value> {
         .map(|b| {
             let mut b = b.clone();
             if let Some(o) = b.as_object_mut() {
-                for k in ["packets", "bytes", "new_flows"] {
+                for k in ["packets", "bytes", "new_flows", "active_connections"] {
                     o.remove(k);
                 }
             }
@@ -236,7 +237,12 @@ fn weir_cli_ok(topo: &Topology, args: &[&str]) -> String {
         "`weir {}` exited {code}: {err}{out}",
         args.join(" ")
     );
-    println!("$ weir {}\n{}", args.join(" "), out.trim_end());
+    let shown = if out.len() > 300 {
+        format!("({} bytes of output)", out.len())
+    } else {
+        out.trim_end().to_owned()
+    };
+    println!("$ weir {}\n{shown}", args.join(" "));
     out
 }
 
@@ -1340,7 +1346,10 @@ fn prometheus_setup(tag: &str) -> (Topology, EchoServers, common::ChildGuard, Pr
     prometheus
         .wait_scrapes(1, Duration::from_secs(20))
         .expect("first scrape");
-    println!("[prometheus] ready; first scrape of the agent after {:?}", t.elapsed());
+    println!(
+        "[prometheus] ready; first scrape of the agent after {:?}",
+        t.elapsed()
+    );
     (topo, servers, agent, prometheus)
 }
 
@@ -1396,8 +1405,9 @@ fn prometheus_counts_match_traffic() {
         .query("weir_service_packets_total{service=\"udp\"}")
         .expect("query");
     println!(
-        "[prometheus] {}; sent per backend {sent_by:?}; Prometheus: packets {packets:?}, new flows {flows:?}, service {service:?}",
-        report.summary()
+        "[prometheus] {}; sent per backend {sent_by:?}; Prometheus: packets {packets:?}, new flows {flows:?}, service packets {}",
+        report.summary(),
+        service[0]["value"][1]
     );
     assert_eq!(
         packets, sent_by,

@@ -1398,3 +1398,149 @@ fn golden_decap() {
         }
     });
 }
+
+/// Issue 4's datapath behaviour through `BPF_PROG_TEST_RUN`: active-connection counts, idle
+/// expiry, round-robin order and least-conn's preference.
+#[test]
+fn golden_schedulers_and_connection_state() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gsc")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let cfg = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
+                   [[service]]\nname = \"rr\"\nvip = \"203.0.113.20\"\nport = 53\nprotocol = \"udp\"\nscheduler = \"round-robin\"\nudp_idle_timeout = \"1s\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.12\"\nweight = 2\n\
+                   [[service]]\nname = \"lc\"\nvip = \"203.0.113.21\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"least-conn\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.12\"\n";
+        let mut lab = open_lab(cfg);
+        let id_of = |lab: &Lab, service: &str, addr: &str| {
+            lab.balancer
+                .service(service)
+                .unwrap()
+                .backends
+                .iter()
+                .find(|b| b.address.to_string() == addr)
+                .unwrap()
+                .id
+        };
+        let backend_of = |out: &[u8]| -> IpAddr {
+            // Outer IPv4 destination of a tunnelled frame.
+            IpAddr::from([out[30], out[31], out[32], out[33]])
+        };
+
+        // Round robin: new UDP flows follow the smooth sequence for weights 1:2 (a b b, or
+        // a rotation of it), one CPU here.
+        let mut picks = Vec::new();
+        for port in 46000..46006u16 {
+            let (action, out) = lab.run(&frame4(&v4_packet(
+                ip4("203.0.113.20"),
+                PROTO_UDP,
+                port,
+                53,
+                0,
+            )));
+            assert_eq!(action, XDP_TX);
+            picks.push(backend_of(&out));
+        }
+        let a: IpAddr = "198.51.100.11".parse().unwrap();
+        let b: IpAddr = "198.51.100.12".parse().unwrap();
+        assert_eq!(picks.iter().filter(|&&p| p == a).count(), 2, "{picks:?}");
+        assert_eq!(picks.iter().filter(|&&p| p == b).count(), 4, "{picks:?}");
+        assert_eq!(
+            picks[..3],
+            picks[3..],
+            "the sequence repeats every cycle: {picks:?}"
+        );
+        println!("ok: round-robin picks {picks:?}");
+
+        // A tracked UDP flow keeps its backend while active, is forgotten after the idle
+        // timeout, and is then scheduled again (round robin moves it on).
+        let udp = v4_packet(ip4("203.0.113.20"), PROTO_UDP, 46100, 53, 0);
+        let (_, first) = lab.run(&frame4(&udp));
+        let (_, again) = lab.run(&frame4(&udp));
+        assert_eq!(
+            backend_of(&first),
+            backend_of(&again),
+            "tracked flow keeps its backend"
+        );
+        let before = lab.stats();
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+        let (_, later) = lab.run(&frame4(&udp));
+        let after = lab.stats();
+        assert_eq!(
+            after[stat::CT_IDLE_EXPIRED as usize] - before[stat::CT_IDLE_EXPIRED as usize],
+            1,
+            "idle expiry counted"
+        );
+        assert_eq!(
+            after[stat::CT_MISS as usize] - before[stat::CT_MISS as usize],
+            1,
+            "expired entry is a miss"
+        );
+        println!(
+            "ok: idle expiry: {} then {}",
+            backend_of(&again),
+            backend_of(&later)
+        );
+
+        // Active connections: a SYN counts, data does not, FIN releases once, RST of an
+        // ended flow does not release again.
+        let lc_a = id_of(&lab, "lc", "198.51.100.11");
+        let lc_b = id_of(&lab, "lc", "198.51.100.12");
+        let conns = |lab: &Lab| {
+            (
+                lab.balancer.maps().active_connections(lc_a),
+                lab.balancer.maps().active_connections(lc_b),
+            )
+        };
+        let vip = ip4("203.0.113.21");
+        assert_eq!(conns(&lab), (0, 0));
+        lab.run(&frame4(&v4_packet(vip, PROTO_TCP, 47000, 80, SYN)));
+        lab.run(&frame4(&v4_packet(vip, PROTO_TCP, 47000, 80, PSH_ACK)));
+        let (x, y) = conns(&lab);
+        assert_eq!(x + y, 1, "one SYN, one active connection");
+        lab.run(&frame4(&v4_packet(vip, PROTO_TCP, 47000, 80, 0x11))); // FIN|ACK
+        lab.run(&frame4(&v4_packet(vip, PROTO_TCP, 47000, 80, RST)));
+        assert_eq!(
+            conns(&lab),
+            (0, 0),
+            "FIN released it, RST did not release again"
+        );
+
+        // Least-conn: with backend A holding 30 connections and B none, new flows prefer B;
+        // two random choices send one to A only when both draws land on A (1 in 4 here).
+        // A's load is written directly, as the datapath's counter would hold it.
+        lab.balancer
+            .maps_mut()
+            .set_active_connections(lc_a, 30)
+            .unwrap();
+        lab.balancer
+            .maps_mut()
+            .set_active_connections(lc_b, 0)
+            .unwrap();
+        let mut to_a = 0;
+        for port in 48000..48100u16 {
+            let (action, out) = lab.run(&frame4(&v4_packet(vip, PROTO_TCP, port, 80, SYN)));
+            assert_eq!(action, XDP_TX);
+            // Keep B's count at 0 so every draw compares 30 against 0.
+            lab.balancer
+                .maps_mut()
+                .set_active_connections(lc_b, 0)
+                .unwrap();
+            if backend_of(&out) == a {
+                to_a += 1;
+            }
+        }
+        println!(
+            "ok: least-conn sent {to_a} of 100 new flows to the loaded backend (exact minimum: 0; two random choices: about 25)"
+        );
+        assert!(
+            to_a < 45,
+            "least-conn must prefer the idle backend: {to_a}/100 went to the loaded one"
+        );
+    });
+}

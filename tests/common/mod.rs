@@ -1893,12 +1893,17 @@ impl Prometheus {
     pub fn wait_scrape_after(&self, after: f64, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let r = self.query("timestamp(up{job=\"weir\"} == 1)")?;
+            // A plain selector: timestamp() of anything else (`up == 1`) is the evaluation time.
+            let r = self.query("timestamp(up{job=\"weir\"})")?;
             let ts = r
                 .first()
                 .and_then(|s| s["value"][1].as_str())
                 .and_then(|v| v.parse::<f64>().ok());
             if ts.is_some_and(|ts| ts > after) {
+                let up = self.query("up{job=\"weir\"}")?;
+                if up.first().and_then(|s| s["value"][1].as_str()) != Some("1") {
+                    bail!("Prometheus' scrape of the agent failed: {up:?}");
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
