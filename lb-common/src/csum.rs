@@ -1,10 +1,8 @@
 //! Internet checksum (RFC 1071) of an IPv4 header.
 
-/// Checksum of a 20-byte IPv4 header (options are never added to the outer header). The
-/// checksum field must be zero on input; the result goes into bytes 10..12 big-endian.
+/// The one's-complement sum of a 20-byte header's ten 16-bit words, carries folded.
 #[inline(always)]
-#[must_use]
-pub const fn ipv4_header_checksum(hdr: &[u8; 20]) -> u16 {
+const fn folded_sum(hdr: &[u8; 20]) -> u16 {
     let mut sum: u32 = 0;
     let mut i = 0;
     // The verifier sees a constant trip count of 10; LLVM unrolls it.
@@ -14,21 +12,21 @@ pub const fn ipv4_header_checksum(hdr: &[u8; 20]) -> u16 {
     }
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    sum as u16
+}
+
+/// Checksum of a 20-byte IPv4 header (options are never added to the outer header). The
+/// checksum field must be zero on input; the result goes into bytes 10..12 big-endian.
+#[inline(always)]
+#[must_use]
+pub const fn ipv4_header_checksum(hdr: &[u8; 20]) -> u16 {
+    !folded_sum(hdr)
 }
 
 /// Whether a 20-byte IPv4 header, checksum included, verifies.
 #[must_use]
 pub const fn ipv4_header_valid(hdr: &[u8; 20]) -> bool {
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < 20 {
-        sum += ((hdr[i] as u32) << 8) | hdr[i + 1] as u32;
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
+    folded_sum(hdr) == 0xffff
 }
 
 #[cfg(test)]
