@@ -1300,7 +1300,9 @@ fn golden_decap() {
         not_vip[19] = 99;
         let mut arp = eth([0xff; 6], CLIENT_MAC, None, 0x0806);
         arp.resize(60, 0);
-        let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, u32)> = vec![
+        /// (description, input frame, expected output frame if changed, counter).
+        type DecapCase = (&'static str, Vec<u8>, Option<Vec<u8>>, u32);
+        let cases: Vec<DecapCase> = vec![
             (
                 "IPv4-in-IPv4 to a local address, inner to a VIP: stripped",
                 tunnel_out(&in4, true, local4, 0, None),

@@ -449,15 +449,18 @@ fn try_balance(
             let id = schedule(&vip, &p.key, midflow)?;
             let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
             if !is_rst {
+                // A FIN of a flow the table lost (re-picked, evicted, expired) keeps the rest
+                // of the close on one backend but is no active connection: it would never be
+                // released, so it is not counted.
                 let value = FlowValue {
                     backend_id: id,
                     generation: backend.generation,
                     last_seen_ns: now,
-                    flags: FLOW_COUNTED,
+                    flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED },
                 };
                 // A full LRU evicts its oldest entry (the agent reconciles the counts); a
                 // failure here only means the next packet asks the scheduler again.
-                if CONNTRACK.insert(&p.key, &value, 0).is_ok() {
+                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end {
                     add_conns(id, 1);
                 }
                 new_flow = true;
@@ -562,7 +565,8 @@ fn schedule(vip: &VipInfo, key: &FlowKey, by_hash: bool) -> Result<u32, Exit> {
 /// Marks a tracked flow closed and takes it out of its backend's active count. A check then
 /// a store, not one atomic step (the default BPF CPU level has no atomic fetch-or): two CPUs
 /// ending the same flow at the same instant could both decrement; the agent's periodic
-/// reconciliation with the table repairs such drift.
+/// reconciliation with the table repairs such drift. A flow of an earlier owner of its
+/// backend id (another generation) was never counted for the current owner: only marked.
 #[inline(always)]
 fn release(flow: *mut FlowValue) {
     // SAFETY: `flow` points at a live table value.
@@ -570,7 +574,13 @@ fn release(flow: *mut FlowValue) {
         let flags = (*flow).flags;
         if flags & FLOW_COUNTED != 0 && flags & FLOW_CLOSED == 0 {
             (*flow).flags = flags | FLOW_CLOSED;
-            add_conns((*flow).backend_id, -1);
+            let id = (*flow).backend_id;
+            if BACKENDS
+                .get(id)
+                .is_some_and(|b| b.generation == (*flow).generation)
+            {
+                add_conns(id, -1);
+            }
         }
     }
 }

@@ -186,10 +186,10 @@ impl Lab {
                     &port,
                 ],
             )?;
-            ip(
-                b,
-                &["route", "add", &format!("{CLIENT_V4}/32"), "dev", "eth1"],
-            )?;
+            // `src`: the address pick would otherwise be the VIP on `lo`.
+            let src = backend_v4(i).to_string();
+            let client = format!("{CLIENT_V4}/32");
+            ip(b, &["route", "add", &client, "dev", "eth1", "src", &src])?;
             sysctl(
                 b,
                 &[
@@ -529,7 +529,10 @@ fn start(t: &Lab, peer: Peer) -> Result<Active<'_>> {
             let client = format!("{CLIENT_V4}/32");
             for (i, b) in t.backends.iter().enumerate() {
                 let via = lb_side(i).to_string();
-                a.undo_cmd(&["ip", "-n", b, "route", "replace", &client, "dev", "eth1"]);
+                let src = backend_v4(i).to_string();
+                a.undo_cmd(&[
+                    "ip", "-n", b, "route", "replace", &client, "dev", "eth1", "src", &src,
+                ]);
                 ip(
                     b,
                     &["route", "replace", &client, "via", &via, "dev", NODE_IF],
@@ -647,6 +650,8 @@ fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run>
 struct Samples {
     keepalive: Vec<Option<Run>>,
     close: Vec<Option<Run>>,
+    /// Busy CPU without traffic before each repeat, µs per second.
+    background: Vec<f64>,
     failures: Vec<String>,
 }
 
@@ -705,14 +710,30 @@ fn check_response(t: &Lab, peer: Peer) -> Result<()> {
     Ok(())
 }
 
-fn measure(t: &Lab, peer: Peer, seconds: u64, conns: u32) -> Result<(Result<Run>, Result<Run>)> {
+/// The measured runs of one configuration, and the machine's busy CPU without traffic
+/// just before them (µs per second: what other processes cost meanwhile).
+struct Measured {
+    keepalive: Result<Run>,
+    close: Result<Run>,
+    background: f64,
+}
+
+fn measure(t: &Lab, peer: Peer, seconds: u64, conns: u32) -> Result<Measured> {
     let _active = start(t, peer).with_context(|| format!("starting {}", peer.name()))?;
     check_response(t, peer)?;
     // Warm-up (caches, neighbour and connection tables), not measured.
     wrk(t, &peer.url(), 1, conns, false).context("warm-up")?;
+    let cpu0 = support::cpu_busy_us()?;
+    let idle = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let background = (support::cpu_busy_us()? - cpu0) / idle.elapsed().as_secs_f64();
     let keepalive = wrk(t, &peer.url(), seconds, conns, false);
     let close = wrk(t, &peer.url(), seconds, conns, true);
-    Ok((keepalive, close))
+    Ok(Measured {
+        keepalive,
+        close,
+        background,
+    })
 }
 
 fn main() {
@@ -767,10 +788,12 @@ fn main() {
             );
             let s = &mut samples[i];
             match measure(&t, peer, seconds, conns) {
-                Ok((k, c)) => {
+                Ok(m) => {
+                    s.background.push(m.background);
+                    print!(" idle {:4.1}%", m.background / 1e4);
                     for (what, res, into) in [
-                        ("keep-alive", k, &mut s.keepalive),
-                        ("close", c, &mut s.close),
+                        ("keep-alive", m.keepalive, &mut s.keepalive),
+                        ("close", m.close, &mut s.close),
                     ] {
                         match res {
                             Ok(run) => {
@@ -954,6 +977,25 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
          completed; \"added\" is per repeat against the baseline of the same repeat.\n\n{table}\n{targets}",
         support::machine()
     );
+    let background: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.background.iter().map(|us| us / 1e4))
+        .collect();
+    if let Some(bg) = Spread::of(&background) {
+        let _ = write!(
+            body,
+            "\nThe machine without traffic (other processes), sampled for 0.5 s before each \
+             configuration: busy {:.1}% of one core (median; {:.1}–{:.1}%).{}\n",
+            bg.median,
+            bg.min,
+            bg.max,
+            if bg.max > 5.0 {
+                " Something else ran during the bench: the CPU figures include some of it."
+            } else {
+                ""
+            }
+        );
+    }
     if !failures.is_empty() {
         let _ = write!(body, "\nFailures:\n\n{}\n", failures.join("\n"));
     }

@@ -633,6 +633,11 @@ fn main() {
         .clamp(0.2, 30.0);
     let repeats: usize = support::arg("--repeats").unwrap_or(3).clamp(1, 20);
     let started = Instant::now();
+    // What other processes cost while nothing of ours runs (µs per second).
+    let background = support::cpu_busy_us().ok().and_then(|cpu0| {
+        thread::sleep(Duration::from_secs(1));
+        Some((support::cpu_busy_us().ok()? - cpu0) / started.elapsed().as_secs_f64())
+    });
 
     let lab = Lab::build().unwrap_or_else(|e| panic!("building the namespaces: {e:#}"));
     let sinks: Vec<Sink> = lab
@@ -717,14 +722,14 @@ fn main() {
     });
     drop(sinks);
     drop(lab);
-    report(&results, seconds, repeats);
+    report(&results, seconds, repeats, background);
     println!(
         "bench packets took {:.0} s",
         started.elapsed().as_secs_f64()
     );
 }
 
-fn report(r: &Results, seconds: f64, repeats: usize) {
+fn report(r: &Results, seconds: f64, repeats: usize, background: Option<f64>) {
     let spread = |i: usize| -> Option<Spread> {
         let v: Vec<f64> = r.samples[i].iter().flatten().map(|s| s.0).collect();
         Spread::of(&v)
@@ -770,9 +775,17 @@ fn report(r: &Results, seconds: f64, repeats: usize) {
         "HAProxy 2.6".to_owned(),
         "n/a: HAProxy proxies TCP only, not UDP".to_owned(),
         String::new(),
+        String::new(),
+        String::new(),
     ]);
     let table = support::table(
-        &["path", "Mpps at the backends", "ratio to ceiling"],
+        &[
+            "path",
+            "Mpps at the backends",
+            "ns/packet",
+            "ns over ceiling",
+            "ratio to ceiling",
+        ],
         1,
         &rows,
     );
@@ -820,6 +833,19 @@ fn report(r: &Results, seconds: f64, repeats: usize) {
          other row counts frames received at the backends.\n\n{table}\n{targets}",
         support::machine()
     );
+    if let Some(bg) = background {
+        let bg = bg / 1e4;
+        let _ = write!(
+            body,
+            "\nThe machine before the bench, without traffic (other processes): busy {bg:.1}% \
+             of one core.{}\n",
+            if bg > 5.0 {
+                " Something else ran: the generator's core was shared."
+            } else {
+                ""
+            }
+        );
+    }
     if !r.failures.is_empty() {
         let _ = write!(body, "\nFailures:\n\n- {}\n", r.failures.join("\n- "));
     }

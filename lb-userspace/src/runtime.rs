@@ -175,10 +175,12 @@ impl Agent {
         if self.up_since.is_empty() {
             return;
         }
+        // Taken before the sync: a ramp is forgotten only if this step's sync, which reads
+        // the clock later, gave it its full weight.
+        let now = Instant::now();
         if let Err(err) = self.sync() {
             tracing::error!(error = %err, "applying a slow-start step failed");
         }
-        let now = Instant::now();
         let durations: HashMap<String, Duration> = self
             .config
             .services
@@ -215,7 +217,7 @@ impl Agent {
         // bpf_ktime_get_ns.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
         let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-        let mut timeouts: HashMap<u32, (u64, u64)> = HashMap::new();
+        let mut timeouts: HashMap<u32, (u64, u64, u32)> = HashMap::new();
         let mut counts: HashMap<u32, i64> = HashMap::new();
         for state in self.balancer.services() {
             for b in &state.backends {
@@ -224,6 +226,7 @@ impl Agent {
                     (
                         state.config.tcp_idle_timeout.as_nanos() as u64,
                         state.config.udp_idle_timeout.as_nanos() as u64,
+                        b.generation,
                     ),
                 );
                 counts.insert(b.id, 0);
@@ -235,7 +238,12 @@ impl Agent {
             {
                 continue;
             }
-            let Some((tcp, udp)) = timeouts.get(&value.backend_id) else {
+            // An entry of an earlier owner of the id (another generation) is not honoured by
+            // the datapath: it is no connection of the current backend.
+            let Some((tcp, udp, _)) = timeouts
+                .get(&value.backend_id)
+                .filter(|(_, _, generation)| *generation == value.generation)
+            else {
                 continue;
             };
             let timeout = if key.proto == lb_common::PROTO_TCP {
@@ -306,6 +314,10 @@ impl Agent {
                 up,
             } => {
                 let t = Instant::now();
+                if up {
+                    // Slow start: a backend that becomes healthy ramps up.
+                    self.start_ramp(&service, address);
+                }
                 self.health.insert(
                     (service.clone(), address),
                     if up { Health::Up } else { Health::Down },

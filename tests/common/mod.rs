@@ -1383,11 +1383,11 @@ pub fn lab_namespace(ns: &str) -> Result<()> {
 impl ChildGuard {
     /// SIGKILL (no chance to clean up: the socket file and the pins stay), then reap.
     pub fn kill(&mut self) -> Option<ExitStatus> {
-        if let Some(mut child) = self.child.take() {
-            if self.status.is_none() {
-                let _ = child.kill();
-                self.status = child.wait().ok();
-            }
+        if let Some(mut child) = self.child.take()
+            && self.status.is_none()
+        {
+            let _ = child.kill();
+            self.status = child.wait().ok();
         }
         self.status
     }
@@ -1951,4 +1951,440 @@ pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identifying servers (scheduler tests): every answer names the backend that gave it
+// ---------------------------------------------------------------------------------------------
+
+/// TCP and UDP servers on `port` in one backend's namespace whose answers name the backend:
+/// a TCP connection first receives one byte, the backend's index, then has its data echoed,
+/// with no idle limit (it lives until the client closes it or the server stops); a UDP
+/// datagram is answered with the index byte followed by the datagram. Dropping it closes the
+/// listener, every connection and the UDP sockets: that is how a test takes one backend down
+/// (its TCP health check then fails) and, with a new `IdServer`, brings it back.
+pub struct IdServer {
+    pub index: u8,
+    /// TCP connections accepted (health-check connections included).
+    pub tcp_accepted: Arc<AtomicU64>,
+    /// UDP datagrams answered.
+    pub udp_answered: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl IdServer {
+    /// Starts the servers in `ns`: TCP on every address, UDP bound to each of `udp_addrs`.
+    /// Returns once all of them are bound.
+    pub fn start(ns: &str, index: u8, port: u16, udp_addrs: &[IpAddr]) -> Result<Self> {
+        let mut me = Self {
+            index,
+            tcp_accepted: Arc::default(),
+            udp_answered: Arc::default(),
+            stop: Arc::default(),
+            threads: Vec::new(),
+        };
+        let (tx, rx) = mpsc::channel::<Result<(), String>>();
+        {
+            let (tx, stop, count) = (tx.clone(), me.stop.clone(), me.tcp_accepted.clone());
+            me.threads.push(spawn_in_netns(ns, "id-tcp", move || {
+                let listener = match tcp_listener(port) {
+                    Ok(l) => {
+                        let _ = tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                        return;
+                    }
+                };
+                id_tcp_accept_loop(&listener, index, &count, &stop);
+            })?);
+        }
+        for &addr in udp_addrs {
+            let (tx, stop, count) = (tx.clone(), me.stop.clone(), me.udp_answered.clone());
+            me.threads.push(spawn_in_netns(ns, "id-udp", move || {
+                let bound = UdpSocket::bind(SocketAddr::new(addr, port)).and_then(|s| {
+                    s.set_read_timeout(Some(POLL))?;
+                    Ok(s)
+                });
+                let sock = match bound {
+                    Ok(s) => {
+                        let _ = tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!(
+                            "bind UDP {}: {e}",
+                            SocketAddr::new(addr, port)
+                        )));
+                        return;
+                    }
+                };
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((n, peer)) = sock.recv_from(&mut buf[1..]) {
+                        buf[0] = index;
+                        if sock.send_to(&buf[..=n], peer).is_ok() {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })?);
+        }
+        drop(tx);
+        for _ in 0..=udp_addrs.len() {
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("id server in {ns}: {e}"),
+                Err(e) => bail!("id server in {ns}: not ready ({e})"),
+            }
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for IdServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn id_tcp_accept_loop(
+    listener: &TcpListener,
+    index: u8,
+    count: &AtomicU64,
+    stop: &Arc<AtomicBool>,
+) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _peer)) => {
+                count.fetch_add(1, Ordering::SeqCst);
+                let stop = Arc::clone(stop);
+                conns.push(thread::spawn(move || id_tcp_conn(stream, index, &stop)));
+                conns.retain(|h| !h.is_finished());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                eprintln!("id server: accept: {e}");
+                thread::sleep(POLL);
+            }
+        }
+    }
+    for h in conns {
+        let _ = h.join();
+    }
+}
+
+/// Sends the index, then echoes until EOF, an error, or the stop flag.
+fn id_tcp_conn(mut s: TcpStream, index: u8, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(POLL));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(3)));
+    if s.write_all(&[index]).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+impl Topology {
+    /// An `IdServer` on `port` in backend `i` (index byte `i`), UDP bound to the IPv4 VIP.
+    pub fn start_id_server(&self, i: usize, port: u16) -> Result<IdServer> {
+        IdServer::start(
+            &self.backends[i],
+            u8::try_from(i).context("backend index")?,
+            port,
+            &[IpAddr::V4(VIP_V4)],
+        )
+    }
+
+    /// `start_id_server` for every backend.
+    pub fn start_id_servers(&self, port: u16) -> Result<Vec<IdServer>> {
+        (0..self.backends.len())
+            .map(|i| self.start_id_server(i, port))
+            .collect()
+    }
+}
+
+/// Outcome of a batch of flows to `IdServer`s: per source port, the index of the backend
+/// that answered.
+#[derive(Debug)]
+pub struct IdReport {
+    pub what: String,
+    pub results: Vec<(u16, Result<u8, String>)>,
+    pub elapsed: Duration,
+}
+
+impl IdReport {
+    /// Flows per backend index (`n` backends); failed flows are not counted.
+    pub fn counts(&self, n: usize) -> Vec<u64> {
+        let mut out = vec![0u64; n];
+        for (_, r) in &self.results {
+            if let Ok(i) = r
+                && let Some(c) = out.get_mut(usize::from(*i))
+            {
+                *c += 1;
+            }
+        }
+        out
+    }
+
+    pub fn ok_count(&self) -> usize {
+        self.results.iter().filter(|(_, r)| r.is_ok()).count()
+    }
+
+    /// Panics with the first few failures unless every flow was answered.
+    pub fn assert_all_ok(&self) {
+        let failed: Vec<String> = self
+            .results
+            .iter()
+            .filter_map(|(p, r)| r.as_ref().err().map(|e| format!("  src port {p}: {e}")))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{}: {}/{} answered in {:.2?}; {} failed, first ones:\n{}",
+            self.what,
+            self.ok_count(),
+            self.results.len(),
+            self.elapsed,
+            failed.len(),
+            failed
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+fn run_id_flows(
+    what: String,
+    src_ports: Range<u16>,
+    mut one: impl FnMut(u16) -> Result<u8>,
+) -> IdReport {
+    let start = Instant::now();
+    let mut results = Vec::with_capacity(src_ports.len());
+    let mut give_up: Option<String> = None;
+    for (i, port) in src_ports.enumerate() {
+        if let Some(why) = &give_up {
+            results.push((port, Err(format!("not attempted: {why}"))));
+            continue;
+        }
+        results.push((port, one(port).map_err(|e| format!("{e:#}"))));
+        if i + 1 == GIVE_UP_AFTER && results.iter().all(|(_, r)| r.is_err()) {
+            give_up = Some(format!("the first {GIVE_UP_AFTER} flows all failed"));
+        } else if start.elapsed() > BATCH_DEADLINE {
+            give_up = Some(format!("batch deadline of {BATCH_DEADLINE:?} passed"));
+        }
+    }
+    IdReport {
+        what,
+        results,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// From the current thread's namespace: a TCP connection from `src_port` to `dst` (served
+/// by `IdServer`s); returns it with the index of the backend that accepted it.
+pub fn id_tcp_connect_here(
+    dst: SocketAddr,
+    src_port: u16,
+    timeout: Duration,
+) -> Result<(TcpStream, u8)> {
+    let s = bind_src(
+        Domain::for_address(dst),
+        Type::STREAM,
+        Protocol::TCP,
+        src_port,
+    )?;
+    s.connect_timeout(&SockAddr::from(dst), timeout)
+        .with_context(|| format!("connect to {dst} from port {src_port}"))?;
+    let mut stream: TcpStream = s.into();
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut id = [0u8; 1];
+    stream
+        .read_exact(&mut id)
+        .with_context(|| format!("read the backend index (src port {src_port})"))?;
+    Ok((stream, id[0]))
+}
+
+/// From namespace `ns`: as `id_tcp_connect_here`. The stream can be used from any thread.
+pub fn id_tcp_connect(
+    ns: &str,
+    dst: SocketAddr,
+    src_port: u16,
+    timeout: Duration,
+) -> Result<(TcpStream, u8)> {
+    in_netns(ns, move || id_tcp_connect_here(dst, src_port, timeout))
+}
+
+/// Sends `payload` on a connection to an `IdServer` and checks its echo.
+pub fn id_tcp_echo(stream: &mut TcpStream, payload: &[u8]) -> Result<()> {
+    stream.write_all(payload).context("send")?;
+    let mut got = vec![0u8; payload.len()];
+    stream.read_exact(&mut got).context("read echo")?;
+    if got != payload {
+        bail!(
+            "echo mismatch: sent {:?}, got {:?}",
+            String::from_utf8_lossy(payload),
+            String::from_utf8_lossy(&got)
+        );
+    }
+    Ok(())
+}
+
+/// From namespace `ns`: one short TCP connection per source port to `dst` (connect, read the
+/// backend index, echo a payload, close with FIN).
+pub fn id_tcp_flows(ns: &str, dst: SocketAddr, src_ports: Range<u16>) -> IdReport {
+    let what = format!("TCP {dst} from ports {src_ports:?}");
+    in_netns(ns, move || {
+        run_id_flows(what, src_ports, |src| {
+            let (mut stream, id) = id_tcp_connect_here(dst, src, Duration::from_secs(2))?;
+            id_tcp_echo(&mut stream, &flow_payload("id", "tcp", src))?;
+            Ok(id)
+        })
+    })
+}
+
+/// From the current thread's namespace: a UDP socket bound to `src_port`, connected to `dst`.
+pub fn id_udp_socket_here(dst: SocketAddr, src_port: u16) -> Result<UdpSocket> {
+    let s = bind_src(
+        Domain::for_address(dst),
+        Type::DGRAM,
+        Protocol::UDP,
+        src_port,
+    )?;
+    s.connect(&SockAddr::from(dst)).context("connect")?;
+    let sock: UdpSocket = s.into();
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(1)))?;
+    Ok(sock)
+}
+
+/// From namespace `ns`: as `id_udp_socket_here`. The socket can be used from any thread.
+pub fn id_udp_socket(ns: &str, dst: SocketAddr, src_port: u16) -> Result<UdpSocket> {
+    in_netns(ns, move || id_udp_socket_here(dst, src_port))
+}
+
+/// One datagram to an `IdServer` (one retry after 1 s of silence): the answering backend.
+pub fn id_udp_ask(sock: &UdpSocket, payload: &[u8]) -> Result<u8> {
+    let mut buf = [0u8; 2048];
+    let mut last = String::new();
+    for _attempt in 0..2 {
+        sock.send(payload).context("send")?;
+        match sock.recv(&mut buf) {
+            Ok(n) if n == payload.len() + 1 && buf[1..n] == *payload => return Ok(buf[0]),
+            Ok(n) => {
+                last = format!("unexpected answer {:?}", String::from_utf8_lossy(&buf[..n]));
+            }
+            Err(e) => last = format!("recv: {e}"),
+        }
+    }
+    Err(anyhow!("no answer after 2 attempts ({last})"))
+}
+
+/// From namespace `ns`: one UDP flow per source port to `dst` (one datagram and its answer).
+pub fn id_udp_flows(ns: &str, dst: SocketAddr, src_ports: Range<u16>) -> IdReport {
+    let what = format!("UDP {dst} from ports {src_ports:?}");
+    in_netns(ns, move || {
+        run_id_flows(what, src_ports, |src| {
+            let sock = id_udp_socket_here(dst, src)?;
+            id_udp_ask(&sock, &flow_payload("id", "udp", src))
+        })
+    })
+}
+
+/// From namespace `ns`: one bare TCP segment with `flags` (0x10: a lone ACK) from
+/// `src:src_port` to `dst`, through a raw socket (the kernel adds the IPv4 header). For
+/// segments no connection of this host would send, such as a mid-flow ACK of a flow no
+/// one tracks; the receiver answers with a RST, which the client's kernel ignores.
+pub fn send_raw_tcp_v4(
+    ns: &str,
+    src: Ipv4Addr,
+    src_port: u16,
+    dst: std::net::SocketAddrV4,
+    flags: u8,
+) -> Result<()> {
+    let mut seg = [0u8; 20];
+    seg[0..2].copy_from_slice(&src_port.to_be_bytes());
+    seg[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    seg[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    seg[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
+    seg[12] = 5 << 4;
+    seg[13] = flags;
+    seg[14..16].copy_from_slice(&8192u16.to_be_bytes());
+    // Checksum over the pseudo-header and the segment.
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).map_or(0, |b| u32::from(*b));
+            sum += hi | lo;
+        }
+    };
+    add(&src.octets());
+    add(&dst.ip().octets());
+    add(&[0, 6, 0, 20]);
+    add(&seg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !u16::try_from(sum).expect("folded to 16 bits");
+    seg[16..18].copy_from_slice(&csum.to_be_bytes());
+    in_netns(ns, move || {
+        let s =
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).context("raw TCP socket")?;
+        let to = SocketAddr::new(IpAddr::V4(*dst.ip()), 0);
+        s.send_to(&seg, &SockAddr::from(to))
+            .with_context(|| format!("send a raw TCP segment to {dst}"))?;
+        Ok(())
+    })
+}
+
+/// Pins the calling thread (and the threads it spawns afterwards) to CPU `cpu`: XDP on a
+/// veth runs on the CPU that sent the frame, so per-CPU datapath state (round-robin
+/// positions) then sees one CPU only.
+pub fn pin_thread_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it; sched_setaffinity
+    // with pid 0 only changes the calling thread's mask.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+            bail!(
+                "sched_setaffinity(cpu {cpu}): {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
