@@ -313,6 +313,20 @@ impl Agent {
                 address,
                 up,
             } => {
+                // A task stopped by `set_targets` may still deliver one last event: only
+                // backends the agent checks now count.
+                let current = self.service_config(&service).is_some_and(|s| {
+                    s.health_check.kind != HealthKind::None
+                        && self
+                            .overlay
+                            .effective(s)
+                            .iter()
+                            .any(|b| b.address == address)
+                });
+                if !current {
+                    tracing::debug!(%service, %address, up, "ignoring a health verdict for a backend no longer checked");
+                    return;
+                }
                 let t = Instant::now();
                 if up {
                     // Slow start: a backend that becomes healthy ramps up.
