@@ -51,7 +51,21 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
     clippy.arg("clippy");
     cmd::host_packages(&mut clippy);
     clippy.args(["--all-targets", "--", "-D", "warnings"]);
-    let clippy_outcome = run_all(vec![clippy]);
+    // xtask's `docs` feature (man pages and completions from the real clap definitions)
+    // links the weir crate; lint it too.
+    let mut clippy_docs = cmd::cargo();
+    clippy_docs.args([
+        "clippy",
+        "-p",
+        "xtask",
+        "--features",
+        "docs",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    let clippy_outcome = run_all(vec![clippy, clippy_docs]);
     let stop = clippy_outcome == Outcome::Failed;
     stages.push(Stage {
         name: "clippy",
