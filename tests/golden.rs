@@ -1244,6 +1244,9 @@ impl MapWriter for Recorder {
     fn set_tx_port(&mut self, _: u32) -> Result<(), datapath::DatapathError> {
         Ok(())
     }
+    fn set_active_connections(&mut self, _: u32, _: i64) -> Result<(), datapath::DatapathError> {
+        Ok(())
+    }
 }
 
 /// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come

@@ -425,6 +425,8 @@ impl<M: MapWriter> Balancer<M> {
                         generation,
                         up: wanted.up,
                     };
+                    // The id's previous owner may have left a connection count behind.
+                    self.maps.set_active_connections(id, 0)?;
                     let state_code = if wanted.up { BACKEND_UP } else { BACKEND_DOWN };
                     self.maps
                         .set_backend(backend.id, backend.info(state.id, state_code))?;
@@ -515,6 +517,7 @@ mod tests {
         vips: std::collections::HashMap<VipKey, VipInfo>,
         vip_addrs: std::collections::HashSet<VipKey>,
         slot_writes: usize,
+        conns: std::collections::HashMap<u32, i64>,
     }
 
     impl MapWriter for Recorder {
@@ -547,6 +550,10 @@ mod tests {
             Ok(())
         }
         fn set_tx_port(&mut self, _: u32) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn set_active_connections(&mut self, id: u32, count: i64) -> Result<(), DatapathError> {
+            self.conns.insert(id, count);
             Ok(())
         }
     }

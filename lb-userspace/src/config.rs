@@ -857,6 +857,18 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         Duration::from_secs(1),
         Duration::from_secs(86_400),
     )?;
+    // The datapath keeps idle timeouts in whole seconds; so must the file.
+    for (d, field) in [
+        (tcp_idle_timeout, "tcp_idle_timeout"),
+        (udp_idle_timeout, "udp_idle_timeout"),
+    ] {
+        if d.subsec_nanos() != 0 {
+            return Err(fail(
+                key(field),
+                format!("{d:?} is not a whole number of seconds (the datapath keeps seconds)"),
+            ));
+        }
+    }
     let health_check = match raw.health_check {
         None => HealthCheck::default(),
         Some(hc) => validate_health_check(&prefix, port, hc)?,
@@ -1302,6 +1314,11 @@ tunnel_source_v6 = "2001:db8::1"
             &web("slow_start = \"90m\"", &[backend("203.0.113.11")]),
             "service[0].slow_start",
             "out of range",
+        );
+        rejects(
+            &web("tcp_idle_timeout = \"1500ms\"", &[backend("203.0.113.11")]),
+            "service[0].tcp_idle_timeout",
+            "whole number of seconds",
         );
     }
 

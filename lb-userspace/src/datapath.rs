@@ -238,6 +238,9 @@ pub trait MapWriter {
     ) -> Result<(), DatapathError>;
     /// Registers an interface as a redirect target.
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError>;
+    /// Overwrites a backend's active-connection count (reconciliation, or 0 when an id is
+    /// given to a new backend).
+    fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError>;
 }
 
 /// Read access to the datapath's counters.
@@ -301,17 +304,6 @@ impl KernelMaps {
     #[must_use]
     pub fn active_connections(&self, backend_id: u32) -> i64 {
         self.backend_conns.get(&backend_id, 0).unwrap_or(0)
-    }
-
-    /// Overwrites a backend's active-connection count (reconciliation).
-    pub fn set_active_connections(
-        &mut self,
-        backend_id: u32,
-        count: i64,
-    ) -> Result<(), DatapathError> {
-        self.backend_conns
-            .set(backend_id, count, 0)
-            .map_err(map_err(map_name::BACKEND_CONNS))
     }
 
     /// Every connection-table entry (a walk of the table: seconds for a million entries;
@@ -423,6 +415,12 @@ impl MapWriter for KernelMaps {
         self.ring
             .set(service_id * MAX_RING_SIZE + slot, backend_id, 0)
             .map_err(map_err(map_name::RING))
+    }
+
+    fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {
+        self.backend_conns
+            .set(backend_id, count, 0)
+            .map_err(map_err(map_name::BACKEND_CONNS))
     }
 
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
