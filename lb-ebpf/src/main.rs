@@ -943,9 +943,16 @@ pub fn weir_pass(_ctx: XdpContext) -> u32 {
 /// the balancer's code.
 #[xdp]
 pub fn weir_bench(ctx: XdpContext) -> u32 {
-    let Some(template) = BENCH_TEMPLATE.get_ptr(0) else {
+    if restore_template(&ctx).is_err() {
         return xdp_action::XDP_ABORTED;
-    };
+    }
+    run_balancer(&ctx)
+}
+
+/// Trims what a previous run prepended and copies `BENCH_TEMPLATE` back over the packet.
+#[inline(always)]
+fn restore_template(ctx: &XdpContext) -> Result<(), ()> {
+    let template = BENCH_TEMPLATE.get_ptr(0).ok_or(())?;
     // SAFETY: a value of a map of this program, alive for the whole run.
     let template = unsafe { &*template };
     let want = template.len as usize;
@@ -953,19 +960,19 @@ pub fn weir_bench(ctx: XdpContext) -> u32 {
     if have > want {
         // SAFETY: the helper takes the context pointer the kernel gave this program.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, (have - want) as i32) } != 0 {
-            return xdp_action::XDP_ABORTED;
+            return Err(());
         }
     }
     let len = want.min(lb_common::BENCH_TEMPLATE_LEN) as u32;
     if len == 0 {
-        return xdp_action::XDP_ABORTED;
+        return Err(());
     }
     // SAFETY: `len` is at most the template's size; the helper bounds-checks the packet.
     let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, template.data.as_ptr() as *mut _, len) };
     if rc != 0 {
-        return xdp_action::XDP_ABORTED;
+        return Err(());
     }
-    run_balancer(&ctx)
+    Ok(())
 }
 
 /// Benchmark of one FIB + neighbour lookup towards the first backend, to price the
@@ -1014,8 +1021,7 @@ const BENCH_GEN_BALANCE: u32 = 0;
 /// `XDP_PASS`: the frame enters the kernel's stack as if received on the ingress interface).
 #[xdp]
 pub fn weir_bench_gen(ctx: XdpContext) -> u32 {
-    let (Some(template), Some(action), Some(flows), Some(offset), Some(base)) = (
-        BENCH_TEMPLATE.get_ptr(0),
+    let (Some(action), Some(flows), Some(offset), Some(base)) = (
         BENCH_GEN.get(0),
         BENCH_GEN.get(1),
         BENCH_GEN.get(2),
@@ -1024,23 +1030,7 @@ pub fn weir_bench_gen(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let (action, flows, offset, base) = (*action, *flows, *offset, *base);
-    // SAFETY: a value of a map of this program, alive for the whole run.
-    let template = unsafe { &*template };
-    let want = template.len as usize;
-    let have = ctx.data_end() - ctx.data();
-    if have > want {
-        // SAFETY: the helper takes the context pointer the kernel gave this program.
-        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (have - want) as i32) } != 0 {
-            return xdp_action::XDP_ABORTED;
-        }
-    }
-    let len = want.min(lb_common::BENCH_TEMPLATE_LEN) as u32;
-    if len == 0 {
-        return xdp_action::XDP_ABORTED;
-    }
-    // SAFETY: `len` is at most the template's size; the helper bounds-checks the packet.
-    let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, template.data.as_ptr() as *mut _, len) };
-    if rc != 0 {
+    if restore_template(&ctx).is_err() {
         return xdp_action::XDP_ABORTED;
     }
     let Some(seq) = BENCH_GEN_SEQ.get_ptr_mut(0) else {
