@@ -6,7 +6,9 @@
 //!   destination is a VIP of that host, so backends need no tunnel device.
 //! * `weir_pass`: `XDP_PASS`. The benchmark floor, and the program a veth peer needs so
 //!   that frames sent with `XDP_TX` are picked up.
-//! * `weir_bench`, `weir_bench_fib`: benchmark entry points (see `docs/BENCHMARKS.md`).
+//! * `weir_bench`, `weir_bench_fib`, `weir_bench_gen`, `weir_bench_sink`: benchmark entry
+//!   points and the packet generator and sink of `cargo xtask bench packets` (see
+//!   `docs/BENCHMARKS.md`).
 //!
 //! Packet rules (also in the README):
 //! * Frames that are not IPv4/IPv6 (after at most one 802.1Q tag) pass.

@@ -240,7 +240,7 @@ fn main() {
 
     let body = format!(
         "Measured by `cargo xtask bench control` on {}: median (min–max) of repeated builds.\n\n\
-         {build_table}\nMaglev paper (section 5.3, its hardware): 1.8 ms at 65537 and 22.9 ms at \
+         {build_table}\nMaglev paper (its hardware): 1.8 ms at 65537 and 22.9 ms at \
          655373 slots for 1,000 backends.\n\nMap writes for a one-backend change (ring slots \
          that differ; the agent writes only those, plus one backend entry):\n\n{change_table}\n\
          Through the agent's `Balancer` (writes = ring slots + backend entries, as it reports \

@@ -570,12 +570,18 @@ struct Run {
     requests: f64,
     rate: f64,
     cpu_us: f64,
+    /// Time spent in the configuration's BPF programs (Weir's XDP programs), µs.
+    bpf_us: f64,
     errors: u64,
 }
 
 impl Run {
     fn cpu_per_request(&self) -> f64 {
         self.cpu_us / self.requests.max(1.0)
+    }
+
+    fn bpf_per_request(&self) -> f64 {
+        self.bpf_us / self.requests.max(1.0)
     }
 }
 
@@ -608,7 +614,8 @@ fn parse_wrk(out: &str) -> Result<(f64, f64, u64)> {
 }
 
 /// Runs wrk (one thread) from the client for `seconds`, measuring the machine's CPU time.
-fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run> {
+/// `pids`: the configuration's processes, whose BPF programs' run time is counted.
+fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool, pids: &[u32]) -> Result<Run> {
     let d = format!("{seconds}s");
     let c = format!("-c{conns}");
     let mut args = vec!["-t1", &c, "-d", &d, "--timeout", "2s"];
@@ -616,6 +623,12 @@ fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run>
         args.extend(["-H", "Connection: close"]);
     }
     args.push(url);
+    let bpf_ns = || {
+        pids.iter()
+            .map(|&p| support::bpf_run_time_ns(p))
+            .sum::<u64>()
+    };
+    let bpf0 = bpf_ns();
     let cpu0 = support::cpu_busy_us()?;
     let mut child = common::spawn_cmd_in_ns(&t.cli, "wrk", &args)?;
     let deadline = Instant::now() + Duration::from_secs(seconds + 15);
@@ -630,6 +643,7 @@ fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run>
         thread::sleep(Duration::from_millis(20));
     };
     let cpu_us = support::cpu_busy_us()? - cpu0;
+    let bpf_us = bpf_ns().saturating_sub(bpf0) as f64 / 1e3;
     let out = child.log();
     if !status.success() {
         bail!("wrk failed ({status}):\n{out}");
@@ -642,6 +656,7 @@ fn wrk(t: &Lab, url: &str, seconds: u64, conns: u32, close: bool) -> Result<Run>
         requests,
         rate,
         cpu_us,
+        bpf_us,
         errors,
     })
 }
@@ -719,16 +734,22 @@ struct Measured {
 }
 
 fn measure(t: &Lab, peer: Peer, seconds: u64, conns: u32) -> Result<Measured> {
-    let _active = start(t, peer).with_context(|| format!("starting {}", peer.name()))?;
+    let active = start(t, peer).with_context(|| format!("starting {}", peer.name()))?;
+    let pids: Vec<u32> = active
+        .children
+        .iter()
+        .filter_map(common::ChildGuard::pid)
+        .collect();
     check_response(t, peer)?;
     // Warm-up (caches, neighbour and connection tables), not measured.
-    wrk(t, &peer.url(), 1, conns, false).context("warm-up")?;
+    wrk(t, &peer.url(), 1, conns, false, &pids).context("warm-up")?;
     let cpu0 = support::cpu_busy_us()?;
     let idle = Instant::now();
     thread::sleep(Duration::from_millis(500));
     let background = (support::cpu_busy_us()? - cpu0) / idle.elapsed().as_secs_f64();
-    let keepalive = wrk(t, &peer.url(), seconds, conns, false);
-    let close = wrk(t, &peer.url(), seconds, conns, true);
+    let keepalive = wrk(t, &peer.url(), seconds, conns, false, &pids);
+    let close = wrk(t, &peer.url(), seconds, conns, true, &pids);
+    drop(active);
     Ok(Measured {
         keepalive,
         close,
@@ -766,6 +787,12 @@ fn main() {
         .collect();
 
     let started = Instant::now();
+    // Run time of Weir's XDP programs (agent and decap), counted by the kernel while this
+    // descriptor is open.
+    let bpf_stats = support::enable_bpf_stats();
+    if bpf_stats.is_none() {
+        eprintln!("warning: BPF_ENABLE_STATS refused; the time in Weir's programs is not measured");
+    }
     let t = Lab::build().unwrap_or_else(|e| panic!("topology: {e:#}"));
     let backends_nginx = prepare(&t).unwrap_or_else(|e| panic!("preparing the topology: {e:#}"));
 
@@ -829,6 +856,7 @@ fn main() {
     }
     drop(backends_nginx);
     drop(t);
+    drop(bpf_stats);
 
     report(&peers, &samples, seconds, repeats, conns);
     println!("bench e2e took {:.0} s", started.elapsed().as_secs_f64());
@@ -844,6 +872,8 @@ struct Row {
     cpu_conn_added: Option<Spread>,
     errors: u64,
     failures: Vec<String>,
+    bpf_req: Option<Spread>,
+    bpf_conn: Option<Spread>,
 }
 
 fn spread_of(runs: &[Option<Run>], f: impl Fn(&Run) -> f64) -> Option<Spread> {
@@ -901,6 +931,8 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
                 .map(|r| r.errors)
                 .sum(),
             failures: s.failures.clone(),
+            bpf_req: spread_of(&s.keepalive, Run::bpf_per_request),
+            bpf_conn: spread_of(&s.close, Run::bpf_per_request),
         })
         .collect();
 
@@ -934,6 +966,25 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
         &table_rows,
     );
 
+    let mut bpf_rows = Vec::new();
+    for (&peer, smp) in peers.iter().zip(samples) {
+        if matches!(peer, Peer::WeirTunnel | Peer::WeirDirect) {
+            bpf_rows.push(vec![
+                peer.label().to_owned(),
+                show_opt(spread_of(&smp.keepalive, Run::bpf_per_request), 3),
+                show_opt(spread_of(&smp.close, Run::bpf_per_request), 3),
+            ]);
+        }
+    }
+    let bpf_table = support::table(
+        &[
+            "configuration",
+            "in Weir's XDP programs, µs/request (keep-alive)",
+            "µs/connection (close)",
+        ],
+        1,
+        &bpf_rows,
+    );
     let find = |p: Peer| rows.iter().find(|r| r.peer == p);
     let req_added = |p: Peer| find(p).and_then(|r| r.cpu_req_added);
     let mut targets = String::new();
@@ -974,7 +1025,10 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
          connections from the client namespace, {seconds} s per test after a 1 s warm-up, \
          {repeats} interleaved repeats; median (min–max). CPU is the whole machine's busy \
          time from /proc/stat (user, system, irq, softirq) divided by the requests wrk \
-         completed; \"added\" is per repeat against the baseline of the same repeat.\n\n{table}\n{targets}",
+         completed; \"added\" is per repeat against the baseline of the same repeat.\n\n{table}\n{targets}\n\
+         Of that, the time spent in Weir's own XDP programs (the balancer on the LB, and \
+         `weir decap` on the backends in tunnel mode), from the kernel's BPF run-time \
+         statistics:\n\n{bpf_table}",
         support::machine()
     );
     let background: Vec<f64> = samples
@@ -989,7 +1043,7 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
             bg.median,
             bg.min,
             bg.max,
-            if bg.max > 5.0 {
+            if bg.max > 10.0 {
                 " Something else ran during the bench: the CPU figures include some of it."
             } else {
                 ""
@@ -1015,6 +1069,8 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
                 "cpu_us_per_connection": support::json_opt(r.cpu_conn),
                 "cpu_us_per_connection_added": support::json_opt(r.cpu_conn_added),
                 "errors": r.errors,
+                "bpf_us_per_request": support::json_opt(r.bpf_req),
+                "bpf_us_per_connection": support::json_opt(r.bpf_conn),
             })
         })
         .collect();

@@ -76,7 +76,11 @@ where
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(250)
+        // About 7 px per character of the longest label at 13 px.
+        .y_label_area_size(
+            u32::try_from(labels.iter().map(|l| l.chars().count()).max().unwrap_or(10) * 7 + 24)
+                .unwrap_or(250),
+        )
         // A segmented range `0..k` has the k + 1 segments 0..=k.
         .build_cartesian_2d(0.0..top, (0..n - 1).into_segmented())
         .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
@@ -129,7 +133,7 @@ where
     chart
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let y = row(i);
-            let decimals = if top < 10.0 { 2 } else { 1 };
+            let decimals = if top < 20.0 { 2 } else { 1 };
             Text::new(
                 format!("{:.decimals$}", b.median),
                 (b.max.max(b.median) + top * 0.01, SegmentValue::CenterOf(y)),
@@ -195,7 +199,7 @@ pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
                     PEER
                 }
             };
-            let root = BitMapBackend::new(out, (1000, 480)).into_drawing_area();
+            let root = BitMapBackend::new(out, (1100, 480)).into_drawing_area();
             root.fill(&WHITE)?;
             let (title, body) = root.split_vertically(36);
             title.titled(
