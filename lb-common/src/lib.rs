@@ -256,7 +256,7 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// `BackendInfo::generation` when the entry was made.
     pub generation: u32,
-    /// `bpf_ktime_get_ns` of the last packet, refreshed at most every `LAST_SEEN_GRANULARITY_NS`
+    /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most every `LAST_SEEN_GRANULARITY_NS`
     /// so that busy flows do not write their entry on every packet.
     pub last_seen_ns: u64,
     /// `FLOW_COUNTED`, `FLOW_CLOSED`. 64 bits wide: the BPF backend only has 64-bit
@@ -304,7 +304,7 @@ impl TrafficCounters {
 }
 
 /// Value of the per-CPU `NEXT_HOPS` cache, indexed by backend id: what `bpf_fib_lookup`
-/// answered for the backend's address, reused until `expires_ns` (`bpf_ktime_get_ns`).
+/// answered for the backend's address, reused until `expires_ns` (`bpf_ktime_get_coarse_ns`).
 /// The lookup costs about as much as the rest of the balancer (docs/BENCHMARKS.md), so it
 /// is paid once per backend per CPU per `NEXT_HOP_TTL_NS`, not per packet.
 #[repr(C)]

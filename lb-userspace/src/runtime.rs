@@ -213,9 +213,9 @@ impl Agent {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: clock_gettime writes the struct we pass. CLOCK_MONOTONIC is the clock of
-        // bpf_ktime_get_ns.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+        // SAFETY: clock_gettime writes the struct we pass. CLOCK_MONOTONIC_COARSE is the
+        // clock of bpf_ktime_get_coarse_ns, which stamps the table's entries.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut now) };
         let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
         let mut timeouts: HashMap<u32, (u64, u64, u32)> = HashMap::new();
         let mut counts: HashMap<u32, i64> = HashMap::new();
