@@ -992,12 +992,25 @@ fn tcp_listener(port: u16) -> Result<TcpListener> {
 }
 
 fn tcp_accept_loop(listener: TcpListener, c: &BackendCounters, stop: &AtomicBool) {
+    accept_until_stopped(&listener, stop, "tcp echo", |stream| {
+        c.tcp_accepted.fetch_add(1, Ordering::SeqCst);
+        thread::spawn(move || tcp_echo_conn(stream))
+    });
+}
+
+/// Accepts connections until `stop`, handing each to `serve` (which returns the thread
+/// serving it), then joins those threads. The listener's read timeout paces the checks.
+fn accept_until_stopped(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    what: &str,
+    mut serve: impl FnMut(TcpStream) -> JoinHandle<()>,
+) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _peer)) => {
-                c.tcp_accepted.fetch_add(1, Ordering::SeqCst);
-                conns.push(thread::spawn(move || tcp_echo_conn(stream)));
+                conns.push(serve(stream));
                 conns.retain(|h| !h.is_finished());
             }
             Err(e)
@@ -1008,7 +1021,7 @@ fn tcp_accept_loop(listener: TcpListener, c: &BackendCounters, stop: &AtomicBool
                         | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
-                eprintln!("tcp echo: accept: {e}");
+                eprintln!("{what}: accept: {e}");
                 thread::sleep(POLL);
             }
         }
@@ -2059,31 +2072,11 @@ fn id_tcp_accept_loop(
     count: &AtomicU64,
     stop: &Arc<AtomicBool>,
 ) {
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _peer)) => {
-                count.fetch_add(1, Ordering::SeqCst);
-                let stop = Arc::clone(stop);
-                conns.push(thread::spawn(move || id_tcp_conn(stream, index, &stop)));
-                conns.retain(|h| !h.is_finished());
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => {
-                eprintln!("id server: accept: {e}");
-                thread::sleep(POLL);
-            }
-        }
-    }
-    for h in conns {
-        let _ = h.join();
-    }
+    accept_until_stopped(listener, stop, "id server", |stream| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let stop = Arc::clone(stop);
+        thread::spawn(move || id_tcp_conn(stream, index, &stop))
+    });
 }
 
 /// Sends the index, then echoes until EOF, an error, or the stop flag.
