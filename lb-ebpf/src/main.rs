@@ -773,8 +773,6 @@ fn forward_tunnel(
         // SAFETY: checked by `ptr_at`.
         tci = unsafe { *vlan };
     }
-    let hash = flow_hash(&p.key);
-
     // SAFETY: the helper takes the context pointer the kernel gave this program.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
         return Err(drop(stat::DROP_ENCAP));
@@ -821,7 +819,8 @@ fn forward_tunnel(
             &backend.addr,
             inner_proto,
             p.ip_len,
-            hash,
+            // Only the IPv6 outer header needs the hash (its flow label).
+            flow_hash(&p.key),
         );
     }
     egress(ctx, ifindex, tagged)
