@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{EchoServers, LB_V4, LB_V6, Prometheus, Servers, Topology, VIP_V4, backend_v4};
+use common::{EchoServers, Prometheus, Servers, Topology, VIP_V4, backend_v4};
 use serde_json::Value;
 use weir::api::Request;
 
@@ -72,16 +72,7 @@ struct Svc<'a> {
 }
 
 fn agent_config(topo: &Topology, services: &[Svc<'_>]) -> String {
-    let mut c = format!(
-        "[agent]\n\
-         interface = \"{if}\"\n\
-         xdp_mode = \"native\"\n\
-         tunnel_source = \"{LB_V4}\"\n\
-         tunnel_source_v6 = \"{LB_V6}\"\n\
-         conntrack_entries = 65536\n{keys}",
-        if = common::NODE_IF,
-        keys = topo.agent_keys(),
-    );
+    let mut c = topo.agent_section();
     for s in services {
         c.push_str(&format!(
             "\n[[service]]\nname = \"{}\"\nvip = \"{VIP_V4}\"\nport = {}\nprotocol = \"{}\"\n\

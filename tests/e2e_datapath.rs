@@ -8,10 +8,7 @@ mod common;
 
 use std::{net::IpAddr, time::Duration};
 
-use common::{
-    BACKENDS, ChildGuard, EchoServers, LB_V4, LB_V6, Topology, VIP_V4, VIP_V6, backend_v4,
-    backend_v6,
-};
+use common::{BACKENDS, ChildGuard, EchoServers, Topology, VIP_V4, VIP_V6, backend_v4, backend_v6};
 
 const PORT: u16 = 7;
 /// Explicit client source ports: the 5-tuple hash decides the backend, so every run sends
@@ -55,16 +52,7 @@ struct Service<'a> {
 /// An agent config for the LB namespace: one service per entry, all on `family`'s VIP, port
 /// 7, maglev, backends 1..=N with the given weights.
 fn agent_config(topo: &Topology, family: Family, services: &[Service<'_>]) -> String {
-    let mut c = format!(
-        "[agent]\n\
-         interface = \"{if}\"\n\
-         xdp_mode = \"native\"\n\
-         tunnel_source = \"{LB_V4}\"\n\
-         tunnel_source_v6 = \"{LB_V6}\"\n\
-         conntrack_entries = 65536\n{keys}",
-        if = common::NODE_IF,
-        keys = topo.agent_keys(),
-    );
+    let mut c = topo.agent_section();
     for s in services {
         c.push_str(&format!(
             "\n[[service]]\n\

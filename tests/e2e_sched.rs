@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{CLIENT_V4, LB_V4, LB_V6, Topology, VIP_V4, backend_v4};
+use common::{CLIENT_V4, Topology, VIP_V4, backend_v4};
 use weir::api::{BackendInfo, Request};
 
 /// TCP health checks of the backup and slow-start tests.
@@ -51,16 +51,7 @@ impl<'a> Svc<'a> {
 }
 
 fn agent_config(topo: &Topology, services: &[Svc<'_>]) -> String {
-    let mut c = format!(
-        "[agent]\n\
-         interface = \"{if}\"\n\
-         xdp_mode = \"native\"\n\
-         tunnel_source = \"{LB_V4}\"\n\
-         tunnel_source_v6 = \"{LB_V6}\"\n\
-         conntrack_entries = 65536\n{keys}",
-        if = common::NODE_IF,
-        keys = topo.agent_keys(),
-    );
+    let mut c = topo.agent_section();
     for s in services {
         c.push_str(&format!(
             "\n[[service]]\nname = \"{}\"\nvip = \"{VIP_V4}\"\nport = {}\nprotocol = \"{}\"\n\

@@ -723,6 +723,16 @@ impl Topology {
         )
     }
 
+    /// The whole `[agent]` table of this topology's LB: its interface in native mode, tunnel
+    /// sources, a small connection table, and `agent_keys`.
+    pub fn agent_section(&self) -> String {
+        format!(
+            "[agent]\ninterface = \"{NODE_IF}\"\nxdp_mode = \"native\"\ntunnel_source = \"{LB_V4}\"\n\
+             tunnel_source_v6 = \"{LB_V6}\"\nconntrack_entries = 65536\n{}",
+            self.agent_keys()
+        )
+    }
+
     pub fn api_socket(&self) -> PathBuf {
         self.workdir.join("weir.sock")
     }
