@@ -187,7 +187,7 @@ fn api_ok(topo: &Topology, req: &Request) {
 }
 
 /// `active_connections` of every backend of a service, by address.
-fn active(topo: &Topology, service: &str) -> Vec<(IpAddr, i64)> {
+fn active(topo: &Topology, service: &str) -> Vec<(IpAddr, u64)> {
     backend_list(topo, service)
         .iter()
         .map(|b| (b.address, b.active_connections))
@@ -305,13 +305,13 @@ fn shares_per_scheduler() {
             i + 1
         );
     }
-    let active: Vec<i64> = backend_list(&topo, "lc")
+    let active: Vec<u64> = backend_list(&topo, "lc")
         .iter()
         .map(|b| b.active_connections)
         .collect();
     println!("[shares] least-conn active_connections after the UDP flows: {active:?}");
     assert_eq!(
-        active.iter().sum::<i64>(),
+        active.iter().sum::<u64>(),
         600,
         "every UDP flow stays active until its idle timeout: {active:?}"
     );
@@ -365,11 +365,11 @@ fn least_conn_avoids_the_loaded_backend_and_counts_return_to_zero() {
         "backend 1 counting the held connections",
         Duration::from_secs(3),
         || {
-            let c: Vec<i64> = backend_list(&topo, "lc")
+            let c: Vec<u64> = backend_list(&topo, "lc")
                 .iter()
                 .map(|b| b.active_connections)
                 .collect();
-            (c == [HELD as i64, 0, 0]).then_some(c)
+            (c == [HELD as u64, 0, 0]).then_some(c)
         },
     );
     println!("[least-conn] active_connections with {HELD} held: {counts:?}");
@@ -412,7 +412,7 @@ fn least_conn_avoids_the_loaded_backend_and_counts_return_to_zero() {
     println!("[least-conn] all counts 0 {zero_after:.2?} after closing every connection");
     // And they stay there across a reconciliation (every 5 s).
     thread::sleep(Duration::from_millis(5_500));
-    let after: Vec<i64> = backend_list(&topo, "lc")
+    let after: Vec<u64> = backend_list(&topo, "lc")
         .iter()
         .map(|b| b.active_connections)
         .collect();

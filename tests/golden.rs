@@ -21,9 +21,10 @@ use lb_common::{
     prog_name, stat,
 };
 use weir::{
-    agent::Balancer,
+    agent::desired::plain,
     config,
     datapath::{self, KernelMaps, MapWriter, StatsReader as _, XdpMd},
+    reconcile::Balancer,
 };
 
 const XDP_DROP: u32 = 1;
@@ -422,12 +423,12 @@ fn key_of(ip: &[u8]) -> FlowKey {
 fn predicted<M: MapWriter>(balancer: &Balancer<M>, service: &str, ip: &[u8]) -> IpAddr {
     let s = balancer.service(service).expect("service");
     let key = key_of(ip);
-    let hash = if s.config.scheduler == config::Scheduler::IpHash {
+    let hash = if s.spec.scheduler == lb_common::SCHED_IP_HASH {
         source_hash(&key)
     } else {
         flow_hash(&key)
     };
-    let id = s.ring[(hash % s.config.ring_size) as usize];
+    let id = s.ring[(hash % s.spec.ring_size) as usize];
     s.backends
         .iter()
         .find(|b| b.id == id)
@@ -489,7 +490,7 @@ fn open_lab(text: &str) -> Lab {
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load object");
     datapath::load_program(&mut ebpf, prog_name::BALANCER).expect("verifier accepts the balancer");
     let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
-    balancer.apply(&cfg).expect("apply config");
+    balancer.apply(&plain(&cfg)).expect("apply config");
     let h0 = datapath::ifindex("h0").unwrap();
     balancer.maps_mut().set_tx_port(h0).expect("devmap entry");
     let g0 = datapath::ifindex("g0").unwrap();
@@ -1077,8 +1078,8 @@ fn tracked_flows_and_counters() {
 
         // Find a source port whose slot moves to the new backend when it is added.
         let after_cfg = config::parse(&three, Path::new("t.toml")).unwrap();
-        let mut probe = Balancer::new(Recorder);
-        probe.apply(&after_cfg).unwrap();
+        let mut probe = Balancer::new(datapath::recorder::Recorder::default());
+        probe.apply(&plain(&after_cfg)).unwrap();
         let port = (41000..42000u16)
             .find(|&p| {
                 let ip = v4_packet(vip4, PROTO_TCP, p, 80, SYN);
@@ -1130,7 +1131,7 @@ fn tracked_flows_and_counters() {
 
         // The ring changes; the tracked flow keeps its backend.
         let cfg3 = config::parse(&three, Path::new("t.toml")).unwrap();
-        lab.balancer.apply(&cfg3).unwrap();
+        lab.balancer.apply(&plain(&cfg3)).unwrap();
         let moved_to = predicted(&lab.balancer, "web", &syn);
         assert_ne!(moved_to, first);
         let before = lab.stats();
@@ -1191,7 +1192,7 @@ fn tracked_flows_and_counters() {
             cfg.push_str(&format!("[[service.backend]]\naddress = \"{a}\"\n"));
         }
         lab.balancer
-            .apply(&config::parse(&cfg, Path::new("t.toml")).unwrap())
+            .apply(&plain(&config::parse(&cfg, Path::new("t.toml")).unwrap()))
             .unwrap();
         let before = lab.stats();
         let (_, out) = lab.run(&frame4(&data));
@@ -1207,46 +1208,6 @@ fn tracked_flows_and_counters() {
             1
         );
     });
-}
-
-/// A map writer that discards writes: for computing a ring without touching the kernel.
-struct Recorder;
-impl MapWriter for Recorder {
-    fn set_global(&mut self, _: lb_common::GlobalConfig) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn set_vip(
-        &mut self,
-        _: lb_common::VipKey,
-        _: lb_common::VipInfo,
-    ) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn remove_vip(&mut self, _: lb_common::VipKey) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn set_vip_addr(&mut self, _: lb_common::VipKey) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn remove_vip_addr(&mut self, _: lb_common::VipKey) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn set_backend(
-        &mut self,
-        _: u32,
-        _: lb_common::BackendInfo,
-    ) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn set_ring_slot(&mut self, _: u32, _: u32, _: u32) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn set_tx_port(&mut self, _: u32) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
-    fn set_active_connections(&mut self, _: u32, _: i64) -> Result<(), datapath::DatapathError> {
-        Ok(())
-    }
 }
 
 /// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come

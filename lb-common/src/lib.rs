@@ -186,7 +186,7 @@ pub mod stat {
 /// Key of `VIPS` (and, with `port_be = 0, proto = 0`, of `VIP_ADDRS` and `DECAP_VIPS`).
 /// An IPv4 address occupies `addr[..4]`, the rest is zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: [u8; 16],
     /// Destination port as on the wire; 0 matches every port.

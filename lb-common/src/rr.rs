@@ -18,10 +18,12 @@ const fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-/// The sequence for `(backend id, weight)` pairs, at most `max_len` long: weights are
-/// divided by their greatest common divisor, and scaled down proportionally (each kept at
-/// least 1) if their sum still exceeds `max_len`. Backends of weight 0 never appear; with
-/// no weight at all the sequence is one `BACKEND_NONE`.
+/// The sequence for `(backend id, weight)` pairs, never longer than `max_len` (the slots
+/// the service owns in `RING`): weights are divided by their greatest common divisor, and
+/// scaled down proportionally (each kept at least 1) if their sum still exceeds `max_len`.
+/// Backends of weight 0 never appear; with no weight at all the sequence is one
+/// `BACKEND_NONE`. Only with more weighted backends than `max_len` are the lightest left
+/// out (Weir's `MAX_BACKENDS` is far below its ring size).
 #[must_use]
 pub fn smooth_sequence(backends: &[(u32, u32)], max_len: u32) -> Vec<u32> {
     let mut members: Vec<(u32, u64)> = backends
@@ -39,11 +41,32 @@ pub fn smooth_sequence(backends: &[(u32, u32)], max_len: u32) -> Vec<u32> {
         m.1 /= g;
     }
     let mut total: u64 = members.iter().map(|(_, w)| w).sum();
-    if total > u64::from(max_len) {
+    let max = u64::from(max_len);
+    if total > max {
         for m in &mut members {
-            m.1 = (m.1 * u64::from(max_len) / total).max(1);
+            m.1 = (m.1 * max / total).max(1);
         }
         total = members.iter().map(|(_, w)| w).sum();
+        // The floor of 1 can still overshoot (many weight-1 backends next to heavy ones):
+        // take the excess from the heaviest, which it distorts least.
+        while total > max {
+            let Some(heaviest) = members.iter_mut().max_by_key(|m| m.1) else {
+                break;
+            };
+            if heaviest.1 <= 1 {
+                break;
+            }
+            let cut = (total - max).min(heaviest.1 - 1);
+            heaviest.1 -= cut;
+            total -= cut;
+        }
+        if total > max {
+            // Every weight is 1 and there are more backends than slots.
+            members.sort_unstable_by_key(|m| core::cmp::Reverse(m.1));
+            members.truncate(max_len as usize);
+            members.sort_unstable();
+            total = max;
+        }
     }
     let mut credit = std::vec![0i64; members.len()];
     let mut out = Vec::with_capacity(total as usize);
@@ -89,8 +112,26 @@ mod tests {
     fn gcd_and_scaling_bound_the_length() {
         assert_eq!(smooth_sequence(&[(0, 100), (1, 200)], 1000).len(), 3);
         let seq = smooth_sequence(&[(0, 60_000), (1, 30_000), (2, 7)], 1000);
-        assert!(seq.len() <= 1002, "{}", seq.len());
+        assert!(seq.len() <= 1000, "{}", seq.len());
         assert!(seq.contains(&2), "a small weight keeps at least one turn");
+    }
+
+    #[test]
+    fn never_longer_than_the_ring_it_is_written_to() {
+        // The reported overflow: 65535, 65535 and 100 backends of weight 1 gave 65,586
+        // entries for a 65,537-slot ring, written into the next service's slots.
+        let mut backends = std::vec![(0, 65_535), (1, 65_535)];
+        backends.extend((2..102).map(|id| (id, 1)));
+        let seq = smooth_sequence(&backends, 65_537);
+        assert!(seq.len() <= 65_537, "{}", seq.len());
+        for id in 0..102u32 {
+            assert!(seq.contains(&id), "backend {id} keeps at least one turn");
+        }
+        let heavy = seq.iter().filter(|&&x| x == 0).count();
+        assert!((32_700..=32_770).contains(&heavy), "{heavy}");
+        // More weighted backends than slots: the sequence still fits.
+        let many: std::vec::Vec<(u32, u32)> = (0..20).map(|id| (id, 1)).collect();
+        assert_eq!(smooth_sequence(&many, 7).len(), 7);
     }
 
     #[test]

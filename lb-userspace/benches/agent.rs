@@ -26,9 +26,10 @@ use std::{
 };
 
 use weir::{
-    agent::{Balancer, DesiredBackend},
+    agent::desired::plain,
     config,
     datapath::{self, KernelMaps},
+    reconcile::{BackendSpec, Balancer},
 };
 
 fn service_config(backends: usize) -> String {
@@ -52,7 +53,8 @@ fn verdict_to_maps(backends: usize) -> (f64, f64, usize) {
     let cfg = config::parse(&service_config(backends), Path::new("bench.toml")).expect("config");
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load");
     let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
-    balancer.apply(&cfg).expect("initial apply");
+    balancer.apply(&plain(&cfg)).expect("initial apply");
+    let mut spec = plain(&cfg);
     let svc = cfg.services[0].clone();
     let mut times = Vec::new();
     let mut slots = Vec::new();
@@ -60,13 +62,13 @@ fn verdict_to_maps(backends: usize) -> (f64, f64, usize) {
         // Alternate: backend `round % backends` goes down, then comes back up.
         let victim = (round / 2) % backends;
         let down = round % 2 == 0;
-        let desired: Vec<DesiredBackend> = svc
+        spec.services[0].backends = svc
             .backends
             .iter()
             .enumerate()
             .map(|(i, b)| {
                 let up = !(down && i == victim);
-                DesiredBackend {
+                BackendSpec {
                     address: b.address,
                     ring_weight: if up { b.weight } else { 0 },
                     up,
@@ -74,9 +76,7 @@ fn verdict_to_maps(backends: usize) -> (f64, f64, usize) {
             })
             .collect();
         let t = Instant::now();
-        let report = balancer
-            .apply_desired(&cfg, &[(svc.clone(), desired)])
-            .expect("apply");
+        let report = balancer.apply(&spec).expect("apply");
         times.push(t.elapsed().as_secs_f64() * 1e6);
         slots.push(report.ring_slots_written);
     }
@@ -217,7 +217,7 @@ fn health_check_cpu(n: usize) -> (f64, f64) {
     let _ = agent.stop();
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
-    let _ = weir::agent::teardown(Path::new(&bpffs));
+    let _ = datapath::teardown(Path::new(&bpffs));
     let _ = std::fs::remove_dir_all(&work);
     drop((lb, be));
     (percent, us_per_check)
@@ -259,7 +259,7 @@ fn write_doc(table: &str) {
             format!("{}{section}{}", &existing[..a], &existing[b + end.len()..])
         }
         _ => format!(
-            "{existing}\n## Control plane (`cargo xtask bench agent`)\n\nA health verdict is applied by `Balancer::apply_desired` on the real maps (65537-slot ring, only changed slots written); the agent's CPU is measured from /proc/PID/stat while it checks 1,000 backends.\n\n{section}\n"
+            "{existing}\n## Control plane (`cargo xtask bench agent`)\n\nA health verdict is applied by `Balancer::apply` on the real maps (65537-slot ring, only changed slots written); the agent's CPU is measured from /proc/PID/stat while it checks 1,000 backends.\n\n{section}\n"
         ),
     };
     if let Err(e) = std::fs::write(&path, text) {

@@ -108,9 +108,10 @@ type AgentRow = (usize, usize, usize, f64, usize, f64);
 /// One-backend changes through the agent's `Balancer` on a loaded object (root only).
 fn agent_changes() -> anyhow::Result<Vec<AgentRow>> {
     use weir::{
-        agent::Balancer,
+        agent::desired::plain,
         config,
         datapath::{self, KernelMaps},
+        reconcile::Balancer,
     };
     let mut rows = Vec::new();
     for n in COUNTS {
@@ -121,15 +122,15 @@ fn agent_changes() -> anyhow::Result<Vec<AgentRow>> {
 
         let mut ebpf = datapath::load_object(1024, false)?;
         let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf)?);
-        let initial = balancer.apply(&base)?;
+        let initial = balancer.apply(&plain(&base))?;
         let t = Instant::now();
-        let removed = balancer.apply(&fewer)?;
+        let removed = balancer.apply(&plain(&fewer))?;
         let removed_ms = t.elapsed().as_secs_f64() * 1e3;
-        balancer.apply(&base)?;
+        balancer.apply(&plain(&base))?;
         let t = Instant::now();
-        let added = balancer.apply(&more)?;
+        let added = balancer.apply(&plain(&more))?;
         let added_ms = t.elapsed().as_secs_f64() * 1e3;
-        let writes = |r: weir::agent::ApplyReport| r.ring_slots_written + r.backends_written;
+        let writes = |r: weir::reconcile::ApplyReport| r.ring_slots_written + r.backends_written;
         rows.push((
             n,
             writes(initial),

@@ -21,9 +21,10 @@ use aya::{
 };
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name, prog_name};
 use weir::{
-    agent::Balancer,
+    agent::desired::plain,
     config,
     datapath::{self, KernelMaps, XdpMd},
+    reconcile::Balancer,
 };
 
 const REPEAT: u32 = 1_000_000;
@@ -249,7 +250,7 @@ fn main() {
         let template = Array::try_from(ebpf.take_map(map_name::BENCH_TEMPLATE).expect("map"))
             .expect("template map");
         let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
-        balancer.apply(&cfg).expect("apply");
+        balancer.apply(&plain(&cfg)).expect("apply");
         let g0 = datapath::ifindex("g0").expect("g0");
         let mut b = Bench {
             ebpf,

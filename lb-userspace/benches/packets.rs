@@ -56,9 +56,10 @@ use common::{Netns, ip, ns_exec, sysctl};
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name};
 use support::Spread;
 use weir::{
-    agent::Balancer,
+    agent::desired::plain,
     config,
     datapath::{self, KernelMaps, MapWriter as _, XdpMd},
+    reconcile::Balancer,
 };
 
 const GEN: &str = "weir_bench_gen";
@@ -413,7 +414,7 @@ impl Generator {
                 }
                 let cfg = config::parse(&text, Path::new("bench-packets.toml"))?;
                 let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf)?);
-                balancer.apply(&cfg)?;
+                balancer.apply(&plain(&cfg))?;
                 for i in 1..=BACKENDS {
                     let index = datapath::ifindex(&format!("b{i}"))?;
                     balancer.maps_mut().set_tx_port(index)?;

@@ -540,14 +540,14 @@ fn plural(n: usize) -> &'static str {
 }
 
 fn parse_interface(text: &str) -> Result<String, String> {
-    config::check_interface_name(text).map(|()| text.to_owned())
+    config::rules::check_interface_name(text).map(|()| text.to_owned())
 }
 
 fn parse_vip(text: &str) -> Result<IpAddr, String> {
     let addr = text
         .parse::<IpAddr>()
         .map_err(|_| format!("invalid IP address \"{text}\""))?;
-    config::check_vip(addr).map(|()| addr)
+    config::rules::check_vip(addr).map(|()| addr)
 }
 
 /// Why an `ADDR` argument was rejected; [`usage_exit_code`] recognises it by its type.
@@ -1019,6 +1019,13 @@ pub fn render_status(status: &Status, now: u64, out: &mut dyn Write) -> io::Resu
     let width = lines.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
     for (key, value) in lines {
         writeln!(out, "{key:<width$}  {value}")?;
+    }
+    if let Some(problem) = &status.inconsistent {
+        writeln!(
+            out,
+            "{:<width$}  INCONSISTENT: {problem}; `weir reload` re-applies the config",
+            "datapath"
+        )?;
     }
     Ok(())
 }
@@ -1987,6 +1994,7 @@ SLOT  BACKEND
                 at: 1_000,
                 error: Some("/etc/weir/weir.toml: service[0].port: 70000 is out of range".into()),
             }),
+            inconsistent: None,
         }
     }
 

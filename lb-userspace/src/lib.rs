@@ -1,4 +1,21 @@
 //! The `weir` agent and CLI as a library, so the integration tests drive the same code.
+//!
+//! One module per concern, no cycles (a module only uses those listed before it, except
+//! `cli` and `agent`, the two entry points):
+//! - [`sys`]: every libc/bpf syscall outside aya and std.
+//! - [`config`]: the TOML file, its validation, and the rules the CLI shares.
+//! - [`overlay`]: the CLI's changes kept in the state file.
+//! - [`api`]: the management protocol's types, its server side and its client.
+//! - [`datapath`]: the eBPF object, loading, pinning and adoption, the map layer.
+//! - [`reconcile`]: the datapath-level desired state and the diff that writes it.
+//! - [`health`]: active health checks.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`agent`]: the start sequence, the desired-state function and the owner task.
+//! - [`decap`]: `weir decap` on the backends.
+//! - [`cli`]: the command line.
+//!
+//! Coming next, each in a module of its own beside these: `announce` (BGP announcements of
+//! the VIPs through BIRD) and `audit` (a log of every change made to the running agent).
 pub mod agent;
 pub mod api;
 pub mod cli;
@@ -8,4 +25,5 @@ pub mod decap;
 pub mod health;
 pub mod metrics;
 pub mod overlay;
-pub mod runtime;
+pub mod reconcile;
+pub mod sys;

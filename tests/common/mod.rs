@@ -796,7 +796,7 @@ impl Topology {
 
     /// `weir teardown` for this topology's pins.
     pub fn teardown_datapath(&self) -> Result<()> {
-        weir::agent::teardown(&self.bpffs())
+        weir::datapath::teardown(&self.bpffs())
     }
 
     /// Starts `weir decap --interface eth0 --vip ...` on every backend and waits for each.
@@ -868,7 +868,7 @@ impl Drop for Topology {
         drop(self.pass.take());
         // Pins live in the host's bpffs: remove them even when the test failed.
         if self.bpffs().exists()
-            && let Err(e) = weir::agent::teardown(&self.bpffs())
+            && let Err(e) = weir::datapath::teardown(&self.bpffs())
         {
             eprintln!("warning: teardown of {}: {e:#}", self.bpffs().display());
         }

@@ -8,15 +8,14 @@
 //! <- {"ok":false,"error":{"code":"unknown_backend","message":"..."}}
 //! ```
 //!
-//! The types here are shared by the agent (server) and the CLI (client).
+//! The types here are shared by the agent ([`server`]) and the CLI ([`client`]).
 
-use std::{
-    io::{self, BufRead as _, BufReader, Write as _},
-    net::IpAddr,
-    os::unix::net::UnixStream,
-    path::Path,
-    time::Duration,
-};
+pub mod client;
+pub mod server;
+
+pub use client::{ClientError, request};
+
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -148,6 +147,10 @@ pub struct Status {
     pub backends: usize,
     pub backends_up: usize,
     pub last_reload: Option<ReloadOutcome>,
+    /// Set when a failed change could not be rolled back: the datapath may hold a mix of
+    /// old and new state until the next successful change or reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconsistent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,7 +201,7 @@ pub struct BackendInfo {
     pub backup: bool,
     /// Active connections the datapath counts (new flows minus ended or expired ones).
     #[serde(default)]
-    pub active_connections: i64,
+    pub active_connections: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -243,58 +246,6 @@ pub struct ReloadReport {
     pub services: usize,
     pub ring_slots_written: usize,
     pub backends_written: usize,
-}
-
-// ----- client -----
-
-/// Why the CLI could not get an answer.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "the agent is not running (no socket at {0}); start it with `weir agent --config FILE`"
-    )]
-    NotRunning(String),
-    #[error("permission denied on {0}: the API socket is root-only; run as root")]
-    PermissionDenied(String),
-    #[error("talking to the agent on {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("the agent sent an answer that is not valid: {0}")]
-    BadResponse(String),
-}
-
-/// Sends one request to the agent at `socket` and reads its response.
-pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
-    let path = socket.display().to_string();
-    let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            ClientError::NotRunning(path.clone())
-        }
-        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.clone()),
-        _ => ClientError::Io {
-            path: path.clone(),
-            source,
-        },
-    })?;
-    let io_err = |source| ClientError::Io {
-        path: path.clone(),
-        source,
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io_err)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::BadResponse(e.to_string()))?;
-    line.push(b'\n');
-    stream.write_all(&line).map_err(io_err)?;
-    stream.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(io_err)?;
-    serde_json::from_str(&answer).map_err(|e| ClientError::BadResponse(format!("{e}: {answer:?}")))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Prometheus metrics: the agent's counters and gauges, and a minimal HTTP endpoint serving
-//! them in the text exposition format.
+//! Prometheus metrics: the agent's counters and gauges ([`Metrics`]), and the HTTP endpoint
+//! serving them in the text exposition format ([`http`]).
 //!
 //! The registry is created by `main` and passed down; nothing here is global. Datapath
 //! values (per-CPU sums read from the stats maps) are not pushed continuously: each scrape
@@ -13,23 +13,19 @@
 //! weir_packets_dropped_total{reason="fragment"} 0
 //! ```
 
+pub mod http;
+
+pub use http::{encode, serve};
+
 use std::{
     collections::{HashMap, HashSet},
-    future::Future,
-    io,
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
-};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::api;
@@ -71,6 +67,7 @@ pub struct Metrics {
     decap_packets: IntCounter,
     reloads: IntCounterVec,
     last_reload_successful: IntGauge,
+    rollback_failures: IntCounter,
     /// The label sets in use, so series of services and backends that went away are dropped.
     /// Also serialises the read-compare-advance of the datapath counters.
     known: Mutex<Known>,
@@ -267,6 +264,11 @@ impl Metrics {
                     "Whether the last config reload succeeded (1) or failed (0).",
                 ))?,
             )?,
+            rollback_failures: counter(
+                registry,
+                "weir_rollback_failures_total",
+                "Failed changes whose rollback failed too, leaving the datapath with a mix of old and new state until the next successful apply.",
+            )?,
             known: Mutex::new(Known::default()),
         };
         let build_info = gauge_vec(
@@ -352,7 +354,7 @@ impl Metrics {
                 .set(i64::from(backend.weight));
             self.backend_active_connections
                 .with_label_values(&labels)
-                .set(backend.active_connections);
+                .set(i64::try_from(backend.active_connections).unwrap_or(i64::MAX));
             if backend.health != HEALTH_UNCHECKED {
                 self.touch_check_series(&labels);
             }
@@ -436,6 +438,11 @@ impl Metrics {
         self.last_reload_successful.set(i64::from(ok));
     }
 
+    /// Records a failed change whose rollback failed too.
+    pub fn observe_rollback_failure(&self) {
+        self.rollback_failures.inc();
+    }
+
     /// Drops every series of a backend that no longer exists (removed from its service, or
     /// its service removed). The next scrape's snapshot would drop them too; this is for
     /// the agent to call at once.
@@ -484,254 +491,20 @@ impl Metrics {
     }
 }
 
-/// The registry's metrics in the text exposition format.
-#[must_use]
-pub fn encode(registry: &Registry) -> String {
-    let mut text = String::new();
-    if let Err(err) = TextEncoder::new().encode_utf8(&registry.gather(), &mut text) {
-        // Only a malformed metric family fails, which the code above does not build.
-        tracing::error!(error = %err, "encoding metrics");
-    }
-    text
-}
-
-/// Largest request head the endpoint reads.
-const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to accept the response.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a scrape waits for the agent's snapshot before serving the last values.
-const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections handled at once; further ones wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 16;
-
-/// Serves `GET /metrics` (text format, Content-Type `text/plain; version=0.0.4`) and 404 for
-/// other paths on `listener`. Each scrape first awaits `refresh()` (the agent fetches a
-/// datapath snapshot and calls [`Metrics::observe_datapath`]), then encodes `registry`.
-/// Scrapes run one at a time, so snapshots are applied in the order they were taken.
-///
-/// Minimal HTTP/1.1: read the request head (at most 8 KiB, within 10 s), answer, close.
-/// `HEAD /metrics` is answered too; other methods get 405.
-///
-/// Runs until the listener fails: transient accept errors (a connection aborted, out of
-/// file descriptors) are logged and ridden out, others are returned.
-pub async fn serve<F, Fut>(listener: TcpListener, registry: Registry, refresh: F) -> io::Result<()>
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let shared = Arc::new(Shared {
-        registry,
-        refresh,
-        scrape: tokio::sync::Mutex::new(()),
-    });
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = Arc::clone(&permits)
-            .acquire_owned()
-            .await
-            .map_err(io::Error::other)?;
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => match accept_error(&err) {
-                AcceptError::Retry => continue,
-                AcceptError::Backoff => {
-                    tracing::warn!(error = %err, "metrics endpoint: accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                AcceptError::Fatal => return Err(err),
-            },
-        };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            if let Err(err) = handle(stream, &shared).await {
-                tracing::debug!(%peer, error = %err, "metrics endpoint: connection failed");
-            }
-            drop(permit);
-        });
-    }
-}
-
-struct Shared<F> {
-    registry: Registry,
-    refresh: F,
-    /// Held from refresh to encode, so concurrent scrapes cannot apply an older snapshot
-    /// after a newer one (which would look like a counter reset).
-    scrape: tokio::sync::Mutex<()>,
-}
-
-enum AcceptError {
-    /// That connection failed; the listener is fine.
-    Retry,
-    /// Out of a resource; wait a little.
-    Backoff,
-    Fatal,
-}
-
-fn accept_error(err: &io::Error) -> AcceptError {
-    match err.kind() {
-        io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::ConnectionReset
-        | io::ErrorKind::Interrupted
-        | io::ErrorKind::WouldBlock
-        | io::ErrorKind::TimedOut => AcceptError::Retry,
-        _ => match err.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                AcceptError::Backoff
-            }
-            Some(libc::EPROTO | libc::EPERM | libc::ENETDOWN | libc::EHOSTUNREACH) => {
-                AcceptError::Retry
-            }
-            _ => AcceptError::Fatal,
-        },
-    }
-}
-
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    /// The client closed before finishing its head.
-    Truncated,
-}
-
-async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0_u8; 1024];
-    loop {
-        if head.len() >= MAX_HEAD_BYTES {
-            return Ok(Head::TooLarge);
-        }
-        let room = chunk.len().min(MAX_HEAD_BYTES - head.len());
-        let n = stream.read(&mut chunk[..room]).await?;
-        if n == 0 {
-            return Ok(Head::Truncated);
-        }
-        // Re-scan the last 3 bytes before the new ones: the terminator may straddle reads.
-        let from = head.len().saturating_sub(3);
-        head.extend_from_slice(&chunk[..n]);
-        let tail = &head[from..];
-        if tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n") {
-            return Ok(Head::Complete(head));
-        }
-    }
-}
-
-/// A complete response: status line, headers, and (unless `head_only`) the body.
-fn response(
-    status: &str,
-    content_type: &str,
-    extra: &str,
-    body: &[u8],
-    head_only: bool,
-) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\
-         Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    out
-}
-
-fn plain(status: &str, extra: &str, head_only: bool) -> Vec<u8> {
-    let body = format!("{status}\n");
-    response(
-        status,
-        "text/plain; charset=utf-8",
-        extra,
-        body.as_bytes(),
-        head_only,
-    )
-}
-
-async fn handle<F, Fut>(mut stream: TcpStream, shared: &Shared<F>) -> io::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_elapsed) => {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request head not received in time",
-            ));
-        }
-    };
-    let answer = match head {
-        Head::Truncated => return Ok(()),
-        Head::TooLarge => plain("431 Request Header Fields Too Large", "", false),
-        Head::Complete(head) => route(&head, shared).await,
-    };
-    let write = async {
-        stream.write_all(&answer).await?;
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(written) => written,
-        Err(_elapsed) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "response not accepted in time",
-        )),
-    }
-}
-
-async fn route<F, Fut>(head: &[u8], shared: &Shared<F>) -> Vec<u8>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let line = head
-        .split(|&b| b == b'\n')
-        .next()
-        .map(|line| String::from_utf8_lossy(line).trim_end().to_owned())
-        .unwrap_or_default();
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return plain("400 Bad Request", "", false);
-    };
-    if !version.starts_with("HTTP/1.") {
-        return plain("505 HTTP Version Not Supported", "", false);
-    }
-    let head_only = method == "HEAD";
-    let path = target.split_once('?').map_or(target, |(path, _query)| path);
-    if path != "/metrics" {
-        return plain("404 Not Found", "", head_only);
-    }
-    if method != "GET" && !head_only {
-        return plain("405 Method Not Allowed", "Allow: GET, HEAD\r\n", false);
-    }
-    let text = {
-        let _scrape = shared.scrape.lock().await;
-        if tokio::time::timeout(REFRESH_TIMEOUT, (shared.refresh)())
-            .await
-            .is_err()
-        {
-            tracing::warn!("metrics scrape: no datapath snapshot in time; serving the last values");
-        }
-        encode(&shared.registry)
-    };
-    response(
-        "200 OK",
-        TextEncoder::new().format_type(),
-        "",
-        text.as_bytes(),
-        head_only,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
+        io,
         process::{Command, Stdio},
-        sync::atomic::{AtomicU64, Ordering},
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+    };
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
     };
 
     use super::*;

@@ -1,22 +1,71 @@
-//! `weir agent`: turns a validated config into datapath state and keeps the program attached
-//! until told to stop.
+//! The datapath-level model of what the maps should hold, and the diff that writes it.
 //!
-//! [`Balancer`] owns the desired state and writes only differences through a
-//! [`MapWriter`]: Maglev slots that changed, backends that changed, VIPs that appeared or
-//! went. It knows nothing of the kernel, so it is tested with a recording writer.
+//! [`Balancer`] takes a [`DatapathSpec`] (services by VIP key with scheduler and forwarding
+//! codes, backends with ring weights and up/down: no config types, no health, no overlay;
+//! `agent::desired` computes it) and writes only differences through a [`MapWriter`]:
+//! Maglev slots that changed, backends that changed, VIPs that appeared or went. Every
+//! write is bounded to the service's own ring. It knows nothing of the kernel, so it is
+//! tested with the [`Recorder`](crate::datapath::recorder::Recorder).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
-    VipInfo, VipKey, addr_bytes,
+    SCHED_ROUND_ROBIN, VipInfo, VipKey, addr_bytes,
     maglev::{self, MaglevBackend},
 };
 
-use crate::{
-    config::{Config, Scheduler, ServiceConfig},
-    datapath::{DatapathError, MapWriter},
-};
+use crate::datapath::{DatapathError, MapWriter};
+
+/// Everything the datapath should hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathSpec {
+    /// Agent-wide settings (the tunnels' outer sources).
+    pub global: GlobalConfig,
+    pub services: Vec<ServiceSpec>,
+}
+
+/// One service as the datapath sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// The service's name: the identity Maglev hashes backends under.
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// `lb_common::PROTO_*`.
+    pub proto: u8,
+    /// `lb_common::SCHED_*`.
+    pub scheduler: u8,
+    /// `lb_common::FORWARD_*`.
+    pub forwarding: u8,
+    /// Maglev ring size (a prime, at most `MAX_RING_SIZE`); round robin sizes its ring by
+    /// its sequence instead.
+    pub ring_size: u32,
+    pub tcp_idle_timeout_s: u32,
+    pub udp_idle_timeout_s: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl ServiceSpec {
+    /// The key of the service's `VIPS` entry.
+    #[must_use]
+    pub fn key(&self) -> VipKey {
+        VipKey::new(self.vip, self.port, self.proto)
+    }
+}
+
+/// What the datapath should do with one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// Share of new flows (ring weight); 0 means no new flows.
+    pub ring_weight: u32,
+    /// Whether flows already tracked to it keep going there.
+    pub up: bool,
+}
 
 /// A backend as the agent tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,32 +79,12 @@ pub struct BackendState {
     pub up: bool,
 }
 
-/// What the agent wants the datapath to do with one backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DesiredBackend {
-    pub address: IpAddr,
-    /// Share of new flows (ring weight); 0 means no new flows.
-    pub ring_weight: u32,
-    /// Whether flows already tracked to it keep going there.
-    pub up: bool,
-}
-
-impl DesiredBackend {
-    /// The plain config view: up, with its configured weight.
-    #[must_use]
-    pub fn from_config(backend: &crate::config::BackendConfig) -> Self {
-        Self {
-            address: backend.address,
-            ring_weight: backend.weight,
-            up: true,
-        }
-    }
-}
-
 /// What `Balancer::adopt` found in pinned maps: the datapath state a previous agent left.
 #[derive(Debug, Default, Clone)]
 pub struct Adopted {
     pub vips: Vec<(VipKey, VipInfo)>,
+    /// The VIP address pre-check set.
+    pub vip_addrs: Vec<VipKey>,
     /// Every backend entry ever written (generation above 0), by id.
     pub backends: Vec<(u32, BackendInfo)>,
 }
@@ -81,7 +110,7 @@ impl BackendState {
 #[derive(Debug, Clone)]
 pub struct ServiceState {
     pub id: u32,
-    pub config: ServiceConfig,
+    pub spec: ServiceSpec,
     pub key: VipKey,
     pub backends: Vec<BackendState>,
     /// The ring as last written to the datapath.
@@ -103,6 +132,14 @@ pub enum ApplyError {
     Datapath(#[from] DatapathError),
     #[error("no free {0} id left (limit reached)")]
     Exhausted(&'static str),
+    #[error(
+        "service {service}: its ring would have {len} slots, more than the {max} it owns in the datapath"
+    )]
+    RingTooLarge {
+        service: String,
+        len: usize,
+        max: u32,
+    },
 }
 
 /// The agent's view of the datapath and the only writer of its maps.
@@ -113,28 +150,24 @@ pub struct Balancer<M> {
     generations: Vec<u32>,
     free_backend_ids: Vec<u32>,
     free_service_ids: Vec<u32>,
+    /// The VIP address pre-check set as written.
+    vip_addrs: BTreeSet<VipKey>,
 }
 
-/// A stand-in config for a VIP found in pinned maps that no configured service claims; it
-/// exists only so that the next `apply` removes the VIP.
-fn orphan_config(key: VipKey, info: &VipInfo) -> ServiceConfig {
-    ServiceConfig {
+/// A stand-in for a VIP found in pinned maps that no configured service claims; it exists
+/// only so that the next `apply` removes the VIP.
+fn orphan_spec(key: VipKey, info: &VipInfo) -> ServiceSpec {
+    ServiceSpec {
         name: format!("(orphan {})", info.service_id),
         vip: lb_common::addr_from_bytes(key.addr, key.family),
         port: u16::from_be(key.port_be),
-        protocol: if key.proto == lb_common::PROTO_UDP {
-            crate::config::Protocol::Udp
-        } else {
-            crate::config::Protocol::Tcp
-        },
-        scheduler: Scheduler::default(),
-        forwarding: crate::config::Forwarding::default(),
+        proto: key.proto,
+        scheduler: info.scheduler,
+        forwarding: info.forwarding,
         ring_size: info.ring_size,
+        tcp_idle_timeout_s: info.tcp_idle_timeout_s,
+        udp_idle_timeout_s: info.udp_idle_timeout_s,
         backends: Vec::new(),
-        health_check: crate::config::HealthCheck::default(),
-        slow_start: std::time::Duration::ZERO,
-        tcp_idle_timeout: crate::config::DEFAULT_TCP_IDLE_TIMEOUT,
-        udp_idle_timeout: crate::config::DEFAULT_UDP_IDLE_TIMEOUT,
     }
 }
 
@@ -156,6 +189,7 @@ impl<M: MapWriter> Balancer<M> {
             // Popped from the end: lowest ids first.
             free_backend_ids: (0..MAX_BACKENDS).rev().collect(),
             free_service_ids: (0..MAX_SERVICES).rev().collect(),
+            vip_addrs: BTreeSet::new(),
         }
     }
 
@@ -183,7 +217,7 @@ impl<M: MapWriter> Balancer<M> {
     pub fn adopt(
         &mut self,
         adopted: &Adopted,
-        services: &[ServiceConfig],
+        services: &[ServiceSpec],
         mut read_ring: impl FnMut(u32, u32) -> Result<Vec<u32>, DatapathError>,
     ) -> Result<Vec<(String, IpAddr, bool)>, ApplyError> {
         let mut known = Vec::new();
@@ -195,18 +229,12 @@ impl<M: MapWriter> Balancer<M> {
         let mut used_services = Vec::new();
         let mut used_backends = Vec::new();
         for (key, info) in &adopted.vips {
-            let name = services
+            let spec = services
                 .iter()
-                .find(|s| VipKey::new(s.vip, s.port, s.protocol.number()) == *key)
-                .map_or_else(
-                    || format!("(orphan {})", info.service_id),
-                    |s| s.name.clone(),
-                );
-            let config = services
-                .iter()
-                .find(|s| s.name == name)
+                .find(|s| s.key() == *key)
                 .cloned()
-                .unwrap_or_else(|| orphan_config(*key, info));
+                .unwrap_or_else(|| orphan_spec(*key, info));
+            let name = spec.name.clone();
             let backends: Vec<BackendState> = adopted
                 .backends
                 .iter()
@@ -229,7 +257,7 @@ impl<M: MapWriter> Balancer<M> {
                 name,
                 ServiceState {
                     id: info.service_id,
-                    config,
+                    spec,
                     key: *key,
                     backends,
                     ring,
@@ -244,44 +272,22 @@ impl<M: MapWriter> Balancer<M> {
             .rev()
             .filter(|id| !used_backends.contains(id))
             .collect();
+        // Everything found counts as written: the next `apply` removes what no service
+        // claims (an address a reload moved away from, before a restart).
+        self.vip_addrs = adopted.vip_addrs.iter().copied().collect();
         Ok(known)
-    }
-
-    /// Brings the datapath to `config` (every backend up, at its configured weight),
-    /// writing only what differs from the current state.
-    pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, ApplyError> {
-        let desired: Vec<(ServiceConfig, Vec<DesiredBackend>)> = config
-            .services
-            .iter()
-            .map(|s| {
-                let backends = s.backends.iter().map(DesiredBackend::from_config).collect();
-                (s.clone(), backends)
-            })
-            .collect();
-        self.apply_desired(config, &desired)
     }
 
     /// Brings the datapath to `desired`, writing only what differs from the current state.
     /// Order matters for packets in flight: backends are written before the ring slots that
     /// point at them, rings before the VIP that makes them reachable; on removal the VIP goes
-    /// first. `config` supplies the agent-wide settings (tunnel sources).
-    pub fn apply_desired(
-        &mut self,
-        config: &Config,
-        desired: &[(ServiceConfig, Vec<DesiredBackend>)],
-    ) -> Result<ApplyReport, ApplyError> {
+    /// first, and an address leaves the VIP pre-check set after its last service.
+    pub fn apply(&mut self, desired: &DatapathSpec) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
-        let mut global = GlobalConfig::default();
-        if let Some(v4) = config.agent.tunnel_source {
-            global.tunnel_source_v4 = v4.octets();
-        }
-        if let Some(v6) = config.agent.tunnel_source_v6 {
-            global.tunnel_source_v6 = v6.octets();
-        }
-        self.maps.set_global(global)?;
+        self.maps.set_global(desired.global)?;
 
         // Services that are gone.
-        let wanted: Vec<&str> = desired.iter().map(|(s, _)| s.name.as_str()).collect();
+        let wanted: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
         let gone: Vec<String> = self
             .services
             .keys()
@@ -294,21 +300,23 @@ impl<M: MapWriter> Balancer<M> {
             }
         }
 
-        for (service, backends) in desired {
-            self.apply_service(service, backends, &mut report)?;
+        for service in &desired.services {
+            self.apply_service(service, &mut report)?;
         }
 
         // VIP addresses: one entry per distinct address, kept while any service uses it.
-        let mut addrs: Vec<VipKey> = self
+        let addrs: BTreeSet<VipKey> = self
             .services
             .values()
-            .map(|s| VipKey::addr_only(s.config.vip))
+            .map(|s| VipKey::addr_only(s.spec.vip))
             .collect();
-        addrs.sort_by_key(|k| (k.family, k.addr));
-        addrs.dedup();
-        for addr in addrs {
-            self.maps.set_vip_addr(addr)?;
+        for addr in addrs.difference(&self.vip_addrs) {
+            self.maps.set_vip_addr(*addr)?;
         }
+        for addr in self.vip_addrs.difference(&addrs) {
+            self.maps.remove_vip_addr(*addr)?;
+        }
+        self.vip_addrs = addrs;
         Ok(report)
     }
 
@@ -319,19 +327,11 @@ impl<M: MapWriter> Balancer<M> {
     ) -> Result<(), ApplyError> {
         self.maps.remove_vip(state.key)?;
         report.vips_written += 1;
-        let addr = VipKey::addr_only(state.config.vip);
-        if !self
-            .services
-            .values()
-            .any(|s| VipKey::addr_only(s.config.vip) == addr)
-        {
-            self.maps.remove_vip_addr(addr)?;
-        }
         for backend in &state.backends {
             self.retire_backend(backend, state.id, report)?;
         }
         self.free_service_ids.push(state.id);
-        tracing::info!(service = %state.config.name, "service removed");
+        tracing::info!(service = %state.spec.name, "service removed");
         Ok(())
     }
 
@@ -350,11 +350,11 @@ impl<M: MapWriter> Balancer<M> {
 
     fn apply_service(
         &mut self,
-        service: &ServiceConfig,
-        desired: &[DesiredBackend],
+        service: &ServiceSpec,
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
-        let key = VipKey::new(service.vip, service.port, service.protocol.number());
+        let desired = &service.backends;
+        let key = service.key();
         let existing = self.services.remove(&service.name);
         // A changed VIP key is a new service as far as the datapath is concerned.
         let mut state = match existing {
@@ -376,7 +376,7 @@ impl<M: MapWriter> Balancer<M> {
                 };
                 ServiceState {
                     id,
-                    config: service.clone(),
+                    spec: service.clone(),
                     key,
                     backends: Vec::new(),
                     // The kernel's slots are unknown (a fresh or reused ring): an empty ring
@@ -451,12 +451,22 @@ impl<M: MapWriter> Balancer<M> {
                 key,
             })
             .collect();
-        let ring = if service.scheduler == Scheduler::RoundRobin {
+        let ring = if service.scheduler == SCHED_ROUND_ROBIN {
             let weights: Vec<(u32, u32)> = backends.iter().map(|b| (b.id, b.weight)).collect();
             lb_common::rr::smooth_sequence(&weights, MAX_RING_SIZE)
         } else {
-            maglev::build_ring(&members, service.ring_size)
+            maglev::build_ring(&members, service.ring_size.min(MAX_RING_SIZE))
         };
+        // The service owns MAX_RING_SIZE slots of RING and no more: a longer ring would
+        // overwrite the next service's. Checked before anything of this service is written
+        // further (the maps check each slot too).
+        if ring.len() > MAX_RING_SIZE as usize {
+            return Err(ApplyError::RingTooLarge {
+                service: service.name.clone(),
+                len: ring.len(),
+                max: MAX_RING_SIZE,
+            });
+        }
         for (slot, backend) in maglev::diff(&state.ring, &ring) {
             self.maps.set_ring_slot(state.id, slot, backend)?;
             report.ring_slots_written += 1;
@@ -479,20 +489,20 @@ impl<M: MapWriter> Balancer<M> {
         let info = VipInfo {
             service_id: state.id,
             ring_size: state.ring.len() as u32,
-            forwarding: service.forwarding.code(),
-            scheduler: service.scheduler.code(),
+            forwarding: service.forwarding,
+            scheduler: service.scheduler,
             _pad: [0; 2],
-            tcp_idle_timeout_s: service.tcp_idle_timeout.as_secs() as u32,
-            udp_idle_timeout_s: service.udp_idle_timeout.as_secs() as u32,
+            tcp_idle_timeout_s: service.tcp_idle_timeout_s,
+            udp_idle_timeout_s: service.udp_idle_timeout_s,
         };
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;
-        state.config = service.clone();
-        tracing::info!(
+        state.spec = service.clone();
+        tracing::debug!(
             service = %service.name,
             vip = %service.vip,
             port = service.port,
-            protocol = service.protocol.as_str(),
+            protocol = service.proto,
             backends = state.backends.len(),
             "service configured"
         );
@@ -501,88 +511,57 @@ impl<M: MapWriter> Balancer<M> {
     }
 }
 
-pub use crate::runtime::{run, teardown};
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
-    use std::path::Path;
+    use crate::datapath::recorder::Recorder;
+    use lb_common::{FORWARD_TUNNEL, PROTO_TCP, SCHED_MAGLEV};
 
-    /// Records writes instead of making them.
-    #[derive(Default)]
-    struct Recorder {
-        ring: std::collections::HashMap<(u32, u32), u32>,
-        backends: std::collections::HashMap<u32, BackendInfo>,
-        vips: std::collections::HashMap<VipKey, VipInfo>,
-        vip_addrs: std::collections::HashSet<VipKey>,
-        slot_writes: usize,
-        conns: std::collections::HashMap<u32, i64>,
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
     }
 
-    impl MapWriter for Recorder {
-        fn set_global(&mut self, _: GlobalConfig) -> Result<(), DatapathError> {
-            Ok(())
-        }
-        fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
-            self.vips.insert(key, info);
-            Ok(())
-        }
-        fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError> {
-            self.vips.remove(&key);
-            Ok(())
-        }
-        fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
-            self.vip_addrs.insert(key);
-            Ok(())
-        }
-        fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
-            self.vip_addrs.remove(&key);
-            Ok(())
-        }
-        fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {
-            self.backends.insert(id, info);
-            Ok(())
-        }
-        fn set_ring_slot(&mut self, s: u32, slot: u32, b: u32) -> Result<(), DatapathError> {
-            self.ring.insert((s, slot), b);
-            self.slot_writes += 1;
-            Ok(())
-        }
-        fn set_tx_port(&mut self, _: u32) -> Result<(), DatapathError> {
-            Ok(())
-        }
-        fn set_active_connections(&mut self, id: u32, count: i64) -> Result<(), DatapathError> {
-            self.conns.insert(id, count);
-            Ok(())
+    fn service(name: &str, vip: &str, scheduler: u8, backends: &[(&str, u32)]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_owned(),
+            vip: ip(vip),
+            port: 80,
+            proto: PROTO_TCP,
+            scheduler,
+            forwarding: FORWARD_TUNNEL,
+            ring_size: 1009,
+            tcp_idle_timeout_s: 900,
+            udp_idle_timeout_s: 300,
+            backends: backends
+                .iter()
+                .map(|(address, weight)| BackendSpec {
+                    address: ip(address),
+                    ring_weight: *weight,
+                    up: true,
+                })
+                .collect(),
         }
     }
 
-    fn config(backends: &[(&str, u32)]) -> Config {
-        let mut text = String::from(
-            "[agent]\ninterface = \"veth0\"\ntunnel_source = \"198.51.100.1\"\n\
-             [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nring_size = 1009\n",
-        );
-        for (addr, weight) in backends {
-            text.push_str(&format!(
-                "[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n"
-            ));
+    fn spec(backends: &[(&str, u32)]) -> DatapathSpec {
+        DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![service("web", "203.0.113.10", SCHED_MAGLEV, backends)],
         }
-        config::parse(&text, Path::new("test.toml")).expect("valid test config")
     }
 
     #[test]
     fn first_apply_writes_every_slot_and_the_vip() {
         let mut b = Balancer::new(Recorder::default());
         let report = b
-            .apply(&config(&[("198.51.100.11", 1), ("198.51.100.12", 1)]))
+            .apply(&spec(&[("198.51.100.11", 1), ("198.51.100.12", 1)]))
             .unwrap();
         assert_eq!(report.ring_slots_written, 1009);
         assert_eq!(report.backends_written, 2);
         let m = b.maps();
         assert_eq!(m.vips.len(), 1);
         assert_eq!(m.vip_addrs.len(), 1);
-        let ids: std::collections::HashSet<u32> = m.ring.values().copied().collect();
+        let ids: BTreeSet<u32> = m.ring.values().copied().collect();
         assert_eq!(ids.len(), 2);
         assert!(ids.iter().all(|id| m.backends[id].state == BACKEND_UP));
     }
@@ -590,7 +569,7 @@ mod tests {
     #[test]
     fn removing_a_backend_writes_only_its_slots_and_marks_it_down() {
         let mut b = Balancer::new(Recorder::default());
-        b.apply(&config(&[
+        b.apply(&spec(&[
             ("198.51.100.11", 1),
             ("198.51.100.12", 1),
             ("198.51.100.13", 1),
@@ -605,7 +584,7 @@ mod tests {
             .filter(|&&id| id == removed_id)
             .count();
         let report = b
-            .apply(&config(&[("198.51.100.11", 1), ("198.51.100.12", 1)]))
+            .apply(&spec(&[("198.51.100.11", 1), ("198.51.100.12", 1)]))
             .unwrap();
         // Maglev may move a few other slots; never more than a small fraction.
         assert!(report.ring_slots_written >= its_slots);
@@ -620,9 +599,9 @@ mod tests {
     }
 
     #[test]
-    fn reapplying_the_same_config_writes_no_slot() {
+    fn reapplying_the_same_spec_writes_no_slot() {
         let mut b = Balancer::new(Recorder::default());
-        let c = config(&[("198.51.100.11", 1), ("198.51.100.12", 3)]);
+        let c = spec(&[("198.51.100.11", 1), ("198.51.100.12", 3)]);
         b.apply(&c).unwrap();
         let before = b.maps().slot_writes;
         let report = b.apply(&c).unwrap();
@@ -634,15 +613,120 @@ mod tests {
     #[test]
     fn a_reused_backend_id_gets_a_new_generation() {
         let mut b = Balancer::new(Recorder::default());
-        b.apply(&config(&[("198.51.100.11", 1), ("198.51.100.12", 1)]))
+        b.apply(&spec(&[("198.51.100.11", 1), ("198.51.100.12", 1)]))
             .unwrap();
         let old = b.service("web").unwrap().backends[1].clone();
-        b.apply(&config(&[("198.51.100.11", 1)])).unwrap();
-        b.apply(&config(&[("198.51.100.11", 1), ("198.51.100.13", 1)]))
+        b.apply(&spec(&[("198.51.100.11", 1)])).unwrap();
+        b.apply(&spec(&[("198.51.100.11", 1), ("198.51.100.13", 1)]))
             .unwrap();
         let new = b.service("web").unwrap().backends[1].clone();
         assert_eq!(new.id, old.id, "the freed id is reused");
         assert_ne!(new.generation, old.generation);
         assert_eq!(b.maps().backends[&new.id].generation, new.generation);
+    }
+
+    /// The reported overflow: a round-robin service with weights 65535, 65535 and 100 × 1
+    /// wrote a 65,586-entry sequence past its 65,537 slots into the next service's ring.
+    #[test]
+    fn a_round_robin_sequence_stays_inside_its_own_ring() {
+        let mut heavy: Vec<(String, u32)> = vec![
+            ("198.51.100.11".to_owned(), 65_535),
+            ("198.51.100.12".to_owned(), 65_535),
+        ];
+        heavy.extend((0..100).map(|i| (format!("2001:db8:1::{:x}", i + 1), 1)));
+        let heavy: Vec<(&str, u32)> = heavy.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        let first = service("rr", "203.0.113.10", SCHED_ROUND_ROBIN, &heavy);
+        let second = service(
+            "next",
+            "203.0.113.20",
+            SCHED_MAGLEV,
+            &[("198.51.100.21", 1), ("198.51.100.22", 1)],
+        );
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![first, second],
+        })
+        .unwrap();
+        let rr_id = b.service("rr").unwrap().id;
+        let next = b.service("next").unwrap();
+        let next_ids: BTreeSet<u32> = next.backends.iter().map(|b| b.id).collect();
+        let m = b.maps();
+        // Every slot of the second service still points at its own backends.
+        let slots = m.ring_of(next.id);
+        assert_eq!(slots.len(), 1009);
+        assert!(slots.iter().all(|(_, id)| next_ids.contains(id)));
+        // And the first wrote nothing beyond its own slots.
+        let rr_slots = m.ring_of(rr_id);
+        assert!(
+            rr_slots.len() <= MAX_RING_SIZE as usize,
+            "{}",
+            rr_slots.len()
+        );
+        assert!(
+            m.ring.keys().all(|(service, slot)| *slot < MAX_RING_SIZE
+                && (*service == rr_id || *service == next.id))
+        );
+        assert_eq!(
+            m.vips[&b.service("rr").unwrap().key].ring_size as usize,
+            rr_slots.len()
+        );
+    }
+
+    #[test]
+    fn a_slot_outside_the_ring_is_refused_by_the_map_layer() {
+        let mut m = Recorder::default();
+        assert!(matches!(
+            m.set_ring_slot(0, MAX_RING_SIZE, 1),
+            Err(DatapathError::SlotOutOfRange { .. })
+        ));
+        assert!(m.ring.is_empty());
+    }
+
+    /// Reported: a reload that changes a service's VIP left the old address in VIP_ADDRS.
+    #[test]
+    fn a_changed_vip_takes_its_old_address_out_of_the_pre_check_set() {
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&spec(&[("198.51.100.11", 1)])).unwrap();
+        let mut moved = spec(&[("198.51.100.11", 1)]);
+        moved.services[0].vip = ip("203.0.113.99");
+        b.apply(&moved).unwrap();
+        let addrs: Vec<VipKey> = b.maps().vip_addrs.iter().copied().collect();
+        assert_eq!(addrs, [VipKey::addr_only(ip("203.0.113.99"))]);
+        assert_eq!(b.maps().vips.len(), 1);
+    }
+
+    /// ... and a stale address found in the pins at adoption goes at the first apply.
+    #[test]
+    fn adoption_removes_a_stale_pre_check_address() {
+        let mut first = Balancer::new(Recorder::default());
+        first.apply(&spec(&[("198.51.100.11", 1)])).unwrap();
+        let mut maps = first.maps().clone();
+        let stale = VipKey::addr_only(ip("203.0.113.77"));
+        maps.vip_addrs.insert(stale);
+        let adopted = Adopted {
+            vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+            vip_addrs: maps.vip_addrs.iter().copied().collect(),
+            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
+        let rings = maps.clone();
+        let mut second = Balancer::new(maps);
+        let desired = spec(&[("198.51.100.11", 1)]);
+        second
+            .adopt(&adopted, &desired.services, |id, size| {
+                Ok((0..size)
+                    .map(|slot| rings.ring.get(&(id, slot)).copied().unwrap_or(0))
+                    .collect())
+            })
+            .unwrap();
+        let report = second.apply(&desired).unwrap();
+        assert_eq!(report.ring_slots_written, 0, "adoption keeps the ring");
+        assert!(!second.maps().vip_addrs.contains(&stale));
+        assert!(
+            second
+                .maps()
+                .vip_addrs
+                .contains(&VipKey::addr_only(ip("203.0.113.10")))
+        );
     }
 }

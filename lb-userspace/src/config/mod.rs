@@ -26,6 +26,13 @@ use lb_common::{
 };
 use serde::Deserialize;
 
+pub mod rules;
+
+use rules::{
+    check_interface_name, check_service_name, check_source, family, parse_ip, quoted,
+    special_address,
+};
+
 /// The largest accepted `agent.conntrack_entries` (2^26 entries).
 pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 26;
 
@@ -35,8 +42,8 @@ pub const MAX_WEIGHT: u32 = 65535;
 /// The longest accepted service `name`, in bytes.
 pub const MAX_SERVICE_NAME_LEN: usize = 64;
 
-/// The longest Linux interface name (`IFNAMSIZ` - 1).
-const MAX_INTERFACE_NAME_LEN: usize = 15;
+/// The longest accepted health-check interval.
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The key reported for errors that belong to no key (the file cannot be read, or is not
 /// TOML at all).
@@ -581,8 +588,8 @@ fn validate(raw: RawConfig) -> Result<Config, Fail> {
             return Err(fail(
                 format!("{prefix}.name"),
                 format!(
-                    "duplicate service name \"{}\" (also service[{other}])",
-                    service.name
+                    "duplicate service name {} (also service[{other}])",
+                    quoted(&service.name)
                 ),
             ));
         }
@@ -627,10 +634,11 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         .map(|text| match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(addr)) => check_source(IpAddr::V4(addr)).map(|()| addr),
             Ok(IpAddr::V6(_)) => Err(format!(
-                "\"{text}\" is an IPv6 address; tunnel_source must be IPv4 (IPv6 goes into \
-                 tunnel_source_v6)"
+                "{} is an IPv6 address; tunnel_source must be IPv4 (IPv6 goes into \
+                 tunnel_source_v6)",
+                quoted(text)
             )),
-            Err(_) => Err(format!("invalid IPv4 address \"{text}\"")),
+            Err(_) => Err(format!("invalid IPv4 address {}", quoted(text))),
         })
         .transpose()
         .map_err(|reason| fail("agent.tunnel_source", reason))?;
@@ -641,10 +649,11 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         .map(|text| match text.parse::<IpAddr>() {
             Ok(IpAddr::V6(addr)) => check_source(IpAddr::V6(addr)).map(|()| addr),
             Ok(IpAddr::V4(_)) => Err(format!(
-                "\"{text}\" is an IPv4 address; tunnel_source_v6 must be IPv6 (IPv4 goes into \
-                 tunnel_source)"
+                "{} is an IPv4 address; tunnel_source_v6 must be IPv6 (IPv4 goes into \
+                 tunnel_source)",
+                quoted(text)
             )),
-            Err(_) => Err(format!("invalid IPv6 address \"{text}\"")),
+            Err(_) => Err(format!("invalid IPv6 address {}", quoted(text))),
         })
         .transpose()
         .map_err(|reason| fail("agent.tunnel_source_v6", reason))?;
@@ -665,7 +674,10 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
     let path = |value: Option<String>, default: &str, key: &str| -> Result<PathBuf, Fail> {
         let value = value.unwrap_or_else(|| default.to_owned());
         if !value.starts_with('/') {
-            return Err(fail(key, format!("\"{value}\" must be an absolute path")));
+            return Err(fail(
+                key,
+                format!("{} must be an absolute path", quoted(&value)),
+            ));
         }
         Ok(PathBuf::from(value))
     };
@@ -676,7 +688,10 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
     let metrics = metrics_text.parse::<SocketAddr>().map_err(|_| {
         fail(
             "agent.metrics",
-            format!("invalid listen address \"{metrics_text}\" (expected IP:PORT, e.g. {DEFAULT_METRICS})"),
+            format!(
+                "invalid listen address {} (expected IP:PORT, e.g. {DEFAULT_METRICS})",
+                quoted(&metrics_text)
+            ),
         )
     })?;
 
@@ -700,7 +715,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
     check_service_name(&raw.name).map_err(|reason| fail(key("name"), reason))?;
 
     let vip = parse_ip(&raw.vip).map_err(|reason| fail(key("vip"), reason))?;
-    if let Some(problem) = special_address(vip, true) {
+    if let Some(problem) = special_address(vip) {
         return Err(fail(
             key("vip"),
             format!("{vip} is {problem} and cannot be a VIP"),
@@ -767,12 +782,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
 
         let address =
             parse_ip(&raw_backend.address).map_err(|reason| fail(bkey("address"), reason))?;
-        if let Some(problem) = special_address(address, false) {
-            return Err(fail(
-                bkey("address"),
-                format!("{address} is {problem} and cannot be a backend"),
-            ));
-        }
+
         if let Some(&other) = seen.get(&address) {
             return Err(fail(
                 bkey("address"),
@@ -780,30 +790,12 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
             ));
         }
         seen.insert(address, b);
-        if raw.forwarding == Forwarding::Direct && address.is_ipv4() != vip.is_ipv4() {
-            return Err(fail(
-                bkey("address"),
-                format!(
-                    "{} backend {address} for {} VIP {vip}: forwarding = \"direct\" (L2 DSR) \
-                     cannot change the IP header; use a backend of the VIP's family or \
-                     forwarding = \"tunnel\"",
-                    family(address),
-                    family(vip)
-                ),
-            ));
-        }
+        rules::check_backend_address(vip, raw.forwarding, address)
+            .map_err(|reason| fail(bkey("address"), reason))?;
 
         let weight = match raw_backend.weight {
             None => 1,
-            Some(w) => u32::try_from(w)
-                .ok()
-                .filter(|w| *w <= MAX_WEIGHT)
-                .ok_or_else(|| {
-                    fail(
-                        bkey("weight"),
-                        format!("{w} is out of range (0..={MAX_WEIGHT}; 0 means no new flows)"),
-                    )
-                })?,
+            Some(w) => rules::check_weight(w).map_err(|reason| fail(bkey("weight"), reason))?,
         };
         backends.push(BackendConfig {
             address,
@@ -811,12 +803,8 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
             backup: raw_backend.backup,
         });
     }
-    if backends.iter().all(|b| b.weight == 0) {
-        return Err(fail(
-            key("backend"),
-            "zero total weight: at least one backend needs weight > 0",
-        ));
-    }
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    rules::check_total_weight(&weights).map_err(|reason| fail(key("backend"), reason))?;
 
     let duration_key = |value: Option<String>,
                         default: Duration,
@@ -890,24 +878,50 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
     })
 }
 
-/// Parses a duration such as `500ms`, `2s` or `1m`.
+/// The longest duration any key takes (a week): bounds every duration before it is added
+/// to a clock, where an overflow would panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 86_400);
+
+/// Parses a duration such as `500ms`, `2s` or `1m`, at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("\"{text}\" has no unit (use ms, s or m, e.g. \"2s\")"))?;
+        .ok_or_else(|| format!("{} has no unit (use ms, s or m, e.g. \"2s\")", quoted(text)))?;
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("\"{text}\" is not a duration (e.g. \"500ms\", \"2s\")"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!(
-            "\"{text}\": unknown unit \"{unit}\" (use ms, s or m)"
-        )),
+    let too_long = || {
+        format!(
+            "{} is too long (at most {}s)",
+            quoted(text),
+            MAX_DURATION.as_secs()
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| {
+        if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) {
+            too_long()
+        } else {
+            format!(
+                "{} is not a duration (e.g. \"500ms\", \"2s\")",
+                quoted(text)
+            )
+        }
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => {
+            return Err(format!(
+                "{}: unknown unit {} (use ms, s or m)",
+                quoted(text),
+                quoted(unit)
+            ));
+        }
+    };
+    if d > MAX_DURATION {
+        return Err(too_long());
     }
+    Ok(d)
 }
 
 fn validate_health_check(
@@ -926,8 +940,15 @@ fn validate_health_check(
     if let Some(text) = raw.timeout {
         hc.timeout = parse_duration(&text).map_err(|r| fail(key("timeout"), r))?;
     }
-    if hc.interval < Duration::from_millis(100) {
-        return Err(fail(key("interval"), "must be at least 100ms"));
+    if hc.interval < Duration::from_millis(100) || hc.interval > MAX_CHECK_INTERVAL {
+        return Err(fail(
+            key("interval"),
+            format!(
+                "{:?} is out of range (at least 100ms, at most {}s)",
+                hc.interval,
+                MAX_CHECK_INTERVAL.as_secs()
+            ),
+        ));
     }
     if hc.timeout.is_zero() || hc.timeout > hc.interval {
         return Err(fail(
@@ -953,7 +974,7 @@ fn validate_health_check(
         if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(fail(
                 key("path"),
-                format!("\"{path}\" must start with / and contain no spaces"),
+                format!("{} must start with / and contain no spaces", quoted(&path)),
             ));
         }
         hc.path = path;
@@ -1032,90 +1053,6 @@ fn check_tunnel_sources(
         return Err(missing("tunnel_source_v6", b, backend));
     }
     Ok(())
-}
-
-fn parse_ip(text: &str) -> Result<IpAddr, String> {
-    text.parse()
-        .map_err(|_| format!("invalid IP address \"{text}\""))
-}
-
-fn family(addr: IpAddr) -> &'static str {
-    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
-}
-
-/// Why `addr` cannot be a VIP (`vip`) or a backend, if it cannot.
-fn special_address(addr: IpAddr, vip: bool) -> Option<&'static str> {
-    if addr.is_unspecified() {
-        Some("the unspecified address")
-    } else if addr.is_multicast() {
-        Some("a multicast address")
-    } else if addr == IpAddr::V4(Ipv4Addr::BROADCAST) {
-        Some("the broadcast address")
-    } else if vip && addr.is_loopback() {
-        Some("a loopback address")
-    } else if let IpAddr::V6(v6) = addr
-        && v6.to_ipv4_mapped().is_some()
-    {
-        Some("an IPv4-mapped IPv6 address (write the plain IPv4 address instead)")
-    } else {
-        None
-    }
-}
-
-/// A VIP given on the command line (`weir decap --vip`) must pass the same checks as one in
-/// the config file.
-pub(crate) fn check_vip(addr: IpAddr) -> Result<(), String> {
-    match special_address(addr, true) {
-        Some(problem) => Err(format!("{addr} is {problem} and cannot be a VIP")),
-        None => Ok(()),
-    }
-}
-
-fn check_source(addr: IpAddr) -> Result<(), String> {
-    match special_address(addr, false) {
-        Some(problem) => Err(format!(
-            "{addr} is {problem} and cannot be a source address"
-        )),
-        None => Ok(()),
-    }
-}
-
-/// The checks on an interface name (also used for `weir decap --interface`).
-pub(crate) fn check_interface_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        Err("must not be empty".to_owned())
-    } else if name.len() > MAX_INTERFACE_NAME_LEN {
-        Err(format!(
-            "\"{name}\" is longer than {MAX_INTERFACE_NAME_LEN} bytes, the longest interface \
-             name Linux allows"
-        ))
-    } else if name.contains(['/', ':']) || name.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        Err(format!(
-            "\"{name}\" is not a valid interface name (no '/', ':' or whitespace)"
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_service_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        Err("must not be empty".to_owned())
-    } else if name.len() > MAX_SERVICE_NAME_LEN {
-        Err(format!(
-            "\"{name}\" is longer than {MAX_SERVICE_NAME_LEN} bytes"
-        ))
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        Err(format!(
-            "\"{name}\" contains characters other than A-Z, a-z, 0-9, '-', '_' and '.'"
-        ))
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -1210,6 +1147,43 @@ tunnel_source_v6 = "2001:db8::1"
             HealthKind::Tcp,
             "kind defaults to tcp"
         );
+    }
+
+    /// Reported: `interval = "18446744073709551615s"` passed `weir config check`, and a
+    /// health task then panicked adding it to a clock. Every duration is bounded.
+    #[test]
+    fn huge_durations_are_rejected_before_anything_runs() {
+        for (hc, key) in [
+            ("interval = \"18446744073709551615s\"", "interval"),
+            ("interval = \"99999999999999999999999s\"", "interval"),
+            ("interval = \"61m\"", "interval"),
+            (
+                "interval = \"1s\"\ntimeout = \"18446744073709551615ms\"",
+                "timeout",
+            ),
+        ] {
+            let err = rejects(
+                &with_health(hc),
+                &format!("service[0].health_check.{key}"),
+                "",
+            );
+            assert!(
+                err.reason.contains("too long") || err.reason.contains("out of range"),
+                "{err}"
+            );
+        }
+        for field in ["slow_start", "tcp_idle_timeout", "udp_idle_timeout"] {
+            rejects(
+                &web(
+                    &format!("{field} = \"18446744073709551615m\""),
+                    &[backend("203.0.113.11")],
+                ),
+                &format!("service[0].{field}"),
+                "",
+            );
+        }
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert_eq!(parse_duration("7m"), Ok(Duration::from_secs(420)));
     }
 
     #[test]
@@ -2133,8 +2107,8 @@ address = "203.0.113.11"
         assert!(!is_prime(65535));
         assert!(is_prime(4_294_967_291));
         assert_eq!(line_column("ab\ncdé\nx", 7), "line 2, column 4");
-        assert!(check_vip("198.51.100.1".parse().unwrap()).is_ok());
-        assert!(check_vip("127.0.0.1".parse().unwrap()).is_err());
+        assert!(rules::check_vip("198.51.100.1".parse().unwrap()).is_ok());
+        assert!(rules::check_vip("127.0.0.1".parse().unwrap()).is_err());
         for mode in [XdpMode::Auto, XdpMode::Native, XdpMode::Generic] {
             assert_eq!(mode.to_string(), mode.as_str());
         }

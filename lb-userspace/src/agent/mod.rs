@@ -1,0 +1,299 @@
+//! `weir agent`: the start sequence and the owner loop.
+//!
+//! Start: everything that can be checked is checked before the datapath is touched (kernel,
+//! interface, state file, listen addresses); then the pin directory is locked (one agent per
+//! datapath), the object loaded with its maps pinned, an earlier agent's state adopted, the
+//! maps written, and the XDP link attached or adopted. A start that fails removes what it
+//! created, and nothing else.
+//!
+//! Run: one task owns the datapath ([`owner::Agent`]); the API server, the health checker,
+//! the metrics endpoint, timers and signals send it messages. A panic in any task ends the
+//! process loudly (exit 70) rather than leaving a half-working agent: the datapath stays
+//! pinned, and the service manager starts a new agent that adopts it.
+//!
+//! Lifecycle: the XDP link and the maps are pinned under `[agent] bpffs`, so stopping or
+//! killing the agent leaves the datapath forwarding with its last tables. A new agent adopts
+//! the pins (same maps, the link updated atomically to its program), reconciles them with
+//! its config and overlay, and resumes health checks without resetting tracked flows.
+//! `weir teardown` detaches and removes the pins.
+
+pub mod desired;
+pub mod owner;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::programs::Xdp;
+use lb_common::prog_name;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+
+use self::{
+    desired::{Health, Observed},
+    owner::Agent,
+};
+use crate::{
+    api::server::{ApiCall, ApiSocket},
+    config::Config,
+    datapath::{
+        self, KernelMaps, MapWriter as _,
+        nexthop::{enable_forwarding, warm_neighbours},
+        pin::{self, PinDir},
+    },
+    health::HealthChecker,
+    metrics::{self, Metrics},
+    overlay::Overlay,
+    reconcile::{Adopted, Balancer},
+    sys,
+};
+
+/// The oldest kernel the datapath loads on: `bpf_ktime_get_coarse_ns` came with 5.11
+/// (XDP `bpf_link`, which pinning needs, with 5.9).
+pub const MIN_KERNEL: (u32, u32) = (5, 11);
+
+/// Exit status of an agent that stopped because one of its tasks panicked (`EX_SOFTWARE`).
+pub const EX_SOFTWARE: i32 = 70;
+
+/// Makes a panic in any thread or task end the process with [`EX_SOFTWARE`] after logging
+/// it: tokio would otherwise keep the agent running with the panicked task silently gone
+/// (no health checks, say, while everything looks alive).
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(
+            panic = %info,
+            "a task of the agent panicked: exiting (status 70) so the service manager restarts it; \
+             the pinned datapath keeps forwarding meanwhile"
+        );
+        default(info);
+        std::process::exit(EX_SOFTWARE);
+    }));
+}
+
+fn check_kernel() -> anyhow::Result<()> {
+    if let Some(version) = sys::kernel_version() {
+        anyhow::ensure!(
+            version >= MIN_KERNEL,
+            "this kernel is {}.{}; the datapath needs Linux {}.{} or newer (bpf_ktime_get_coarse_ns)",
+            version.0,
+            version.1,
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
+/// What a failed start must undo: the API socket and the pins it created.
+struct StartGuard<'a> {
+    pins: &'a PinDir,
+    socket: &'a ApiSocket,
+    armed: bool,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Pins an earlier agent left stay: they are a datapath someone runs.
+            self.pins.undo_fresh_pins();
+            self.socket.remove_if_ours();
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM. The datapath stays attached afterwards.
+pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    exit_on_panic();
+    let interface = config.agent.interface.clone();
+    tracing::info!(config = %config_path.display(), %interface, services = config.services.len(), "starting");
+    // Everything that can be checked before touching the datapath.
+    check_kernel()?;
+    datapath::ifindex(&interface)?;
+    let overlay = Overlay::load(&config.agent.state_file)?;
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(Metrics::new(&registry)?);
+    let metrics_listener = tokio::net::TcpListener::bind(config.agent.metrics)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", config.agent.metrics))?;
+
+    let pins = PinDir::prepare(&config.agent.bpffs)?;
+    // Held until the process exits: a second agent on this datapath is refused here,
+    // before it touches a socket or a map.
+    let _lock = pins.lock()?;
+    let api_socket = ApiSocket::bind(&config.agent.api_socket)?;
+    let mut guard = StartGuard {
+        pins: &pins,
+        socket: &api_socket,
+        armed: true,
+    };
+
+    let mut ebpf =
+        datapath::load_object_pinned(config.agent.conntrack_entries, &config.agent.bpffs)?;
+    datapath::load_program(&mut ebpf, prog_name::BALANCER)?;
+    let maps = KernelMaps::take(&mut ebpf)?;
+    let adopting = config.agent.bpffs.join(pin::LINK_PIN).exists();
+    let (balancer, health) = adopt(maps, adopting, &config)?;
+
+    let (health_tx, mut health_rx) = mpsc::channel(1024);
+    let mut agent = Agent {
+        config,
+        config_path,
+        overlay,
+        observed: Observed {
+            health,
+            up_since: HashMap::new(),
+        },
+        balancer,
+        checker: HealthChecker::new(health_tx),
+        metrics: Arc::clone(&metrics),
+        started: Instant::now(),
+        adopted: adopting,
+        xdp_mode: String::new(),
+        last_reload: None,
+        inconsistent: None,
+    };
+    let report = agent.sync()?;
+    tracing::info!(
+        ring_slots = report.ring_slots_written,
+        backends = report.backends_written,
+        vips = report.vips_written,
+        "maps written"
+    );
+    for (name, index) in sys::interfaces() {
+        if name != "lo" {
+            agent.balancer.maps_mut().set_tx_port(index)?;
+        }
+    }
+    let any_v6 = agent.all_backend_addresses().iter().any(IpAddr::is_ipv6);
+    enable_forwarding(&interface, any_v6)?;
+    warm_neighbours(&agent.all_backend_addresses());
+
+    let program: &mut Xdp = ebpf
+        .program_mut(prog_name::BALANCER)
+        .context("balancer program")?
+        .try_into()?;
+    let attached = pin::attach_pinned(
+        program,
+        &agent.config.agent.bpffs,
+        &interface,
+        agent.config.agent.xdp_mode,
+    )?;
+    guard.armed = false;
+    drop(guard);
+    agent.xdp_mode = attached.mode.clone();
+    tracing::info!(%interface, mode = attached.mode, adopted = attached.adopted, bpffs = %agent.config.agent.bpffs.display(), "XDP balancer attached and pinned");
+
+    let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
+    let api_task = tokio::spawn(crate::api::server::serve(api_socket.listener()?, api_tx));
+    let (snapshot_tx, mut snapshot_rx) = mpsc::channel::<owner::SnapshotReply>(8);
+    let refresh = {
+        let metrics = Arc::clone(&metrics);
+        move || {
+            let tx = snapshot_tx.clone();
+            let metrics = Arc::clone(&metrics);
+            async move {
+                let (reply, answer) = oneshot::channel();
+                if tx.send(reply).await.is_ok()
+                    && let Ok((stats, backends)) = answer.await
+                {
+                    metrics.observe_datapath(&stats, &backends);
+                }
+            }
+        }
+    };
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry, refresh));
+    tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut warm = tokio::time::interval(Duration::from_secs(5));
+    let mut ramp = tokio::time::interval(Duration::from_secs(1));
+    let mut reconcile = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                let _ = agent.reload();
+            }
+            Some(event) = health_rx.recv() => agent.on_health(event),
+            Some(ApiCall { request, reply }) = api_rx.recv() => {
+                let _ = reply.send(agent.handle(request));
+            }
+            Some(reply) = snapshot_rx.recv() => {
+                let _ = reply.send(agent.snapshot());
+            }
+            _ = warm.tick() => warm_neighbours(&agent.all_backend_addresses()),
+            _ = ramp.tick() => agent.ramp_step(),
+            _ = reconcile.tick() => agent.reconcile_connections(),
+        }
+    }
+    if pins.private_mount {
+        tracing::warn!(%interface, "stopping; the bpffs holding the pins is private to this agent's mount namespace, so the XDP program and its maps go away with it");
+    } else {
+        tracing::info!(%interface, "stopping; the datapath stays attached (pinned); `weir teardown` removes it");
+    }
+    api_task.abort();
+    metrics_task.abort();
+    api_socket.remove_if_ours();
+    Ok(())
+}
+
+/// Takes over what an earlier agent left in the pinned maps, if anything: ids, generations
+/// and rings stay, so tracked flows do too. Returns the balancer and the health each
+/// adopted backend had (up or down) so checks resume from there.
+fn adopt(
+    maps: KernelMaps,
+    adopting: bool,
+    config: &Config,
+) -> anyhow::Result<(Balancer<KernelMaps>, HashMap<desired::BackendKey, Health>)> {
+    let mut balancer = Balancer::new(maps);
+    let mut health = HashMap::new();
+    if !adopting {
+        return Ok((balancer, health));
+    }
+    let adopted = Adopted {
+        vips: balancer.maps().read_vips()?,
+        vip_addrs: balancer.maps().read_vip_addrs()?,
+        backends: balancer.maps().read_backends()?,
+    };
+    // The ring reader borrows the maps while `adopt` mutates the balancer's own state:
+    // read the rings first.
+    let mut rings = HashMap::new();
+    for (_, info) in &adopted.vips {
+        rings.insert(
+            info.service_id,
+            balancer.maps().read_ring(info.service_id, info.ring_size)?,
+        );
+    }
+    let specs = desired::plain(config).services;
+    let known = balancer.adopt(&adopted, &specs, |id, _| {
+        Ok(rings.remove(&id).unwrap_or_default())
+    })?;
+    for (service, address, up) in known {
+        health.insert(
+            (service, address),
+            if up { Health::Up } else { Health::Down },
+        );
+    }
+    tracing::info!(
+        services = adopted.vips.len(),
+        backends = adopted.backends.len(),
+        "adopting the pinned datapath"
+    );
+    Ok((balancer, health))
+}
+
+/// `weir teardown`: detach the pinned program and remove the pins.
+pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
+    pin::teardown(bpffs)
+}

@@ -1,0 +1,702 @@
+//! The owner task's state and its handlers: the one place that holds the datapath (the
+//! [`Balancer`] and its maps), the config, the CLI overlay and the health states. The API
+//! server, the health checker, the metrics endpoint and the signal handlers send it messages
+//! (see [`super::run`]); it answers each from memory or with map writes, never waiting on
+//! anything else.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use lb_common::{MAX_BACKENDS, stat};
+use tokio::sync::oneshot;
+
+use super::desired::{self, Health, Observed};
+use crate::{
+    api::{self, ErrorCode, Request, Response},
+    config::{self, Config, HealthKind, ServiceConfig, rules},
+    datapath::{KernelMaps, MapWriter as _, StatsReader as _},
+    health::{HealthChecker, HealthEvent, Target},
+    metrics::Metrics,
+    overlay::{Admin, Overlay},
+    reconcile::{ApplyReport, Balancer},
+};
+
+/// Where a metrics scrape wants its fresh datapath snapshot.
+pub type SnapshotReply = oneshot::Sender<(api::Stats, Vec<api::BackendInfo>)>;
+
+impl Health {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unchecked => "unchecked",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// Everything the owner task owns.
+pub struct Agent {
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub overlay: Overlay,
+    pub observed: Observed,
+    pub balancer: Balancer<KernelMaps>,
+    pub checker: HealthChecker,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    pub adopted: bool,
+    pub xdp_mode: String,
+    pub last_reload: Option<api::ReloadOutcome>,
+    /// Set when a failed change could not be rolled back either: the datapath may hold a
+    /// mix of the old and the new state until the next successful apply.
+    pub inconsistent: Option<String>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The port a service's health check probes.
+const fn check_port(service: &ServiceConfig) -> u16 {
+    match service.health_check.port {
+        Some(port) => port,
+        None => service.port,
+    }
+}
+
+impl Agent {
+    fn service_config(&self, name: &str) -> Option<&ServiceConfig> {
+        self.config.services.iter().find(|s| s.name == name)
+    }
+
+    fn health_of(&self, service: &ServiceConfig, address: IpAddr) -> Health {
+        self.observed.health_of(service, address)
+    }
+
+    /// One slow-start step (every second): re-applies while any ramp runs, and forgets
+    /// ramps only after the step that gave them their full weight.
+    pub fn ramp_step(&mut self) {
+        if self.observed.up_since.is_empty() {
+            return;
+        }
+        // Taken before the sync: a ramp is forgotten only if this step's sync, which reads
+        // the clock later, gave it its full weight.
+        let now = Instant::now();
+        if let Err(err) = self.sync() {
+            tracing::error!(error = %err, "applying a slow-start step failed");
+        }
+        let durations: HashMap<String, Duration> = self
+            .config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.slow_start))
+            .collect();
+        self.observed.up_since.retain(|(name, _), since| {
+            durations
+                .get(name)
+                .is_some_and(|d| now.saturating_duration_since(*since) < *d)
+        });
+    }
+
+    /// Starts a backend's slow-start ramp (it just became eligible for traffic).
+    fn start_ramp(&mut self, service: &str, address: IpAddr) {
+        if self
+            .service_config(service)
+            .is_some_and(|s| !s.slow_start.is_zero())
+        {
+            self.observed
+                .up_since
+                .insert((service.to_owned(), address), Instant::now());
+        }
+    }
+
+    /// Recounts every backend's active connections from the table and writes the counts:
+    /// entries the LRU evicted, or that went idle without another packet, never told the
+    /// datapath their flow ended.
+    pub fn reconcile_connections(&mut self) {
+        let now_ns = crate::sys::monotonic_coarse_ns();
+        let mut timeouts: HashMap<u32, (u64, u64, u32)> = HashMap::new();
+        let mut counts: HashMap<u32, i64> = HashMap::new();
+        for state in self.balancer.services() {
+            for b in &state.backends {
+                timeouts.insert(
+                    b.id,
+                    (
+                        u64::from(state.spec.tcp_idle_timeout_s) * 1_000_000_000,
+                        u64::from(state.spec.udp_idle_timeout_s) * 1_000_000_000,
+                        b.generation,
+                    ),
+                );
+                counts.insert(b.id, 0);
+            }
+        }
+        for (key, value) in self.balancer.maps().conntrack_entries() {
+            if value.flags & lb_common::FLOW_COUNTED == 0
+                || value.flags & lb_common::FLOW_CLOSED != 0
+            {
+                continue;
+            }
+            // An entry of an earlier owner of the id (another generation) is not honoured by
+            // the datapath: it is no connection of the current backend.
+            let Some((tcp, udp, _)) = timeouts
+                .get(&value.backend_id)
+                .filter(|(_, _, generation)| *generation == value.generation)
+            else {
+                continue;
+            };
+            let timeout = if key.proto == lb_common::PROTO_TCP {
+                *tcp
+            } else {
+                *udp
+            };
+            if now_ns.saturating_sub(value.last_seen_ns) <= timeout {
+                *counts.entry(value.backend_id).or_default() += 1;
+            }
+        }
+        for (id, count) in counts {
+            if self.balancer.maps().raw_active_connections(id) != count
+                && let Err(err) = self.balancer.maps_mut().set_active_connections(id, count)
+            {
+                tracing::warn!(backend_id = id, error = %err, "writing a connection count failed");
+            }
+        }
+    }
+
+    /// Writes the difference to the datapath and points the health checker at the current
+    /// backends.
+    pub fn sync(&mut self) -> anyhow::Result<ApplyReport> {
+        let desired = desired::desired(&self.config, &self.overlay, &self.observed, Instant::now());
+        let report = self.balancer.apply(&desired)?;
+        self.inconsistent = None;
+        let mut targets = Vec::new();
+        for service in &self.config.services {
+            if service.health_check.kind == HealthKind::None {
+                continue;
+            }
+            for b in self.overlay.effective(service) {
+                let known = self
+                    .observed
+                    .health
+                    .get(&(service.name.clone(), b.address))
+                    .map(|h| *h == Health::Up);
+                targets.push((
+                    Target {
+                        service: service.name.clone(),
+                        address: b.address,
+                        port: check_port(service),
+                        spec: service.health_check.clone(),
+                    },
+                    known,
+                ));
+            }
+        }
+        self.checker.set_targets(targets);
+        Ok(report)
+    }
+
+    pub fn on_health(&mut self, event: HealthEvent) {
+        match event {
+            HealthEvent::Checked {
+                service,
+                address,
+                ok,
+                duration,
+                error,
+            } => {
+                self.metrics.observe_check(&service, address, ok, duration);
+                if let Some(error) = error {
+                    tracing::debug!(%service, %address, %error, "health check failed");
+                }
+            }
+            HealthEvent::Transition {
+                service,
+                address,
+                up,
+            } => {
+                // A task stopped by `set_targets` may still deliver one last event: only
+                // backends the agent checks now count.
+                let current = self.service_config(&service).is_some_and(|s| {
+                    s.health_check.kind != HealthKind::None
+                        && self
+                            .overlay
+                            .effective(s)
+                            .iter()
+                            .any(|b| b.address == address)
+                });
+                if !current {
+                    tracing::debug!(%service, %address, up, "ignoring a health verdict for a backend no longer checked");
+                    return;
+                }
+                let t = Instant::now();
+                if up {
+                    // Slow start: a backend that becomes healthy ramps up.
+                    self.start_ramp(&service, address);
+                }
+                self.observed.health.insert(
+                    (service.clone(), address),
+                    if up { Health::Up } else { Health::Down },
+                );
+                match self.sync() {
+                    Ok(report) => tracing::info!(
+                        %service,
+                        %address,
+                        up,
+                        ring_slots_written = report.ring_slots_written,
+                        apply_us = t.elapsed().as_micros() as u64,
+                        "backend health changed"
+                    ),
+                    Err(err) => {
+                        tracing::error!(%service, %address, error = %err, "applying a health change failed")
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn backend_infos(&self, only: Option<&str>) -> Vec<api::BackendInfo> {
+        let mut out = Vec::new();
+        for service in &self.config.services {
+            if only.is_some_and(|o| o != service.name) {
+                continue;
+            }
+            let state = self.balancer.service(&service.name);
+            for b in self.overlay.effective(service) {
+                let tracked =
+                    state.and_then(|s| s.backends.iter().find(|x| x.address == b.address));
+                let (slots, counters, up, effective_weight, active_connections) =
+                    match (state, tracked) {
+                        (Some(s), Some(t)) => (
+                            s.ring.iter().filter(|&&id| id == t.id).count() as u32,
+                            self.balancer.maps().backend(t.id).unwrap_or_default(),
+                            t.up,
+                            t.weight,
+                            self.balancer.maps().active_connections(t.id),
+                        ),
+                        _ => (0, Default::default(), false, 0, 0),
+                    };
+                out.push(api::BackendInfo {
+                    service: service.name.clone(),
+                    address: b.address,
+                    weight: b.weight,
+                    admin: b.admin.as_str().to_owned(),
+                    health: self.health_of(service, b.address).as_str().to_owned(),
+                    up,
+                    slots,
+                    effective_weight,
+                    backup: b.backup,
+                    active_connections,
+                    packets: counters.packets,
+                    bytes: counters.bytes,
+                    new_flows: counters.new_flows,
+                });
+            }
+        }
+        out
+    }
+
+    /// A fresh datapath snapshot for a metrics scrape.
+    pub fn snapshot(&self) -> (api::Stats, Vec<api::BackendInfo>) {
+        (self.stats(), self.backend_infos(None))
+    }
+
+    pub fn stats(&self) -> api::Stats {
+        let global = self
+            .balancer
+            .maps()
+            .global()
+            .unwrap_or([0; stat::COUNT as usize]);
+        let mut services = Vec::new();
+        for state in self.balancer.services() {
+            let c = self.balancer.maps().service(state.id).unwrap_or_default();
+            services.push(api::TrafficStats {
+                service: state.spec.name.clone(),
+                backend: None,
+                packets: c.packets,
+                bytes: c.bytes,
+                new_flows: c.new_flows,
+            });
+        }
+        let backends = self
+            .backend_infos(None)
+            .into_iter()
+            .map(|b| api::TrafficStats {
+                service: b.service,
+                backend: Some(b.address),
+                packets: b.packets,
+                bytes: b.bytes,
+                new_flows: b.new_flows,
+            })
+            .collect();
+        api::Stats {
+            global: stat::NAMES
+                .iter()
+                .zip(global)
+                .map(|(n, v)| ((*n).to_owned(), v))
+                .collect(),
+            services,
+            backends,
+        }
+    }
+
+    pub fn status(&self) -> api::Status {
+        let backends = self.backend_infos(None);
+        api::Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            interface: self.config.agent.interface.clone(),
+            xdp_mode: self.xdp_mode.clone(),
+            config_file: self.config_path.display().to_string(),
+            bpffs: self.config.agent.bpffs.display().to_string(),
+            adopted: self.adopted,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            services: self.config.services.len(),
+            backends: backends.len(),
+            backends_up: backends.iter().filter(|b| b.up).count(),
+            last_reload: self.last_reload.clone(),
+            inconsistent: self.inconsistent.clone(),
+        }
+    }
+
+    pub fn reload(&mut self) -> Response {
+        let result = config::load(&self.config_path);
+        let ok = result.is_ok();
+        self.metrics.observe_reload(ok);
+        match result {
+            Err(err) => {
+                tracing::error!(error = %err, "reload rejected: the running config stays in force");
+                self.last_reload = Some(api::ReloadOutcome {
+                    ok: false,
+                    at: now_unix(),
+                    error: Some(err.to_string()),
+                });
+                Response::error(
+                    ErrorCode::InvalidConfig,
+                    format!("{err} (the running config stays in force)"),
+                )
+            }
+            Ok(new) => {
+                if new.agent.interface != self.config.agent.interface
+                    || new.agent.bpffs != self.config.agent.bpffs
+                    || new.agent.api_socket != self.config.agent.api_socket
+                    || new.agent.metrics != self.config.agent.metrics
+                {
+                    tracing::warn!(
+                        "reload: interface, bpffs, api_socket and metrics changes take effect at the next agent start"
+                    );
+                }
+                let old = std::mem::replace(&mut self.config, new);
+                // Keep agent-wide settings that need a restart.
+                self.config.agent.interface = old.agent.interface.clone();
+                self.config.agent.bpffs = old.agent.bpffs.clone();
+                self.config.agent.api_socket = old.agent.api_socket.clone();
+                self.config.agent.metrics = old.agent.metrics;
+                match self.sync() {
+                    Ok(report) => {
+                        self.last_reload = Some(api::ReloadOutcome {
+                            ok: true,
+                            at: now_unix(),
+                            error: None,
+                        });
+                        tracing::info!(
+                            services = self.config.services.len(),
+                            ring_slots_written = report.ring_slots_written,
+                            "config reloaded"
+                        );
+                        Response::ok(api::ReloadReport {
+                            services: self.config.services.len(),
+                            ring_slots_written: report.ring_slots_written,
+                            backends_written: report.backends_written,
+                        })
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "reload failed while applying; restoring the previous config");
+                        self.config = old;
+                        self.roll_back(&err);
+                        Response::error(
+                            ErrorCode::Internal,
+                            format!("applying the new config failed: {err:#}"),
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-applies the state in force after a failed apply. If that fails too, the datapath
+    /// may hold a mix of both: said loudly in the log, `weir status` and the metrics, until
+    /// the next apply succeeds.
+    fn roll_back(&mut self, cause: &anyhow::Error) {
+        if let Err(err) = self.sync() {
+            let message = format!(
+                "applying a change failed ({cause:#}) and so did restoring the previous state ({err:#})"
+            );
+            tracing::error!(error = %message, "the datapath may hold a mix of old and new state");
+            self.metrics.observe_rollback_failure();
+            self.inconsistent = Some(message);
+        }
+    }
+
+    /// Applies a change to the overlay: persist first, then apply; on failure nothing
+    /// changes.
+    fn change(
+        &mut self,
+        service: &str,
+        address: IpAddr,
+        edit: impl FnOnce(&mut Overlay),
+    ) -> Response {
+        let before = self.overlay.clone();
+        edit(&mut self.overlay);
+        // The rules of the config file hold for the result too: a change that would leave
+        // the service with no weight at all (a dead VIP) is refused, not made.
+        if let Some(svc) = self.service_config(service) {
+            let effective = self.overlay.effective(svc);
+            let weights: Vec<u32> = effective.iter().map(|b| b.weight).collect();
+            if let Err(reason) = rules::check_total_weight(&weights) {
+                self.overlay = before;
+                return Response::error(
+                    ErrorCode::Conflict,
+                    format!(
+                        "refused: service {service} would be left with {reason}; its VIP would answer nobody"
+                    ),
+                );
+            }
+        }
+        if let Err(err) = self.overlay.save(&self.config.agent.state_file) {
+            self.overlay = before;
+            return Response::error(ErrorCode::Internal, err.to_string());
+        }
+        if let Err(err) = self.sync() {
+            self.overlay = before;
+            if let Err(save) = self.overlay.save(&self.config.agent.state_file) {
+                tracing::error!(error = %save, "restoring the state file after a failed change failed");
+            }
+            self.roll_back(&err);
+            return Response::error(ErrorCode::Internal, format!("{err:#}"));
+        }
+        match self
+            .backend_infos(Some(service))
+            .into_iter()
+            .find(|b| b.address == address)
+        {
+            Some(info) => Response::ok(info),
+            None => Response::ok(
+                serde_json::json!({ "service": service, "address": address, "removed": true }),
+            ),
+        }
+    }
+
+    pub fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status {} => Response::ok(self.status()),
+            Request::ServiceList {} => {
+                let backends = self.backend_infos(None);
+                let list: Vec<api::ServiceInfo> = self
+                    .config
+                    .services
+                    .iter()
+                    .map(|s| api::ServiceInfo {
+                        name: s.name.clone(),
+                        vip: s.vip,
+                        port: s.port,
+                        protocol: s.protocol.as_str().to_owned(),
+                        scheduler: s.scheduler.as_str().to_owned(),
+                        forwarding: s.forwarding.as_str().to_owned(),
+                        ring_size: s.ring_size,
+                        health_check: s.health_check.kind.as_str().to_owned(),
+                        backends: backends.iter().filter(|b| b.service == s.name).count(),
+                        backends_up: backends
+                            .iter()
+                            .filter(|b| b.service == s.name && b.up)
+                            .count(),
+                    })
+                    .collect();
+                Response::ok(list)
+            }
+            Request::ServiceTable { service } => match self.balancer.service(&service) {
+                None => unknown_service(&service),
+                Some(state) => {
+                    let addresses: Vec<IpAddr> = state.backends.iter().map(|b| b.address).collect();
+                    let index: HashMap<u32, i32> = state
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| (b.id, i as i32))
+                        .collect();
+                    let slots: Vec<i32> = state
+                        .ring
+                        .iter()
+                        .map(|id| index.get(id).copied().unwrap_or(-1))
+                        .collect();
+                    let counts = (0..addresses.len() as i32)
+                        .map(|i| slots.iter().filter(|&&s| s == i).count() as u32)
+                        .collect();
+                    Response::ok(api::ServiceTable {
+                        service,
+                        ring_size: state.spec.ring_size,
+                        backends: addresses,
+                        counts,
+                        slots,
+                    })
+                }
+            },
+            Request::BackendList { service } => {
+                if let Some(name) = &service
+                    && self.service_config(name).is_none()
+                {
+                    return unknown_service(name);
+                }
+                Response::ok(self.backend_infos(service.as_deref()))
+            }
+            Request::BackendAdd {
+                service,
+                address,
+                weight,
+            } => {
+                let Some(svc) = self.service_config(&service) else {
+                    return unknown_service(&service);
+                };
+                if let Err(reason) = rules::check_backend_address(svc.vip, svc.forwarding, address)
+                {
+                    return Response::error(ErrorCode::InvalidAddress, reason);
+                }
+                if let Err(reason) = rules::check_weight(i64::from(weight)) {
+                    return Response::error(ErrorCode::BadRequest, reason);
+                }
+                if self
+                    .overlay
+                    .effective(svc)
+                    .iter()
+                    .any(|b| b.address == address)
+                {
+                    return Response::error(
+                        ErrorCode::Conflict,
+                        format!(
+                            "{service} already has backend {address} (use `weir backend weight` to change it)"
+                        ),
+                    );
+                }
+                let total: usize = self
+                    .config
+                    .services
+                    .iter()
+                    .map(|s| self.overlay.effective(s).len())
+                    .sum();
+                if total >= MAX_BACKENDS as usize {
+                    return Response::error(
+                        ErrorCode::Conflict,
+                        format!("the datapath holds at most {MAX_BACKENDS} backends"),
+                    );
+                }
+                self.start_ramp(&service, address);
+                self.change(&service, address, |o| {
+                    let e = o.entry(&service, address);
+                    e.added = true;
+                    e.removed = false;
+                    e.weight = Some(weight);
+                    e.admin = None;
+                })
+            }
+            Request::BackendRemove { service, address } => {
+                if let Some(resp) = self.require_backend(&service, address) {
+                    return resp;
+                }
+                let resp = self.change(&service, address, |o| {
+                    let e = o.entry(&service, address);
+                    e.added = false;
+                    e.removed = true;
+                });
+                if resp.ok {
+                    self.observed.health.remove(&(service, address));
+                }
+                resp
+            }
+            Request::BackendWeight {
+                service,
+                address,
+                weight,
+            } => {
+                if let Some(resp) = self.require_backend(&service, address) {
+                    return resp;
+                }
+                if let Err(reason) = rules::check_weight(i64::from(weight)) {
+                    return Response::error(ErrorCode::BadRequest, reason);
+                }
+                self.change(&service, address, |o| {
+                    o.entry(&service, address).weight = Some(weight);
+                })
+            }
+            Request::BackendDrain { service, address } => {
+                self.set_admin(service, address, Admin::Draining)
+            }
+            Request::BackendEnable { service, address } => {
+                self.set_admin(service, address, Admin::Enabled)
+            }
+            Request::BackendDisable { service, address } => {
+                self.set_admin(service, address, Admin::Disabled)
+            }
+            Request::Stats {} => Response::ok(self.stats()),
+            Request::Reload {} => self.reload(),
+        }
+    }
+
+    fn set_admin(&mut self, service: String, address: IpAddr, admin: Admin) -> Response {
+        if let Some(resp) = self.require_backend(&service, address) {
+            return resp;
+        }
+        if admin == Admin::Enabled {
+            self.start_ramp(&service, address);
+        }
+        self.change(&service, address, |o| {
+            o.entry(&service, address).admin = Some(admin);
+        })
+    }
+
+    fn require_backend(&self, service: &str, address: IpAddr) -> Option<Response> {
+        let Some(svc) = self.service_config(service) else {
+            return Some(unknown_service(service));
+        };
+        if self
+            .overlay
+            .effective(svc)
+            .iter()
+            .any(|b| b.address == address)
+        {
+            None
+        } else {
+            Some(Response::error(
+                ErrorCode::UnknownBackend,
+                format!(
+                    "service {service} has no backend {address} (see `weir backend list {service}`)"
+                ),
+            ))
+        }
+    }
+}
+
+fn unknown_service(name: &str) -> Response {
+    Response::error(
+        ErrorCode::UnknownService,
+        format!(
+            "unknown service {} (see `weir service list`)",
+            rules::quoted(name)
+        ),
+    )
+}
+
+impl Agent {
+    pub fn all_backend_addresses(&self) -> Vec<IpAddr> {
+        self.config
+            .services
+            .iter()
+            .flat_map(|s| self.overlay.effective(s))
+            .map(|b| b.address)
+            .collect()
+    }
+}

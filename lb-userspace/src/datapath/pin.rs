@@ -1,0 +1,255 @@
+//! Pinning and adoption: the bpffs directory that keeps the datapath alive without an
+//! agent, the lock that allows one agent per datapath, attaching (or adopting) the pinned
+//! XDP link, undoing a start that failed half way, and `weir teardown`.
+//!
+//! The agent only ever removes what it recognises as its own: the pins it names in
+//! [`PINNED_MAPS`] and [`LINK_PIN`], inside a directory that is on a bpffs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use aya::programs::{
+    Xdp,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+};
+use lb_common::map_name;
+
+use crate::{
+    config::XdpMode,
+    sys::{self, DirLock, LockError},
+};
+
+/// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
+/// benchmark template or the decap program's VIP set.
+pub const PINNED_MAPS: [&str; 13] = [
+    map_name::VIPS,
+    map_name::VIP_ADDRS,
+    map_name::BACKENDS,
+    map_name::RING,
+    map_name::CONNTRACK,
+    map_name::STATS,
+    map_name::VIP_STATS,
+    map_name::BACKEND_STATS,
+    map_name::TX_PORTS,
+    map_name::GLOBAL,
+    map_name::NEXT_HOPS,
+    map_name::BACKEND_CONNS,
+    map_name::RR_COUNTERS,
+];
+
+/// Name of the pinned XDP link in the bpffs directory.
+pub const LINK_PIN: &str = "link";
+
+/// The host's bpffs mount point.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Where the pins live and what the agent had to do to get there.
+#[derive(Debug)]
+pub struct PinDir {
+    pub dir: PathBuf,
+    /// The agent mounted a bpffs itself, in a mount namespace private to it: the pins (and
+    /// with them the XDP program) go away when the agent exits.
+    pub private_mount: bool,
+    /// The directory did not exist before this agent created it.
+    pub created_dir: bool,
+    /// Pins that existed before this agent loaded its object (empty: a fresh datapath).
+    pub existing_pins: Vec<&'static str>,
+}
+
+impl PinDir {
+    /// Makes sure `dir` exists on a bpf filesystem, mounting one at `/sys/fs/bpf` if needed
+    /// (`ip netns exec` hides the host's, for instance).
+    pub fn prepare(dir: &Path) -> anyhow::Result<Self> {
+        let root = Path::new(BPFFS_ROOT);
+        let mut private_mount = false;
+        if dir.starts_with(root) && !sys::is_bpffs(root) {
+            std::fs::create_dir_all(root).ok();
+            sys::mount_bpffs(root).context("mounting bpffs at /sys/fs/bpf")?;
+            private_mount = sys::private_mount_namespace().unwrap_or(false);
+            if private_mount {
+                tracing::warn!(
+                    bpffs = %dir.display(),
+                    "mounted a bpffs in a mount namespace private to this agent (ip netns exec?): \
+                     the pins and the XDP program go away when the agent exits, so restarts are \
+                     not hitless; run the agent in the host's mount namespace (e.g. nsenter \
+                     --net=/run/netns/NAME) to keep the datapath across restarts"
+                );
+            } else {
+                tracing::info!("mounted bpffs at /sys/fs/bpf");
+            }
+        }
+        let created_dir = !dir.exists();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        anyhow::ensure!(
+            sys::is_bpffs(dir),
+            "{} is not on a bpf filesystem; set [agent] bpffs to a directory under a bpffs mount",
+            dir.display()
+        );
+        let existing_pins = PINNED_MAPS
+            .iter()
+            .chain(std::iter::once(&LINK_PIN))
+            .copied()
+            .filter(|name| dir.join(name).exists())
+            .collect();
+        Ok(Self {
+            dir: dir.to_owned(),
+            private_mount,
+            created_dir,
+            existing_pins,
+        })
+    }
+
+    /// Takes the datapath's lock: one agent per pinned datapath. Two agents on one datapath
+    /// would each rewrite the other's maps.
+    pub fn lock(&self) -> anyhow::Result<DirLock> {
+        match DirLock::try_lock(&self.dir) {
+            Ok(lock) => Ok(lock),
+            Err(LockError::Held { pid }) => {
+                let who = pid.map_or_else(
+                    || "another process".to_owned(),
+                    |pid| format!("another weir agent (pid {pid})"),
+                );
+                anyhow::bail!(
+                    "{who} runs the datapath pinned under {}; stop it first, or give this agent \
+                     its own [agent] bpffs and interface",
+                    self.dir.display()
+                )
+            }
+            Err(LockError::Io(err)) => {
+                Err(err).with_context(|| format!("locking {}", self.dir.display()))
+            }
+        }
+    }
+
+    /// Undoes a start that failed before the datapath was attached: removes the pins this
+    /// agent created (never those it found) and the directory if it created it.
+    pub fn undo_fresh_pins(&self) {
+        for name in PINNED_MAPS.iter().chain(std::iter::once(&LINK_PIN)) {
+            if self.existing_pins.contains(name) {
+                continue;
+            }
+            let path = self.dir.join(name);
+            if path.exists()
+                && let Err(err) = std::fs::remove_file(&path)
+            {
+                tracing::warn!(path = %path.display(), error = %err, "could not remove a pin this agent created");
+            }
+        }
+        if self.created_dir {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// How the balancer got attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// `native`, `generic`, or `adopted` (an earlier agent's link now runs this program).
+    pub mode: String,
+    pub adopted: bool,
+}
+
+/// Attaches the balancer: updates the pinned link to this program if an earlier agent left
+/// one (atomic replacement, no packet sees no program), otherwise attaches and pins.
+pub fn attach_pinned(
+    program: &mut Xdp,
+    bpffs: &Path,
+    interface: &str,
+    xdp_mode: XdpMode,
+) -> anyhow::Result<Attached> {
+    let pin = bpffs.join(LINK_PIN);
+    if pin.exists() {
+        // A link left by an earlier agent is adopted only if it still holds our interface.
+        let ours = super::ifindex(interface)?;
+        match sys::pinned_xdp_link_ifindex(&pin) {
+            Ok(Some(index)) if index == ours => {}
+            Ok(Some(index)) => anyhow::bail!(
+                "{} holds an XDP link on another interface (ifindex {index}, not {interface}); \
+                 run `weir teardown --bpffs {}` or set [agent] bpffs to another directory",
+                pin.display(),
+                bpffs.display()
+            ),
+            Ok(None) | Err(_) => {
+                tracing::warn!(pin = %pin.display(), "the pinned XDP link is defunct (its interface is gone): replacing it");
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+    }
+    if pin.exists() {
+        let pinned =
+            PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let link =
+            XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not an XDP link")?;
+        program
+            .attach_to_link(link)
+            .context("replacing the program of the pinned XDP link")?;
+        return Ok(Attached {
+            mode: "adopted".to_owned(),
+            adopted: true,
+        });
+    }
+    let (link_id, mode) = super::attach(program, interface, xdp_mode)?;
+    let link = program.take_link(link_id)?;
+    let fd_link = FdLink::try_from(link).context(
+        "the kernel attached XDP through netlink, which cannot be pinned (needs bpf_link, Linux 5.9+)",
+    )?;
+    fd_link
+        .pin(&pin)
+        .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+    Ok(Attached {
+        mode: mode.as_str().to_owned(),
+        adopted: false,
+    })
+}
+
+/// Detaches the pinned XDP program and removes the pins under `bpffs`. Refuses a directory
+/// that is not on a bpffs, and removes only the pins it knows by name: a mistyped path
+/// loses nothing.
+pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
+    if !bpffs.exists() {
+        anyhow::bail!("nothing to tear down: {} does not exist", bpffs.display());
+    }
+    anyhow::ensure!(
+        sys::is_bpffs(bpffs),
+        "{} is not on a bpf filesystem, so it holds no weir pins; nothing was removed",
+        bpffs.display()
+    );
+    // A running agent would re-create what is removed under it.
+    let _lock = match DirLock::try_lock(bpffs) {
+        Ok(lock) => lock,
+        Err(LockError::Held { pid }) => anyhow::bail!(
+            "an agent{} still runs this datapath; stop it first (systemctl stop weir)",
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        ),
+        Err(LockError::Io(err)) => {
+            return Err(err).with_context(|| format!("locking {}", bpffs.display()));
+        }
+    };
+    let link = bpffs.join(LINK_PIN);
+    if link.exists() {
+        // Unpinning drops the last reference to the link: the program is detached.
+        let pinned =
+            PinnedLink::from_pin(&link).with_context(|| format!("opening {}", link.display()))?;
+        let fd_link = pinned
+            .unpin()
+            .with_context(|| format!("unpinning {}", link.display()))?;
+        drop(fd_link);
+    }
+    for name in PINNED_MAPS {
+        let path = bpffs.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    // Only if empty: anything else in it is not ours.
+    match std::fs::remove_dir(bpffs) {
+        Ok(()) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            tracing::warn!(dir = %bpffs.display(), "left the directory in place: it holds pins weir did not create");
+            Ok(())
+        }
+        Err(err) => Err(err).with_context(|| format!("removing {}", bpffs.display())),
+    }
+}

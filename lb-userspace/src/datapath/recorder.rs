@@ -1,0 +1,95 @@
+//! [`Recorder`]: a [`MapWriter`] that keeps the datapath's state in memory instead of the
+//! kernel, with the same bounds as the real maps, so the agent's writes are tested (and the
+//! golden tests compute rings) without loading anything.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{
+    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipInfo, VipKey, map_name,
+};
+
+use super::{DatapathError, MapWriter};
+
+/// The maps' contents as written, and how many writes it took.
+#[derive(Debug, Default, Clone)]
+pub struct Recorder {
+    pub global: GlobalConfig,
+    /// (service id, slot) -> backend id.
+    pub ring: BTreeMap<(u32, u32), u32>,
+    pub backends: BTreeMap<u32, BackendInfo>,
+    pub vips: BTreeMap<VipKey, VipInfo>,
+    pub vip_addrs: BTreeSet<VipKey>,
+    pub conns: BTreeMap<u32, i64>,
+    pub tx_ports: BTreeSet<u32>,
+    pub slot_writes: usize,
+    pub backend_writes: usize,
+}
+
+impl Recorder {
+    /// The ring slots of one service, in slot order.
+    #[must_use]
+    pub fn ring_of(&self, service_id: u32) -> Vec<(u32, u32)> {
+        self.ring
+            .range((service_id, 0)..(service_id, MAX_RING_SIZE))
+            .map(|(&(_, slot), &backend)| (slot, backend))
+            .collect()
+    }
+}
+
+impl MapWriter for Recorder {
+    fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError> {
+        self.global = global;
+        Ok(())
+    }
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
+        self.vips.insert(key, info);
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError> {
+        self.vips.remove(&key);
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
+        self.vip_addrs.insert(key);
+        Ok(())
+    }
+    fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
+        self.vip_addrs.remove(&key);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {
+        assert!(
+            id < MAX_BACKENDS,
+            "backend id {id} outside the BACKENDS array"
+        );
+        self.backends.insert(id, info);
+        self.backend_writes += 1;
+        Ok(())
+    }
+    fn set_ring_slot(
+        &mut self,
+        service_id: u32,
+        slot: u32,
+        backend_id: u32,
+    ) -> Result<(), DatapathError> {
+        // The same bound as `KernelMaps`: a service's slots end where the next one's begin.
+        if slot >= MAX_RING_SIZE {
+            return Err(DatapathError::SlotOutOfRange {
+                name: map_name::RING,
+                service_id,
+                slot,
+            });
+        }
+        self.ring.insert((service_id, slot), backend_id);
+        self.slot_writes += 1;
+        Ok(())
+    }
+    fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.tx_ports.insert(ifindex);
+        Ok(())
+    }
+    fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {
+        self.conns.insert(backend_id, count);
+        Ok(())
+    }
+}

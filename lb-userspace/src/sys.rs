@@ -1,0 +1,296 @@
+//! Every system call the agent makes outside aya and std, in one place: interfaces,
+//! filesystems and mounts, file locks, clocks, the kernel version, and the two `bpf(2)`
+//! commands aya does not wrap. Safe wrappers from `nix` where it covers the call; the raw
+//! `bpf(2)` calls are the only unsafe code here.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::{FileTypeExt as _, MetadataExt as _},
+    },
+    path::Path,
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+    mount::MsFlags,
+    sys::statfs::statfs,
+    time::{ClockId, clock_gettime},
+};
+
+/// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The ifindex of an interface in the calling thread's network namespace.
+pub fn ifindex(interface: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(interface)
+        .ok()
+        .filter(|i| *i != 0)
+}
+
+/// Interfaces of this network namespace (name, ifindex).
+#[must_use]
+pub fn interfaces() -> Vec<(String, u32)> {
+    nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `path` lies on a bpf filesystem.
+#[must_use]
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Mounts a new bpffs instance at `target`.
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    nix::mount::mount(
+        Some("bpf"),
+        target,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Whether this process runs in another mount namespace than PID 1 (`ip netns exec` gives
+/// every command a private one). A filesystem mounted there goes away with the last process
+/// in it. `None` when it cannot be told (no access to `/proc/1`).
+#[must_use]
+pub fn private_mount_namespace() -> Option<bool> {
+    let ours = std::fs::metadata("/proc/self/ns/mnt").ok()?;
+    let init = std::fs::metadata("/proc/1/ns/mnt").ok()?;
+    Some((ours.dev(), ours.ino()) != (init.dev(), init.ino()))
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`, which
+/// stamps the connection table's entries.
+#[must_use]
+pub fn monotonic_coarse_ns() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+        (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64)
+    })
+}
+
+/// The running kernel's release as (major, minor), e.g. (6, 18) for `6.18.0-1-amd64`.
+#[must_use]
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let uts = nix::sys::utsname::uname().ok()?;
+    parse_kernel_release(&uts.release().to_string_lossy())
+}
+
+/// `6.18.0-1-amd64` -> (6, 18).
+#[must_use]
+pub fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// An exclusive `flock(2)` on a directory, released when dropped or when the process dies
+/// (even by SIGKILL), so a stale lock cannot outlive its holder.
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: Flock<File>,
+}
+
+/// Why a [`DirLock`] could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it; its pid if `/proc/locks` tells.
+    #[error("held by another process")]
+    Held { pid: Option<u32> },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl DirLock {
+    /// Takes the lock on `dir` without waiting. A bpffs holds only pins, so the lock is on
+    /// the directory itself rather than on a lock file inside it.
+    pub fn try_lock(dir: &Path) -> Result<Self, LockError> {
+        let file = File::open(dir)?;
+        let inode = file.metadata()?.ino();
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err((_, Errno::EWOULDBLOCK)) => Err(LockError::Held {
+                pid: flock_holder(inode),
+            }),
+            Err((_, errno)) => Err(LockError::Io(errno.into())),
+        }
+    }
+}
+
+/// The pid holding a `flock` on the file with this inode, from `/proc/locks`
+/// (`1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF`).
+fn flock_holder(inode: u64) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    parse_proc_locks(&text, inode)
+}
+
+fn parse_proc_locks(text: &str, inode: u64) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Blocked waiters are listed as `1: -> FLOCK ...`; only the holder counts.
+        if fields.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let pid = fields.get(4)?.parse().ok()?;
+        let ino: u64 = fields.get(5)?.rsplit(':').next()?.parse().ok()?;
+        (ino == inode).then_some(pid)
+    })
+}
+
+/// What is at a path the agent wants to bind a Unix socket on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketPath {
+    /// Nothing: free to bind.
+    Free,
+    /// A socket nobody answers on (left by an agent that died): safe to remove.
+    Stale,
+    /// A socket a live process answers on.
+    Live,
+    /// Something that is not a socket (a file, a directory...): never to be touched.
+    NotASocket,
+}
+
+/// Looks at `path` before binding a Unix socket there.
+pub fn socket_path_state(path: &Path) -> io::Result<SocketPath> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(SocketPath::Free),
+        Err(err) => return Err(err),
+    };
+    if !meta.file_type().is_socket() {
+        return Ok(SocketPath::NotASocket);
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Ok(SocketPath::Live),
+        Err(err) if err.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(SocketPath::Stale),
+        Err(err) => Err(err),
+    }
+}
+
+/// (device, inode) of a path, to recognise later whether it is still the same file.
+#[must_use]
+pub fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// The interface a pinned XDP link is attached to: `Some(ifindex)`, or `None` when the link
+/// is defunct (its interface is gone). Asks the kernel with `BPF_OBJ_GET` and
+/// `BPF_OBJ_GET_INFO_BY_FD`, which aya's `LinkInfo` does not expose for XDP.
+pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<Option<u32>> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // `union bpf_attr` for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    let mut get = [0u64; 3];
+    get[0] = c_path.as_ptr() as u64;
+    // SAFETY: `get` is a valid bpf_attr prefix of the size passed; the kernel only reads
+    // the path string, which outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            get.as_mut_ptr(),
+            size_of_val(&get) as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the per-type union,
+    // whose XDP member starts with the ifindex. 64 bytes cover it.
+    let mut info = [0u32; 16];
+    // `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info pointer.
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | (u64::from(size_of_val(&info) as u32) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: `attr` points at `info`, a writable buffer of the length it states, which
+    // outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let ifindex = info[4];
+    Ok((ifindex != 0).then_some(ifindex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_release_parses() {
+        assert_eq!(parse_kernel_release("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(parse_kernel_release("5.11.22"), Some((5, 11)));
+        assert_eq!(parse_kernel_release("4.19"), Some((4, 19)));
+        assert_eq!(parse_kernel_release("linux"), None);
+        assert!(kernel_version().is_some());
+    }
+
+    #[test]
+    fn proc_locks_names_the_holder_not_a_waiter() {
+        let text = "1: FLOCK  ADVISORY  WRITE 4242 00:2a:777 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 5151 00:2a:777 0 EOF\n\
+                    2: POSIX  ADVISORY  WRITE 99 08:01:777 0 EOF\n";
+        assert_eq!(parse_proc_locks(text, 777), Some(4242));
+        assert_eq!(parse_proc_locks(text, 778), None);
+    }
+
+    #[test]
+    fn a_directory_lock_is_exclusive_and_names_its_holder() {
+        let dir = std::env::temp_dir().join(format!("weir-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = DirLock::try_lock(&dir).unwrap();
+        match DirLock::try_lock(&dir) {
+            Err(LockError::Held { pid }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("second lock: {other:?}"),
+        }
+        drop(first);
+        let again = DirLock::try_lock(&dir).unwrap();
+        drop(again);
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_paths_are_told_apart() {
+        let dir = std::env::temp_dir().join(format!("weir-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("notes.txt");
+        std::fs::write(&file, "data").unwrap();
+        assert_eq!(socket_path_state(&file).unwrap(), SocketPath::NotASocket);
+        assert_eq!(socket_path_state(&dir).unwrap(), SocketPath::NotASocket);
+        let sock = dir.join("s.sock");
+        assert_eq!(socket_path_state(&sock).unwrap(), SocketPath::Free);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert_eq!(socket_path_state(&sock).unwrap(), SocketPath::Live);
+        drop(listener);
+        assert_eq!(socket_path_state(&sock).unwrap(), SocketPath::Stale);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
