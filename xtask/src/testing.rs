@@ -65,7 +65,10 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
         "-D",
         "warnings",
     ]);
-    let clippy_outcome = run_all(vec![clippy, clippy_docs]);
+    // lb-ebpf is not a host package, so the runs above never see its unsafe code.
+    let mut clippy_commands = vec![clippy, clippy_docs];
+    clippy_commands.extend(clippy_ebpf());
+    let clippy_outcome = run_all(clippy_commands);
     let stop = clippy_outcome == Outcome::Failed;
     stages.push(Stage {
         name: "clippy",
@@ -138,6 +141,44 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
     });
 
     Ok(summary(&stages))
+}
+
+/// The toolchain aya-build compiles lb-ebpf with, and `cargo xtask setup` installs.
+const NIGHTLY: &str = "nightly";
+
+/// Clippy on lb-ebpf as aya-build compiles it (lb-userspace/build.rs): the nightly toolchain
+/// through `rustup run`, the BPF target of the host's byte order, `-Z build-std=core`, the
+/// release profile. aya-ebpf's build script sets `bpf_target_arch` itself when the flag is
+/// absent, so no RUSTFLAGS are needed. `cargo xtask setup` installs nightly with the minimal
+/// profile, which has no clippy: the component is added first when it is missing.
+fn clippy_ebpf() -> Vec<Command> {
+    let mut commands = Vec::new();
+    let nightly_clippy =
+        cmd::output(Command::new("rustup").args(["run", NIGHTLY, "cargo", "clippy", "--version"]));
+    if nightly_clippy.is_none() {
+        let mut add = Command::new("rustup");
+        add.args(["component", "add", "clippy", "--toolchain", NIGHTLY]);
+        commands.push(add);
+    }
+    let target = if cfg!(target_endian = "big") {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    };
+    let mut clippy = Command::new("rustup");
+    clippy
+        .current_dir(cmd::workspace_root())
+        .args([
+            "run", NIGHTLY, "cargo", "clippy", "-p", "lb-ebpf", "--lib", "--bins",
+        ])
+        .args(["--release", "--target", target, "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]);
+    // As aya-build does: the stable rustc that runs xtask must not be used for nightly.
+    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER"] {
+        clippy.env_remove(key);
+    }
+    commands.push(clippy);
+    commands
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -1,0 +1,80 @@
+//! The benchmark programs' own work (`weir_bench`, `weir_bench_fib`, `weir_bench_gen`):
+//! restoring the packet template between runs and varying the generator's flows. The
+//! balancing they measure is `balance::run`, unchanged.
+use aya_ebpf::{
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_store_bytes},
+    programs::XdpContext,
+};
+
+use crate::{
+    forward::nexthop::fib_next_hop,
+    maps::{BACKENDS, BENCH_GEN, BENCH_GEN_SEQ, BENCH_TEMPLATE},
+};
+
+/// `BENCH_GEN[0]` value: run the balancer.
+pub(crate) const BENCH_GEN_BALANCE: u32 = 0;
+
+/// Trims what a previous run prepended and copies `BENCH_TEMPLATE` back over the packet.
+#[inline(always)]
+pub(crate) fn restore_template(ctx: &XdpContext) -> Result<(), ()> {
+    let template = BENCH_TEMPLATE.get_ptr(0).ok_or(())?;
+    // SAFETY: a value of a map of this program, alive for the whole run.
+    let template = unsafe { &*template };
+    let want = template.len as usize;
+    let have = ctx.data_end() - ctx.data();
+    if have > want {
+        // SAFETY: the helper takes the context pointer the kernel gave this program.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (have - want) as i32) } != 0 {
+            return Err(());
+        }
+    }
+    let len = want.min(lb_common::BENCH_TEMPLATE_LEN) as u32;
+    if len == 0 {
+        return Err(());
+    }
+    // SAFETY: `len` is at most the template's size; the helper bounds-checks the packet.
+    let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, template.data.as_ptr() as *mut _, len) };
+    if rc != 0 {
+        return Err(());
+    }
+    Ok(())
+}
+
+/// One FIB + neighbour lookup towards the first backend, from source address zero.
+#[inline(always)]
+pub(crate) fn try_bench_fib(ctx: &XdpContext) -> Result<(), ()> {
+    let backend = *BACKENDS.get(0).ok_or(())?;
+    let src = [0u8; 16];
+    fib_next_hop(ctx, backend.family, &src, &backend.addr, 0)
+        .map(|_| ())
+        .map_err(|_| ())
+}
+
+/// Restores the template, then writes the next of `BENCH_GEN[1]` flows into the packet.
+/// Returns the configured action: `BENCH_GEN_BALANCE` or an XDP action.
+#[inline(always)]
+pub(crate) fn try_bench_gen(ctx: &XdpContext) -> Result<u32, ()> {
+    let (Some(action), Some(flows), Some(offset), Some(base)) = (
+        BENCH_GEN.get(0),
+        BENCH_GEN.get(1),
+        BENCH_GEN.get(2),
+        BENCH_GEN.get(3),
+    ) else {
+        return Err(());
+    };
+    let (action, flows, offset, base) = (*action, *flows, *offset, *base);
+    restore_template(ctx)?;
+    let seq = BENCH_GEN_SEQ.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's slot of a per-CPU array; XDP runs with preemption disabled.
+    let n = unsafe { *seq };
+    let next = if n + 1 >= flows { 0 } else { n + 1 };
+    // SAFETY: as above.
+    unsafe { *seq = next };
+    let mut field = ((base + n) as u16).to_be_bytes();
+    // SAFETY: a 2-byte buffer on the stack; the helper bounds-checks the packet.
+    let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, field.as_mut_ptr().cast(), 2) };
+    if rc != 0 {
+        return Err(());
+    }
+    Ok(action)
+}

@@ -1,0 +1,119 @@
+//! The next hop towards a backend: the kernel's FIB and neighbour lookup (`bpf_fib_lookup`)
+//! and this CPU's cache of its answer per backend (`NEXT_HOPS`).
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
+    helpers::generated::bpf_fib_lookup,
+    programs::XdpContext,
+};
+use lb_common::{BackendInfo, FAMILY_V4, NEXT_HOP_TTL_NS, NextHop, stat};
+
+use crate::{
+    maps::{GLOBAL, NEXT_HOPS},
+    stats::{Exit, drop},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Next hop of `dst` from the kernel's FIB and neighbour table: (egress ifindex, source
+/// MAC, destination MAC). A non-zero `tot_len` would have the kernel check the egress MTU;
+/// the cached path cannot repeat that check per packet, so it is not asked for.
+#[inline(always)]
+pub(crate) fn fib_next_hop(
+    ctx: &XdpContext,
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tot_len: u16,
+) -> Result<(u32, [u8; 6], [u8; 6]), Exit> {
+    // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented "no input".
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    if family == FAMILY_V4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+    } else {
+        params.family = AF_INET6;
+        // SAFETY: writing the IPv6 variant of the unions; the kernel reads that variant
+        // because `family` is AF_INET6.
+        unsafe {
+            let mut i = 0;
+            while i < 4 {
+                params.__bindgen_anon_3.ipv6_src[i] = u32::from_ne_bytes([
+                    src[4 * i],
+                    src[4 * i + 1],
+                    src[4 * i + 2],
+                    src[4 * i + 3],
+                ]);
+                params.__bindgen_anon_4.ipv6_dst[i] = u32::from_ne_bytes([
+                    dst[4 * i],
+                    dst[4 * i + 1],
+                    dst[4 * i + 2],
+                    dst[4 * i + 3],
+                ]);
+                i += 1;
+            }
+        }
+    }
+    // SAFETY: `params` is a valid, fully initialised struct of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &raw mut params,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(drop(stat::DROP_FIB));
+    }
+    Ok((params.ifindex, params.smac, params.dmac))
+}
+
+/// The LB's own address of `family` (the tunnel source), as the FIB lookup's source.
+#[inline(always)]
+pub(super) fn tunnel_source(family: u8) -> Result<[u8; 16], Exit> {
+    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
+    let mut src = [0u8; 16];
+    if family == FAMILY_V4 {
+        src[..4].copy_from_slice(&global.tunnel_source_v4);
+    } else {
+        src = global.tunnel_source_v6;
+    }
+    Ok(src)
+}
+
+/// The next hop towards a backend: this CPU's cached answer while fresh, else a FIB lookup
+/// whose answer is cached for `NEXT_HOP_TTL_NS`. Failed lookups are not cached.
+#[inline(always)]
+pub(super) fn next_hop(
+    ctx: &XdpContext,
+    backend_id: u32,
+    backend: &BackendInfo,
+    src: &[u8; 16],
+    now: u64,
+) -> Result<(u32, [u8; 6], [u8; 6]), Exit> {
+    let cached = NEXT_HOPS.get_ptr_mut(backend_id);
+    if let Some(hop) = cached {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+        let hop = unsafe { &*hop };
+        if hop.expires_ns > now {
+            return Ok((hop.ifindex, hop.smac, hop.dmac));
+        }
+    }
+    let (ifindex, smac, dmac) = fib_next_hop(ctx, backend.family, src, &backend.addr, 0)?;
+    if let Some(hop) = cached {
+        // SAFETY: as above; the value is written whole.
+        unsafe {
+            *hop = NextHop {
+                expires_ns: now + NEXT_HOP_TTL_NS,
+                ifindex,
+                smac,
+                dmac,
+            };
+        }
+    }
+    Ok((ifindex, smac, dmac))
+}

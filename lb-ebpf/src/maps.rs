@@ -1,0 +1,90 @@
+//! Every BPF map of the programs, shared with the agent (which writes the configuration and
+//! reads the counters by these names).
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop, TrafficCounters, VipInfo,
+    VipKey, stat,
+};
+
+#[map]
+pub(crate) static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Every VIP address (port and protocol zero): the first, cheap test that lets all other
+/// traffic pass before any further parsing.
+#[map]
+pub(crate) static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// `MAX_SERVICES` Maglev rings of `MAX_RING_SIZE` slots back to back, written by the agent.
+#[map]
+pub(crate) static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAX_RING_SIZE, 0);
+
+/// The connection table. The agent resizes it from `conntrack_entries` at load time.
+#[map]
+pub(crate) static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Global counters, one array of `stat::COUNT` per CPU: one lookup per packet.
+#[map]
+pub(crate) static STATS: PerCpuArray<[u64; stat::COUNT as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub(crate) static VIP_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub(crate) static BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Interfaces other than the ingress one that packets may be redirected to, keyed by ifindex.
+#[map]
+pub(crate) static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map]
+pub(crate) static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Active connections per backend (new flows minus ended ones), for least-conn and for the
+/// operator. Shared across CPUs and updated atomically; the agent reconciles it with the
+/// table (entries the LRU evicted never report their end).
+#[map]
+pub(crate) static BACKEND_CONNS: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Round-robin position per service, per CPU.
+#[map]
+pub(crate) static RR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub(crate) static GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub(crate) static BENCH_TEMPLATE: Array<BenchTemplate> = Array::with_max_entries(1, 0);
+
+/// Decap program: the VIPs of this backend (port and protocol zero).
+#[map]
+pub(crate) static DECAP_VIPS: HashMap<VipKey, u32> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Decap program: this host's own addresses. Only a packet whose outer destination is one
+/// of them is decapsulated: a tunnel packet merely passing by (a bridge port, a router) is
+/// not ours to open.
+#[map]
+pub(crate) static DECAP_LOCAL: HashMap<VipKey, u32> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// `weir_bench_gen`'s settings, written by `cargo xtask bench packets`: the action
+/// (`BENCH_GEN_BALANCE`, or an XDP action returned as is), the number of flows, the byte
+/// offset of the 16-bit field that tells flows apart (a source port), and its first value.
+#[map]
+pub(crate) static BENCH_GEN: Array<u32> = Array::with_max_entries(4, 0);
+
+/// `weir_bench_gen`'s flow counter, one per CPU.
+#[map]
+pub(crate) static BENCH_GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
