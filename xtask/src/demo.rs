@@ -115,11 +115,14 @@ pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
     }
 
     let prepared = (|| {
-        step(1, "checking prerequisites");
+        // Setup first: on a fresh machine it is what installs the tools the checks after it
+        // look for (issue 9). Only what no package provides is checked before it.
+        step(1, "checking the kernel, running setup, checking the tools");
+        kernel_support()?;
+        setup::setup()?;
         let tools = prerequisites()?;
 
-        step(2, "running setup and building weir");
-        setup::setup()?;
+        step(2, "building weir");
         let weir = build_weir(false)?;
         println!("      weir: {}", weir.display());
         let config = cmd::workspace_root().join(CONFIG);
@@ -239,11 +242,26 @@ fn sleep(duration: Duration) -> anyhow::Result<()> {
 // Prerequisites and build
 // ---------------------------------------------------------------------------------------------
 
+/// The programs the demo runs, each with the Debian package that provides it. Every one of
+/// these packages is in setup's list (a test checks), and the demo runs setup before it looks
+/// for them, so a fresh Debian machine needs nothing but rustup.
+pub(crate) const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("sysctl", "procps"),
+    ("ping", "iputils-ping"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("nsenter", "util-linux"),
+];
+
 struct Tools {
     python: PathBuf,
 }
 
-fn prerequisites() -> anyhow::Result<Tools> {
+/// Root (checked by the caller) and a kernel with BPF: what no package can provide, so the
+/// demo says so before setup installs anything.
+fn kernel_support() -> anyhow::Result<()> {
     println!("      root: yes");
     let kernel = cmd::output(Command::new("uname").arg("-r")).unwrap_or_else(|| "?".into());
     if !Path::new("/sys/fs/bpf").is_dir() {
@@ -252,17 +270,26 @@ fn prerequisites() -> anyhow::Result<Tools> {
              needs a kernel with BPF and XDP"
         );
     }
-    let missing: Vec<&str> = [
-        "ip", "ethtool", "sysctl", "ping", "curl", "python3", "nsenter",
-    ]
-    .into_iter()
-    .filter(|tool| find_on_path(tool).is_none())
-    .collect();
+    println!("      kernel {kernel} with BPF");
+    Ok(())
+}
+
+/// The tools (after setup installed their packages), the demo's config, and no leftovers
+/// of an earlier demo.
+fn prerequisites() -> anyhow::Result<Tools> {
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(tool, _)| find_on_path(tool).is_none())
+        .map(|(tool, package)| format!("{tool} (Debian package {package})"))
+        .collect();
     if !missing.is_empty() {
+        // Setup has just installed the packages, so the usual cause is a PATH without the
+        // sbin folders (`su` without `-`).
         bail!(
-            "missing tools: {} (Debian: iproute2 ethtool procps iputils-ping curl python3 \
-             util-linux)",
-            missing.join(" ")
+            "missing tools: {}; setup installs these packages, so check that PATH ({}) has \
+             /usr/sbin and /usr/bin",
+            missing.join(", "),
+            std::env::var("PATH").unwrap_or_default()
         );
     }
     // `ip link help` exits with 255 and prints to stderr.
@@ -275,9 +302,7 @@ fn prerequisites() -> anyhow::Result<Tools> {
     if !help.contains("xdp") {
         bail!("this iproute2 (`ip`) knows nothing about XDP; install a newer iproute2");
     }
-    println!(
-        "      kernel {kernel} with BPF; iproute2 with XDP; ethtool, sysctl, ping, curl, nsenter"
-    );
+    println!("      iproute2 with XDP; ethtool, sysctl, ping, curl, nsenter");
     // The interpreter itself rather than a wrapper script (pyenv's shims), so that the pid
     // the demo stops is the server's.
     let python = run(&[

@@ -13,8 +13,9 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd;
 
-/// Debian packages the tests and the demo use (the demo adds ping and python3, whose
-/// http.server the backends run). Later tiers add nftables, prometheus, nginx, haproxy, wrk.
+/// Debian packages the tests and the demo use: the packages of the programs they run (the
+/// demo's `demo::TOOLS`, the tests' `TEST_TOOLS` in this module's tests, which check that
+/// each is here), then the benches' peers.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -312,6 +313,31 @@ fn llvm_major(file_name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The programs the privileged tests run (tests/common: `ip`, `ip netns exec … ethtool`,
+    /// `sysctl`, `ping`, `nsenter`, `/usr/bin/prometheus`), each with the Debian package that
+    /// provides it.
+    const TEST_TOOLS: &[(&str, &str)] = &[
+        ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
+        ("sysctl", "procps"),
+        ("ping", "iputils-ping"),
+        ("nsenter", "util-linux"),
+        ("prometheus", "prometheus"),
+    ];
+
+    /// The demo runs setup and then needs its tools: a tool whose package setup does not
+    /// install works on a developer's machine and fails on a fresh one (issue 9).
+    #[test]
+    fn every_tool_of_the_demo_and_the_tests_comes_from_a_package_setup_installs() {
+        for (tool, package) in crate::demo::TOOLS.iter().chain(TEST_TOOLS) {
+            assert!(
+                DEBIAN_PACKAGES.contains(package),
+                "{tool} comes from the Debian package {package}, which setup does not install \
+                 (add it to DEBIAN_PACKAGES)"
+            );
+        }
+    }
 
     #[test]
     fn llvm_major_reads_the_soname() {

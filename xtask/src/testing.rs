@@ -3,6 +3,17 @@ use std::process::{Command, ExitCode};
 
 use crate::cmd;
 
+/// lb-userspace's integration test targets (the `[[test]]`s of its Cargo.toml; a test checks
+/// that each is in one of these lists). These need no root: stage 3 runs them.
+const HOST_TESTS: &[&str] = &["config_files"];
+/// These load BPF programs or make network namespaces: stage 4 runs them, as root.
+const PRIVILEGED_TESTS: &[&str] = &["golden", "e2e_datapath", "e2e_agent", "e2e_sched"];
+
+/// `--test NAME` for each of `names`.
+fn test_targets<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    names.iter().flat_map(|name| ["--test", name]).collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
     Passed,
@@ -86,7 +97,9 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
         let mut common = cmd::cargo();
         common.args(["test", "-p", "lb-common", "--features", "user"]);
         let mut userspace = cmd::cargo();
-        userspace.args(["test", "-p", "lb-userspace", "--lib", "--bins"]);
+        userspace
+            .args(["test", "-p", "lb-userspace", "--lib", "--bins"])
+            .args(test_targets(HOST_TESTS));
         let mut userspace_doc = cmd::cargo();
         userspace_doc.args(["test", "-p", "lb-userspace", "--doc"]);
         let mut xtask = cmd::cargo();
@@ -98,8 +111,8 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
     }
 
     // 4. Privileged tests: golden packets (BPF_PROG_TEST_RUN) and network-namespace
-    //    end-to-end tests, i.e. lb-userspace's integration test targets. One at a time: they
-    //    share the kernel's network state.
+    //    end-to-end tests, i.e. lb-userspace's integration test targets but the host ones.
+    //    One at a time: they share the kernel's network state.
     let privileged = "privileged tests";
     let outcome = if stop {
         Outcome::NotRun
@@ -113,19 +126,12 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
             }
             Gate::Run => {
                 banner(4, privileged);
-                // `--tests` runs every integration test target (and the lib/bin unit tests
-                // again, which is cheap); unlike `--test '*'` it does not fail when there are
-                // none.
+                // By name rather than `--tests`, which would run stage 3's tests again.
                 let mut tests = cmd::cargo();
                 tests
-                    .args([
-                        "test",
-                        "-p",
-                        "lb-userspace",
-                        "--tests",
-                        "--",
-                        "--test-threads=1",
-                    ])
+                    .args(["test", "-p", "lb-userspace"])
+                    .args(test_targets(PRIVILEGED_TESTS))
+                    .args(["--", "--test-threads=1"])
                     .args(harness_args);
                 run_all(vec![tests])
             }
@@ -236,6 +242,38 @@ fn summary(stages: &[Stage]) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `name`s of the `[[test]]` sections of a Cargo.toml.
+    fn manifest_test_targets(manifest: &str) -> Vec<&str> {
+        let mut names = Vec::new();
+        let mut in_test = false;
+        for line in manifest.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_test = line == "[[test]]";
+            } else if in_test
+                && let Some(value) = line.strip_prefix("name")
+                && let Some(value) = value.trim_start().strip_prefix('=')
+            {
+                names.push(value.trim().trim_matches('"'));
+            }
+        }
+        names
+    }
+
+    /// A test target in neither list would be run by no stage.
+    #[test]
+    fn every_integration_test_target_runs_in_one_stage() {
+        let manifest = include_str!("../../lb-userspace/Cargo.toml");
+        let mut targets = manifest_test_targets(manifest);
+        targets.sort_unstable();
+        let mut staged: Vec<&str> = HOST_TESTS.iter().chain(PRIVILEGED_TESTS).copied().collect();
+        staged.sort_unstable();
+        assert_eq!(
+            targets, staged,
+            "lb-userspace's [[test]] targets (left) and HOST_TESTS + PRIVILEGED_TESTS of \
+             xtask/src/testing.rs (right) differ"
+        );
+    }
 
     #[test]
     fn privileged_gate_needs_root_and_ci_may_not_skip() {
