@@ -39,6 +39,9 @@ const HTTP_READ_LIMIT: usize = 4096;
 /// Room for the reply to a UDP check; anything longer is truncated (and still counts).
 const UDP_READ_LIMIT: usize = 512;
 
+/// Environment variable that makes every health task panic at its first check (tests only).
+pub const PANIC_FAILPOINT: &str = "WEIR_TEST_HEALTH_TASK_PANIC";
+
 /// The shortest interval a task sleeps, whatever it is given: guards against a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -254,8 +257,15 @@ async fn run(target: Target, initial: Option<bool>, events: Sender<HealthEvent>)
     let mut rng = Xorshift::seeded(&target);
     let interval = target.spec.interval.max(MIN_INTERVAL);
     let mut next = Instant::now() + scale(interval, rng.unit());
+    // A test hook: the agent's end-to-end tests make a health task panic to check that a
+    // panicking task takes the agent down loudly instead of silently ending health checks.
+    let panic_for_test = std::env::var_os(PANIC_FAILPOINT).is_some();
     loop {
         tokio::time::sleep_until(next).await;
+        assert!(
+            !panic_for_test,
+            "{PANIC_FAILPOINT} is set: a health task panics (test hook)"
+        );
         let started = Instant::now();
         next = started + scale(interval, 0.9 + 0.2 * rng.unit());
 

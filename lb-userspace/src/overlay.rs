@@ -10,6 +10,7 @@ use std::{
     fs,
     io::{self, Write as _},
     net::IpAddr,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -120,13 +121,29 @@ impl Overlay {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(err)?;
         }
-        let tmp = path.with_extension("json.tmp");
+        // A temporary name of this process's own, created exclusively: the save never
+        // truncates a file someone else made. Mode 0600: the overlay names backends and
+        // their states, as private as the API socket and the pins.
+        let name = path
+            .file_name()
+            .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
         let mut text = serde_json::to_vec_pretty(self).map_err(|e| err(io::Error::other(e)))?;
         text.push(b'\n');
-        {
-            let mut file = fs::File::create(&tmp).map_err(err)?;
-            file.write_all(&text).map_err(err)?;
-            file.sync_all().map_err(err)?;
+        let written = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&text)?;
+            file.sync_all()
+        })();
+        if let Err(e) = written {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                let _ = fs::remove_file(&tmp);
+            }
+            return Err(err(e));
         }
         fs::rename(&tmp, path).map_err(err)
     }
@@ -183,6 +200,8 @@ impl Overlay {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
     use crate::config;
 
@@ -238,7 +257,14 @@ mod tests {
         o.entry("web", ip("2001:db8::11")).weight = Some(3);
         o.save(&path).unwrap();
         assert_eq!(Overlay::load(&path).unwrap(), o);
-        assert!(!path.with_extension("json.tmp").exists());
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "state.json")
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the state file is private: {mode:o}");
         fs::write(&path, "{\"services\": 3}").unwrap();
         let err = Overlay::load(&path).unwrap_err().to_string();
         assert!(err.contains("not valid"), "{err}");

@@ -62,14 +62,28 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-/// Whether this process runs in another mount namespace than PID 1 (`ip netns exec` gives
-/// every command a private one). A filesystem mounted there goes away with the last process
-/// in it. `None` when it cannot be told (no access to `/proc/1`).
+/// Whether this process is alone in its mount namespace (as under `ip netns exec`, which
+/// gives every command a private one): a filesystem it mounts there goes away when it exits.
+/// Processes whose namespace cannot be read (another user's, in a sandbox) are taken to be
+/// elsewhere.
 #[must_use]
-pub fn private_mount_namespace() -> Option<bool> {
-    let ours = std::fs::metadata("/proc/self/ns/mnt").ok()?;
-    let init = std::fs::metadata("/proc/1/ns/mnt").ok()?;
-    Some((ours.dev(), ours.ino()) != (init.dev(), init.ino()))
+pub fn alone_in_mount_namespace() -> bool {
+    let Ok(ours) = std::fs::metadata("/proc/self/ns/mnt") else {
+        return false;
+    };
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    !entries.filter_map(Result::ok).any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        pid != me
+            && std::fs::metadata(entry.path().join("ns/mnt"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino()))
+    })
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`, which

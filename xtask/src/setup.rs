@@ -40,7 +40,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const SERVICES: &[&str] = &["nginx", "haproxy"];
 
 /// The toolchain aya-build compiles lb-ebpf with (`rustup run nightly cargo build -Z build-std`).
-const NIGHTLY: &str = "nightly";
+pub(crate) const NIGHTLY: &str = "nightly";
 
 pub(crate) fn setup() -> anyhow::Result<()> {
     println!("==> setup");
@@ -48,6 +48,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
     host_components()?;
     nightly_toolchain()?;
     rust_src()?;
+    nightly_clippy()?;
     bpf_linker()?;
     println!("==> setup: done");
     Ok(())
@@ -203,6 +204,21 @@ fn rust_src() -> anyhow::Result<()> {
     step("nightly rust-src: missing; installing");
     cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
         .context("setup: could not add rust-src to the nightly toolchain")?;
+    Ok(())
+}
+
+/// Clippy for the nightly toolchain: `cargo xtask test` lints lb-ebpf for the BPF target
+/// with it, and the minimal profile `nightly_toolchain` installs comes without it.
+fn nightly_clippy() -> anyhow::Result<()> {
+    if let Some(version) =
+        cmd::output(Command::new("rustup").args(["run", NIGHTLY, "cargo", "clippy", "--version"]))
+    {
+        step(&format!("nightly clippy: present ({version})"));
+        return Ok(());
+    }
+    step("nightly clippy: missing; installing");
+    cmd::run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", NIGHTLY]))
+        .context("setup: could not add clippy to the nightly toolchain")?;
     Ok(())
 }
 

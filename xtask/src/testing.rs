@@ -1,13 +1,19 @@
 //! `cargo xtask test`: every test tier, in order, with a summary at the end.
 use std::process::{Command, ExitCode};
 
-use crate::cmd;
+use crate::{cmd, setup::NIGHTLY};
 
 /// lb-userspace's integration test targets (the `[[test]]`s of its Cargo.toml; a test checks
 /// that each is in one of these lists). These need no root: stage 3 runs them.
 const HOST_TESTS: &[&str] = &["config_files"];
 /// These load BPF programs or make network namespaces: stage 4 runs them, as root.
-const PRIVILEGED_TESTS: &[&str] = &["golden", "e2e_datapath", "e2e_agent", "e2e_sched"];
+const PRIVILEGED_TESTS: &[&str] = &[
+    "golden",
+    "e2e_datapath",
+    "e2e_agent",
+    "e2e_sched",
+    "e2e_safety",
+];
 
 /// `--test NAME` for each of `names`.
 fn test_targets<'a>(names: &[&'a str]) -> Vec<&'a str> {
@@ -149,23 +155,12 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
     Ok(summary(&stages))
 }
 
-/// The toolchain aya-build compiles lb-ebpf with, and `cargo xtask setup` installs.
-const NIGHTLY: &str = "nightly";
-
 /// Clippy on lb-ebpf as aya-build compiles it (lb-userspace/build.rs): the nightly toolchain
 /// through `rustup run`, the BPF target of the host's byte order, `-Z build-std=core`, the
 /// release profile. aya-ebpf's build script sets `bpf_target_arch` itself when the flag is
-/// absent, so no RUSTFLAGS are needed. `cargo xtask setup` installs nightly with the minimal
-/// profile, which has no clippy: the component is added first when it is missing.
+/// absent, so no RUSTFLAGS are needed. `cargo xtask setup` adds clippy to nightly.
 fn clippy_ebpf() -> Vec<Command> {
     let mut commands = Vec::new();
-    let nightly_clippy =
-        cmd::output(Command::new("rustup").args(["run", NIGHTLY, "cargo", "clippy", "--version"]));
-    if nightly_clippy.is_none() {
-        let mut add = Command::new("rustup");
-        add.args(["component", "add", "clippy", "--toolchain", NIGHTLY]);
-        commands.push(add);
-    }
     let target = if cfg!(target_endian = "big") {
         "bpfeb-unknown-none"
     } else {

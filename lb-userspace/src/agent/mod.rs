@@ -128,7 +128,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     // Held until the process exits: a second agent on this datapath is refused here,
     // before it touches a socket or a map.
     let _lock = pins.lock()?;
-    let api_socket = ApiSocket::bind(&config.agent.api_socket)?;
+    let api_socket = match ApiSocket::bind(&config.agent.api_socket) {
+        Ok(socket) => socket,
+        Err(err) => {
+            pins.undo_fresh_pins();
+            return Err(err);
+        }
+    };
     let mut guard = StartGuard {
         pins: &pins,
         socket: &api_socket,

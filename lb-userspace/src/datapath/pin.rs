@@ -66,7 +66,7 @@ impl PinDir {
         if dir.starts_with(root) && !sys::is_bpffs(root) {
             std::fs::create_dir_all(root).ok();
             sys::mount_bpffs(root).context("mounting bpffs at /sys/fs/bpf")?;
-            private_mount = sys::private_mount_namespace().unwrap_or(false);
+            private_mount = sys::alone_in_mount_namespace();
             if private_mount {
                 tracing::warn!(
                     bpffs = %dir.display(),
