@@ -33,7 +33,7 @@ use aya::programs::Xdp;
 use lb_common::prog_name;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 
 use self::{
@@ -200,22 +200,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
     let api_task = tokio::spawn(crate::api::server::serve(api_socket.listener()?, api_tx));
     let (snapshot_tx, mut snapshot_rx) = mpsc::channel::<owner::SnapshotReply>(8);
-    let refresh = {
-        let metrics = Arc::clone(&metrics);
-        move || {
-            let tx = snapshot_tx.clone();
-            let metrics = Arc::clone(&metrics);
-            async move {
-                let (reply, answer) = oneshot::channel();
-                if tx.send(reply).await.is_ok()
-                    && let Ok((stats, backends)) = answer.await
-                {
-                    metrics.observe_datapath(&stats, &backends);
-                }
-            }
-        }
-    };
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry, refresh));
+    // Called by the collector on a blocking thread (metrics::http gathers there).
+    metrics.set_snapshot_source(Box::new(move || {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        snapshot_tx.blocking_send(reply).ok()?;
+        answer.recv_timeout(metrics::http::SNAPSHOT_TIMEOUT).ok()
+    }));
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
     tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -236,7 +227,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 let _ = reply.send(agent.handle(request));
             }
             Some(reply) = snapshot_rx.recv() => {
-                let _ = reply.send(agent.snapshot());
+                // Room for one answer: never blocks the owner.
+                let _ = reply.try_send(agent.snapshot());
             }
             _ = warm.tick() => warm_neighbours(&agent.all_backend_addresses()),
             _ = ramp.tick() => agent.ramp_step(),

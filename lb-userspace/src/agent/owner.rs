@@ -13,7 +13,6 @@ use std::{
 };
 
 use lb_common::{MAX_BACKENDS, stat};
-use tokio::sync::oneshot;
 
 use super::desired::{self, Health, Observed};
 use crate::{
@@ -26,8 +25,8 @@ use crate::{
     reconcile::{ApplyReport, Balancer},
 };
 
-/// Where a metrics scrape wants its fresh datapath snapshot.
-pub type SnapshotReply = oneshot::Sender<(api::Stats, Vec<api::BackendInfo>)>;
+/// Where a metrics scrape wants its fresh datapath snapshot (a channel with room for it).
+pub type SnapshotReply = std::sync::mpsc::SyncSender<crate::metrics::Snapshot>;
 
 impl Health {
     pub const fn as_str(self) -> &'static str {
@@ -197,6 +196,11 @@ impl Agent {
                 ));
             }
         }
+        self.metrics.retain_checks(|service, address| {
+            targets
+                .iter()
+                .any(|(t, _)| t.service == service && t.address == address)
+        });
         self.checker.set_targets(targets);
         Ok(report)
     }

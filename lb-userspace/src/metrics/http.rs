@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     io,
     sync::{
         Arc, Mutex, PoisonError,
@@ -38,33 +37,24 @@ const MAX_HEAD_BYTES: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client may take to accept the response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a scrape waits for the agent's snapshot before serving the last values.
-const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a scrape waits for the agent's snapshot before serving the last one.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections handled at once. When all are taken, a new client evicts the one that has
 /// been sending its request head the longest: idle connections (slowloris) cannot lock
 /// scrapers out, however many there are.
 const MAX_CONNECTIONS: usize = 256;
 
 /// Serves `GET /metrics` (text format, Content-Type `text/plain; version=0.0.4`) and 404 for
-/// other paths on `listener`. Each scrape first awaits `refresh()` (the agent fetches a
-/// datapath snapshot and calls [`Metrics::observe_datapath`]), then encodes `registry`.
-/// Scrapes run one at a time, so snapshots are applied in the order they were taken.
+/// other paths on `listener`. Each scrape gathers `registry` on a blocking thread: the
+/// datapath collector waits there for the agent's snapshot, never on the runtime.
 ///
 /// Minimal HTTP/1.1: read the request head (at most 8 KiB, within 2 s), answer, close.
 /// `HEAD /metrics` is answered too; other methods get 405.
 ///
 /// Runs until the listener fails: transient accept errors (a connection aborted, out of
 /// file descriptors) are logged and ridden out, others are returned.
-pub async fn serve<F, Fut>(listener: TcpListener, registry: Registry, refresh: F) -> io::Result<()>
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let shared = Arc::new(Shared {
-        registry,
-        refresh,
-        scrape: tokio::sync::Mutex::new(()),
-    });
+pub async fn serve(listener: TcpListener, registry: Registry) -> io::Result<()> {
+    let shared = Arc::new(Shared { registry });
     let slots = Arc::new(Slots::default());
     let mut next_id: u64 = 0;
     loop {
@@ -153,12 +143,8 @@ impl Drop for SlotGuard {
     }
 }
 
-struct Shared<F> {
+struct Shared {
     registry: Registry,
-    refresh: F,
-    /// Held from refresh to encode, so concurrent scrapes cannot apply an older snapshot
-    /// after a newer one (which would look like a counter reset).
-    scrape: tokio::sync::Mutex<()>,
 }
 
 enum AcceptError {
@@ -248,15 +234,7 @@ fn plain(status: &str, extra: &str, head_only: bool) -> Vec<u8> {
     )
 }
 
-async fn handle<F, Fut>(
-    mut stream: TcpStream,
-    shared: &Shared<F>,
-    slot: &SlotGuard,
-) -> io::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
+async fn handle(mut stream: TcpStream, shared: &Shared, slot: &SlotGuard) -> io::Result<()> {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Ok(head) => head?,
         Err(_elapsed) => {
@@ -285,11 +263,7 @@ where
     }
 }
 
-async fn route<F, Fut>(head: &[u8], shared: &Shared<F>) -> Vec<u8>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
+async fn route(head: &[u8], shared: &Shared) -> Vec<u8> {
     let line = head
         .split(|&b| b == b'\n')
         .next()
@@ -312,15 +286,13 @@ where
     if method != "GET" && !head_only {
         return plain("405 Method Not Allowed", "Allow: GET, HEAD\r\n", false);
     }
-    let text = {
-        let _scrape = shared.scrape.lock().await;
-        if tokio::time::timeout(REFRESH_TIMEOUT, (shared.refresh)())
-            .await
-            .is_err()
-        {
-            tracing::warn!("metrics scrape: no datapath snapshot in time; serving the last values");
+    let registry = shared.registry.clone();
+    let text = match tokio::task::spawn_blocking(move || encode(&registry)).await {
+        Ok(text) => text,
+        Err(err) => {
+            tracing::error!(error = %err, "metrics scrape failed");
+            return plain("500 Internal Server Error", "", head_only);
         }
-        encode(&shared.registry)
     };
     response(
         "200 OK",
@@ -360,7 +332,7 @@ mod tests {
         let gauge = prometheus::IntGauge::new("weir_test_gauge", "A test gauge.").unwrap();
         gauge.set(7);
         registry.register(Box::new(gauge)).unwrap();
-        let server = tokio::spawn(serve(listener, registry, || async {}));
+        let server = tokio::spawn(serve(listener, registry));
 
         // Twice the connection cap of clients that connect and send half a request head.
         let mut idle = Vec::new();
@@ -387,7 +359,7 @@ mod tests {
     async fn a_silent_client_is_cut_off_after_the_head_timeout() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let server = tokio::spawn(serve(listener, Registry::new(), || async {}));
+        let server = tokio::spawn(serve(listener, Registry::new()));
         let mut stream = TcpStream::connect(address).await.expect("connect");
         let started = Instant::now();
         let mut buf = Vec::new();

@@ -1,12 +1,13 @@
-//! Prometheus metrics: the agent's counters and gauges ([`Metrics`]), and the HTTP endpoint
+//! Prometheus metrics: what the agent exposes and how ([`Metrics`]), and the HTTP endpoint
 //! serving them in the text exposition format ([`http`]).
 //!
-//! The registry is created by `main` and passed down; nothing here is global. Datapath
-//! values (per-CPU sums read from the stats maps) are not pushed continuously: each scrape
-//! first asks the agent for a fresh snapshot (the `refresh` callback of [`serve`]), which
-//! lands in [`Metrics::observe_datapath`]. The datapath's sums only grow, so they are exposed
-//! as counters advanced by the difference; a sum that went down (a backend re-added, a fresh
-//! datapath) resets that series, which Prometheus' `rate()` understands as a counter reset.
+//! The registry is created by the agent and passed down; nothing here is global. Datapath
+//! values are not pushed: a [`prometheus::core::Collector`] reads a fresh snapshot at each
+//! scrape (per-CPU sums from the stats maps, the backend list), so the series are always the
+//! datapath's own totals and those of services and backends that went away are simply not
+//! there. A total that went down (a backend re-added, a fresh datapath) is what Prometheus'
+//! `rate()` treats as a counter reset. Health checks, reloads and rollbacks are events the
+//! agent records as they happen; check series appear only for backends in the snapshot.
 //!
 //! ```text
 //! weir_backend_packets_total{backend="198.51.100.11",service="web"} 42
@@ -18,413 +19,487 @@ pub mod http;
 pub use http::{encode, serve};
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::{self, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::api;
+
+/// What a scrape reads: the datapath's totals and the backends with their state.
+pub type Snapshot = (api::Stats, Vec<api::BackendInfo>);
+
+/// How the collector gets a snapshot: asks the agent's owner task; `None` if it did not
+/// answer in time (the last snapshot is served then).
+pub type SnapshotSource = Box<dyn Fn() -> Option<Snapshot> + Send + Sync>;
 
 /// Buckets of `weir_health_check_duration_seconds`: 0.1 ms to 5 s.
 const CHECK_DURATION_BUCKETS: [f64; 15] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// `result` label values of `weir_health_checks_total`.
-const CHECK_RESULTS: [&str; 2] = ["success", "failure"];
 /// `result` label values of `weir_reloads_total`.
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// `BackendInfo::health` of a backend without a health check: it gets no check series.
 const HEALTH_UNCHECKED: &str = "unchecked";
 
-/// The agent's metric handles. Cheap to share behind an `Arc`; every method takes `&self`.
-#[derive(Debug)]
+/// The families the datapath collector produces: (name, help, type).
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 18] = [
+    (
+        "weir_backend_up",
+        "Whether the datapath honours flows tracked to the backend (1) or not (0).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_weight",
+        "Configured weight of the backend in its service's ring.",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_active_connections",
+        "Active connections to the backend as the datapath counts them (new flows minus ended or idle-expired ones).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_packets_total",
+        "Packets the datapath forwarded to the backend.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_backend_bytes_total",
+        "Bytes (as received) the datapath forwarded to the backend.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_backend_new_flows_total",
+        "New flows the scheduler assigned to the backend.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_health_checks_total",
+        "Health checks of the backend, by result.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_health_check_duration_seconds",
+        "Time a health check of the backend took, successful or not.",
+        MetricType::HISTOGRAM,
+    ),
+    (
+        "weir_service_packets_total",
+        "Packets to the service's VIP that the datapath balanced.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_service_bytes_total",
+        "Bytes (as received) to the service's VIP that the datapath balanced.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_service_new_flows_total",
+        "New flows to the service that the scheduler assigned.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_xdp_actions_total",
+        "Packets by the XDP action the datapath returned.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_packets_dropped_total",
+        "Packets the datapath dropped, by reason.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_packets_passed_total",
+        "Packets the datapath passed to the kernel stack, by reason.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_conntrack_hits_total",
+        "Packets of a tracked flow whose connection-table entry was honoured.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_conntrack_misses_total",
+        "Packets that asked the scheduler (no entry, a stale entry, or a SYN).",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_decap_packets_total",
+        "Packets whose outer tunnel header the decap program removed.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_untracked_midflow_packets_total",
+        "Non-SYN TCP packets of flows the connection table did not know (evicted, idle-expired, or the LB restarted); sent by the service's hash.",
+        MetricType::COUNTER,
+    ),
+];
+
+/// The idle-expiry family, kept apart so the table above stays one line per family.
+const IDLE_EXPIRED: (&str, &str) = (
+    "weir_conntrack_idle_expired_total",
+    "Tracked flows forgotten because they were idle longer than their service's timeout.",
+);
+
+/// Where a global datapath counter (`lb_common::stat::NAMES`) goes: its family and, for the
+/// families with a `action`/`reason` label, that label.
+#[must_use]
+pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, &str)>)> {
+    if let Some(action) = name.strip_prefix("xdp_") {
+        Some(("weir_xdp_actions_total", Some(("action", action))))
+    } else if let Some(reason) = name.strip_prefix("drop_") {
+        Some(("weir_packets_dropped_total", Some(("reason", reason))))
+    } else if let Some(reason) = name.strip_prefix("pass_") {
+        Some(("weir_packets_passed_total", Some(("reason", reason))))
+    } else {
+        let family = match name {
+            "conntrack_hit" => "weir_conntrack_hits_total",
+            "conntrack_miss" => "weir_conntrack_misses_total",
+            "decap_ok" => "weir_decap_packets_total",
+            "untracked_midflow" => "weir_untracked_midflow_packets_total",
+            "conntrack_idle_expired" => IDLE_EXPIRED.0,
+            _ => return None,
+        };
+        Some((family, None))
+    }
+}
+
+/// One backend's health checks so far.
+#[derive(Debug, Clone, Default)]
+struct Checks {
+    success: u64,
+    failure: u64,
+    /// Non-cumulative counts per bucket of `CHECK_DURATION_BUCKETS`, then `+Inf`.
+    buckets: [u64; CHECK_DURATION_BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl Checks {
+    fn observe(&mut self, ok: bool, duration: Duration) {
+        if ok {
+            self.success += 1;
+        } else {
+            self.failure += 1;
+        }
+        let seconds = duration.as_secs_f64();
+        let index = CHECK_DURATION_BUCKETS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(CHECK_DURATION_BUCKETS.len());
+        self.buckets[index] += 1;
+        self.sum += seconds;
+    }
+}
+
+/// State shared by the agent (which records checks and sets the source) and the registry
+/// (which calls `collect` at each scrape).
+struct Inner {
+    source: Mutex<Option<SnapshotSource>>,
+    /// The last snapshot, served when the agent does not answer in time.
+    last: Mutex<Option<Snapshot>>,
+    checks: Mutex<HashMap<(String, IpAddr), Checks>>,
+    descs: Vec<Desc>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values stay consistent even if a holder panicked (and a panic ends the
+    // agent anyway).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The collector of everything read from the datapath at scrape time.
+#[derive(Clone)]
+struct DatapathCollector(Arc<Inner>);
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    let mut pairs: Vec<(&str, &str)> = pairs.to_vec();
+    pairs.sort_unstable();
+    pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name(name.to_owned());
+            pair.set_value(value.to_owned());
+            pair
+        })
+        .collect()
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(value as f64);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_gauge(g);
+    m.set_label(labels(pairs));
+    m
+}
+
+fn histogram(pairs: &[(&str, &str)], checks: &Checks) -> Metric {
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0;
+    let buckets = CHECK_DURATION_BUCKETS
+        .iter()
+        .zip(checks.buckets)
+        .map(|(le, count)| {
+            cumulative += count;
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(*le);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    h.set_bucket(buckets);
+    h.set_sample_count(checks.buckets.iter().sum());
+    h.set_sample_sum(checks.sum);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(h);
+    m
+}
+
+impl DatapathCollector {
+    fn snapshot(&self) -> Option<Snapshot> {
+        let fresh = lock(&self.0.source).as_ref().and_then(|source| source());
+        let mut last = lock(&self.0.last);
+        match fresh {
+            Some(snapshot) => {
+                *last = Some(snapshot.clone());
+                Some(snapshot)
+            }
+            None => {
+                if lock(&self.0.source).is_some() {
+                    tracing::warn!(
+                        "metrics scrape: no datapath snapshot in time; serving the last one"
+                    );
+                }
+                last.clone()
+            }
+        }
+    }
+
+    /// The families of one snapshot, every family present (those without series empty).
+    fn families(&self, snapshot: Option<&Snapshot>) -> Vec<MetricFamily> {
+        let mut series: BTreeMap<&'static str, Vec<Metric>> = DATAPATH_FAMILIES
+            .iter()
+            .map(|(name, _, _)| (*name, Vec::new()))
+            .chain(std::iter::once((IDLE_EXPIRED.0, Vec::new())))
+            .collect();
+        let mut push = |family: &'static str, metric: Metric| {
+            series.entry(family).or_default().push(metric);
+        };
+        // Every global counter appears, at 0 before the first snapshot.
+        let zeros: Vec<(String, u64)> = lb_common::stat::NAMES
+            .iter()
+            .map(|n| ((*n).to_owned(), 0))
+            .collect();
+        let global = snapshot.map_or(&zeros, |(stats, _)| &stats.global);
+        for (name, value) in global {
+            match global_family(name) {
+                Some((family, Some((label, value_label)))) => {
+                    push(family, counter(&[(label, value_label)], *value));
+                }
+                Some((family, None)) => push(family, counter(&[], *value)),
+                None => tracing::debug!(%name, "datapath counter without a metric"),
+            }
+        }
+        if let Some((stats, backends)) = snapshot {
+            let checks = lock(&self.0.checks);
+            for b in backends {
+                let address = b.address.to_string();
+                let pairs = [
+                    ("service", b.service.as_str()),
+                    ("backend", address.as_str()),
+                ];
+                push("weir_backend_up", gauge(&pairs, f64::from(u8::from(b.up))));
+                push("weir_backend_weight", gauge(&pairs, f64::from(b.weight)));
+                push(
+                    "weir_backend_active_connections",
+                    gauge(&pairs, b.active_connections as f64),
+                );
+                push("weir_backend_packets_total", counter(&pairs, b.packets));
+                push("weir_backend_bytes_total", counter(&pairs, b.bytes));
+                push("weir_backend_new_flows_total", counter(&pairs, b.new_flows));
+                if b.health != HEALTH_UNCHECKED {
+                    let c = checks
+                        .get(&(b.service.clone(), b.address))
+                        .cloned()
+                        .unwrap_or_default();
+                    for (result, count) in [("success", c.success), ("failure", c.failure)] {
+                        let mut with_result = pairs.to_vec();
+                        with_result.push(("result", result));
+                        push("weir_health_checks_total", counter(&with_result, count));
+                    }
+                    push("weir_health_check_duration_seconds", histogram(&pairs, &c));
+                }
+            }
+            for row in stats.services.iter().filter(|row| row.backend.is_none()) {
+                let pairs = [("service", row.service.as_str())];
+                push("weir_service_packets_total", counter(&pairs, row.packets));
+                push("weir_service_bytes_total", counter(&pairs, row.bytes));
+                push(
+                    "weir_service_new_flows_total",
+                    counter(&pairs, row.new_flows),
+                );
+            }
+        }
+        let help_and_type = |name: &str| {
+            DATAPATH_FAMILIES
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or((IDLE_EXPIRED.1, MetricType::COUNTER), |(_, help, kind)| {
+                    (*help, *kind)
+                })
+        };
+        series
+            .into_iter()
+            .filter(|(_, metrics)| !metrics.is_empty())
+            .map(|(name, metrics)| {
+                let (help, kind) = help_and_type(name);
+                let mut family = MetricFamily::default();
+                family.set_name(name.to_owned());
+                family.set_help(help.to_owned());
+                family.set_field_type(kind);
+                family.set_metric(metrics);
+                family
+            })
+            .collect()
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snapshot = self.snapshot();
+        self.families(snapshot.as_ref())
+    }
+}
+
+/// The agent's metrics. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Metrics {
-    backend_up: IntGaugeVec,
-    backend_weight: IntGaugeVec,
-    backend_active_connections: IntGaugeVec,
-    untracked_midflow: IntCounter,
-    conntrack_idle_expired: IntCounter,
-    backend_packets: IntCounterVec,
-    backend_bytes: IntCounterVec,
-    backend_new_flows: IntCounterVec,
-    health_checks: IntCounterVec,
-    health_check_duration: HistogramVec,
-    service_packets: IntCounterVec,
-    service_bytes: IntCounterVec,
-    service_new_flows: IntCounterVec,
-    xdp_actions: IntCounterVec,
-    packets_dropped: IntCounterVec,
-    packets_passed: IntCounterVec,
-    conntrack_hits: IntCounter,
-    conntrack_misses: IntCounter,
-    decap_packets: IntCounter,
+    datapath: DatapathCollector,
     reloads: IntCounterVec,
     last_reload_successful: IntGauge,
     rollback_failures: IntCounter,
-    /// The label sets in use, so series of services and backends that went away are dropped.
-    /// Also serialises the read-compare-advance of the datapath counters.
-    known: Mutex<Known>,
 }
 
-#[derive(Debug, Default)]
-struct Known {
-    services: HashSet<String>,
-    backends: HashSet<(String, IpAddr)>,
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 /// Registers a collector and hands it back.
 fn register<C>(registry: &Registry, collector: C) -> Result<C, prometheus::Error>
 where
-    C: prometheus::core::Collector + Clone + 'static,
+    C: Collector + Clone + 'static,
 {
     registry.register(Box::new(collector.clone()))?;
     Ok(collector)
 }
 
-fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec, prometheus::Error> {
-    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
-}
-
-fn gauge_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntGaugeVec, prometheus::Error> {
-    register(registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
-}
-
-fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
-    register(registry, IntCounter::with_opts(Opts::new(name, help))?)
-}
-
-/// Moves `counter` to `value`, a monotonic sum read from the datapath: forward by the
-/// difference, or, when the sum went down (its source was reset), restart from `value`.
-fn advance(counter: &IntCounter, value: u64) {
-    let current = counter.get();
-    if value >= current {
-        counter.inc_by(value - current);
-    } else {
-        counter.reset();
-        counter.inc_by(value);
-    }
-}
-
-/// Removes one label set from a vector; a label set that is not there is not an error.
-fn remove<T: prometheus::core::MetricVecBuilder>(
-    vec: &prometheus::core::MetricVec<T>,
-    labels: &[&str],
-) {
-    // Only fails when the label set does not exist (or has the wrong arity, which ours
-    // cannot): nothing to do either way.
-    let _ = vec.remove_label_values(labels);
-}
-
 impl Metrics {
-    /// Creates and registers every metric, with the series of every known label set at 0.
+    /// Creates and registers every metric. Until [`Self::set_snapshot_source`] the datapath
+    /// families hold only the global counters, at 0.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let sb = &["service", "backend"];
-        let metrics = Self {
-            backend_up: gauge_vec(
-                registry,
-                "weir_backend_up",
-                "Whether the datapath honours flows tracked to the backend (1) or not (0).",
-                sb,
-            )?,
-            backend_weight: gauge_vec(
-                registry,
-                "weir_backend_weight",
-                "Configured weight of the backend in its service's ring.",
-                sb,
-            )?,
-            backend_active_connections: gauge_vec(
-                registry,
-                "weir_backend_active_connections",
-                "Active connections to the backend as the datapath counts them (new flows minus ended or idle-expired ones).",
-                sb,
-            )?,
-            backend_packets: counter_vec(
-                registry,
-                "weir_backend_packets_total",
-                "Packets the datapath forwarded to the backend.",
-                sb,
-            )?,
-            backend_bytes: counter_vec(
-                registry,
-                "weir_backend_bytes_total",
-                "Bytes (as received) the datapath forwarded to the backend.",
-                sb,
-            )?,
-            backend_new_flows: counter_vec(
-                registry,
-                "weir_backend_new_flows_total",
-                "New flows the scheduler assigned to the backend.",
-                sb,
-            )?,
-            health_checks: counter_vec(
-                registry,
-                "weir_health_checks_total",
-                "Health checks of the backend, by result.",
-                &["service", "backend", "result"],
-            )?,
-            health_check_duration: register(
-                registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "weir_health_check_duration_seconds",
-                        "Time a health check of the backend took, successful or not.",
-                    )
-                    .buckets(CHECK_DURATION_BUCKETS.to_vec()),
-                    sb,
-                )?,
-            )?,
-            service_packets: counter_vec(
-                registry,
-                "weir_service_packets_total",
-                "Packets to the service's VIP that the datapath balanced.",
-                &["service"],
-            )?,
-            service_bytes: counter_vec(
-                registry,
-                "weir_service_bytes_total",
-                "Bytes (as received) to the service's VIP that the datapath balanced.",
-                &["service"],
-            )?,
-            service_new_flows: counter_vec(
-                registry,
-                "weir_service_new_flows_total",
-                "New flows to the service that the scheduler assigned.",
-                &["service"],
-            )?,
-            xdp_actions: counter_vec(
-                registry,
-                "weir_xdp_actions_total",
-                "Packets by the XDP action the datapath returned.",
-                &["action"],
-            )?,
-            packets_dropped: counter_vec(
-                registry,
-                "weir_packets_dropped_total",
-                "Packets the datapath dropped, by reason.",
-                &["reason"],
-            )?,
-            packets_passed: counter_vec(
-                registry,
-                "weir_packets_passed_total",
-                "Packets the datapath passed to the kernel stack, by reason.",
-                &["reason"],
-            )?,
-            conntrack_hits: counter(
-                registry,
-                "weir_conntrack_hits_total",
-                "Packets of a tracked flow whose connection-table entry was honoured.",
-            )?,
-            conntrack_misses: counter(
-                registry,
-                "weir_conntrack_misses_total",
-                "Packets that asked the scheduler (no entry, a stale entry, or a SYN).",
-            )?,
-            decap_packets: counter(
-                registry,
-                "weir_decap_packets_total",
-                "Packets whose outer tunnel header the decap program removed.",
-            )?,
-            untracked_midflow: counter(
-                registry,
-                "weir_untracked_midflow_packets_total",
-                "Non-SYN TCP packets of flows the connection table did not know (evicted, idle-expired, or the LB restarted); sent by the service's hash.",
-            )?,
-            conntrack_idle_expired: counter(
-                registry,
-                "weir_conntrack_idle_expired_total",
-                "Tracked flows forgotten because they were idle longer than their service's timeout.",
-            )?,
-            reloads: counter_vec(
-                registry,
-                "weir_reloads_total",
-                "Config reloads, by result.",
+        let descs = DATAPATH_FAMILIES
+            .iter()
+            .map(|(name, help, _)| (*name, *help))
+            .chain(std::iter::once(IDLE_EXPIRED))
+            .map(|(name, help)| {
+                Desc::new(name.to_owned(), help.to_owned(), Vec::new(), HashMap::new())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let datapath = register(
+            registry,
+            DatapathCollector(Arc::new(Inner {
+                source: Mutex::new(None),
+                last: Mutex::new(None),
+                checks: Mutex::new(HashMap::new()),
+                descs,
+            })),
+        )?;
+        let reloads = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new("weir_reloads_total", "Config reloads, by result."),
                 &["result"],
             )?,
-            last_reload_successful: register(
-                registry,
-                IntGauge::with_opts(Opts::new(
-                    "weir_config_last_reload_successful",
-                    "Whether the last config reload succeeded (1) or failed (0).",
-                ))?,
-            )?,
-            rollback_failures: counter(
-                registry,
+        )?;
+        for result in RELOAD_RESULTS {
+            reloads.get_metric_with_label_values(&[result])?;
+        }
+        let last_reload_successful = register(
+            registry,
+            IntGauge::with_opts(Opts::new(
+                "weir_config_last_reload_successful",
+                "Whether the last config reload succeeded (1) or failed (0).",
+            ))?,
+        )?;
+        last_reload_successful.set(1);
+        let rollback_failures = register(
+            registry,
+            IntCounter::with_opts(Opts::new(
                 "weir_rollback_failures_total",
                 "Failed changes whose rollback failed too, leaving the datapath with a mix of old and new state until the next successful apply.",
-            )?,
-            known: Mutex::new(Known::default()),
-        };
-        let build_info = gauge_vec(
+            ))?,
+        )?;
+        let build_info = register(
             registry,
-            "weir_build_info",
-            "The running agent's version, as a label; the value is always 1.",
-            &["version"],
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_build_info",
+                    "The running agent's version, as a label; the value is always 1.",
+                ),
+                &["version"],
+            )?,
         )?;
         build_info
             .get_metric_with_label_values(&[env!("CARGO_PKG_VERSION")])?
             .set(1);
-        metrics.last_reload_successful.set(1);
-        for result in RELOAD_RESULTS {
-            metrics.reloads.get_metric_with_label_values(&[result])?;
-        }
-        for name in lb_common::stat::NAMES {
-            // Creates the series at 0; a name no metric takes is caught by a test.
-            let _ = metrics.global(name);
-        }
-        Ok(metrics)
+        Ok(Self {
+            datapath,
+            reloads,
+            last_reload_successful,
+            rollback_failures,
+        })
     }
 
-    fn known(&self) -> MutexGuard<'_, Known> {
-        // The guarded sets stay consistent even if a holder panicked.
-        self.known.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The counter of a global datapath counter (`lb_common::stat::NAMES`).
-    fn global(&self, name: &str) -> Option<IntCounter> {
-        if let Some(action) = name.strip_prefix("xdp_") {
-            Some(self.xdp_actions.with_label_values(&[action]))
-        } else if let Some(reason) = name.strip_prefix("drop_") {
-            Some(self.packets_dropped.with_label_values(&[reason]))
-        } else if let Some(reason) = name.strip_prefix("pass_") {
-            Some(self.packets_passed.with_label_values(&[reason]))
-        } else {
-            match name {
-                "conntrack_hit" => Some(self.conntrack_hits.clone()),
-                "conntrack_miss" => Some(self.conntrack_misses.clone()),
-                "decap_ok" => Some(self.decap_packets.clone()),
-                "untracked_midflow" => Some(self.untracked_midflow.clone()),
-                "conntrack_idle_expired" => Some(self.conntrack_idle_expired.clone()),
-                _ => None,
-            }
-        }
-    }
-
-    /// Sets datapath-derived metrics from a fresh snapshot taken at scrape time.
-    ///
-    /// The snapshot is taken to be complete: series of services and backends in neither
-    /// `stats` nor `backends` are dropped (as by [`Self::forget_backend`]). Traffic counters
-    /// come from `stats.backends`, or from `backends` for a backend `stats` lacks.
-    pub fn observe_datapath(&self, stats: &api::Stats, backends: &[api::BackendInfo]) {
-        let mut known = self.known();
-
-        for (name, value) in &stats.global {
-            match self.global(name) {
-                Some(counter) => advance(&counter, *value),
-                None => tracing::debug!(%name, "datapath counter without a metric"),
-            }
-        }
-
-        let mut traffic: HashMap<(&str, IpAddr), (u64, u64, u64)> = HashMap::new();
-        for row in &stats.backends {
-            if let Some(address) = row.backend {
-                traffic.insert(
-                    (row.service.as_str(), address),
-                    (row.packets, row.bytes, row.new_flows),
-                );
-            }
-        }
-        for backend in backends {
-            traffic
-                .entry((backend.service.as_str(), backend.address))
-                .or_insert((backend.packets, backend.bytes, backend.new_flows));
-            let address = backend.address.to_string();
-            let labels = [backend.service.as_str(), address.as_str()];
-            self.backend_up
-                .with_label_values(&labels)
-                .set(i64::from(backend.up));
-            self.backend_weight
-                .with_label_values(&labels)
-                .set(i64::from(backend.weight));
-            self.backend_active_connections
-                .with_label_values(&labels)
-                .set(i64::try_from(backend.active_connections).unwrap_or(i64::MAX));
-            if backend.health != HEALTH_UNCHECKED {
-                self.touch_check_series(&labels);
-            }
-        }
-
-        let mut services: HashSet<String> = HashSet::new();
-        let mut present: HashSet<(String, IpAddr)> = HashSet::new();
-        for ((service, address), (packets, bytes, new_flows)) in traffic {
-            let address_text = address.to_string();
-            let labels = [service, address_text.as_str()];
-            advance(&self.backend_packets.with_label_values(&labels), packets);
-            advance(&self.backend_bytes.with_label_values(&labels), bytes);
-            advance(
-                &self.backend_new_flows.with_label_values(&labels),
-                new_flows,
-            );
-            services.insert(service.to_owned());
-            present.insert((service.to_owned(), address));
-        }
-        for row in stats.services.iter().filter(|row| row.backend.is_none()) {
-            let labels = [row.service.as_str()];
-            advance(
-                &self.service_packets.with_label_values(&labels),
-                row.packets,
-            );
-            advance(&self.service_bytes.with_label_values(&labels), row.bytes);
-            advance(
-                &self.service_new_flows.with_label_values(&labels),
-                row.new_flows,
-            );
-            services.insert(row.service.clone());
-        }
-
-        for (service, address) in known.backends.difference(&present) {
-            self.remove_backend_series(service, *address);
-        }
-        for service in known.services.difference(&services) {
-            self.remove_service_series(service);
-        }
-        known.backends = present;
-        known.services = services;
-    }
-
-    /// Creates a backend's check series (both results, the histogram) at 0.
-    fn touch_check_series(&self, labels: &[&str; 2]) {
-        for result in CHECK_RESULTS {
-            self.health_checks
-                .with_label_values(&[labels[0], labels[1], result]);
-        }
-        self.health_check_duration.with_label_values(labels);
+    /// Where scrapes get their datapath snapshot from (the agent's owner task).
+    pub fn set_snapshot_source(&self, source: SnapshotSource) {
+        *lock(&self.datapath.0.source) = Some(source);
     }
 
     /// Records one health check of `backend` of `service`.
     pub fn observe_check(&self, service: &str, backend: IpAddr, ok: bool, duration: Duration) {
-        let mut known = self.known();
-        let address = backend.to_string();
-        let labels = [service, address.as_str()];
-        self.touch_check_series(&labels);
-        let result = if ok {
-            CHECK_RESULTS[0]
-        } else {
-            CHECK_RESULTS[1]
-        };
-        self.health_checks
-            .with_label_values(&[service, address.as_str(), result])
-            .inc();
-        self.health_check_duration
-            .with_label_values(&labels)
-            .observe(duration.as_secs_f64());
-        known.backends.insert((service.to_owned(), backend));
+        lock(&self.datapath.0.checks)
+            .entry((service.to_owned(), backend))
+            .or_default()
+            .observe(ok, duration);
+    }
+
+    /// Forgets the checks of backends that are no longer checked, so a backend added again
+    /// starts from zero (its other series restart with its new datapath id too).
+    pub fn retain_checks(&self, keep: impl Fn(&str, IpAddr) -> bool) {
+        lock(&self.datapath.0.checks).retain(|(service, address), _| keep(service, *address));
     }
 
     /// Records one config reload (`weir reload`, SIGHUP) and whether it took effect.
@@ -442,53 +517,6 @@ impl Metrics {
     pub fn observe_rollback_failure(&self) {
         self.rollback_failures.inc();
     }
-
-    /// Drops every series of a backend that no longer exists (removed from its service, or
-    /// its service removed). The next scrape's snapshot would drop them too; this is for
-    /// the agent to call at once.
-    pub fn forget_backend(&self, service: &str, backend: IpAddr) {
-        let mut known = self.known();
-        self.remove_backend_series(service, backend);
-        known.backends.remove(&(service.to_owned(), backend));
-    }
-
-    /// Drops every series of a service that no longer exists, and of its backends.
-    pub fn forget_service(&self, service: &str) {
-        let mut known = self.known();
-        self.remove_service_series(service);
-        let gone: Vec<(String, IpAddr)> = known
-            .backends
-            .iter()
-            .filter(|(s, _)| s == service)
-            .cloned()
-            .collect();
-        for (s, address) in gone {
-            self.remove_backend_series(&s, address);
-            known.backends.remove(&(s, address));
-        }
-        known.services.remove(service);
-    }
-
-    fn remove_backend_series(&self, service: &str, backend: IpAddr) {
-        let address = backend.to_string();
-        let labels = [service, address.as_str()];
-        remove(&self.backend_up, &labels);
-        remove(&self.backend_weight, &labels);
-        remove(&self.backend_active_connections, &labels);
-        remove(&self.backend_packets, &labels);
-        remove(&self.backend_bytes, &labels);
-        remove(&self.backend_new_flows, &labels);
-        remove(&self.health_check_duration, &labels);
-        for result in CHECK_RESULTS {
-            remove(&self.health_checks, &[service, address.as_str(), result]);
-        }
-    }
-
-    fn remove_service_series(&self, service: &str) {
-        remove(&self.service_packets, &[service]);
-        remove(&self.service_bytes, &[service]);
-        remove(&self.service_new_flows, &[service]);
-    }
 }
 
 #[cfg(test)]
@@ -496,10 +524,7 @@ mod tests {
     use std::{
         io,
         process::{Command, Stdio},
-        sync::{
-            Arc,
-            atomic::{AtomicU64, Ordering},
-        },
+        sync::atomic::{AtomicU64, Ordering},
     };
 
     use tokio::{
@@ -508,6 +533,34 @@ mod tests {
     };
 
     use super::*;
+
+    /// A registry whose datapath snapshot the test sets, as the agent's owner would answer.
+    struct Fixture {
+        registry: Registry,
+        metrics: Metrics,
+        current: Arc<Mutex<Option<Snapshot>>>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let registry = Registry::new();
+            let metrics = Metrics::new(&registry).unwrap();
+            let current: Arc<Mutex<Option<Snapshot>>> = Arc::new(Mutex::new(None));
+            let source = Arc::clone(&current);
+            metrics.set_snapshot_source(Box::new(move || lock(&source).clone()));
+            Self {
+                registry,
+                metrics,
+                current,
+            }
+        }
+
+        /// A scrape that sees `snapshot`.
+        fn scrape(&self, snapshot: &Snapshot) -> String {
+            *lock(&self.current) = Some(snapshot.clone());
+            encode(&self.registry)
+        }
+    }
 
     const WEB_BACKEND: &str = "198.51.100.11";
 
@@ -569,9 +622,8 @@ mod tests {
 
     #[test]
     fn every_datapath_counter_has_a_metric() {
-        let metrics = Metrics::new(&Registry::new()).unwrap();
         for name in lb_common::stat::NAMES {
-            assert!(metrics.global(name).is_some(), "{name} has no metric");
+            assert!(global_family(name).is_some(), "{name} has no metric");
         }
     }
 
@@ -615,14 +667,11 @@ mod tests {
 
     #[test]
     fn datapath_sums_become_counters_and_a_decrease_resets() {
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
+        let f = Fixture::new();
         let packets = backend_series("weir_backend_packets_total");
         let bytes = backend_series("weir_backend_bytes_total");
 
-        let (stats, backends) = snapshot(10, 1);
-        metrics.observe_datapath(&stats, &backends);
-        let text = encode(&registry);
+        let text = f.scrape(&snapshot(10, 1));
         assert_eq!(sample(&text, &packets), Some(10.0));
         assert_eq!(sample(&text, &backend_series("weir_backend_up")), Some(1.0));
         assert_eq!(
@@ -630,9 +679,7 @@ mod tests {
             Some(3.0)
         );
 
-        let (stats, backends) = snapshot(42, 7);
-        metrics.observe_datapath(&stats, &backends);
-        let text = encode(&registry);
+        let text = f.scrape(&snapshot(42, 7));
         assert!(
             text.lines().any(|line| line
                 == r#"weir_backend_packets_total{backend="198.51.100.11",service="web"} 42"#),
@@ -667,65 +714,61 @@ mod tests {
         // The backend was re-added: its datapath sums restarted.
         let (stats, mut backends) = snapshot(5, 7);
         backends[0].up = false;
-        metrics.observe_datapath(&stats, &backends);
-        let text = encode(&registry);
+        backends[0].packets = 5;
+        backends[0].bytes = 500;
+        let text = f.scrape(&(stats, backends));
         assert_eq!(sample(&text, &packets), Some(5.0));
         assert_eq!(sample(&text, &bytes), Some(500.0));
         assert_eq!(sample(&text, &backend_series("weir_backend_up")), Some(0.0));
-        let (stats, backends) = snapshot(8, 7);
-        metrics.observe_datapath(&stats, &backends);
-        assert_eq!(sample(&encode(&registry), &packets), Some(8.0));
+        assert_eq!(sample(&f.scrape(&snapshot(8, 7)), &packets), Some(8.0));
+        // No answer from the agent: the last snapshot is served.
+        *lock(&f.current) = None;
+        assert_eq!(sample(&encode(&f.registry), &packets), Some(8.0));
     }
 
     #[test]
     fn backends_and_services_that_went_away_are_dropped() {
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
+        let f = Fixture::new();
         let other = "198.51.100.12";
         let (mut stats, mut backends) = snapshot(10, 0);
         stats.backends.push(traffic(Some(other), 3));
         backends.push(backend_info(other, true, 3));
-        metrics.observe_datapath(&stats, &backends);
+        let both = (stats, backends);
         let other_packets =
             format!("weir_backend_packets_total{{backend=\"{other}\",service=\"web\"}}");
-        assert_eq!(sample(&encode(&registry), &other_packets), Some(3.0));
+        assert_eq!(sample(&f.scrape(&both), &other_packets), Some(3.0));
 
-        metrics.forget_backend("web", other.parse().unwrap());
-        let text = encode(&registry);
+        // A snapshot without the backend has none of its series.
+        let text = f.scrape(&snapshot(10, 0));
         assert!(!text.contains(other), "{text}");
         assert!(sample(&text, &backend_series("weir_backend_packets_total")).is_some());
 
-        // A snapshot without the service drops it and its backends.
-        metrics.observe_check("web", WEB_BACKEND.parse().unwrap(), true, Duration::ZERO);
+        // A snapshot without the service drops it and its backends, checks included.
+        f.metrics
+            .observe_check("web", WEB_BACKEND.parse().unwrap(), true, Duration::ZERO);
         let empty = api::Stats {
             global: Vec::new(),
             services: Vec::new(),
             backends: Vec::new(),
         };
-        metrics.observe_datapath(&empty, &[]);
-        let text = encode(&registry);
+        let text = f.scrape(&(empty, Vec::new()));
         assert!(!text.contains("service=\"web\""), "{text}");
-        // Global series stay.
         assert_eq!(
-            sample(&text, r#"weir_packets_dropped_total{reason="fragment"}"#),
+            sample(&text, "weir_reloads_total{result=\"success\"}"),
             Some(0.0)
         );
-
-        metrics.observe_datapath(&stats, &backends);
-        metrics.forget_service("web");
-        assert!(!encode(&registry).contains("service=\"web\""));
     }
 
     #[test]
     fn checks_and_reloads_are_counted() {
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
+        let f = Fixture::new();
+        let metrics = &f.metrics;
         let backend: IpAddr = WEB_BACKEND.parse().unwrap();
         metrics.observe_check("web", backend, true, Duration::from_micros(300));
         metrics.observe_check("web", backend, true, Duration::from_millis(20));
         metrics.observe_check("web", backend, false, Duration::from_secs(2));
         metrics.observe_reload(false);
-        let text = encode(&registry);
+        let text = f.scrape(&snapshot(1, 0));
         let checks = |result: &str| {
             sample(
                 &text,
@@ -773,7 +816,7 @@ mod tests {
         );
 
         metrics.observe_reload(true);
-        let text = encode(&registry);
+        let text = encode(&f.registry);
         assert_eq!(
             sample(&text, r#"weir_reloads_total{result="success"}"#),
             Some(1.0)
@@ -796,27 +839,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn serve_answers_metrics_after_refreshing_and_404_otherwise() {
+    async fn serve_answers_metrics_from_a_fresh_snapshot_and_404_otherwise() {
         let registry = Registry::new();
-        let metrics = Arc::new(Metrics::new(&registry).unwrap());
+        let metrics = Metrics::new(&registry).unwrap();
         let refreshes = Arc::new(AtomicU64::new(0));
-        let refresh = {
-            let metrics = Arc::clone(&metrics);
-            let refreshes = Arc::clone(&refreshes);
-            move || {
-                let metrics = Arc::clone(&metrics);
-                let refreshes = Arc::clone(&refreshes);
-                async move {
-                    // The snapshot this scrape must show: 100 packets per refresh so far.
-                    let n = refreshes.fetch_add(1, Ordering::SeqCst) + 1;
-                    let (stats, backends) = snapshot(100 * n, 0);
-                    metrics.observe_datapath(&stats, &backends);
-                }
-            }
-        };
+        let counted = Arc::clone(&refreshes);
+        metrics.set_snapshot_source(Box::new(move || {
+            // The snapshot this scrape must show: 100 packets per scrape so far.
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            Some(snapshot(100 * n, 0))
+        }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, registry, refresh));
+        let server = tokio::spawn(serve(listener, registry));
         let packets = backend_series("weir_backend_packets_total");
 
         for n in 1..=2_u32 {
@@ -844,7 +879,7 @@ mod tests {
         let answer = get(address, "HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.ends_with("\r\n\r\n"), "{answer}");
-        // Only scrapes of /metrics refresh.
+        // Only scrapes of /metrics read the datapath.
         assert_eq!(refreshes.load(Ordering::SeqCst), 3);
 
         server.abort();
@@ -854,10 +889,8 @@ mod tests {
     /// setup`) lints names, units, HELP and TYPE lines of a populated registry.
     #[test]
     fn promtool_finds_no_problems() {
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
-        let (stats, backends) = snapshot(42, 3);
-        metrics.observe_datapath(&stats, &backends);
+        let f = Fixture::new();
+        let metrics = &f.metrics;
         metrics.observe_check(
             "web",
             WEB_BACKEND.parse().unwrap(),
@@ -865,7 +898,7 @@ mod tests {
             Duration::from_millis(3),
         );
         metrics.observe_reload(true);
-        let text = encode(&registry);
+        let text = f.scrape(&snapshot(42, 3));
 
         let child = Command::new("promtool")
             .args(["check", "metrics"])
