@@ -254,6 +254,129 @@ pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<Option<u32>> {
     Ok((ifindex != 0).then_some(ifindex))
 }
 
+/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands (`include/uapi/linux/bpf.h`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] -> values[i]` into the map behind `map` with one `BPF_MAP_UPDATE_BATCH`
+/// (Linux 5.6) per chunk, instead of a syscall per element. `K` and `V` must be the map's
+/// exact key and value types (plain `repr(C)` data).
+pub fn map_update_batch<K: Copy, V: Copy>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    // The kernel copies the whole batch in: bounded chunks keep that memory small.
+    const CHUNK: usize = 8192;
+    for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` describes `keys` and `values`, live slices of `count` elements of
+        // the map's key and value types, which the kernel only reads.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if attr.count as usize != keys.len() {
+            return Err(io::Error::other(format!(
+                "batch update wrote {} of {} elements",
+                attr.count,
+                keys.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads every entry of a hash map with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), `chunk` entries
+/// a syscall, calling `each` per entry. Entries may come and go during the walk (the kernel
+/// walks bucket by bucket); each one present throughout is seen once.
+pub fn map_lookup_batch<K: Copy + Default, V: Copy + Default>(
+    map: std::os::fd::BorrowedFd<'_>,
+    chunk: usize,
+    mut each: impl FnMut(&K, &V),
+) -> io::Result<usize> {
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    // The batch token of a hash map is a u32 bucket index; 8 bytes leave room.
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    let mut seen = 0;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const token_in) as u64
+            },
+            out_batch: (&raw mut token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `keys` and `values`, writable buffers of `count`
+        // elements of the map's key and value types, and at the two batch tokens; all
+        // outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let done = if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                return Err(err);
+            }
+            // ENOENT: the walk is over; `count` entries were still filled in.
+            true
+        } else {
+            false
+        };
+        let filled = (attr.count as usize).min(chunk);
+        for (key, value) in keys.iter().zip(&values).take(filled) {
+            each(key, value);
+        }
+        seen += filled;
+        if done {
+            return Ok(seen);
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

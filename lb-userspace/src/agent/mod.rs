@@ -215,6 +215,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut warm = tokio::time::interval(Duration::from_secs(5));
     let mut ramp = tokio::time::interval(Duration::from_secs(1));
     let mut reconcile = tokio::time::interval(Duration::from_secs(5));
+    // The connection-table walk runs on a blocking thread; its counts come back here. One
+    // at a time: a walk slower than the interval skips ticks rather than piling up.
+    let (recount_tx, mut recount_rx) = mpsc::channel::<owner::RecountResult>(1);
+    let mut recounting = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -232,7 +236,19 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             }
             _ = warm.tick() => warm_neighbours(&agent.all_backend_addresses()),
             _ = ramp.tick() => agent.ramp_step(),
-            _ = reconcile.tick() => agent.reconcile_connections(),
+            _ = reconcile.tick(), if !recounting => {
+                if let Some(job) = agent.recount_job() {
+                    recounting = true;
+                    let tx = recount_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.blocking_send(job.run());
+                    });
+                }
+            }
+            Some(result) = recount_rx.recv() => {
+                recounting = false;
+                agent.apply_recount(result);
+            }
         }
     }
     if pins.private_mount {

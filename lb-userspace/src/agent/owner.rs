@@ -12,13 +12,13 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use lb_common::{MAX_BACKENDS, stat};
+use lb_common::{FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP, stat};
 
 use super::desired::{self, Health, Observed};
 use crate::{
     api::{self, ErrorCode, Request, Response},
     config::{self, Config, HealthKind, ServiceConfig, rules},
-    datapath::{KernelMaps, MapWriter as _, StatsReader as _},
+    datapath::{KernelMaps, MapWriter as _, StatsReader as _, maps::ConntrackWalker},
     health::{HealthChecker, HealthEvent, Target},
     metrics::Metrics,
     overlay::{Admin, Overlay},
@@ -54,6 +54,83 @@ pub struct Agent {
     /// Set when a failed change could not be rolled back either: the datapath may hold a
     /// mix of the old and the new state until the next successful apply.
     pub inconsistent: Option<String>,
+}
+
+/// What a recount needs to know of one backend id.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendTimeouts {
+    pub generation: u32,
+    pub tcp_ns: u64,
+    pub udp_ns: u64,
+}
+
+/// A connection-table walk, sent to a blocking thread.
+#[derive(Debug)]
+pub struct Recount {
+    walker: ConntrackWalker,
+    backends: HashMap<u32, BackendTimeouts>,
+}
+
+/// Active connections per backend id: (generation counted for, count).
+#[derive(Debug, Default)]
+pub struct RecountResult {
+    pub counts: HashMap<u32, (u32, i64)>,
+    pub entries: usize,
+    pub took: Duration,
+}
+
+impl Recount {
+    /// Walks the table; blocking (seconds for millions of entries without batches).
+    pub fn run(self) -> RecountResult {
+        let started = Instant::now();
+        let now_ns = crate::sys::monotonic_coarse_ns();
+        let mut counts: HashMap<u32, (u32, i64)> = self
+            .backends
+            .iter()
+            .map(|(id, b)| (*id, (b.generation, 0)))
+            .collect();
+        let entries = match self.walker.walk(|key, value| {
+            if counts_as_active(key, value, &self.backends, now_ns)
+                && let Some((_, count)) = counts.get_mut(&value.backend_id)
+            {
+                *count += 1;
+            }
+        }) {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(error = %err, "walking the connection table failed; counts left as they are");
+                return RecountResult::default();
+            }
+        };
+        RecountResult {
+            counts,
+            entries,
+            took: started.elapsed(),
+        }
+    }
+}
+
+/// Whether a connection-table entry is an active connection of its backend: counted by the
+/// datapath, not closed, made for the backend's current generation (an entry of an earlier
+/// owner of the id is not honoured), and not idle past its service's timeout.
+#[must_use]
+pub fn counts_as_active(
+    key: &FlowKey,
+    value: &FlowValue,
+    backends: &HashMap<u32, BackendTimeouts>,
+    now_ns: u64,
+) -> bool {
+    if value.flags & FLOW_COUNTED == 0 || value.flags & FLOW_CLOSED != 0 {
+        return false;
+    }
+    let Some(b) = backends
+        .get(&value.backend_id)
+        .filter(|b| b.generation == value.generation)
+    else {
+        return false;
+    };
+    let timeout = if key.proto == PROTO_TCP { b.tcp_ns } else { b.udp_ns };
+    now_ns.saturating_sub(value.last_seen_ns) <= timeout
 }
 
 fn now_unix() -> u64 {
@@ -116,56 +193,60 @@ impl Agent {
         }
     }
 
-    /// Recounts every backend's active connections from the table and writes the counts:
-    /// entries the LRU evicted, or that went idle without another packet, never told the
-    /// datapath their flow ended.
-    pub fn reconcile_connections(&mut self) {
-        let now_ns = crate::sys::monotonic_coarse_ns();
-        let mut timeouts: HashMap<u32, (u64, u64, u32)> = HashMap::new();
-        let mut counts: HashMap<u32, i64> = HashMap::new();
+    /// A recount of every backend's active connections, to run off the owner task (a
+    /// million entries take a while even in batches): entries the LRU evicted, or that went
+    /// idle without another packet, never told the datapath their flow ended.
+    pub fn recount_job(&self) -> Option<Recount> {
+        let walker = match self.balancer.maps().conntrack_walker() {
+            Ok(walker) => walker,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot walk the connection table");
+                return None;
+            }
+        };
+        let mut backends = HashMap::new();
         for state in self.balancer.services() {
             for b in &state.backends {
-                timeouts.insert(
+                backends.insert(
                     b.id,
-                    (
-                        u64::from(state.spec.tcp_idle_timeout_s) * 1_000_000_000,
-                        u64::from(state.spec.udp_idle_timeout_s) * 1_000_000_000,
-                        b.generation,
-                    ),
+                    BackendTimeouts {
+                        generation: b.generation,
+                        tcp_ns: u64::from(state.spec.tcp_idle_timeout_s) * 1_000_000_000,
+                        udp_ns: u64::from(state.spec.udp_idle_timeout_s) * 1_000_000_000,
+                    },
                 );
-                counts.insert(b.id, 0);
             }
         }
-        for (key, value) in self.balancer.maps().conntrack_entries() {
-            if value.flags & lb_common::FLOW_COUNTED == 0
-                || value.flags & lb_common::FLOW_CLOSED != 0
-            {
+        Some(Recount { walker, backends })
+    }
+
+    /// Writes the counts of a finished recount, for backend ids still held by the same
+    /// backend (an id given to another backend meanwhile keeps its fresh count).
+    pub fn apply_recount(&mut self, result: RecountResult) {
+        let current: HashMap<u32, u32> = self
+            .balancer
+            .services()
+            .flat_map(|s| s.backends.iter().map(|b| (b.id, b.generation)))
+            .collect();
+        let mut written = 0;
+        for (id, (generation, count)) in result.counts {
+            if current.get(&id) != Some(&generation) {
                 continue;
             }
-            // An entry of an earlier owner of the id (another generation) is not honoured by
-            // the datapath: it is no connection of the current backend.
-            let Some((tcp, udp, _)) = timeouts
-                .get(&value.backend_id)
-                .filter(|(_, _, generation)| *generation == value.generation)
-            else {
-                continue;
-            };
-            let timeout = if key.proto == lb_common::PROTO_TCP {
-                *tcp
-            } else {
-                *udp
-            };
-            if now_ns.saturating_sub(value.last_seen_ns) <= timeout {
-                *counts.entry(value.backend_id).or_default() += 1;
+            if self.balancer.maps().raw_active_connections(id) != count {
+                if let Err(err) = self.balancer.maps_mut().set_active_connections(id, count) {
+                    tracing::warn!(backend_id = id, error = %err, "writing a connection count failed");
+                } else {
+                    written += 1;
+                }
             }
         }
-        for (id, count) in counts {
-            if self.balancer.maps().raw_active_connections(id) != count
-                && let Err(err) = self.balancer.maps_mut().set_active_connections(id, count)
-            {
-                tracing::warn!(backend_id = id, error = %err, "writing a connection count failed");
-            }
-        }
+        tracing::debug!(
+            entries = result.entries,
+            walk_ms = result.took.as_millis() as u64,
+            written,
+            "connection counts recounted"
+        );
     }
 
     /// Writes the difference to the datapath and points the health checker at the current
@@ -702,5 +783,66 @@ impl Agent {
             .flat_map(|s| self.overlay.effective(s))
             .map(|b| b.address)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::PROTO_UDP;
+
+    use super::*;
+
+    #[test]
+    fn only_live_counted_entries_of_the_current_generation_count() {
+        let backends: HashMap<u32, BackendTimeouts> = [(
+            3,
+            BackendTimeouts {
+                generation: 2,
+                tcp_ns: 900_000_000_000,
+                udp_ns: 10_000_000_000,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let now = 1_000_000_000_000;
+        let tcp = FlowKey {
+            proto: PROTO_TCP,
+            ..FlowKey::default()
+        };
+        let udp = FlowKey {
+            proto: PROTO_UDP,
+            ..FlowKey::default()
+        };
+        let live = FlowValue {
+            backend_id: 3,
+            generation: 2,
+            last_seen_ns: now - 5_000_000_000,
+            flags: FLOW_COUNTED,
+        };
+        assert!(counts_as_active(&tcp, &live, &backends, now));
+        assert!(counts_as_active(&udp, &live, &backends, now));
+        let idle_udp = FlowValue {
+            last_seen_ns: now - 11_000_000_000,
+            ..live
+        };
+        assert!(!counts_as_active(&udp, &idle_udp, &backends, now));
+        assert!(counts_as_active(&tcp, &idle_udp, &backends, now));
+        for other in [
+            FlowValue { flags: 0, ..live },
+            FlowValue {
+                flags: FLOW_COUNTED | FLOW_CLOSED,
+                ..live
+            },
+            FlowValue {
+                generation: 1,
+                ..live
+            },
+            FlowValue {
+                backend_id: 4,
+                ..live
+            },
+        ] {
+            assert!(!counts_as_active(&tcp, &other, &backends, now), "{other:?}");
+        }
     }
 }

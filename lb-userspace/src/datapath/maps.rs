@@ -3,9 +3,11 @@
 //! object. The agent's logic sees only the traits (Katran's approach), so it is tested
 //! without a kernel.
 
+use std::os::fd::{AsFd as _, OwnedFd};
+
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
     BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipInfo, VipKey,
@@ -30,6 +32,14 @@ pub trait MapWriter {
         slot: u32,
         backend_id: u32,
     ) -> Result<(), DatapathError>;
+    /// Writes ring slots of one service, `(slot, backend id)` each. The kernel maps do it
+    /// in one batch; the default writes them one by one.
+    fn set_ring_slots(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), DatapathError> {
+        for (slot, backend) in slots {
+            self.set_ring_slot(service_id, *slot, *backend)?;
+        }
+        Ok(())
+    }
     /// Registers an interface as a redirect target.
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError>;
     /// Overwrites a backend's active-connection count (reconciliation, or 0 when an id is
@@ -59,11 +69,47 @@ pub struct KernelMaps {
     /// An LRU hash in the kernel; aya reads it through its `HashMap` type.
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     backend_conns: Array<MapData, i64>,
+    /// Second handles on `RING` and `CONNTRACK`, for the batch syscalls aya does not wrap
+    /// and for walking the table on another thread.
+    ring_fd: OwnedFd,
+    conntrack_fd: OwnedFd,
+}
+
+/// A handle on the connection table that can walk it on another thread: the walk of a
+/// million entries takes long enough that the owner task must not wait for it.
+#[derive(Debug)]
+pub struct ConntrackWalker {
+    fd: OwnedFd,
+}
+
+impl ConntrackWalker {
+    /// Calls `each` for every entry, 4096 entries a syscall (`BPF_MAP_LOOKUP_BATCH`).
+    pub fn walk(&self, each: impl FnMut(&FlowKey, &FlowValue)) -> std::io::Result<usize> {
+        crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each)
+    }
+}
+
+/// A duplicate of the file descriptor of a map, before the map becomes a typed handle.
+fn dup_fd(map: &Map, name: &'static str) -> Result<OwnedFd, DatapathError> {
+    let data: &MapData = match map {
+        Map::Array(data) | Map::LruHashMap(data) | Map::HashMap(data) => data,
+        _ => return Err(DatapathError::MissingMap(name)),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error: source,
+            }),
+        })
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
+    T: TryFrom<Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     T::try_from(map).map_err(map_err(name))
@@ -72,19 +118,44 @@ where
 impl KernelMaps {
     /// Takes the balancer's maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let ring = ebpf
+            .take_map(map_name::RING)
+            .ok_or(DatapathError::MissingMap(map_name::RING))?;
+        let ring_fd = dup_fd(&ring, map_name::RING)?;
+        let conntrack = ebpf
+            .take_map(map_name::CONNTRACK)
+            .ok_or(DatapathError::MissingMap(map_name::CONNTRACK))?;
+        let conntrack_fd = dup_fd(&conntrack, map_name::CONNTRACK)?;
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
             vip_addrs: take(ebpf, map_name::VIP_ADDRS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
-            ring: take(ebpf, map_name::RING)?,
+            ring: Array::try_from(ring).map_err(map_err(map_name::RING))?,
             global: take(ebpf, map_name::GLOBAL)?,
             tx_ports: take(ebpf, map_name::TX_PORTS)?,
             stats: take(ebpf, map_name::STATS)?,
             vip_stats: take(ebpf, map_name::VIP_STATS)?,
             backend_stats: take(ebpf, map_name::BACKEND_STATS)?,
-            conntrack: take(ebpf, map_name::CONNTRACK)?,
+            conntrack: HashMap::try_from(conntrack).map_err(map_err(map_name::CONNTRACK))?,
             backend_conns: take(ebpf, map_name::BACKEND_CONNS)?,
+            ring_fd,
+            conntrack_fd,
         })
+    }
+
+    /// A handle for walking the connection table off the owner task.
+    pub fn conntrack_walker(&self) -> Result<ConntrackWalker, DatapathError> {
+        let fd = self
+            .conntrack_fd
+            .try_clone()
+            .map_err(|source| DatapathError::Map {
+                name: map_name::CONNTRACK,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: source,
+                }),
+            })?;
+        Ok(ConntrackWalker { fd })
     }
 
     /// Number of entries in the connection table (walks it: for tests and the CLI, not for
@@ -236,6 +307,28 @@ impl MapWriter for KernelMaps {
         self.ring
             .set(service_id * MAX_RING_SIZE + slot, backend_id, 0)
             .map_err(map_err(map_name::RING))
+    }
+
+    fn set_ring_slots(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), DatapathError> {
+        if let Some((slot, _)) = slots.iter().find(|(slot, _)| *slot >= MAX_RING_SIZE) {
+            return Err(DatapathError::SlotOutOfRange {
+                name: map_name::RING,
+                service_id,
+                slot: *slot,
+            });
+        }
+        let base = service_id * MAX_RING_SIZE;
+        let keys: Vec<u32> = slots.iter().map(|(slot, _)| base + slot).collect();
+        let values: Vec<u32> = slots.iter().map(|(_, backend)| *backend).collect();
+        crate::sys::map_update_batch(self.ring_fd.as_fd(), &keys, &values).map_err(|source| {
+            DatapathError::Map {
+                name: map_name::RING,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: source,
+                }),
+            }
+        })
     }
 
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {

@@ -229,11 +229,14 @@ impl<M: MapWriter> Balancer<M> {
         let mut used_services = Vec::new();
         let mut used_backends = Vec::new();
         for (key, info) in &adopted.vips {
-            let spec = services
+            let mut spec = services
                 .iter()
                 .find(|s| s.key() == *key)
                 .cloned()
                 .unwrap_or_else(|| orphan_spec(*key, info));
+            // What the adopted maps hold is not this spec: without its backends it never
+            // equals a desired one, so the first apply compares backend by backend.
+            spec.backends.clear();
             let name = spec.name.clone();
             let backends: Vec<BackendState> = adopted
                 .backends
@@ -355,6 +358,15 @@ impl<M: MapWriter> Balancer<M> {
     ) -> Result<(), ApplyError> {
         let desired = &service.backends;
         let key = service.key();
+        // Nothing changed for this service (the common case when a health verdict, a weight
+        // or a slow-start step touches another one): no ring to build, nothing to write.
+        if self
+            .services
+            .get(&service.name)
+            .is_some_and(|state| state.key == key && state.spec == *service)
+        {
+            return Ok(());
+        }
         let existing = self.services.remove(&service.name);
         // A changed VIP key is a new service as far as the datapath is concerned.
         let mut state = match existing {
@@ -467,10 +479,9 @@ impl<M: MapWriter> Balancer<M> {
                 max: MAX_RING_SIZE,
             });
         }
-        for (slot, backend) in maglev::diff(&state.ring, &ring) {
-            self.maps.set_ring_slot(state.id, slot, backend)?;
-            report.ring_slots_written += 1;
-        }
+        let changed = maglev::diff(&state.ring, &ring);
+        self.maps.set_ring_slots(state.id, &changed)?;
+        report.ring_slots_written += changed.len();
         state.ring = ring;
 
         for backend in &going_down {
