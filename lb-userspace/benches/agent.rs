@@ -1,13 +1,16 @@
 //! `cargo xtask bench agent`: the control plane's costs.
 //!
 //! 1. Time from a health verdict to the datapath maps being updated: what the agent's owner
-//!    task does on a health transition (`Balancer::apply_desired` with one backend down,
+//!    task does on a health transition (`Balancer::apply` with one backend down,
 //!    then up again), on real kernel maps, for services of 10 and 100 backends with a
 //!    65537-slot ring. Median and max of 20 verdicts each; map writes counted.
 //! 2. The agent's CPU while health-checking 1,000 backends every second: a real `weir agent`
 //!    in a namespace, 10 services x 100 backends (1,000 IPv6 addresses on one backend
 //!    namespace's interface, one TCP listener answering them all), TCP checks at a 1 s
 //!    interval; CPU time from /proc/PID/stat over 20 s.
+//! 3. `weir status` latency while the connection table holds 1,000,000 entries: a real agent
+//!    whose pinned `CONNTRACK` is filled from here (batch updates), asked for its status every
+//!    50 ms for 20 s (four of its 5 s table walks); median, p99 and max round trip.
 //!
 //! Results go to stdout and to docs/BENCHMARKS.md (between `agent:begin`/`agent:end`).
 
@@ -25,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::{FlowKey, FlowValue};
 use weir::{
     agent::desired::plain,
     config,
@@ -223,6 +227,120 @@ fn health_check_cpu(n: usize) -> (f64, f64) {
     (percent, us_per_check)
 }
 
+/// Round trips of the status request (median, p99, max, in ms) while the agent's connection
+/// table holds `entries` entries.
+fn status_latency(entries: u32) -> (f64, f64, f64, String) {
+    let prefix = common::prefix("bst");
+    let lb = common::Netns::create(&format!("{prefix}-lb")).expect("ns");
+    let be = common::Netns::create(&format!("{prefix}-be")).expect("ns");
+    common::run(&[
+        "ip", "link", "add", "name", "bst0", "netns", lb.name(), "type", "veth", "peer", "name",
+        "bst1", "netns", be.name(),
+    ])
+    .expect("veth");
+    for (ns, dev, addr) in [
+        (lb.name(), "bst0", "198.51.100.1/24"),
+        (be.name(), "bst1", "198.51.100.11/24"),
+    ] {
+        common::ip(ns, &["link", "set", dev, "up"]).expect("up");
+        common::ip(ns, &["addr", "add", addr, "dev", dev]).expect("addr");
+    }
+    let work = std::env::temp_dir().join(format!("weir-bench-{prefix}"));
+    std::fs::create_dir_all(&work).expect("workdir");
+    let bpffs = format!("/sys/fs/bpf/weir-bench-{prefix}");
+    let socket = work.join("weir.sock");
+    let mut cfg = format!(
+        "[agent]\ninterface = \"bst0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = {}\n\
+         api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{bpffs}\"\nmetrics = \"127.0.0.1:9652\"\n\
+         [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n",
+        entries * 2,
+        socket.display(),
+        work.join("state.json").display()
+    );
+    for i in 0..10 {
+        let _ = write!(cfg, "[[service.backend]]\naddress = \"198.51.100.{}\"\n", 11 + i);
+    }
+    let cfg_path = work.join("agent.toml");
+    std::fs::write(&cfg_path, cfg).expect("config");
+    // The owner's debug log says when each walk finished and how long it took.
+    let mut agent = common::spawn_cmd_nsenter(
+        lb.name(),
+        "env",
+        &[
+            "RUST_LOG=info,weir::agent::owner=debug",
+            common::weir_bin(),
+            "agent",
+            "--config",
+            cfg_path.to_str().expect("path"),
+        ],
+    )
+    .expect("agent");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while weir::api::request(&socket, &weir::api::Request::Status {}).is_err() {
+        assert!(Instant::now() < deadline, "agent did not start:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Fill the table: counted TCP flows of backend id 0 (the first backend), seen now.
+    let table = aya::maps::MapData::from_pin(format!("{bpffs}/CONNTRACK")).expect("pinned table");
+    let now = weir::sys::monotonic_coarse_ns();
+    let keys: Vec<FlowKey> = (0..entries)
+        .map(|i| FlowKey {
+            src_addr: {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&(0xc633_6400u32 | (i >> 16)).to_be_bytes());
+                a
+            },
+            dst_addr: {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&[203, 0, 113, 10]);
+                a
+            },
+            src_port_be: ((i & 0xffff) as u16).to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            family: lb_common::FAMILY_V4,
+            _pad: [0; 2],
+        })
+        .collect();
+    let values = vec![
+        FlowValue {
+            backend_id: 0,
+            generation: 1,
+            last_seen_ns: now,
+            flags: lb_common::FLOW_COUNTED,
+        };
+        keys.len()
+    ];
+    let filled = Instant::now();
+    weir::sys::map_update_batch(std::os::fd::AsFd::as_fd(table.fd()), &keys, &values)
+        .expect("fill the table");
+    println!("filled {entries} entries in {:?}", filled.elapsed());
+    let mut times = Vec::new();
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(20) {
+        let t = Instant::now();
+        let resp = weir::api::request(&socket, &weir::api::Request::Status {}).expect("status");
+        assert!(resp.ok);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = agent.stop();
+    let log = agent.log();
+    let walks: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("connection counts recounted") && l.contains("entries=1000000"))
+        .filter_map(|l| l.split("walk_ms=").nth(1)?.split_whitespace().next().map(str::to_owned))
+        .collect();
+    println!("table walks (ms): {walks:?}");
+    let walks = walks.join(", ");
+    let _ = datapath::teardown(Path::new(&bpffs));
+    let _ = std::fs::remove_dir_all(&work);
+    drop((lb, be));
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    (pick(0.5), pick(0.99), times[times.len() - 1], walks)
+}
+
 fn main() {
     if !common::require_root() {
         eprintln!("bench agent needs root (namespaces, BPF maps)");
@@ -240,6 +358,11 @@ fn main() {
     for (n, (median, max, slots)) in &rows {
         let _ = writeln!(table, "| {n} | {median:.0} µs | {max:.0} µs | {slots} |");
     }
+    let (median, p99, max, walks) = status_latency(1_000_000);
+    let _ = writeln!(
+        table,
+        "\n`weir status` round trip with 1,000,000 connection-table entries, every 50 ms for 20 s: median {median:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (the agent's table walks meanwhile took {walks} ms each, on a blocking thread)."
+    );
     let (percent, us_per_check) = health_check_cpu(1000);
     let _ = writeln!(
         table,
