@@ -32,7 +32,7 @@ use lb_common::{FlowKey, FlowValue};
 use weir::{
     agent::desired::plain,
     config,
-    datapath::{self, KernelMaps},
+    datapath::{self, KernelMaps, MapWriter},
     reconcile::{BackendSpec, Balancer},
 };
 
@@ -53,15 +53,48 @@ fn service_config(backends: usize) -> String {
 
 /// (median, max) microseconds from a verdict to the maps being written, and the ring slots
 /// written per verdict (median).
-fn verdict_to_maps(backends: usize) -> (f64, f64, usize) {
+/// A verdict's cost in µs: (down median, down max, up median), and the slots a down verdict
+/// writes (median).
+#[derive(Clone, Copy)]
+struct Verdicts {
+    down_median: f64,
+    down_max: f64,
+    up_median: f64,
+    slots: usize,
+}
+
+fn verdict_to_maps(backends: usize) -> (Verdicts, Verdicts) {
     let cfg = config::parse(&service_config(backends), Path::new("bench.toml")).expect("config");
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load");
-    let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
-    balancer.apply(&plain(&cfg)).expect("initial apply");
-    let mut spec = plain(&cfg);
+    let ahead = verdicts(
+        Balancer::new(KernelMaps::take(&mut ebpf).expect("maps")),
+        &cfg,
+        true,
+    );
+    // Without rings computed ahead: a down verdict builds its ring on the spot.
+    let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load");
+    let building = verdicts(
+        Balancer::new(KernelMaps::take(&mut ebpf).expect("maps")),
+        &cfg,
+        false,
+    );
+    (ahead, building)
+}
+
+/// 40 verdicts, alternately one backend down and up again (the up verdict finds the ring it
+/// had before in the cache). With `ahead`, the rings the agent computes on its blocking
+/// thread between changes are computed between verdicts, outside the timing, as the agent
+/// does.
+fn verdicts<M: MapWriter>(
+    mut balancer: Balancer<M>,
+    cfg: &config::Config,
+    ahead: bool,
+) -> Verdicts {
+    balancer.apply(&plain(cfg)).expect("initial apply");
+    let mut spec = plain(cfg);
     let svc = cfg.services[0].clone();
-    let mut times = Vec::new();
-    let mut slots = Vec::new();
+    let backends = svc.backends.len();
+    let (mut down_times, mut up_times, mut slots) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..40 {
         // Alternate: backend `round % backends` goes down, then comes back up.
         let victim = (round / 2) % backends;
@@ -79,18 +112,37 @@ fn verdict_to_maps(backends: usize) -> (f64, f64, usize) {
                 }
             })
             .collect();
+        if ahead {
+            let rings = balancer
+                .rings_to_precompute()
+                .into_iter()
+                .map(|input| {
+                    let ring = Arc::new(input.build());
+                    (input, ring)
+                })
+                .collect();
+            balancer.add_rings(rings);
+        }
         let t = Instant::now();
         let report = balancer.apply(&spec).expect("apply");
-        times.push(t.elapsed().as_secs_f64() * 1e6);
-        slots.push(report.ring_slots_written);
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if down {
+            down_times.push(us);
+            slots.push(report.ring_slots_written);
+        } else {
+            up_times.push(us);
+        }
     }
-    times.sort_by(f64::total_cmp);
+    for v in [&mut down_times, &mut up_times] {
+        v.sort_by(f64::total_cmp);
+    }
     slots.sort_unstable();
-    (
-        times[times.len() / 2],
-        times[times.len() - 1],
-        slots[slots.len() / 2],
-    )
+    Verdicts {
+        down_median: down_times[down_times.len() / 2],
+        down_max: down_times[down_times.len() - 1],
+        up_median: up_times[up_times.len() / 2],
+        slots: slots[slots.len() / 2],
+    }
 }
 
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -234,8 +286,20 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
     let lb = common::Netns::create(&format!("{prefix}-lb")).expect("ns");
     let be = common::Netns::create(&format!("{prefix}-be")).expect("ns");
     common::run(&[
-        "ip", "link", "add", "name", "bst0", "netns", lb.name(), "type", "veth", "peer", "name",
-        "bst1", "netns", be.name(),
+        "ip",
+        "link",
+        "add",
+        "name",
+        "bst0",
+        "netns",
+        lb.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "bst1",
+        "netns",
+        be.name(),
     ])
     .expect("veth");
     for (ns, dev, addr) in [
@@ -258,7 +322,11 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
         work.join("state.json").display()
     );
     for i in 0..10 {
-        let _ = write!(cfg, "[[service.backend]]\naddress = \"198.51.100.{}\"\n", 11 + i);
+        let _ = write!(
+            cfg,
+            "[[service.backend]]\naddress = \"198.51.100.{}\"\n",
+            11 + i
+        );
     }
     let cfg_path = work.join("agent.toml");
     std::fs::write(&cfg_path, cfg).expect("config");
@@ -277,7 +345,11 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
     .expect("agent");
     let deadline = Instant::now() + Duration::from_secs(20);
     while weir::api::request(&socket, &weir::api::Request::Status {}).is_err() {
-        assert!(Instant::now() < deadline, "agent did not start:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "agent did not start:\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Fill the table: counted TCP flows of backend id 0 (the first backend), seen now.
@@ -329,7 +401,13 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
     let walks: Vec<String> = log
         .lines()
         .filter(|l| l.contains("connection counts recounted") && l.contains("entries=1000000"))
-        .filter_map(|l| l.split("walk_ms=").nth(1)?.split_whitespace().next().map(str::to_owned))
+        .filter_map(|l| {
+            l.split("walk_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
         .collect();
     println!("table walks (ms): {walks:?}");
     let walks = walks.join(", ");
@@ -353,10 +431,24 @@ fn main() {
     });
     drop(ns);
     let mut table = String::from(
-        "| backends in the service | verdict -> maps, median | max | ring slots written (median) |\n|---:|---:|---:|---:|\n",
+        "| backends in the service | backend down -> maps, median | max | back up, median | down, ring built on the spot (no precompute), median | ring slots a down verdict writes (one batch) |\n|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (n, (median, max, slots)) in &rows {
-        let _ = writeln!(table, "| {n} | {median:.0} µs | {max:.0} µs | {slots} |");
+    for (n, (ahead, building)) in &rows {
+        let _ = writeln!(
+            table,
+            "| {n} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
+            ahead.down_median, ahead.down_max, ahead.up_median, building.down_median, ahead.slots
+        );
+    }
+    let _ = writeln!(
+        table,
+        "\nServices of up to {} serving backends get their one-backend-down rings computed ahead on a blocking thread; larger ones build on the spot.",
+        weir::reconcile::rings::PRECOMPUTE_MAX_BACKENDS
+    );
+    // `cargo bench --bench agent -- verdict`: only the first part (no namespaces, seconds).
+    if std::env::args().any(|a| a == "verdict") {
+        println!("{table}");
+        return;
     }
     let (median, p99, max, walks) = status_latency(1_000_000);
     let _ = writeln!(

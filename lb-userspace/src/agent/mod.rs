@@ -51,7 +51,7 @@ use crate::{
     health::HealthChecker,
     metrics::{self, Metrics},
     overlay::Overlay,
-    reconcile::{Adopted, Balancer},
+    reconcile::{Adopted, Balancer, RingInput},
     sys,
 };
 
@@ -165,6 +165,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         xdp_mode: String::new(),
         last_reload: None,
         inconsistent: None,
+        rings_changed: true,
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -219,7 +220,29 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     // at a time: a walk slower than the interval skips ticks rather than piling up.
     let (recount_tx, mut recount_rx) = mpsc::channel::<owner::RecountResult>(1);
     let mut recounting = false;
+    // Rings for "one backend down" are computed on a blocking thread after each change, so
+    // a health verdict finds its ring ready (reconcile::rings).
+    let (rings_tx, mut rings_rx) = mpsc::channel::<Vec<(RingInput, Arc<Vec<u32>>)>>(1);
+    let mut precomputing = false;
     loop {
+        if agent.rings_changed && !precomputing {
+            agent.rings_changed = false;
+            let inputs = agent.balancer.rings_to_precompute();
+            if !inputs.is_empty() {
+                precomputing = true;
+                let tx = rings_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let rings = inputs
+                        .into_iter()
+                        .map(|input| {
+                            let ring = Arc::new(input.build());
+                            (input, ring)
+                        })
+                        .collect();
+                    let _ = tx.blocking_send(rings);
+                });
+            }
+        }
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -244,6 +267,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                         let _ = tx.blocking_send(job.run());
                     });
                 }
+            }
+            Some(rings) = rings_rx.recv() => {
+                precomputing = false;
+                agent.balancer.add_rings(rings);
             }
             Some(result) = recount_rx.recv() => {
                 recounting = false;

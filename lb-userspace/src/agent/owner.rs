@@ -54,6 +54,8 @@ pub struct Agent {
     /// Set when a failed change could not be rolled back either: the datapath may hold a
     /// mix of the old and the new state until the next successful apply.
     pub inconsistent: Option<String>,
+    /// Set by every apply: the rings to compute ahead may have changed.
+    pub rings_changed: bool,
 }
 
 /// What a recount needs to know of one backend id.
@@ -129,7 +131,11 @@ pub fn counts_as_active(
     else {
         return false;
     };
-    let timeout = if key.proto == PROTO_TCP { b.tcp_ns } else { b.udp_ns };
+    let timeout = if key.proto == PROTO_TCP {
+        b.tcp_ns
+    } else {
+        b.udp_ns
+    };
     now_ns.saturating_sub(value.last_seen_ns) <= timeout
 }
 
@@ -255,6 +261,7 @@ impl Agent {
         let desired = desired::desired(&self.config, &self.overlay, &self.observed, Instant::now());
         let report = self.balancer.apply(&desired)?;
         self.inconsistent = None;
+        self.rings_changed = true;
         let mut targets = Vec::new();
         for service in &self.config.services {
             if service.health_check.kind == HealthKind::None {

@@ -34,7 +34,11 @@ pub trait MapWriter {
     ) -> Result<(), DatapathError>;
     /// Writes ring slots of one service, `(slot, backend id)` each. The kernel maps do it
     /// in one batch; the default writes them one by one.
-    fn set_ring_slots(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), DatapathError> {
+    fn set_ring_slots(
+        &mut self,
+        service_id: u32,
+        slots: &[(u32, u32)],
+    ) -> Result<(), DatapathError> {
         for (slot, backend) in slots {
             self.set_ring_slot(service_id, *slot, *backend)?;
         }
@@ -309,7 +313,11 @@ impl MapWriter for KernelMaps {
             .map_err(map_err(map_name::RING))
     }
 
-    fn set_ring_slots(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), DatapathError> {
+    fn set_ring_slots(
+        &mut self,
+        service_id: u32,
+        slots: &[(u32, u32)],
+    ) -> Result<(), DatapathError> {
         if let Some((slot, _)) = slots.iter().find(|(slot, _)| *slot >= MAX_RING_SIZE) {
             return Err(DatapathError::SlotOutOfRange {
                 name: map_name::RING,

@@ -14,11 +14,14 @@ use std::{
 
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
-    SCHED_ROUND_ROBIN, VipInfo, VipKey, addr_bytes,
-    maglev::{self, MaglevBackend},
+    VipInfo, VipKey, addr_bytes, maglev,
 };
 
 use crate::datapath::{DatapathError, MapWriter};
+
+pub mod rings;
+
+pub use rings::{RingCache, RingInput};
 
 /// Everything the datapath should hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -115,6 +118,8 @@ pub struct ServiceState {
     pub backends: Vec<BackendState>,
     /// The ring as last written to the datapath.
     pub ring: Vec<u32>,
+    /// What that ring was computed from (none for a ring adopted from pinned maps).
+    pub input: Option<RingInput>,
 }
 
 /// What one `apply` wrote.
@@ -152,6 +157,7 @@ pub struct Balancer<M> {
     free_service_ids: Vec<u32>,
     /// The VIP address pre-check set as written.
     vip_addrs: BTreeSet<VipKey>,
+    rings: RingCache,
 }
 
 /// A stand-in for a VIP found in pinned maps that no configured service claims; it exists
@@ -171,15 +177,6 @@ fn orphan_spec(key: VipKey, info: &VipInfo) -> ServiceSpec {
     }
 }
 
-/// The identity Maglev hashes for a backend: stable across restarts and independent of the
-/// other backends, so a backend keeps its preferred slots.
-fn maglev_key(service: &str, address: IpAddr) -> Vec<u8> {
-    let mut key = service.as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(&addr_bytes(address).0);
-    key
-}
-
 impl<M: MapWriter> Balancer<M> {
     pub fn new(maps: M) -> Self {
         Self {
@@ -190,6 +187,7 @@ impl<M: MapWriter> Balancer<M> {
             free_backend_ids: (0..MAX_BACKENDS).rev().collect(),
             free_service_ids: (0..MAX_SERVICES).rev().collect(),
             vip_addrs: BTreeSet::new(),
+            rings: RingCache::default(),
         }
     }
 
@@ -199,6 +197,34 @@ impl<M: MapWriter> Balancer<M> {
 
     pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
+    }
+
+    /// Ring inputs worth computing ahead (off the owner task): for each service with a few
+    /// serving backends, its ring after any one of them fails, unless already cached.
+    #[must_use]
+    pub fn rings_to_precompute(&self) -> Vec<RingInput> {
+        self.services
+            .values()
+            .filter_map(|s| s.input.as_ref())
+            .filter(|input| {
+                input.members.iter().filter(|m| m.1 > 0).count() <= rings::PRECOMPUTE_MAX_BACKENDS
+            })
+            .flat_map(RingInput::one_down)
+            .filter(|input| !self.rings.contains(input))
+            .collect()
+    }
+
+    /// Adds rings computed ahead.
+    pub fn add_rings(&mut self, rings: Vec<(RingInput, std::sync::Arc<Vec<u32>>)>) {
+        for (input, ring) in rings {
+            self.rings.insert(input, ring);
+        }
+    }
+
+    /// (hits, misses) of the ring cache.
+    #[must_use]
+    pub fn ring_cache_stats(&self) -> (u64, u64) {
+        (self.rings.hits, self.rings.misses)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceState> {
@@ -264,6 +290,7 @@ impl<M: MapWriter> Balancer<M> {
                     key: *key,
                     backends,
                     ring,
+                    input: None,
                 },
             );
         }
@@ -394,6 +421,7 @@ impl<M: MapWriter> Balancer<M> {
                     // The kernel's slots are unknown (a fresh or reused ring): an empty ring
                     // makes `diff` write every slot of the new one.
                     ring: Vec::new(),
+                    input: None,
                 }
             }
         };
@@ -450,25 +478,16 @@ impl<M: MapWriter> Balancer<M> {
         }
 
         // The ring, then only the slots that changed.
-        let keys: Vec<Vec<u8>> = backends
-            .iter()
-            .map(|b| maglev_key(&service.name, b.address))
-            .collect();
-        let members: Vec<MaglevBackend<'_>> = backends
-            .iter()
-            .zip(&keys)
-            .map(|(b, key)| MaglevBackend {
-                id: b.id,
-                weight: b.weight,
-                key,
-            })
-            .collect();
-        let ring = if service.scheduler == SCHED_ROUND_ROBIN {
-            let weights: Vec<(u32, u32)> = backends.iter().map(|b| (b.id, b.weight)).collect();
-            lb_common::rr::smooth_sequence(&weights, MAX_RING_SIZE)
-        } else {
-            maglev::build_ring(&members, service.ring_size.min(MAX_RING_SIZE))
+        let input = RingInput {
+            service: service.name.clone(),
+            scheduler: service.scheduler,
+            ring_size: service.ring_size,
+            members: backends
+                .iter()
+                .map(|b| (b.id, b.weight, b.address))
+                .collect(),
         };
+        let ring = self.rings.get_or_build(&input);
         // The service owns MAX_RING_SIZE slots of RING and no more: a longer ring would
         // overwrite the next service's. Checked before anything of this service is written
         // further (the maps check each slot too).
@@ -482,7 +501,8 @@ impl<M: MapWriter> Balancer<M> {
         let changed = maglev::diff(&state.ring, &ring);
         self.maps.set_ring_slots(state.id, &changed)?;
         report.ring_slots_written += changed.len();
-        state.ring = ring;
+        state.ring = ring.as_ref().clone();
+        state.input = Some(input);
 
         for backend in &going_down {
             self.maps
@@ -526,7 +546,7 @@ impl<M: MapWriter> Balancer<M> {
 mod tests {
     use super::*;
     use crate::datapath::recorder::Recorder;
-    use lb_common::{FORWARD_TUNNEL, PROTO_TCP, SCHED_MAGLEV};
+    use lb_common::{FORWARD_TUNNEL, PROTO_TCP, SCHED_MAGLEV, SCHED_ROUND_ROBIN};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -739,5 +759,40 @@ mod tests {
                 .vip_addrs
                 .contains(&VipKey::addr_only(ip("203.0.113.10")))
         );
+    }
+
+    /// A verdict whose ring was computed ahead builds nothing, and writes what a build
+    /// would have written.
+    #[test]
+    fn a_precomputed_ring_serves_the_verdict() {
+        let three = [
+            ("198.51.100.11", 1),
+            ("198.51.100.12", 1),
+            ("198.51.100.13", 1),
+        ];
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&spec(&three)).unwrap();
+        let ahead: Vec<(RingInput, std::sync::Arc<Vec<u32>>)> = b
+            .rings_to_precompute()
+            .into_iter()
+            .map(|input| {
+                let ring = std::sync::Arc::new(input.build());
+                (input, ring)
+            })
+            .collect();
+        assert_eq!(ahead.len(), 3);
+        b.add_rings(ahead);
+        assert!(b.rings_to_precompute().is_empty());
+        let (_, misses) = b.ring_cache_stats();
+        let mut down = spec(&three);
+        down.services[0].backends[1].ring_weight = 0;
+        b.apply(&down).unwrap();
+        assert_eq!(b.ring_cache_stats().1, misses, "the verdict built a ring");
+        let mut fresh = Balancer::new(Recorder::default());
+        fresh.apply(&down).unwrap();
+        assert_eq!(b.maps().ring, fresh.maps().ring);
+        // And back up: the first ring is still cached.
+        b.apply(&spec(&three)).unwrap();
+        assert_eq!(b.ring_cache_stats().1, misses);
     }
 }
