@@ -264,7 +264,7 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
 }
 
 /// Checks that the slots of a ring name backends of its list.
-pub(super) fn check_service_table(table: &ServiceTable) -> Result<(), String> {
+pub fn check_service_table(table: &ServiceTable) -> Result<(), String> {
     if table.counts.len() != table.backends.len() {
         return Err(format!(
             "service table of {:?}: {} backends but {} counts",
