@@ -6,19 +6,19 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use super::render::{
-    change_line, check_service_table, reload_line, render_backends, render_services, render_stats,
-    render_stats_with_rates, render_status, render_table_slots, render_table_summary,
-    render_watch_header,
+    TableSummary, change_line, check_service_table, reload_line, render_backends, render_json,
+    render_json_line, render_services, render_stats, render_stats_with_rates, render_status,
+    render_table_slots, render_table_summary, render_watch_header,
 };
 use super::{
     BackendArgs, BackendCommand, BackendTarget, ClientCommand, EX_CONFIG, EX_DATAERR, EX_NOPERM,
     EX_NOUSER, EX_UNAVAILABLE, EXIT_FAILURE, EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
 };
 use crate::api::{
-    self, ApiError, BackendInfo, ClientError, ErrorCode, ReloadReport, Request, ServiceInfo,
+    self, ApiError, BackendInfo, ClientError, ErrorCode, ReloadReport, Reply, Request, ServiceInfo,
     ServiceTable, Stats, Status,
 };
 
@@ -226,56 +226,65 @@ struct Client<'a> {
 
 impl Client<'_> {
     /// Sends `request` and returns the `data` of a successful answer.
-    fn call(&self, request: &Request) -> Result<serde_json::Value, Failure> {
+    fn call(&self, request: &Request) -> Result<Reply, Failure> {
         let response = api::request(&self.socket, request).map_err(Failure::Client)?;
-        match (response.ok, response.error) {
-            (true, _) => Ok(response.data),
-            (false, Some(error)) => Err(Failure::Api(error)),
-            (false, None) => Err(Failure::bad_response("not ok, but no error given")),
+        match (response.ok, response.error, response.data) {
+            (true, _, Some(reply)) => Ok(reply),
+            (true, _, None) => Err(Failure::bad_response("ok, but no data")),
+            (false, Some(error), _) => Err(Failure::Api(error)),
+            (false, None, _) => Err(Failure::bad_response("not ok, but no error given")),
         }
     }
 
-    fn json(&mut self, data: &serde_json::Value) -> Result<(), Failure> {
-        serde_json::to_writer_pretty(&mut *self.out, data).map_err(io::Error::from)?;
-        writeln!(self.out)?;
+    /// [`Self::call`], for the payload a request of this kind is answered with.
+    fn fetch<T: TryFrom<Reply, Error = Reply>>(&self, request: &Request) -> Result<T, Failure> {
+        T::try_from(self.call(request)?)
+            .map_err(|other| Failure::bad_response(format!("unexpected answer {other:?}")))
+    }
+
+    /// Prints `payload` with `-o json`, or hands it to `table` otherwise.
+    fn show<T: Serialize>(
+        &mut self,
+        payload: &T,
+        table: impl FnOnce(&T, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), Failure> {
+        match self.output {
+            OutputFormat::Json => render_json(payload, self.out)?,
+            OutputFormat::Table => table(payload, self.out)?,
+        }
         Ok(())
     }
 
     fn run(&mut self, command: &ClientCommand, frames: Option<u64>) -> Result<(), Failure> {
         match command {
             ClientCommand::Status(_) => {
-                let data = self.call(&Request::Status {})?;
-                if self.output == OutputFormat::Json {
-                    return self.json(&data);
-                }
-                let status: Status = decode(&data)?;
-                render_status(&status, unix_now(), self.out)?;
+                let status: Status = self.fetch(&Request::Status {})?;
+                self.show(&status, |status, out| {
+                    render_status(status, unix_now(), out)
+                })?;
             }
             ClientCommand::Service(ServiceArgs {
                 command: ServiceCommand::List,
                 ..
             }) => {
-                let data = self.call(&Request::ServiceList {})?;
-                if self.output == OutputFormat::Json {
-                    return self.json(&data);
-                }
-                let services: Vec<ServiceInfo> = decode(&data)?;
-                render_services(&services, self.out)?;
+                let services: Vec<ServiceInfo> = self.fetch(&Request::ServiceList {})?;
+                self.show(&services, |services, out| render_services(services, out))?;
             }
             ClientCommand::Service(ServiceArgs {
                 command: ServiceCommand::Table { service, summary },
                 ..
             }) => {
-                let mut data = self.call(&Request::ServiceTable {
+                let table: ServiceTable = self.fetch(&Request::ServiceTable {
                     service: service.clone(),
                 })?;
                 if self.output == OutputFormat::Json {
-                    if *summary && let Some(object) = data.as_object_mut() {
-                        object.remove("slots");
+                    if *summary {
+                        render_json(&TableSummary::of(&table), self.out)?;
+                    } else {
+                        render_json(&table, self.out)?;
                     }
-                    return self.json(&data);
+                    return Ok(());
                 }
-                let table: ServiceTable = decode(&data)?;
                 check_service_table(&table).map_err(Failure::bad_response)?;
                 render_table_summary(&table, self.out)?;
                 if !summary {
@@ -288,21 +297,15 @@ impl Client<'_> {
                 if args.watch {
                     self.stats_watch(args.interval, frames)?;
                 } else {
-                    let data = self.call(&Request::Stats {})?;
-                    if self.output == OutputFormat::Json {
-                        return self.json(&data);
-                    }
-                    let stats: Stats = decode(&data)?;
-                    render_stats(&stats, self.out)?;
+                    let stats: Stats = self.fetch(&Request::Stats {})?;
+                    self.show(&stats, |stats, out| render_stats(stats, out))?;
                 }
             }
             ClientCommand::Reload(_) => {
-                let data = self.call(&Request::Reload {})?;
-                if self.output == OutputFormat::Json {
-                    return self.json(&data);
-                }
-                let report: ReloadReport = decode(&data)?;
-                writeln!(self.out, "{}", reload_line(&report))?;
+                let report: ReloadReport = self.fetch(&Request::Reload {})?;
+                self.show(&report, |report, out| {
+                    writeln!(out, "{}", reload_line(report))
+                })?;
             }
         }
         Ok(())
@@ -311,12 +314,8 @@ impl Client<'_> {
     fn backend(&mut self, command: &BackendCommand) -> Result<(), Failure> {
         let request = command.request();
         if let BackendCommand::List { .. } = command {
-            let data = self.call(&request)?;
-            if self.output == OutputFormat::Json {
-                return self.json(&data);
-            }
-            let backends: Vec<BackendInfo> = decode(&data)?;
-            return render_backends(&backends, self.out).map_err(Failure::from);
+            let backends: Vec<BackendInfo> = self.fetch(&request)?;
+            return self.show(&backends, |backends, out| render_backends(backends, out));
         }
         // Changes report the state before and after; the answer holds only the after.
         let before = match command {
@@ -330,27 +329,24 @@ impl Client<'_> {
             }
             _ => None,
         };
-        let data = self.call(&request)?;
-        if self.output == OutputFormat::Json {
-            return self.json(&data);
-        }
-        let after: Option<BackendInfo> = decode(&data).ok();
-        writeln!(
-            self.out,
-            "{}",
-            change_line(command, before.as_ref(), after.as_ref())
-        )?;
-        Ok(())
+        let reply = self.call(&request)?;
+        self.show(&reply, |reply, out| {
+            // A removed backend has no state after the change.
+            let after = match reply {
+                Reply::Backend(after) => Some(after),
+                _ => None,
+            };
+            writeln!(out, "{}", change_line(command, before.as_ref(), after))
+        })
     }
 
     /// The current state of a backend, if the agent tells (errors surface in the change).
     fn lookup(&self, target: &BackendTarget) -> Option<BackendInfo> {
-        let data = self
-            .call(&Request::BackendList {
+        let backends: Vec<BackendInfo> = self
+            .fetch(&Request::BackendList {
                 service: Some(target.service.clone()),
             })
             .ok()?;
-        let backends: Vec<BackendInfo> = decode(&data).ok()?;
         backends
             .into_iter()
             .find(|b| b.service == target.service && b.address == target.address)
@@ -361,13 +357,11 @@ impl Client<'_> {
         let mut next = Instant::now();
         let mut shown = 0_u64;
         loop {
-            let data = self.call(&Request::Stats {})?;
+            let stats: Stats = self.fetch(&Request::Stats {})?;
             let taken = Instant::now();
             if self.output == OutputFormat::Json {
-                serde_json::to_writer(&mut *self.out, &data).map_err(io::Error::from)?;
-                writeln!(self.out)?;
+                render_json_line(&stats, self.out)?;
             } else {
-                let stats: Stats = decode(&data)?;
                 if self.terminal {
                     // Cursor home, clear the screen.
                     write!(self.out, "\x1b[H\x1b[2J")?;
@@ -398,10 +392,6 @@ impl Client<'_> {
     }
 }
 
-fn decode<T: DeserializeOwned>(data: &serde_json::Value) -> Result<T, Failure> {
-    T::deserialize(data).map_err(|err| Failure::bad_response(format!("{err}: {data}")))
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -415,7 +405,7 @@ mod tests {
         backend, backend_info, client, ip, sample_ring, sample_stats, sample_status,
     };
     use super::*;
-    use crate::api::Response;
+    use crate::api::{Admin, Removed, Response};
     use std::io::{BufRead as _, BufReader};
     use std::os::unix::net::UnixListener;
     use std::path::Path;
@@ -569,6 +559,16 @@ mod tests {
 
     impl FakeAgent {
         fn start(answers: Vec<Response>) -> Self {
+            Self::start_raw(
+                answers
+                    .iter()
+                    .map(|answer| serde_json::to_string(answer).unwrap())
+                    .collect(),
+            )
+        }
+
+        /// Answers with these lines as they are (a newline is added).
+        fn start_raw(answers: Vec<String>) -> Self {
             let dir = TempDir::new();
             let listener = UnixListener::bind(dir.0.join("weir.sock")).unwrap();
             let thread = std::thread::spawn(move || {
@@ -578,7 +578,7 @@ mod tests {
                     let mut line = String::new();
                     BufReader::new(&stream).read_line(&mut line).unwrap();
                     requests.push(serde_json::from_str(&line).unwrap());
-                    let mut text = serde_json::to_string(&answer).unwrap();
+                    let mut text = answer;
                     text.push('\n');
                     (&stream).write_all(text.as_bytes()).unwrap();
                 }
@@ -627,13 +627,10 @@ mod tests {
 
     #[test]
     fn weight_change_against_a_fake_agent() {
-        let before = backend_info("web", "198.51.100.11", 1, "enabled");
-        let other = backend_info("web", "198.51.100.12", 7, "enabled");
-        let after = backend_info("web", "198.51.100.11", 3, "enabled");
-        let agent = FakeAgent::start(vec![
-            Response::ok(vec![other, before]),
-            Response::ok(&after),
-        ]);
+        let before = backend_info("web", "198.51.100.11", 1, Admin::Enabled);
+        let other = backend_info("web", "198.51.100.12", 7, Admin::Enabled);
+        let after = backend_info("web", "198.51.100.11", 3, Admin::Enabled);
+        let agent = FakeAgent::start(vec![Response::ok(vec![other, before]), Response::ok(after)]);
         let socket = agent.socket();
         let run = run(&[
             "backend",
@@ -663,8 +660,8 @@ mod tests {
 
     #[test]
     fn json_output_is_the_data() {
-        let backends = vec![backend_info("web", "198.51.100.11", 1, "enabled")];
-        let agent = FakeAgent::start(vec![Response::ok(&backends)]);
+        let backends = vec![backend_info("web", "198.51.100.11", 1, Admin::Enabled)];
+        let agent = FakeAgent::start(vec![Response::ok(backends.clone())]);
         let socket = agent.socket();
         let run = run(&["backend", "list", "web", "-o", "json", "--socket", &socket]);
         assert_eq!((run.code, run.err.as_str()), (EXIT_OK, ""));
@@ -677,6 +674,32 @@ mod tests {
                 service: Some("web".into())
             }]
         );
+    }
+
+    #[test]
+    fn removal_against_a_fake_agent() {
+        let removed = || Response::ok(Removed::new("web".into(), ip("198.51.100.11")));
+        let agent = FakeAgent::start(vec![removed(), removed()]);
+        let socket = agent.socket();
+        let args = [
+            "backend",
+            "remove",
+            "web",
+            "198.51.100.11",
+            "--socket",
+            &socket,
+        ];
+        let table = run(&args);
+        assert_eq!((table.code, table.err.as_str()), (EXIT_OK, ""));
+        assert_eq!(table.out, "web 198.51.100.11: removed\n");
+        let json = run(&[&args[..], &["-o", "json"]].concat());
+        assert_eq!((json.code, json.err.as_str()), (EXIT_OK, ""));
+        let printed: serde_json::Value = serde_json::from_str(&json.out).unwrap();
+        assert_eq!(
+            printed,
+            serde_json::json!({"service": "web", "address": "198.51.100.11", "removed": true})
+        );
+        agent.requests();
     }
 
     #[test]
@@ -779,7 +802,7 @@ mod tests {
 
     #[test]
     fn a_bad_answer_is_a_failure() {
-        let agent = FakeAgent::start(vec![Response::ok("not a status")]);
+        let agent = FakeAgent::start_raw(vec![r#"{"ok":true,"data":"not a status"}"#.into()]);
         let socket = agent.socket();
         let run = run(&["status", "--socket", &socket]);
         assert_eq!(run.code, EXIT_FAILURE);
@@ -813,7 +836,7 @@ mod tests {
         let mut status = sample_status();
         status.last_reload = None;
         let agent = FakeAgent::start(vec![
-            Response::ok(&status),
+            Response::ok(status),
             Response::ok(ReloadReport {
                 services: 2,
                 ring_slots_written: 12,

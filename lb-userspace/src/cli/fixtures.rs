@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use clap::Parser as _;
 
 use super::{BackendArgs, BackendCommand, Cli, ClientCommand, Command};
-use crate::api::{BackendInfo, ReloadOutcome, ServiceTable, Stats, Status, TrafficStats};
+use crate::api::{
+    Admin, BackendInfo, Health, ReloadOutcome, ServiceTable, Stats, Status, TrafficStats, XdpMode,
+};
 
 pub(super) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("weir").chain(args.iter().copied()))
@@ -33,13 +35,13 @@ pub(super) fn backend(args: &[&str]) -> BackendCommand {
     }
 }
 
-pub(super) fn backend_info(service: &str, address: &str, weight: u32, admin: &str) -> BackendInfo {
+pub(super) fn backend_info(service: &str, address: &str, weight: u32, admin: Admin) -> BackendInfo {
     BackendInfo {
         service: service.into(),
         address: ip(address),
         weight,
-        admin: admin.into(),
-        health: "up".into(),
+        admin,
+        health: Health::Up,
         up: true,
         slots: 21846,
         effective_weight: weight,
@@ -66,7 +68,7 @@ pub(super) fn sample_status() -> Status {
         version: "0.1.0".into(),
         pid: 4242,
         interface: "eth0".into(),
-        xdp_mode: "native".into(),
+        xdp_mode: XdpMode::Native,
         config_file: "/etc/weir/weir.toml".into(),
         bpffs: "/sys/fs/bpf/weir".into(),
         adopted: true,

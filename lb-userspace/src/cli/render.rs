@@ -1,6 +1,6 @@
 //! Formatting the agent's answers for people: aligned tables, the `weir status` facts,
 //! per-second rates of `weir stats --watch`, human durations, and the one-line
-//! confirmations of changes. (`-o json` prints the answers as they are, in [`super::client`].)
+//! confirmations of changes; and for scripts (`-o json`), the answers as JSON.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -8,11 +8,45 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use super::BackendCommand;
 use crate::api::{
-    BackendInfo, ReloadReport, ServiceInfo, ServiceTable, Stats, Status, TrafficStats,
+    Admin, BackendInfo, ReloadReport, ServiceInfo, ServiceTable, Stats, Status, TrafficStats,
 };
 use crate::config::Config;
+
+/// `-o json`: an answer of the agent (its `data`), pretty-printed.
+pub fn render_json(payload: &impl Serialize, out: &mut dyn Write) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, payload)?;
+    writeln!(out)
+}
+
+/// `weir stats --watch -o json`: one answer per line.
+pub fn render_json_line(payload: &impl Serialize, out: &mut dyn Write) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, payload)?;
+    writeln!(out)
+}
+
+/// `weir service table --summary -o json`: the table without its `slots`.
+#[derive(Debug, Serialize)]
+pub struct TableSummary<'a> {
+    pub service: &'a str,
+    pub ring_size: u32,
+    pub backends: &'a [IpAddr],
+    pub counts: &'a [u32],
+}
+
+impl<'a> TableSummary<'a> {
+    pub fn of(table: &'a ServiceTable) -> Self {
+        Self {
+            service: &table.service,
+            ring_size: table.ring_size,
+            backends: &table.backends,
+            counts: &table.counts,
+        }
+    }
+}
 
 /// `FILE: OK (N services, M backends)`.
 pub fn check_summary(file: &Path, config: &Config) -> String {
@@ -211,11 +245,11 @@ pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Res
         table.row(vec![
             s.name.clone(),
             listener(s.vip, s.port),
-            s.protocol.clone(),
-            s.scheduler.clone(),
-            s.forwarding.clone(),
+            s.protocol.to_string(),
+            s.scheduler.to_string(),
+            s.forwarding.to_string(),
             s.ring_size.to_string(),
-            s.health_check.clone(),
+            s.health_check.to_string(),
             s.backends.to_string(),
             s.backends_up.to_string(),
         ]);
@@ -250,8 +284,8 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
                 b.weight.to_string()
             },
             b.effective_weight.to_string(),
-            b.admin.clone(),
-            b.health.clone(),
+            b.admin.to_string(),
+            b.health.to_string(),
             yes_no(b.up),
             b.active_connections.to_string(),
             b.slots.to_string(),
@@ -493,14 +527,16 @@ pub fn change_line(
         }
         BackendCommand::Drain(_) | BackendCommand::Enable(_) | BackendCommand::Disable(_) => {
             let (expected, note) = match command {
-                BackendCommand::Drain(_) => ("draining", " (no new flows; tracked flows stay)"),
+                BackendCommand::Drain(_) => {
+                    (Admin::Draining, " (no new flows; tracked flows stay)")
+                }
                 BackendCommand::Disable(_) => (
-                    "disabled",
+                    Admin::Disabled,
                     " (no new flows; tracked flows move to other backends)",
                 ),
-                _ => ("enabled", ""),
+                _ => (Admin::Enabled, ""),
             };
-            let new = after.map_or(expected, |a| a.admin.as_str());
+            let new = after.map_or(expected, |a| a.admin);
             match before {
                 Some(before) => format!("admin {} -> {new}{note}", before.admin),
                 None => format!("admin {new}{note}"),
@@ -529,7 +565,7 @@ mod tests {
         backend, backend_info, ip, sample_ring, sample_stats, sample_status,
     };
     use super::*;
-    use crate::api::ServiceInfo;
+    use crate::api::{Forwarding, Health, HealthCheckKind, Protocol, Scheduler, ServiceInfo};
 
     fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
         let mut out = Vec::new();
@@ -540,11 +576,11 @@ mod tests {
     #[test]
     fn backend_table_is_aligned() {
         let mut backends = vec![
-            backend_info("web", "198.51.100.11", 1, "enabled"),
-            backend_info("web", "2001:db8::12", 100, "draining"),
-            backend_info("dns-long-name", "203.0.113.5", 0, "disabled"),
+            backend_info("web", "198.51.100.11", 1, Admin::Enabled),
+            backend_info("web", "2001:db8::12", 100, Admin::Draining),
+            backend_info("dns-long-name", "203.0.113.5", 0, Admin::Disabled),
         ];
-        backends[1].health = "unchecked".into();
+        backends[1].health = Health::Unchecked;
         backends[2].up = false;
         backends[2].slots = 0;
         backends[2].packets = 0;
@@ -652,11 +688,11 @@ last reload  FAILED 1m 5s ago: /etc/weir/weir.toml: service[0].port: 70000 is ou
                 name: "web".into(),
                 vip: ip("198.51.100.10"),
                 port: 80,
-                protocol: "tcp".into(),
-                scheduler: "maglev".into(),
-                forwarding: "tunnel".into(),
+                protocol: Protocol::Tcp,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Tunnel,
                 ring_size: 65537,
-                health_check: "tcp".into(),
+                health_check: HealthCheckKind::Tcp,
                 backends: 3,
                 backends_up: 3,
             },
@@ -664,11 +700,11 @@ last reload  FAILED 1m 5s ago: /etc/weir/weir.toml: service[0].port: 70000 is ou
                 name: "dns".into(),
                 vip: ip("2001:db8::53"),
                 port: 0,
-                protocol: "udp".into(),
-                scheduler: "maglev".into(),
-                forwarding: "direct".into(),
+                protocol: Protocol::Udp,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Direct,
                 ring_size: 251,
-                health_check: "none".into(),
+                health_check: HealthCheckKind::None,
                 backends: 2,
                 backends_up: 1,
             },
@@ -724,8 +760,8 @@ web      198.51.100.11     3000   1000  192000    64000         30       10
 
     #[test]
     fn change_lines() {
-        let before = backend_info("web", "198.51.100.11", 1, "enabled");
-        let after = backend_info("web", "198.51.100.11", 3, "enabled");
+        let before = backend_info("web", "198.51.100.11", 1, Admin::Enabled);
+        let after = backend_info("web", "198.51.100.11", 3, Admin::Enabled);
         let weight = backend(&["backend", "weight", "web", "198.51.100.11", "3"]);
         assert_eq!(
             change_line(&weight, Some(&before), Some(&after)),
@@ -735,7 +771,7 @@ web      198.51.100.11     3000   1000  192000    64000         30       10
             change_line(&weight, None, None),
             "web 198.51.100.11: weight set to 3"
         );
-        let drained = backend_info("web", "198.51.100.11", 1, "draining");
+        let drained = backend_info("web", "198.51.100.11", 1, Admin::Draining);
         let drain = backend(&["backend", "drain", "web", "198.51.100.11"]);
         assert_eq!(
             change_line(&drain, Some(&before), Some(&drained)),

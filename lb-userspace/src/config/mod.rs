@@ -186,17 +186,6 @@ pub enum HealthKind {
     Udp,
 }
 
-impl HealthKind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Tcp => "tcp",
-            Self::Http => "http",
-            Self::Udp => "udp",
-        }
-    }
-}
-
 /// How the XDP program is attached (`xdp_mode`, `--xdp-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
