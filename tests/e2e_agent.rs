@@ -96,13 +96,14 @@ fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP_V4.into(), port)
 }
 
-/// Sends a request to the topology's agent; panics unless it succeeds; returns `data`.
+/// Sends a request to the topology's agent; panics unless it succeeds; returns `data` as
+/// JSON (what scripts see).
 fn api_ok(topo: &Topology, req: &Request) -> Value {
     let resp = topo
         .api(req)
         .unwrap_or_else(|e| panic!("API {req:?}: {e:#}"));
     assert!(resp.ok, "API {req:?} failed: {:?}", resp.error);
-    resp.data
+    serde_json::to_value(resp.data.expect("data")).expect("JSON")
 }
 
 fn service_table(topo: &Topology, service: &str) -> Value {

@@ -235,7 +235,7 @@ fn cli_changes_follow_the_config_rules() {
             service: Some("web".into()),
         })
         .expect("api");
-    let list: Vec<weir::api::BackendInfo> = serde_json::from_value(resp.data).expect("list");
+    let list: Vec<weir::api::BackendInfo> = resp.data.expect("data").try_into().expect("list");
     assert_eq!(list.len(), 3);
     assert_eq!(
         list.iter().map(|b| b.effective_weight).sum::<u32>(),

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{CLIENT_V4, Topology, VIP_V4, backend_v4};
-use weir::api::{BackendInfo, Request};
+use weir::api::{BackendInfo, Health, Request};
 
 /// TCP health checks of the backup and slow-start tests.
 const HEALTH: &str =
@@ -84,7 +84,7 @@ fn backend_list(topo: &Topology, service: &str) -> Vec<BackendInfo> {
         .api(&req)
         .unwrap_or_else(|e| panic!("API {req:?}: {e:#}"));
     assert!(resp.ok, "API {req:?} failed: {:?}", resp.error);
-    serde_json::from_value(resp.data).expect("backend list")
+    resp.data.expect("data").try_into().expect("backend list")
 }
 
 /// The `backend_list` entry of backend `i` (0-based) of a service.
@@ -100,7 +100,7 @@ fn backend(topo: &Topology, service: &str, i: usize) -> BackendInfo {
 fn global_counter(topo: &Topology, name: &str) -> u64 {
     let resp = topo.api(&Request::Stats {}).expect("API stats");
     assert!(resp.ok, "stats failed: {:?}", resp.error);
-    let stats: weir::api::Stats = serde_json::from_value(resp.data).expect("stats");
+    let stats: weir::api::Stats = resp.data.expect("data").try_into().expect("stats");
     stats
         .global
         .iter()
@@ -132,7 +132,7 @@ fn wait_health(topo: &Topology, service: &str, want: &[&str], timeout: Duration)
             .all(|i| {
                 let address = IpAddr::V4(backend_v4(i));
                 list.iter()
-                    .any(|b| b.address == address && b.health == want[i])
+                    .any(|b| b.address == address && b.health.as_str() == want[i])
             })
             .then_some(())
     });
@@ -547,7 +547,7 @@ fn slow_start_ramps_the_effective_weight() {
 
     let _first = topo.start_id_server(0, PORT).expect("server 1");
     let up_at = wait_until("backend 1 up", Duration::from_secs(5), || {
-        (backend(&topo, "web", 0).health == "up").then(Instant::now)
+        (backend(&topo, "web", 0).health == Health::Up).then(Instant::now)
     });
     let at_up = backend(&topo, "web", 0).effective_weight;
     let mut samples = Vec::new();

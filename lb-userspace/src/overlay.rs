@@ -30,17 +30,6 @@ pub enum Admin {
     Disabled,
 }
 
-impl Admin {
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Enabled => "enabled",
-            Self::Draining => "draining",
-            Self::Disabled => "disabled",
-        }
-    }
-}
-
 /// What the CLI changed about one backend of one service.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

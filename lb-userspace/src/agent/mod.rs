@@ -162,7 +162,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         started: Instant::now(),
         adopted: adopting,
-        xdp_mode: String::new(),
+        xdp_mode: None,
         last_reload: None,
         inconsistent: None,
         rings_changed: true,
@@ -195,8 +195,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     )?;
     guard.armed = false;
     drop(guard);
-    agent.xdp_mode = attached.mode.clone();
-    tracing::info!(%interface, mode = attached.mode, adopted = attached.adopted, bpffs = %agent.config.agent.bpffs.display(), "XDP balancer attached and pinned");
+    agent.xdp_mode = attached.mode;
+    tracing::info!(%interface, mode = attached.mode_name(), adopted = attached.adopted(), bpffs = %agent.config.agent.bpffs.display(), "XDP balancer attached and pinned");
 
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
     let api_task = tokio::spawn(crate::api::server::serve(api_socket.listener()?, api_tx));

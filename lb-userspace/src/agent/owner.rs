@@ -18,7 +18,7 @@ use super::desired::{self, Health, Observed};
 use crate::{
     api::{self, ErrorCode, Request, Response},
     config::{self, Config, HealthKind, ServiceConfig, rules},
-    datapath::{KernelMaps, MapWriter as _, StatsReader as _, maps::ConntrackWalker},
+    datapath::{AttachedMode, KernelMaps, MapWriter as _, StatsReader as _, maps::ConntrackWalker},
     health::{HealthChecker, HealthEvent, Target},
     metrics::Metrics,
     overlay::{Admin, Overlay},
@@ -28,12 +28,75 @@ use crate::{
 /// Where a metrics scrape wants its fresh datapath snapshot (a channel with room for it).
 pub type SnapshotReply = std::sync::mpsc::SyncSender<crate::metrics::Snapshot>;
 
-impl Health {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Unchecked => "unchecked",
-            Self::Up => "up",
-            Self::Down => "down",
+// ----- the agent's types as the API's wire types (the api module depends on neither) -----
+
+impl From<Health> for api::Health {
+    fn from(health: Health) -> Self {
+        match health {
+            Health::Unchecked => Self::Unchecked,
+            Health::Up => Self::Up,
+            Health::Down => Self::Down,
+        }
+    }
+}
+
+impl From<Admin> for api::Admin {
+    fn from(admin: Admin) -> Self {
+        match admin {
+            Admin::Enabled => Self::Enabled,
+            Admin::Draining => Self::Draining,
+            Admin::Disabled => Self::Disabled,
+        }
+    }
+}
+
+/// How the program runs: `None` is an adopted link (see [`Agent::xdp_mode`]).
+impl From<Option<AttachedMode>> for api::XdpMode {
+    fn from(mode: Option<AttachedMode>) -> Self {
+        match mode {
+            Some(AttachedMode::Native) => Self::Native,
+            Some(AttachedMode::Generic) => Self::Generic,
+            None => Self::Adopted,
+        }
+    }
+}
+
+impl From<config::Protocol> for api::Protocol {
+    fn from(protocol: config::Protocol) -> Self {
+        match protocol {
+            config::Protocol::Tcp => Self::Tcp,
+            config::Protocol::Udp => Self::Udp,
+        }
+    }
+}
+
+impl From<config::Scheduler> for api::Scheduler {
+    fn from(scheduler: config::Scheduler) -> Self {
+        match scheduler {
+            config::Scheduler::Maglev => Self::Maglev,
+            config::Scheduler::IpHash => Self::IpHash,
+            config::Scheduler::RoundRobin => Self::RoundRobin,
+            config::Scheduler::LeastConn => Self::LeastConn,
+        }
+    }
+}
+
+impl From<config::Forwarding> for api::Forwarding {
+    fn from(forwarding: config::Forwarding) -> Self {
+        match forwarding {
+            config::Forwarding::Tunnel => Self::Tunnel,
+            config::Forwarding::Direct => Self::Direct,
+        }
+    }
+}
+
+impl From<HealthKind> for api::HealthCheckKind {
+    fn from(kind: HealthKind) -> Self {
+        match kind {
+            HealthKind::None => Self::None,
+            HealthKind::Tcp => Self::Tcp,
+            HealthKind::Http => Self::Http,
+            HealthKind::Udp => Self::Udp,
         }
     }
 }
@@ -49,7 +112,9 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub started: Instant,
     pub adopted: bool,
-    pub xdp_mode: String,
+    /// How this agent attached the program; `None` when it adopted an earlier agent's link
+    /// (and until it attaches, before the API answers anything).
+    pub xdp_mode: Option<AttachedMode>,
     pub last_reload: Option<api::ReloadOutcome>,
     /// Set when a failed change could not be rolled back either: the datapath may hold a
     /// mix of the old and the new state until the next successful apply.
@@ -377,8 +442,8 @@ impl Agent {
                     service: service.name.clone(),
                     address: b.address,
                     weight: b.weight,
-                    admin: b.admin.as_str().to_owned(),
-                    health: self.health_of(service, b.address).as_str().to_owned(),
+                    admin: b.admin.into(),
+                    health: self.health_of(service, b.address).into(),
                     up,
                     slots,
                     effective_weight,
@@ -443,7 +508,7 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             interface: self.config.agent.interface.clone(),
-            xdp_mode: self.xdp_mode.clone(),
+            xdp_mode: self.xdp_mode.into(),
             config_file: self.config_path.display().to_string(),
             bpffs: self.config.agent.bpffs.display().to_string(),
             adopted: self.adopted,
@@ -578,9 +643,7 @@ impl Agent {
             .find(|b| b.address == address)
         {
             Some(info) => Response::ok(info),
-            None => Response::ok(
-                serde_json::json!({ "service": service, "address": address, "removed": true }),
-            ),
+            None => Response::ok(api::Removed::new(service.to_owned(), address)),
         }
     }
 
@@ -597,11 +660,11 @@ impl Agent {
                         name: s.name.clone(),
                         vip: s.vip,
                         port: s.port,
-                        protocol: s.protocol.as_str().to_owned(),
-                        scheduler: s.scheduler.as_str().to_owned(),
-                        forwarding: s.forwarding.as_str().to_owned(),
+                        protocol: s.protocol.into(),
+                        scheduler: s.scheduler.into(),
+                        forwarding: s.forwarding.into(),
                         ring_size: s.ring_size,
-                        health_check: s.health_check.kind.as_str().to_owned(),
+                        health_check: s.health_check.kind.into(),
                         backends: backends.iter().filter(|b| b.service == s.name).count(),
                         backends_up: backends
                             .iter()

@@ -57,5 +57,6 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     BufReader::new(stream)
         .read_line(&mut answer)
         .map_err(io_err)?;
-    serde_json::from_str(&answer).map_err(|e| ClientError::BadResponse(format!("{e}: {answer:?}")))
+    Response::from_json(&answer, req)
+        .map_err(|e| ClientError::BadResponse(format!("{e}: {answer:?}")))
 }

@@ -8,7 +8,10 @@
 //! <- {"ok":false,"error":{"code":"unknown_backend","message":"..."}}
 //! ```
 //!
-//! The types here are shared by the agent ([`server`]) and the CLI ([`client`]).
+//! The types here are shared by the agent ([`server`]) and the CLI ([`client`]). The `data`
+//! of an answer is a [`Reply`], one variant per kind of answer; fields with a fixed set of
+//! values are enums that serialize as their lowercase names (`"draining"`, `"ip-hash"`).
+//! This module depends on no other part of the agent: the agent converts its own types.
 
 pub mod client;
 pub mod server;
@@ -17,6 +20,9 @@ pub use client::{ClientError, request};
 
 use std::net::IpAddr;
 
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// Largest request the agent reads.
@@ -98,21 +104,25 @@ pub struct ApiError {
 }
 
 /// A response: `ok` with `data`, or not `ok` with `error`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The agent serializes it; the client reads it with [`Response::from_json`], which needs
+/// the request: the `data` of an answer is the bare [`Reply`] (no tag says which), and the
+/// request says which one to expect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Response {
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub data: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Reply>,
 }
 
 impl Response {
-    pub fn ok(data: impl Serialize) -> Self {
+    pub fn ok(data: impl Into<Reply>) -> Self {
         Self {
             ok: true,
             error: None,
-            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
+            data: Some(data.into()),
         }
     }
 
@@ -123,8 +133,175 @@ impl Response {
                 code,
                 message: message.into(),
             }),
-            data: serde_json::Value::Null,
+            data: None,
         }
+    }
+
+    /// Reads the agent's answer to `request`: its `data`, if any, must be the [`Reply`] that
+    /// answers such a request. Unknown fields are ignored, as newer agents may add some.
+    pub fn from_json(text: &str, request: &Request) -> serde_json::Result<Self> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let response = ResponseSeed(ReplyKind::of(request)).deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(response)
+    }
+}
+
+/// The `data` of a successful answer, one variant per kind of answer. On the wire it is the
+/// payload alone (`untagged`): `{"ok":true,"data":{"version":...}}` for a [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// `status`.
+    Status(Status),
+    /// `service_list`.
+    ServiceList(Vec<ServiceInfo>),
+    /// `service_table`.
+    ServiceTable(ServiceTable),
+    /// `backend_list`.
+    BackendList(Vec<BackendInfo>),
+    /// A backend change: the backend as it is now.
+    Backend(BackendInfo),
+    /// A backend change that left the service without the backend (`backend_remove`).
+    Removed(Removed),
+    /// `stats`.
+    Stats(Stats),
+    /// `reload`.
+    Reload(ReloadReport),
+}
+
+/// Conversions between each payload and its [`Reply`] variant: `Response::ok(status)`, and
+/// `Status::try_from(reply)` (which hands back any other reply as the error).
+macro_rules! reply_payloads {
+    ($($variant:ident($payload:ty)),* $(,)?) => {$(
+        impl From<$payload> for Reply {
+            fn from(payload: $payload) -> Self {
+                Self::$variant(payload)
+            }
+        }
+
+        impl TryFrom<Reply> for $payload {
+            type Error = Reply;
+
+            fn try_from(reply: Reply) -> Result<Self, Reply> {
+                match reply {
+                    Reply::$variant(payload) => Ok(payload),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+reply_payloads!(
+    Status(Status),
+    ServiceList(Vec<ServiceInfo>),
+    ServiceTable(ServiceTable),
+    BackendList(Vec<BackendInfo>),
+    Backend(BackendInfo),
+    Removed(Removed),
+    Stats(Stats),
+    Reload(ReloadReport),
+);
+
+/// Which [`Reply`] answers a request: what the client reads the `data` as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyKind {
+    Status,
+    ServiceList,
+    ServiceTable,
+    BackendList,
+    /// [`Reply::Backend`], or [`Reply::Removed`] once the backend is gone.
+    BackendChange,
+    Stats,
+    Reload,
+}
+
+impl ReplyKind {
+    const fn of(request: &Request) -> Self {
+        match request {
+            Request::Status {} => Self::Status,
+            Request::ServiceList {} => Self::ServiceList,
+            Request::ServiceTable { .. } => Self::ServiceTable,
+            Request::BackendList { .. } => Self::BackendList,
+            Request::BackendAdd { .. }
+            | Request::BackendRemove { .. }
+            | Request::BackendWeight { .. }
+            | Request::BackendDrain { .. }
+            | Request::BackendEnable { .. }
+            | Request::BackendDisable { .. } => Self::BackendChange,
+            Request::Stats {} => Self::Stats,
+            Request::Reload {} => Self::Reload,
+        }
+    }
+}
+
+/// The answer to a backend change: tried in this order, and [`Removed`] denies unknown
+/// fields, so a [`BackendInfo`] is never taken for one.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BackendChange {
+    Backend(BackendInfo),
+    Removed(Removed),
+}
+
+impl<'de> DeserializeSeed<'de> for ReplyKind {
+    type Value = Reply;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Reply, D::Error> {
+        Ok(match self {
+            Self::Status => Reply::Status(Status::deserialize(deserializer)?),
+            Self::ServiceList => Reply::ServiceList(Vec::deserialize(deserializer)?),
+            Self::ServiceTable => Reply::ServiceTable(ServiceTable::deserialize(deserializer)?),
+            Self::BackendList => Reply::BackendList(Vec::deserialize(deserializer)?),
+            Self::BackendChange => match BackendChange::deserialize(deserializer)? {
+                BackendChange::Backend(backend) => Reply::Backend(backend),
+                BackendChange::Removed(removed) => Reply::Removed(removed),
+            },
+            Self::Stats => Reply::Stats(Stats::deserialize(deserializer)?),
+            Self::Reload => Reply::Reload(ReloadReport::deserialize(deserializer)?),
+        })
+    }
+}
+
+/// Reads a [`Response`] whose `data` is of the given kind.
+struct ResponseSeed(ReplyKind);
+
+impl<'de> DeserializeSeed<'de> for ResponseSeed {
+    type Value = Response;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Response, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ResponseSeed {
+    type Value = Response;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object with `ok` and `data` or `error`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Response, A::Error> {
+        let (mut ok, mut error, mut data) = (None, None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            let duplicate = match key.as_str() {
+                "ok" => ok.replace(map.next_value()?).is_some(),
+                "error" => error.replace(map.next_value::<ApiError>()?).is_some(),
+                "data" => data.replace(map.next_value_seed(self.0)?).is_some(),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    false
+                }
+            };
+            if duplicate {
+                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+            }
+        }
+        Ok(Response {
+            ok: ok.ok_or_else(|| de::Error::missing_field("ok"))?,
+            error,
+            data,
+        })
     }
 }
 
@@ -136,8 +313,7 @@ pub struct Status {
     pub version: String,
     pub pid: u32,
     pub interface: String,
-    /// "native" or "generic".
-    pub xdp_mode: String,
+    pub xdp_mode: XdpMode,
     pub config_file: String,
     pub bpffs: String,
     /// Whether this agent adopted a datapath left pinned by an earlier agent.
@@ -169,11 +345,11 @@ pub struct ServiceInfo {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
-    pub protocol: String,
-    pub scheduler: String,
-    pub forwarding: String,
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    pub forwarding: Forwarding,
     pub ring_size: u32,
-    pub health_check: String,
+    pub health_check: HealthCheckKind,
     pub backends: usize,
     pub backends_up: usize,
 }
@@ -184,10 +360,9 @@ pub struct BackendInfo {
     pub service: String,
     pub address: IpAddr,
     pub weight: u32,
-    /// "enabled", "draining" or "disabled" (set from the CLI).
-    pub admin: String,
-    /// "up", "down" or "unchecked" (no health check).
-    pub health: String,
+    /// Set from the CLI.
+    pub admin: Admin,
+    pub health: Health,
     /// Whether the datapath honours tracked flows to it.
     pub up: bool,
     /// Ring slots it holds now.
@@ -205,6 +380,26 @@ pub struct BackendInfo {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+/// The answer to a change that removed the backend: which one, and `"removed": true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Removed {
+    pub service: String,
+    pub address: IpAddr,
+    /// Always true: says what happened to the backend in the JSON for scripts.
+    pub removed: bool,
+}
+
+impl Removed {
+    pub const fn new(service: String, address: IpAddr) -> Self {
+        Self {
+            service,
+            address,
+            removed: true,
+        }
+    }
 }
 
 /// `service_table`.
@@ -248,6 +443,117 @@ pub struct ReloadReport {
     pub backends_written: usize,
 }
 
+// ----- the values of the payloads' enumerated fields -----
+//
+// Mirrors of the agent's own types (the config's `Protocol`, the overlay's `Admin`, ...),
+// so that this module depends on neither: the conversions live on the agent's side. Each
+// serializes as the name the config file and the CLI use.
+
+/// How the XDP program runs ([`Status::xdp_mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Attached by this agent in native (driver) mode.
+    Native,
+    /// Attached by this agent in generic (SKB) mode.
+    Generic,
+    /// An earlier agent's pinned link now runs this agent's program, in the mode that
+    /// agent chose.
+    Adopted,
+}
+
+/// A service's transport protocol ([`ServiceInfo::protocol`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// How a service picks the backend of a new flow ([`ServiceInfo::scheduler`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    Maglev,
+    IpHash,
+    RoundRobin,
+    LeastConn,
+}
+
+/// How a service's packets reach the backend ([`ServiceInfo::forwarding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    Tunnel,
+    Direct,
+}
+
+/// A service's health check ([`ServiceInfo::health_check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    None,
+    Tcp,
+    Http,
+    Udp,
+}
+
+/// A backend's admin state, set from the CLI ([`BackendInfo::admin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// Takes new flows (when healthy).
+    Enabled,
+    /// No new flows; flows already tracked to it stay.
+    Draining,
+    /// No new flows; tracked flows are re-picked.
+    Disabled,
+}
+
+/// A backend's health as the agent sees it ([`BackendInfo::health`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Up,
+    Down,
+    /// The service has no health check.
+    Unchecked,
+}
+
+/// `as_str` (the name on the wire, as serde writes it) and `Display` for the enums above.
+macro_rules! wire_names {
+    ($($ty:ident { $($variant:ident => $name:literal),* $(,)? })*) => {$(
+        impl $ty {
+            /// The name on the wire and in the CLI's tables.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+wire_names! {
+    XdpMode { Native => "native", Generic => "generic", Adopted => "adopted" }
+    Protocol { Tcp => "tcp", Udp => "udp" }
+    Scheduler {
+        Maglev => "maglev",
+        IpHash => "ip-hash",
+        RoundRobin => "round-robin",
+        LeastConn => "least-conn",
+    }
+    Forwarding { Tunnel => "tunnel", Direct => "direct" }
+    HealthCheckKind { None => "none", Tcp => "tcp", Http => "http", Udp => "udp" }
+    Admin { Enabled => "enabled", Draining => "draining", Disabled => "disabled" }
+    Health { Up => "up", Down => "down", Unchecked => "unchecked" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +583,240 @@ mod tests {
             serde_json::from_str(r#"{"cmd":"backend_add","service":"web","address":"::1"}"#)
                 .unwrap();
         assert!(matches!(add, Request::BackendAdd { weight: 1, .. }));
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn backend() -> BackendInfo {
+        BackendInfo {
+            service: "web".into(),
+            address: ip("198.51.100.11"),
+            weight: 3,
+            admin: Admin::Draining,
+            health: Health::Unchecked,
+            up: true,
+            slots: 7,
+            effective_weight: 0,
+            backup: false,
+            active_connections: 2,
+            packets: 10,
+            bytes: 640,
+            new_flows: 1,
+        }
+    }
+
+    fn service() -> ServiceInfo {
+        ServiceInfo {
+            name: "web".into(),
+            vip: ip("2001:db8::10"),
+            port: 443,
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::RoundRobin,
+            forwarding: Forwarding::Direct,
+            ring_size: 251,
+            health_check: HealthCheckKind::Http,
+            backends: 1,
+            backends_up: 0,
+        }
+    }
+
+    fn status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            pid: 1,
+            interface: "eth0".into(),
+            xdp_mode: XdpMode::Adopted,
+            config_file: "/etc/weir/weir.toml".into(),
+            bpffs: "/sys/fs/bpf/weir".into(),
+            adopted: true,
+            uptime_seconds: 5,
+            services: 1,
+            backends: 1,
+            backends_up: 0,
+            last_reload: None,
+            inconsistent: None,
+        }
+    }
+
+    /// The enums serialize as their `as_str`, which is what the agent sent as strings
+    /// before they were typed: the wire format did not change.
+    #[test]
+    fn wire_names_are_the_serde_names() {
+        fn check<T>(values: &[T])
+        where
+            T: Copy + fmt::Debug + fmt::Display + PartialEq + Serialize + for<'de> Deserialize<'de>,
+        {
+            for &value in values {
+                let json = serde_json::to_string(&value).unwrap();
+                assert_eq!(json, format!("\"{value}\""), "{value:?}");
+                assert_eq!(serde_json::from_str::<T>(&json).unwrap(), value);
+            }
+        }
+        check(&[XdpMode::Native, XdpMode::Generic, XdpMode::Adopted]);
+        check(&[Protocol::Tcp, Protocol::Udp]);
+        check(&[
+            Scheduler::Maglev,
+            Scheduler::IpHash,
+            Scheduler::RoundRobin,
+            Scheduler::LeastConn,
+        ]);
+        check(&[Forwarding::Tunnel, Forwarding::Direct]);
+        check(&[
+            HealthCheckKind::None,
+            HealthCheckKind::Tcp,
+            HealthCheckKind::Http,
+            HealthCheckKind::Udp,
+        ]);
+        check(&[Admin::Enabled, Admin::Draining, Admin::Disabled]);
+        check(&[Health::Up, Health::Down, Health::Unchecked]);
+        assert_eq!(Scheduler::IpHash.as_str(), "ip-hash");
+        assert_eq!(Scheduler::LeastConn.to_string(), "least-conn");
+    }
+
+    #[test]
+    fn responses_keep_their_wire_format() {
+        let removed = Response::ok(Removed::new("web".into(), ip("198.51.100.11")));
+        assert_eq!(
+            serde_json::to_string(&removed).unwrap(),
+            r#"{"ok":true,"data":{"service":"web","address":"198.51.100.11","removed":true}}"#
+        );
+        let error = Response::error(ErrorCode::UnknownBackend, "no such backend");
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"ok":false,"error":{"code":"unknown_backend","message":"no such backend"}}"#
+        );
+        let list = serde_json::to_value(Response::ok(vec![backend()])).unwrap();
+        assert_eq!(list["data"][0]["admin"], "draining");
+        assert_eq!(list["data"][0]["health"], "unchecked");
+        let services = serde_json::to_value(Response::ok(vec![service()])).unwrap();
+        let s = &services["data"][0];
+        assert_eq!(
+            [
+                &s["protocol"],
+                &s["scheduler"],
+                &s["forwarding"],
+                &s["health_check"]
+            ],
+            ["tcp", "round-robin", "direct", "http"]
+        );
+        let status = serde_json::to_value(Response::ok(status())).unwrap();
+        assert_eq!(status["data"]["xdp_mode"], "adopted");
+    }
+
+    #[test]
+    fn responses_decode_as_their_request_expects() {
+        let web = || "web".to_owned();
+        let address = ip("198.51.100.11");
+        let cases: Vec<(Request, Reply)> = vec![
+            (Request::Status {}, status().into()),
+            (Request::ServiceList {}, vec![service()].into()),
+            // An empty list is still the list the request asked for.
+            (Request::ServiceList {}, Vec::<ServiceInfo>::new().into()),
+            (
+                Request::BackendList { service: None },
+                Vec::<BackendInfo>::new().into(),
+            ),
+            (
+                Request::BackendList { service: None },
+                vec![backend()].into(),
+            ),
+            (
+                Request::ServiceTable { service: web() },
+                ServiceTable {
+                    service: web(),
+                    ring_size: 3,
+                    backends: vec![address],
+                    counts: vec![2],
+                    slots: vec![0, -1, 0],
+                }
+                .into(),
+            ),
+            (
+                Request::BackendDrain {
+                    service: web(),
+                    address,
+                },
+                backend().into(),
+            ),
+            (
+                Request::BackendRemove {
+                    service: web(),
+                    address,
+                },
+                Removed::new(web(), address).into(),
+            ),
+            (
+                Request::Stats {},
+                Stats {
+                    global: vec![("xdp_tx".into(), 5)],
+                    services: vec![],
+                    backends: vec![],
+                }
+                .into(),
+            ),
+            (
+                Request::Reload {},
+                ReloadReport {
+                    services: 1,
+                    ring_slots_written: 0,
+                    backends_written: 0,
+                }
+                .into(),
+            ),
+        ];
+        for (request, reply) in cases {
+            let response = Response::ok(reply);
+            let text = serde_json::to_string(&response).unwrap();
+            assert_eq!(
+                Response::from_json(&text, &request).unwrap(),
+                response,
+                "{request:?}"
+            );
+        }
+        let error = Response::error(ErrorCode::Internal, "boom");
+        let text = serde_json::to_string(&error).unwrap();
+        assert_eq!(
+            Response::from_json(&text, &Request::Stats {}).unwrap(),
+            error
+        );
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_the_request_are_rejected() {
+        let status = serde_json::to_string(&Response::ok(status())).unwrap();
+        assert!(Response::from_json(&status, &Request::Stats {}).is_err());
+        let removal = r#"{"ok":true,"data":{"service":"web","address":"::1","removed":true}}"#;
+        assert!(Response::from_json(removal, &Request::BackendList { service: None }).is_err());
+        // A backend with a field missing is not taken for a removal.
+        let mut partial = serde_json::to_value(backend()).unwrap();
+        partial.as_object_mut().unwrap().remove("weight");
+        let partial = format!(r#"{{"ok":true,"data":{partial}}}"#);
+        assert!(
+            Response::from_json(
+                &partial,
+                &Request::BackendEnable {
+                    service: "web".into(),
+                    address: ip("198.51.100.11"),
+                }
+            )
+            .is_err()
+        );
+        for text in [
+            r#"{"data":{"services":1,"ring_slots_written":0,"backends_written":0}}"#,
+            r#"{"ok":true,"ok":true}"#,
+            r#"{"ok":true} trailing"#,
+            r#"{"ok":"yes"}"#,
+            r#"[true]"#,
+        ] {
+            assert!(
+                Response::from_json(text, &Request::Reload {}).is_err(),
+                "{text}"
+            );
+        }
+        // Fields a newer agent may add are ignored.
+        let newer = r#"{"ok":true,"data":{"services":1,"ring_slots_written":0,"backends_written":0},"took_ms":3}"#;
+        assert!(Response::from_json(newer, &Request::Reload {}).unwrap().ok);
     }
 }

@@ -15,6 +15,7 @@ use aya::programs::{
 };
 use lb_common::map_name;
 
+use super::AttachedMode;
 use crate::{
     config::XdpMode,
     sys::{self, DirLock, LockError},
@@ -143,11 +144,28 @@ impl PinDir {
 }
 
 /// How the balancer got attached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attached {
-    /// `native`, `generic`, or `adopted` (an earlier agent's link now runs this program).
-    pub mode: String,
-    pub adopted: bool,
+    /// The mode this agent attached in; `None` when an earlier agent's link now runs this
+    /// program (adopted), in the mode that agent chose.
+    pub mode: Option<AttachedMode>,
+}
+
+impl Attached {
+    /// Whether an earlier agent's pinned link was adopted.
+    #[must_use]
+    pub const fn adopted(&self) -> bool {
+        self.mode.is_none()
+    }
+
+    /// `native`, `generic`, or `adopted`.
+    #[must_use]
+    pub const fn mode_name(&self) -> &'static str {
+        match self.mode {
+            Some(mode) => mode.as_str(),
+            None => "adopted",
+        }
+    }
 }
 
 /// Attaches the balancer: updates the pinned link to this program if an earlier agent left
@@ -185,10 +203,7 @@ pub fn attach_pinned(
         program
             .attach_to_link(link)
             .context("replacing the program of the pinned XDP link")?;
-        return Ok(Attached {
-            mode: "adopted".to_owned(),
-            adopted: true,
-        });
+        return Ok(Attached { mode: None });
     }
     let (link_id, mode) = super::attach(program, interface, xdp_mode)?;
     let link = program.take_link(link_id)?;
@@ -198,10 +213,7 @@ pub fn attach_pinned(
     fd_link
         .pin(&pin)
         .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
-    Ok(Attached {
-        mode: mode.as_str().to_owned(),
-        adopted: false,
-    })
+    Ok(Attached { mode: Some(mode) })
 }
 
 /// Detaches the pinned XDP program and removes the pins under `bpffs`. Refuses a directory

@@ -48,9 +48,6 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 /// `result` label values of `weir_reloads_total`.
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
-/// `BackendInfo::health` of a backend without a health check: it gets no check series.
-const HEALTH_UNCHECKED: &str = "unchecked";
-
 /// The families the datapath collector produces: (name, help, type).
 const DATAPATH_FAMILIES: [(&str, &str, MetricType); 18] = [
     (
@@ -335,7 +332,8 @@ impl DatapathCollector {
                 push("weir_backend_packets_total", counter(&pairs, b.packets));
                 push("weir_backend_bytes_total", counter(&pairs, b.bytes));
                 push("weir_backend_new_flows_total", counter(&pairs, b.new_flows));
-                if b.health != HEALTH_UNCHECKED {
+                // A backend without a health check gets no check series.
+                if b.health != api::Health::Unchecked {
                     let c = checks
                         .get(&(b.service.clone(), b.address))
                         .cloned()
@@ -569,8 +567,8 @@ mod tests {
             service: "web".into(),
             address: address.parse().unwrap(),
             weight: 3,
-            admin: "enabled".into(),
-            health: "up".into(),
+            admin: api::Admin::Enabled,
+            health: api::Health::Up,
             up,
             slots: 100,
             effective_weight: 3,

@@ -1,0 +1,106 @@
+//! Test fixtures shared by the unit tests of [`super`] and its modules: parsing a command
+//! line the way the binary does, and sample answers of the agent.
+
+use std::net::IpAddr;
+
+use clap::Parser as _;
+
+use super::{BackendArgs, BackendCommand, Cli, ClientCommand, Command};
+use crate::api::{
+    Admin, BackendInfo, Health, ReloadOutcome, ServiceTable, Stats, Status, TrafficStats, XdpMode,
+};
+
+pub(super) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(std::iter::once("weir").chain(args.iter().copied()))
+}
+
+pub(super) fn client(args: &[&str]) -> ClientCommand {
+    match parse(args)
+        .unwrap_or_else(|err| panic!("{args:?}: {err}"))
+        .command
+    {
+        Command::Client(command) => command,
+        other => panic!("{other:?}"),
+    }
+}
+
+pub(super) fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+pub(super) fn backend(args: &[&str]) -> BackendCommand {
+    match client(args) {
+        ClientCommand::Backend(BackendArgs { command, .. }) => command,
+        other => panic!("{other:?}"),
+    }
+}
+
+pub(super) fn backend_info(service: &str, address: &str, weight: u32, admin: Admin) -> BackendInfo {
+    BackendInfo {
+        service: service.into(),
+        address: ip(address),
+        weight,
+        admin,
+        health: Health::Up,
+        up: true,
+        slots: 21846,
+        effective_weight: weight,
+        backup: false,
+        active_connections: 17,
+        packets: 1_234_567,
+        bytes: 987_654_321,
+        new_flows: 4321,
+    }
+}
+
+pub(super) fn sample_ring() -> ServiceTable {
+    ServiceTable {
+        service: "web".into(),
+        ring_size: 7,
+        backends: vec![ip("198.51.100.11"), ip("2001:db8::12")],
+        counts: vec![4, 2],
+        slots: vec![0, 1, 0, 0, -1, 1, 0],
+    }
+}
+
+pub(super) fn sample_status() -> Status {
+    Status {
+        version: "0.1.0".into(),
+        pid: 4242,
+        interface: "eth0".into(),
+        xdp_mode: XdpMode::Native,
+        config_file: "/etc/weir/weir.toml".into(),
+        bpffs: "/sys/fs/bpf/weir".into(),
+        adopted: true,
+        uptime_seconds: 90_061,
+        services: 2,
+        backends: 5,
+        backends_up: 4,
+        last_reload: Some(ReloadOutcome {
+            ok: false,
+            at: 1_000,
+            error: Some("/etc/weir/weir.toml: service[0].port: 70000 is out of range".into()),
+        }),
+        inconsistent: None,
+    }
+}
+
+pub(super) fn sample_stats(scale: u64) -> Stats {
+    Stats {
+        global: vec![("xdp_tx".into(), 1000 * scale), ("xdp_pass".into(), 7)],
+        services: vec![TrafficStats {
+            service: "web".into(),
+            backend: None,
+            packets: 1000 * scale,
+            bytes: 64_000 * scale,
+            new_flows: 10 * scale,
+        }],
+        backends: vec![TrafficStats {
+            service: "web".into(),
+            backend: Some(ip("198.51.100.11")),
+            packets: 1000 * scale,
+            bytes: 64_000 * scale,
+            new_flows: 10 * scale,
+        }],
+    }
+}

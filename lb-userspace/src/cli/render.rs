@@ -1,0 +1,801 @@
+//! Formatting the agent's answers for people: aligned tables, the `weir status` facts,
+//! per-second rates of `weir stats --watch`, human durations, and the one-line
+//! confirmations of changes; and for scripts (`-o json`), the answers as JSON.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::BackendCommand;
+use crate::api::{
+    Admin, BackendInfo, ReloadReport, ServiceInfo, ServiceTable, Stats, Status, TrafficStats,
+};
+use crate::config::Config;
+
+/// `-o json`: an answer of the agent (its `data`), pretty-printed.
+pub fn render_json(payload: &impl Serialize, out: &mut dyn Write) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, payload)?;
+    writeln!(out)
+}
+
+/// `weir stats --watch -o json`: one answer per line.
+pub fn render_json_line(payload: &impl Serialize, out: &mut dyn Write) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, payload)?;
+    writeln!(out)
+}
+
+/// `weir service table --summary -o json`: the table without its `slots`.
+#[derive(Debug, Serialize)]
+pub struct TableSummary<'a> {
+    pub service: &'a str,
+    pub ring_size: u32,
+    pub backends: &'a [IpAddr],
+    pub counts: &'a [u32],
+}
+
+impl<'a> TableSummary<'a> {
+    pub fn of(table: &'a ServiceTable) -> Self {
+        Self {
+            service: &table.service,
+            ring_size: table.ring_size,
+            backends: &table.backends,
+            counts: &table.counts,
+        }
+    }
+}
+
+/// `FILE: OK (N services, M backends)`.
+pub fn check_summary(file: &Path, config: &Config) -> String {
+    let services = config.services.len();
+    let backends = config.backend_count();
+    format!(
+        "{}: OK ({services} service{}, {backends} backend{})",
+        file.display(),
+        plural(services),
+        plural(backends)
+    )
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// `HH:MM:SS` of a Unix time, in UTC.
+fn time_of_day(unix: u64) -> String {
+    let secs = unix % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// The first line of a `weir stats --watch` frame, then an empty line.
+pub fn render_watch_header(interval: Duration, now: u64, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "weir stats every {}s at {} UTC (Ctrl-C to stop)\n",
+        interval.as_secs_f64(),
+        time_of_day(now)
+    )
+}
+
+/// `3d 4h 5m 6s`, from the largest non-zero unit down to seconds.
+pub fn human_duration(secs: u64) -> String {
+    let units = [(86_400, "d"), (3600, "h"), (60, "m")];
+    let mut text = String::new();
+    let mut rest = secs;
+    for (size, unit) in units {
+        if rest >= size || !text.is_empty() {
+            text.push_str(&format!("{}{unit} ", rest / size));
+            rest %= size;
+        }
+    }
+    text.push_str(&format!("{rest}s"));
+    text
+}
+
+// ----- rendering -----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// A table with a header line; columns are separated by two spaces and padded to their
+/// widest cell, text to the left and numbers to the right.
+struct Table {
+    columns: Vec<(&'static str, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, Align)]) -> Self {
+        Self {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.columns.len());
+        self.rows.push(cells);
+    }
+
+    fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let mut widths: Vec<usize> = self.columns.iter().map(|(h, _)| h.len()).collect();
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let header: Vec<String> = self.columns.iter().map(|(h, _)| (*h).to_owned()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, ((cell, width), (_, align))) in
+                row.iter().zip(&widths).zip(&self.columns).enumerate()
+            {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                let pad = " ".repeat(width - cell.chars().count());
+                match align {
+                    Align::Left => {
+                        line.push_str(cell);
+                        line.push_str(&pad);
+                    }
+                    Align::Right => {
+                        line.push_str(&pad);
+                        line.push_str(cell);
+                    }
+                }
+            }
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_owned()
+}
+
+/// `198.51.100.10:80`, `[2001:db8::10]:443`, or `...:*` for a service on every port.
+fn listener(vip: IpAddr, port: u16) -> String {
+    match port {
+        0 => match vip {
+            IpAddr::V4(v4) => format!("{v4}:*"),
+            IpAddr::V6(v6) => format!("[{v6}]:*"),
+        },
+        port => SocketAddr::new(vip, port).to_string(),
+    }
+}
+
+/// `weir status`: one `key  value` line per fact.
+pub fn render_status(status: &Status, now: u64, out: &mut dyn Write) -> io::Result<()> {
+    let last_reload = match &status.last_reload {
+        None => "none since the agent started".to_owned(),
+        Some(reload) => {
+            let ago = human_duration(now.saturating_sub(reload.at));
+            match (&reload.ok, &reload.error) {
+                (true, _) => format!("ok, {ago} ago"),
+                (false, Some(error)) => format!("FAILED {ago} ago: {error}"),
+                (false, None) => format!("FAILED {ago} ago"),
+            }
+        }
+    };
+    let adopted = if status.adopted {
+        " (datapath adopted from an earlier agent)"
+    } else {
+        ""
+    };
+    let lines = [
+        (
+            "agent",
+            format!(
+                "weir {}, pid {}, up {}",
+                status.version,
+                status.pid,
+                human_duration(status.uptime_seconds)
+            ),
+        ),
+        (
+            "interface",
+            format!("{} (XDP {} mode)", status.interface, status.xdp_mode),
+        ),
+        ("config", status.config_file.clone()),
+        ("bpffs", format!("{}{adopted}", status.bpffs)),
+        ("services", status.services.to_string()),
+        (
+            "backends",
+            format!("{} ({} up)", status.backends, status.backends_up),
+        ),
+        ("last reload", last_reload),
+    ];
+    let width = lines.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
+    for (key, value) in lines {
+        writeln!(out, "{key:<width$}  {value}")?;
+    }
+    if let Some(problem) = &status.inconsistent {
+        writeln!(
+            out,
+            "{:<width$}  INCONSISTENT: {problem}; `weir reload` re-applies the config",
+            "datapath"
+        )?;
+    }
+    Ok(())
+}
+
+/// `weir service list`.
+pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Result<()> {
+    use Align::{Left, Right};
+    let mut table = Table::new(&[
+        ("SERVICE", Left),
+        ("LISTENER", Left),
+        ("PROTO", Left),
+        ("SCHEDULER", Left),
+        ("FORWARDING", Left),
+        ("RING", Right),
+        ("HEALTH CHECK", Left),
+        ("BACKENDS", Right),
+        ("UP", Right),
+    ]);
+    for s in services {
+        table.row(vec![
+            s.name.clone(),
+            listener(s.vip, s.port),
+            s.protocol.to_string(),
+            s.scheduler.to_string(),
+            s.forwarding.to_string(),
+            s.ring_size.to_string(),
+            s.health_check.to_string(),
+            s.backends.to_string(),
+            s.backends_up.to_string(),
+        ]);
+    }
+    table.write(out)
+}
+
+/// `weir backend list`.
+pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Result<()> {
+    use Align::{Left, Right};
+    let mut table = Table::new(&[
+        ("SERVICE", Left),
+        ("BACKEND", Left),
+        ("WEIGHT", Right),
+        ("EFFECTIVE", Right),
+        ("ADMIN", Left),
+        ("HEALTH", Left),
+        ("UP", Left),
+        ("CONNS", Right),
+        ("SLOTS", Right),
+        ("PACKETS", Right),
+        ("BYTES", Right),
+        ("NEW FLOWS", Right),
+    ]);
+    for b in backends {
+        table.row(vec![
+            b.service.clone(),
+            b.address.to_string(),
+            if b.backup {
+                format!("{} (backup)", b.weight)
+            } else {
+                b.weight.to_string()
+            },
+            b.effective_weight.to_string(),
+            b.admin.to_string(),
+            b.health.to_string(),
+            yes_no(b.up),
+            b.active_connections.to_string(),
+            b.slots.to_string(),
+            b.packets.to_string(),
+            b.bytes.to_string(),
+            b.new_flows.to_string(),
+        ]);
+    }
+    table.write(out)
+}
+
+/// Checks that the slots of a ring name backends of its list.
+pub fn check_service_table(table: &ServiceTable) -> Result<(), String> {
+    if table.counts.len() != table.backends.len() {
+        return Err(format!(
+            "service table of {:?}: {} backends but {} counts",
+            table.service,
+            table.backends.len(),
+            table.counts.len()
+        ));
+    }
+    let backends = table.backends.len();
+    if let Some((slot, index)) = table
+        .slots
+        .iter()
+        .enumerate()
+        .find(|&(_, &index)| index < -1 || usize::try_from(index).is_ok_and(|i| i >= backends))
+    {
+        return Err(format!(
+            "service table of {:?}: slot {slot} names backend {index} of {backends}",
+            table.service
+        ));
+    }
+    Ok(())
+}
+
+/// `weir service table SERVICE --summary`: each backend's slot count and share of the ring.
+pub fn render_table_summary(table: &ServiceTable, out: &mut dyn Write) -> io::Result<()> {
+    use Align::{Left, Right};
+    writeln!(
+        out,
+        "{}: ring of {} slots, {} backend{}",
+        table.service,
+        table.ring_size,
+        table.backends.len(),
+        plural(table.backends.len())
+    )?;
+    let share = |count: u64| {
+        if table.ring_size == 0 {
+            "-".to_owned()
+        } else {
+            // Precision is no concern for a percentage with two decimals.
+            let percent = count as f64 * 100.0 / f64::from(table.ring_size);
+            format!("{percent:.2}%")
+        }
+    };
+    let mut summary = Table::new(&[("BACKEND", Left), ("SLOTS", Right), ("SHARE", Right)]);
+    for (address, &count) in table.backends.iter().zip(&table.counts) {
+        summary.row(vec![
+            address.to_string(),
+            count.to_string(),
+            share(u64::from(count)),
+        ]);
+    }
+    let assigned: u64 = table.counts.iter().copied().map(u64::from).sum();
+    let unassigned = u64::from(table.ring_size).saturating_sub(assigned);
+    if unassigned > 0 {
+        summary.row(vec![
+            "(none)".to_owned(),
+            unassigned.to_string(),
+            share(unassigned),
+        ]);
+    }
+    summary.write(out)
+}
+
+/// `weir service table SERVICE`: one `SLOT  BACKEND` line per slot, `-` for no backend.
+/// The table must have passed [`check_service_table`].
+pub fn render_table_slots(table: &ServiceTable, out: &mut dyn Write) -> io::Result<()> {
+    let width = table
+        .slots
+        .len()
+        .saturating_sub(1)
+        .to_string()
+        .len()
+        .max("SLOT".len());
+    writeln!(out, "{:>width$}  BACKEND", "SLOT")?;
+    for (slot, &index) in table.slots.iter().enumerate() {
+        match usize::try_from(index)
+            .ok()
+            .and_then(|i| table.backends.get(i))
+        {
+            Some(address) => writeln!(out, "{slot:>width$}  {address}")?,
+            None => writeln!(out, "{slot:>width$}  -")?,
+        }
+    }
+    Ok(())
+}
+
+/// Per-second rate of a counter between two snapshots `secs` apart; `-` without a previous
+/// snapshot or when the counter went backwards (the agent restarted).
+fn rate(now: u64, before: Option<u64>, secs: f64) -> String {
+    match before {
+        Some(before) if now >= before && secs > 0.0 => {
+            let per_second = (now - before) as f64 / secs;
+            format!("{per_second:.0}")
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+/// `weir stats`: the global counters, then per service and per backend traffic.
+pub fn render_stats(stats: &Stats, out: &mut dyn Write) -> io::Result<()> {
+    render_stats_frame(stats, false, None, out)
+}
+
+/// `weir stats --watch`: [`render_stats`] with a rate for every counter, computed from
+/// `previous` (the last snapshot and the seconds since); `-` on the first frame.
+pub fn render_stats_with_rates(
+    stats: &Stats,
+    previous: Option<(&Stats, f64)>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    render_stats_frame(stats, true, previous, out)
+}
+
+fn render_stats_frame(
+    stats: &Stats,
+    rates: bool,
+    previous: Option<(&Stats, f64)>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    use Align::{Left, Right};
+    let secs = previous.map_or(0.0, |(_, secs)| secs);
+
+    let before_global: HashMap<&str, u64> = previous
+        .map(|(p, _)| p.global.iter().map(|(n, v)| (n.as_str(), *v)).collect())
+        .unwrap_or_default();
+    let mut columns = vec![("COUNTER", Left), ("VALUE", Right)];
+    if rates {
+        columns.push(("PER SEC", Right));
+    }
+    let mut global = Table::new(&columns);
+    for (name, value) in &stats.global {
+        let mut row = vec![name.clone(), value.to_string()];
+        if rates {
+            row.push(rate(
+                *value,
+                before_global.get(name.as_str()).copied(),
+                secs,
+            ));
+        }
+        global.row(row);
+    }
+    global.write(out)?;
+
+    type Key<'a> = (&'a str, Option<IpAddr>);
+    let traffic = |rows: &[TrafficStats], before: Option<&[TrafficStats]>, backend: bool| {
+        let before: HashMap<Key<'_>, &TrafficStats> = before
+            .unwrap_or_default()
+            .iter()
+            .map(|t| ((t.service.as_str(), t.backend), t))
+            .collect();
+        let mut columns = vec![("SERVICE", Left)];
+        if backend {
+            columns.push(("BACKEND", Left));
+        }
+        if rates {
+            columns.extend([
+                ("PACKETS", Right),
+                ("PKT/S", Right),
+                ("BYTES", Right),
+                ("BYTES/S", Right),
+                ("NEW FLOWS", Right),
+                ("FLOWS/S", Right),
+            ]);
+        } else {
+            columns.extend([("PACKETS", Right), ("BYTES", Right), ("NEW FLOWS", Right)]);
+        }
+        let mut table = Table::new(&columns);
+        for t in rows {
+            let mut row = vec![t.service.clone()];
+            if backend {
+                row.push(t.backend.map_or_else(|| "-".to_owned(), |a| a.to_string()));
+            }
+            let old = before.get(&(t.service.as_str(), t.backend));
+            for (value, old) in [
+                (t.packets, old.map(|o| o.packets)),
+                (t.bytes, old.map(|o| o.bytes)),
+                (t.new_flows, old.map(|o| o.new_flows)),
+            ] {
+                row.push(value.to_string());
+                if rates {
+                    row.push(rate(value, old, secs));
+                }
+            }
+            table.row(row);
+        }
+        table
+    };
+    writeln!(out)?;
+    traffic(
+        &stats.services,
+        previous.map(|(p, _)| p.services.as_slice()),
+        false,
+    )
+    .write(out)?;
+    writeln!(out)?;
+    traffic(
+        &stats.backends,
+        previous.map(|(p, _)| p.backends.as_slice()),
+        true,
+    )
+    .write(out)
+}
+
+/// The confirmation of a backend change, e.g. `web 198.51.100.11: weight 1 -> 3`. `before`
+/// is the backend's state before the change if known, `after` the agent's answer.
+pub fn change_line(
+    command: &BackendCommand,
+    before: Option<&BackendInfo>,
+    after: Option<&BackendInfo>,
+) -> String {
+    let Some(target) = command.target() else {
+        return String::new();
+    };
+    let what = match command {
+        BackendCommand::List { .. } => String::new(),
+        BackendCommand::Add { weight, .. } => {
+            format!("added with weight {}", after.map_or(*weight, |a| a.weight))
+        }
+        BackendCommand::Remove(_) => "removed".to_owned(),
+        BackendCommand::Weight { weight, .. } => {
+            let new = after.map_or(*weight, |a| a.weight);
+            match before {
+                Some(before) => format!("weight {} -> {new}", before.weight),
+                None => format!("weight set to {new}"),
+            }
+        }
+        BackendCommand::Drain(_) | BackendCommand::Enable(_) | BackendCommand::Disable(_) => {
+            let (expected, note) = match command {
+                BackendCommand::Drain(_) => {
+                    (Admin::Draining, " (no new flows; tracked flows stay)")
+                }
+                BackendCommand::Disable(_) => (
+                    Admin::Disabled,
+                    " (no new flows; tracked flows move to other backends)",
+                ),
+                _ => (Admin::Enabled, ""),
+            };
+            let new = after.map_or(expected, |a| a.admin);
+            match before {
+                Some(before) => format!("admin {} -> {new}{note}", before.admin),
+                None => format!("admin {new}{note}"),
+            }
+        }
+    };
+    format!("{} {}: {what}", target.service, target.address)
+}
+
+/// The confirmation of `weir reload`.
+pub fn reload_line(report: &ReloadReport) -> String {
+    format!(
+        "reloaded: {} service{}; {} ring slot{} and {} backend{} rewritten",
+        report.services,
+        plural(report.services),
+        report.ring_slots_written,
+        plural(report.ring_slots_written),
+        report.backends_written,
+        plural(report.backends_written)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{
+        backend, backend_info, ip, sample_ring, sample_stats, sample_status,
+    };
+    use super::*;
+    use crate::api::{Forwarding, Health, HealthCheckKind, Protocol, Scheduler, ServiceInfo};
+
+    fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
+        let mut out = Vec::new();
+        f(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn backend_table_is_aligned() {
+        let mut backends = vec![
+            backend_info("web", "198.51.100.11", 1, Admin::Enabled),
+            backend_info("web", "2001:db8::12", 100, Admin::Draining),
+            backend_info("dns-long-name", "203.0.113.5", 0, Admin::Disabled),
+        ];
+        backends[1].health = Health::Unchecked;
+        backends[2].up = false;
+        backends[2].slots = 0;
+        backends[2].packets = 0;
+        backends[2].bytes = 0;
+        backends[2].new_flows = 0;
+        let text = render(|out| render_backends(&backends, out));
+        assert_eq!(
+            text,
+            "\
+SERVICE        BACKEND        WEIGHT  EFFECTIVE  ADMIN     HEALTH     UP   CONNS  SLOTS  PACKETS      BYTES  NEW FLOWS
+web            198.51.100.11       1          1  enabled   up         yes     17  21846  1234567  987654321       4321
+web            2001:db8::12      100        100  draining  unchecked  yes     17  21846  1234567  987654321       4321
+dns-long-name  203.0.113.5         0          0  disabled  up         no      17      0        0          0          0
+"
+        );
+    }
+
+    #[test]
+    fn empty_backend_table_is_just_the_header() {
+        let text = render(|out| render_backends(&[], out));
+        assert_eq!(
+            text,
+            "SERVICE  BACKEND  WEIGHT  EFFECTIVE  ADMIN  HEALTH  UP  CONNS  SLOTS  PACKETS  BYTES  NEW FLOWS\n"
+        );
+    }
+
+    #[test]
+    fn service_table_summary() {
+        let table = sample_ring();
+        check_service_table(&table).unwrap();
+        let text = render(|out| render_table_summary(&table, out));
+        assert_eq!(
+            text,
+            "\
+web: ring of 7 slots, 2 backends
+BACKEND        SLOTS   SHARE
+198.51.100.11      4  57.14%
+2001:db8::12       2  28.57%
+(none)             1  14.29%
+"
+        );
+    }
+
+    #[test]
+    fn service_table_slots() {
+        let table = sample_ring();
+        let text = render(|out| render_table_slots(&table, out));
+        assert_eq!(
+            text,
+            "\
+SLOT  BACKEND
+   0  198.51.100.11
+   1  2001:db8::12
+   2  198.51.100.11
+   3  198.51.100.11
+   4  -
+   5  2001:db8::12
+   6  198.51.100.11
+"
+        );
+    }
+
+    #[test]
+    fn inconsistent_service_tables_are_rejected() {
+        let mut table = sample_ring();
+        table.slots[3] = 2;
+        assert!(check_service_table(&table).is_err());
+        table.slots[3] = -2;
+        assert!(check_service_table(&table).is_err());
+        let mut table = sample_ring();
+        table.counts.pop();
+        assert!(check_service_table(&table).is_err());
+    }
+
+    #[test]
+    fn status_rendering() {
+        let text = render(|out| render_status(&sample_status(), 1_065, out));
+        assert_eq!(
+            text,
+            "\
+agent        weir 0.1.0, pid 4242, up 1d 1h 1m 1s
+interface    eth0 (XDP native mode)
+config       /etc/weir/weir.toml
+bpffs        /sys/fs/bpf/weir (datapath adopted from an earlier agent)
+services     2
+backends     5 (4 up)
+last reload  FAILED 1m 5s ago: /etc/weir/weir.toml: service[0].port: 70000 is out of range
+"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(59), "59s");
+        assert_eq!(human_duration(3600), "1h 0m 0s");
+        assert_eq!(human_duration(90_061), "1d 1h 1m 1s");
+        assert_eq!(time_of_day(86_400 + 3723), "01:02:03");
+    }
+
+    #[test]
+    fn service_list_rendering() {
+        let services = vec![
+            ServiceInfo {
+                name: "web".into(),
+                vip: ip("198.51.100.10"),
+                port: 80,
+                protocol: Protocol::Tcp,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Tunnel,
+                ring_size: 65537,
+                health_check: HealthCheckKind::Tcp,
+                backends: 3,
+                backends_up: 3,
+            },
+            ServiceInfo {
+                name: "dns".into(),
+                vip: ip("2001:db8::53"),
+                port: 0,
+                protocol: Protocol::Udp,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Direct,
+                ring_size: 251,
+                health_check: HealthCheckKind::None,
+                backends: 2,
+                backends_up: 1,
+            },
+        ];
+        let text = render(|out| render_services(&services, out));
+        assert_eq!(
+            text,
+            "\
+SERVICE  LISTENER          PROTO  SCHEDULER  FORWARDING   RING  HEALTH CHECK  BACKENDS  UP
+web      198.51.100.10:80  tcp    maglev     tunnel      65537  tcp                  3   3
+dns      [2001:db8::53]:*  udp    maglev     direct        251  none                 2   1
+"
+        );
+    }
+
+    #[test]
+    fn stats_rendering() {
+        let text = render(|out| render_stats(&sample_stats(1), out));
+        assert_eq!(
+            text,
+            "\
+COUNTER   VALUE
+xdp_tx     1000
+xdp_pass      7
+
+SERVICE  PACKETS  BYTES  NEW FLOWS
+web         1000  64000         10
+
+SERVICE  BACKEND        PACKETS  BYTES  NEW FLOWS
+web      198.51.100.11     1000  64000         10
+"
+        );
+        let before = sample_stats(1);
+        let text =
+            render(|out| render_stats_with_rates(&sample_stats(3), Some((&before, 2.0)), out));
+        assert_eq!(
+            text,
+            "\
+COUNTER   VALUE  PER SEC
+xdp_tx     3000     1000
+xdp_pass      7        0
+
+SERVICE  PACKETS  PKT/S   BYTES  BYTES/S  NEW FLOWS  FLOWS/S
+web         3000   1000  192000    64000         30       10
+
+SERVICE  BACKEND        PACKETS  PKT/S   BYTES  BYTES/S  NEW FLOWS  FLOWS/S
+web      198.51.100.11     3000   1000  192000    64000         30       10
+"
+        );
+        assert_eq!(rate(5, Some(10), 1.0), "-", "a counter that went backwards");
+        assert_eq!(rate(5, None, 1.0), "-");
+    }
+
+    #[test]
+    fn change_lines() {
+        let before = backend_info("web", "198.51.100.11", 1, Admin::Enabled);
+        let after = backend_info("web", "198.51.100.11", 3, Admin::Enabled);
+        let weight = backend(&["backend", "weight", "web", "198.51.100.11", "3"]);
+        assert_eq!(
+            change_line(&weight, Some(&before), Some(&after)),
+            "web 198.51.100.11: weight 1 -> 3"
+        );
+        assert_eq!(
+            change_line(&weight, None, None),
+            "web 198.51.100.11: weight set to 3"
+        );
+        let drained = backend_info("web", "198.51.100.11", 1, Admin::Draining);
+        let drain = backend(&["backend", "drain", "web", "198.51.100.11"]);
+        assert_eq!(
+            change_line(&drain, Some(&before), Some(&drained)),
+            "web 198.51.100.11: admin enabled -> draining (no new flows; tracked flows stay)"
+        );
+        let enable = backend(&["backend", "enable", "web", "198.51.100.11"]);
+        assert_eq!(
+            change_line(&enable, Some(&drained), Some(&before)),
+            "web 198.51.100.11: admin draining -> enabled"
+        );
+        let add = backend(&["backend", "add", "web", "2001:db8::9", "--weight", "5"]);
+        assert_eq!(
+            change_line(&add, None, None),
+            "web 2001:db8::9: added with weight 5"
+        );
+        let remove = backend(&["backend", "remove", "web", "2001:db8::9"]);
+        assert_eq!(change_line(&remove, None, None), "web 2001:db8::9: removed");
+        assert_eq!(
+            reload_line(&ReloadReport {
+                services: 1,
+                ring_slots_written: 0,
+                backends_written: 2
+            }),
+            "reloaded: 1 service; 0 ring slots and 2 backends rewritten"
+        );
+    }
+}

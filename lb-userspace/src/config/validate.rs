@@ -1,0 +1,533 @@
+//! Validation: turns the `Raw*` structs of [`super::raw`] into the checked public types,
+//! filling in the defaults, stopping at the first problem in file order with the key it is
+//! about. Also [`parse_duration`], which the CLI and the health checks share.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lb_common::maglev::is_prime;
+use lb_common::{
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
+};
+
+use super::raw::{RawAgent, RawConfig, RawHealthCheck, RawService};
+use super::rules::{
+    self, check_interface_name, check_service_name, check_source, family, parse_ip, quoted,
+    special_address,
+};
+use super::{
+    AgentConfig, BackendConfig, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
+    DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding,
+    HealthCheck, HealthKind, MAX_CHECK_INTERVAL, MAX_CONNTRACK_ENTRIES, MAX_DURATION, Protocol,
+    ServiceConfig, fail,
+};
+
+/// The whole file: the `[agent]` table, then every service in order, then what only the
+/// services together can break (names, listeners, tunnel sources).
+pub(super) fn validate(raw: RawConfig) -> Result<Config, Fail> {
+    let Some(raw_agent) = raw.agent else {
+        return Err(fail(
+            "agent",
+            "the [agent] table is missing (it needs at least `interface`)",
+        ));
+    };
+    let agent = validate_agent(raw_agent)?;
+
+    if raw.service.is_empty() {
+        return Err(fail("service", "at least one [[service]] is required"));
+    }
+    if raw.service.len() > MAX_SERVICES as usize {
+        return Err(fail(
+            "service",
+            format!(
+                "{} services, but at most {MAX_SERVICES} are supported",
+                raw.service.len()
+            ),
+        ));
+    }
+    let total_backends: usize = raw.service.iter().map(|s| s.backend.len()).sum();
+    if total_backends > MAX_BACKENDS as usize {
+        return Err(fail(
+            "service",
+            format!(
+                "{total_backends} backends in total over all services, but at most \
+                 {MAX_BACKENDS} are supported"
+            ),
+        ));
+    }
+
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut listeners: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
+    let mut services = Vec::with_capacity(raw.service.len());
+    for (index, raw_service) in raw.service.into_iter().enumerate() {
+        let service = validate_service(index, raw_service)?;
+        let prefix = format!("service[{index}]");
+
+        if let Some(&other) = names.get(&service.name) {
+            return Err(fail(
+                format!("{prefix}.name"),
+                format!(
+                    "duplicate service name {} (also service[{other}])",
+                    quoted(&service.name)
+                ),
+            ));
+        }
+        names.insert(service.name.clone(), index);
+
+        let listener = (service.vip, service.port, service.protocol);
+        if let Some(&other) = listeners.get(&listener) {
+            let port = match service.port {
+                0 => "every port (0)".to_owned(),
+                port => format!("port {port}"),
+            };
+            return Err(fail(
+                format!("{prefix}.vip"),
+                format!(
+                    "duplicate VIP: {} {port}/{} is already used by service \"{}\" \
+                     (service[{other}])",
+                    service.vip,
+                    service.protocol,
+                    services_name(&services, other)
+                ),
+            ));
+        }
+        listeners.insert(listener, index);
+
+        check_tunnel_sources(&agent, index, &service)?;
+        services.push(service);
+    }
+
+    Ok(Config { agent, services })
+}
+
+fn services_name(services: &[ServiceConfig], index: usize) -> &str {
+    services.get(index).map_or("?", |s| s.name.as_str())
+}
+
+fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
+    check_interface_name(&raw.interface).map_err(|reason| fail("agent.interface", reason))?;
+
+    let tunnel_source = raw
+        .tunnel_source
+        .as_deref()
+        .map(|text| match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(addr)) => check_source(IpAddr::V4(addr)).map(|()| addr),
+            Ok(IpAddr::V6(_)) => Err(format!(
+                "{} is an IPv6 address; tunnel_source must be IPv4 (IPv6 goes into \
+                 tunnel_source_v6)",
+                quoted(text)
+            )),
+            Err(_) => Err(format!("invalid IPv4 address {}", quoted(text))),
+        })
+        .transpose()
+        .map_err(|reason| fail("agent.tunnel_source", reason))?;
+
+    let tunnel_source_v6 = raw
+        .tunnel_source_v6
+        .as_deref()
+        .map(|text| match text.parse::<IpAddr>() {
+            Ok(IpAddr::V6(addr)) => check_source(IpAddr::V6(addr)).map(|()| addr),
+            Ok(IpAddr::V4(_)) => Err(format!(
+                "{} is an IPv4 address; tunnel_source_v6 must be IPv6 (IPv4 goes into \
+                 tunnel_source)",
+                quoted(text)
+            )),
+            Err(_) => Err(format!("invalid IPv6 address {}", quoted(text))),
+        })
+        .transpose()
+        .map_err(|reason| fail("agent.tunnel_source_v6", reason))?;
+
+    let conntrack_entries = match raw.conntrack_entries {
+        None => DEFAULT_CONNTRACK_ENTRIES,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=MAX_CONNTRACK_ENTRIES).contains(n))
+            .ok_or_else(|| {
+                fail(
+                    "agent.conntrack_entries",
+                    format!("{n} is out of range (1..={MAX_CONNTRACK_ENTRIES})"),
+                )
+            })?,
+    };
+
+    let path = |value: Option<String>, default: &str, key: &str| -> Result<PathBuf, Fail> {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        if !value.starts_with('/') {
+            return Err(fail(
+                key,
+                format!("{} must be an absolute path", quoted(&value)),
+            ));
+        }
+        Ok(PathBuf::from(value))
+    };
+    let api_socket = path(raw.api_socket, DEFAULT_API_SOCKET, "agent.api_socket")?;
+    let bpffs = path(raw.bpffs, DEFAULT_BPFFS, "agent.bpffs")?;
+    let state_file = path(raw.state_file, DEFAULT_STATE_FILE, "agent.state_file")?;
+    let metrics_text = raw.metrics.unwrap_or_else(|| DEFAULT_METRICS.to_owned());
+    let metrics = metrics_text.parse::<SocketAddr>().map_err(|_| {
+        fail(
+            "agent.metrics",
+            format!(
+                "invalid listen address {} (expected IP:PORT, e.g. {DEFAULT_METRICS})",
+                quoted(&metrics_text)
+            ),
+        )
+    })?;
+
+    Ok(AgentConfig {
+        interface: raw.interface,
+        xdp_mode: raw.xdp_mode,
+        tunnel_source,
+        tunnel_source_v6,
+        conntrack_entries,
+        api_socket,
+        metrics,
+        bpffs,
+        state_file,
+    })
+}
+
+fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail> {
+    let prefix = format!("service[{index}]");
+    let key = |field: &str| format!("{prefix}.{field}");
+
+    check_service_name(&raw.name).map_err(|reason| fail(key("name"), reason))?;
+
+    let vip = parse_ip(&raw.vip).map_err(|reason| fail(key("vip"), reason))?;
+    if let Some(problem) = special_address(vip) {
+        return Err(fail(
+            key("vip"),
+            format!("{vip} is {problem} and cannot be a VIP"),
+        ));
+    }
+
+    let port = u16::try_from(raw.port).map_err(|_| {
+        fail(
+            key("port"),
+            format!(
+                "{} is out of range (0..=65535; 0 means every port)",
+                raw.port
+            ),
+        )
+    })?;
+
+    let ring_size = match raw.ring_size {
+        None => DEFAULT_RING_SIZE,
+        Some(n) if n <= 0 => {
+            return Err(fail(
+                key("ring_size"),
+                format!("{n} is out of range (the Maglev ring size must be a prime, e.g. 65537)"),
+            ));
+        }
+        Some(n) if n > i64::from(MAX_RING_SIZE) => {
+            return Err(fail(
+                key("ring_size"),
+                format!("{n} is too large (at most {MAX_RING_SIZE})"),
+            ));
+        }
+        Some(n) => {
+            let n = u32::try_from(n).map_err(|_| fail(key("ring_size"), "out of range"))?;
+            if !is_prime(n) {
+                return Err(fail(
+                    key("ring_size"),
+                    format!("{n} is not prime (the Maglev ring size must be a prime, e.g. 65537)"),
+                ));
+            }
+            n
+        }
+    };
+
+    if raw.backend.is_empty() {
+        return Err(fail(
+            key("backend"),
+            "no backends: at least one [[service.backend]] is required",
+        ));
+    }
+    if raw.backend.len() > ring_size as usize {
+        return Err(fail(
+            key("ring_size"),
+            format!(
+                "{ring_size} is smaller than the number of backends ({}); every backend needs \
+                 at least one ring slot",
+                raw.backend.len()
+            ),
+        ));
+    }
+
+    let mut seen: HashMap<IpAddr, usize> = HashMap::new();
+    let mut backends = Vec::with_capacity(raw.backend.len());
+    for (b, raw_backend) in raw.backend.into_iter().enumerate() {
+        let bkey = |field: &str| format!("{prefix}.backend[{b}].{field}");
+
+        let address =
+            parse_ip(&raw_backend.address).map_err(|reason| fail(bkey("address"), reason))?;
+
+        if let Some(&other) = seen.get(&address) {
+            return Err(fail(
+                bkey("address"),
+                format!("duplicate backend {address} (also {prefix}.backend[{other}])"),
+            ));
+        }
+        seen.insert(address, b);
+        rules::check_backend_address(vip, raw.forwarding, address)
+            .map_err(|reason| fail(bkey("address"), reason))?;
+
+        let weight = match raw_backend.weight {
+            None => 1,
+            Some(w) => rules::check_weight(w).map_err(|reason| fail(bkey("weight"), reason))?,
+        };
+        backends.push(BackendConfig {
+            address,
+            weight,
+            backup: raw_backend.backup,
+        });
+    }
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    rules::check_total_weight(&weights).map_err(|reason| fail(key("backend"), reason))?;
+
+    let duration_key = |value: Option<String>,
+                        default: Duration,
+                        field: &str,
+                        min: Duration,
+                        max: Duration|
+     -> Result<Duration, Fail> {
+        let Some(text) = value else {
+            return Ok(default);
+        };
+        let d = parse_duration(&text).map_err(|r| fail(key(field), r))?;
+        if d < min || d > max {
+            return Err(fail(
+                key(field),
+                format!("{text} is out of range ({min:?}..={max:?})"),
+            ));
+        }
+        Ok(d)
+    };
+    let slow_start = duration_key(
+        raw.slow_start,
+        Duration::ZERO,
+        "slow_start",
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    )?;
+    let tcp_idle_timeout = duration_key(
+        raw.tcp_idle_timeout,
+        DEFAULT_TCP_IDLE_TIMEOUT,
+        "tcp_idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+    )?;
+    let udp_idle_timeout = duration_key(
+        raw.udp_idle_timeout,
+        DEFAULT_UDP_IDLE_TIMEOUT,
+        "udp_idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+    )?;
+    // The datapath keeps idle timeouts in whole seconds; so must the file.
+    for (d, field) in [
+        (tcp_idle_timeout, "tcp_idle_timeout"),
+        (udp_idle_timeout, "udp_idle_timeout"),
+    ] {
+        if d.subsec_nanos() != 0 {
+            return Err(fail(
+                key(field),
+                format!("{d:?} is not a whole number of seconds (the datapath keeps seconds)"),
+            ));
+        }
+    }
+    let health_check = match raw.health_check {
+        None => HealthCheck::default(),
+        Some(hc) => validate_health_check(&prefix, port, hc)?,
+    };
+
+    Ok(ServiceConfig {
+        name: raw.name,
+        vip,
+        port,
+        protocol: raw.protocol,
+        scheduler: raw.scheduler,
+        forwarding: raw.forwarding,
+        ring_size,
+        backends,
+        health_check,
+        slow_start,
+        tcp_idle_timeout,
+        udp_idle_timeout,
+    })
+}
+
+/// Parses a duration such as `500ms`, `2s` or `1m`, at most [`MAX_DURATION`].
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{} has no unit (use ms, s or m, e.g. \"2s\")", quoted(text)))?;
+    let (number, unit) = text.split_at(split);
+    let too_long = || {
+        format!(
+            "{} is too long (at most {}s)",
+            quoted(text),
+            MAX_DURATION.as_secs()
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| {
+        if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) {
+            too_long()
+        } else {
+            format!(
+                "{} is not a duration (e.g. \"500ms\", \"2s\")",
+                quoted(text)
+            )
+        }
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => {
+            return Err(format!(
+                "{}: unknown unit {} (use ms, s or m)",
+                quoted(text),
+                quoted(unit)
+            ));
+        }
+    };
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
+fn validate_health_check(
+    prefix: &str,
+    service_port: u16,
+    raw: RawHealthCheck,
+) -> Result<HealthCheck, Fail> {
+    let key = |field: &str| format!("{prefix}.health_check.{field}");
+    let mut hc = HealthCheck {
+        kind: raw.kind,
+        ..HealthCheck::default()
+    };
+    if let Some(text) = raw.interval {
+        hc.interval = parse_duration(&text).map_err(|r| fail(key("interval"), r))?;
+    }
+    if let Some(text) = raw.timeout {
+        hc.timeout = parse_duration(&text).map_err(|r| fail(key("timeout"), r))?;
+    }
+    if hc.interval < Duration::from_millis(100) || hc.interval > MAX_CHECK_INTERVAL {
+        return Err(fail(
+            key("interval"),
+            format!(
+                "{:?} is out of range (at least 100ms, at most {}s)",
+                hc.interval,
+                MAX_CHECK_INTERVAL.as_secs()
+            ),
+        ));
+    }
+    if hc.timeout.is_zero() || hc.timeout > hc.interval {
+        return Err(fail(
+            key("timeout"),
+            format!(
+                "must be above 0 and at most the interval ({:?})",
+                hc.interval
+            ),
+        ));
+    }
+    let count = |value: Option<i64>, default: u32, field: &str| -> Result<u32, Fail> {
+        match value {
+            None => Ok(default),
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| fail(key(field), format!("{n} is out of range (1..=100)"))),
+        }
+    };
+    hc.rise = count(raw.rise, hc.rise, "rise")?;
+    hc.fall = count(raw.fall, hc.fall, "fall")?;
+    if let Some(path) = raw.path {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(fail(
+                key("path"),
+                format!("{} must start with / and contain no spaces", quoted(&path)),
+            ));
+        }
+        hc.path = path;
+    }
+    if let Some(status) = raw.expect_status {
+        hc.expect_status = u16::try_from(status)
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+            .ok_or_else(|| {
+                fail(
+                    key("expect_status"),
+                    format!("{status} is not an HTTP status (100..=599)"),
+                )
+            })?;
+    }
+    if let Some(port) = raw.port {
+        hc.port = Some(
+            u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| fail(key("port"), format!("{port} is out of range (1..=65535)")))?,
+        );
+    }
+    if let Some(payload) = raw.payload {
+        if payload.is_empty() || payload.len() > 1024 {
+            return Err(fail(key("payload"), "must be 1 to 1024 bytes"));
+        }
+        hc.payload = payload;
+    }
+    if hc.kind != HealthKind::None && hc.port.is_none() && service_port == 0 {
+        return Err(fail(
+            key("port"),
+            "the service listens on every port (port = 0): say which port to check",
+        ));
+    }
+    Ok(hc)
+}
+
+/// Tunnel mode needs an outer source address of each backend family it sends to.
+fn check_tunnel_sources(
+    agent: &AgentConfig,
+    index: usize,
+    service: &ServiceConfig,
+) -> Result<(), Fail> {
+    if service.forwarding != Forwarding::Tunnel {
+        return Ok(());
+    }
+    let needs = |v4: bool| {
+        service
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.address.is_ipv4() == v4)
+    };
+    let missing = |key: &str, b: usize, backend: &BackendConfig| {
+        fail(
+            format!("agent.{key}"),
+            format!(
+                "missing, but service \"{}\" (service[{index}]) tunnels to {} backend {} \
+                 (service[{index}].backend[{b}]); set it to an {} address of this host",
+                service.name,
+                family(backend.address),
+                backend.address,
+                family(backend.address),
+            ),
+        )
+    };
+    if agent.tunnel_source.is_none()
+        && let Some((b, backend)) = needs(true)
+    {
+        return Err(missing("tunnel_source", b, backend));
+    }
+    if agent.tunnel_source_v6.is_none()
+        && let Some((b, backend)) = needs(false)
+    {
+        return Err(missing("tunnel_source_v6", b, backend));
+    }
+    Ok(())
+}
