@@ -8,7 +8,10 @@ mod common;
 
 use std::{net::IpAddr, time::Duration};
 
-use common::{BACKENDS, ChildGuard, EchoServers, Topology, VIP_V4, VIP_V6, backend_v4, backend_v6};
+use common::{
+    BACKENDS, Backend, ChildGuard, ConfigBuilder, EchoServers, ServiceBuilder, Topology, VIP_V4,
+    VIP_V6, backend_v4, backend_v6,
+};
 
 const PORT: u16 = 7;
 /// Explicit client source ports: the 5-tuple hash decides the backend, so every run sends
@@ -42,39 +45,29 @@ impl Family {
     }
 }
 
-struct Service<'a> {
-    name: &'a str,
-    protocol: &'a str,
-    forwarding: &'a str,
-    weights: &'a [u32],
+/// One service on `family`'s VIP, port 7, maglev, `forwarding`, backends 1..=N with the given
+/// weights.
+fn service(
+    family: Family,
+    name: &str,
+    protocol: &str,
+    forwarding: &str,
+    weights: &[u32],
+) -> ServiceBuilder {
+    weights.iter().enumerate().fold(
+        ServiceBuilder::new(name, family.vip(), PORT, protocol)
+            .scheduler("maglev")
+            .forwarding(forwarding),
+        |s, (i, w)| s.backend(Backend::weighted(family.backend(i), *w)),
+    )
 }
 
-/// An agent config for the LB namespace: one service per entry, all on `family`'s VIP, port
-/// 7, maglev, backends 1..=N with the given weights.
-fn agent_config(topo: &Topology, family: Family, services: &[Service<'_>]) -> String {
-    let mut c = topo.agent_section();
-    for s in services {
-        c.push_str(&format!(
-            "\n[[service]]\n\
-             name = \"{name}\"\n\
-             vip = \"{vip}\"\n\
-             port = {PORT}\n\
-             protocol = \"{proto}\"\n\
-             scheduler = \"maglev\"\n\
-             forwarding = \"{fwd}\"\n",
-            name = s.name,
-            vip = family.vip(),
-            proto = s.protocol,
-            fwd = s.forwarding,
-        ));
-        for (i, w) in s.weights.iter().enumerate() {
-            c.push_str(&format!(
-                "[[service.backend]]\naddress = \"{}\"\nweight = {w}\n",
-                family.backend(i)
-            ));
-        }
-    }
-    c
+/// An agent config for the LB namespace with `services`.
+fn agent_config(topo: &Topology, services: &[ServiceBuilder]) -> ConfigBuilder {
+    services
+        .iter()
+        .cloned()
+        .fold(topo.agent_config(), ConfigBuilder::service)
 }
 
 /// Asserts each count is within `tolerance` (fraction) of its expected value.
@@ -114,7 +107,7 @@ fn start_datapath(
     servers: &EchoServers,
     family: Family,
     forwarding: &str,
-    config: &str,
+    config: &ConfigBuilder,
 ) -> (ChildGuard, Vec<ChildGuard>) {
     let vip = family.vip();
     assert!(
@@ -195,20 +188,9 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
     let weights = [1; BACKENDS];
     let config = agent_config(
         &topo,
-        family,
         &[
-            Service {
-                name: "tcp",
-                protocol: "tcp",
-                forwarding,
-                weights: &weights,
-            },
-            Service {
-                name: "udp",
-                protocol: "udp",
-                forwarding,
-                weights: &weights,
-            },
+            service(family, "tcp", "tcp", forwarding, &weights),
+            service(family, "udp", "udp", forwarding, &weights),
         ],
     );
     let (agent, decap) = start_datapath(&topo, &servers, family, forwarding, &config);
@@ -273,13 +255,7 @@ fn weights_tunnel_ipv4() {
     let weights = [1, 2, 3];
     let config = agent_config(
         &topo,
-        Family::V4,
-        &[Service {
-            name: "udp",
-            protocol: "udp",
-            forwarding: "tunnel",
-            weights: &weights,
-        }],
+        &[service(Family::V4, "udp", "udp", "tunnel", &weights)],
     );
     let (agent, decap) = start_datapath(&topo, &servers, Family::V4, "tunnel", &config);
 

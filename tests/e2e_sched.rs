@@ -15,60 +15,49 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{CLIENT_V4, Topology, VIP_V4, backend_v4};
+use common::{
+    Backend, CLIENT_V4, ConfigBuilder, HealthCheck, ServiceBuilder, Topology, VIP_V4, backend_v4,
+};
 use weir::api::{BackendInfo, Request};
 
 /// TCP health checks of the backup and slow-start tests.
-const HEALTH: &str =
-    "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
+fn health() -> HealthCheck {
+    HealthCheck::new("tcp")
+        .interval(Duration::from_millis(200))
+        .timeout(Duration::from_millis(100))
+        .rise(2)
+        .fall(2)
+}
 
-/// One service of a test config: IPv4 VIP, direct forwarding (L2 DSR: no decap needed).
-struct Svc<'a> {
-    name: &'a str,
+/// Backends 1..=3 of weight 1, none a backup.
+const EVEN: &[(u32, bool)] = &[(1, false), (1, false), (1, false)];
+
+/// One service of a test config: IPv4 VIP, direct forwarding (L2 DSR: no decap needed),
+/// backends 1..=N with the given (weight, backup).
+fn service(
+    name: &str,
     port: u16,
-    protocol: &'a str,
-    scheduler: &'a str,
-    /// Extra service keys (`slow_start = "6s"`, ...), one per line.
-    extra: &'a str,
-    /// (weight, backup) of backends 1..=N.
-    backends: &'a [(u32, bool)],
-    /// Lines of `[service.health_check]`; empty for none.
-    health: &'a str,
+    protocol: &str,
+    scheduler: &str,
+    backends: &[(u32, bool)],
+) -> ServiceBuilder {
+    backends.iter().enumerate().fold(
+        ServiceBuilder::new(name, VIP_V4, port, protocol)
+            .scheduler(scheduler)
+            .forwarding("direct"),
+        |s, (i, (weight, backup))| {
+            s.backend(Backend::weighted(backend_v4(i), *weight).backup(*backup))
+        },
+    )
 }
 
-impl<'a> Svc<'a> {
-    const fn new(name: &'a str, port: u16, protocol: &'a str, scheduler: &'a str) -> Self {
-        Self {
-            name,
-            port,
-            protocol,
-            scheduler,
-            extra: "",
-            backends: &[(1, false), (1, false), (1, false)],
-            health: "",
-        }
-    }
-}
-
-fn agent_config(topo: &Topology, services: &[Svc<'_>]) -> String {
-    let mut c = topo.agent_section();
-    for s in services {
-        c.push_str(&format!(
-            "\n[[service]]\nname = \"{}\"\nvip = \"{VIP_V4}\"\nport = {}\nprotocol = \"{}\"\n\
-             scheduler = \"{}\"\nforwarding = \"direct\"\n{}\n",
-            s.name, s.port, s.protocol, s.scheduler, s.extra
-        ));
-        for (i, (weight, backup)) in s.backends.iter().enumerate() {
-            c.push_str(&format!(
-                "[[service.backend]]\naddress = \"{}\"\nweight = {weight}\nbackup = {backup}\n",
-                backend_v4(i)
-            ));
-        }
-        if !s.health.is_empty() {
-            c.push_str(&format!("[service.health_check]\n{}\n", s.health));
-        }
-    }
-    c
+fn agent_config(
+    topo: &Topology,
+    services: impl IntoIterator<Item = ServiceBuilder>,
+) -> ConfigBuilder {
+    services
+        .into_iter()
+        .fold(topo.agent_config(), ConfigBuilder::service)
 }
 
 fn vip(port: u16) -> SocketAddr {
@@ -245,17 +234,23 @@ fn shares_per_scheduler() {
     let rr_weights = [1, 2, 3];
     let config = agent_config(
         &topo,
-        &[
-            Svc {
-                backends: &[(1, false), (1, false), (2, false)],
-                ..Svc::new("mg", MAGLEV, "udp", "maglev")
-            },
-            Svc::new("iph", IP_HASH, "udp", "ip-hash"),
-            Svc {
-                backends: &[(1, false), (2, false), (3, false)],
-                ..Svc::new("rr", RR, "udp", "round-robin")
-            },
-            Svc::new("lc", LEAST, "udp", "least-conn"),
+        [
+            service(
+                "mg",
+                MAGLEV,
+                "udp",
+                "maglev",
+                &[(1, false), (1, false), (2, false)],
+            ),
+            service("iph", IP_HASH, "udp", "ip-hash", EVEN),
+            service(
+                "rr",
+                RR,
+                "udp",
+                "round-robin",
+                &[(1, false), (2, false), (3, false)],
+            ),
+            service("lc", LEAST, "udp", "least-conn", EVEN),
         ],
     );
     let _servers: Vec<_> = [MAGLEV, IP_HASH, RR, LEAST]
@@ -350,7 +345,7 @@ fn least_conn_avoids_the_loaded_backend_and_counts_return_to_zero() {
     let topo = Topology::build("lc").expect("topology");
     const PORT: u16 = 7300;
     const HELD: usize = 20;
-    let config = agent_config(&topo, &[Svc::new("lc", PORT, "tcp", "least-conn")]);
+    let config = agent_config(&topo, [service("lc", PORT, "tcp", "least-conn", EVEN)]);
     let _servers = topo.start_id_servers(PORT).expect("id servers");
     let _agent = topo.start_agent(&config).expect("agent");
     let dst = vip(PORT);
@@ -431,11 +426,14 @@ fn backup_takes_over_when_primaries_fail_and_yields_on_recovery() {
     const PORT: u16 = 7100;
     let config = agent_config(
         &topo,
-        &[Svc {
-            backends: &[(1, false), (1, false), (1, true)],
-            health: HEALTH,
-            ..Svc::new("web", PORT, "tcp", "maglev")
-        }],
+        [service(
+            "web",
+            PORT,
+            "tcp",
+            "maglev",
+            &[(1, false), (1, false), (1, true)],
+        )
+        .health_check(health())],
     );
     let mut primary1 = Some(topo.start_id_server(0, PORT).expect("server 1"));
     let mut primary2 = Some(topo.start_id_server(1, PORT).expect("server 2"));
@@ -527,12 +525,15 @@ fn slow_start_ramps_the_effective_weight() {
     const RAMP: Duration = Duration::from_secs(6);
     let config = agent_config(
         &topo,
-        &[Svc {
-            extra: "slow_start = \"6s\"",
-            backends: &[(WEIGHT, false), (WEIGHT, false), (WEIGHT, false)],
-            health: HEALTH,
-            ..Svc::new("web", PORT, "tcp", "maglev")
-        }],
+        [service(
+            "web",
+            PORT,
+            "tcp",
+            "maglev",
+            &[(WEIGHT, false), (WEIGHT, false), (WEIGHT, false)],
+        )
+        .slow_start(RAMP)
+        .health_check(health())],
     );
     let _others: Vec<_> = (1..3)
         .map(|i| topo.start_id_server(i, PORT).expect("server"))
@@ -600,12 +601,9 @@ fn idle_udp_flow_expires_and_is_rescheduled() {
     const TIMEOUT: Duration = Duration::from_secs(2);
     let config = agent_config(
         &topo,
-        &[
-            Svc {
-                extra: "udp_idle_timeout = \"2s\"",
-                ..Svc::new("rr", UDP_PORT, "udp", "round-robin")
-            },
-            Svc::new("tcp", TCP_PORT, "tcp", "maglev"),
+        [
+            service("rr", UDP_PORT, "udp", "round-robin", EVEN).udp_idle_timeout(TIMEOUT),
+            service("tcp", TCP_PORT, "tcp", "maglev", EVEN),
         ],
     );
     let _udp_servers = topo.start_id_servers(UDP_PORT).expect("id servers");
@@ -687,7 +685,7 @@ fn counts_stay_exact_for_repicked_flows_and_reused_backend_ids() {
     }
     let topo = Topology::build("rc").expect("topology");
     const PORT: u16 = 7500;
-    let config = agent_config(&topo, &[Svc::new("lc", PORT, "tcp", "least-conn")]);
+    let config = agent_config(&topo, [service("lc", PORT, "tcp", "least-conn", EVEN)]);
     let _servers = topo.start_id_servers(PORT).expect("id servers");
     let _agent = topo.start_agent(&config).expect("agent");
     let dst = vip(PORT);

@@ -10,11 +10,13 @@
 mod common;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
+    time::Duration,
 };
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use common::{Backend, ConfigBuilder, ServiceBuilder};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP,
     hash::{flow_hash, source_hash},
@@ -54,152 +56,56 @@ const fn backend_mac(last: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0xbe, last]
 }
 
-const CONFIG: &str = r#"
-[agent]
-interface = "g0"
-tunnel_source = "198.51.100.1"
-tunnel_source_v6 = "2001:db8::1"
-conntrack_entries = 4096
+/// The lab's agent: `g0`, its IPv4 address as the tunnel source, a small table.
+fn lab_agent() -> ConfigBuilder {
+    ConfigBuilder::new("g0")
+        .tunnel_source(Ipv4Addr::new(198, 51, 100, 1))
+        .conntrack_entries(4096)
+}
 
-[[service]]
-name = "tcp4-tunnel"
-vip = "203.0.113.10"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
+/// Service `name` on `vip:port` with a 1009-slot ring and `backends` (default weights).
+fn ring_service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: &str,
+    backends: &[&str],
+) -> ServiceBuilder {
+    let vip: IpAddr = vip.parse().expect("VIP");
+    backends.iter().fold(
+        ServiceBuilder::new(name, vip, port, protocol).ring_size(1009),
+        |s, a| s.backend(Backend::new(a.parse::<IpAddr>().expect("backend address"))),
+    )
+}
 
-[[service]]
-name = "udp4-tunnel"
-vip = "203.0.113.10"
-port = 53
-protocol = "udp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "tcp4-direct"
-vip = "203.0.113.11"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "udp4-direct"
-vip = "203.0.113.11"
-port = 53
-protocol = "udp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.13"
-
-[[service]]
-name = "tcp6-tunnel"
-vip = "2001:db8:100::10"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::11"
-[[service.backend]]
-address = "2001:db8::12"
-
-[[service]]
-name = "udp6-tunnel"
-vip = "2001:db8:100::10"
-port = 53
-protocol = "udp"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::13"
-
-[[service]]
-name = "tcp6-direct"
-vip = "2001:db8:100::11"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::11"
-[[service.backend]]
-address = "2001:db8::12"
-
-[[service]]
-name = "udp6-direct"
-vip = "2001:db8:100::11"
-port = 53
-protocol = "udp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::12"
-
-[[service]]
-name = "every-port"
-vip = "203.0.113.12"
-port = 0
-protocol = "udp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-
-[[service]]
-name = "v4-in-v6"
-vip = "203.0.113.13"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::11"
-
-[[service]]
-name = "v6-in-v4"
-vip = "2001:db8:100::13"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "redirect"
-vip = "203.0.113.14"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "203.0.113.150"
-
-[[service]]
-name = "ip-hash"
-vip = "203.0.113.15"
-port = 80
-protocol = "tcp"
-scheduler = "ip-hash"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
-"#;
+/// Every forwarding case of `golden_packets`: both families, tunnel and direct, a
+/// wildcard port, mixed families, a redirect to another interface, ip-hash.
+fn golden_config() -> ConfigBuilder {
+    let (b11, b12, b13) = ("198.51.100.11", "198.51.100.12", "198.51.100.13");
+    let (c11, c12, c13) = ("2001:db8::11", "2001:db8::12", "2001:db8::13");
+    [
+        ring_service("tcp4-tunnel", "203.0.113.10", 80, "tcp", &[b11, b12, b13]),
+        ring_service("udp4-tunnel", "203.0.113.10", 53, "udp", &[b11, b12]),
+        ring_service("tcp4-direct", "203.0.113.11", 80, "tcp", &[b11, b12]).forwarding("direct"),
+        ring_service("udp4-direct", "203.0.113.11", 53, "udp", &[b13]).forwarding("direct"),
+        ring_service("tcp6-tunnel", "2001:db8:100::10", 80, "tcp", &[c11, c12]),
+        ring_service("udp6-tunnel", "2001:db8:100::10", 53, "udp", &[c13]),
+        ring_service("tcp6-direct", "2001:db8:100::11", 80, "tcp", &[c11, c12])
+            .forwarding("direct"),
+        ring_service("udp6-direct", "2001:db8:100::11", 53, "udp", &[c12]).forwarding("direct"),
+        ring_service("every-port", "203.0.113.12", 0, "udp", &[b11]),
+        ring_service("v4-in-v6", "203.0.113.13", 80, "tcp", &[c11]),
+        ring_service("v6-in-v4", "2001:db8:100::13", 80, "tcp", &[b12]),
+        ring_service("redirect", "203.0.113.14", 80, "tcp", &["203.0.113.150"])
+            .forwarding("direct"),
+        ring_service("ip-hash", "203.0.113.15", 80, "tcp", &[b11, b12, b13]).scheduler("ip-hash"),
+    ]
+    .into_iter()
+    .fold(
+        lab_agent().tunnel_source_v6(Ipv6Addr::from(TUNNEL6)),
+        ConfigBuilder::service,
+    )
+}
 
 // ----- packet builders (independent of the datapath's) -----
 
@@ -484,8 +390,9 @@ struct Case {
     counters: Vec<u32>,
 }
 
-fn open_lab(text: &str) -> Lab {
-    let cfg = config::parse(text, Path::new("golden.toml")).expect("golden config is valid");
+fn open_lab(config: &ConfigBuilder) -> Lab {
+    let cfg =
+        config::parse(&config.render(), Path::new("golden.toml")).expect("golden config is valid");
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load object");
     datapath::load_program(&mut ebpf, prog_name::BALANCER).expect("verifier accepts the balancer");
     let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
@@ -508,7 +415,7 @@ fn golden_packets() {
     let ns = common::Netns::create(&common::prefix("gold")).expect("namespace");
     common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
-        let mut lab = open_lab(CONFIG);
+        let mut lab = open_lab(&golden_config());
         let cases = build_cases(&lab);
         assert!(cases.len() >= 30, "{} cases", cases.len());
         for case in cases {
@@ -1066,17 +973,25 @@ fn tracked_flows_and_counters() {
     let ns = common::Netns::create(&common::prefix("ct")).expect("namespace");
     common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
-        let base = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
-                    [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nring_size = 1009\n";
-        let two = format!(
-            "{base}[[service.backend]]\naddress = \"198.51.100.11\"\n[[service.backend]]\naddress = \"198.51.100.12\"\n"
+        let web = |backends: &[&str]| {
+            lab_agent().service(ring_service("web", "203.0.113.10", 80, "tcp", backends))
+        };
+        let two = web(&["198.51.100.11", "198.51.100.12"]);
+        let three = lab_agent().service(
+            ring_service(
+                "web",
+                "203.0.113.10",
+                80,
+                "tcp",
+                &["198.51.100.11", "198.51.100.12"],
+            )
+            .backend(Backend::weighted(Ipv4Addr::new(198, 51, 100, 13), 20)),
         );
-        let three = format!("{two}[[service.backend]]\naddress = \"198.51.100.13\"\nweight = 20\n");
         let mut lab = open_lab(&two);
         let vip4 = ip4("203.0.113.10");
 
         // Find a source port whose slot moves to the new backend when it is added.
-        let after_cfg = config::parse(&three, Path::new("t.toml")).unwrap();
+        let after_cfg = config::parse(&three.render(), Path::new("t.toml")).unwrap();
         let mut probe = Balancer::new(Recorder);
         probe.apply(&after_cfg).unwrap();
         let port = (41000..42000u16)
@@ -1129,7 +1044,7 @@ fn tracked_flows_and_counters() {
         );
 
         // The ring changes; the tracked flow keeps its backend.
-        let cfg3 = config::parse(&three, Path::new("t.toml")).unwrap();
+        let cfg3 = config::parse(&three.render(), Path::new("t.toml")).unwrap();
         lab.balancer.apply(&cfg3).unwrap();
         let moved_to = predicted(&lab.balancer, "web", &syn);
         assert_ne!(moved_to, first);
@@ -1186,12 +1101,8 @@ fn tracked_flows_and_counters() {
             .into_iter()
             .filter(|a| a.parse::<Ipv4Addr>().unwrap() != only_first)
             .collect();
-        let mut cfg = base.to_owned();
-        for a in &keep {
-            cfg.push_str(&format!("[[service.backend]]\naddress = \"{a}\"\n"));
-        }
         lab.balancer
-            .apply(&config::parse(&cfg, Path::new("t.toml")).unwrap())
+            .apply(&config::parse(&web(&keep).render(), Path::new("t.toml")).unwrap())
             .unwrap();
         let before = lab.stats();
         let (_, out) = lab.run(&frame4(&data));
@@ -1414,14 +1325,25 @@ fn golden_schedulers_and_connection_state() {
     let ns = common::Netns::create(&common::prefix("gsc")).expect("namespace");
     common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
-        let cfg = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
-                   [[service]]\nname = \"rr\"\nvip = \"203.0.113.20\"\nport = 53\nprotocol = \"udp\"\nscheduler = \"round-robin\"\nudp_idle_timeout = \"1s\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.12\"\nweight = 2\n\
-                   [[service]]\nname = \"lc\"\nvip = \"203.0.113.21\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"least-conn\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.12\"\n";
-        let mut lab = open_lab(cfg);
+        let (b11, b12) = (
+            Ipv4Addr::new(198, 51, 100, 11),
+            Ipv4Addr::new(198, 51, 100, 12),
+        );
+        let cfg = lab_agent()
+            .service(
+                ServiceBuilder::new("rr", Ipv4Addr::new(203, 0, 113, 20), 53, "udp")
+                    .scheduler("round-robin")
+                    .udp_idle_timeout(Duration::from_secs(1))
+                    .backend(Backend::new(b11))
+                    .backend(Backend::weighted(b12, 2)),
+            )
+            .service(
+                ServiceBuilder::new("lc", Ipv4Addr::new(203, 0, 113, 21), 80, "tcp")
+                    .scheduler("least-conn")
+                    .backend(Backend::new(b11))
+                    .backend(Backend::new(b12)),
+            );
+        let mut lab = open_lab(&cfg);
         let id_of = |lab: &Lab, service: &str, addr: &str| {
             lab.balancer
                 .service(service)
@@ -1473,7 +1395,7 @@ fn golden_schedulers_and_connection_state() {
             "tracked flow keeps its backend"
         );
         let before = lab.stats();
-        std::thread::sleep(std::time::Duration::from_millis(1300));
+        std::thread::sleep(Duration::from_millis(1300));
         let (_, later) = lab.run(&frame4(&udp));
         let after = lab.stats();
         assert_eq!(

@@ -60,6 +60,7 @@ use weir::{
     config,
     datapath::{self, KernelMaps, MapWriter as _, XdpMd},
 };
+use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const GEN: &str = "weir_bench_gen";
 const SINK: &str = "weir_bench_sink";
@@ -403,14 +404,15 @@ impl Generator {
         let balancer = match forwarding {
             None => None,
             Some(forwarding) => {
-                let mut text = format!(
-                    "[agent]\ninterface = \"eth0\"\ntunnel_source = \"{LB}\"\nconntrack_entries = 65536\n\n\
-                     [[service]]\nname = \"udp\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"udp\"\n\
-                     forwarding = \"{forwarding}\"\n"
+                let udp = (0..BACKENDS).fold(
+                    ServiceBuilder::new("udp", VIP, PORT, "udp").forwarding(forwarding),
+                    |s, i| s.backend(Backend::new(backend(i))),
                 );
-                for i in 0..BACKENDS {
-                    let _ = write!(text, "[[service.backend]]\naddress = \"{}\"\n", backend(i));
-                }
+                let text = ConfigBuilder::new("eth0")
+                    .tunnel_source(LB)
+                    .conntrack_entries(65536)
+                    .service(udp)
+                    .render();
                 let cfg = config::parse(&text, Path::new("bench-packets.toml"))?;
                 let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf)?);
                 balancer.apply(&cfg)?;

@@ -37,6 +37,9 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+// The test bed shared with the benches and the demo: config builder (and, below, what this
+// harness builds on). A glob, so each test binary takes what it needs without unused imports.
+pub use weir_testbed::*;
 
 // ---------------------------------------------------------------------------------------------
 // Addresses and names
@@ -712,25 +715,19 @@ impl Topology {
         Ok(p)
     }
 
-    /// The `[agent]` keys that keep this topology's agent apart from any other: its API
-    /// socket and state file in the work directory, its pins in its own bpffs directory.
-    pub fn agent_keys(&self) -> String {
-        format!(
-            "api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{}\"\n",
-            self.api_socket().display(),
-            self.workdir.join("state.json").display(),
-            self.bpffs().display()
-        )
-    }
-
-    /// The whole `[agent]` table of this topology's LB: its interface in native mode, tunnel
-    /// sources, a small connection table, and `agent_keys`.
-    pub fn agent_section(&self) -> String {
-        format!(
-            "[agent]\ninterface = \"{NODE_IF}\"\nxdp_mode = \"native\"\ntunnel_source = \"{LB_V4}\"\n\
-             tunnel_source_v6 = \"{LB_V6}\"\nconntrack_entries = 65536\n{}",
-            self.agent_keys()
-        )
+    /// The agent config of this topology's LB, services still to add: its interface in
+    /// native mode, tunnel sources, a small connection table, and what keeps this agent
+    /// apart from any other (its API socket and state file in the work directory, its pins
+    /// in its own bpffs directory).
+    pub fn agent_config(&self) -> ConfigBuilder {
+        ConfigBuilder::new(NODE_IF)
+            .xdp_mode("native")
+            .tunnel_source(LB_V4)
+            .tunnel_source_v6(LB_V6)
+            .conntrack_entries(65536)
+            .api_socket(&self.api_socket())
+            .state_file(&self.workdir.join("state.json"))
+            .bpffs(&self.bpffs())
     }
 
     pub fn api_socket(&self) -> PathBuf {
@@ -742,14 +739,14 @@ impl Topology {
     }
 
     /// Writes the agent's config (`agent.toml` in the work directory) and returns its path.
-    pub fn write_agent_config(&self, config: &str) -> Result<PathBuf> {
-        self.write_file("agent.toml", config)
+    pub fn write_agent_config(&self, config: &ConfigBuilder) -> Result<PathBuf> {
+        self.write_file("agent.toml", &config.render())
     }
 
     /// Starts `weir agent --config FILE` in the LB namespace (see `spawn_nsenter`) and waits
     /// until its API answers, which it does once the program is attached and the maps are
     /// written.
-    pub fn start_agent(&self, config: &str) -> Result<ChildGuard> {
+    pub fn start_agent(&self, config: &ConfigBuilder) -> Result<ChildGuard> {
         let path = self.write_agent_config(config)?;
         self.start_agent_file(&path)
     }
