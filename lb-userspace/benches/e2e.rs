@@ -286,7 +286,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        support::kill_namespace_processes(&self.names());
+        weir_testbed::stop_processes(&self.names());
         if let Err(e) = self.teardown_datapath() {
             eprintln!("warning: {e:#}");
         }

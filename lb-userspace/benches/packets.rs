@@ -321,7 +321,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        support::kill_namespace_processes(&self.names());
+        weir_testbed::stop_processes(&self.names());
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);
         }
