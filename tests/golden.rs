@@ -15,8 +15,7 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use common::{Backend, ConfigBuilder, ServiceBuilder};
+use common::{Backend, ConfigBuilder, ServiceBuilder, test_run::XdpRunner};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP,
     hash::{flow_hash, source_hash},
@@ -25,7 +24,7 @@ use lb_common::{
 use weir::{
     agent::Balancer,
     config,
-    datapath::{self, KernelMaps, MapWriter, StatsReader as _, XdpMd},
+    datapath::{self, KernelMaps, MapWriter, StatsReader as _},
 };
 
 const XDP_DROP: u32 = 1;
@@ -349,30 +348,10 @@ struct Lab {
 
 impl Lab {
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let program: &Xdp = self
-            .ebpf
-            .program(prog_name::BALANCER)
+        XdpRunner::new(&self.ebpf, prog_name::BALANCER, self.g0)
             .expect("balancer program")
-            .try_into()
-            .expect("xdp program");
-        let ctx = XdpMd {
-            // The kernel requires `data_end` to equal the input's length.
-            data_end: input.len() as u32,
-            ingress_ifindex: self.g0,
-            ..XdpMd::default()
-        }
-        .as_bytes();
-        let mut out = vec![0u8; input.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+            .run(input)
+            .expect("BPF_PROG_TEST_RUN")
     }
 
     fn stats(&self) -> [u64; stat::COUNT as usize] {
@@ -1273,26 +1252,11 @@ fn golden_decap() {
                 stat::PASS_NOT_VIP,
             ),
         ];
-        let program: &Xdp = ebpf.program(prog_name::DECAP).unwrap().try_into().unwrap();
+        let decap = XdpRunner::new(&ebpf, prog_name::DECAP, g0).expect("decap program");
         for (desc, input, output, reason) in cases {
             let before = read(&stats);
-            let ctx = XdpMd {
-                data_end: input.len() as u32,
-                ingress_ifindex: g0,
-                ..XdpMd::default()
-            }
-            .as_bytes();
-            let mut out = vec![0u8; input.len() + 64];
-            let r = program
-                .test_run(TestRunOptions {
-                    data_in: Some(&input),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..TestRunOptions::default()
-                })
-                .expect("BPF_PROG_TEST_RUN");
-            out.truncate(r.data_size_out as usize);
-            assert_eq!(r.return_value, XDP_PASS, "{desc}: action");
+            let (action, out) = decap.run(&input).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(action, XDP_PASS, "{desc}: action");
             assert_eq!(
                 hex(&out),
                 hex(output.as_ref().unwrap_or(&input)),

@@ -20,15 +20,12 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    maps::Array,
-    programs::{TestRun as _, TestRunOptions, Xdp},
-};
+use aya::maps::Array;
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name, prog_name};
 use weir::{
     agent::Balancer,
     config,
-    datapath::{self, KernelMaps, XdpMd},
+    datapath::{self, KernelMaps},
 };
 use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
@@ -159,34 +156,17 @@ impl Bench {
             t.data[..input.len()].copy_from_slice(input);
             self.template.set(0, t, 0).expect("write template");
         }
-        let prog: &Xdp = self
-            .ebpf
-            .program(program)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        let ctx = XdpMd {
-            data_end: input.len() as u32,
-            ingress_ifindex: self.g0,
-            ..XdpMd::default()
-        }
-        .as_bytes();
+        let runner =
+            common::test_run::XdpRunner::new(&self.ebpf, program, self.g0).expect("program");
         let mut samples = Vec::with_capacity(ROUNDS);
         for _ in 0..ROUNDS {
-            let result = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(input),
-                    ctx_in: Some(&ctx),
-                    repeat: REPEAT,
-                    ..TestRunOptions::default()
-                })
-                .expect("BPF_PROG_TEST_RUN");
+            let (action, mean) = runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
             assert_eq!(
-                result.return_value, want,
+                action, want,
                 "{program}: unexpected XDP action, the case is not measuring what it says"
             );
             // The kernel reports the mean duration of one repeat.
-            samples.push(result.duration);
+            samples.push(mean);
         }
         samples.sort();
         let median: Duration = samples[ROUNDS / 2];

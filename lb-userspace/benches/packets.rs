@@ -47,18 +47,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::{
-    Ebpf,
-    maps::Array,
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
-};
+use aya::{Ebpf, maps::Array, programs::XdpMode};
 use common::{Netns, ip, ns_exec, sysctl};
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name};
 use support::Spread;
 use weir::{
     agent::Balancer,
     config,
-    datapath::{self, KernelMaps, MapWriter as _, XdpMd},
+    datapath::{self, KernelMaps, MapWriter as _},
 };
 use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
@@ -458,17 +454,7 @@ impl Generator {
     /// the calls (`BPF_PROG_TEST_RUN`'s own timer: it leaves out each call's setup, some
     /// 30 ms here, mostly the XDP dispatcher's update and its RCU grace period).
     fn run(&self, frame_len: usize, ingress: u32, seconds: f64) -> Result<(u64, f64)> {
-        let program: &Xdp = self
-            .ebpf
-            .program(GEN)
-            .context("generator program")?
-            .try_into()?;
-        let ctx = XdpMd {
-            data_end: u32::try_from(frame_len)?,
-            ingress_ifindex: ingress,
-            ..XdpMd::default()
-        }
-        .as_bytes();
+        let generator = common::test_run::XdpRunner::new(&self.ebpf, GEN, ingress)?;
         let frame = vec![0u8; frame_len];
         let start = Instant::now();
         let mut sent = 0u64;
@@ -479,18 +465,10 @@ impl Generator {
             if start.elapsed().as_secs_f64() >= seconds {
                 break;
             }
-            let result = program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    ctx_in: Some(&ctx),
-                    repeat: REPEAT,
-                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                    ..TestRunOptions::default()
-                })
-                .context("BPF_PROG_TEST_RUN with live frames")?;
+            let mean = generator.live_frames(&frame, REPEAT, BATCH)?;
             sent += u64::from(REPEAT);
             // The kernel reports the mean time per frame (whole ns).
-            busy_ns += result.duration.as_nanos() * u128::from(REPEAT);
+            busy_ns += mean.as_nanos() * u128::from(REPEAT);
         }
         if busy_ns == 0 {
             bail!("the generator did not run");
