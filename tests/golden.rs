@@ -10,7 +10,7 @@
 mod common;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     time::Duration,
 };
@@ -22,7 +22,7 @@ use lb_common::{
     prog_name, stat,
 };
 use weir::{
-    agent::Balancer,
+    agent::{Balancer, DesiredBackend},
     config,
     datapath::{self, KernelMaps, MapWriter, StatsReader as _},
 };
@@ -1136,6 +1136,119 @@ impl MapWriter for Recorder {
     }
     fn set_active_connections(&mut self, _: u32, _: i64) -> Result<(), datapath::DatapathError> {
         Ok(())
+    }
+}
+
+/// `common::predict`, on which the end-to-end tests' exact counts rest, agrees with the
+/// agent's own rings (a `Balancer` over the discarding writer, no kernel needed) for every
+/// golden service plus a weighted Maglev ring, a ring with a backup and a weighted round
+/// robin, given the same ring weights, and keys a flow as `key_of` reads it from a packet.
+#[test]
+fn predictions_agree_with_the_agent() {
+    let b = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+    let weighted = [1, 2, 3].into_iter().zip(11..).fold(
+        ServiceBuilder::new("weighted", Ipv4Addr::new(203, 0, 113, 16), 80, "udp"),
+        |s, (w, last)| s.backend(Backend::weighted(b(last), w)),
+    );
+    let with_backup = ServiceBuilder::new("with-backup", Ipv4Addr::new(203, 0, 113, 17), 80, "tcp")
+        .backend(Backend::new(b(11)))
+        .backend(Backend::new(b(12)).backup(true));
+    let rr = ServiceBuilder::new("rr", Ipv4Addr::new(203, 0, 113, 18), 53, "udp")
+        .scheduler("round-robin")
+        .backend(Backend::weighted(b(11), 4))
+        .backend(Backend::weighted(b(12), 2))
+        .backend(Backend::weighted(b(13), 6));
+    let spec = golden_config()
+        .service(weighted)
+        .service(with_backup)
+        .service(rr);
+    let cfg = config::parse(&spec.render(), Path::new("predict.toml")).expect("valid config");
+    // Every backend up with the ring weights the runtime gives it (a backup's is 0 while a
+    // primary serves), as the agent's owner task hands them to the balancer.
+    let desired: Vec<_> = cfg
+        .services
+        .iter()
+        .zip(spec.services())
+        .map(|(service, built)| {
+            let backends = service
+                .backends
+                .iter()
+                .zip(common::predict::ring_weights(built))
+                .map(|(b, ring_weight)| DesiredBackend {
+                    address: b.address,
+                    ring_weight,
+                    up: true,
+                })
+                .collect();
+            (service.clone(), backends)
+        })
+        .collect();
+    let mut agent = Balancer::new(Recorder);
+    agent.apply_desired(&cfg, &desired).expect("apply");
+    for service in spec.services() {
+        let state = agent.service(service.name()).expect("service");
+        // The config index of the backend behind an agent id.
+        let index = |id: u32| {
+            let address = state.backends.iter().find(|b| b.id == id)?.address;
+            service.backends().iter().position(|b| b.address == address)
+        };
+        let agents: Vec<Option<usize>> = state.ring.iter().map(|&id| index(id)).collect();
+        let weights = common::predict::ring_weights(service);
+        if service.scheduler_name() == Some("round-robin") {
+            let mut counts = vec![0u64; weights.len()];
+            for i in agents.iter().flatten() {
+                counts[*i] += 1;
+            }
+            assert_eq!(
+                common::predict::round_robin_counts(&weights, agents.len()),
+                counts,
+                "{}: one round-robin cycle",
+                service.name()
+            );
+        } else {
+            let predicted = common::predict::maglev_ring(service, &weights);
+            let differ = predicted
+                .iter()
+                .zip(&agents)
+                .filter(|(p, a)| p != a)
+                .count();
+            assert!(
+                predicted.len() == agents.len() && differ == 0,
+                "{}: the predicted ring ({} slots) differs from the agent's ({} slots) in {differ} slots",
+                service.name(),
+                predicted.len(),
+                agents.len()
+            );
+        }
+    }
+    let backup = spec.services().iter().find(|s| s.name() == "with-backup");
+    assert_eq!(
+        common::predict::ring_weights(backup.expect("with-backup")),
+        [1, 0],
+        "a backup takes no slots while its primary serves"
+    );
+    let client4 = IpAddr::V4(Ipv4Addr::from(CLIENT4));
+    let client6 = IpAddr::V6(Ipv6Addr::from(CLIENT6));
+    for (client, packet, vip) in [
+        (
+            client4,
+            v4_packet(ip4("203.0.113.10"), PROTO_UDP, 40_123, 53, 0),
+            IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+        ),
+        (
+            client6,
+            v6_packet(vip6(0x10), PROTO_TCP, 40_124, 80, SYN),
+            IpAddr::V6(Ipv6Addr::from(vip6(0x10))),
+        ),
+    ] {
+        let key = key_of(&packet);
+        let dst_port = u16::from_be(key.dst_port_be);
+        let src = SocketAddr::new(client, u16::from_be(key.src_port_be));
+        assert_eq!(
+            common::predict::flow_key(src, SocketAddr::new(vip, dst_port), key.proto),
+            key,
+            "the predicted key of a flow from {src}"
+        );
     }
 }
 

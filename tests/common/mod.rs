@@ -15,6 +15,7 @@
 )]
 
 use std::{
+    collections::HashSet,
     fs::{self, File},
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -38,6 +39,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 // namesake.
 pub use weir_testbed::*;
 
+pub mod predict;
 pub mod test_run;
 
 // ---------------------------------------------------------------------------------------------
@@ -535,6 +537,8 @@ impl Drop for Topology {
 pub struct BackendCounters {
     pub tcp_accepted: AtomicU64,
     pub udp_echoed: AtomicU64,
+    /// Peers whose datagrams were echoed: one per UDP flow, however often a client resent.
+    pub udp_peers: Mutex<HashSet<SocketAddr>>,
 }
 
 /// Echo servers in every backend namespace; stop (and are joined) on drop.
@@ -618,10 +622,26 @@ impl EchoServers {
             .collect()
     }
 
+    /// UDP flows (distinct client address and port) echoed per backend: unlike
+    /// `udp_counts`, a datagram the client sent again after a lost echo does not count twice.
+    pub fn udp_flow_counts(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .map(|c| {
+                let peers = c.udp_peers.lock().unwrap_or_else(|e| e.into_inner());
+                u64::try_from(peers.len()).expect("peer count")
+            })
+            .collect()
+    }
+
     pub fn reset(&self) {
         for c in &self.counters {
             c.tcp_accepted.store(0, Ordering::SeqCst);
             c.udp_echoed.store(0, Ordering::SeqCst);
+            c.udp_peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
     }
 }
@@ -712,6 +732,10 @@ fn udp_echo_loop(sock: &UdpSocket, c: &BackendCounters, stop: &AtomicBool) {
             Ok((n, peer)) => {
                 if sock.send_to(&buf[..n], peer).is_ok() {
                     c.udp_echoed.fetch_add(1, Ordering::SeqCst);
+                    c.udp_peers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer);
                 }
             }
             Err(e)
