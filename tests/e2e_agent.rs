@@ -26,7 +26,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{EchoServers, Prometheus, Servers, Topology, VIP_V4, backend_v4};
+use common::{
+    Backend, ConfigBuilder, EchoServers, HealthCheck, Prometheus, Servers, ServiceBuilder,
+    Topology, VIP_V4, backend_v4,
+};
 use serde_json::Value;
 use weir::api::Request;
 
@@ -46,12 +49,12 @@ const JITTER_MIN: f64 = 0.9;
 /// that observes the change (polled every 10 ms), two busy cores.
 const MARGIN: Duration = Duration::from_millis(150);
 
-fn health_toml(kind: &str, extra: &str) -> String {
-    format!(
-        "kind = \"{kind}\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n{extra}",
-        INTERVAL.as_millis(),
-        TIMEOUT.as_millis()
-    )
+fn health(kind: &str) -> HealthCheck {
+    HealthCheck::new(kind)
+        .interval(INTERVAL)
+        .timeout(TIMEOUT)
+        .rise(RISE)
+        .fall(FALL)
 }
 
 /// Upper bound for `fall` (or `rise`) consecutive results: `n` jittered intervals plus one
@@ -60,36 +63,24 @@ fn transition_bound(n: u32) -> Duration {
     INTERVAL.mul_f64(f64::from(n) * JITTER_MAX) + TIMEOUT + MARGIN
 }
 
-/// One service of a test config: direct forwarding (L2 DSR) on the IPv4 VIP, Maglev.
-struct Svc<'a> {
-    name: &'a str,
-    protocol: &'a str,
-    port: u16,
-    /// Weights of backends 1..=N (198.51.100.11...).
-    weights: &'a [u32],
-    /// Lines of `[service.health_check]`; empty for none.
-    health: &'a str,
+/// One service of a test config: direct forwarding (L2 DSR) on the IPv4 VIP, Maglev, with
+/// backends 1..=N (198.51.100.11...) of the given weights.
+fn service(name: &str, protocol: &str, port: u16, weights: &[u32]) -> ServiceBuilder {
+    weights.iter().enumerate().fold(
+        ServiceBuilder::new(name, VIP_V4, port, protocol)
+            .scheduler("maglev")
+            .forwarding("direct"),
+        |s, (i, w)| s.backend(Backend::weighted(backend_v4(i), *w)),
+    )
 }
 
-fn agent_config(topo: &Topology, services: &[Svc<'_>]) -> String {
-    let mut c = topo.agent_section();
-    for s in services {
-        c.push_str(&format!(
-            "\n[[service]]\nname = \"{}\"\nvip = \"{VIP_V4}\"\nport = {}\nprotocol = \"{}\"\n\
-             scheduler = \"maglev\"\nforwarding = \"direct\"\n",
-            s.name, s.port, s.protocol
-        ));
-        for (i, w) in s.weights.iter().enumerate() {
-            c.push_str(&format!(
-                "[[service.backend]]\naddress = \"{}\"\nweight = {w}\n",
-                backend_v4(i)
-            ));
-        }
-        if !s.health.is_empty() {
-            c.push_str(&format!("[service.health_check]\n{}\n", s.health));
-        }
-    }
-    c
+fn agent_config(
+    topo: &Topology,
+    services: impl IntoIterator<Item = ServiceBuilder>,
+) -> ConfigBuilder {
+    services
+        .into_iter()
+        .fold(topo.agent_config(), ConfigBuilder::service)
 }
 
 fn vip(port: u16) -> SocketAddr {
@@ -409,16 +400,9 @@ fn health_tcp_backend_stop_and_start() {
     let mut echo: Vec<Option<EchoServers>> = (0..common::BACKENDS)
         .map(|i| Some(topo.start_backend_echo(i, PORT).expect("echo server")))
         .collect();
-    let health = health_toml("tcp", "");
     let config = agent_config(
         &topo,
-        &[Svc {
-            name: "web",
-            protocol: "tcp",
-            port: PORT,
-            weights: &[1, 1, 1],
-            health: &health,
-        }],
+        [service("web", "tcp", PORT, &[1, 1, 1]).health_check(health("tcp"))],
     );
     let _agent = topo.start_agent(&config).expect("agent");
     wait_all_up(&topo, "web", &[0, 1, 2]);
@@ -524,28 +508,16 @@ fn health_udp_and_http() {
             Servers::http_status(&topo.backends[i], http_port, status[i].clone()).expect("http")
         })
         .collect();
-    let udp_health = health_toml("udp", &format!("port = {udp_hc_port}"));
-    let http_health = health_toml(
-        "http",
-        &format!("port = {http_port}\npath = \"/healthz\"\nexpect_status = 200"),
-    );
+    let udp_health = health("udp").port(udp_hc_port);
+    let http_health = health("http")
+        .port(http_port)
+        .path("/healthz")
+        .expect_status(200);
     let config = agent_config(
         &topo,
-        &[
-            Svc {
-                name: "dns",
-                protocol: "udp",
-                port: 53,
-                weights: &[1, 1, 1],
-                health: &udp_health,
-            },
-            Svc {
-                name: "web",
-                protocol: "tcp",
-                port: 80,
-                weights: &[1, 1, 1],
-                health: &http_health,
-            },
+        [
+            service("dns", "udp", 53, &[1, 1, 1]).health_check(udp_health),
+            service("web", "tcp", 80, &[1, 1, 1]).health_check(http_health),
         ],
     );
     let _agent = topo.start_agent(&config).expect("agent");
@@ -657,16 +629,14 @@ fn sigkill_restart_adopts_without_loss() {
     }
     let topo = Topology::build("sk").expect("topology");
     let _servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let health = "kind = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 3";
+    let health = HealthCheck::new("tcp")
+        .interval(Duration::from_millis(500))
+        .timeout(Duration::from_millis(200))
+        .rise(2)
+        .fall(3);
     let config = agent_config(
         &topo,
-        &[Svc {
-            name: "web",
-            protocol: "tcp",
-            port: PORT,
-            weights: &[1, 2, 3],
-            health,
-        }],
+        [service("web", "tcp", PORT, &[1, 2, 3]).health_check(health)],
     );
     let config_path = topo.write_agent_config(&config).expect("config");
     let mut first = topo.start_agent_file(&config_path).expect("agent");
@@ -808,16 +778,7 @@ fn drain_keeps_established_connection() {
     }
     let topo = Topology::build("dr").expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let config = agent_config(
-        &topo,
-        &[Svc {
-            name: "web",
-            protocol: "tcp",
-            port: PORT,
-            weights: &[1, 1, 1],
-            health: "",
-        }],
-    );
+    let config = agent_config(&topo, [service("web", "tcp", PORT, &[1, 1, 1])]);
     let _agent = topo.start_agent(&config).expect("agent");
     servers.reset();
     let mut conn =
@@ -898,14 +859,8 @@ fn invalid_reload_is_rejected() {
     }
     let topo = Topology::build("rl").expect("topology");
     let _servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let svc = |weights: &'static [u32]| Svc {
-        name: "web",
-        protocol: "tcp",
-        port: PORT,
-        weights,
-        health: "",
-    };
-    let good = agent_config(&topo, &[svc(&[1, 1, 1])]);
+    let svc = |weights: &[u32]| service("web", "tcp", PORT, weights);
+    let good = agent_config(&topo, [svc(&[1, 1, 1])]);
     let path = topo.write_agent_config(&good).expect("config");
     let mut agent = topo.start_agent_file(&path).expect("agent");
     let services_before = api_ok(&topo, &Request::ServiceList {});
@@ -917,10 +872,7 @@ fn invalid_reload_is_rejected() {
     // 1. `weir reload`: a ring size that is not prime.
     std::fs::write(
         &path,
-        good.replace(
-            "scheduler = \"maglev\"",
-            "scheduler = \"maglev\"\nring_size = 65536",
-        ),
+        agent_config(&topo, [svc(&[1, 1, 1]).ring_size(65536)]).render(),
     )
     .expect("write");
     let (code, out, err) = weir_cli(&topo, &["reload"]);
@@ -941,11 +893,7 @@ fn invalid_reload_is_rejected() {
     }
 
     // 2. API `reload`: an unknown key.
-    std::fs::write(
-        &path,
-        good.replace("[agent]\n", "[agent]\ncolour = \"red\"\n"),
-    )
-    .expect("write");
+    std::fs::write(&path, good.clone().raw("colour", "\"red\"").render()).expect("write");
     let resp = topo.api(&Request::Reload {}).expect("api");
     println!("[reload] API reload -> {resp:?}");
     assert!(!resp.ok);
@@ -960,7 +908,7 @@ fn invalid_reload_is_rejected() {
     }
 
     // 3. SIGHUP: a weight out of range.
-    std::fs::write(&path, good.replacen("weight = 1", "weight = 70000", 1)).expect("write");
+    std::fs::write(&path, agent_config(&topo, [svc(&[70000, 1, 1])]).render()).expect("write");
     agent.signal(libc::SIGHUP).expect("SIGHUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     let samples = loop {
@@ -1013,7 +961,7 @@ fn invalid_reload_is_rejected() {
     assert!(results.len() > 100);
 
     // A valid file reloads: weights 3:1:1.
-    std::fs::write(&path, agent_config(&topo, &[svc(&[3, 1, 1])])).expect("write");
+    std::fs::write(&path, agent_config(&topo, [svc(&[3, 1, 1])]).render()).expect("write");
     let report = api_ok(&topo, &Request::Reload {});
     println!("[reload] valid file: {report}");
     let samples = topo.metrics().expect("metrics");
@@ -1054,16 +1002,7 @@ fn cli_round_trip_changes_traffic_shares() {
     }
     let topo = Topology::build("cl").expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let config = agent_config(
-        &topo,
-        &[Svc {
-            name: "udp",
-            protocol: "udp",
-            port: PORT,
-            weights: &[1, 1, 1],
-            health: "",
-        }],
-    );
+    let config = agent_config(&topo, [service("udp", "udp", PORT, &[1, 1, 1])]);
     let path = topo.write_agent_config(&config).expect("config");
     let mut agent = topo.start_agent_file(&path).expect("agent");
     let addr = |i: usize| backend_v4(i).to_string();
@@ -1220,16 +1159,7 @@ fn api_rejects_malformed_requests() {
         return;
     }
     let topo = Topology::build("ap").expect("topology");
-    let config = agent_config(
-        &topo,
-        &[Svc {
-            name: "udp",
-            protocol: "udp",
-            port: PORT,
-            weights: &[1, 1, 1],
-            health: "",
-        }],
-    );
+    let config = agent_config(&topo, [service("udp", "udp", PORT, &[1, 1, 1])]);
     let _agent = topo.start_agent(&config).expect("agent");
     let socket = topo.api_socket();
     let table_before = service_table(&topo, "udp");
@@ -1328,24 +1258,11 @@ fn api_rejects_malformed_requests() {
 fn prometheus_setup(tag: &str) -> (Topology, EchoServers, common::ChildGuard, Prometheus) {
     let topo = Topology::build(tag).expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
-    let health = health_toml("tcp", "");
     let config = agent_config(
         &topo,
-        &[
-            Svc {
-                name: "udp",
-                protocol: "udp",
-                port: PORT,
-                weights: &[1, 1, 1],
-                health: "",
-            },
-            Svc {
-                name: "web",
-                protocol: "tcp",
-                port: PORT,
-                weights: &[1, 1, 1],
-                health: &health,
-            },
+        [
+            service("udp", "udp", PORT, &[1, 1, 1]),
+            service("web", "tcp", PORT, &[1, 1, 1]).health_check(health("tcp")),
         ],
     );
     let agent = topo.start_agent(&config).expect("agent");

@@ -1,6 +1,8 @@
 //! Privileged end-to-end tests of the XDP datapath: a real `weir agent` balancing real TCP and
 //! UDP flows from a client namespace to three backend namespaces, over veth pairs and a
-//! bridge (see `common/mod.rs` for the topology). Needs root; skipped otherwise (fails in CI).
+//! bridge (see `common/mod.rs` for the topology). The flows come from fixed source ports, so
+//! each backend's count must be exactly what lb-common's flow hash and the agent's Maglev
+//! ring predict (`common::predict`). Needs root; skipped otherwise (fails in CI).
 //!
 //! Run: `cargo test -p lb-userspace --test e2e_datapath -- --test-threads=1 --nocapture`
 
@@ -8,15 +10,14 @@ mod common;
 
 use std::{net::IpAddr, time::Duration};
 
-use common::{BACKENDS, ChildGuard, EchoServers, Topology, VIP_V4, VIP_V6, backend_v4, backend_v6};
+use common::{
+    BACKENDS, Backend, CLIENT_V4, CLIENT_V6, ChildGuard, ConfigBuilder, EchoServers,
+    ServiceBuilder, Topology, VIP_V4, VIP_V6, backend_v4, backend_v6, predict,
+};
 
 const PORT: u16 = 7;
 /// Explicit client source ports: the 5-tuple hash decides the backend, so every run sends
-/// the same flows to the same backends and the distribution checks cannot flake. 900 flows
-/// rather than 300: the hash is deterministic, and with 300 flows ±20% is only ~2.4 standard
-/// deviations, which this hash's sample for IPv4 TCP (ports 30000..30300, service "tcp")
-/// misses: 92/85/123, exactly what lb-common's flow hash + Maglev ring predict. With 900, ±20%
-/// is ~4.2 sigma.
+/// the same flows to the same backends, and the counts per backend are known in advance.
 const TCP_PORTS: std::ops::Range<u16> = 30_000..30_900;
 const UDP_PORTS: std::ops::Range<u16> = 40_000..40_900;
 
@@ -34,6 +35,14 @@ impl Family {
         }
     }
 
+    /// The client's address of this family, the flows' source.
+    fn client(self) -> IpAddr {
+        match self {
+            Self::V4 => CLIENT_V4.into(),
+            Self::V6 => CLIENT_V6.into(),
+        }
+    }
+
     fn backend(self, i: usize) -> IpAddr {
         match self {
             Self::V4 => backend_v4(i).into(),
@@ -42,61 +51,37 @@ impl Family {
     }
 }
 
-struct Service<'a> {
-    name: &'a str,
-    protocol: &'a str,
-    forwarding: &'a str,
-    weights: &'a [u32],
+/// One service on `family`'s VIP, port 7, maglev, `forwarding`, backends 1..=N with the given
+/// weights.
+fn service(
+    family: Family,
+    name: &str,
+    protocol: &str,
+    forwarding: &str,
+    weights: &[u32],
+) -> ServiceBuilder {
+    weights.iter().enumerate().fold(
+        ServiceBuilder::new(name, family.vip(), PORT, protocol)
+            .scheduler("maglev")
+            .forwarding(forwarding),
+        |s, (i, w)| s.backend(Backend::weighted(family.backend(i), *w)),
+    )
 }
 
-/// An agent config for the LB namespace: one service per entry, all on `family`'s VIP, port
-/// 7, maglev, backends 1..=N with the given weights.
-fn agent_config(topo: &Topology, family: Family, services: &[Service<'_>]) -> String {
-    let mut c = topo.agent_section();
-    for s in services {
-        c.push_str(&format!(
-            "\n[[service]]\n\
-             name = \"{name}\"\n\
-             vip = \"{vip}\"\n\
-             port = {PORT}\n\
-             protocol = \"{proto}\"\n\
-             scheduler = \"maglev\"\n\
-             forwarding = \"{fwd}\"\n",
-            name = s.name,
-            vip = family.vip(),
-            proto = s.protocol,
-            fwd = s.forwarding,
-        ));
-        for (i, w) in s.weights.iter().enumerate() {
-            c.push_str(&format!(
-                "[[service.backend]]\naddress = \"{}\"\nweight = {w}\n",
-                family.backend(i)
-            ));
-        }
-    }
-    c
-}
-
-/// Asserts each count is within `tolerance` (fraction) of its expected value.
-fn assert_distribution(what: &str, counts: &[u64], expected: &[f64], tolerance: f64) {
-    let bad: Vec<String> = counts
+/// An agent config for the LB namespace with `services`.
+fn agent_config(topo: &Topology, services: &[ServiceBuilder]) -> ConfigBuilder {
+    services
         .iter()
-        .zip(expected)
-        .enumerate()
-        .filter(|(_, (c, e))| (**c as f64 - **e).abs() > **e * tolerance)
-        .map(|(i, (c, e))| {
-            format!(
-                "backend {} got {c}, expected {e:.0} ±{:.0}%",
-                i + 1,
-                tolerance * 100.0
-            )
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: uneven distribution {counts:?} (expected {expected:?} ±{:.0}%): {}",
-        tolerance * 100.0,
-        bad.join("; ")
+        .cloned()
+        .fold(topo.agent_config(), ConfigBuilder::service)
+}
+
+/// Asserts the flows per backend are exactly the predicted ones.
+fn assert_exact(what: &str, counts: &[u64], predicted: &[u64]) {
+    println!("{what}: {counts:?}, predicted {predicted:?}");
+    assert_eq!(
+        counts, predicted,
+        "{what}: flows per backend differ from what the flow hash and the Maglev ring predict"
     );
 }
 
@@ -114,7 +99,7 @@ fn start_datapath(
     servers: &EchoServers,
     family: Family,
     forwarding: &str,
-    config: &str,
+    config: &ConfigBuilder,
 ) -> (ChildGuard, Vec<ChildGuard>) {
     let vip = family.vip();
     assert!(
@@ -177,14 +162,16 @@ fn stop_datapath(topo: &Topology, mut agent: ChildGuard, decap: Vec<ChildGuard>)
 
 fn print_counts(test: &str, servers: &EchoServers) {
     println!(
-        "[{test}] per-backend TCP connections accepted: {:?}; UDP datagrams echoed: {:?}",
+        "[{test}] per-backend TCP connections accepted: {:?}; UDP datagrams echoed: {:?} (flows {:?})",
         servers.tcp_counts(),
-        servers.udp_counts()
+        servers.udp_counts(),
+        servers.udp_flow_counts()
     );
 }
 
 /// 900 TCP connections and 900 UDP flows through the balancer in `forwarding` mode for
-/// `family`; every flow gets its echo and each backend gets an even share ±20%.
+/// `family`; every flow gets its echo and each backend gets exactly the flows the Maglev
+/// ring gives it (about a third).
 fn balance_case(tag: &str, family: Family, forwarding: &str) {
     if !common::require_root() {
         return;
@@ -193,24 +180,9 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
     let topo = Topology::build(tag).expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
     let weights = [1; BACKENDS];
-    let config = agent_config(
-        &topo,
-        family,
-        &[
-            Service {
-                name: "tcp",
-                protocol: "tcp",
-                forwarding,
-                weights: &weights,
-            },
-            Service {
-                name: "udp",
-                protocol: "udp",
-                forwarding,
-                weights: &weights,
-            },
-        ],
-    );
+    let tcp_service = service(family, "tcp", "tcp", forwarding, &weights);
+    let udp_service = service(family, "udp", "udp", forwarding, &weights);
+    let config = agent_config(&topo, &[tcp_service.clone(), udp_service.clone()]);
     let (agent, decap) = start_datapath(&topo, &servers, family, forwarding, &config);
 
     let tcp = topo
@@ -225,18 +197,15 @@ fn balance_case(tag: &str, family: Family, forwarding: &str) {
 
     tcp.assert_all_ok();
     udp.assert_all_ok();
-    let even = |n: usize| vec![n as f64 / BACKENDS as f64; BACKENDS];
-    assert_distribution(
+    assert_exact(
         &format!("[{test}] TCP connections"),
         &servers.tcp_counts(),
-        &even(TCP_PORTS.len()),
-        0.20,
+        &predict::maglev_counts(&tcp_service, &weights, family.client(), TCP_PORTS),
     );
-    assert_distribution(
-        &format!("[{test}] UDP datagrams"),
-        &servers.udp_counts(),
-        &even(UDP_PORTS.len()),
-        0.20,
+    assert_exact(
+        &format!("[{test}] UDP flows"),
+        &servers.udp_flow_counts(),
+        &predict::maglev_counts(&udp_service, &weights, family.client(), UDP_PORTS),
     );
     stop_datapath(&topo, agent, decap);
 }
@@ -261,7 +230,8 @@ fn direct_ipv6() {
     balance_case("d6", Family::V6, "direct");
 }
 
-/// Weights 1:2:3 (tunnel, IPv4): 3000 UDP flows split 500/1000/1500 ±15%.
+/// Weights 1:2:3 (tunnel, IPv4): 3000 UDP flows split about 500/1000/1500, exactly as the
+/// weighted Maglev ring predicts.
 #[test]
 fn weights_tunnel_ipv4() {
     if !common::require_root() {
@@ -271,37 +241,22 @@ fn weights_tunnel_ipv4() {
     let topo = Topology::build("wt").expect("topology");
     let servers = topo.start_echo_servers(PORT).expect("echo servers");
     let weights = [1, 2, 3];
-    let config = agent_config(
-        &topo,
-        Family::V4,
-        &[Service {
-            name: "udp",
-            protocol: "udp",
-            forwarding: "tunnel",
-            weights: &weights,
-        }],
-    );
+    let udp_service = service(Family::V4, "udp", "udp", "tunnel", &weights);
+    let config = agent_config(&topo, std::slice::from_ref(&udp_service));
     let (agent, decap) = start_datapath(&topo, &servers, Family::V4, "tunnel", &config);
 
     let ports = 40_000..43_000;
-    let n = ports.len() as f64;
     let udp = topo
-        .udp_flows(VIP_V4.into(), PORT, ports, test)
+        .udp_flows(VIP_V4.into(), PORT, ports.clone(), test)
         .expect("udp flows");
     println!("[{test}] {}", udp.summary());
     print_counts(test, &servers);
 
     udp.assert_all_ok();
-    let total: u32 = weights.iter().sum();
-    let expected: Vec<f64> = weights
-        .iter()
-        .map(|&w| n * f64::from(w) / f64::from(total))
-        .collect();
-    assert_distribution(
-        &format!("[{test}] UDP datagrams"),
-        &servers.udp_counts(),
-        &expected,
-        0.15,
+    assert_exact(
+        &format!("[{test}] UDP flows"),
+        &servers.udp_flow_counts(),
+        &predict::maglev_counts(&udp_service, &weights, Family::V4.client(), ports),
     );
     stop_datapath(&topo, agent, decap);
 }

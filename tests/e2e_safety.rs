@@ -17,28 +17,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{NODE_IF, Topology, VIP_V4, backend_v4, xdp_attached};
+use common::{
+    Backend, ConfigBuilder, HealthCheck, NODE_IF, ServiceBuilder, Topology, VIP_V4, backend_v4,
+    xdp_attached,
+};
 use weir::api::Request;
 
 const PORT: u16 = 7;
 
-/// A direct-mode TCP service on the IPv4 VIP over the three backends; `health` adds a
-/// `[service.health_check]` table.
-fn config(agent_section: &str, health: &str) -> String {
-    let mut c = format!(
-        "{agent_section}\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\nport = {PORT}\n\
-         protocol = \"tcp\"\nforwarding = \"direct\"\nring_size = 1009\n"
-    );
+/// The topology's agent config with a direct-mode TCP service on the IPv4 VIP over the
+/// three backends (ring of `ring_size` slots), with an optional health check.
+fn config(base: ConfigBuilder, ring_size: u32, health: Option<HealthCheck>) -> ConfigBuilder {
+    let mut service = ServiceBuilder::new("web", VIP_V4, PORT, "tcp")
+        .forwarding("direct")
+        .ring_size(ring_size);
     for i in 0..3 {
-        c.push_str(&format!(
-            "[[service.backend]]\naddress = \"{}\"\n",
-            backend_v4(i)
-        ));
+        service = service.backend(Backend::new(backend_v4(i)));
     }
-    if !health.is_empty() {
-        c.push_str(&format!("[service.health_check]\n{health}\n"));
+    if let Some(check) = health {
+        service = service.health_check(check);
     }
-    c
+    base.service(service)
 }
 
 /// Waits for a process that must exit by itself; its status and log.
@@ -68,13 +67,8 @@ fn api_socket_never_replaces_a_file() {
     let notes = topo
         .write_file("notes.txt", "the operator's notes\n")
         .expect("notes");
-    let section = topo.agent_section().replace(
-        &format!("api_socket = \"{}\"", topo.api_socket().display()),
-        &format!("api_socket = \"{}\"", notes.display()),
-    );
-    assert!(section.contains("notes.txt"));
     let path = topo
-        .write_agent_config(&config(&section, ""))
+        .write_agent_config(&config(topo.agent_config().api_socket(&notes), 1009, None))
         .expect("config");
     let mut agent = common::spawn_nsenter(&topo.lb, &["agent", "--config", path.to_str().unwrap()])
         .expect("spawn");
@@ -112,7 +106,7 @@ fn one_agent_per_datapath() {
     let topo = Topology::build("sg").expect("topology");
     let _servers = topo.start_echo_servers(PORT).expect("echo servers");
     let first = topo
-        .start_agent(&config(&topo.agent_section(), ""))
+        .start_agent(&config(topo.agent_config(), 1009, None))
         .expect("agent");
     let first_pid = first.pid().expect("pid");
     let table = |topo: &Topology| {
@@ -128,19 +122,16 @@ fn one_agent_per_datapath() {
 
     // Same bpffs and interface, its own socket, metrics port and a different config.
     let second_socket = topo.workdir.join("second.sock");
-    let section = topo
-        .agent_section()
-        .replace(
-            &format!("api_socket = \"{}\"", topo.api_socket().display()),
-            &format!(
-                "api_socket = \"{}\"\nmetrics = \"127.0.0.1:9651\"",
-                second_socket.display()
-            ),
-        )
-        .replace("state.json", "second-state.json");
-    let second_config = config(&section, "").replace("ring_size = 1009", "ring_size = 1013");
+    let second_config = config(
+        topo.agent_config()
+            .api_socket(&second_socket)
+            .metrics("127.0.0.1:9651".parse().unwrap())
+            .state_file(&topo.workdir.join("second-state.json")),
+        1013,
+        None,
+    );
     let path = topo
-        .write_file("second.toml", &second_config)
+        .write_file("second.toml", &second_config.render())
         .expect("config");
     let mut second =
         common::spawn_nsenter(&topo.lb, &["agent", "--config", path.to_str().unwrap()])
@@ -157,12 +148,17 @@ fn one_agent_per_datapath() {
 
     // Another bpffs, the same interface: the kernel refuses the attach (EBUSY).
     let other_bpffs = format!("{}-other", topo.bpffs().display());
-    let third = section
-        .replace(&topo.bpffs().display().to_string(), &other_bpffs)
-        .replace("second.sock", "third.sock")
-        .replace("second-state.json", "third-state.json");
+    let third = config(
+        topo.agent_config()
+            .api_socket(&topo.workdir.join("third.sock"))
+            .metrics("127.0.0.1:9651".parse().unwrap())
+            .state_file(&topo.workdir.join("third-state.json"))
+            .bpffs(Path::new(&other_bpffs)),
+        1009,
+        None,
+    );
     let path = topo
-        .write_file("third.toml", &config(&third, ""))
+        .write_file("third.toml", &third.render())
         .expect("config");
     let mut third = common::spawn_nsenter(&topo.lb, &["agent", "--config", path.to_str().unwrap()])
         .expect("spawn");
@@ -200,7 +196,7 @@ fn cli_changes_follow_the_config_rules() {
     let topo = Topology::build("sr").expect("topology");
     let _servers = topo.start_echo_servers(PORT).expect("echo servers");
     let _agent = topo
-        .start_agent(&config(&topo.agent_section(), ""))
+        .start_agent(&config(topo.agent_config(), 1009, None))
         .expect("agent");
     let socket = topo.api_socket();
     let socket = socket.to_str().unwrap();
@@ -261,8 +257,13 @@ fn a_panicking_task_takes_the_agent_down_loudly() {
     let _servers = topo.start_echo_servers(PORT).expect("echo servers");
     let path = topo
         .write_agent_config(&config(
-            &topo.agent_section(),
-            "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"",
+            topo.agent_config(),
+            1009,
+            Some(
+                HealthCheck::new("tcp")
+                    .interval(Duration::from_millis(200))
+                    .timeout(Duration::from_millis(100)),
+            ),
         ))
         .expect("config");
     let failpoint = format!("{}=1", weir::health::PANIC_FAILPOINT);
@@ -299,7 +300,7 @@ fn a_private_bpffs_is_called_what_it_is() {
     let topo = Topology::build("sm").expect("topology");
     let _servers = topo.start_echo_servers(PORT).expect("echo servers");
     let path = topo
-        .write_agent_config(&config(&topo.agent_section(), ""))
+        .write_agent_config(&config(topo.agent_config(), 1009, None))
         .expect("config");
     // `ip netns exec`: a private mount namespace with /sys remounted, so no bpffs.
     let mut agent = common::spawn_in_ns(&topo.lb, &["agent", "--config", path.to_str().unwrap()])

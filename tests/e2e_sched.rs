@@ -3,7 +3,10 @@
 //! each scheduler gives, least-conn steering away from a loaded backend and its connection
 //! counts returning to zero, backup activation and return, slow start, and idle expiry of
 //! tracked flows. The backends run `IdServer`s, whose answers name the backend, so every flow
-//! is attributed exactly. Needs root; skipped otherwise (fails in CI).
+//! is attributed exactly; where the scheduler is deterministic (Maglev and ip-hash over the
+//! flow hash, round robin on one CPU) the counts must be exactly what `common::predict`
+//! computes with the datapath's and the agent's code. Needs root; skipped otherwise (fails in
+//! CI).
 //!
 //! Run: `cargo test -p lb-userspace --test e2e_sched -- --nocapture`
 
@@ -15,60 +18,50 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{CLIENT_V4, Topology, VIP_V4, backend_v4};
+use common::{
+    Backend, CLIENT_V4, ConfigBuilder, HealthCheck, ServiceBuilder, Topology, VIP_V4, backend_v4,
+    predict,
+};
 use weir::api::{BackendInfo, Health, Request};
 
 /// TCP health checks of the backup and slow-start tests.
-const HEALTH: &str =
-    "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
+fn health() -> HealthCheck {
+    HealthCheck::new("tcp")
+        .interval(Duration::from_millis(200))
+        .timeout(Duration::from_millis(100))
+        .rise(2)
+        .fall(2)
+}
 
-/// One service of a test config: IPv4 VIP, direct forwarding (L2 DSR: no decap needed).
-struct Svc<'a> {
-    name: &'a str,
+/// Backends 1..=3 of weight 1, none a backup.
+const EVEN: &[(u32, bool)] = &[(1, false), (1, false), (1, false)];
+
+/// One service of a test config: IPv4 VIP, direct forwarding (L2 DSR: no decap needed),
+/// backends 1..=N with the given (weight, backup).
+fn service(
+    name: &str,
     port: u16,
-    protocol: &'a str,
-    scheduler: &'a str,
-    /// Extra service keys (`slow_start = "6s"`, ...), one per line.
-    extra: &'a str,
-    /// (weight, backup) of backends 1..=N.
-    backends: &'a [(u32, bool)],
-    /// Lines of `[service.health_check]`; empty for none.
-    health: &'a str,
+    protocol: &str,
+    scheduler: &str,
+    backends: &[(u32, bool)],
+) -> ServiceBuilder {
+    backends.iter().enumerate().fold(
+        ServiceBuilder::new(name, VIP_V4, port, protocol)
+            .scheduler(scheduler)
+            .forwarding("direct"),
+        |s, (i, (weight, backup))| {
+            s.backend(Backend::weighted(backend_v4(i), *weight).backup(*backup))
+        },
+    )
 }
 
-impl<'a> Svc<'a> {
-    const fn new(name: &'a str, port: u16, protocol: &'a str, scheduler: &'a str) -> Self {
-        Self {
-            name,
-            port,
-            protocol,
-            scheduler,
-            extra: "",
-            backends: &[(1, false), (1, false), (1, false)],
-            health: "",
-        }
-    }
-}
-
-fn agent_config(topo: &Topology, services: &[Svc<'_>]) -> String {
-    let mut c = topo.agent_section();
-    for s in services {
-        c.push_str(&format!(
-            "\n[[service]]\nname = \"{}\"\nvip = \"{VIP_V4}\"\nport = {}\nprotocol = \"{}\"\n\
-             scheduler = \"{}\"\nforwarding = \"direct\"\n{}\n",
-            s.name, s.port, s.protocol, s.scheduler, s.extra
-        ));
-        for (i, (weight, backup)) in s.backends.iter().enumerate() {
-            c.push_str(&format!(
-                "[[service.backend]]\naddress = \"{}\"\nweight = {weight}\nbackup = {backup}\n",
-                backend_v4(i)
-            ));
-        }
-        if !s.health.is_empty() {
-            c.push_str(&format!("[service.health_check]\n{}\n", s.health));
-        }
-    }
-    c
+fn agent_config(
+    topo: &Topology,
+    services: impl IntoIterator<Item = ServiceBuilder>,
+) -> ConfigBuilder {
+    services
+        .into_iter()
+        .fold(topo.agent_config(), ConfigBuilder::service)
 }
 
 fn vip(port: u16) -> SocketAddr {
@@ -194,43 +187,24 @@ fn active(topo: &Topology, service: &str) -> Vec<(IpAddr, u64)> {
         .collect()
 }
 
-/// Percent of `total`.
-fn pct(count: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        count as f64 * 100.0 / total as f64
-    }
-}
-
-/// Asserts every share is within `tolerance_pp` percentage points of its weight's share.
-fn assert_shares(what: &str, counts: &[u64], weights: &[u32], tolerance_pp: f64) {
+/// Asserts the flows per backend are exactly the predicted ones, printing both with the
+/// shares.
+fn assert_exact(what: &str, counts: &[u64], predicted: &[u64]) {
     let total: u64 = counts.iter().sum();
-    let weight_total: u32 = weights.iter().sum();
     let shares: Vec<String> = counts
         .iter()
-        .map(|c| format!("{:.1}%", pct(*c, total)))
+        .map(|&c| format!("{:.1}%", c as f64 * 100.0 / total.max(1) as f64))
         .collect();
-    let expected: Vec<String> = weights
-        .iter()
-        .map(|w| format!("{:.1}%", f64::from(*w) * 100.0 / f64::from(weight_total)))
-        .collect();
-    println!(
-        "[shares] {what}: counts {counts:?} of {total} = {shares:?}, weights {weights:?} -> {expected:?} (tolerance ±{tolerance_pp} pp)"
+    println!("[shares] {what}: counts {counts:?} of {total} = {shares:?}, predicted {predicted:?}");
+    assert_eq!(
+        counts, predicted,
+        "{what}: flows per backend differ from the prediction"
     );
-    for (i, (c, w)) in counts.iter().zip(weights).enumerate() {
-        let want = f64::from(*w) * 100.0 / f64::from(weight_total);
-        let got = pct(*c, total);
-        assert!(
-            (got - want).abs() <= tolerance_pp,
-            "{what}: backend {} got {got:.1}% of {total} flows, expected {want:.1}% ±{tolerance_pp} pp (counts {counts:?})",
-            i + 1
-        );
-    }
 }
 
 /// Shares of every scheduler over UDP flows from one client address, all services on one
-/// agent: Maglev 1:1:2, round robin 1:2:3, least-conn 1:1:1, and ip-hash's affinity.
+/// agent: Maglev 1:1:2 and round robin 1:2:3 exactly as predicted, least-conn 1:1:1 within
+/// bounds (its two choices are random draws), and ip-hash's affinity to the predicted backend.
 #[test]
 fn shares_per_scheduler() {
     if !common::require_root() {
@@ -241,23 +215,31 @@ fn shares_per_scheduler() {
     const IP_HASH: u16 = 7002;
     const RR: u16 = 7003;
     const LEAST: u16 = 7004;
-    let mg_weights = [1, 1, 2];
-    let rr_weights = [1, 2, 3];
+    let mg = service(
+        "mg",
+        MAGLEV,
+        "udp",
+        "maglev",
+        &[(1, false), (1, false), (2, false)],
+    );
+    let iph = service("iph", IP_HASH, "udp", "ip-hash", EVEN);
+    let rr = service(
+        "rr",
+        RR,
+        "udp",
+        "round-robin",
+        &[(1, false), (2, false), (3, false)],
+    );
     let config = agent_config(
         &topo,
-        &[
-            Svc {
-                backends: &[(1, false), (1, false), (2, false)],
-                ..Svc::new("mg", MAGLEV, "udp", "maglev")
-            },
-            Svc::new("iph", IP_HASH, "udp", "ip-hash"),
-            Svc {
-                backends: &[(1, false), (2, false), (3, false)],
-                ..Svc::new("rr", RR, "udp", "round-robin")
-            },
-            Svc::new("lc", LEAST, "udp", "least-conn"),
+        [
+            mg.clone(),
+            iph.clone(),
+            rr.clone(),
+            service("lc", LEAST, "udp", "least-conn", EVEN),
         ],
     );
+    let client = IpAddr::V4(CLIENT_V4);
     let _servers: Vec<_> = [MAGLEV, IP_HASH, RR, LEAST]
         .iter()
         .map(|p| topo.start_id_servers(*p).expect("id servers"))
@@ -266,31 +248,23 @@ fn shares_per_scheduler() {
     let n = common::BACKENDS;
 
     // Maglev: 1200 flows. The ring holds exactly 1:1:2 of its slots (16384/16384/32769);
-    // the flow hash and the ring are deterministic, so these ports always give the same
-    // counts, and the binomial spread of a sample applies: at p = 1/4 and 1/2 one standard
-    // deviation over 1200 flows is 1.25 and 1.44 points, so ±5 points is 3.5 sigma or more.
-    // (600 flows are too few: ports 20000..20600 happen to give 31.0/21.5/47.5%, 3.4 sigma
-    // off, although the hash's spread over 99 windows of 600 ports matches the binomial.)
-    let r = common::id_udp_flows(&topo.cli, vip(MAGLEV), 20_000..21_200);
+    // the flow hash and the ring are deterministic, so these ports always give the counts
+    // lb-common's hash and the agent's ring predict (about 1:1:2, within the binomial spread
+    // of a sample).
+    let ports = 20_000..21_200;
+    let r = common::id_udp_flows(&topo.cli, vip(MAGLEV), ports.clone());
     r.assert_all_ok();
-    assert_shares("maglev 1:1:2", &r.counts(n), &mg_weights, 5.0);
+    let predicted = predict::maglev_counts(&mg, &predict::ring_weights(&mg), client, ports);
+    assert_exact("maglev 1:1:2", &r.counts(n), &predicted);
 
     // Round robin: the ring is the smooth sequence 1:2:3 (length 6) and each CPU walks it
-    // with its own position, so each CPU's picks are within one of exact per backend: with
-    // this machine's CPUs the total is within a few flows of 100/200/300. Tolerance: ±1
-    // point (6 flows).
+    // with its own position. Sent from one CPU (XDP on veth runs on the sending CPU), 600
+    // flows are 100 whole cycles from wherever that CPU's walk stands: exactly 100/200/300.
+    common::pin_thread_to_cpu(0).expect("pin to CPU 0");
     let r = common::id_udp_flows(&topo.cli, vip(RR), 22_000..22_600);
     r.assert_all_ok();
-    let rr_counts = r.counts(n);
-    assert_shares("round-robin 1:2:3", &rr_counts, &rr_weights, 1.0);
-    println!(
-        "[shares] round-robin exact would be [100, 200, 300]; deviation {:?}",
-        rr_counts
-            .iter()
-            .zip([100i64, 200, 300])
-            .map(|(c, e)| *c as i64 - e)
-            .collect::<Vec<_>>()
-    );
+    let predicted = predict::round_robin_counts(&predict::ring_weights(&rr), r.results.len());
+    assert_exact("round-robin 1:2:3", &r.counts(n), &predicted);
 
     // Least-conn over UDP flows, equal weights: each flow stays active (UDP idle timeout), so
     // the power of two choices keeps the counts close; ±25% of the mean.
@@ -321,9 +295,15 @@ fn shares_per_scheduler() {
     first.assert_all_ok();
     let c1 = first.counts(n);
     let chosen = c1.iter().position(|c| *c > 0).expect("some backend");
+    let predicted = predict::maglev_backend(&iph, &predict::ring_weights(&iph), client, 21_000);
     println!(
-        "[shares] ip-hash, 200 flows from {CLIENT_V4}: {c1:?} (all on backend {})",
-        chosen + 1
+        "[shares] ip-hash, 200 flows from {CLIENT_V4}: {c1:?} (all on backend {}, predicted {})",
+        chosen + 1,
+        predicted + 1
+    );
+    assert_eq!(
+        chosen, predicted,
+        "ip-hash: the client's flows went to another backend than its source hash predicts"
     );
     assert_eq!(
         c1[chosen], 200,
@@ -350,7 +330,7 @@ fn least_conn_avoids_the_loaded_backend_and_counts_return_to_zero() {
     let topo = Topology::build("lc").expect("topology");
     const PORT: u16 = 7300;
     const HELD: usize = 20;
-    let config = agent_config(&topo, &[Svc::new("lc", PORT, "tcp", "least-conn")]);
+    let config = agent_config(&topo, [service("lc", PORT, "tcp", "least-conn", EVEN)]);
     let _servers = topo.start_id_servers(PORT).expect("id servers");
     let _agent = topo.start_agent(&config).expect("agent");
     let dst = vip(PORT);
@@ -429,14 +409,15 @@ fn backup_takes_over_when_primaries_fail_and_yields_on_recovery() {
     }
     let topo = Topology::build("bk").expect("topology");
     const PORT: u16 = 7100;
-    let config = agent_config(
-        &topo,
-        &[Svc {
-            backends: &[(1, false), (1, false), (1, true)],
-            health: HEALTH,
-            ..Svc::new("web", PORT, "tcp", "maglev")
-        }],
-    );
+    let web = service(
+        "web",
+        PORT,
+        "tcp",
+        "maglev",
+        &[(1, false), (1, false), (1, true)],
+    )
+    .health_check(health());
+    let config = agent_config(&topo, [web.clone()]);
     let mut primary1 = Some(topo.start_id_server(0, PORT).expect("server 1"));
     let mut primary2 = Some(topo.start_id_server(1, PORT).expect("server 2"));
     let _backup = topo.start_id_server(2, PORT).expect("server 3");
@@ -451,12 +432,18 @@ fn backup_takes_over_when_primaries_fail_and_yields_on_recovery() {
     println!("[backup] all healthy: effective weights {weights:?}");
     assert_eq!(weights, [1, 1, 0], "the backup must take no new flows");
 
-    let r = common::id_tcp_flows(&topo.cli, dst, 26_000..26_060);
+    let ports = 26_000..26_060;
+    let r = common::id_tcp_flows(&topo.cli, dst, ports.clone());
     r.assert_all_ok();
     let c = r.counts(n);
-    println!("[backup] primaries up: 60 new flows -> {c:?}");
+    // The ring of the two primaries (the backup at weight 0), as the agent builds it.
+    let predicted = predict::maglev_counts(&web, &weights, IpAddr::V4(CLIENT_V4), ports);
+    println!("[backup] primaries up: 60 new flows -> {c:?}, predicted {predicted:?}");
     assert_eq!(c[2], 0, "the backup got new flows while primaries were up");
-    assert!(c[0] > 0 && c[1] > 0, "both primaries should serve: {c:?}");
+    assert_eq!(
+        c, predicted,
+        "the primaries' flows differ from what their Maglev ring predicts"
+    );
 
     // Both primaries fail.
     let stopped = Instant::now();
@@ -527,12 +514,15 @@ fn slow_start_ramps_the_effective_weight() {
     const RAMP: Duration = Duration::from_secs(6);
     let config = agent_config(
         &topo,
-        &[Svc {
-            extra: "slow_start = \"6s\"",
-            backends: &[(WEIGHT, false), (WEIGHT, false), (WEIGHT, false)],
-            health: HEALTH,
-            ..Svc::new("web", PORT, "tcp", "maglev")
-        }],
+        [service(
+            "web",
+            PORT,
+            "tcp",
+            "maglev",
+            &[(WEIGHT, false), (WEIGHT, false), (WEIGHT, false)],
+        )
+        .slow_start(RAMP)
+        .health_check(health())],
     );
     let _others: Vec<_> = (1..3)
         .map(|i| topo.start_id_server(i, PORT).expect("server"))
@@ -600,12 +590,9 @@ fn idle_udp_flow_expires_and_is_rescheduled() {
     const TIMEOUT: Duration = Duration::from_secs(2);
     let config = agent_config(
         &topo,
-        &[
-            Svc {
-                extra: "udp_idle_timeout = \"2s\"",
-                ..Svc::new("rr", UDP_PORT, "udp", "round-robin")
-            },
-            Svc::new("tcp", TCP_PORT, "tcp", "maglev"),
+        [
+            service("rr", UDP_PORT, "udp", "round-robin", EVEN).udp_idle_timeout(TIMEOUT),
+            service("tcp", TCP_PORT, "tcp", "maglev", EVEN),
         ],
     );
     let _udp_servers = topo.start_id_servers(UDP_PORT).expect("id servers");
@@ -687,7 +674,7 @@ fn counts_stay_exact_for_repicked_flows_and_reused_backend_ids() {
     }
     let topo = Topology::build("rc").expect("topology");
     const PORT: u16 = 7500;
-    let config = agent_config(&topo, &[Svc::new("lc", PORT, "tcp", "least-conn")]);
+    let config = agent_config(&topo, [service("lc", PORT, "tcp", "least-conn", EVEN)]);
     let _servers = topo.start_id_servers(PORT).expect("id servers");
     let _agent = topo.start_agent(&config).expect("agent");
     let dst = vip(PORT);

@@ -10,21 +10,22 @@
 mod common;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use common::{Backend, ConfigBuilder, ServiceBuilder, test_run::XdpRunner};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP,
     hash::{flow_hash, source_hash},
     prog_name, stat,
 };
 use weir::{
-    agent::desired::plain,
+    agent::desired::{plain, service_spec},
     config,
-    datapath::{self, KernelMaps, MapWriter, StatsReader as _, XdpMd},
-    reconcile::Balancer,
+    datapath::{self, KernelMaps, MapWriter, StatsReader as _, recorder::Recorder},
+    reconcile::{BackendSpec, Balancer, DatapathSpec},
 };
 
 const XDP_DROP: u32 = 1;
@@ -55,152 +56,56 @@ const fn backend_mac(last: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0xbe, last]
 }
 
-const CONFIG: &str = r#"
-[agent]
-interface = "g0"
-tunnel_source = "198.51.100.1"
-tunnel_source_v6 = "2001:db8::1"
-conntrack_entries = 4096
+/// The lab's agent: `g0`, its IPv4 address as the tunnel source, a small table.
+fn lab_agent() -> ConfigBuilder {
+    ConfigBuilder::new("g0")
+        .tunnel_source(Ipv4Addr::new(198, 51, 100, 1))
+        .conntrack_entries(4096)
+}
 
-[[service]]
-name = "tcp4-tunnel"
-vip = "203.0.113.10"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
+/// Service `name` on `vip:port` with a 1009-slot ring and `backends` (default weights).
+fn ring_service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: &str,
+    backends: &[&str],
+) -> ServiceBuilder {
+    let vip: IpAddr = vip.parse().expect("VIP");
+    backends.iter().fold(
+        ServiceBuilder::new(name, vip, port, protocol).ring_size(1009),
+        |s, a| s.backend(Backend::new(a.parse::<IpAddr>().expect("backend address"))),
+    )
+}
 
-[[service]]
-name = "udp4-tunnel"
-vip = "203.0.113.10"
-port = 53
-protocol = "udp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "tcp4-direct"
-vip = "203.0.113.11"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "udp4-direct"
-vip = "203.0.113.11"
-port = 53
-protocol = "udp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.13"
-
-[[service]]
-name = "tcp6-tunnel"
-vip = "2001:db8:100::10"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::11"
-[[service.backend]]
-address = "2001:db8::12"
-
-[[service]]
-name = "udp6-tunnel"
-vip = "2001:db8:100::10"
-port = 53
-protocol = "udp"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::13"
-
-[[service]]
-name = "tcp6-direct"
-vip = "2001:db8:100::11"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::11"
-[[service.backend]]
-address = "2001:db8::12"
-
-[[service]]
-name = "udp6-direct"
-vip = "2001:db8:100::11"
-port = 53
-protocol = "udp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::12"
-
-[[service]]
-name = "every-port"
-vip = "203.0.113.12"
-port = 0
-protocol = "udp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-
-[[service]]
-name = "v4-in-v6"
-vip = "203.0.113.13"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "2001:db8::11"
-
-[[service]]
-name = "v6-in-v4"
-vip = "2001:db8:100::13"
-port = 80
-protocol = "tcp"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "redirect"
-vip = "203.0.113.14"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-ring_size = 1009
-[[service.backend]]
-address = "203.0.113.150"
-
-[[service]]
-name = "ip-hash"
-vip = "203.0.113.15"
-port = 80
-protocol = "tcp"
-scheduler = "ip-hash"
-ring_size = 1009
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
-"#;
+/// Every forwarding case of `golden_packets`: both families, tunnel and direct, a
+/// wildcard port, mixed families, a redirect to another interface, ip-hash.
+fn golden_config() -> ConfigBuilder {
+    let (b11, b12, b13) = ("198.51.100.11", "198.51.100.12", "198.51.100.13");
+    let (c11, c12, c13) = ("2001:db8::11", "2001:db8::12", "2001:db8::13");
+    [
+        ring_service("tcp4-tunnel", "203.0.113.10", 80, "tcp", &[b11, b12, b13]),
+        ring_service("udp4-tunnel", "203.0.113.10", 53, "udp", &[b11, b12]),
+        ring_service("tcp4-direct", "203.0.113.11", 80, "tcp", &[b11, b12]).forwarding("direct"),
+        ring_service("udp4-direct", "203.0.113.11", 53, "udp", &[b13]).forwarding("direct"),
+        ring_service("tcp6-tunnel", "2001:db8:100::10", 80, "tcp", &[c11, c12]),
+        ring_service("udp6-tunnel", "2001:db8:100::10", 53, "udp", &[c13]),
+        ring_service("tcp6-direct", "2001:db8:100::11", 80, "tcp", &[c11, c12])
+            .forwarding("direct"),
+        ring_service("udp6-direct", "2001:db8:100::11", 53, "udp", &[c12]).forwarding("direct"),
+        ring_service("every-port", "203.0.113.12", 0, "udp", &[b11]),
+        ring_service("v4-in-v6", "203.0.113.13", 80, "tcp", &[c11]),
+        ring_service("v6-in-v4", "2001:db8:100::13", 80, "tcp", &[b12]),
+        ring_service("redirect", "203.0.113.14", 80, "tcp", &["203.0.113.150"])
+            .forwarding("direct"),
+        ring_service("ip-hash", "203.0.113.15", 80, "tcp", &[b11, b12, b13]).scheduler("ip-hash"),
+    ]
+    .into_iter()
+    .fold(
+        lab_agent().tunnel_source_v6(Ipv6Addr::from(TUNNEL6)),
+        ConfigBuilder::service,
+    )
+}
 
 // ----- packet builders (independent of the datapath's) -----
 
@@ -444,30 +349,10 @@ struct Lab {
 
 impl Lab {
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let program: &Xdp = self
-            .ebpf
-            .program(prog_name::BALANCER)
+        XdpRunner::new(&self.ebpf, prog_name::BALANCER, self.g0)
             .expect("balancer program")
-            .try_into()
-            .expect("xdp program");
-        let ctx = XdpMd {
-            // The kernel requires `data_end` to equal the input's length.
-            data_end: input.len() as u32,
-            ingress_ifindex: self.g0,
-            ..XdpMd::default()
-        }
-        .as_bytes();
-        let mut out = vec![0u8; input.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+            .run(input)
+            .expect("BPF_PROG_TEST_RUN")
     }
 
     fn stats(&self) -> [u64; stat::COUNT as usize] {
@@ -485,8 +370,9 @@ struct Case {
     counters: Vec<u32>,
 }
 
-fn open_lab(text: &str) -> Lab {
-    let cfg = config::parse(text, Path::new("golden.toml")).expect("golden config is valid");
+fn open_lab(config: &ConfigBuilder) -> Lab {
+    let cfg =
+        config::parse(&config.render(), Path::new("golden.toml")).expect("golden config is valid");
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load object");
     datapath::load_program(&mut ebpf, prog_name::BALANCER).expect("verifier accepts the balancer");
     let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
@@ -509,7 +395,7 @@ fn golden_packets() {
     let ns = common::Netns::create(&common::prefix("gold")).expect("namespace");
     common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
-        let mut lab = open_lab(CONFIG);
+        let mut lab = open_lab(&golden_config());
         let cases = build_cases(&lab);
         assert!(cases.len() >= 30, "{} cases", cases.len());
         for case in cases {
@@ -1067,18 +953,26 @@ fn tracked_flows_and_counters() {
     let ns = common::Netns::create(&common::prefix("ct")).expect("namespace");
     common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
-        let base = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
-                    [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nring_size = 1009\n";
-        let two = format!(
-            "{base}[[service.backend]]\naddress = \"198.51.100.11\"\n[[service.backend]]\naddress = \"198.51.100.12\"\n"
+        let web = |backends: &[&str]| {
+            lab_agent().service(ring_service("web", "203.0.113.10", 80, "tcp", backends))
+        };
+        let two = web(&["198.51.100.11", "198.51.100.12"]);
+        let three = lab_agent().service(
+            ring_service(
+                "web",
+                "203.0.113.10",
+                80,
+                "tcp",
+                &["198.51.100.11", "198.51.100.12"],
+            )
+            .backend(Backend::weighted(Ipv4Addr::new(198, 51, 100, 13), 20)),
         );
-        let three = format!("{two}[[service.backend]]\naddress = \"198.51.100.13\"\nweight = 20\n");
         let mut lab = open_lab(&two);
         let vip4 = ip4("203.0.113.10");
 
         // Find a source port whose slot moves to the new backend when it is added.
-        let after_cfg = config::parse(&three, Path::new("t.toml")).unwrap();
-        let mut probe = Balancer::new(datapath::recorder::Recorder::default());
+        let after_cfg = config::parse(&three.render(), Path::new("t.toml")).unwrap();
+        let mut probe = Balancer::new(Recorder::default());
         probe.apply(&plain(&after_cfg)).unwrap();
         let port = (41000..42000u16)
             .find(|&p| {
@@ -1130,7 +1024,7 @@ fn tracked_flows_and_counters() {
         );
 
         // The ring changes; the tracked flow keeps its backend.
-        let cfg3 = config::parse(&three, Path::new("t.toml")).unwrap();
+        let cfg3 = config::parse(&three.render(), Path::new("t.toml")).unwrap();
         lab.balancer.apply(&plain(&cfg3)).unwrap();
         let moved_to = predicted(&lab.balancer, "web", &syn);
         assert_ne!(moved_to, first);
@@ -1187,12 +1081,10 @@ fn tracked_flows_and_counters() {
             .into_iter()
             .filter(|a| a.parse::<Ipv4Addr>().unwrap() != only_first)
             .collect();
-        let mut cfg = base.to_owned();
-        for a in &keep {
-            cfg.push_str(&format!("[[service.backend]]\naddress = \"{a}\"\n"));
-        }
         lab.balancer
-            .apply(&plain(&config::parse(&cfg, Path::new("t.toml")).unwrap()))
+            .apply(&plain(
+                &config::parse(&web(&keep).render(), Path::new("t.toml")).unwrap(),
+            ))
             .unwrap();
         let before = lab.stats();
         let (_, out) = lab.run(&frame4(&data));
@@ -1208,6 +1100,124 @@ fn tracked_flows_and_counters() {
             1
         );
     });
+}
+
+/// `common::predict`, on which the end-to-end tests' exact counts rest, agrees with the
+/// agent's own rings (a `Balancer` over the discarding writer, no kernel needed) for every
+/// golden service plus a weighted Maglev ring, a ring with a backup and a weighted round
+/// robin, given the same ring weights, and keys a flow as `key_of` reads it from a packet.
+#[test]
+fn predictions_agree_with_the_agent() {
+    let b = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+    let weighted = [1, 2, 3].into_iter().zip(11..).fold(
+        ServiceBuilder::new("weighted", Ipv4Addr::new(203, 0, 113, 16), 80, "udp"),
+        |s, (w, last)| s.backend(Backend::weighted(b(last), w)),
+    );
+    let with_backup = ServiceBuilder::new("with-backup", Ipv4Addr::new(203, 0, 113, 17), 80, "tcp")
+        .backend(Backend::new(b(11)))
+        .backend(Backend::new(b(12)).backup(true));
+    let rr = ServiceBuilder::new("rr", Ipv4Addr::new(203, 0, 113, 18), 53, "udp")
+        .scheduler("round-robin")
+        .backend(Backend::weighted(b(11), 4))
+        .backend(Backend::weighted(b(12), 2))
+        .backend(Backend::weighted(b(13), 6));
+    let spec = golden_config()
+        .service(weighted)
+        .service(with_backup)
+        .service(rr);
+    let cfg = config::parse(&spec.render(), Path::new("predict.toml")).expect("valid config");
+    // Every backend up with the ring weights the runtime gives it (a backup's is 0 while a
+    // primary serves), as the agent's owner task hands them to the balancer.
+    let desired: Vec<_> = cfg
+        .services
+        .iter()
+        .zip(spec.services())
+        .map(|(service, built)| {
+            let backends = service
+                .backends
+                .iter()
+                .zip(common::predict::ring_weights(built))
+                .map(|(b, ring_weight)| BackendSpec {
+                    address: b.address,
+                    ring_weight,
+                    up: true,
+                })
+                .collect();
+            service_spec(service, backends)
+        })
+        .collect();
+    let mut agent = Balancer::new(Recorder::default());
+    agent
+        .apply(&DatapathSpec {
+            global: plain(&cfg).global,
+            services: desired,
+        })
+        .expect("apply");
+    for service in spec.services() {
+        let state = agent.service(service.name()).expect("service");
+        // The config index of the backend behind an agent id.
+        let index = |id: u32| {
+            let address = state.backends.iter().find(|b| b.id == id)?.address;
+            service.backends().iter().position(|b| b.address == address)
+        };
+        let agents: Vec<Option<usize>> = state.ring.iter().map(|&id| index(id)).collect();
+        let weights = common::predict::ring_weights(service);
+        if service.scheduler_name() == Some("round-robin") {
+            let mut counts = vec![0u64; weights.len()];
+            for i in agents.iter().flatten() {
+                counts[*i] += 1;
+            }
+            assert_eq!(
+                common::predict::round_robin_counts(&weights, agents.len()),
+                counts,
+                "{}: one round-robin cycle",
+                service.name()
+            );
+        } else {
+            let predicted = common::predict::maglev_ring(service, &weights);
+            let differ = predicted
+                .iter()
+                .zip(&agents)
+                .filter(|(p, a)| p != a)
+                .count();
+            assert!(
+                predicted.len() == agents.len() && differ == 0,
+                "{}: the predicted ring ({} slots) differs from the agent's ({} slots) in {differ} slots",
+                service.name(),
+                predicted.len(),
+                agents.len()
+            );
+        }
+    }
+    let backup = spec.services().iter().find(|s| s.name() == "with-backup");
+    assert_eq!(
+        common::predict::ring_weights(backup.expect("with-backup")),
+        [1, 0],
+        "a backup takes no slots while its primary serves"
+    );
+    let client4 = IpAddr::V4(Ipv4Addr::from(CLIENT4));
+    let client6 = IpAddr::V6(Ipv6Addr::from(CLIENT6));
+    for (client, packet, vip) in [
+        (
+            client4,
+            v4_packet(ip4("203.0.113.10"), PROTO_UDP, 40_123, 53, 0),
+            IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+        ),
+        (
+            client6,
+            v6_packet(vip6(0x10), PROTO_TCP, 40_124, 80, SYN),
+            IpAddr::V6(Ipv6Addr::from(vip6(0x10))),
+        ),
+    ] {
+        let key = key_of(&packet);
+        let dst_port = u16::from_be(key.dst_port_be);
+        let src = SocketAddr::new(client, u16::from_be(key.src_port_be));
+        assert_eq!(
+            common::predict::flow_key(src, SocketAddr::new(vip, dst_port), key.proto),
+            key,
+            "the predicted key of a flow from {src}"
+        );
+    }
 }
 
 /// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come
@@ -1323,26 +1333,11 @@ fn golden_decap() {
                 stat::PASS_NOT_VIP,
             ),
         ];
-        let program: &Xdp = ebpf.program(prog_name::DECAP).unwrap().try_into().unwrap();
+        let decap = XdpRunner::new(&ebpf, prog_name::DECAP, g0).expect("decap program");
         for (desc, input, output, reason) in cases {
             let before = read(&stats);
-            let ctx = XdpMd {
-                data_end: input.len() as u32,
-                ingress_ifindex: g0,
-                ..XdpMd::default()
-            }
-            .as_bytes();
-            let mut out = vec![0u8; input.len() + 64];
-            let r = program
-                .test_run(TestRunOptions {
-                    data_in: Some(&input),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..TestRunOptions::default()
-                })
-                .expect("BPF_PROG_TEST_RUN");
-            out.truncate(r.data_size_out as usize);
-            assert_eq!(r.return_value, XDP_PASS, "{desc}: action");
+            let (action, out) = decap.run(&input).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(action, XDP_PASS, "{desc}: action");
             assert_eq!(
                 hex(&out),
                 hex(output.as_ref().unwrap_or(&input)),
@@ -1375,14 +1370,25 @@ fn golden_schedulers_and_connection_state() {
     let ns = common::Netns::create(&common::prefix("gsc")).expect("namespace");
     common::lab_namespace(ns.name()).expect("lab namespace");
     common::in_netns(ns.name(), || {
-        let cfg = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n\
-                   [[service]]\nname = \"rr\"\nvip = \"203.0.113.20\"\nport = 53\nprotocol = \"udp\"\nscheduler = \"round-robin\"\nudp_idle_timeout = \"1s\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.12\"\nweight = 2\n\
-                   [[service]]\nname = \"lc\"\nvip = \"203.0.113.21\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"least-conn\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
-                   [[service.backend]]\naddress = \"198.51.100.12\"\n";
-        let mut lab = open_lab(cfg);
+        let (b11, b12) = (
+            Ipv4Addr::new(198, 51, 100, 11),
+            Ipv4Addr::new(198, 51, 100, 12),
+        );
+        let cfg = lab_agent()
+            .service(
+                ServiceBuilder::new("rr", Ipv4Addr::new(203, 0, 113, 20), 53, "udp")
+                    .scheduler("round-robin")
+                    .udp_idle_timeout(Duration::from_secs(1))
+                    .backend(Backend::new(b11))
+                    .backend(Backend::weighted(b12, 2)),
+            )
+            .service(
+                ServiceBuilder::new("lc", Ipv4Addr::new(203, 0, 113, 21), 80, "tcp")
+                    .scheduler("least-conn")
+                    .backend(Backend::new(b11))
+                    .backend(Backend::new(b12)),
+            );
+        let mut lab = open_lab(&cfg);
         let id_of = |lab: &Lab, service: &str, addr: &str| {
             lab.balancer
                 .service(service)
@@ -1434,7 +1440,7 @@ fn golden_schedulers_and_connection_state() {
             "tracked flow keeps its backend"
         );
         let before = lab.stats();
-        std::thread::sleep(std::time::Duration::from_millis(1300));
+        std::thread::sleep(Duration::from_millis(1300));
         let (_, later) = lab.run(&frame4(&udp));
         let after = lab.stats();
         assert_eq!(

@@ -19,7 +19,7 @@ mod common;
 
 use std::{
     fmt::Write as _,
-    net::{Ipv6Addr, TcpListener},
+    net::{Ipv4Addr, Ipv6Addr, TcpListener},
     path::Path,
     sync::{
         Arc,
@@ -35,20 +35,25 @@ use weir::{
     datapath::{self, KernelMaps, MapWriter},
     reconcile::{BackendSpec, Balancer},
 };
+use weir_testbed::{Backend, ConfigBuilder, HealthCheck, ServiceBuilder};
+
+/// IPv6 address `2001:db8:HIGH:..:LOW`, for address `i` (0-based) of a numbered range.
+fn numbered(high: u16, low: u16, i: usize) -> Ipv6Addr {
+    let last = u16::try_from(i + 1).expect("fewer than 65535 addresses");
+    Ipv6Addr::new(0x2001, 0xdb8, high, 0, 0, 0, low, last)
+}
 
 fn service_config(backends: usize) -> String {
-    let mut c = String::from(
-        "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\ntunnel_source_v6 = \"2001:db8::1\"\n\
-         conntrack_entries = 4096\n[[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n",
+    let web = (0..backends).fold(
+        ServiceBuilder::new("web", Ipv4Addr::new(203, 0, 113, 10), 80, "tcp"),
+        |s, i| s.backend(Backend::new(numbered(1, 0, i))),
     );
-    for i in 0..backends {
-        let _ = write!(
-            c,
-            "[[service.backend]]\naddress = \"2001:db8:1::{:x}\"\n",
-            i + 1
-        );
-    }
-    c
+    ConfigBuilder::new("g0")
+        .tunnel_source(Ipv4Addr::new(198, 51, 100, 1))
+        .tunnel_source_v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
+        .conntrack_entries(4096)
+        .service(web)
+        .render()
 }
 
 /// (median, max) microseconds from a verdict to the maps being written, and the ring slots
@@ -222,30 +227,29 @@ fn health_check_cpu(n: usize) -> (f64, f64) {
     let work = std::env::temp_dir().join(format!("weir-bench-{prefix}"));
     std::fs::create_dir_all(&work).expect("workdir");
     let bpffs = format!("/sys/fs/bpf/weir-bench-{prefix}");
-    let mut cfg = format!(
-        "[agent]\ninterface = \"bag0\"\ntunnel_source_v6 = \"2001:db8::1\"\nconntrack_entries = 4096\n\
-         api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{bpffs}\"\n",
-        work.join("weir.sock").display(),
-        work.join("state.json").display()
-    );
+    let mut cfg = ConfigBuilder::new("bag0")
+        .tunnel_source_v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
+        .conntrack_entries(4096)
+        .api_socket(&work.join("weir.sock"))
+        .state_file(&work.join("state.json"))
+        .bpffs(Path::new(&bpffs));
     let per_service = 100;
     for s in 0..n.div_ceil(per_service) {
-        let _ = write!(
-            cfg,
-            "[[service]]\nname = \"s{s}\"\nvip = \"2001:db8:100::{:x}\"\nport = 80\nprotocol = \"tcp\"\nring_size = 1009\n\
-             [service.health_check]\nkind = \"tcp\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
-            s + 1
-        );
-        for i in s * per_service..((s + 1) * per_service).min(n) {
-            let _ = write!(
-                cfg,
-                "[[service.backend]]\naddress = \"2001:db8::1:{:x}\"\n",
-                i + 1
+        let service = ServiceBuilder::new(&format!("s{s}"), numbered(0x100, 0, s), 80, "tcp")
+            .ring_size(1009)
+            .health_check(
+                HealthCheck::new("tcp")
+                    .interval(Duration::from_secs(1))
+                    .timeout(Duration::from_millis(500)),
             );
-        }
+        cfg = cfg.service(
+            (s * per_service..((s + 1) * per_service).min(n)).fold(service, |svc, i| {
+                svc.backend(Backend::new(numbered(0, 1, i)))
+            }),
+        );
     }
     let cfg_path = work.join("agent.toml");
-    std::fs::write(&cfg_path, cfg).expect("config");
+    std::fs::write(&cfg_path, cfg.render()).expect("config");
     let mut agent = common::spawn_nsenter(
         lb.name(),
         &["agent", "--config", cfg_path.to_str().expect("path")],

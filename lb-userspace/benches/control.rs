@@ -15,14 +15,15 @@
 mod support;
 
 use std::{
-    fmt::Write as _,
     hint::black_box,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     time::{Duration, Instant},
 };
 
 use lb_common::maglev::{self, MaglevBackend};
 use support::Spread;
+use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const SIZES: [u32; 2] = [65_537, 655_373];
 const COUNTS: [usize; 3] = [10, 100, 1000];
@@ -88,18 +89,20 @@ fn changes(n: usize, size: u32) -> Change {
 
 /// A one-service config with backends 2001:db8:1::(i + 1) for each `i` of `ids`.
 fn agent_config(ids: impl IntoIterator<Item = usize>) -> String {
-    let mut c = String::from(
-        "[agent]\ninterface = \"g0\"\ntunnel_source_v6 = \"2001:db8::1\"\nconntrack_entries = 1024\n\n\
-         [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n",
+    let web = ids.into_iter().fold(
+        ServiceBuilder::new("web", Ipv4Addr::new(203, 0, 113, 10), 80, "tcp"),
+        |s, i| {
+            let last = u16::try_from(i + 1).expect("fewer than 65535 backends");
+            s.backend(Backend::new(Ipv6Addr::new(
+                0x2001, 0xdb8, 1, 0, 0, 0, 0, last,
+            )))
+        },
     );
-    for i in ids {
-        let _ = write!(
-            c,
-            "[[service.backend]]\naddress = \"2001:db8:1::{:x}\"\n",
-            i + 1
-        );
-    }
-    c
+    ConfigBuilder::new("g0")
+        .tunnel_source_v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
+        .conntrack_entries(1024)
+        .service(web)
+        .render()
 }
 
 /// (backends, initial writes, remove: writes and ms, add: writes and ms)

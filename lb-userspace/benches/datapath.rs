@@ -13,19 +13,22 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::{fmt::Write as _, path::Path, time::Duration};
-
-use aya::{
-    maps::Array,
-    programs::{TestRun as _, TestRunOptions, Xdp},
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Duration,
 };
+
+use aya::maps::Array;
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name, prog_name};
 use weir::{
     agent::desired::plain,
     config,
-    datapath::{self, KernelMaps, XdpMd},
+    datapath::{self, KernelMaps},
     reconcile::Balancer,
 };
+use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 5;
@@ -33,99 +36,57 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
-const CONFIG: &str = r#"
-[agent]
-interface = "g0"
-tunnel_source = "198.51.100.1"
-tunnel_source_v6 = "2001:db8::1"
-conntrack_entries = 65536
-
-[[service]]
-name = "tcp4"
-vip = "203.0.113.10"
-port = 80
-protocol = "tcp"
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
-
-[[service]]
-name = "udp4"
-vip = "203.0.113.10"
-port = 53
-protocol = "udp"
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
-
-[[service]]
-name = "tcp4-direct"
-vip = "203.0.113.11"
-port = 80
-protocol = "tcp"
-forwarding = "direct"
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-
-[[service]]
-name = "iphash"
-vip = "203.0.113.12"
-port = 80
-protocol = "tcp"
-scheduler = "ip-hash"
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
-
-[[service]]
-name = "rr"
-vip = "203.0.113.13"
-port = 80
-protocol = "tcp"
-scheduler = "round-robin"
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-weight = 2
-[[service.backend]]
-address = "198.51.100.13"
-weight = 3
-
-[[service]]
-name = "lc"
-vip = "203.0.113.14"
-port = 80
-protocol = "tcp"
-scheduler = "least-conn"
-[[service.backend]]
-address = "198.51.100.11"
-[[service.backend]]
-address = "198.51.100.12"
-[[service.backend]]
-address = "198.51.100.13"
-
-[[service]]
-name = "tcp6"
-vip = "2001:db8:100::10"
-port = 80
-protocol = "tcp"
-[[service.backend]]
-address = "2001:db8::11"
-[[service.backend]]
-address = "2001:db8::12"
-"#;
+/// One service per measured case: tunnel and direct, both protocols and families, and every
+/// scheduler.
+fn bench_config() -> ConfigBuilder {
+    let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+    let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
+    let vip = |last: u8| Ipv4Addr::new(203, 0, 113, last);
+    let three = [v4(11), v4(12), v4(13)].map(Backend::new);
+    let with =
+        |s: ServiceBuilder, backends: &[Backend]| backends.iter().fold(s, |s, b| s.backend(*b));
+    ConfigBuilder::new("g0")
+        .tunnel_source(Ipv4Addr::new(198, 51, 100, 1))
+        .tunnel_source_v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
+        .conntrack_entries(65536)
+        .service(with(
+            ServiceBuilder::new("tcp4", vip(10), 80, "tcp"),
+            &three,
+        ))
+        .service(with(
+            ServiceBuilder::new("udp4", vip(10), 53, "udp"),
+            &three,
+        ))
+        .service(with(
+            ServiceBuilder::new("tcp4-direct", vip(11), 80, "tcp").forwarding("direct"),
+            &three[..2],
+        ))
+        .service(with(
+            ServiceBuilder::new("iphash", vip(12), 80, "tcp").scheduler("ip-hash"),
+            &three,
+        ))
+        .service(with(
+            ServiceBuilder::new("rr", vip(13), 80, "tcp").scheduler("round-robin"),
+            &[
+                Backend::new(v4(11)),
+                Backend::weighted(v4(12), 2),
+                Backend::weighted(v4(13), 3),
+            ],
+        ))
+        .service(with(
+            ServiceBuilder::new("lc", vip(14), 80, "tcp").scheduler("least-conn"),
+            &three,
+        ))
+        .service(with(
+            ServiceBuilder::new(
+                "tcp6",
+                Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10),
+                80,
+                "tcp",
+            ),
+            &[Backend::new(v6(0x11)), Backend::new(v6(0x12))],
+        ))
+}
 
 fn frame(ethertype: u16, ip: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
@@ -196,34 +157,17 @@ impl Bench {
             t.data[..input.len()].copy_from_slice(input);
             self.template.set(0, t, 0).expect("write template");
         }
-        let prog: &Xdp = self
-            .ebpf
-            .program(program)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        let ctx = XdpMd {
-            data_end: input.len() as u32,
-            ingress_ifindex: self.g0,
-            ..XdpMd::default()
-        }
-        .as_bytes();
+        let runner =
+            common::test_run::XdpRunner::new(&self.ebpf, program, self.g0).expect("program");
         let mut samples = Vec::with_capacity(ROUNDS);
         for _ in 0..ROUNDS {
-            let result = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(input),
-                    ctx_in: Some(&ctx),
-                    repeat: REPEAT,
-                    ..TestRunOptions::default()
-                })
-                .expect("BPF_PROG_TEST_RUN");
+            let (action, mean) = runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
             assert_eq!(
-                result.return_value, want,
+                action, want,
                 "{program}: unexpected XDP action, the case is not measuring what it says"
             );
             // The kernel reports the mean duration of one repeat.
-            samples.push(result.duration);
+            samples.push(mean);
         }
         samples.sort();
         let median: Duration = samples[ROUNDS / 2];
@@ -242,7 +186,7 @@ fn main() {
     common::lab_namespace(&n).expect("lab namespace");
 
     let rows = common::in_netns(&n, || {
-        let cfg = config::parse(CONFIG, Path::new("bench.toml")).expect("config");
+        let cfg = config::parse(&bench_config().render(), Path::new("bench.toml")).expect("config");
         let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load");
         for p in [prog_name::PASS, prog_name::BENCH, prog_name::BENCH_FIB] {
             datapath::load_program(&mut ebpf, p).expect("verifier");

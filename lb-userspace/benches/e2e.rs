@@ -51,6 +51,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use common::{CLIENT_V4, LB_V4, Netns, VIP_V4, ip, ns_exec, sysctl};
 use support::{Spread, show_opt, show_opt_signed};
+use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const BACKENDS: usize = 3;
 const NODE_IF: &str = "eth0";
@@ -239,14 +240,14 @@ impl Lab {
         PathBuf::from(format!("/sys/fs/bpf/weir-bench-{}", self.prefix))
     }
 
-    /// `[agent]` keys that keep this agent apart from any other (socket, state, pins).
-    fn agent_keys(&self) -> String {
-        format!(
-            "api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{}\"\n",
-            self.workdir.join("weir.sock").display(),
-            self.workdir.join("state.json").display(),
-            self.bpffs().display()
-        )
+    /// The LB's agent config without services: its interface in native mode, and what keeps
+    /// this agent apart from any other (socket, state, pins).
+    fn agent_config(&self) -> ConfigBuilder {
+        ConfigBuilder::new(NODE_IF)
+            .xdp_mode("native")
+            .api_socket(&self.workdir.join("weir.sock"))
+            .state_file(&self.workdir.join("state.json"))
+            .bpffs(&self.bpffs())
     }
 
     /// `weir agent` in the LB's namespace (entering only its network namespace, so the
@@ -285,7 +286,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        support::kill_namespace_processes(&self.names());
+        weir_testbed::stop_processes(&self.names());
         if let Err(e) = self.teardown_datapath() {
             eprintln!("warning: {e:#}");
         }
@@ -384,17 +385,15 @@ impl Drop for Active<'_> {
 }
 
 fn agent_config(t: &Lab, forwarding: &str) -> String {
-    let mut c = format!(
-        "[agent]\ninterface = \"{NODE_IF}\"\nxdp_mode = \"native\"\ntunnel_source = \"{}\"\n\
-         conntrack_entries = 262144\n{}\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}\"\n\
-         port = 80\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\n",
-        LB_V4,
-        t.agent_keys()
+    let web = (0..BACKENDS).fold(
+        ServiceBuilder::new("web", VIP_V4, 80, "tcp").forwarding(forwarding),
+        |s, i| s.backend(Backend::new(backend_v4(i))),
     );
-    for i in 0..BACKENDS {
-        let _ = write!(c, "[[service.backend]]\naddress = \"{}\"\n", backend_v4(i));
-    }
-    c
+    t.agent_config()
+        .tunnel_source(LB_V4)
+        .conntrack_entries(262_144)
+        .service(web)
+        .render()
 }
 
 fn nft_ruleset(hash: &str) -> String {

@@ -47,20 +47,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::{
-    Ebpf,
-    maps::Array,
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
-};
+use aya::{Ebpf, maps::Array, programs::XdpMode};
 use common::{Netns, ip, ns_exec, sysctl};
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name};
 use support::Spread;
 use weir::{
     agent::desired::plain,
     config,
-    datapath::{self, KernelMaps, MapWriter as _, XdpMd},
+    datapath::{self, KernelMaps, MapWriter as _},
     reconcile::Balancer,
 };
+use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const GEN: &str = "weir_bench_gen";
 const SINK: &str = "weir_bench_sink";
@@ -321,7 +318,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        support::kill_namespace_processes(&self.names());
+        weir_testbed::stop_processes(&self.names());
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);
         }
@@ -404,14 +401,15 @@ impl Generator {
         let balancer = match forwarding {
             None => None,
             Some(forwarding) => {
-                let mut text = format!(
-                    "[agent]\ninterface = \"eth0\"\ntunnel_source = \"{LB}\"\nconntrack_entries = 65536\n\n\
-                     [[service]]\nname = \"udp\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"udp\"\n\
-                     forwarding = \"{forwarding}\"\n"
+                let udp = (0..BACKENDS).fold(
+                    ServiceBuilder::new("udp", VIP, PORT, "udp").forwarding(forwarding),
+                    |s, i| s.backend(Backend::new(backend(i))),
                 );
-                for i in 0..BACKENDS {
-                    let _ = write!(text, "[[service.backend]]\naddress = \"{}\"\n", backend(i));
-                }
+                let text = ConfigBuilder::new("eth0")
+                    .tunnel_source(LB)
+                    .conntrack_entries(65536)
+                    .service(udp)
+                    .render();
                 let cfg = config::parse(&text, Path::new("bench-packets.toml"))?;
                 let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf)?);
                 balancer.apply(&plain(&cfg))?;
@@ -457,17 +455,7 @@ impl Generator {
     /// the calls (`BPF_PROG_TEST_RUN`'s own timer: it leaves out each call's setup, some
     /// 30 ms here, mostly the XDP dispatcher's update and its RCU grace period).
     fn run(&self, frame_len: usize, ingress: u32, seconds: f64) -> Result<(u64, f64)> {
-        let program: &Xdp = self
-            .ebpf
-            .program(GEN)
-            .context("generator program")?
-            .try_into()?;
-        let ctx = XdpMd {
-            data_end: u32::try_from(frame_len)?,
-            ingress_ifindex: ingress,
-            ..XdpMd::default()
-        }
-        .as_bytes();
+        let generator = common::test_run::XdpRunner::new(&self.ebpf, GEN, ingress)?;
         let frame = vec![0u8; frame_len];
         let start = Instant::now();
         let mut sent = 0u64;
@@ -478,18 +466,10 @@ impl Generator {
             if start.elapsed().as_secs_f64() >= seconds {
                 break;
             }
-            let result = program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    ctx_in: Some(&ctx),
-                    repeat: REPEAT,
-                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                    ..TestRunOptions::default()
-                })
-                .context("BPF_PROG_TEST_RUN with live frames")?;
+            let mean = generator.live_frames(&frame, REPEAT, BATCH)?;
             sent += u64::from(REPEAT);
             // The kernel reports the mean time per frame (whole ns).
-            busy_ns += result.duration.as_nanos() * u128::from(REPEAT);
+            busy_ns += mean.as_nanos() * u128::from(REPEAT);
         }
         if busy_ns == 0 {
             bail!("the generator did not run");

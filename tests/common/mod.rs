@@ -1,16 +1,12 @@
-//! Privileged end-to-end test harness.
+//! Privileged end-to-end test harness: the balancer in the test bed's topology (the agent,
+//! decap, the XDP pass program on the switch port), servers and clients that count where
+//! every flow went, metrics and Prometheus, and the one-namespace lab of the
+//! `BPF_PROG_TEST_RUN` tests.
 //!
-//! Everything here runs inside network namespaces the harness creates, linked by veth pairs
-//! it creates, and is torn down by `Drop` guards even when a test panics:
-//!
-//! ```text
-//!  ns PREFIX-cli            ns PREFIX-sw (bridge br0)           ns PREFIX-bN (N = 1..3)
-//!  eth0 198.51.100.2  ─veth─ pcli ──┐              ┌── pbN ─veth─ eth0 198.51.100.1N
-//!       2001:db8::2                 br0 ── plb ─┐  │              2001:db8::1N, VIPs on lo
-//!                                               └─veth─ ns PREFIX-lb: eth0 198.51.100.1,
-//!                                                       2001:db8::1 (the agent's interface)
-//! ```
-//!
+//! The namespaces, veth pairs and bridge come from `weir_testbed` (shared with the demo;
+//! re-exported here): client, switch, LB and three backends, dual-stack, see
+//! `weir_testbed::topology`. Everything runs inside namespaces the harness creates, linked by
+//! veth pairs it creates, and is torn down by `Drop` guards even when a test panics.
 //! Addresses: only 198.51.100.0/24, 203.0.113.0/24 and 2001:db8::/32, and only inside these
 //! namespaces. Nothing is ever added to the root namespace.
 #![expect(
@@ -19,11 +15,11 @@
 )]
 
 use std::{
+    collections::HashSet,
     fs::{self, File},
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    ops::Range,
-    os::fd::AsRawFd,
+    ops::{Deref, Range},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -37,42 +33,18 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+// The test bed shared with the benches and the demo: namespaces, commands, the topology's
+// names and addresses, the config builder. A glob, so each test binary takes what it needs
+// without unused imports; `Topology` below (the test bed's plus the balancer) shadows its
+// namesake.
+pub use weir_testbed::*;
+
+pub mod predict;
+pub mod test_run;
 
 // ---------------------------------------------------------------------------------------------
-// Addresses and names
+// Names
 // ---------------------------------------------------------------------------------------------
-
-pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
-pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x2);
-pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-pub const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1);
-pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
-/// Number of backends in the standard topology.
-pub const BACKENDS: usize = 3;
-/// Interface name of every node's (client, LB, backends) veth end inside its namespace.
-pub const NODE_IF: &str = "eth0";
-/// Switch-side port of the LB's veth (gets an XDP_PASS program so XDP_TX frames are received).
-pub const SWITCH_LB_PORT: &str = "plb";
-
-/// IPv4 address of backend `i` (0-based): 198.51.100.11, .12, .13.
-pub fn backend_v4(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 51, 100, 11 + u8::try_from(i).expect("backend index"))
-}
-
-/// IPv6 address of backend `i` (0-based): 2001:db8::11, ::12, ::13.
-pub fn backend_v6(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0x2001,
-        0xdb8,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0x11 + u16::try_from(i).expect("backend index"),
-    )
-}
 
 /// Path of the `weir` binary built for this test run.
 pub fn weir_bin() -> &'static str {
@@ -102,154 +74,6 @@ pub fn require_root() -> bool {
     let test = thread::current().name().unwrap_or("?").to_owned();
     eprintln!("SKIPPED {test}: privileged end-to-end test needs root (euid is {euid})");
     false
-}
-
-// ---------------------------------------------------------------------------------------------
-// Commands
-// ---------------------------------------------------------------------------------------------
-
-/// Runs a command to completion; a non-zero exit is an error carrying the command line and
-/// its stderr. Returns stdout.
-pub fn run(args: &[&str]) -> Result<String> {
-    let (prog, rest) = args.split_first().context("empty command")?;
-    let out = Command::new(prog)
-        .args(rest)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{}`", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `ip -n NS ARGS...`
-pub fn ip(ns: &str, args: &[&str]) -> Result<String> {
-    let mut v = vec!["ip", "-n", ns];
-    v.extend_from_slice(args);
-    run(&v)
-}
-
-/// `ip netns exec NS ARGS...` (for tools without a namespace option: sysctl, ethtool, ping).
-pub fn ns_exec(ns: &str, args: &[&str]) -> Result<String> {
-    let mut v = vec!["ip", "netns", "exec", ns];
-    v.extend_from_slice(args);
-    run(&v)
-}
-
-/// Sets sysctls inside a namespace (`sysctl -w k=v ...`).
-pub fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
-    let mut v = vec!["sysctl", "-q", "-w"];
-    v.extend_from_slice(settings);
-    ns_exec(ns, &v).map(drop)
-}
-
-/// Whether `ip -n NS -d link show dev IF` shows an XDP program attached.
-pub fn xdp_attached(ns: &str, ifname: &str) -> Result<bool> {
-    Ok(ip(ns, &["-d", "link", "show", "dev", ifname])?.contains(" xdp"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Namespaces and threads inside them
-// ---------------------------------------------------------------------------------------------
-
-/// A network namespace created with `ip netns add`, deleted on drop.
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    pub fn create(name: &str) -> Result<Self> {
-        if PathBuf::from(format!("/run/netns/{name}")).exists() {
-            // A leftover of an earlier, killed run with the same pid modulo: ours to remove.
-            let _ = run(&["ip", "netns", "del", name]);
-        }
-        run(&["ip", "netns", "add", name])?;
-        let ns = Self {
-            name: name.to_owned(),
-        };
-        ip(name, &["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = run(&["ip", "netns", "del", &self.name]) {
-            eprintln!("warning: cannot delete namespace {}: {e:#}", self.name);
-        }
-    }
-}
-
-/// Moves the calling thread into network namespace `ns` (network namespaces are per thread).
-pub fn enter_netns(ns: &str) -> Result<()> {
-    let path = format!("/run/netns/{ns}");
-    let f = File::open(&path).with_context(|| format!("open {path}"))?;
-    // SAFETY: setns with a valid namespace fd only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        bail!(
-            "setns({path}, CLONE_NEWNET): {}",
-            io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
-/// Runs `f` on a new thread inside network namespace `ns` and returns its result
-/// (panics in `f` propagate).
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        let h = thread::Builder::new()
-            .name(format!("in-{ns}"))
-            .spawn_scoped(s, move || {
-                enter_netns(ns).unwrap_or_else(|e| panic!("{e:#}"));
-                f()
-            })
-            .expect("spawn thread");
-        h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
-
-/// Spawns a long-lived thread inside network namespace `ns`. Returns once the thread is in
-/// the namespace (or with the error if it could not enter it).
-pub fn spawn_in_netns<T: Send + 'static>(
-    ns: &str,
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<JoinHandle<T>> {
-    let (tx, rx) = mpsc::channel::<Result<(), String>>();
-    let ns_owned = ns.to_owned();
-    let h = thread::Builder::new()
-        .name(format!("{name}@{ns}"))
-        .spawn(move || {
-            let entered = enter_netns(&ns_owned).map_err(|e| format!("{e:#}"));
-            let ok = entered.is_ok();
-            let _ = tx.send(entered);
-            if !ok {
-                panic!("thread could not enter namespace {ns_owned}");
-            }
-            f()
-        })
-        .context("spawn thread")?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(h),
-        Ok(Err(e)) => {
-            let _ = h.join();
-            Err(anyhow!(e))
-        }
-        Err(_) => Err(anyhow!("thread for namespace {ns} died before entering it")),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -484,18 +308,24 @@ impl Drop for ChildGuard {
 /// Topologies run one at a time inside a test process (2 cores, timing-sensitive traffic).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The client / switch / LB / 3 backends topology of `docs`/the notes. Dropping it tears
-/// everything down (pass program, namespaces, temp files).
+/// The test bed's topology (`weir_testbed::Topology`, dual-stack, namespaces `PREFIX-*`,
+/// reached through `Deref`: `topo.cli`, `topo.lb`, `topo.backends`, ...) with what the
+/// balancer needs on top: the XDP pass program on the switch port, a work directory, the
+/// agent's socket, state file and pins. Dropping it tears everything down (pass program,
+/// pins, namespaces, temp files).
 pub struct Topology {
-    pub prefix: String,
-    pub cli: String,
-    pub sw: String,
-    pub lb: String,
-    pub backends: Vec<String>,
+    net: weir_testbed::Topology,
     pub workdir: PathBuf,
     pass: Option<PassHolder>,
-    namespaces: Vec<Netns>,
     _serial: MutexGuard<'static, ()>,
+}
+
+impl Deref for Topology {
+    type Target = weir_testbed::Topology;
+
+    fn deref(&self) -> &Self::Target {
+        &self.net
+    }
 }
 
 impl Topology {
@@ -510,21 +340,17 @@ impl Topology {
     pub fn build_with(tag: &str, switch_pass: bool) -> Result<Self> {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = prefix(tag);
+        let net = weir_testbed::Topology::build(&prefix, Stack::Dual)
+            .context("building the test topology")?;
         let workdir = std::env::temp_dir().join(format!("weir-e2e-{prefix}"));
         let _ = fs::remove_dir_all(&workdir);
         fs::create_dir_all(&workdir)?;
         let mut t = Self {
-            cli: format!("{prefix}-cli"),
-            sw: format!("{prefix}-sw"),
-            lb: format!("{prefix}-lb"),
-            backends: (1..=BACKENDS).map(|i| format!("{prefix}-b{i}")).collect(),
-            prefix,
+            net,
             workdir,
             pass: None,
-            namespaces: Vec::new(),
             _serial: serial,
         };
-        t.setup().context("building the test topology")?;
         if switch_pass {
             t.pass = Some(PassHolder::attach(&t.sw, SWITCH_LB_PORT).context(
                 "attaching an XDP_PASS program to the switch port of the LB (needed for XDP_TX on veth)",
@@ -534,177 +360,6 @@ impl Topology {
         Ok(t)
     }
 
-    fn setup(&mut self) -> Result<()> {
-        let all: Vec<String> = [self.cli.clone(), self.sw.clone(), self.lb.clone()]
-            .into_iter()
-            .chain(self.backends.iter().cloned())
-            .collect();
-        for ns in &all {
-            self.namespaces.push(Netns::create(ns)?);
-            // No duplicate address detection anywhere (link-local addresses included):
-            // tentative addresses silently drop traffic.
-            sysctl(
-                ns,
-                &[
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
-            )?;
-        }
-
-        // Switch: a bridge without netfilter, STP or multicast snooping.
-        let sw = self.sw.clone();
-        ip(
-            &sw,
-            &[
-                "link",
-                "add",
-                "name",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "mcast_snooping",
-                "0",
-            ],
-        )?;
-        ip(&sw, &["link", "set", "br0", "up"])?;
-        // Keys exist only when br_netfilter is loaded (-e: ignore unknown keys).
-        ns_exec(
-            &sw,
-            &[
-                "sysctl",
-                "-q",
-                "-e",
-                "-w",
-                "net.bridge.bridge-nf-call-iptables=0",
-                "net.bridge.bridge-nf-call-ip6tables=0",
-                "net.bridge.bridge-nf-call-arptables=0",
-            ],
-        )?;
-
-        let mut links: Vec<(String, String)> = vec![
-            ("pcli".into(), self.cli.clone()),
-            (SWITCH_LB_PORT.into(), self.lb.clone()),
-        ];
-        for (i, b) in self.backends.iter().enumerate() {
-            links.push((format!("pb{}", i + 1), b.clone()));
-        }
-        for (port, node) in &links {
-            ip(
-                &sw,
-                &[
-                    "link", "add", "name", port, "type", "veth", "peer", "name", NODE_IF, "netns",
-                    node,
-                ],
-            )?;
-            ip(&sw, &["link", "set", port, "master", "br0"])?;
-            ns_exec(&sw, &["ethtool", "-K", port, "gro", "off", "txvlan", "off"])?;
-            ip(&sw, &["link", "set", port, "up"])?;
-        }
-
-        // Client: only the VIPs are routed via the LB.
-        let cli = self.cli.clone();
-        self.node_addrs(&cli, &CLIENT_V4.to_string(), &CLIENT_V6.to_string())?;
-        ns_exec(&cli, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
-        ip(
-            &cli,
-            &[
-                "route",
-                "add",
-                &format!("{VIP_V4}/32"),
-                "via",
-                &LB_V4.to_string(),
-            ],
-        )?;
-        ip(
-            &cli,
-            &[
-                "-6",
-                "route",
-                "add",
-                &format!("{VIP_V6}/128"),
-                "via",
-                &LB_V6.to_string(),
-            ],
-        )?;
-
-        // LB: addresses on the veth the agent attaches to; backends are on-link.
-        let lb = self.lb.clone();
-        self.node_addrs(&lb, &LB_V4.to_string(), &LB_V6.to_string())?;
-
-        // Backends: VIPs on lo, DSR-friendly ARP, no reverse-path filtering.
-        for (i, b) in self.backends.clone().iter().enumerate() {
-            self.node_addrs(b, &backend_v4(i).to_string(), &backend_v6(i).to_string())?;
-            ns_exec(b, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
-            ip(b, &["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            ip(
-                b,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{VIP_V6}/128"),
-                    "dev",
-                    "lo",
-                    "nodad",
-                ],
-            )?;
-            sysctl(
-                b,
-                &[
-                    "net.ipv4.conf.all.arp_ignore=1",
-                    "net.ipv4.conf.all.arp_announce=2",
-                    "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0",
-                    &format!("net.ipv4.conf.{NODE_IF}.rp_filter=0"),
-                    "net.ipv4.conf.lo.rp_filter=0",
-                ],
-            )?;
-        }
-        Ok(())
-    }
-
-    fn node_addrs(&self, ns: &str, v4: &str, v6: &str) -> Result<()> {
-        ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", NODE_IF])?;
-        ip(
-            ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                NODE_IF,
-                "nodad",
-            ],
-        )?;
-        ip(ns, &["link", "set", NODE_IF, "up"])?;
-        Ok(())
-    }
-
-    /// One ping from the LB to each backend (both families) and from the client to the LB,
-    /// so neighbour entries exist before traffic starts. Also proves plain L2/L3 connectivity.
-    pub fn prime_neighbours(&self) -> Result<()> {
-        let mut targets: Vec<(&str, String)> = Vec::new();
-        for i in 0..self.backends.len() {
-            targets.push((&self.lb, backend_v4(i).to_string()));
-            targets.push((&self.lb, backend_v6(i).to_string()));
-        }
-        targets.push((&self.cli, LB_V4.to_string()));
-        targets.push((&self.cli, LB_V6.to_string()));
-        for (ns, dst) in targets {
-            // Up to 3 one-second attempts (the first may wait for address resolution).
-            ns_exec(
-                ns,
-                &["ping", "-q", "-n", "-c", "1", "-w", "3", "-W", "1", &dst],
-            )
-            .with_context(|| format!("ping {dst} from {ns}"))?;
-        }
-        Ok(())
-    }
-
     /// Writes `contents` to a file in this topology's temp directory and returns its path.
     pub fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf> {
         let p = self.workdir.join(name);
@@ -712,25 +367,19 @@ impl Topology {
         Ok(p)
     }
 
-    /// The `[agent]` keys that keep this topology's agent apart from any other: its API
-    /// socket and state file in the work directory, its pins in its own bpffs directory.
-    pub fn agent_keys(&self) -> String {
-        format!(
-            "api_socket = \"{}\"\nstate_file = \"{}\"\nbpffs = \"{}\"\n",
-            self.api_socket().display(),
-            self.workdir.join("state.json").display(),
-            self.bpffs().display()
-        )
-    }
-
-    /// The whole `[agent]` table of this topology's LB: its interface in native mode, tunnel
-    /// sources, a small connection table, and `agent_keys`.
-    pub fn agent_section(&self) -> String {
-        format!(
-            "[agent]\ninterface = \"{NODE_IF}\"\nxdp_mode = \"native\"\ntunnel_source = \"{LB_V4}\"\n\
-             tunnel_source_v6 = \"{LB_V6}\"\nconntrack_entries = 65536\n{}",
-            self.agent_keys()
-        )
+    /// The agent config of this topology's LB, services still to add: its interface in
+    /// native mode, tunnel sources, a small connection table, and what keeps this agent
+    /// apart from any other (its API socket and state file in the work directory, its pins
+    /// in its own bpffs directory).
+    pub fn agent_config(&self) -> ConfigBuilder {
+        ConfigBuilder::new(NODE_IF)
+            .xdp_mode("native")
+            .tunnel_source(LB_V4)
+            .tunnel_source_v6(LB_V6)
+            .conntrack_entries(65536)
+            .api_socket(&self.api_socket())
+            .state_file(&self.workdir.join("state.json"))
+            .bpffs(&self.bpffs())
     }
 
     pub fn api_socket(&self) -> PathBuf {
@@ -742,14 +391,14 @@ impl Topology {
     }
 
     /// Writes the agent's config (`agent.toml` in the work directory) and returns its path.
-    pub fn write_agent_config(&self, config: &str) -> Result<PathBuf> {
-        self.write_file("agent.toml", config)
+    pub fn write_agent_config(&self, config: &ConfigBuilder) -> Result<PathBuf> {
+        self.write_file("agent.toml", &config.render())
     }
 
     /// Starts `weir agent --config FILE` in the LB namespace (see `spawn_nsenter`) and waits
     /// until its API answers, which it does once the program is attached and the maps are
     /// written.
-    pub fn start_agent(&self, config: &str) -> Result<ChildGuard> {
+    pub fn start_agent(&self, config: &ConfigBuilder) -> Result<ChildGuard> {
         let path = self.write_agent_config(config)?;
         self.start_agent_file(&path)
     }
@@ -863,8 +512,8 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // Detach the pass program from inside the switch namespace, then delete namespaces
-        // (Vec<Netns> drops after this), then temp files.
+        // Detach the pass program from inside the switch namespace, then delete namespaces,
+        // then temp files.
         drop(self.pass.take());
         // Pins live in the host's bpffs: remove them even when the test failed.
         if self.bpffs().exists()
@@ -872,8 +521,8 @@ impl Drop for Topology {
         {
             eprintln!("warning: teardown of {}: {e:#}", self.bpffs().display());
         }
-        while let Some(ns) = self.namespaces.pop() {
-            drop(ns);
+        if let Err(e) = self.net.teardown() {
+            eprintln!("warning: {e:#}");
         }
         let _ = fs::remove_dir_all(&self.workdir);
     }
@@ -888,6 +537,8 @@ impl Drop for Topology {
 pub struct BackendCounters {
     pub tcp_accepted: AtomicU64,
     pub udp_echoed: AtomicU64,
+    /// Peers whose datagrams were echoed: one per UDP flow, however often a client resent.
+    pub udp_peers: Mutex<HashSet<SocketAddr>>,
 }
 
 /// Echo servers in every backend namespace; stop (and are joined) on drop.
@@ -971,10 +622,26 @@ impl EchoServers {
             .collect()
     }
 
+    /// UDP flows (distinct client address and port) echoed per backend: unlike
+    /// `udp_counts`, a datagram the client sent again after a lost echo does not count twice.
+    pub fn udp_flow_counts(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .map(|c| {
+                let peers = c.udp_peers.lock().unwrap_or_else(|e| e.into_inner());
+                u64::try_from(peers.len()).expect("peer count")
+            })
+            .collect()
+    }
+
     pub fn reset(&self) {
         for c in &self.counters {
             c.tcp_accepted.store(0, Ordering::SeqCst);
             c.udp_echoed.store(0, Ordering::SeqCst);
+            c.udp_peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
     }
 }
@@ -1065,6 +732,10 @@ fn udp_echo_loop(sock: &UdpSocket, c: &BackendCounters, stop: &AtomicBool) {
             Ok((n, peer)) => {
                 if sock.send_to(&buf[..n], peer).is_ok() {
                     c.udp_echoed.fetch_add(1, Ordering::SeqCst);
+                    c.udp_peers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer);
                 }
             }
             Err(e)

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 
 /// The host crates. lb-ebpf is left out: it only builds for the BPF target (lb-userspace's
 /// build script does that), so `--workspace` would try to build it for the host.
-pub(crate) const HOST_PACKAGES: [&str; 3] = ["lb-common", "lb-userspace", "xtask"];
+pub(crate) const HOST_PACKAGES: [&str; 4] = ["lb-common", "lb-userspace", "weir-testbed", "xtask"];
 
 /// The workspace root (the parent of this crate's folder).
 pub(crate) fn workspace_root() -> &'static Path {

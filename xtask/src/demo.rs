@@ -17,9 +17,10 @@
 //! the distribution, the metrics and `weir backend list`, then stops one backend, shows the
 //! health check taking it out and the traffic moving, and starts it again.
 //!
-//! Traffic stays between these namespaces, over veth pairs the demo creates: nothing is added
-//! to the root namespace, and only the documentation ranges 198.51.100.0/24 and
-//! 203.0.113.0/24 are used. Everything is torn down at the end (the agent's pins with
+//! The namespaces, the bridge and the veth pairs are the test bed's topology (`weir_testbed`,
+//! which the privileged tests build too), IPv4 only. Traffic stays between these namespaces,
+//! over veth pairs the demo creates: nothing is added to the root namespace, and only the
+//! documentation ranges 198.51.100.0/24 and 203.0.113.0/24 are used. Everything is torn down at the end (the agent's pins with
 //! `weir teardown`), on failure and on Ctrl-C, unless `--keep` is given; `--clean` removes
 //! what a kept (or killed) demo left behind. Every wait and every loop is bounded in count
 //! and time.
@@ -28,10 +29,7 @@ use std::{
     fs::{self, File},
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::{
-        fd::AsRawFd as _,
-        unix::{net::UnixStream, process::CommandExt as _},
-    },
+    os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -40,24 +38,28 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use weir_testbed::{
+    CLIENT_V4, LB_V4, Stack, Topology, backend_v4, ip, ns_exec, remove_namespace, try_in_netns,
+};
 
 use crate::{cmd, setup};
 
 /// Prefix of everything the demo creates: namespaces and the temporary folder.
 const PREFIX: &str = "weirdemo-";
+/// The prefix of the test bed's topology: its namespaces are `weirdemo-{cli,sw,lb,b1,b2,b3}`.
+const TOPOLOGY: &str = "weirdemo";
 const NS_CLI: &str = "weirdemo-cli";
 const NS_SW: &str = "weirdemo-sw";
 const NS_LB: &str = "weirdemo-lb";
 const NS_BACKENDS: [&str; 3] = ["weirdemo-b1", "weirdemo-b2", "weirdemo-b3"];
 
 /// Every node's veth end inside its namespace (config/demo.toml names it).
-const NODE_IF: &str = "eth0";
+const NODE_IF: &str = weir_testbed::NODE_IF;
 /// The switch-side port of the balancer's veth.
-const SWITCH_LB_PORT: &str = "plb";
+const SWITCH_LB_PORT: &str = weir_testbed::SWITCH_LB_PORT;
 
-const CLIENT_ADDR: &str = "198.51.100.2";
-const LB_ADDR: &str = "198.51.100.1";
-const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The VIP of config/demo.toml, on the backends' `lo`.
+const VIP: Ipv4Addr = weir_testbed::VIP_V4;
 const HTTP_PORT: u16 = 80;
 /// The VIP of the decap program that serves as the pass program on the switch port: an
 /// address no service uses, so that program decapsulates nothing. (Giving it the demo's VIP
@@ -148,7 +150,7 @@ pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
         python: tools.python,
         config,
         workdir,
-        namespaces: Vec::new(),
+        topology: None,
         switch_pass: None,
         servers: Vec::new(),
         decaps: Vec::new(),
@@ -440,26 +442,6 @@ fn run(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// `ip -n NS ARGS...`
-fn ip(ns: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut all = vec!["ip", "-n", ns];
-    all.extend_from_slice(args);
-    run(&all)
-}
-
-/// `ip netns exec NS ARGS...`, for tools without a namespace option.
-fn ns_exec(ns: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut all = vec!["ip", "netns", "exec", ns];
-    all.extend_from_slice(args);
-    run(&all)
-}
-
-fn sysctl(ns: &str, settings: &[&str]) -> anyhow::Result<()> {
-    let mut all = vec!["sysctl", "-q", "-w"];
-    all.extend_from_slice(settings);
-    ns_exec(ns, &all).map(drop)
-}
-
 /// The demo's namespaces that exist now (`ip netns list` prints `NAME` or `NAME (id: N)`).
 fn demo_namespaces() -> anyhow::Result<Vec<String>> {
     Ok(run(&["ip", "netns", "list"])?
@@ -468,30 +450,6 @@ fn demo_namespaces() -> anyhow::Result<Vec<String>> {
         .filter(|name| name.starts_with(PREFIX))
         .map(str::to_owned)
         .collect())
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (namespaces are per thread).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                enter_netns(ns)?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-fn enter_netns(ns: &str) -> anyhow::Result<()> {
-    let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).with_context(|| format!("open {path}"))?;
-    // SAFETY: setns with a valid namespace fd changes only this thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        bail!("setns({path}): {}", io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -674,7 +632,7 @@ fn wait_listening(proc: &mut Proc, ns: &str, port: u16) -> anyhow::Result<()> {
         if let Some(status) = proc.exited() {
             return Err(proc.died(status, &format!("before listening on port {port} in {ns}")));
         }
-        if in_netns(ns, || {
+        if try_in_netns(ns, || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         })? {
             return Ok(());
@@ -701,7 +659,8 @@ struct Demo {
     python: PathBuf,
     config: PathBuf,
     workdir: PathBuf,
-    namespaces: Vec<String>,
+    /// The namespaces, bridge and veth pairs, once built.
+    topology: Option<Topology>,
     switch_pass: Option<Proc>,
     /// One slot per backend; `None` while that backend's server is stopped.
     servers: Vec<Option<Proc>>,
@@ -713,16 +672,19 @@ struct Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if !self.keep
-            && let Err(err) = self.teardown()
-        {
+        if self.keep {
+            // Left running on purpose: the namespaces stay with the processes inside.
+            if let Some(topology) = self.topology.take() {
+                drop(topology.keep());
+            }
+        } else if let Err(err) = self.teardown() {
             eprintln!("demo: teardown: {err:#}");
         }
     }
 }
 
 fn backend_addr(index: usize) -> String {
-    format!("198.51.100.{}", 11 + index)
+    backend_v4(index).to_string()
 }
 
 fn backend_name(index: usize) -> String {
@@ -795,97 +757,11 @@ impl Demo {
     }
 
     fn topology(&mut self) -> anyhow::Result<()> {
-        for ns in [NS_CLI, NS_SW, NS_LB].into_iter().chain(NS_BACKENDS) {
-            run(&["ip", "netns", "add", ns])?;
-            self.namespaces.push(ns.to_owned());
-            ip(ns, &["link", "set", "lo", "up"])?;
-        }
-
-        // The switch: a bridge without STP, multicast snooping or netfilter (a new namespace
-        // starts with bridge-nf-call-* on when br_netfilter is loaded; -e: the keys exist
-        // only then).
-        ip(
-            NS_SW,
-            &[
-                "link",
-                "add",
-                "name",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "mcast_snooping",
-                "0",
-            ],
-        )?;
-        ip(NS_SW, &["link", "set", "br0", "up"])?;
-        ns_exec(
-            NS_SW,
-            &[
-                "sysctl",
-                "-q",
-                "-e",
-                "-w",
-                "net.bridge.bridge-nf-call-iptables=0",
-                "net.bridge.bridge-nf-call-ip6tables=0",
-                "net.bridge.bridge-nf-call-arptables=0",
-            ],
-        )?;
-        let mut links = vec![
-            ("pcli".to_owned(), NS_CLI),
-            (SWITCH_LB_PORT.to_owned(), NS_LB),
-        ];
-        for (index, ns) in NS_BACKENDS.iter().enumerate() {
-            links.push((format!("pb{}", index + 1), ns));
-        }
-        for (port, node) in &links {
-            // Both ends are created inside the demo's namespaces, never in the root one.
-            ip(
-                NS_SW,
-                &[
-                    "link", "add", "name", port, "type", "veth", "peer", "name", NODE_IF, "netns",
-                    node,
-                ],
-            )?;
-            ip(NS_SW, &["link", "set", port, "master", "br0"])?;
-            // Merged frames and stripped VLAN tags would hide what XDP sees.
-            ns_exec(
-                NS_SW,
-                &["ethtool", "-K", port, "gro", "off", "txvlan", "off"],
-            )?;
-            ip(NS_SW, &["link", "set", port, "up"])?;
-        }
-
-        // The client routes only the VIP via the balancer. Checksum offload off: with it, TCP
-        // through an XDP path arrives with bad checksums.
-        node_addr(NS_CLI, CLIENT_ADDR)?;
-        ns_exec(NS_CLI, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
-        ip(
-            NS_CLI,
-            &["route", "add", &format!("{VIP}/32"), "via", LB_ADDR],
-        )?;
-        node_addr(NS_LB, LB_ADDR)?;
-        // Backends: the VIP on lo, no ARP answers or announcements for it, no reverse-path
-        // filter (decapsulated packets carry the client's source address).
-        for (index, ns) in NS_BACKENDS.iter().enumerate() {
-            node_addr(ns, &backend_addr(index))?;
-            ns_exec(ns, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
-            ip(ns, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            sysctl(
-                ns,
-                &[
-                    "net.ipv4.conf.all.arp_ignore=1",
-                    "net.ipv4.conf.all.arp_announce=2",
-                    "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0",
-                    &format!("net.ipv4.conf.{NODE_IF}.rp_filter=0"),
-                    "net.ipv4.conf.lo.rp_filter=0",
-                ],
-            )?;
-        }
+        // A failed build removes what it created; the built topology is the demo's to tear
+        // down.
+        self.topology = Some(Topology::build(TOPOLOGY, Stack::Ipv4)?);
         println!(
-            "      client {CLIENT_ADDR} (route to {VIP} via {LB_ADDR}), balancer {LB_ADDR}, \
+            "      client {CLIENT_V4} (route to {VIP} via {LB_V4}), balancer {LB_V4}, \
              backends {}, {}, {} (VIP {VIP} on lo)",
             backend_addr(0),
             backend_addr(1),
@@ -916,12 +792,8 @@ impl Demo {
         attached?;
 
         // Neighbour entries before traffic (and proof of plain L2/L3 connectivity).
-        let mut pings: Vec<(&str, String)> = (0..NS_BACKENDS.len())
-            .map(|index| (NS_LB, backend_addr(index)))
-            .collect();
-        pings.push((NS_CLI, LB_ADDR.to_owned()));
-        for (ns, addr) in &pings {
-            ping(ns, addr)?;
+        if let Some(topology) = &self.topology {
+            topology.prime_neighbours()?;
         }
         println!(
             "      ping from the balancer to each backend and from the client to the balancer: ok"
@@ -1238,9 +1110,10 @@ impl Demo {
             proc.and_then(Proc::pid)
                 .map_or("?".into(), |p| p.to_string())
         };
+        let namespaces = self.topology.as_ref().map(Topology::names);
         println!(
             "      everything is still running: namespaces {}",
-            self.namespaces.join(" ")
+            namespaces.unwrap_or_default().join(" ")
         );
         println!(
             "      weir agent pid {} (log {}), logs of all processes in {}",
@@ -1303,16 +1176,19 @@ impl Demo {
                 }
             }
         }
-        // Also any other demo namespace: the demo starts only when none exists, so one that
-        // is not on the list was created by an `ip netns add` interrupted before it returned.
-        let mut namespaces: Vec<String> = self.namespaces.drain(..).rev().collect();
-        for ns in demo_namespaces().unwrap_or_default() {
-            if !namespaces.contains(&ns) {
-                namespaces.push(ns);
+        // The topology's namespaces, last created first (whatever still runs inside is
+        // stopped first).
+        let mut deleted = 0;
+        if let Some(mut topology) = self.topology.take() {
+            deleted += topology.names().len();
+            if let Err(err) = topology.teardown() {
+                problems.push(format!("{err:#}"));
             }
         }
-        let deleted = namespaces.len();
-        for ns in namespaces {
+        // Also any other demo namespace: the demo starts only when none exists, so one left
+        // now was created by a topology build interrupted before it could clean up.
+        for ns in demo_namespaces().unwrap_or_default() {
+            deleted += 1;
             if let Err(err) = remove_namespace(&ns) {
                 problems.push(format!("{err:#}"));
             }
@@ -1347,26 +1223,6 @@ impl Demo {
         }
         Ok(())
     }
-}
-
-fn node_addr(ns: &str, addr: &str) -> anyhow::Result<()> {
-    ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", NODE_IF])?;
-    ip(ns, &["link", "set", NODE_IF, "up"])?;
-    Ok(())
-}
-
-/// One ping (up to 3 tries of 1 s) from `ns` to `addr`.
-fn ping(ns: &str, addr: &str) -> anyhow::Result<()> {
-    let mut last = None;
-    for _ in 0..3 {
-        match ns_exec(ns, &["ping", "-c", "1", "-W", "1", "-q", addr]) {
-            Ok(_) => return Ok(()),
-            Err(err) => last = Some(err),
-        }
-        check_interrupted()?;
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no ping")))
-        .with_context(|| format!("no answer to ping from {ns} to {addr}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1425,43 +1281,6 @@ fn remove_pins(dir: &Path) -> anyhow::Result<()> {
         fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
     }
     fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))
-}
-
-/// Stops whatever still runs in `ns` (`ip netns pids`: SIGTERM, then SIGKILL after
-/// `STOP_GRACE`), then deletes it.
-fn remove_namespace(ns: &str) -> anyhow::Result<()> {
-    let pids = |ns: &str| -> Vec<libc::pid_t> {
-        run(&["ip", "netns", "pids", ns])
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|pid| pid.parse().ok())
-            .collect()
-    };
-    let mut left = pids(ns);
-    for signal in [libc::SIGTERM, libc::SIGKILL] {
-        if left.is_empty() {
-            break;
-        }
-        for &pid in &left {
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            println!(
-                "      stopping process {pid} ({}) left in {ns}",
-                comm.trim()
-            );
-            // SAFETY: kill(2) has no memory-safety preconditions; the pid was just listed as
-            // a process inside the demo's own namespace.
-            unsafe { libc::kill(pid, signal) };
-        }
-        let deadline = Instant::now() + STOP_GRACE;
-        loop {
-            left = pids(ns);
-            if left.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            thread::sleep(POLL);
-        }
-    }
-    run(&["ip", "netns", "del", ns]).map(drop)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1607,7 +1426,7 @@ impl Batch {
 /// sequentially; stops early after `BATCH_DEADLINE`, when interrupted, or when the first
 /// `GIVE_UP_AFTER` all fail (what was not sent counts as failed).
 fn http_batch(requests: usize) -> anyhow::Result<Batch> {
-    let batch = in_netns(NS_CLI, || {
+    let batch = try_in_netns(NS_CLI, || {
         let start = Instant::now();
         let mut batch = Batch::default();
         let mut give_up = None;
@@ -1638,7 +1457,7 @@ fn http_batch(requests: usize) -> anyhow::Result<Batch> {
 
 /// One request from namespace `ns` (for single probes).
 fn http_get_in(ns: &str, timeout: Duration) -> anyhow::Result<Result<String, String>> {
-    in_netns(ns, || http_get(timeout))
+    try_in_netns(ns, || http_get(timeout))
 }
 
 /// `GET /` on the VIP over a new connection; the answering backend's name (the body), or
@@ -1722,11 +1541,23 @@ mod tests {
 
     #[test]
     fn addresses_stay_in_the_documentation_ranges() {
-        for addr in [CLIENT_ADDR, LB_ADDR, &backend_addr(0), &backend_addr(2)] {
-            assert!(addr.starts_with("198.51.100."), "{addr}");
+        for addr in [CLIENT_V4, LB_V4, backend_v4(0), backend_v4(2)] {
+            assert_eq!(addr.octets()[..3], [198, 51, 100], "{addr}");
         }
         assert_eq!(VIP.octets()[..3], [203, 0, 113]);
         assert!(SWITCH_PASS_VIP.starts_with("203.0.113."));
+        assert_eq!(backend_addr(1), "198.51.100.12");
+    }
+
+    #[test]
+    fn the_topologys_namespaces_are_the_demos() {
+        let names = weir_testbed::namespace_names(TOPOLOGY);
+        let demo: Vec<&str> = [NS_CLI, NS_SW, NS_LB]
+            .into_iter()
+            .chain(NS_BACKENDS)
+            .collect();
+        assert_eq!(names, demo);
+        assert!(names.iter().all(|ns| ns.starts_with(PREFIX)), "{names:?}");
     }
 
     #[test]

@@ -108,11 +108,13 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
             .args(test_targets(HOST_TESTS));
         let mut userspace_doc = cmd::cargo();
         userspace_doc.args(["test", "-p", "lb-userspace", "--doc"]);
+        let mut testbed = cmd::cargo();
+        testbed.args(["test", "-p", "weir-testbed"]);
         let mut xtask = cmd::cargo();
         xtask.args(["test", "-p", "xtask"]);
         stages.push(Stage {
             name: "host unit tests",
-            outcome: run_all(vec![common, userspace, userspace_doc, xtask]),
+            outcome: run_all(vec![common, userspace, userspace_doc, testbed, xtask]),
         });
     }
 

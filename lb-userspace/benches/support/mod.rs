@@ -195,49 +195,6 @@ pub fn table(header: &[&str], align_right_from: usize, rows: &[Vec<String>]) -> 
     out
 }
 
-/// Stops every process still inside the namespaces (SIGTERM, then SIGKILL after up to 3 s):
-/// a daemon's worker that outlived its master would keep a deleted namespace alive. These
-/// processes were all started by the bench inside namespaces it created.
-pub fn kill_namespace_processes(namespaces: &[String]) {
-    for sig in [libc::SIGTERM, libc::SIGKILL] {
-        let mut any = false;
-        for ns in namespaces {
-            let Ok(out) = std::process::Command::new("ip")
-                .args(["netns", "pids", ns])
-                .output()
-            else {
-                continue;
-            };
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<libc::pid_t>() {
-                    any = true;
-                    // SAFETY: kill(2) on a process inside a namespace this bench created.
-                    unsafe { libc::kill(pid, sig) };
-                }
-            }
-        }
-        if !any {
-            return;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        while std::time::Instant::now() < deadline {
-            let left = namespaces.iter().any(|ns| {
-                std::process::Command::new("ip")
-                    .args(["netns", "pids", ns])
-                    .output()
-                    .is_ok_and(|o| !o.stdout.trim_ascii().is_empty())
-            });
-            if !left {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        if sig == libc::SIGTERM {
-            eprintln!("warning: processes ignored SIGTERM in the bench's namespaces; killing");
-        }
-    }
-}
-
 /// Turns on the kernel's run-time statistics of BPF programs (`BPF_ENABLE_STATS`) for as
 /// long as the returned descriptor is open: each program then counts its runs and the
 /// time spent in them (visible in the `fdinfo` of its descriptors). Costs two clock reads

@@ -1,0 +1,35 @@
+//! Weir's test bed: the network namespaces, veth pairs and bridge that the privileged tests,
+//! the benches and `cargo xtask demo` run real traffic through, and the agent config files
+//! they write.
+//!
+//! * [`cmd`]: running `ip`, `sysctl` and friends, inside a namespace or not;
+//! * [`netns`]: namespaces that delete themselves ([`Netns`]), threads inside a namespace
+//!   ([`in_netns`], [`spawn_in_netns`]) and stopping what was left running in one;
+//! * [`topology`]: the client / switch / balancer / three backends topology ([`Topology`]),
+//!   torn down on drop;
+//! * [`config`]: agent config text with `[agent]` and `[[service]]` tables
+//!   ([`ConfigBuilder`], [`ServiceBuilder`]).
+//!
+//! Network safety: addresses are only ever added inside namespaces created here, to veth
+//! ends created inside them, and only from 198.51.100.0/24, 203.0.113.0/24 and
+//! 2001:db8::/32. Nothing here touches the root namespace's links, addresses or routes.
+//!
+//! This crate does not link the `weir` library (whose build needs the eBPF toolchain):
+//! whatever needs the balancer itself (an XDP pass program on the switch port, the agent)
+//! is the caller's, which also keeps the demo's `weir` processes and the tests' in-process
+//! programs apart.
+
+pub mod cmd;
+pub mod config;
+pub mod netns;
+pub mod topology;
+
+pub use cmd::{ip, ns_exec, run, sysctl, xdp_attached};
+pub use config::{Backend, ConfigBuilder, HealthCheck, ServiceBuilder};
+pub use netns::{
+    Netns, enter_netns, in_netns, remove_namespace, spawn_in_netns, stop_processes, try_in_netns,
+};
+pub use topology::{
+    BACKENDS, CLIENT_V4, CLIENT_V6, LB_V4, LB_V6, NODE_IF, SWITCH_LB_PORT, Stack, Topology, VIP_V4,
+    VIP_V6, backend_v4, backend_v6, namespace_names,
+};
