@@ -69,38 +69,10 @@ pub fn load(vips: &[IpAddr]) -> anyhow::Result<(Ebpf, DecapMaps)> {
     Ok((ebpf, maps))
 }
 
-/// This host's addresses (in the calling thread's network namespace), from `getifaddrs(3)`.
+/// This host's addresses (in the calling thread's network namespace).
 #[must_use]
 pub fn local_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list we walk once and free once; each
-    // `ifa_addr` is null or points at a sockaddr of the family it states.
-    unsafe {
-        if libc::getifaddrs(&raw mut list) != 0 {
-            return out;
-        }
-        let mut entry = list;
-        while !entry.is_null() {
-            let addr = (*entry).ifa_addr;
-            if !addr.is_null() {
-                match i32::from((*addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = addr.cast::<libc::sockaddr_in>();
-                        out.push(IpAddr::from((*sin).sin_addr.s_addr.to_ne_bytes()));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = addr.cast::<libc::sockaddr_in6>();
-                        out.push(IpAddr::from((*sin6).sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-            entry = (*entry).ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    out
+    crate::sys::local_addresses()
 }
 
 /// Attaches the decap program for `vips` on `interface` and keeps it attached until SIGINT

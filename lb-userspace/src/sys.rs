@@ -44,6 +44,25 @@ pub fn interfaces() -> Vec<(String, u32)> {
         .unwrap_or_default()
 }
 
+/// The addresses of this network namespace's interfaces, from `getifaddrs(3)`.
+#[must_use]
+pub fn local_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    list.filter_map(|entry| {
+        let address = entry.address?;
+        if let Some(v4) = address.as_sockaddr_in() {
+            Some(std::net::IpAddr::V4(v4.ip()))
+        } else {
+            address
+                .as_sockaddr_in6()
+                .map(|v6| std::net::IpAddr::V6(v6.ip()))
+        }
+    })
+    .collect()
+}
+
 /// Whether `path` lies on a bpf filesystem.
 #[must_use]
 pub fn is_bpffs(path: &Path) -> bool {
@@ -380,6 +399,15 @@ pub fn map_lookup_batch<K: Copy + Default, V: Copy + Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_addresses_include_loopback() {
+        let addresses = local_addresses();
+        assert!(
+            addresses.iter().any(std::net::IpAddr::is_loopback),
+            "{addresses:?}"
+        );
+    }
 
     #[test]
     fn kernel_release_parses() {
