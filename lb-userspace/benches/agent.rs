@@ -159,35 +159,43 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// Agent CPU (% of one core) while checking `n` backends every second.
-fn health_check_cpu(n: usize) -> (f64, f64) {
-    let prefix = common::prefix("bag");
+/// Two namespaces of a bench, an LB and a backend, joined by the veth pair `{tag}0`/`{tag}1`
+/// with the given addresses (no DAD); their prefix and guards.
+fn lb_and_backend(tag: &str, addresses: [&str; 2]) -> (String, common::Netns, common::Netns) {
+    let prefix = common::prefix(tag);
     let lb = common::Netns::create(&format!("{prefix}-lb")).expect("ns");
     let be = common::Netns::create(&format!("{prefix}-be")).expect("ns");
+    let (lb_if, be_if) = (format!("{tag}0"), format!("{tag}1"));
     common::run(&[
         "ip",
         "link",
         "add",
         "name",
-        "bag0",
+        &lb_if,
         "netns",
         lb.name(),
         "type",
         "veth",
         "peer",
         "name",
-        "bag1",
+        &be_if,
         "netns",
         be.name(),
     ])
     .expect("veth");
     for (ns, dev, addr) in [
-        (lb.name(), "bag0", "2001:db8::1/64"),
-        (be.name(), "bag1", "2001:db8::2/64"),
+        (lb.name(), &lb_if, addresses[0]),
+        (be.name(), &be_if, addresses[1]),
     ] {
         common::ip(ns, &["link", "set", dev, "up"]).expect("up");
         common::ip(ns, &["addr", "add", addr, "dev", dev, "nodad"]).expect("addr");
     }
+    (prefix, lb, be)
+}
+
+/// Agent CPU (% of one core) while checking `n` backends every second.
+fn health_check_cpu(n: usize) -> (f64, f64) {
+    let (prefix, lb, be) = lb_and_backend("bag", ["2001:db8::1/64", "2001:db8::2/64"]);
     let batch = std::env::temp_dir().join(format!("{prefix}-addrs"));
     let mut lines = String::new();
     for i in 0..n {
@@ -286,33 +294,7 @@ fn health_check_cpu(n: usize) -> (f64, f64) {
 /// Round trips of the status request (median, p99, max, in ms) while the agent's connection
 /// table holds `entries` entries.
 fn status_latency(entries: u32) -> (f64, f64, f64, String) {
-    let prefix = common::prefix("bst");
-    let lb = common::Netns::create(&format!("{prefix}-lb")).expect("ns");
-    let be = common::Netns::create(&format!("{prefix}-be")).expect("ns");
-    common::run(&[
-        "ip",
-        "link",
-        "add",
-        "name",
-        "bst0",
-        "netns",
-        lb.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "bst1",
-        "netns",
-        be.name(),
-    ])
-    .expect("veth");
-    for (ns, dev, addr) in [
-        (lb.name(), "bst0", "198.51.100.1/24"),
-        (be.name(), "bst1", "198.51.100.11/24"),
-    ] {
-        common::ip(ns, &["link", "set", dev, "up"]).expect("up");
-        common::ip(ns, &["addr", "add", addr, "dev", dev]).expect("addr");
-    }
+    let (prefix, lb, be) = lb_and_backend("bst", ["198.51.100.1/24", "198.51.100.11/24"]);
     let work = std::env::temp_dir().join(format!("weir-bench-{prefix}"));
     std::fs::create_dir_all(&work).expect("workdir");
     let bpffs = format!("/sys/fs/bpf/weir-bench-{prefix}");

@@ -93,6 +93,20 @@ impl ConntrackWalker {
     }
 }
 
+/// The `RING` index of a service's slot. Each service owns slots `[id * MAX_RING_SIZE,
+/// (id + 1) * MAX_RING_SIZE)`: a slot past its own ring would land in the next service's, so
+/// it is refused (by every `MapWriter`, the test recorder included).
+pub fn ring_index(service_id: u32, slot: u32) -> Result<u32, DatapathError> {
+    if slot >= MAX_RING_SIZE {
+        return Err(DatapathError::SlotOutOfRange {
+            name: map_name::RING,
+            service_id,
+            slot,
+        });
+    }
+    Ok(service_id * MAX_RING_SIZE + slot)
+}
+
 /// A duplicate of the file descriptor of a map, before the map becomes a typed handle.
 fn dup_fd(map: &Map, name: &'static str) -> Result<OwnedFd, DatapathError> {
     let data: &MapData = match map {
@@ -299,17 +313,8 @@ impl MapWriter for KernelMaps {
         slot: u32,
         backend_id: u32,
     ) -> Result<(), DatapathError> {
-        // Each service owns slots [id * MAX_RING_SIZE, (id + 1) * MAX_RING_SIZE): a write
-        // past its own ring would land in the next service's.
-        if slot >= MAX_RING_SIZE {
-            return Err(DatapathError::SlotOutOfRange {
-                name: map_name::RING,
-                service_id,
-                slot,
-            });
-        }
         self.ring
-            .set(service_id * MAX_RING_SIZE + slot, backend_id, 0)
+            .set(ring_index(service_id, slot)?, backend_id, 0)
             .map_err(map_err(map_name::RING))
     }
 
@@ -318,15 +323,10 @@ impl MapWriter for KernelMaps {
         service_id: u32,
         slots: &[(u32, u32)],
     ) -> Result<(), DatapathError> {
-        if let Some((slot, _)) = slots.iter().find(|(slot, _)| *slot >= MAX_RING_SIZE) {
-            return Err(DatapathError::SlotOutOfRange {
-                name: map_name::RING,
-                service_id,
-                slot: *slot,
-            });
-        }
-        let base = service_id * MAX_RING_SIZE;
-        let keys: Vec<u32> = slots.iter().map(|(slot, _)| base + slot).collect();
+        let keys = slots
+            .iter()
+            .map(|(slot, _)| ring_index(service_id, *slot))
+            .collect::<Result<Vec<u32>, _>>()?;
         let values: Vec<u32> = slots.iter().map(|(_, backend)| *backend).collect();
         crate::sys::map_update_batch(self.ring_fd.as_fd(), &keys, &values).map_err(|source| {
             DatapathError::Map {

@@ -4,9 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{
-    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipInfo, VipKey, map_name,
-};
+use lb_common::{BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipInfo, VipKey};
 
 use super::{DatapathError, MapWriter};
 
@@ -73,13 +71,7 @@ impl MapWriter for Recorder {
         backend_id: u32,
     ) -> Result<(), DatapathError> {
         // The same bound as `KernelMaps`: a service's slots end where the next one's begin.
-        if slot >= MAX_RING_SIZE {
-            return Err(DatapathError::SlotOutOfRange {
-                name: map_name::RING,
-                service_id,
-                slot,
-            });
-        }
+        super::maps::ring_index(service_id, slot)?;
         self.ring.insert((service_id, slot), backend_id);
         self.slot_writes += 1;
         Ok(())
