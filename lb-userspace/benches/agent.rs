@@ -370,7 +370,8 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
         keys.len()
     ];
     let filled = Instant::now();
-    weir::sys::map_update_batch(std::os::fd::AsFd::as_fd(table.fd()), &keys, &values)
+    // SAFETY: the pinned CONNTRACK map's key and value types are FlowKey and FlowValue.
+    unsafe { weir::sys::map_update_batch(std::os::fd::AsFd::as_fd(table.fd()), &keys, &values) }
         .expect("fill the table");
     println!("filled {entries} entries in {:?}", filled.elapsed());
     let mut times = Vec::new();

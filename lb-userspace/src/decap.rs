@@ -69,19 +69,13 @@ pub fn load(vips: &[IpAddr]) -> anyhow::Result<(Ebpf, DecapMaps)> {
     Ok((ebpf, maps))
 }
 
-/// This host's addresses (in the calling thread's network namespace).
-#[must_use]
-pub fn local_addresses() -> Vec<IpAddr> {
-    crate::sys::local_addresses()
-}
-
 /// Attaches the decap program for `vips` on `interface` and keeps it attached until SIGINT
 /// or SIGTERM.
 pub fn run(interface: String, vips: Vec<IpAddr>, xdp_mode: XdpMode) -> anyhow::Result<()> {
     anyhow::ensure!(!vips.is_empty(), "give at least one --vip");
     datapath::ifindex(&interface)?;
     let (mut ebpf, mut maps) = load(&vips)?;
-    maps.set_local(&local_addresses())?;
+    maps.set_local(&crate::sys::local_addresses())?;
     let program: &mut aya::programs::Xdp = ebpf
         .program_mut(prog_name::DECAP)
         .context("decap program missing")?
@@ -102,7 +96,7 @@ pub fn run(interface: String, vips: Vec<IpAddr>, xdp_mode: XdpMode) -> anyhow::R
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = refresh.tick() => {
-                    if let Err(err) = maps.set_local(&local_addresses()) {
+                    if let Err(err) = maps.set_local(&crate::sys::local_addresses()) {
                         tracing::warn!(error = %err, "updating the local addresses failed");
                     }
                 }

@@ -119,7 +119,7 @@ fn client(command: &ClientCommand) -> ExitCode {
 }
 
 fn teardown(bpffs: &Path) -> ExitCode {
-    match weir::agent::teardown(bpffs) {
+    match weir::datapath::teardown(bpffs) {
         Ok(()) => {
             println!("{}: XDP program detached and pins removed", bpffs.display());
             ExitCode::SUCCESS

@@ -120,11 +120,22 @@ impl Overlay {
         let mut text = serde_json::to_vec_pretty(self).map_err(|e| err(io::Error::other(e)))?;
         text.push(b'\n');
         let written = (|| {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let open = || {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+            };
+            let mut file = match open() {
+                // A temporary of this name is an earlier save's of ours that died (the
+                // same pid, as PID 1 in a container): remove it and try once more.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    fs::remove_file(&tmp)?;
+                    open()?
+                }
+                other => other?,
+            };
             file.write_all(&text)?;
             file.sync_all()
         })();

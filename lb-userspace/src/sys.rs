@@ -291,9 +291,13 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// Writes `keys[i] -> values[i]` into the map behind `map` with one `BPF_MAP_UPDATE_BATCH`
-/// (Linux 5.6) per chunk, instead of a syscall per element. `K` and `V` must be the map's
-/// exact key and value types (plain `repr(C)` data).
-pub fn map_update_batch<K: Copy, V: Copy>(
+/// (Linux 5.6) per chunk, instead of a syscall per element.
+///
+/// # Safety
+///
+/// `K` and `V` must have exactly the map's key and value sizes: the kernel reads
+/// `count × key_size` and `count × value_size` bytes from the slices.
+pub unsafe fn map_update_batch<K: Copy, V: Copy>(
     map: std::os::fd::BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
@@ -310,7 +314,7 @@ pub fn map_update_batch<K: Copy, V: Copy>(
             ..BatchAttr::default()
         };
         // SAFETY: `attr` describes `keys` and `values`, live slices of `count` elements of
-        // the map's key and value types, which the kernel only reads.
+        // the map's key and value sizes (the caller's contract), which the kernel only reads.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -336,7 +340,12 @@ pub fn map_update_batch<K: Copy, V: Copy>(
 /// Reads every entry of a hash map with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), `chunk` entries
 /// a syscall, calling `each` per entry. Entries may come and go during the walk (the kernel
 /// walks bucket by bucket); each one present throughout is seen once.
-pub fn map_lookup_batch<K: Copy + Default, V: Copy + Default>(
+///
+/// # Safety
+///
+/// `K` and `V` must have exactly the map's key and value sizes: the kernel writes
+/// `count × key_size` and `count × value_size` bytes into buffers sized by them.
+pub unsafe fn map_lookup_batch<K: Copy + Default, V: Copy + Default>(
     map: std::os::fd::BorrowedFd<'_>,
     chunk: usize,
     mut each: impl FnMut(&K, &V),
@@ -363,8 +372,8 @@ pub fn map_lookup_batch<K: Copy + Default, V: Copy + Default>(
             ..BatchAttr::default()
         };
         // SAFETY: `attr` points at `keys` and `values`, writable buffers of `count`
-        // elements of the map's key and value types, and at the two batch tokens; all
-        // outlive the call.
+        // elements of the map's key and value sizes (the caller's contract), and at the two
+        // batch tokens; all outlive the call.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,

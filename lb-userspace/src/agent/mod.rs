@@ -23,7 +23,7 @@ pub mod owner;
 use std::{
     collections::HashMap,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -145,7 +145,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         datapath::load_object_pinned(config.agent.conntrack_entries, &config.agent.bpffs)?;
     datapath::load_program(&mut ebpf, prog_name::BALANCER)?;
     let maps = KernelMaps::take(&mut ebpf)?;
-    let adopting = config.agent.bpffs.join(pin::LINK_PIN).exists();
+    // Maps left by an earlier agent are adopted even without its link (a start that died
+    // between pinning the maps and the link): a fresh balancer over full maps would leave
+    // their VIPs behind.
+    let adopting = pins.existing_pins.contains(&lb_common::map_name::VIPS);
     let (balancer, health) = adopt(maps, adopting, &config)?;
 
     let (health_tx, mut health_rx) = mpsc::channel(1024);
@@ -174,9 +177,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         vips = report.vips_written,
         "maps written"
     );
+    // Redirect targets: every interface but lo, as far as the devmap holds them (a host
+    // with more interfaces than MAX_TX_PORTS still starts; packets that would leave by one
+    // left out are dropped and counted as redirect drops).
     for (name, index) in sys::interfaces() {
-        if name != "lo" {
-            agent.balancer.maps_mut().set_tx_port(index)?;
+        if name != "lo"
+            && let Err(err) = agent.balancer.maps_mut().set_tx_port(index)
+        {
+            tracing::warn!(interface = %name, error = %err, "not registered as a redirect target");
         }
     }
     let any_v6 = agent.all_backend_addresses().iter().any(IpAddr::is_ipv6);
@@ -205,7 +213,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     metrics.set_snapshot_source(Box::new(move || {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         snapshot_tx.blocking_send(reply).ok()?;
-        answer.recv_timeout(metrics::http::SNAPSHOT_TIMEOUT).ok()
+        answer
+            .recv_timeout(metrics::http::SNAPSHOT_TIMEOUT)
+            .ok()
+            .flatten()
     }));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
     tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
@@ -332,9 +343,4 @@ fn adopt(
         "adopting the pinned datapath"
     );
     Ok((balancer, health))
-}
-
-/// `weir teardown`: detach the pinned program and remove the pins.
-pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
-    pin::teardown(bpffs)
 }

@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// Where a metrics scrape wants its fresh datapath snapshot (a channel with room for it).
-pub type SnapshotReply = std::sync::mpsc::SyncSender<crate::metrics::Snapshot>;
+pub type SnapshotReply = std::sync::mpsc::SyncSender<Option<crate::metrics::Snapshot>>;
 
 // ----- the agent's types as the API's wire types (the api module depends on neither) -----
 
@@ -136,12 +136,16 @@ pub struct BackendTimeouts {
 pub struct Recount {
     walker: ConntrackWalker,
     backends: HashMap<u32, BackendTimeouts>,
+    /// The datapath's counters when the walk began.
+    before: HashMap<u32, i64>,
 }
 
 /// Active connections per backend id: (generation counted for, count).
 #[derive(Debug, Default)]
 pub struct RecountResult {
     pub counts: HashMap<u32, (u32, i64)>,
+    /// The datapath's counters when the walk began: what changed during the walk is kept.
+    pub before: HashMap<u32, i64>,
     pub entries: usize,
     pub took: Duration,
 }
@@ -171,6 +175,7 @@ impl Recount {
         };
         RecountResult {
             counts,
+            before: self.before,
             entries,
             took: started.elapsed(),
         }
@@ -288,7 +293,15 @@ impl Agent {
                 );
             }
         }
-        Some(Recount { walker, backends })
+        let before = backends
+            .keys()
+            .map(|id| (*id, self.balancer.maps().raw_active_connections(*id)))
+            .collect();
+        Some(Recount {
+            walker,
+            backends,
+            before,
+        })
     }
 
     /// Writes the counts of a finished recount, for backend ids still held by the same
@@ -304,7 +317,12 @@ impl Agent {
             if current.get(&id) != Some(&generation) {
                 continue;
             }
-            if self.balancer.maps().raw_active_connections(id) != count {
+            // Flows that began or ended while the table was walked moved the datapath's
+            // counter meanwhile: keep that change on top of the count.
+            let now = self.balancer.maps().raw_active_connections(id);
+            let during = now - result.before.get(&id).copied().unwrap_or(now);
+            let count = (count + during).max(0);
+            if now != count {
                 if let Err(err) = self.balancer.maps_mut().set_active_connections(id, count) {
                     tracing::warn!(backend_id = id, error = %err, "writing a connection count failed");
                 } else {
@@ -326,7 +344,9 @@ impl Agent {
         let desired = desired::desired(&self.config, &self.overlay, &self.observed, Instant::now());
         let report = self.balancer.apply(&desired)?;
         self.inconsistent = None;
-        self.rings_changed = true;
+        if report.ring_slots_written > 0 || report.backends_written > 0 || report.vips_written > 0 {
+            self.rings_changed = true;
+        }
         let mut targets = Vec::new();
         for service in &self.config.services {
             if service.health_check.kind == HealthKind::None {
@@ -410,7 +430,8 @@ impl Agent {
                         "backend health changed"
                     ),
                     Err(err) => {
-                        tracing::error!(%service, %address, error = %err, "applying a health change failed")
+                        tracing::error!(%service, %address, error = %err, "applying a health change failed");
+                        self.roll_back(&err);
                     }
                 }
             }
@@ -418,26 +439,51 @@ impl Agent {
     }
 
     pub fn backend_infos(&self, only: Option<&str>) -> Vec<api::BackendInfo> {
+        // For the CLI: a counter that cannot be read shows as 0.
+        self.read_backends(only, false).unwrap_or_default()
+    }
+
+    /// The backends as the API shows them. `strict`: fail on a counter that cannot be read
+    /// (a metrics snapshot must not show a total of 0, which Prometheus takes for a reset).
+    fn read_backends(
+        &self,
+        only: Option<&str>,
+        strict: bool,
+    ) -> Result<Vec<api::BackendInfo>, crate::datapath::DatapathError> {
         let mut out = Vec::new();
         for service in &self.config.services {
             if only.is_some_and(|o| o != service.name) {
                 continue;
             }
             let state = self.balancer.service(&service.name);
+            // Slot counts in one pass over the ring, not one per backend.
+            let slots: HashMap<u32, u32> = state
+                .map(|s| {
+                    lb_common::maglev::slot_counts(&s.ring)
+                        .into_iter()
+                        .collect()
+                })
+                .unwrap_or_default();
             for b in self.overlay.effective(service) {
                 let tracked =
                     state.and_then(|s| s.backends.iter().find(|x| x.address == b.address));
-                let (slots, counters, up, effective_weight, active_connections) =
-                    match (state, tracked) {
-                        (Some(s), Some(t)) => (
-                            s.ring.iter().filter(|&&id| id == t.id).count() as u32,
-                            self.balancer.maps().backend(t.id).unwrap_or_default(),
+                let (slots, counters, up, effective_weight, active_connections) = match tracked {
+                    Some(t) => {
+                        let counters = match self.balancer.maps().backend(t.id) {
+                            Ok(c) => c,
+                            Err(err) if strict => return Err(err),
+                            Err(_) => Default::default(),
+                        };
+                        (
+                            slots.get(&t.id).copied().unwrap_or(0),
+                            counters,
                             t.up,
                             t.weight,
                             self.balancer.maps().active_connections(t.id),
-                        ),
-                        _ => (0, Default::default(), false, 0, 0),
-                    };
+                        )
+                    }
+                    None => (0, Default::default(), false, 0, 0),
+                };
                 out.push(api::BackendInfo {
                     service: service.name.clone(),
                     address: b.address,
@@ -455,23 +501,45 @@ impl Agent {
                 });
             }
         }
-        out
+        Ok(out)
     }
 
-    /// A fresh datapath snapshot for a metrics scrape.
-    pub fn snapshot(&self) -> (api::Stats, Vec<api::BackendInfo>) {
-        (self.stats(), self.backend_infos(None))
+    /// A fresh datapath snapshot for a metrics scrape; `None` if a counter cannot be read
+    /// (the collector then serves the last snapshot rather than totals of 0).
+    pub fn snapshot(&self) -> Option<(api::Stats, Vec<api::BackendInfo>)> {
+        let backends = self.read_backends(None, true).ok()?;
+        let stats = self.read_stats(&backends, true).ok()?;
+        Some((stats, backends))
     }
 
     pub fn stats(&self) -> api::Stats {
-        let global = self
-            .balancer
-            .maps()
-            .global()
-            .unwrap_or([0; stat::COUNT as usize]);
+        let backends = self.backend_infos(None);
+        // Not strict: every read error already became a 0.
+        self.read_stats(&backends, false)
+            .unwrap_or_else(|_| api::Stats {
+                global: Vec::new(),
+                services: Vec::new(),
+                backends: Vec::new(),
+            })
+    }
+
+    fn read_stats(
+        &self,
+        backends: &[api::BackendInfo],
+        strict: bool,
+    ) -> Result<api::Stats, crate::datapath::DatapathError> {
+        let global = match self.balancer.maps().global() {
+            Ok(global) => global,
+            Err(err) if strict => return Err(err),
+            Err(_) => [0; stat::COUNT as usize],
+        };
         let mut services = Vec::new();
         for state in self.balancer.services() {
-            let c = self.balancer.maps().service(state.id).unwrap_or_default();
+            let c = match self.balancer.maps().service(state.id) {
+                Ok(c) => c,
+                Err(err) if strict => return Err(err),
+                Err(_) => Default::default(),
+            };
             services.push(api::TrafficStats {
                 service: state.spec.name.clone(),
                 backend: None,
@@ -480,18 +548,17 @@ impl Agent {
                 new_flows: c.new_flows,
             });
         }
-        let backends = self
-            .backend_infos(None)
-            .into_iter()
+        let backends = backends
+            .iter()
             .map(|b| api::TrafficStats {
-                service: b.service,
+                service: b.service.clone(),
                 backend: Some(b.address),
                 packets: b.packets,
                 bytes: b.bytes,
                 new_flows: b.new_flows,
             })
             .collect();
-        api::Stats {
+        Ok(api::Stats {
             global: stat::NAMES
                 .iter()
                 .zip(global)
@@ -499,7 +566,7 @@ impl Agent {
                 .collect(),
             services,
             backends,
-        }
+        })
     }
 
     pub fn status(&self) -> api::Status {
@@ -523,10 +590,9 @@ impl Agent {
 
     pub fn reload(&mut self) -> Response {
         let result = config::load(&self.config_path);
-        let ok = result.is_ok();
-        self.metrics.observe_reload(ok);
         match result {
             Err(err) => {
+                self.metrics.observe_reload(false);
                 tracing::error!(error = %err, "reload rejected: the running config stays in force");
                 self.last_reload = Some(api::ReloadOutcome {
                     ok: false,
@@ -543,9 +609,17 @@ impl Agent {
                     || new.agent.bpffs != self.config.agent.bpffs
                     || new.agent.api_socket != self.config.agent.api_socket
                     || new.agent.metrics != self.config.agent.metrics
+                    || new.agent.state_file != self.config.agent.state_file
                 {
                     tracing::warn!(
-                        "reload: interface, bpffs, api_socket and metrics changes take effect at the next agent start"
+                        "reload: interface, bpffs, api_socket, metrics and state_file changes take effect at the next agent start"
+                    );
+                }
+                if new.agent.xdp_mode != self.config.agent.xdp_mode
+                    || new.agent.conntrack_entries != self.config.agent.conntrack_entries
+                {
+                    tracing::warn!(
+                        "reload: xdp_mode and conntrack_entries changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
                 let old = std::mem::replace(&mut self.config, new);
@@ -554,8 +628,11 @@ impl Agent {
                 self.config.agent.bpffs = old.agent.bpffs.clone();
                 self.config.agent.api_socket = old.agent.api_socket.clone();
                 self.config.agent.metrics = old.agent.metrics;
+                // The overlay in memory came from this file: keep writing it there.
+                self.config.agent.state_file = old.agent.state_file.clone();
                 match self.sync() {
                     Ok(report) => {
+                        self.metrics.observe_reload(true);
                         self.last_reload = Some(api::ReloadOutcome {
                             ok: true,
                             at: now_unix(),
@@ -574,6 +651,12 @@ impl Agent {
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "reload failed while applying; restoring the previous config");
+                        self.metrics.observe_reload(false);
+                        self.last_reload = Some(api::ReloadOutcome {
+                            ok: false,
+                            at: now_unix(),
+                            error: Some(format!("applying the new config failed: {err:#}")),
+                        });
                         self.config = old;
                         self.roll_back(&err);
                         Response::error(

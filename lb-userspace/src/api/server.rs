@@ -60,8 +60,13 @@ impl ApiSocket {
                 path.display()
             ),
         }
-        let listener = std::os::unix::net::UnixListener::bind(path)
-            .with_context(|| format!("binding the API socket {}", path.display()))?;
+        // Created with mode 0600 from the start (umask), not chmod-ed after: no window in
+        // which another local user could connect.
+        let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        nix::sys::stat::umask(previous);
+        let listener =
+            bound.with_context(|| format!("binding the API socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting the mode of {}", path.display()))?;
         Ok(Self {

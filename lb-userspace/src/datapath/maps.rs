@@ -46,6 +46,9 @@ pub trait MapWriter {
     }
     /// Registers an interface as a redirect target.
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError>;
+    /// Zeroes the traffic counters of a backend id (`backend`) or a service id, when the id
+    /// is given to a new owner: it must not inherit the previous owner's totals.
+    fn reset_traffic(&mut self, backend: bool, id: u32) -> Result<(), DatapathError>;
     /// Overwrites a backend's active-connection count (reconciliation, or 0 when an id is
     /// given to a new backend).
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError>;
@@ -89,7 +92,9 @@ pub struct ConntrackWalker {
 impl ConntrackWalker {
     /// Calls `each` for every entry, 4096 entries a syscall (`BPF_MAP_LOOKUP_BATCH`).
     pub fn walk(&self, each: impl FnMut(&FlowKey, &FlowValue)) -> std::io::Result<usize> {
-        crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each)
+        // SAFETY: `fd` is the CONNTRACK map, whose key and value types are `FlowKey` and
+        // `FlowValue` (lb-ebpf's maps.rs and lb-common share them).
+        unsafe { crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each) }
     }
 }
 
@@ -176,13 +181,6 @@ impl KernelMaps {
         Ok(ConntrackWalker { fd })
     }
 
-    /// Number of entries in the connection table (walks it: for tests and the CLI, not for
-    /// a hot loop).
-    #[must_use]
-    pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
-    }
-
     /// A backend's active connections as the datapath counts them. The datapath's count
     /// can dip below zero for a moment (two CPUs ending one flow at once, a decrement that
     /// raced the agent's recount); a count of connections never does.
@@ -196,13 +194,6 @@ impl KernelMaps {
     #[must_use]
     pub fn raw_active_connections(&self, backend_id: u32) -> i64 {
         self.backend_conns.get(&backend_id, 0).unwrap_or(0)
-    }
-
-    /// Every connection-table entry (a walk of the table: seconds for a million entries;
-    /// the agent does it in the background every few seconds).
-    #[must_use]
-    pub fn conntrack_entries(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
     }
 
     /// Every VIP entry (for adopting a pinned datapath).
@@ -328,15 +319,41 @@ impl MapWriter for KernelMaps {
             .map(|(slot, _)| ring_index(service_id, *slot))
             .collect::<Result<Vec<u32>, _>>()?;
         let values: Vec<u32> = slots.iter().map(|(_, backend)| *backend).collect();
-        crate::sys::map_update_batch(self.ring_fd.as_fd(), &keys, &values).map_err(|source| {
-            DatapathError::Map {
+        // SAFETY: `ring_fd` is the RING array: u32 keys (slot indexes), u32 values (backend
+        // ids), as `keys` and `values` are.
+        unsafe { crate::sys::map_update_batch(self.ring_fd.as_fd(), &keys, &values) }.map_err(
+            |source| DatapathError::Map {
                 name: map_name::RING,
                 source: MapError::SyscallError(aya::sys::SyscallError {
                     call: "bpf_map_update_batch",
                     io_error: source,
                 }),
-            }
-        })
+            },
+        )
+    }
+
+    fn reset_traffic(&mut self, backend: bool, id: u32) -> Result<(), DatapathError> {
+        let (map, name) = if backend {
+            (&mut self.backend_stats, map_name::BACKEND_STATS)
+        } else {
+            (&mut self.vip_stats, map_name::VIP_STATS)
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: source,
+            }),
+        })?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+            .map_err(|source| DatapathError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-cpu values",
+                    io_error: source,
+                }),
+            })?;
+        map.set(id, zeros, 0).map_err(map_err(name))
     }
 
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {

@@ -88,13 +88,6 @@ fn attach_hint(source: &ProgramError) -> &'static str {
     }
 }
 
-/// Whether a failed attach was refused because the interface already has an XDP program.
-#[must_use]
-pub fn attach_was_busy(err: &DatapathError) -> bool {
-    matches!(err, DatapathError::Attach { source: ProgramError::SyscallError(e), .. }
-        if matches!(e.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)))
-}
-
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }

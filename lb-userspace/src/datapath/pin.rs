@@ -188,7 +188,17 @@ pub fn attach_pinned(
                 pin.display(),
                 bpffs.display()
             ),
-            Ok(None) | Err(_) => {
+            Err(err) => {
+                // Not knowing is not "defunct": removing a live link would detach the
+                // running datapath.
+                return Err(err).with_context(|| {
+                    format!(
+                        "reading which interface the pinned link {} holds",
+                        pin.display()
+                    )
+                });
+            }
+            Ok(None) => {
                 tracing::warn!(pin = %pin.display(), "the pinned XDP link is defunct (its interface is gone): replacing it");
                 std::fs::remove_file(&pin)
                     .with_context(|| format!("removing {}", pin.display()))?;

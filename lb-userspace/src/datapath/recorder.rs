@@ -21,6 +21,8 @@ pub struct Recorder {
     pub tx_ports: BTreeSet<u32>,
     pub slot_writes: usize,
     pub backend_writes: usize,
+    /// `reset_traffic` calls: (backend?, id).
+    pub traffic_resets: Vec<(bool, u32)>,
 }
 
 impl Recorder {
@@ -78,6 +80,10 @@ impl MapWriter for Recorder {
     }
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         self.tx_ports.insert(ifindex);
+        Ok(())
+    }
+    fn reset_traffic(&mut self, backend: bool, id: u32) -> Result<(), DatapathError> {
+        self.traffic_resets.push((backend, id));
         Ok(())
     }
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {

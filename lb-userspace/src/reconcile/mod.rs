@@ -160,6 +160,9 @@ pub struct Balancer<M> {
     rings: RingCache,
 }
 
+/// `BackendInfo::service_id` of a backend entry no service owns any more.
+pub const RETIRED: u32 = u32::MAX;
+
 /// A stand-in for a VIP found in pinned maps that no configured service claims; it exists
 /// only so that the next `apply` removes the VIP.
 fn orphan_spec(key: VipKey, info: &VipInfo) -> ServiceSpec {
@@ -211,6 +214,7 @@ impl<M: MapWriter> Balancer<M> {
             })
             .flat_map(RingInput::one_down)
             .filter(|input| !self.rings.contains(input))
+            .take(rings::PRECOMPUTE_MAX_RINGS)
             .collect()
     }
 
@@ -255,6 +259,16 @@ impl<M: MapWriter> Balancer<M> {
         let mut used_services = Vec::new();
         let mut used_backends = Vec::new();
         for (key, info) in &adopted.vips {
+            // Values from the kernel are checked like any input: an id or size out of range
+            // would index past the service's own slots.
+            if info.service_id >= MAX_SERVICES || info.ring_size > MAX_RING_SIZE {
+                tracing::warn!(
+                    service_id = info.service_id,
+                    ring_size = info.ring_size,
+                    "ignoring a pinned VIP entry out of range"
+                );
+                continue;
+            }
             let mut spec = services
                 .iter()
                 .find(|s| s.key() == *key)
@@ -264,24 +278,39 @@ impl<M: MapWriter> Balancer<M> {
             // equals a desired one, so the first apply compares backend by backend.
             spec.backends.clear();
             let name = spec.name.clone();
-            let backends: Vec<BackendState> = adopted
+            let ring = read_ring(info.service_id, info.ring_size)?;
+            // One member per address: the entry the ring points at, else the newest (pins
+            // written before retired entries were marked may hold an address twice).
+            let mut backends: Vec<BackendState> = Vec::new();
+            for (id, b) in adopted
                 .backends
                 .iter()
                 .filter(|(_, b)| b.service_id == info.service_id && b.generation > 0)
-                .map(|(id, b)| BackendState {
+            {
+                let candidate = BackendState {
                     id: *id,
                     address: lb_common::addr_from_bytes(b.addr, b.family),
                     weight: 0,
                     generation: b.generation,
                     up: b.state == BACKEND_UP,
-                })
-                .collect();
+                };
+                match backends.iter_mut().find(|x| x.address == candidate.address) {
+                    None => backends.push(candidate),
+                    Some(existing) => {
+                        let in_ring = |id: u32| ring.contains(&id);
+                        if !in_ring(existing.id)
+                            && (in_ring(candidate.id) || candidate.generation > existing.generation)
+                        {
+                            *existing = candidate;
+                        }
+                    }
+                }
+            }
             for b in &backends {
                 known.push((name.clone(), b.address, b.up));
                 used_backends.push(b.id);
             }
             used_services.push(info.service_id);
-            let ring = read_ring(info.service_id, info.ring_size)?;
             self.services.insert(
                 name,
                 ServiceState {
@@ -358,7 +387,7 @@ impl<M: MapWriter> Balancer<M> {
         self.maps.remove_vip(state.key)?;
         report.vips_written += 1;
         for backend in &state.backends {
-            self.retire_backend(backend, state.id, report)?;
+            self.retire_backend(backend, report)?;
         }
         self.free_service_ids.push(state.id);
         tracing::info!(service = %state.spec.name, "service removed");
@@ -368,11 +397,12 @@ impl<M: MapWriter> Balancer<M> {
     fn retire_backend(
         &mut self,
         backend: &BackendState,
-        service_id: u32,
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
+        // Marked as no service's: the datapath honours no flow to it, and an agent adopting
+        // the pins does not take it for a member.
         self.maps
-            .set_backend(backend.id, backend.info(service_id, BACKEND_DOWN))?;
+            .set_backend(backend.id, backend.info(RETIRED, BACKEND_DOWN))?;
         report.backends_written += 1;
         self.free_backend_ids.push(backend.id);
         Ok(())
@@ -383,7 +413,6 @@ impl<M: MapWriter> Balancer<M> {
         service: &ServiceSpec,
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
-        let desired = &service.backends;
         let key = service.key();
         // Nothing changed for this service (the common case when a health verdict, a weight
         // or a slow-start step touches another one): no ring to build, nothing to write.
@@ -394,6 +423,35 @@ impl<M: MapWriter> Balancer<M> {
         {
             return Ok(());
         }
+        // A failed write must not lose what the agent knows: the service's state and the ids
+        // go back as they were, with the ring marked unknown (the kernel may hold part of
+        // the new one), so the next apply, a rollback, rewrites it whole. Generations are
+        // not restored: they only ever grow, which is always safe.
+        let saved = self.services.get(&service.name).cloned();
+        let free = (self.free_backend_ids.clone(), self.free_service_ids.clone());
+        let result = self.write_service(service, report);
+        if result.is_err() {
+            self.free_backend_ids = free.0;
+            self.free_service_ids = free.1;
+            if let Some(mut state) = saved {
+                state.ring.clear();
+                state.input = None;
+                state.spec.backends.clear();
+                self.services.insert(service.name.clone(), state);
+            } else {
+                self.services.remove(&service.name);
+            }
+        }
+        result
+    }
+
+    fn write_service(
+        &mut self,
+        service: &ServiceSpec,
+        report: &mut ApplyReport,
+    ) -> Result<(), ApplyError> {
+        let desired = &service.backends;
+        let key = service.key();
         let existing = self.services.remove(&service.name);
         // A changed VIP key is a new service as far as the datapath is concerned.
         let mut state = match existing {
@@ -404,14 +462,19 @@ impl<M: MapWriter> Balancer<M> {
                         let id = old.id;
                         self.maps.remove_vip(old.key)?;
                         for backend in &old.backends {
-                            self.retire_backend(backend, id, report)?;
+                            self.retire_backend(backend, report)?;
                         }
                         id
                     }
-                    None => self
-                        .free_service_ids
-                        .pop()
-                        .ok_or(ApplyError::Exhausted("service"))?,
+                    None => {
+                        let id = self
+                            .free_service_ids
+                            .pop()
+                            .ok_or(ApplyError::Exhausted("service"))?;
+                        // A new service does not inherit an earlier one's totals.
+                        self.maps.reset_traffic(false, id)?;
+                        id
+                    }
                 };
                 ServiceState {
                     id,
@@ -465,8 +528,10 @@ impl<M: MapWriter> Balancer<M> {
                         generation,
                         up: wanted.up,
                     };
-                    // The id's previous owner may have left a connection count behind.
+                    // The id's previous owner may have left a connection count and traffic
+                    // totals behind.
                     self.maps.set_active_connections(id, 0)?;
+                    self.maps.reset_traffic(true, id)?;
                     let state_code = if wanted.up { BACKEND_UP } else { BACKEND_DOWN };
                     self.maps
                         .set_backend(backend.id, backend.info(state.id, state_code))?;
@@ -503,20 +568,9 @@ impl<M: MapWriter> Balancer<M> {
         report.ring_slots_written += changed.len();
         state.ring = ring.as_ref().clone();
         state.input = Some(input);
-
-        for backend in &going_down {
-            self.maps
-                .set_backend(backend.id, backend.info(state.id, BACKEND_DOWN))?;
-            report.backends_written += 1;
-        }
-        // Backends that left the service: after the ring no longer points at them.
-        for old in &old_backends {
-            if !backends.iter().any(|b| b.address == old.address) {
-                self.retire_backend(old, state.id, report)?;
-            }
-        }
-        state.backends = backends;
-
+        // The VIP (with the ring's length) right after the ring and before any backend is
+        // marked down or retired: a ring that got shorter stops being read past its end
+        // before the backends its old tail points at go.
         let info = VipInfo {
             service_id: state.id,
             ring_size: state.ring.len() as u32,
@@ -528,6 +582,20 @@ impl<M: MapWriter> Balancer<M> {
         };
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;
+
+        for backend in &going_down {
+            self.maps
+                .set_backend(backend.id, backend.info(state.id, BACKEND_DOWN))?;
+            report.backends_written += 1;
+        }
+        // Backends that left the service: after the ring no longer points at them.
+        for old in &old_backends {
+            if !backends.iter().any(|b| b.address == old.address) {
+                self.retire_backend(old, report)?;
+            }
+        }
+        state.backends = backends;
+
         state.spec = service.clone();
         tracing::debug!(
             service = %service.name,

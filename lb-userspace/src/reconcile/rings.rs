@@ -80,7 +80,7 @@ impl RingInput {
     }
 }
 
-/// Rings by input, at most `capacity`, oldest out first.
+/// Rings by input, at most `capacity`, least recently used out first.
 #[derive(Debug)]
 pub struct RingCache {
     rings: HashMap<RingInput, Arc<Vec<u32>>>,
@@ -92,6 +92,10 @@ pub struct RingCache {
 
 /// 64 rings of 65537 slots are 16 MiB.
 pub const RING_CACHE_CAPACITY: usize = 64;
+
+/// At most this many rings are computed ahead at a time: half the cache, so precomputed rings
+/// never push out the ones in use.
+pub const PRECOMPUTE_MAX_RINGS: usize = RING_CACHE_CAPACITY / 2;
 
 /// Services with more serving backends than this get no precomputed rings: each backend's
 /// ring matters less (it holds fewer slots) and there would be too many to keep.
@@ -119,6 +123,11 @@ impl RingCache {
     pub fn get_or_build(&mut self, input: &RingInput) -> Arc<Vec<u32>> {
         if let Some(ring) = self.rings.get(input) {
             self.hits += 1;
+            // Least recently used goes first: a ring in use stays.
+            if let Some(at) = self.order.iter().position(|i| i == input) {
+                let used = self.order.remove(at);
+                self.order.extend(used);
+            }
             return Arc::clone(ring);
         }
         self.misses += 1;
