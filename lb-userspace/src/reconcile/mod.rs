@@ -863,4 +863,120 @@ mod tests {
         b.apply(&spec(&three)).unwrap();
         assert_eq!(b.ring_cache_stats().1, misses);
     }
+
+    /// A writer whose ring writes fail while `fail` is set.
+    #[derive(Default)]
+    struct Flaky {
+        inner: Recorder,
+        fail: bool,
+    }
+
+    impl MapWriter for Flaky {
+        fn set_global(&mut self, g: GlobalConfig) -> Result<(), DatapathError> {
+            self.inner.set_global(g)
+        }
+        fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
+            self.inner.set_vip(key, info)
+        }
+        fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError> {
+            self.inner.remove_vip(key)
+        }
+        fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
+            self.inner.set_vip_addr(key)
+        }
+        fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
+            self.inner.remove_vip_addr(key)
+        }
+        fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {
+            self.inner.set_backend(id, info)
+        }
+        fn set_ring_slot(&mut self, s: u32, slot: u32, b: u32) -> Result<(), DatapathError> {
+            if self.fail {
+                return Err(DatapathError::MissingMap("RING (test failure)"));
+            }
+            self.inner.set_ring_slot(s, slot, b)
+        }
+        fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+            self.inner.set_tx_port(ifindex)
+        }
+        fn reset_traffic(&mut self, backend: bool, id: u32) -> Result<(), DatapathError> {
+            self.inner.reset_traffic(backend, id)
+        }
+        fn set_active_connections(&mut self, id: u32, count: i64) -> Result<(), DatapathError> {
+            self.inner.set_active_connections(id, count)
+        }
+    }
+
+    /// Review finding: a failed write dropped the service's state, leaking its ids, and the
+    /// rollback rebuilt it under a new id with new generations (every tracked flow moved).
+    #[test]
+    fn a_failed_write_keeps_the_service_and_its_ids() {
+        let three = [
+            ("198.51.100.11", 1),
+            ("198.51.100.12", 1),
+            ("198.51.100.13", 1),
+        ];
+        let mut b = Balancer::new(Flaky::default());
+        b.apply(&spec(&three)).unwrap();
+        let before = b.service("web").unwrap().clone();
+        let free_before = b.free_backend_ids.len();
+        b.maps_mut().fail = true;
+        let mut four = spec(&three);
+        four.services[0].backends.push(BackendSpec {
+            address: ip("198.51.100.14"),
+            ring_weight: 1,
+            up: true,
+        });
+        assert!(b.apply(&four).is_err());
+        let kept = b.service("web").expect("the service is still known");
+        assert_eq!(kept.id, before.id);
+        assert_eq!(kept.backends, before.backends);
+        assert_eq!(b.free_backend_ids.len(), free_before, "no id leaked");
+        // The rollback: the old spec again, with the ring rewritten whole.
+        b.maps_mut().fail = false;
+        let report = b.apply(&spec(&three)).unwrap();
+        assert_eq!(report.ring_slots_written, 1009);
+        assert_eq!(b.service("web").unwrap().id, before.id);
+        assert_eq!(b.service("web").unwrap().backends, before.backends);
+    }
+
+    /// Review finding: retired backend entries kept their service id, so an adopting agent
+    /// took them for members again.
+    #[test]
+    fn a_retired_backend_is_not_adopted_again() {
+        let three = [
+            ("198.51.100.11", 1),
+            ("198.51.100.12", 1),
+            ("198.51.100.13", 1),
+        ];
+        let two = [("198.51.100.11", 1), ("198.51.100.12", 1)];
+        let mut first = Balancer::new(Recorder::default());
+        first.apply(&spec(&three)).unwrap();
+        first.apply(&spec(&two)).unwrap();
+        let maps = first.maps().clone();
+        let retired: Vec<u32> = maps
+            .backends
+            .iter()
+            .filter(|(_, b)| b.service_id == RETIRED)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(retired.len(), 1);
+        let adopted = Adopted {
+            vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+            vip_addrs: maps.vip_addrs.iter().copied().collect(),
+            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
+        let rings = maps.clone();
+        let mut second = Balancer::new(maps);
+        let known = second
+            .adopt(&adopted, &spec(&two).services, |id, size| {
+                Ok((0..size)
+                    .map(|slot| rings.ring.get(&(id, slot)).copied().unwrap_or(0))
+                    .collect())
+            })
+            .unwrap();
+        assert_eq!(known.len(), 2, "{known:?}");
+        assert_eq!(second.service("web").unwrap().backends.len(), 2);
+        assert!(second.free_backend_ids.contains(&retired[0]));
+    }
 }
