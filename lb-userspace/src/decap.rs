@@ -265,12 +265,8 @@ pub fn run(
     let (mut ebpf, mut maps) = load(&vips)?;
     maps.set_local(&local_addresses())?;
     maps.set_mss_clamp(clamp)?;
-    let program: &mut aya::programs::Xdp = ebpf
-        .program_mut(prog_name::DECAP)
-        .context("decap program missing")?
-        .try_into()?;
-    let (link, mode) = datapath::attach(program, &interface, xdp_mode)?;
-    tracing::info!(%interface, mode = mode.as_str(), vips = ?vips, "XDP decap attached");
+    // The clamp first: once the decap shows on the interface, tunnelled connections can be
+    // made, and their SYN-ACKs must already meet the clamp.
     let clamp_link = if mss == MssSetting::Off {
         tracing::info!(%interface, "MSS clamp off");
         None
@@ -279,6 +275,12 @@ pub fn run(
         tracing::info!(%interface, mss = %clamp, "MSS clamp attached (tc egress)");
         Some(link)
     };
+    let program: &mut aya::programs::Xdp = ebpf
+        .program_mut(prog_name::DECAP)
+        .context("decap program missing")?
+        .try_into()?;
+    let (link, mode) = datapath::attach(program, &interface, xdp_mode)?;
+    tracing::info!(%interface, mode = mode.as_str(), vips = ?vips, "XDP decap attached");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
