@@ -169,6 +169,8 @@ pub(crate) fn run(ctx: &TcContext) -> Option<()> {
         CSUM_FIELD_16,
     )
     .ok()?;
+    // A plain per-CPU add, as in XDP: tc egress runs with bottom halves off, so no XDP or
+    // other tc run on this CPU interrupts it.
     bump(STATS.get_ptr_mut(0), stat::MSS_CLAMPED);
     Some(())
 }
