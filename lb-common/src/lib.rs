@@ -38,6 +38,7 @@ pub mod map_name {
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
+    pub const DECAP_MSS: &str = "DECAP_MSS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -53,6 +54,8 @@ pub mod prog_name {
     pub const BENCH: &str = "weir_bench";
     /// Benchmark of one `bpf_fib_lookup` call, to price the next-hop choice.
     pub const BENCH_FIB: &str = "weir_bench_fib";
+    /// The MSS clamp, a tc egress program `weir decap` attaches next to the decapsulator.
+    pub const MSS_CLAMP: &str = "weir_mss_clamp";
 }
 
 /// Most services (one VIP each) the datapath holds.
@@ -114,6 +117,11 @@ pub const FLOW_CLOSED: u64 = 2;
 pub const BACKEND_DOWN: u8 = 0;
 pub const BACKEND_UP: u8 = 1;
 
+/// Slots of `DECAP_MSS`: the MSS the clamp lowers larger MSS options of IPv4 and of IPv6
+/// SYN-ACKs to; 0 leaves that family's SYN-ACKs alone.
+pub const MSS_SLOT_V4: u32 = 0;
+pub const MSS_SLOT_V6: u32 = 1;
+
 /// Index of each counter in the per-CPU `STATS` array. One `u64` per index per CPU.
 pub mod stat {
     pub const XDP_ABORTED: u32 = 0;
@@ -150,8 +158,11 @@ pub mod stat {
     pub const UNTRACKED_MIDFLOW: u32 = 23;
     /// A tracked flow forgotten because it was idle longer than its service's timeout.
     pub const CT_IDLE_EXPIRED: u32 = 24;
+    /// MSS clamp (tc egress, next to the decapsulator): SYN-ACKs from a VIP whose MSS option
+    /// it lowered.
+    pub const MSS_CLAMPED: u32 = 25;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -180,6 +191,7 @@ pub mod stat {
         "decap_ok",
         "untracked_midflow",
         "conntrack_idle_expired",
+        "mss_clamped",
     ];
 }
 

@@ -1,10 +1,12 @@
-//! Weir's XDP programs: the entry points. Each one only calls into the module that owns its
-//! logic and turns the outcome into an XDP action.
+//! Weir's XDP programs and its one tc program: the entry points. Each one only calls into the
+//! module that owns its logic and turns the outcome into an XDP (or tc) verdict.
 //!
 //! * `weir_balancer`: on the LB's NIC. Packets for a VIP leave towards a backend (IP-in-IP
 //!   tunnel or L2 DSR); everything else passes to the kernel untouched.
 //! * `weir_decap`: on a backend's NIC. Strips the outer header of IP-in-IP packets whose inner
 //!   destination is a VIP of that host, so backends need no tunnel device.
+//! * `weir_mss_clamp`: tc egress on a backend's NIC, next to `weir_decap`. Lowers the MSS
+//!   option of SYN-ACKs sent from a VIP so the client's segments still fit once tunnelled.
 //! * `weir_pass`: `XDP_PASS`. The benchmark floor, and the program a veth peer needs so
 //!   that frames sent with `XDP_TX` are picked up.
 //! * `weir_bench`, `weir_bench_fib`, `weir_bench_gen`, `weir_bench_sink`: benchmark entry
@@ -47,11 +49,16 @@ mod conntrack;
 mod decap;
 mod forward;
 mod maps;
+mod mss;
 mod parse;
 mod sched;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::stat;
 
 use crate::{
@@ -128,6 +135,15 @@ pub fn weir_bench_gen(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn weir_bench_sink(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// tc egress on a backend, attached by `weir decap` with `weir_decap`: lowers the MSS option
+/// of SYN-ACKs from a VIP to what fits through the tunnel. Never drops: the verdict is always
+/// "no opinion" (`mss::VERDICT`).
+#[classifier]
+pub fn weir_mss_clamp(ctx: TcContext) -> i32 {
+    let _clamped = mss::run(&ctx);
+    mss::VERDICT
 }
 
 #[cfg(not(test))]

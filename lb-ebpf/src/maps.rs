@@ -88,3 +88,8 @@ pub(crate) static BENCH_GEN: Array<u32> = Array::with_max_entries(4, 0);
 /// `weir_bench_gen`'s flow counter, one per CPU.
 #[map]
 pub(crate) static BENCH_GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// MSS clamp program: the MSS of SYN-ACKs from a VIP, by family (`MSS_SLOT_V4`,
+/// `MSS_SLOT_V6`); 0 turns that family's clamp off. Written by `weir decap`.
+#[map]
+pub(crate) static DECAP_MSS: Array<u32> = Array::with_max_entries(2, 0);

@@ -82,7 +82,8 @@ fn agent(args: AgentArgs) -> ExitCode {
 }
 
 fn decap(args: DecapArgs) -> ExitCode {
-    match weir::decap::run(args.interface, args.vips, args.xdp_mode) {
+    let mss = args.mss_setting();
+    match weir::decap::run(args.interface, args.vips, args.xdp_mode, mss) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => runtime_error(&err),
     }

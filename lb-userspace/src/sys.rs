@@ -1,7 +1,7 @@
 //! Every system call the agent makes outside aya and std, in one place: interfaces,
 //! filesystems and mounts, file locks, clocks, the kernel version, and the two `bpf(2)`
 //! commands aya does not wrap. Safe wrappers from `nix` where it covers the call; the raw
-//! `bpf(2)` calls are the only unsafe code here.
+//! `bpf(2)` calls and one `ioctl(2)` (an interface's MTU) are the only unsafe code here.
 
 use std::{
     ffi::CString,
@@ -405,6 +405,36 @@ pub unsafe fn map_lookup_batch<K: Copy + Default, V: Copy + Default>(
     }
 }
 
+/// The MTU of an interface in the calling thread's network namespace (`SIOCGIFMTU`; not
+/// `/sys/class/net`, which shows the namespace sysfs was mounted in, not the caller's).
+pub fn mtu(interface: &str) -> io::Result<u32> {
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = interface.as_bytes();
+    if name.is_empty() || name.len() >= req.ifr_name.len() || name.contains(&0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: `SIOCGIFMTU` reads the NUL-terminated name and writes `ifru_mtu` of the
+    // `ifreq` it is given, which lives across the call; the socket is open.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFMTU, &raw mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the `ifru_mtu` member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,6 +479,14 @@ mod tests {
         let again = DirLock::try_lock(&dir).unwrap();
         drop(again);
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn loopback_has_an_mtu() {
+        // Every network namespace has `lo`; its MTU is 65536 unless someone changed it.
+        assert!(mtu("lo").unwrap() >= 1280);
+        assert!(mtu("weir-no-such-if").is_err());
+        assert!(mtu("").is_err());
     }
 
     #[test]

@@ -450,12 +450,18 @@ impl Topology {
 
     /// Starts `weir decap --interface eth0 --vip ...` on every backend and waits for each.
     pub fn start_decap(&self, vips: &[IpAddr]) -> Result<Vec<ChildGuard>> {
+        self.start_decap_with(vips, &[])
+    }
+
+    /// As `start_decap`, with `extra` options (e.g. `--mss 1300`).
+    pub fn start_decap_with(&self, vips: &[IpAddr], extra: &[&str]) -> Result<Vec<ChildGuard>> {
         let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
         let mut args = vec!["decap", "--interface", NODE_IF];
         for v in &vips {
             args.push("--vip");
             args.push(v);
         }
+        args.extend_from_slice(extra);
         let mut children = Vec::new();
         for b in &self.backends {
             children.push(spawn_in_ns(b, &args)?);

@@ -1,6 +1,7 @@
 //! Running a loaded XDP program through `BPF_PROG_TEST_RUN`, for the golden-packet tests and
 //! the datapath and packet benches: one frame with its output, repeated runs for timing, and
-//! live frames (the kernel carries out the returned action).
+//! live frames (the kernel carries out the returned action). Also one frame through a tc
+//! program ([`TcRunner`]).
 //!
 //! Every run gives the program an `xdp_md` context whose `ingress_ifindex` is the runner's
 //! interface: `bpf_fib_lookup` and redirects then behave as for a frame received there (in
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
 };
 use weir::datapath::XdpMd;
 
@@ -101,5 +102,39 @@ impl<'a> XdpRunner<'a> {
             })
             .context("BPF_PROG_TEST_RUN with live frames")?;
         Ok(result.duration)
+    }
+}
+
+/// One tc (`SchedClassifier`) program of a loaded object. It gets no context: the kernel
+/// builds an skb from the frame (on the loopback device of the calling thread's namespace,
+/// checksum state `CHECKSUM_NONE`, so a checksum helper rewrites the field itself).
+pub struct TcRunner<'a> {
+    program: &'a SchedClassifier,
+}
+
+impl<'a> TcRunner<'a> {
+    /// Program `name` of `ebpf` (loaded into the kernel).
+    pub fn new(ebpf: &'a Ebpf, name: &str) -> Result<Self> {
+        let program: &SchedClassifier = ebpf
+            .program(name)
+            .with_context(|| format!("no program {name} in the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a tc program"))?;
+        Ok(Self { program })
+    }
+
+    /// One run on `input`: the program's verdict and the frame as it left it.
+    pub fn run(&self, input: &[u8]) -> Result<(i32, Vec<u8>)> {
+        let mut out = vec![0u8; input.len() + HEADROOM];
+        let result = self
+            .program
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(usize::try_from(result.data_size_out).context("output length")?);
+        Ok((result.return_value.cast_signed(), out))
     }
 }

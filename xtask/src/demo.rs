@@ -784,6 +784,8 @@ impl Demo {
                 SWITCH_LB_PORT,
                 "--vip",
                 SWITCH_PASS_VIP,
+                // Only the XDP side is wanted here; the bridge port has no SYN-ACKs to clamp.
+                "--no-mss-clamp",
             ],
             self.workdir.join("switch-pass.log"),
         )?;

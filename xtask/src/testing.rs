@@ -13,6 +13,7 @@ const PRIVILEGED_TESTS: &[&str] = &[
     "e2e_agent",
     "e2e_sched",
     "e2e_safety",
+    "e2e_mss",
 ];
 
 /// `--test NAME` for each of `names`.

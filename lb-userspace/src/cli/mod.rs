@@ -25,6 +25,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, ConfigError, MAX_WEIGHT, XdpMode};
+use crate::decap::{self, MssSetting, OuterFamily};
 
 /// Exit status: success.
 pub const EXIT_OK: u8 = 0;
@@ -96,6 +97,12 @@ pub enum Command {
 
     /// Run on a backend: attach an XDP program that decapsulates tunnelled packets
     /// addressed to the given VIPs, so the backend sees the client's original packet.
+    ///
+    /// Also attaches a tc egress program (tcx) to the same interface that lowers the MSS
+    /// option of SYN-ACKs sent from a VIP to what fits through the tunnel, so TCP clients
+    /// never send a segment that no longer fits once encapsulated (see --mss,
+    /// --outer-family, --no-mss-clamp). The number of SYN-ACKs clamped is logged every
+    /// minute when it moved, and at exit.
     Decap(DecapArgs),
 
     /// Work with config files without touching the network.
@@ -139,6 +146,46 @@ pub struct DecapArgs {
     /// (`auto`); driver mode only (`native`); or generic SKB mode (`generic`).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
+
+    /// Lower the MSS option of SYN-ACKs sent from a VIP to this value (IPv4 and IPv6
+    /// alike) instead of the one computed from the interface's MTU. Minimum 88.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        value_parser = clap::value_parser!(u16).range(i64::from(decap::MIN_MSS)..),
+        conflicts_with_all = ["no_mss_clamp", "outer_family"]
+    )]
+    pub mss: Option<u16>,
+
+    /// Leave SYN-ACKs alone: no MSS clamp on the interface's egress.
+    #[arg(long)]
+    pub no_mss_clamp: bool,
+
+    /// The family of the tunnel's outer header, i.e. of this backend's address at the
+    /// balancer, for the computed MSS clamp: interface MTU − outer header (v4: 20, v6: 40)
+    /// − IP and TCP headers (IPv4: 40, IPv6: 60). The default assumes the larger IPv6
+    /// header, which is safe for both; with 1500-byte MTUs IPv4 clients then get 1420
+    /// (1440 with `v4`) and IPv6 clients 1400 (1420 with `v4`).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FAMILY",
+        default_value_t = OuterFamily::V6,
+        conflicts_with = "no_mss_clamp"
+    )]
+    pub outer_family: OuterFamily,
+}
+
+impl DecapArgs {
+    /// The MSS clamp the options ask for.
+    #[must_use]
+    pub fn mss_setting(&self) -> MssSetting {
+        match (self.no_mss_clamp, self.mss) {
+            (true, _) => MssSetting::Off,
+            (false, Some(mss)) => MssSetting::Fixed(mss),
+            (false, None) => MssSetting::FromMtu(self.outer_family),
+        }
+    }
 }
 
 /// Subcommands of `weir config`.
@@ -541,6 +588,40 @@ mod tests {
             panic!("{cli:?}")
         };
         assert_eq!(args.xdp_mode, XdpMode::Generic);
+    }
+
+    #[test]
+    fn decap_mss_clamp_args() {
+        let decap = |extra: &[&str]| {
+            let mut args = vec!["decap", "-i", "eth1", "--vip", "198.51.100.10"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|cli| match cli.command {
+                Command::Decap(args) => args.mss_setting(),
+                other => panic!("{other:?}"),
+            })
+        };
+        // On by default, assuming the larger (IPv6) outer header.
+        assert_eq!(decap(&[]).unwrap(), MssSetting::FromMtu(OuterFamily::V6));
+        assert_eq!(
+            decap(&["--outer-family", "v4"]).unwrap(),
+            MssSetting::FromMtu(OuterFamily::V4)
+        );
+        assert_eq!(decap(&["--mss", "1400"]).unwrap(), MssSetting::Fixed(1400));
+        assert_eq!(decap(&["--mss", "88"]).unwrap(), MssSetting::Fixed(88));
+        assert_eq!(decap(&["--no-mss-clamp"]).unwrap(), MssSetting::Off);
+        for bad in [
+            &["--mss", "87"][..],
+            &["--mss", "0"],
+            &["--mss", "65536"],
+            &["--mss", "x"],
+            &["--mss", "1400", "--no-mss-clamp"],
+            &["--mss", "1400", "--outer-family", "v4"],
+            &["--no-mss-clamp", "--outer-family", "v6"],
+            &["--outer-family", "v5"],
+        ] {
+            let err = decap(bad).unwrap_err();
+            assert_eq!(usage_exit_code(&err), EX_USAGE, "{bad:?}: {err}");
+        }
     }
 
     #[test]

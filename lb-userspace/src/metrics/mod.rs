@@ -49,7 +49,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 18] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 19] = [
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -140,6 +140,11 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 18] = [
         "Non-SYN TCP packets of flows the connection table did not know (evicted, idle-expired, or the LB restarted); sent by the service's hash.",
         MetricType::COUNTER,
     ),
+    (
+        "weir_mss_clamped_total",
+        "SYN-ACKs from a VIP whose MSS option the backend's clamp lowered.",
+        MetricType::COUNTER,
+    ),
 ];
 
 /// The idle-expiry family, kept apart so the table above stays one line per family.
@@ -165,6 +170,7 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
             "decap_ok" => "weir_decap_packets_total",
             "untracked_midflow" => "weir_untracked_midflow_packets_total",
             "conntrack_idle_expired" => IDLE_EXPIRED.0,
+            "mss_clamped" => "weir_mss_clamped_total",
             _ => return None,
         };
         Some((family, None))
