@@ -6,9 +6,9 @@ use lb_common::{FlowKey, VipInfo, VipKey, stat};
 
 use crate::{
     conntrack, forward,
-    maps::{STATS, VIPS},
+    maps::{GLOBAL, STATS, VIPS},
     parse::parse,
-    stats::{Exit, Stats, action_stat, bump, count_traffic, pass},
+    stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
 
 /// Balances one packet and counts its fate.
@@ -50,6 +50,9 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     let p = parse(ctx)?;
     let vip = lookup_vip(&p.key).ok_or(pass(stat::PASS_NOT_VIP))?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    // Read once per packet and handed down: the tunnel sources, for the next-hop lookup and
+    // the outer header.
+    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
 
     // One clock read per packet, and the coarse clock (jiffies): timestamps here only need
     // second precision, and the precise clock measured at about 45 ns per read in a VM.
@@ -57,5 +60,5 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (backend_id, backend, new_flow) = conntrack::backend_for(&p, vip, now, stats)?;
     count_traffic(vip.service_id, backend_id, frame_len, new_flow);
-    forward::forward(ctx, &p, vip, backend_id, backend, now)
+    forward::forward(ctx, &p, vip, global, backend_id, backend, now)
 }

@@ -2,7 +2,7 @@
 //! tunnel source) in front of the untouched inner packet, keeping an 802.1Q tag.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    BackendInfo, FAMILY_V4, PROTO_IPIP, PROTO_IPV6,
+    BackendInfo, FAMILY_V4, GlobalConfig, PROTO_IPIP, PROTO_IPV6,
     hash::flow_hash,
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
@@ -17,7 +17,6 @@ use super::{
     write_macs,
 };
 use crate::{
-    maps::GLOBAL,
     parse::{Parsed, ptr_at},
     stats::{Exit, drop},
 };
@@ -28,11 +27,11 @@ use crate::{
 pub(super) fn forward_tunnel(
     ctx: &XdpContext,
     p: &Parsed,
+    global: &GlobalConfig,
     backend_id: u32,
     backend: &BackendInfo,
     now: u64,
 ) -> Result<u32, Exit> {
-    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
     let inner_proto = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
@@ -40,7 +39,7 @@ pub(super) fn forward_tunnel(
     };
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len = if outer_v4 { IPV4_HDR_LEN } else { IPV6_HDR_LEN };
-    let src = tunnel_source(backend.family)?;
+    let src = tunnel_source(global, backend.family);
     let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src, now)?;
 
     // Keep the 802.1Q tag (TCI) if there was one; read it before the headers move.
