@@ -24,6 +24,7 @@ pub mod rr;
 pub mod map_name {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_ADDR_BITS: &str = "VIP_ADDR_BITS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RING: &str = "RING";
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -196,6 +197,61 @@ pub struct VipKey {
 }
 const _: () = assert!(size_of::<VipKey>() == 20);
 
+/// Bits of the `VIP_ADDR_BITS` filter, as a power of two: 65,536 bits (8 KiB). At most
+/// `MAX_SERVICES` addresses set bits, so a destination that is no VIP address finds its bit
+/// set with a probability of at most 64 / 65,536 (then it pays for the exact test too).
+pub const VIP_ADDR_BITS_LOG2: u32 = 16;
+/// 64-bit words of the `VIP_ADDR_BITS` filter.
+pub const VIP_ADDR_WORDS: usize = 1 << (VIP_ADDR_BITS_LOG2 - 6);
+
+/// Value of the single-entry `VIP_ADDR_BITS` array: bit `hash::addr_slot(addr)` is set while
+/// at least one VIP address has that slot. The balancer's first test of a packet: a clear
+/// bit means no VIP has the destination address, and the packet passes before any further
+/// parsing. A set bit only means "maybe": the VIP lookup decides. The agent writes the
+/// value whole; a reader racing a write can see a word half old, half new, but a bit that
+/// the write does not change reads the same in either half, so only a bit that is being
+/// set or cleared can read either way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipAddrBits {
+    pub words: [u64; VIP_ADDR_WORDS],
+}
+const _: () = assert!(size_of::<VipAddrBits>() == 8 * VIP_ADDR_WORDS);
+
+impl VipAddrBits {
+    /// No address.
+    pub const EMPTY: Self = Self {
+        words: [0; VIP_ADDR_WORDS],
+    };
+
+    /// The word index and bit mask of an address's slot.
+    #[inline(always)]
+    #[must_use]
+    pub const fn position(addr: &[u8; 16]) -> (usize, u64) {
+        let slot = hash::addr_slot(addr);
+        ((slot >> 6) as usize % VIP_ADDR_WORDS, 1 << (slot & 63))
+    }
+
+    /// Whether an address's bit is set.
+    #[must_use]
+    pub const fn maybe_contains(&self, addr: &[u8; 16]) -> bool {
+        let (word, mask) = Self::position(addr);
+        self.words[word] & mask != 0
+    }
+
+    /// Sets an address's bit.
+    pub const fn insert(&mut self, addr: &[u8; 16]) {
+        let (word, mask) = Self::position(addr);
+        self.words[word] |= mask;
+    }
+}
+
+impl Default for VipAddrBits {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
 /// Value of `VIPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -331,7 +387,7 @@ const _: () = assert!(size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
 mod pod {
     use super::{
         BackendInfo, BenchTemplate, FlowKey, FlowValue, GlobalConfig, NextHop, TrafficCounters,
-        VipInfo, VipKey,
+        VipAddrBits, VipInfo, VipKey,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -353,6 +409,8 @@ mod pod {
     unsafe impl aya::Pod for BenchTemplate {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipAddrBits {}
 }
 
 #[cfg(feature = "user")]

@@ -8,8 +8,8 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipInfo, VipKey,
-    map_name, stat,
+    BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
+    VipInfo, VipKey, map_name, stat,
 };
 
 use super::{DatapathError, map_err};
@@ -22,6 +22,8 @@ pub trait MapWriter {
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError>;
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError>;
     fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError>;
+    /// Writes the VIP address filter (`VIP_ADDR_BITS`), whole.
+    fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError>;
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError>;
     /// Writes one ring slot of a service.
     fn set_ring_slot(
@@ -49,6 +51,7 @@ pub trait StatsReader {
 pub struct KernelMaps {
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addrs: HashMap<MapData, VipKey, u32>,
+    vip_addr_bits: Array<MapData, VipAddrBits>,
     backends: Array<MapData, BackendInfo>,
     ring: Array<MapData, u32>,
     global: Array<MapData, GlobalConfig>,
@@ -75,6 +78,7 @@ impl KernelMaps {
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
             vip_addrs: take(ebpf, map_name::VIP_ADDRS)?,
+            vip_addr_bits: take(ebpf, map_name::VIP_ADDR_BITS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
             ring: take(ebpf, map_name::RING)?,
             global: take(ebpf, map_name::GLOBAL)?,
@@ -210,6 +214,12 @@ impl MapWriter for KernelMaps {
                 source,
             }),
         }
+    }
+
+    fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError> {
+        self.vip_addr_bits
+            .set(0, bits, 0)
+            .map_err(map_err(map_name::VIP_ADDR_BITS))
     }
 
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {

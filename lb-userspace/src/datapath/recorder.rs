@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipInfo, VipKey, map_name,
+    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipAddrBits, VipInfo, VipKey, map_name,
 };
 
 use super::{DatapathError, MapWriter};
@@ -19,6 +19,9 @@ pub struct Recorder {
     pub backends: BTreeMap<u32, BackendInfo>,
     pub vips: BTreeMap<VipKey, VipInfo>,
     pub vip_addrs: BTreeSet<VipKey>,
+    pub vip_addr_bits: VipAddrBits,
+    /// Writes of `vip_addr_bits`.
+    pub vip_addr_bits_writes: usize,
     pub conns: BTreeMap<u32, i64>,
     pub tx_ports: BTreeSet<u32>,
     pub slot_writes: usize,
@@ -55,6 +58,11 @@ impl MapWriter for Recorder {
     }
     fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
         self.vip_addrs.remove(&key);
+        Ok(())
+    }
+    fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError> {
+        self.vip_addr_bits = *bits;
+        self.vip_addr_bits_writes += 1;
         Ok(())
     }
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {
