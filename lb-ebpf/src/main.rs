@@ -43,6 +43,7 @@
 
 mod balance;
 mod bench;
+mod clock;
 mod conntrack;
 mod decap;
 mod forward;
