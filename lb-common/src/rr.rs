@@ -130,7 +130,7 @@ mod tests {
         let heavy = seq.iter().filter(|&&x| x == 0).count();
         assert!((32_700..=32_770).contains(&heavy), "{heavy}");
         // More weighted backends than slots: the sequence still fits.
-        let many: std::vec::Vec<(u32, u32)> = (0..20).map(|id| (id, 1)).collect();
+        let many: Vec<(u32, u32)> = (0..20).map(|id| (id, 1)).collect();
         assert_eq!(smooth_sequence(&many, 7).len(), 7);
     }
 
