@@ -9,6 +9,13 @@
 //! run's return value is checked, so a case that stopped balancing would fail the bench.
 //!
 //! The table goes to stdout and to docs/BENCHMARKS.md.
+//!
+//! Arguments (after `--`): `--rounds N` (default 5, median reported), `--only a,b` (only the
+//! cases whose names contain one of these; the floor and the template copy always run, and
+//! the doc is left alone), `--object PATH` (an eBPF object built elsewhere instead of the
+//! one embedded, for trying a datapath change without rebuilding the bench; the doc is
+//! left alone), `--min` (report the fastest round instead of the median: on a machine
+//! shared with other work, the round least disturbed; the doc is left alone).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -28,7 +35,7 @@ use weir::{
 };
 
 const REPEAT: u32 = 1_000_000;
-const ROUNDS: usize = 5;
+const DEFAULT_ROUNDS: usize = 5;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -178,8 +185,20 @@ fn ipv6(dst_last: u8, proto: u8, l4: &[u8]) -> Vec<u8> {
     p
 }
 
+/// `--name VALUE` from the bench's arguments (cargo adds `--bench`, which is ignored).
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 struct Bench {
     ebpf: aya::Ebpf,
+    rounds: usize,
+    /// Report the fastest round, not the median.
+    min: bool,
     _balancer: Balancer<KernelMaps>,
     template: Array<aya::maps::MapData, BenchTemplate>,
     g0: u32,
@@ -208,8 +227,8 @@ impl Bench {
             ..XdpMd::default()
         }
         .as_bytes();
-        let mut samples = Vec::with_capacity(ROUNDS);
-        for _ in 0..ROUNDS {
+        let mut samples = Vec::with_capacity(self.rounds);
+        for _ in 0..self.rounds {
             let result = prog
                 .test_run(TestRunOptions {
                     data_in: Some(input),
@@ -226,8 +245,12 @@ impl Bench {
             samples.push(result.duration);
         }
         samples.sort();
-        let median: Duration = samples[ROUNDS / 2];
-        median.as_nanos() as f64
+        let pick: Duration = if self.min {
+            samples[0]
+        } else {
+            samples[self.rounds / 2]
+        };
+        pick.as_nanos() as f64
     }
 }
 
@@ -237,13 +260,30 @@ fn main() {
         eprintln!("bench datapath needs root (BPF_PROG_TEST_RUN and a network namespace)");
         std::process::exit(1);
     }
+    let rounds: usize = arg("--rounds")
+        .map(|r| r.parse().expect("--rounds N"))
+        .unwrap_or(DEFAULT_ROUNDS)
+        .clamp(1, 101);
+    let only: Option<Vec<String>> =
+        arg("--only").map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
+    let object = arg("--object");
+    let min = std::env::args().any(|a| a == "--min");
     let ns = common::Netns::create(&common::prefix("bdp")).expect("namespace");
     let n = ns.name().to_owned();
     common::lab_namespace(&n).expect("lab namespace");
 
     let rows = common::in_netns(&n, || {
         let cfg = config::parse(CONFIG, Path::new("bench.toml")).expect("config");
-        let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load");
+        let mut ebpf = match &object {
+            Some(path) => {
+                let bytes = std::fs::read(path).expect("reading --object");
+                aya::EbpfLoader::new()
+                    .map_max_entries(map_name::CONNTRACK, cfg.agent.conntrack_entries)
+                    .load(&bytes)
+                    .expect("load --object")
+            }
+            None => datapath::load_object(cfg.agent.conntrack_entries, false).expect("load"),
+        };
         for p in [prog_name::PASS, prog_name::BENCH, prog_name::BENCH_FIB] {
             datapath::load_program(&mut ebpf, p).expect("verifier");
         }
@@ -254,6 +294,8 @@ fn main() {
         let g0 = datapath::ifindex("g0").expect("g0");
         let mut b = Bench {
             ebpf,
+            rounds,
+            min,
             _balancer: balancer,
             template,
             g0,
@@ -295,12 +337,21 @@ fn main() {
             ("TCP established, direct (L2 DSR)", &direct, XDP_TX),
             ("IPv6 TCP established, tunnel", &v6, XDP_TX),
         ];
-        for (name, input, want) in cases {
+        for (i, (name, input, want)) in cases.into_iter().enumerate() {
+            let wanted = i == 0
+                || only
+                    .as_ref()
+                    .is_none_or(|o| o.iter().any(|w| name.contains(w.as_str())));
+            if !wanted {
+                continue;
+            }
             let ns = b.measure(prog_name::BENCH, input, want);
             rows.push((name.to_owned(), ns));
         }
-        let fib = b.measure(prog_name::BENCH_FIB, &non_vip, XDP_DROP);
-        rows.push(("bpf_fib_lookup alone (next hop)".to_owned(), fib));
+        if only.is_none() {
+            let fib = b.measure(prog_name::BENCH_FIB, &non_vip, XDP_DROP);
+            rows.push(("bpf_fib_lookup alone (next hop)".to_owned(), fib));
+        }
         rows
     });
 
@@ -325,7 +376,9 @@ fn main() {
         );
     }
     println!("{table}");
-    write_doc(&table);
+    if only.is_none() && object.is_none() && !min {
+        write_doc(&table, rounds);
+    }
 }
 
 fn machine() -> String {
@@ -345,13 +398,13 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {kernel}")
 }
 
-fn write_doc(table: &str) {
+fn write_doc(table: &str, rounds: usize) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let begin = "<!-- datapath:begin -->";
     let end = "<!-- datapath:end -->";
     let section = format!(
-        "{begin}\nMeasured by `cargo xtask bench datapath` on {}: `BPF_PROG_TEST_RUN`, repeat {REPEAT}, median of {ROUNDS} rounds.\n\n{table}{end}",
+        "{begin}\nMeasured by `cargo xtask bench datapath` on {}: `BPF_PROG_TEST_RUN`, repeat {REPEAT}, median of {rounds} rounds.\n\n{table}{end}",
         machine()
     );
     let text = match (existing.find(begin), existing.find(end)) {
