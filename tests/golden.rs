@@ -1394,6 +1394,96 @@ fn golden_vip_address_filter() {
     });
 }
 
+/// Tracked flows find their service through their backend (`SERVICES`), without the VIP
+/// lookup, and must still land where the lookup would send them: a flow of a whole-address
+/// service (port 0) moves to a service configured since for its exact port, and a tracked
+/// flow follows its service's changed settings.
+#[test]
+fn golden_tracked_flows_find_their_service() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gts")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let agent = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n";
+        let all = "[[service]]\nname = \"all\"\nvip = \"203.0.113.20\"\nport = 0\nprotocol = \"udp\"\n\
+                   ring_size = 1009\n[[service.backend]]\naddress = \"198.51.100.11\"\n";
+        let dns = |forwarding: &str| {
+            format!(
+                "[[service]]\nname = \"dns\"\nvip = \"203.0.113.20\"\nport = 53\nprotocol = \"udp\"\n\
+                 forwarding = \"{forwarding}\"\nring_size = 1009\n\
+                 [[service.backend]]\naddress = \"198.51.100.12\"\n"
+            )
+        };
+        let apply = |lab: &mut Lab, text: &str| {
+            let cfg = config::parse(text, Path::new("tracked.toml")).expect("valid config");
+            lab.balancer.apply(&plain(&cfg)).expect("apply");
+        };
+        let mut lab = open_lab(&format!("{agent}{all}"));
+        let ip = v4_packet(ip4("203.0.113.20"), PROTO_UDP, 41000, 53, 0);
+        let to = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+        let forwarded = |desc, output, counters: Vec<u32>| Case {
+            desc,
+            input: frame4(&ip),
+            action: XDP_TX,
+            output: Some(output),
+            counters,
+        };
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: a flow of the whole-address service",
+                tunnel_out(&ip, true, to(11), 0, None),
+                vec![stat::CT_MISS],
+            ),
+        );
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... stays on its backend",
+                tunnel_out(&ip, true, to(11), 0, None),
+                vec![stat::CT_HIT],
+            ),
+        );
+        apply(&mut lab, &format!("{agent}{all}{}", dns("tunnel")));
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... moves to the service of its exact port, configured since",
+                tunnel_out(&ip, true, to(12), 0, None),
+                vec![stat::CT_MISS],
+            ),
+        );
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... and stays there",
+                tunnel_out(&ip, true, to(12), 0, None),
+                vec![stat::CT_HIT],
+            ),
+        );
+        apply(&mut lab, &format!("{agent}{all}{}", dns("direct")));
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... and follows its service to direct forwarding",
+                direct_out(&frame4(&ip), to(12), LB_MAC),
+                vec![stat::CT_HIT],
+            ),
+        );
+        apply(&mut lab, &format!("{agent}{all}"));
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... and back to the whole-address service when its own goes",
+                tunnel_out(&ip, true, to(11), 0, None),
+                vec![stat::CT_MISS],
+            ),
+        );
+    });
+}
+
 /// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come
 /// out behind the same Ethernet header, or the frame must pass unchanged.
 #[test]

@@ -25,6 +25,7 @@ pub mod map_name {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const VIP_ADDR_BITS: &str = "VIP_ADDR_BITS";
+    pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RING: &str = "RING";
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -110,6 +111,10 @@ pub const SCHED_LEAST_CONN: u8 = 3;
 pub const FLOW_COUNTED: u64 = 1;
 /// `FlowValue::flags`: a FIN or RST was seen; the flow no longer counts as active.
 pub const FLOW_CLOSED: u64 = 2;
+/// `FlowValue::flags`: the flow found its service by the port-0 fallback (a service of the
+/// whole address). Its packets keep asking `VIPS`, exact port first, as new flows do: a
+/// service for its exact port, configured since, takes it over.
+pub const FLOW_VIA_PORT0: u64 = 4;
 
 /// `BackendInfo::state` values.
 pub const BACKEND_DOWN: u8 = 0;
@@ -252,7 +257,7 @@ impl Default for VipAddrBits {
     }
 }
 
-/// Value of `VIPS`.
+/// Value of `VIPS`, and of `SERVICES` (indexed by `service_id`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {

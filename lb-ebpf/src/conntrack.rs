@@ -4,8 +4,8 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_UP, BackendInfo, FLOW_CLOSED, FLOW_COUNTED, FlowValue, LAST_SEEN_GRANULARITY_NS,
-    PROTO_TCP, VipInfo, stat,
+    BACKEND_UP, BackendInfo, FLOW_CLOSED, FLOW_COUNTED, FLOW_VIA_PORT0, FlowValue,
+    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, VipInfo, stat,
 };
 
 use crate::{
@@ -15,16 +15,34 @@ use crate::{
     stats::{Exit, Stats, bump, drop},
 };
 
+/// A packet's service as the pipeline found it.
+pub(crate) struct Service<'a> {
+    pub(crate) vip: &'a VipInfo,
+    /// Matched by the port-0 fallback of the VIP lookup.
+    pub(crate) via_port0: bool,
+    /// The flow's entry in the table, if any.
+    pub(crate) flow: Option<*mut FlowValue>,
+    /// The entry's backend, when the service was found through it (then already known to
+    /// be honoured for this service).
+    pub(crate) tracked: Option<&'static BackendInfo>,
+}
+
 /// The backend of a packet's flow: the table's while the entry is fresh and still honoured
 /// (and the packet no bare SYN), else the scheduler's pick, which is then recorded. Returns
 /// the backend id, the backend, and whether a new table entry was made.
 #[inline(always)]
 pub(crate) fn backend_for(
     p: &Parsed,
-    vip: &VipInfo,
+    service: Service<'_>,
     now: u64,
     stats: Stats,
 ) -> Result<(u32, &'static BackendInfo, bool), Exit> {
+    let Service {
+        vip,
+        via_port0,
+        flow: entry,
+        tracked: tracked_backend,
+    } = service;
     let is_tcp = p.key.proto == PROTO_TCP;
     // A bare SYN always asks the scheduler: a reused 5-tuple is a new connection and may go
     // elsewhere. A RST never creates state.
@@ -40,14 +58,14 @@ pub(crate) fn backend_for(
 
     let mut tracked = None;
     let mut stale = None;
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&p.key) {
+    if let Some(flow) = entry {
         // SAFETY: a value of the table, valid until this program returns: LRU maps are
         // preallocated, so an entry evicted meanwhile is at worst reused, never freed.
         let f = unsafe { &*flow };
         let expired = timeout_ns != 0 && now.saturating_sub(f.last_seen_ns) > timeout_ns;
         if expired {
             bump(stats, stat::CT_IDLE_EXPIRED);
-        } else if !is_syn && let Some(b) = honoured(f, vip.service_id) {
+        } else if !is_syn && let Some(b) = tracked_backend.or_else(|| honoured(f, vip.service_id)) {
             tracked = Some((f.backend_id, b, flow));
         }
         if tracked.is_none() {
@@ -72,14 +90,14 @@ pub(crate) fn backend_for(
         }
         None => {
             bump(stats, stat::CT_MISS);
-            if let Some(flow) = stale {
-                release(flow);
-            }
             // A TCP packet that is neither a SYN nor known: it belongs to a connection made
             // before an eviction, an idle expiry or an LB restart. It goes by the hash.
             let midflow = is_tcp && !is_syn;
             if midflow {
                 bump(stats, stat::UNTRACKED_MIDFLOW);
+            }
+            if let Some(flow) = stale {
+                release(flow);
             }
             let id = schedule(vip, &p.key, midflow)?;
             let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
@@ -91,7 +109,8 @@ pub(crate) fn backend_for(
                     backend_id: id,
                     generation: backend.generation,
                     last_seen_ns: now,
-                    flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED },
+                    flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED }
+                        | if via_port0 { FLOW_VIA_PORT0 } else { 0 },
                 };
                 // A full LRU evicts its oldest entry (the agent reconciles the counts); a
                 // failure here only means the next packet asks the scheduler again.

@@ -28,6 +28,14 @@ pub(crate) static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(MA
 #[map]
 pub(crate) static VIP_ADDR_BITS: Array<VipAddrBits> = Array::with_max_entries(1, 0);
 
+/// Each service's `VIPS` value, by service id: how the packets of a tracked flow find their
+/// service from their backend (`BackendInfo::service_id`), without the VIP lookup. An entry
+/// counts only with its own `service_id` and a non-zero `ring_size` (a service with any
+/// backend has a ring); the agent writes it before the service's `VIPS` entry and voids it
+/// (`service_id` `u32::MAX`) before removing that.
+#[map]
+pub(crate) static SERVICES: Array<VipInfo> = Array::with_max_entries(MAX_SERVICES, 0);
+
 #[map]
 pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 

@@ -20,6 +20,11 @@ pub trait MapWriter {
     fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError>;
     fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError>;
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError>;
+    /// Writes a service's `SERVICES` entry (its `VIPS` value, by service id).
+    fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError>;
+    /// Voids a service's `SERVICES` entry: tracked flows no longer find the service
+    /// through it.
+    fn clear_service(&mut self, id: u32) -> Result<(), DatapathError>;
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError>;
     fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError>;
     /// Writes the VIP address filter (`VIP_ADDR_BITS`), whole.
@@ -50,6 +55,7 @@ pub trait StatsReader {
 /// The real maps of a loaded object.
 pub struct KernelMaps {
     vips: HashMap<MapData, VipKey, VipInfo>,
+    services: Array<MapData, VipInfo>,
     vip_addrs: HashMap<MapData, VipKey, u32>,
     vip_addr_bits: Array<MapData, VipAddrBits>,
     backends: Array<MapData, BackendInfo>,
@@ -77,6 +83,7 @@ impl KernelMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
+            services: take(ebpf, map_name::SERVICES)?,
             vip_addrs: take(ebpf, map_name::VIP_ADDRS)?,
             vip_addr_bits: take(ebpf, map_name::VIP_ADDR_BITS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
@@ -198,6 +205,22 @@ impl MapWriter for KernelMaps {
                 source,
             }),
         }
+    }
+
+    fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError> {
+        self.services
+            .set(id, info, 0)
+            .map_err(map_err(map_name::SERVICES))
+    }
+
+    fn clear_service(&mut self, id: u32) -> Result<(), DatapathError> {
+        let void = VipInfo {
+            service_id: u32::MAX,
+            ..VipInfo::default()
+        };
+        self.services
+            .set(id, void, 0)
+            .map_err(map_err(map_name::SERVICES))
     }
 
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {

@@ -18,6 +18,8 @@ pub struct Recorder {
     pub ring: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, BackendInfo>,
     pub vips: BTreeMap<VipKey, VipInfo>,
+    /// `SERVICES`: service id -> info (a voided entry is absent).
+    pub services: BTreeMap<u32, VipInfo>,
     pub vip_addrs: BTreeSet<VipKey>,
     pub vip_addr_bits: VipAddrBits,
     /// Writes of `vip_addr_bits`.
@@ -50,6 +52,14 @@ impl MapWriter for Recorder {
     }
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError> {
         self.vips.remove(&key);
+        Ok(())
+    }
+    fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError> {
+        self.services.insert(id, info);
+        Ok(())
+    }
+    fn clear_service(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.services.remove(&id);
         Ok(())
     }
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {

@@ -284,8 +284,9 @@ impl<M: MapWriter> Balancer<M> {
 
     /// Brings the datapath to `desired`, writing only what differs from the current state.
     /// Order matters for packets in flight: backends are written before the ring slots that
-    /// point at them, rings before the VIP that makes them reachable; on removal the VIP goes
-    /// first, and an address leaves the VIP pre-check set after its last service.
+    /// point at them, rings before the VIP that makes them reachable (its `SERVICES` entry
+    /// just before); on removal the `SERVICES` entry and the VIP go first, and an address
+    /// leaves the VIP address filter and set after its last service.
     pub fn apply(&mut self, desired: &DatapathSpec) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
         self.maps.set_global(desired.global)?;
@@ -340,6 +341,8 @@ impl<M: MapWriter> Balancer<M> {
         state: ServiceState,
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
+        // Tracked flows stop finding the service before its VIP goes.
+        self.maps.clear_service(state.id)?;
         self.maps.remove_vip(state.key)?;
         report.vips_written += 1;
         for backend in &state.backends {
@@ -378,6 +381,7 @@ impl<M: MapWriter> Balancer<M> {
                 let id = match other {
                     Some(old) => {
                         let id = old.id;
+                        self.maps.clear_service(id)?;
                         self.maps.remove_vip(old.key)?;
                         for backend in &old.backends {
                             self.retire_backend(backend, id, report)?;
@@ -510,6 +514,10 @@ impl<M: MapWriter> Balancer<M> {
             tcp_idle_timeout_s: service.tcp_idle_timeout_s,
             udp_idle_timeout_s: service.udp_idle_timeout_s,
         };
+        // `SERVICES` mirrors `VIPS` by id (tracked flows find their service there): written
+        // before the VIP entry, voided before it goes, so it never names a service that
+        // `VIPS` does not hold.
+        self.maps.set_service(state.id, info)?;
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;
         state.spec = service.clone();
@@ -709,6 +717,38 @@ mod tests {
         let addrs: Vec<VipKey> = b.maps().vip_addrs.iter().copied().collect();
         assert_eq!(addrs, [VipKey::addr_only(ip("203.0.113.99"))]);
         assert_eq!(b.maps().vips.len(), 1);
+    }
+
+    /// `SERVICES` holds each service's VIP value under its id, and nothing for a service
+    /// that is gone or moved to another VIP key.
+    #[test]
+    fn services_mirror_the_vips_by_id() {
+        let mut b = Balancer::new(Recorder::default());
+        let mut two = spec(&[("198.51.100.11", 1)]);
+        two.services.push(service(
+            "other",
+            "203.0.113.20",
+            SCHED_MAGLEV,
+            &[("198.51.100.12", 1)],
+        ));
+        b.apply(&two).unwrap();
+        let mirror = |b: &Balancer<Recorder>| {
+            let by_key: BTreeMap<u32, VipInfo> =
+                b.maps().vips.values().map(|v| (v.service_id, *v)).collect();
+            assert_eq!(b.maps().services, by_key);
+        };
+        mirror(&b);
+        assert_eq!(b.maps().services.len(), 2);
+        let other_id = b.service("other").unwrap().id;
+        // A changed VIP key keeps the id; the entry follows the new key's value.
+        let mut moved = two.clone();
+        moved.services[1].port = 8080;
+        b.apply(&moved).unwrap();
+        mirror(&b);
+        assert_eq!(b.service("other").unwrap().id, other_id);
+        b.apply(&spec(&[("198.51.100.11", 1)])).unwrap();
+        mirror(&b);
+        assert!(!b.maps().services.contains_key(&other_id));
     }
 
     /// The filter holds exactly the bits of the current addresses, and is written only when
