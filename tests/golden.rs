@@ -1165,6 +1165,27 @@ fn tracked_flows_and_counters() {
             hex(&tunnel_out(&data, true, moved_to, 0, None)),
             "and the entry follows the SYN"
         );
+        // Its connection count moved with it; a retransmitted SYN that the ring sends to the
+        // same backend again hands the count over to the new entry, once.
+        let active = |lab: &Lab| -> u64 {
+            lab.balancer
+                .service("web")
+                .unwrap()
+                .backends
+                .iter()
+                .map(|b| lab.balancer.maps().active_connections(b.id))
+                .sum()
+        };
+        assert_eq!(active(&lab), 1, "one connection after the re-pick");
+        for _ in 0..3 {
+            let (_, out) = lab.run(&frame4(&syn));
+            assert_eq!(hex(&out), hex(&tunnel_out(&syn, true, moved_to, 0, None)));
+            assert_eq!(
+                active(&lab),
+                1,
+                "a retransmitted SYN is still one connection"
+            );
+        }
 
         // A RST never inserts.
         let rst = v4_packet(vip4, PROTO_TCP, 43000, 80, RST);

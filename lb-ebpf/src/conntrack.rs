@@ -96,11 +96,27 @@ pub(crate) fn backend_for(
             if midflow {
                 bump(stats, stat::UNTRACKED_MIDFLOW);
             }
-            if let Some(flow) = stale {
+            let picked = schedule(vip, &p.key, midflow).and_then(|id| {
+                let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
+                Ok((id, backend))
+            });
+            // A stale entry still counted for the very backend the flow goes to again (a SYN
+            // retransmitted, a port reused by the same client) hands its count over to the
+            // new entry: releasing it and counting the new one would be two atomic adds
+            // that cancel out.
+            let hands_over = !is_end
+                && !is_rst
+                && stale.is_some_and(|flow| {
+                    picked
+                        .as_ref()
+                        .is_ok_and(|(id, backend)| counted_for(flow, *id, backend.generation))
+                });
+            if let Some(flow) = stale
+                && !hands_over
+            {
                 release(flow);
             }
-            let id = schedule(vip, &p.key, midflow)?;
-            let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
+            let (id, backend) = picked?;
             if !is_rst {
                 // A FIN of a flow the table lost (re-picked, evicted, expired) keeps the rest
                 // of the close on one backend but is no active connection: it would never be
@@ -114,7 +130,8 @@ pub(crate) fn backend_for(
                 };
                 // A full LRU evicts its oldest entry (the agent reconciles the counts); a
                 // failure here only means the next packet asks the scheduler again.
-                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end {
+                // Should the insert fail, a handed-over entry stays as it was, counted.
+                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end && !hands_over {
                     add_conns(id, 1);
                 }
                 new_flow = true;
@@ -123,6 +140,16 @@ pub(crate) fn backend_for(
         }
     };
     Ok((backend_id, backend, new_flow))
+}
+
+/// Whether an entry counts as an active connection of backend `id` in its `generation`.
+#[inline(always)]
+fn counted_for(flow: *mut FlowValue, id: u32, generation: u32) -> bool {
+    // SAFETY: `flow` points at a live table value (from the lookup in this run).
+    let f = unsafe { &*flow };
+    f.flags & (FLOW_COUNTED | FLOW_CLOSED) == FLOW_COUNTED
+        && f.backend_id == id
+        && f.generation == generation
 }
 
 /// A backend a tracked flow may keep: still up, still of this service, still the same
