@@ -8,6 +8,12 @@
 //! restoration alone (an ARP frame, which the balancer passes after one comparison). Each
 //! run's return value is checked, so a case that stopped balancing would fail the bench.
 //!
+//! The last balancer row runs on every CPU at once (a thread pinned to each, all on the same
+//! maps): new TCP flows from `weir_bench_gen`, each CPU walking its own share of 65,536
+//! source ports, so every run inserts into the connection table as a SYN flood spread by
+//! RSS would; it prices the table's shared state (the LRU lists, the bucket locks), which a
+//! single CPU never contends for. Its figure is the median over the CPUs of each one's mean.
+//!
 //! The table goes to stdout and to docs/BENCHMARKS.md.
 //!
 //! Arguments (after `--`): `--rounds N` (default 5, median reported), `--only a,b` (only the
@@ -23,8 +29,9 @@ mod common;
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use aya::{
-    maps::Array,
+    maps::{Array, PerCpuArray, PerCpuValues},
     programs::{TestRun as _, TestRunOptions, Xdp},
+    util::nr_cpus,
 };
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name, prog_name};
 use weir::{
@@ -204,16 +211,114 @@ struct Bench {
     g0: u32,
 }
 
+/// `weir_bench_gen`, its settings map and its per-CPU flow counter.
+const BENCH_GEN: &str = "weir_bench_gen";
+const BENCH_GEN_MAP: &str = "BENCH_GEN";
+const BENCH_GEN_SEQ: &str = "BENCH_GEN_SEQ";
+/// Flows of the all-CPUs case, and the offset of the TCP source port they differ in.
+const PARALLEL_FLOWS: u32 = 65_536;
+const SPORT_OFFSET: u32 = 14 + 20;
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch that set and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+            eprintln!("warning: cannot pin a thread to CPU {cpu}");
+        }
+    }
+}
+
 impl Bench {
+    /// New flows on every CPU at once through `weir_bench_gen`: the median over the CPUs
+    /// of each one's mean ns per run (see the module documentation).
+    fn measure_parallel(&mut self, input: &[u8]) -> f64 {
+        self.set_template(input);
+        let cpus = nr_cpus().expect("number of CPUs");
+        let mut gen_map: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(BENCH_GEN_MAP).expect("BENCH_GEN")).expect("array");
+        for (i, v) in [0, PARALLEL_FLOWS, SPORT_OFFSET, 1024]
+            .into_iter()
+            .enumerate()
+        {
+            gen_map.set(i as u32, v, 0).expect("BENCH_GEN");
+        }
+        let mut seq: PerCpuArray<_, u32> =
+            PerCpuArray::try_from(self.ebpf.map_mut(BENCH_GEN_SEQ).expect("BENCH_GEN_SEQ"))
+                .expect("per-CPU array");
+        let starts: Vec<u32> = (0..cpus)
+            .map(|cpu| (cpu as u32).wrapping_mul(PARALLEL_FLOWS / cpus.max(1) as u32))
+            .collect();
+        seq.set(0, PerCpuValues::try_from(starts).expect("values"), 0)
+            .expect("BENCH_GEN_SEQ");
+        let prog: &Xdp = self
+            .ebpf
+            .program(BENCH_GEN)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let ctx = XdpMd {
+            data_end: input.len() as u32,
+            ingress_ifindex: self.g0,
+            ..XdpMd::default()
+        }
+        .as_bytes();
+        let mut samples = Vec::new();
+        for _ in 0..self.rounds {
+            let per_cpu: Vec<Duration> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..cpus)
+                    .map(|cpu| {
+                        let ctx = &ctx;
+                        s.spawn(move || {
+                            pin_to(cpu);
+                            let result = prog
+                                .test_run(TestRunOptions {
+                                    data_in: Some(input),
+                                    ctx_in: Some(ctx),
+                                    repeat: REPEAT,
+                                    ..TestRunOptions::default()
+                                })
+                                .expect("BPF_PROG_TEST_RUN");
+                            assert_eq!(
+                                result.return_value, XDP_TX,
+                                "{BENCH_GEN}: unexpected XDP action"
+                            );
+                            result.duration
+                        })
+                    })
+                    .collect();
+                runs.into_iter()
+                    .map(|r| r.join().expect("bench thread"))
+                    .collect()
+            });
+            let mut per_cpu = per_cpu;
+            per_cpu.sort();
+            samples.push(per_cpu[per_cpu.len() / 2]);
+        }
+        samples.sort();
+        let pick = if self.min {
+            samples[0]
+        } else {
+            samples[self.rounds / 2]
+        };
+        pick.as_nanos() as f64
+    }
+
+    fn set_template(&mut self, input: &[u8]) {
+        let mut t = BenchTemplate {
+            len: input.len() as u32,
+            data: [0; BENCH_TEMPLATE_LEN],
+        };
+        t.data[..input.len()].copy_from_slice(input);
+        self.template.set(0, t, 0).expect("write template");
+    }
+
     /// Median ns per run of `program` on `input`, checking every round's return value.
     fn measure(&mut self, program: &str, input: &[u8], want: u32) -> f64 {
         if program == prog_name::BENCH {
-            let mut t = BenchTemplate {
-                len: input.len() as u32,
-                data: [0; BENCH_TEMPLATE_LEN],
-            };
-            t.data[..input.len()].copy_from_slice(input);
-            self.template.set(0, t, 0).expect("write template");
+            self.set_template(input);
         }
         let prog: &Xdp = self
             .ebpf
@@ -284,7 +389,12 @@ fn main() {
             }
             None => datapath::load_object(cfg.agent.conntrack_entries, false).expect("load"),
         };
-        for p in [prog_name::PASS, prog_name::BENCH, prog_name::BENCH_FIB] {
+        for p in [
+            prog_name::PASS,
+            prog_name::BENCH,
+            prog_name::BENCH_FIB,
+            BENCH_GEN,
+        ] {
             datapath::load_program(&mut ebpf, p).expect("verifier");
         }
         let template = Array::try_from(ebpf.take_map(map_name::BENCH_TEMPLATE).expect("map"))
@@ -347,6 +457,14 @@ fn main() {
             }
             let ns = b.measure(prog_name::BENCH, input, want);
             rows.push((name.to_owned(), ns));
+        }
+        let parallel = "TCP SYN, new flows, every CPU at once (maglev, tunnel)";
+        if only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|w| parallel.contains(w.as_str())))
+        {
+            let ns = b.measure_parallel(&syn);
+            rows.push((parallel.to_owned(), ns));
         }
         if only.is_none() {
             let fib = b.measure(prog_name::BENCH_FIB, &non_vip, XDP_DROP);
