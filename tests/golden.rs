@@ -1505,6 +1505,59 @@ fn golden_tracked_flows_find_their_service() {
     });
 }
 
+/// `tunnel_source_prefix`: each flow's IPv4 outer source is the prefix with the host bits
+/// from the flow hash, so that the backend's NIC spreads the tunnel over its queues; full
+/// expected frames, built here from the hash.
+#[test]
+fn golden_outer_source_per_flow() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gos")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let cfg = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\n\
+                   tunnel_source_prefix = \"198.51.100.16/28\"\nconntrack_entries = 4096\n\
+                   [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\
+                   ring_size = 1009\n\
+                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.12\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.13\"\n";
+        let mut lab = open_lab(cfg);
+        let mut sources = std::collections::BTreeSet::new();
+        for port in 42000..42032u16 {
+            let ip = v4_packet(ip4("203.0.113.10"), PROTO_TCP, port, 80, SYN);
+            let IpAddr::V4(backend) = predicted(&lab.balancer, "web", &ip) else {
+                unreachable!("IPv4 backends")
+            };
+            let hash = flow_hash(&key_of(&ip));
+            let src = [198, 51, 100, 16 | (hash & 0x0f) as u8];
+            sources.insert(src);
+            let mut want = eth(backend_mac(backend.octets()[3]), LB_MAC, None, 0x0800);
+            want.extend_from_slice(&ipv4_outer_expected(
+                src,
+                backend.octets(),
+                4,
+                ip.len(),
+                true,
+            ));
+            want.extend_from_slice(&ip);
+            check_case(
+                &mut lab,
+                &Case {
+                    desc: "outer source: one per flow within the prefix",
+                    input: frame4(&ip),
+                    action: XDP_TX,
+                    output: Some(want),
+                    counters: vec![stat::CT_MISS],
+                },
+            );
+        }
+        // 32 flows over 16 sources: a hash that spreads them uses most.
+        assert!(sources.len() >= 10, "outer sources used: {sources:?}");
+    });
+}
+
 /// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come
 /// out behind the same Ethernet header, or the frame must pass unchanged.
 #[test]

@@ -333,12 +333,34 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GlobalConfig {
-    /// Outer source address for IPv4 outer headers.
+    /// The LB's IPv4 address: the source of its next-hop lookups, and of IPv4 outer headers
+    /// unless `outer_spread_v4` spreads them.
     pub tunnel_source_v4: [u8; 4],
-    /// Outer source address for IPv6 outer headers.
+    /// Source address of IPv6 outer headers (whose flow label varies per flow).
     pub tunnel_source_v6: [u8; 16],
+    /// With `outer_spread_v4` non-zero, the IPv4 outer source of a flow is `outer_base_v4`
+    /// with the bits set in `outer_spread_v4` taken from the flow hash, so that a backend's
+    /// NIC spreads the tunnel over its receive queues (RSS hashes the outer header, which is
+    /// otherwise one source/destination pair per backend). Zero: every flow has
+    /// `tunnel_source_v4`. Both in network byte order.
+    pub outer_base_v4: [u8; 4],
+    pub outer_spread_v4: [u8; 4],
 }
-const _: () = assert!(size_of::<GlobalConfig>() == 20);
+const _: () = assert!(size_of::<GlobalConfig>() == 28);
+
+impl GlobalConfig {
+    /// The IPv4 outer source of a flow; `flow_hash` is asked only if sources are spread.
+    #[inline(always)]
+    #[must_use]
+    pub fn outer_source_v4(&self, flow_hash: impl FnOnce() -> u32) -> [u8; 4] {
+        let spread = u32::from_be_bytes(self.outer_spread_v4);
+        if spread == 0 {
+            return self.tunnel_source_v4;
+        }
+        let base = u32::from_be_bytes(self.outer_base_v4);
+        ((base & !spread) | (flow_hash() & spread)).to_be_bytes()
+    }
+}
 
 /// Per-CPU traffic counters of one service (`VIP_STATS`) or one backend (`BACKEND_STATS`).
 #[repr(C)]
@@ -469,3 +491,34 @@ mod convert {
 }
 #[cfg(feature = "user")]
 pub use convert::{addr_bytes, addr_from_bytes};
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::BTreeSet;
+
+    use super::GlobalConfig;
+
+    #[test]
+    fn outer_sources_stay_in_their_prefix_and_follow_the_hash() {
+        let mut g = GlobalConfig {
+            tunnel_source_v4: [198, 51, 100, 1],
+            ..GlobalConfig::default()
+        };
+        // No prefix: the tunnel source, and the hash is not even computed.
+        assert_eq!(g.outer_source_v4(|| panic!("hashed")), [198, 51, 100, 1]);
+        // 198.51.100.16/28: the low four bits from the hash.
+        g.outer_base_v4 = [198, 51, 100, 16];
+        g.outer_spread_v4 = [0, 0, 0, 0x0f];
+        assert_eq!(g.outer_source_v4(|| 0), [198, 51, 100, 16]);
+        assert_eq!(g.outer_source_v4(|| 0xffff_fff5), [198, 51, 100, 21]);
+        let all: BTreeSet<[u8; 4]> = (0..64u32)
+            .map(|h| g.outer_source_v4(|| h.wrapping_mul(0x9e37_79b1)))
+            .collect();
+        assert_eq!(all.len(), 16, "every address of the /28: {all:?}");
+        assert!(
+            all.iter()
+                .all(|a| a[..3] == [198, 51, 100] && (16..32).contains(&a[3]))
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! IP-in-IP forwarding: a new outer IPv4 or IPv6 header (the backend's family, from the LB's
-//! tunnel source) in front of the untouched inner packet, keeping an 802.1Q tag.
+//! tunnel source, or for IPv4 from a source per flow within a configured prefix) in front of
+//! the untouched inner packet, keeping an 802.1Q tag.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     BackendInfo, FAMILY_V4, GlobalConfig, PROTO_IPIP, PROTO_IPV6,
@@ -80,11 +81,14 @@ pub(super) fn forward_tunnel(
             backend.addr[2],
             backend.addr[3],
         ];
+        // One source per flow within the configured prefix, if any: the backend's NIC
+        // hashes the outer header to pick a receive queue.
+        let outer_src = global.outer_source_v4(|| flow_hash(&p.key));
         // SAFETY: `ptr_at` checked the 20 bytes of the new outer header are in the packet;
         // packet memory is writable in XDP, and no other reference to it is alive.
         write_ipv4_outer(
             unsafe { &mut *hdr },
-            global.tunnel_source_v4,
+            outer_src,
             dst,
             inner_proto,
             p.ip_len,

@@ -108,6 +108,10 @@ pub struct AgentConfig {
     /// Outer IPv6 source address of tunnelled packets; set whenever a tunnel-mode service
     /// has an IPv6 backend.
     pub tunnel_source_v6: Option<Ipv6Addr>,
+    /// IPv4 prefix whose addresses become the outer sources of IPv4 tunnel packets, one per
+    /// flow (from the flow hash), so that a backend's NIC spreads the tunnel over its
+    /// receive queues. `None`: every packet has `tunnel_source`.
+    pub tunnel_source_prefix: Option<SourcePrefix>,
     /// Capacity of the connection-tracking map (1..=`MAX_CONNTRACK_ENTRIES`).
     pub conntrack_entries: u32,
     /// Unix socket of the management API (mode 0600).
@@ -118,6 +122,66 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     /// File where changes made from the CLI are kept across agent restarts.
     pub state_file: PathBuf,
+}
+
+/// `[agent] tunnel_source_prefix`: an IPv4 network address (host bits zero) and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePrefix {
+    pub network: Ipv4Addr,
+    /// 16..=32: at most 65,536 sources.
+    pub len: u8,
+}
+
+impl SourcePrefix {
+    /// The host bits of the prefix.
+    #[must_use]
+    pub fn host_mask(self) -> u32 {
+        u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+    }
+}
+
+/// Parses and checks `tunnel_source_prefix`.
+fn parse_source_prefix(text: &str) -> Result<SourcePrefix, String> {
+    let (addr, len) = text.split_once('/').ok_or_else(|| {
+        format!(
+            "invalid prefix {}: expected an IPv4 prefix such as \"198.51.100.16/28\"",
+            quoted(text)
+        )
+    })?;
+    let network = match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(network)) => network,
+        Ok(IpAddr::V6(_)) => {
+            return Err(format!(
+                "{} is an IPv6 prefix; only IPv4 outer sources are spread (the IPv6 outer \
+                 header varies its flow label per flow instead)",
+                quoted(text)
+            ));
+        }
+        Err(_) => return Err(format!("invalid IPv4 address in {}", quoted(text))),
+    };
+    let len = len
+        .parse::<u8>()
+        .ok()
+        .filter(|len| (16..=32).contains(len))
+        .ok_or_else(|| {
+            format!(
+                "prefix length of {} must be 16..=32 (at most 65,536 sources)",
+                quoted(text)
+            )
+        })?;
+    let prefix = SourcePrefix { network, len };
+    let host = u32::from(network) & prefix.host_mask();
+    if host != 0 {
+        return Err(format!(
+            "{} has host bits set; the prefix is {}/{len}",
+            quoted(text),
+            Ipv4Addr::from(u32::from(network) & !prefix.host_mask())
+        ));
+    }
+    let last = Ipv4Addr::from(u32::from(network) | prefix.host_mask());
+    check_source(IpAddr::V4(network))?;
+    check_source(IpAddr::V4(last))?;
+    Ok(prefix)
 }
 
 /// Default `[agent] api_socket`.
@@ -418,6 +482,7 @@ struct RawAgent {
     xdp_mode: XdpMode,
     tunnel_source: Option<String>,
     tunnel_source_v6: Option<String>,
+    tunnel_source_prefix: Option<String>,
     conntrack_entries: Option<i64>,
     api_socket: Option<String>,
     metrics: Option<String>,
@@ -658,6 +723,19 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         .transpose()
         .map_err(|reason| fail("agent.tunnel_source_v6", reason))?;
 
+    let tunnel_source_prefix = raw
+        .tunnel_source_prefix
+        .as_deref()
+        .map(parse_source_prefix)
+        .transpose()
+        .map_err(|reason| fail("agent.tunnel_source_prefix", reason))?;
+    if tunnel_source_prefix.is_some() && tunnel_source.is_none() {
+        return Err(fail(
+            "agent.tunnel_source_prefix",
+            "needs tunnel_source: the LB's own IPv4 address, the source of its route lookups",
+        ));
+    }
+
     let conntrack_entries = match raw.conntrack_entries {
         None => DEFAULT_CONNTRACK_ENTRIES,
         Some(n) => u32::try_from(n)
@@ -700,6 +778,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         xdp_mode: raw.xdp_mode,
         tunnel_source,
         tunnel_source_v6,
+        tunnel_source_prefix,
         conntrack_entries,
         api_socket,
         metrics,
@@ -1364,6 +1443,7 @@ weight = 65535
                 xdp_mode: XdpMode::Native,
                 tunnel_source: Some(Ipv4Addr::new(198, 51, 100, 1)),
                 tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
+                tunnel_source_prefix: None,
                 conntrack_entries: 4096,
                 api_socket: PathBuf::from(DEFAULT_API_SOCKET),
                 metrics: DEFAULT_METRICS.parse().unwrap(),
@@ -1772,6 +1852,52 @@ address = "203.0.113.11"
             &base.replace("\"198.51.100.1\"", "\"0.0.0.0\""),
             "agent.tunnel_source",
             "unspecified",
+        );
+    }
+
+    #[test]
+    fn tunnel_source_prefix() {
+        let base = web("", &[backend("203.0.113.11")]);
+        assert_eq!(ok(&base).agent.tunnel_source_prefix, None);
+        let with = |prefix: &str| {
+            base.replace(
+                "tunnel_source = \"198.51.100.1\"\n",
+                &format!("tunnel_source = \"198.51.100.1\"\ntunnel_source_prefix = \"{prefix}\"\n"),
+            )
+        };
+        let prefix = ok(&with("198.51.100.16/28"))
+            .agent
+            .tunnel_source_prefix
+            .unwrap();
+        assert_eq!(
+            prefix,
+            SourcePrefix {
+                network: Ipv4Addr::new(198, 51, 100, 16),
+                len: 28
+            }
+        );
+        assert_eq!(prefix.host_mask(), 0x0f);
+        let one = ok(&with("198.51.100.1/32"))
+            .agent
+            .tunnel_source_prefix
+            .unwrap();
+        assert_eq!(one.host_mask(), 0);
+        let key = "agent.tunnel_source_prefix";
+        rejects(
+            &with("198.51.100.17/28"),
+            key,
+            "host bits set; the prefix is 198.51.100.16/28",
+        );
+        rejects(&with("198.51.100.0/8"), key, "must be 16..=32");
+        rejects(&with("198.51.100.0/33"), key, "must be 16..=32");
+        rejects(&with("198.51.100.0"), key, "expected an IPv4 prefix");
+        rejects(&with("2001:db8::/64"), key, "IPv6 prefix");
+        rejects(&with("198.51.100/24"), key, "invalid IPv4 address");
+        rejects(&with("127.0.0.0/24"), key, "cannot be a source address");
+        rejects(
+            &with("198.51.100.16/28").replace("tunnel_source = \"198.51.100.1\"\n", ""),
+            key,
+            "needs tunnel_source",
         );
     }
 
