@@ -1,7 +1,8 @@
 //! `cargo xtask bench datapath`: nanoseconds per packet through `BPF_PROG_TEST_RUN`.
 //!
-//! Every case runs `repeat` = 1,000,000 times in the kernel, five rounds, median reported,
-//! next to `weir_pass` (a bare `XDP_PASS`: the floor) measured in the same run. The kernel
+//! Every case runs `repeat` = 1,000,000 times in the kernel per round, seven rounds
+//! interleaved over the cases (a slow spell of a shared machine then touches every case
+//! alike), median reported, next to `weir_pass` (a bare `XDP_PASS`: the floor) measured in the same run. The kernel
 //! does not restore the packet between repeats, so the balancer cases run through
 //! `weir_bench`, which trims what the previous run prepended and copies the template packet
 //! back before running the balancer's own code; the "template copy" row prices that
@@ -16,7 +17,7 @@
 //!
 //! The table goes to stdout and to docs/BENCHMARKS.md.
 //!
-//! Arguments (after `--`): `--rounds N` (default 5, median reported), `--only a,b` (only the
+//! Arguments (after `--`): `--rounds N` (default 7, median reported), `--only a,b` (only the
 //! cases whose names contain one of these; the floor and the template copy always run, and
 //! the doc is left alone), `--object PATH` (an eBPF object built elsewhere instead of the
 //! one embedded, for trying a datapath change without rebuilding the bench; the doc is
@@ -42,7 +43,7 @@ use weir::{
 };
 
 const REPEAT: u32 = 1_000_000;
-const DEFAULT_ROUNDS: usize = 5;
+const DEFAULT_ROUNDS: usize = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -297,13 +298,7 @@ impl Bench {
             per_cpu.sort();
             samples.push(per_cpu[per_cpu.len() / 2]);
         }
-        samples.sort();
-        let pick = if self.min {
-            samples[0]
-        } else {
-            samples[self.rounds / 2]
-        };
-        pick.as_nanos() as f64
+        self.pick(samples)
     }
 
     fn set_template(&mut self, input: &[u8]) {
@@ -316,7 +311,9 @@ impl Bench {
     }
 
     /// Median ns per run of `program` on `input`, checking every round's return value.
-    fn measure(&mut self, program: &str, input: &[u8], want: u32) -> f64 {
+    /// One round of `program` on `input`: the mean duration of one repeat, as the kernel
+    /// reports it, after checking the run's return value.
+    fn measure_once(&mut self, program: &str, input: &[u8], want: u32) -> Duration {
         if program == prog_name::BENCH {
             self.set_template(input);
         }
@@ -332,28 +329,28 @@ impl Bench {
             ..XdpMd::default()
         }
         .as_bytes();
-        let mut samples = Vec::with_capacity(self.rounds);
-        for _ in 0..self.rounds {
-            let result = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(input),
-                    ctx_in: Some(&ctx),
-                    repeat: REPEAT,
-                    ..TestRunOptions::default()
-                })
-                .expect("BPF_PROG_TEST_RUN");
-            assert_eq!(
-                result.return_value, want,
-                "{program}: unexpected XDP action, the case is not measuring what it says"
-            );
-            // The kernel reports the mean duration of one repeat.
-            samples.push(result.duration);
-        }
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                ctx_in: Some(&ctx),
+                repeat: REPEAT,
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            result.return_value, want,
+            "{program}: unexpected XDP action, the case is not measuring what it says"
+        );
+        result.duration
+    }
+
+    /// The reported figure of a case's rounds: the median, or with `--min` the fastest.
+    fn pick(&self, mut samples: Vec<Duration>) -> f64 {
         samples.sort();
-        let pick: Duration = if self.min {
+        let pick = if self.min {
             samples[0]
         } else {
-            samples[self.rounds / 2]
+            samples[samples.len() / 2]
         };
         pick.as_nanos() as f64
     }
@@ -425,39 +422,97 @@ fn main() {
         arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x06]);
         arp.resize(60, 0);
 
-        let floor = b.measure(prog_name::PASS, &non_vip, XDP_PASS);
-        let mut rows = vec![("XDP_PASS program (floor)".to_owned(), floor)];
-        let cases: Vec<(&str, &[u8], u32)> = vec![
-            ("template copy only (ARP, passed)", &arp, XDP_PASS),
-            ("non-VIP IPv4 TCP, passed", &non_vip, XDP_PASS),
+        let mut cases: Vec<(&str, &str, &[u8], u32)> = vec![
+            (
+                "XDP_PASS program (floor)",
+                prog_name::PASS,
+                &non_vip,
+                XDP_PASS,
+            ),
+            (
+                "template copy only (ARP, passed)",
+                prog_name::BENCH,
+                &arp,
+                XDP_PASS,
+            ),
+            (
+                "non-VIP IPv4 TCP, passed",
+                prog_name::BENCH,
+                &non_vip,
+                XDP_PASS,
+            ),
             (
                 "TCP SYN, new flow, maglev (scheduler + insert), tunnel",
+                prog_name::BENCH,
                 &syn,
                 XDP_TX,
             ),
-            ("TCP SYN, new flow, ip-hash", &syn_iphash, XDP_TX),
-            ("TCP SYN, new flow, round-robin", &syn_rr, XDP_TX),
+            (
+                "TCP SYN, new flow, ip-hash",
+                prog_name::BENCH,
+                &syn_iphash,
+                XDP_TX,
+            ),
+            (
+                "TCP SYN, new flow, round-robin",
+                prog_name::BENCH,
+                &syn_rr,
+                XDP_TX,
+            ),
             (
                 "TCP SYN, new flow, least-conn (two choices)",
+                prog_name::BENCH,
                 &syn_lc,
                 XDP_TX,
             ),
-            ("TCP established (table hit), tunnel", &ack, XDP_TX),
-            ("UDP (table hit), tunnel", &udp4, XDP_TX),
-            ("TCP established, direct (L2 DSR)", &direct, XDP_TX),
-            ("IPv6 TCP established, tunnel", &v6, XDP_TX),
+            (
+                "TCP established (table hit), tunnel",
+                prog_name::BENCH,
+                &ack,
+                XDP_TX,
+            ),
+            ("UDP (table hit), tunnel", prog_name::BENCH, &udp4, XDP_TX),
+            (
+                "TCP established, direct (L2 DSR)",
+                prog_name::BENCH,
+                &direct,
+                XDP_TX,
+            ),
+            (
+                "IPv6 TCP established, tunnel",
+                prog_name::BENCH,
+                &v6,
+                XDP_TX,
+            ),
+            (
+                "bpf_fib_lookup alone (next hop)",
+                prog_name::BENCH_FIB,
+                &non_vip,
+                XDP_DROP,
+            ),
         ];
-        for (i, (name, input, want)) in cases.into_iter().enumerate() {
-            let wanted = i == 0
-                || only
-                    .as_ref()
-                    .is_none_or(|o| o.iter().any(|w| name.contains(w.as_str())));
-            if !wanted {
-                continue;
+        // The floor and the template copy always run: the other figures are read
+        // against them.
+        cases.retain(|(name, program, _, _)| {
+            *program == prog_name::PASS
+                || name.starts_with("template copy")
+                || only.as_ref().is_none_or(|o| {
+                    *program != prog_name::BENCH_FIB && o.iter().any(|w| name.contains(w.as_str()))
+                })
+        });
+        // Rounds interleaved over the cases, so that a slow spell of a shared machine
+        // spreads over all of them instead of skewing one.
+        let mut samples = vec![Vec::with_capacity(rounds); cases.len()];
+        for _ in 0..rounds {
+            for (i, (_, program, input, want)) in cases.iter().enumerate() {
+                samples[i].push(b.measure_once(program, input, *want));
             }
-            let ns = b.measure(prog_name::BENCH, input, want);
-            rows.push((name.to_owned(), ns));
         }
+        let mut rows: Vec<(String, f64)> = cases
+            .iter()
+            .zip(samples)
+            .map(|((name, ..), s)| ((*name).to_owned(), b.pick(s)))
+            .collect();
         let parallel = "TCP SYN, new flows, every CPU at once (maglev, tunnel)";
         if only
             .as_ref()
@@ -465,10 +520,6 @@ fn main() {
         {
             let ns = b.measure_parallel(&syn);
             rows.push((parallel.to_owned(), ns));
-        }
-        if only.is_none() {
-            let fib = b.measure(prog_name::BENCH_FIB, &non_vip, XDP_DROP);
-            rows.push(("bpf_fib_lookup alone (next hop)".to_owned(), fib));
         }
         rows
     });
