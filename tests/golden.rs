@@ -374,8 +374,12 @@ struct Case {
 }
 
 fn open_lab(config: &ConfigBuilder) -> Lab {
-    let cfg =
-        config::parse(&config.render(), Path::new("golden.toml")).expect("golden config is valid");
+    open_lab_text(&config.render())
+}
+
+/// As `open_lab`, from config text (for configs the builder does not make).
+fn open_lab_text(text: &str) -> Lab {
+    let cfg = config::parse(text, Path::new("golden.toml")).expect("golden config is valid");
     let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load object");
     datapath::load_program(&mut ebpf, prog_name::BALANCER).expect("verifier accepts the balancer");
     let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf).expect("maps"));
@@ -402,56 +406,61 @@ fn golden_packets() {
         let cases = build_cases(&lab);
         assert!(cases.len() >= 30, "{} cases", cases.len());
         for case in cases {
-            let before = lab.stats();
-            let (action, out) = lab.run(&case.input);
-            let after = lab.stats();
-            let moved: Vec<String> = (0..stat::COUNT as usize)
-                .filter(|&i| after[i] != before[i])
-                .map(|i| format!("{}+{}", stat::NAMES[i], after[i] - before[i]))
-                .collect();
-            assert_eq!(
-                action, case.action,
-                "{}: action (counters moved: {moved:?})",
-                case.desc
-            );
-            let expected = case.output.as_ref().unwrap_or(&case.input);
-            assert_eq!(
-                hex(&out),
-                hex(expected),
-                "{}: output frame (got, want)",
-                case.desc
-            );
-            let action_stat = match action {
-                XDP_DROP => stat::XDP_DROP,
-                XDP_PASS => stat::XDP_PASS,
-                XDP_TX => stat::XDP_TX,
-                XDP_REDIRECT => stat::XDP_REDIRECT,
-                _ => stat::XDP_ABORTED,
-            };
-            let mut want_delta = [0u64; stat::COUNT as usize];
-            want_delta[action_stat as usize] += 1;
-            for c in &case.counters {
-                want_delta[*c as usize] += 1;
-            }
-            for i in 0..stat::COUNT as usize {
-                let got = after[i] - before[i];
-                // Conntrack hit/miss are asserted where a case lists them.
-                if (i == stat::CT_HIT as usize || i == stat::CT_MISS as usize)
-                    && !case.counters.contains(&(i as u32))
-                {
-                    continue;
-                }
-                assert_eq!(
-                    got,
-                    want_delta[i],
-                    "{}: counter {}",
-                    case.desc,
-                    stat::NAMES[i]
-                );
-            }
-            println!("ok: {}", case.desc);
+            check_case(&mut lab, &case);
         }
     });
+}
+
+/// Runs one case and checks its action, its output frame and the counters it moves.
+fn check_case(lab: &mut Lab, case: &Case) {
+    let before = lab.stats();
+    let (action, out) = lab.run(&case.input);
+    let after = lab.stats();
+    let moved: Vec<String> = (0..stat::COUNT as usize)
+        .filter(|&i| after[i] != before[i])
+        .map(|i| format!("{}+{}", stat::NAMES[i], after[i] - before[i]))
+        .collect();
+    assert_eq!(
+        action, case.action,
+        "{}: action (counters moved: {moved:?})",
+        case.desc
+    );
+    let expected = case.output.as_ref().unwrap_or(&case.input);
+    assert_eq!(
+        hex(&out),
+        hex(expected),
+        "{}: output frame (got, want)",
+        case.desc
+    );
+    let action_stat = match action {
+        XDP_DROP => stat::XDP_DROP,
+        XDP_PASS => stat::XDP_PASS,
+        XDP_TX => stat::XDP_TX,
+        XDP_REDIRECT => stat::XDP_REDIRECT,
+        _ => stat::XDP_ABORTED,
+    };
+    let mut want_delta = [0u64; stat::COUNT as usize];
+    want_delta[action_stat as usize] += 1;
+    for c in &case.counters {
+        want_delta[*c as usize] += 1;
+    }
+    for i in 0..stat::COUNT as usize {
+        let got = after[i] - before[i];
+        // Conntrack hit/miss are asserted where a case lists them.
+        if (i == stat::CT_HIT as usize || i == stat::CT_MISS as usize)
+            && !case.counters.contains(&(i as u32))
+        {
+            continue;
+        }
+        assert_eq!(
+            got,
+            want_delta[i],
+            "{}: counter {}",
+            case.desc,
+            stat::NAMES[i]
+        );
+    }
+    println!("ok: {}", case.desc);
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1057,6 +1066,27 @@ fn tracked_flows_and_counters() {
             hex(&tunnel_out(&data, true, moved_to, 0, None)),
             "and the entry follows the SYN"
         );
+        // Its connection count moved with it; a retransmitted SYN that the ring sends to the
+        // same backend again hands the count over to the new entry, once.
+        let active = |lab: &Lab| -> u64 {
+            lab.balancer
+                .service("web")
+                .unwrap()
+                .backends
+                .iter()
+                .map(|b| lab.balancer.maps().active_connections(b.id))
+                .sum()
+        };
+        assert_eq!(active(&lab), 1, "one connection after the re-pick");
+        for _ in 0..3 {
+            let (_, out) = lab.run(&frame4(&syn));
+            assert_eq!(hex(&out), hex(&tunnel_out(&syn, true, moved_to, 0, None)));
+            assert_eq!(
+                active(&lab),
+                1,
+                "a retransmitted SYN is still one connection"
+            );
+        }
 
         // A RST never inserts.
         let rst = v4_packet(vip4, PROTO_TCP, 43000, 80, RST);
@@ -1221,6 +1251,328 @@ fn predictions_agree_with_the_agent() {
             "the predicted key of a flow from {src}"
         );
     }
+}
+
+/// The VIP address filter (`VIP_ADDR_BITS`), which only says "maybe": an address that
+/// merely shares a VIP's bit is never judged, however malformed its packets; a VIP address
+/// that leaves the config passes, whether its bit is cleared or kept set by another VIP
+/// address of the same slot.
+#[test]
+fn golden_vip_address_filter() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gvf")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let vip = vip6(0x10);
+        let slot = lb_common::hash::addr_slot(&vip);
+        // An address of 2001:db8:ffff::/48 with the VIP's slot (a 16-bit slot: some 65,536
+        // tries).
+        let twin = (0..u32::MAX)
+            .map(|i| {
+                let mut a = [
+                    0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                ];
+                a[12..].copy_from_slice(&i.to_be_bytes());
+                a
+            })
+            .find(|a| lb_common::hash::addr_slot(a) == slot)
+            .expect("a colliding address");
+        let twin_text = Ipv6Addr::from(twin).to_string();
+        let agent = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\n\
+                     tunnel_source_v6 = \"2001:db8::1\"\nconntrack_entries = 4096\n";
+        let svc = |name: &str, vip: &str, backend: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
+                 ring_size = 1009\n[[service.backend]]\naddress = \"{backend}\"\n"
+            )
+        };
+        let web6 = svc("web6", "2001:db8:100::10", "2001:db8::11");
+        let web4 = svc("web4", "203.0.113.10", "198.51.100.11");
+        let twin_svc = svc("twin", &twin_text, "2001:db8::12");
+        let apply = |lab: &mut Lab, text: &str| {
+            let cfg = config::parse(text, Path::new("filter.toml")).expect("valid config");
+            lab.balancer.apply(&plain(&cfg)).expect("apply");
+        };
+        let mut lab = open_lab_text(&format!("{agent}{web6}{web4}"));
+
+        // Packets that the VIP's own address would drop or count otherwise pass untouched
+        // for the twin, counted as not for a VIP.
+        let tcp = |dst| v6_packet(dst, PROTO_TCP, 40100, 80, PSH_ACK);
+        let bad_version = |dst| {
+            let mut ip = tcp(dst);
+            ip[0] = 0x40;
+            ip
+        };
+        let hop_limit_0 = |dst| {
+            let mut ip = tcp(dst);
+            ip[7] = 0;
+            ip
+        };
+        let short_tcp = |dst| ipv6(CLIENT6, dst, PROTO_TCP, 64, &[0; 10]);
+        let ext_header = |dst| ipv6(CLIENT6, dst, 0, 64, &[0; 16]);
+        let not_vip = |desc, ip: &[u8]| pass_case(desc, frame6(ip), stat::PASS_NOT_VIP);
+        let cases = vec![
+            tunnel_case(
+                &lab,
+                "filter: the VIP itself is balanced",
+                "web6",
+                tcp(vip),
+                false,
+            ),
+            drop_case(
+                "filter: the VIP, bad version: dropped",
+                frame6(&bad_version(vip)),
+                stat::DROP_MALFORMED_IP,
+            ),
+            drop_case(
+                "filter: the VIP, hop limit 0: dropped",
+                frame6(&hop_limit_0(vip)),
+                stat::DROP_TTL,
+            ),
+            drop_case(
+                "filter: the VIP, short TCP header: dropped",
+                frame6(&short_tcp(vip)),
+                stat::DROP_TRUNC_L4,
+            ),
+            pass_case(
+                "filter: the VIP, extension header: passed as such",
+                frame6(&ext_header(vip)),
+                stat::PASS_IPV6_EXT,
+            ),
+            not_vip("filter: the twin, TCP: passed", &tcp(twin)),
+            not_vip("filter: the twin, bad version: passed", &bad_version(twin)),
+            not_vip("filter: the twin, hop limit 0: passed", &hop_limit_0(twin)),
+            not_vip(
+                "filter: the twin, short TCP header: passed",
+                &short_tcp(twin),
+            ),
+            not_vip(
+                "filter: the twin, extension header: passed",
+                &ext_header(twin),
+            ),
+        ];
+        for case in &cases {
+            check_case(&mut lab, case);
+        }
+
+        // The twin becomes a VIP, then the first VIP leaves: the bit stays for the twin,
+        // and the old VIP's packets pass, malformed or not.
+        apply(&mut lab, &format!("{agent}{web6}{web4}{twin_svc}"));
+        let case = tunnel_case(
+            &lab,
+            "filter: the twin as a VIP is balanced",
+            "twin",
+            tcp(twin),
+            false,
+        );
+        check_case(&mut lab, &case);
+        apply(&mut lab, &format!("{agent}{web4}{twin_svc}"));
+        let cases = vec![
+            tunnel_case(
+                &lab,
+                "filter: the twin, alone on the bit, is balanced",
+                "twin",
+                v6_packet(twin, PROTO_TCP, 40102, 80, PSH_ACK),
+                false,
+            ),
+            not_vip("filter: the removed VIP, TCP: passed", &tcp(vip)),
+            not_vip(
+                "filter: the removed VIP, bad version: passed",
+                &bad_version(vip),
+            ),
+            not_vip(
+                "filter: the removed VIP, hop limit 0: passed",
+                &hop_limit_0(vip),
+            ),
+        ];
+        for case in &cases {
+            check_case(&mut lab, case);
+        }
+
+        // An IPv4 VIP leaves and its bit with it.
+        let vip4 = ip4("203.0.113.10");
+        let v4 = v4_packet(vip4, PROTO_TCP, 40101, 80, PSH_ACK);
+        let case = tunnel_case(
+            &lab,
+            "filter: the IPv4 VIP is balanced",
+            "web4",
+            v4.clone(),
+            true,
+        );
+        check_case(&mut lab, &case);
+        apply(&mut lab, &format!("{agent}{twin_svc}"));
+        let ttl_0 = v4_packet_with(vip4, PROTO_TCP, 40101, 80, PSH_ACK, 0, 0x4000, &[]);
+        let cases = vec![
+            pass_case(
+                "filter: the removed IPv4 VIP: passed",
+                frame4(&v4),
+                stat::PASS_NOT_VIP,
+            ),
+            pass_case(
+                "filter: the removed IPv4 VIP, TTL 0: passed",
+                frame4(&ttl_0),
+                stat::PASS_NOT_VIP,
+            ),
+        ];
+        for case in &cases {
+            check_case(&mut lab, case);
+        }
+        // ... and comes back.
+        apply(&mut lab, &format!("{agent}{web4}{twin_svc}"));
+        check_case(
+            &mut lab,
+            &drop_case(
+                "filter: the IPv4 VIP back, TTL 0: dropped",
+                frame4(&ttl_0),
+                stat::DROP_TTL,
+            ),
+        );
+    });
+}
+
+/// Tracked flows find their service through their backend (`SERVICES`), without the VIP
+/// lookup, and must still land where the lookup would send them: a flow of a whole-address
+/// service (port 0) moves to a service configured since for its exact port, and a tracked
+/// flow follows its service's changed settings.
+#[test]
+fn golden_tracked_flows_find_their_service() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gts")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let agent = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\nconntrack_entries = 4096\n";
+        let all = "[[service]]\nname = \"all\"\nvip = \"203.0.113.20\"\nport = 0\nprotocol = \"udp\"\n\
+                   ring_size = 1009\n[[service.backend]]\naddress = \"198.51.100.11\"\n";
+        let dns = |forwarding: &str| {
+            format!(
+                "[[service]]\nname = \"dns\"\nvip = \"203.0.113.20\"\nport = 53\nprotocol = \"udp\"\n\
+                 forwarding = \"{forwarding}\"\nring_size = 1009\n\
+                 [[service.backend]]\naddress = \"198.51.100.12\"\n"
+            )
+        };
+        let apply = |lab: &mut Lab, text: &str| {
+            let cfg = config::parse(text, Path::new("tracked.toml")).expect("valid config");
+            lab.balancer.apply(&plain(&cfg)).expect("apply");
+        };
+        let mut lab = open_lab_text(&format!("{agent}{all}"));
+        let ip = v4_packet(ip4("203.0.113.20"), PROTO_UDP, 41000, 53, 0);
+        let to = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+        let forwarded = |desc, output, counters: Vec<u32>| Case {
+            desc,
+            input: frame4(&ip),
+            action: XDP_TX,
+            output: Some(output),
+            counters,
+        };
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: a flow of the whole-address service",
+                tunnel_out(&ip, true, to(11), 0, None),
+                vec![stat::CT_MISS],
+            ),
+        );
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... stays on its backend",
+                tunnel_out(&ip, true, to(11), 0, None),
+                vec![stat::CT_HIT],
+            ),
+        );
+        apply(&mut lab, &format!("{agent}{all}{}", dns("tunnel")));
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... moves to the service of its exact port, configured since",
+                tunnel_out(&ip, true, to(12), 0, None),
+                vec![stat::CT_MISS],
+            ),
+        );
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... and stays there",
+                tunnel_out(&ip, true, to(12), 0, None),
+                vec![stat::CT_HIT],
+            ),
+        );
+        apply(&mut lab, &format!("{agent}{all}{}", dns("direct")));
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... and follows its service to direct forwarding",
+                direct_out(&frame4(&ip), to(12), LB_MAC),
+                vec![stat::CT_HIT],
+            ),
+        );
+        apply(&mut lab, &format!("{agent}{all}"));
+        check_case(
+            &mut lab,
+            &forwarded(
+                "tracked: ... and back to the whole-address service when its own goes",
+                tunnel_out(&ip, true, to(11), 0, None),
+                vec![stat::CT_MISS],
+            ),
+        );
+    });
+}
+
+/// `tunnel_source_prefix`: each flow's IPv4 outer source is the prefix with the host bits
+/// from the flow hash, so that the backend's NIC spreads the tunnel over its queues; full
+/// expected frames, built here from the hash.
+#[test]
+fn golden_outer_source_per_flow() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gos")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let cfg = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\n\
+                   tunnel_source_prefix = \"198.51.100.16/28\"\nconntrack_entries = 4096\n\
+                   [[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\
+                   ring_size = 1009\n\
+                   [[service.backend]]\naddress = \"198.51.100.11\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.12\"\n\
+                   [[service.backend]]\naddress = \"198.51.100.13\"\n";
+        let mut lab = open_lab_text(cfg);
+        let mut sources = std::collections::BTreeSet::new();
+        for port in 42000..42032u16 {
+            let ip = v4_packet(ip4("203.0.113.10"), PROTO_TCP, port, 80, SYN);
+            let IpAddr::V4(backend) = predicted(&lab.balancer, "web", &ip) else {
+                unreachable!("IPv4 backends")
+            };
+            let hash = flow_hash(&key_of(&ip));
+            let src = [198, 51, 100, 16 | (hash & 0x0f) as u8];
+            sources.insert(src);
+            let mut want = eth(backend_mac(backend.octets()[3]), LB_MAC, None, 0x0800);
+            want.extend_from_slice(&ipv4_outer_expected(
+                src,
+                backend.octets(),
+                4,
+                ip.len(),
+                true,
+            ));
+            want.extend_from_slice(&ip);
+            check_case(
+                &mut lab,
+                &Case {
+                    desc: "outer source: one per flow within the prefix",
+                    input: frame4(&ip),
+                    action: XDP_TX,
+                    output: Some(want),
+                    counters: vec![stat::CT_MISS],
+                },
+            );
+        }
+        // 32 flows over 16 sources: a hash that spreads them uses most.
+        assert!(sources.len() >= 10, "outer sources used: {sources:?}");
+    });
 }
 
 /// The decapsulator: the balancer's own tunnel output goes in, the inner packet must come

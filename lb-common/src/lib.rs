@@ -24,6 +24,8 @@ pub mod rr;
 pub mod map_name {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_ADDR_BITS: &str = "VIP_ADDR_BITS";
+    pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RING: &str = "RING";
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -112,6 +114,10 @@ pub const SCHED_LEAST_CONN: u8 = 3;
 pub const FLOW_COUNTED: u64 = 1;
 /// `FlowValue::flags`: a FIN or RST was seen; the flow no longer counts as active.
 pub const FLOW_CLOSED: u64 = 2;
+/// `FlowValue::flags`: the flow found its service by the port-0 fallback (a service of the
+/// whole address). Its packets keep asking `VIPS`, exact port first, as new flows do: a
+/// service for its exact port, configured since, takes it over.
+pub const FLOW_VIA_PORT0: u64 = 4;
 
 /// `BackendInfo::state` values.
 pub const BACKEND_DOWN: u8 = 0;
@@ -208,7 +214,62 @@ pub struct VipKey {
 }
 const _: () = assert!(size_of::<VipKey>() == 20);
 
-/// Value of `VIPS`.
+/// Bits of the `VIP_ADDR_BITS` filter, as a power of two: 65,536 bits (8 KiB). At most
+/// `MAX_SERVICES` addresses set bits, so a destination that is no VIP address finds its bit
+/// set with a probability of at most 64 / 65,536 (then it pays for the exact test too).
+pub const VIP_ADDR_BITS_LOG2: u32 = 16;
+/// 64-bit words of the `VIP_ADDR_BITS` filter.
+pub const VIP_ADDR_WORDS: usize = 1 << (VIP_ADDR_BITS_LOG2 - 6);
+
+/// Value of the single-entry `VIP_ADDR_BITS` array: bit `hash::addr_slot(addr)` is set while
+/// at least one VIP address has that slot. The balancer's first test of a packet: a clear
+/// bit means no VIP has the destination address, and the packet passes before any further
+/// parsing. A set bit only means "maybe": the VIP lookup decides. The agent writes the
+/// value whole; a reader racing a write can see a word half old, half new, but a bit that
+/// the write does not change reads the same in either half, so only a bit that is being
+/// set or cleared can read either way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipAddrBits {
+    pub words: [u64; VIP_ADDR_WORDS],
+}
+const _: () = assert!(size_of::<VipAddrBits>() == 8 * VIP_ADDR_WORDS);
+
+impl VipAddrBits {
+    /// No address.
+    pub const EMPTY: Self = Self {
+        words: [0; VIP_ADDR_WORDS],
+    };
+
+    /// The word index and bit mask of an address's slot.
+    #[inline(always)]
+    #[must_use]
+    pub const fn position(addr: &[u8; 16]) -> (usize, u64) {
+        let slot = hash::addr_slot(addr);
+        ((slot >> 6) as usize % VIP_ADDR_WORDS, 1 << (slot & 63))
+    }
+
+    /// Whether an address's bit is set.
+    #[must_use]
+    pub const fn maybe_contains(&self, addr: &[u8; 16]) -> bool {
+        let (word, mask) = Self::position(addr);
+        self.words[word] & mask != 0
+    }
+
+    /// Sets an address's bit.
+    pub const fn insert(&mut self, addr: &[u8; 16]) {
+        let (word, mask) = Self::position(addr);
+        self.words[word] |= mask;
+    }
+}
+
+impl Default for VipAddrBits {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// Value of `VIPS`, and of `SERVICES` (indexed by `service_id`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {
@@ -284,12 +345,34 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GlobalConfig {
-    /// Outer source address for IPv4 outer headers.
+    /// The LB's IPv4 address: the source of its next-hop lookups, and of IPv4 outer headers
+    /// unless `outer_spread_v4` spreads them.
     pub tunnel_source_v4: [u8; 4],
-    /// Outer source address for IPv6 outer headers.
+    /// Source address of IPv6 outer headers (whose flow label varies per flow).
     pub tunnel_source_v6: [u8; 16],
+    /// With `outer_spread_v4` non-zero, the IPv4 outer source of a flow is `outer_base_v4`
+    /// with the bits set in `outer_spread_v4` taken from the flow hash, so that a backend's
+    /// NIC spreads the tunnel over its receive queues (RSS hashes the outer header, which is
+    /// otherwise one source/destination pair per backend). Zero: every flow has
+    /// `tunnel_source_v4`. Both in network byte order.
+    pub outer_base_v4: [u8; 4],
+    pub outer_spread_v4: [u8; 4],
 }
-const _: () = assert!(size_of::<GlobalConfig>() == 20);
+const _: () = assert!(size_of::<GlobalConfig>() == 28);
+
+impl GlobalConfig {
+    /// The IPv4 outer source of a flow; `flow_hash` is asked only if sources are spread.
+    #[inline(always)]
+    #[must_use]
+    pub fn outer_source_v4(&self, flow_hash: impl FnOnce() -> u32) -> [u8; 4] {
+        let spread = u32::from_be_bytes(self.outer_spread_v4);
+        if spread == 0 {
+            return self.tunnel_source_v4;
+        }
+        let base = u32::from_be_bytes(self.outer_base_v4);
+        ((base & !spread) | (flow_hash() & spread)).to_be_bytes()
+    }
+}
 
 /// Per-CPU traffic counters of one service (`VIP_STATS`) or one backend (`BACKEND_STATS`).
 #[repr(C)]
@@ -343,7 +426,7 @@ const _: () = assert!(size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
 mod pod {
     use super::{
         BackendInfo, BenchTemplate, FlowKey, FlowValue, GlobalConfig, NextHop, TrafficCounters,
-        VipInfo, VipKey,
+        VipAddrBits, VipInfo, VipKey,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -365,6 +448,8 @@ mod pod {
     unsafe impl aya::Pod for BenchTemplate {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipAddrBits {}
 }
 
 #[cfg(feature = "user")]
@@ -418,3 +503,34 @@ mod convert {
 }
 #[cfg(feature = "user")]
 pub use convert::{addr_bytes, addr_from_bytes};
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::BTreeSet;
+
+    use super::GlobalConfig;
+
+    #[test]
+    fn outer_sources_stay_in_their_prefix_and_follow_the_hash() {
+        let mut g = GlobalConfig {
+            tunnel_source_v4: [198, 51, 100, 1],
+            ..GlobalConfig::default()
+        };
+        // No prefix: the tunnel source, and the hash is not even computed.
+        assert_eq!(g.outer_source_v4(|| panic!("hashed")), [198, 51, 100, 1]);
+        // 198.51.100.16/28: the low four bits from the hash.
+        g.outer_base_v4 = [198, 51, 100, 16];
+        g.outer_spread_v4 = [0, 0, 0, 0x0f];
+        assert_eq!(g.outer_source_v4(|| 0), [198, 51, 100, 16]);
+        assert_eq!(g.outer_source_v4(|| 0xffff_fff5), [198, 51, 100, 21]);
+        let all: BTreeSet<[u8; 4]> = (0..64u32)
+            .map(|h| g.outer_source_v4(|| h.wrapping_mul(0x9e37_79b1)))
+            .collect();
+        assert_eq!(all.len(), 16, "every address of the /28: {all:?}");
+        assert!(
+            all.iter()
+                .all(|a| a[..3] == [198, 51, 100] && (16..32).contains(&a[3]))
+        );
+    }
+}

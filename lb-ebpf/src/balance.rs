@@ -1,14 +1,16 @@
 //! The balancer's per-packet pipeline: parse, find the service, find or pick the backend,
 //! count, forward. Shared by `weir_balancer` and the benchmark programs, so that they run
 //! exactly the same code.
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{FlowKey, VipInfo, VipKey, stat};
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    BACKEND_UP, BackendInfo, FLOW_VIA_PORT0, FlowKey, FlowValue, VipInfo, VipKey, stat,
+};
 
 use crate::{
-    conntrack, forward,
-    maps::{STATS, VIPS},
+    clock, conntrack, forward,
+    maps::{BACKENDS, CONNTRACK, GLOBAL, SERVICES, STATS, VIPS},
     parse::parse,
-    stats::{Exit, Stats, action_stat, bump, count_traffic, pass},
+    stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
 
 /// Balances one packet and counts its fate.
@@ -26,9 +28,10 @@ pub(crate) fn run(ctx: &XdpContext) -> u32 {
     action
 }
 
-/// The service of a flow: its exact port, else the whole-address service (port zero).
+/// The service of a flow: its exact port, else the whole-address service (port zero, then
+/// `true`).
 #[inline(always)]
-fn lookup_vip(key: &FlowKey) -> Option<&'static VipInfo> {
+fn lookup_vip(key: &FlowKey) -> Option<(&'static VipInfo, bool)> {
     let mut vip_key = VipKey {
         addr: key.dst_addr,
         port_be: key.dst_port_be,
@@ -38,24 +41,71 @@ fn lookup_vip(key: &FlowKey) -> Option<&'static VipInfo> {
     // SAFETY: the reference points into map memory that stays allocated while the program
     // runs; the agent changes values only by whole-element map updates, never in place.
     if let Some(vip) = unsafe { VIPS.get(&vip_key) } {
-        return Some(vip);
+        return Some((vip, false));
     }
     vip_key.port_be = 0;
     // SAFETY: as above.
-    unsafe { VIPS.get(&vip_key) }
+    unsafe { VIPS.get(&vip_key) }.map(|vip| (vip, true))
+}
+
+/// The service and backend of a tracked flow whose backend the datapath still honours (up,
+/// the same generation), found from the backend without the VIP lookup. Why that is the
+/// service the VIP lookup would find: the entry was made for a packet that the lookup
+/// matched to this service by its exact port (flows matched by the port-0 fallback are
+/// marked and not taken here), and the agent gives a VIP key to another service, or a
+/// service another key, only through a new service, whose backends are new ones: every
+/// backend of the old one is retired (down, or its id reused under a new generation)
+/// first. Changed settings of a service reach `SERVICES` before `VIPS`.
+#[inline(always)]
+fn tracked_service(flow: *mut FlowValue) -> Option<(&'static VipInfo, &'static BackendInfo)> {
+    // SAFETY: a value of the connection table, valid until this program returns (LRU maps
+    // are preallocated: an entry evicted meanwhile is at worst reused, never freed).
+    let f = unsafe { &*flow };
+    if f.flags & FLOW_VIA_PORT0 != 0 {
+        return None;
+    }
+    let backend = BACKENDS.get(f.backend_id)?;
+    if backend.state != BACKEND_UP || backend.generation != f.generation {
+        return None;
+    }
+    let vip = SERVICES.get(backend.service_id)?;
+    (vip.service_id == backend.service_id && vip.ring_size != 0).then_some((vip, backend))
 }
 
 #[inline(always)]
 fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     let p = parse(ctx)?;
-    let vip = lookup_vip(&p.key).ok_or(pass(stat::PASS_NOT_VIP))?;
+    // The connection table first: the packets of a tracked flow find their service through
+    // it (`tracked_service`), so a packet pays for one hash lookup, the table's. Others ask
+    // `VIPS`, which decides whether the packet is for a VIP at all.
+    let flow = CONNTRACK.get_ptr_mut(&p.key);
+    let (vip, via_port0, tracked) = match flow.and_then(tracked_service) {
+        Some((vip, backend)) => (vip, false, Some(backend)),
+        None => {
+            let (vip, via_port0) = lookup_vip(&p.key).ok_or(pass(stat::PASS_NOT_VIP))?;
+            (vip, via_port0, None)
+        }
+    };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    // Read once per packet and handed down: the tunnel sources, for the next-hop lookup and
+    // the outer header.
+    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
 
-    // One clock read per packet, and the coarse clock (jiffies): timestamps here only need
-    // second precision, and the precise clock measured at about 45 ns per read in a VM.
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (backend_id, backend, new_flow) = conntrack::backend_for(&p, vip, now, stats)?;
+    // The coarse clock: timestamps here only need second precision, and the precise clock
+    // measured at about 45 ns per read in a VM. Read through the per-jiffy cache: no helper
+    // call on almost every packet.
+    let now = clock::now();
+    let (backend_id, backend, new_flow) = conntrack::backend_for(
+        &p,
+        conntrack::Service {
+            vip,
+            via_port0,
+            flow,
+            tracked,
+        },
+        now,
+        stats,
+    )?;
     count_traffic(vip.service_id, backend_id, frame_len, new_flow);
-    forward::forward(ctx, &p, vip, backend_id, backend, now)
+    forward::forward(ctx, &p, vip, global, backend_id, backend, now)
 }

@@ -4,8 +4,8 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_UP, BackendInfo, FLOW_CLOSED, FLOW_COUNTED, FlowValue, LAST_SEEN_GRANULARITY_NS,
-    PROTO_TCP, VipInfo, stat,
+    BACKEND_UP, BackendInfo, FLOW_CLOSED, FLOW_COUNTED, FLOW_VIA_PORT0, FlowValue,
+    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, VipInfo, stat,
 };
 
 use crate::{
@@ -15,16 +15,34 @@ use crate::{
     stats::{Exit, Stats, bump, drop},
 };
 
+/// A packet's service as the pipeline found it.
+pub(crate) struct Service<'a> {
+    pub(crate) vip: &'a VipInfo,
+    /// Matched by the port-0 fallback of the VIP lookup.
+    pub(crate) via_port0: bool,
+    /// The flow's entry in the table, if any.
+    pub(crate) flow: Option<*mut FlowValue>,
+    /// The entry's backend, when the service was found through it (then already known to
+    /// be honoured for this service).
+    pub(crate) tracked: Option<&'static BackendInfo>,
+}
+
 /// The backend of a packet's flow: the table's while the entry is fresh and still honoured
 /// (and the packet no bare SYN), else the scheduler's pick, which is then recorded. Returns
 /// the backend id, the backend, and whether a new table entry was made.
 #[inline(always)]
 pub(crate) fn backend_for(
     p: &Parsed,
-    vip: &VipInfo,
+    service: Service<'_>,
     now: u64,
     stats: Stats,
 ) -> Result<(u32, &'static BackendInfo, bool), Exit> {
+    let Service {
+        vip,
+        via_port0,
+        flow: entry,
+        tracked: tracked_backend,
+    } = service;
     let is_tcp = p.key.proto == PROTO_TCP;
     // A bare SYN always asks the scheduler: a reused 5-tuple is a new connection and may go
     // elsewhere. A RST never creates state.
@@ -40,14 +58,14 @@ pub(crate) fn backend_for(
 
     let mut tracked = None;
     let mut stale = None;
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&p.key) {
+    if let Some(flow) = entry {
         // SAFETY: a value of the table, valid until this program returns: LRU maps are
         // preallocated, so an entry evicted meanwhile is at worst reused, never freed.
         let f = unsafe { &*flow };
         let expired = timeout_ns != 0 && now.saturating_sub(f.last_seen_ns) > timeout_ns;
         if expired {
             bump(stats, stat::CT_IDLE_EXPIRED);
-        } else if !is_syn && let Some(b) = honoured(f, vip.service_id) {
+        } else if !is_syn && let Some(b) = tracked_backend.or_else(|| honoured(f, vip.service_id)) {
             tracked = Some((f.backend_id, b, flow));
         }
         if tracked.is_none() {
@@ -72,17 +90,33 @@ pub(crate) fn backend_for(
         }
         None => {
             bump(stats, stat::CT_MISS);
-            if let Some(flow) = stale {
-                release(flow);
-            }
             // A TCP packet that is neither a SYN nor known: it belongs to a connection made
             // before an eviction, an idle expiry or an LB restart. It goes by the hash.
             let midflow = is_tcp && !is_syn;
             if midflow {
                 bump(stats, stat::UNTRACKED_MIDFLOW);
             }
-            let id = schedule(vip, &p.key, midflow)?;
-            let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
+            let picked = schedule(vip, &p.key, midflow).and_then(|id| {
+                let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
+                Ok((id, backend))
+            });
+            // A stale entry still counted for the very backend the flow goes to again (a SYN
+            // retransmitted, a port reused by the same client) hands its count over to the
+            // new entry: releasing it and counting the new one would be two atomic adds
+            // that cancel out.
+            let hands_over = !is_end
+                && !is_rst
+                && stale.is_some_and(|flow| {
+                    picked
+                        .as_ref()
+                        .is_ok_and(|(id, backend)| counted_for(flow, *id, backend.generation))
+                });
+            if let Some(flow) = stale
+                && !hands_over
+            {
+                release(flow);
+            }
+            let (id, backend) = picked?;
             if !is_rst {
                 // A FIN of a flow the table lost (re-picked, evicted, expired) keeps the rest
                 // of the close on one backend but is no active connection: it would never be
@@ -91,11 +125,13 @@ pub(crate) fn backend_for(
                     backend_id: id,
                     generation: backend.generation,
                     last_seen_ns: now,
-                    flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED },
+                    flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED }
+                        | if via_port0 { FLOW_VIA_PORT0 } else { 0 },
                 };
                 // A full LRU evicts its oldest entry (the agent reconciles the counts); a
                 // failure here only means the next packet asks the scheduler again.
-                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end {
+                // Should the insert fail, a handed-over entry stays as it was, counted.
+                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end && !hands_over {
                     add_conns(id, 1);
                 }
                 new_flow = true;
@@ -104,6 +140,16 @@ pub(crate) fn backend_for(
         }
     };
     Ok((backend_id, backend, new_flow))
+}
+
+/// Whether an entry counts as an active connection of backend `id` in its `generation`.
+#[inline(always)]
+fn counted_for(flow: *mut FlowValue, id: u32, generation: u32) -> bool {
+    // SAFETY: `flow` points at a live table value (from the lookup in this run).
+    let f = unsafe { &*flow };
+    f.flags & (FLOW_COUNTED | FLOW_CLOSED) == FLOW_COUNTED
+        && f.backend_id == id
+        && f.generation == generation
 }
 
 /// A backend a tracked flow may keep: still up, still of this service, still the same

@@ -45,6 +45,7 @@
 
 mod balance;
 mod bench;
+mod clock;
 mod conntrack;
 mod decap;
 mod forward;

@@ -7,17 +7,34 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop, TrafficCounters, VipInfo,
-    VipKey, stat,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop, TrafficCounters, VipAddrBits,
+    VipInfo, VipKey, stat,
 };
 
 #[map]
 pub(crate) static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// Every VIP address (port and protocol zero): the first, cheap test that lets all other
-/// traffic pass before any further parsing.
+/// Every VIP address (port and protocol zero): the exact test, asked only when a packet whose
+/// bit is set in `VIP_ADDR_BITS` is to be dropped or passed before its VIP lookup, so that
+/// traffic for an address that merely shares a VIP's bit is never judged.
 #[map]
 pub(crate) static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// The filter of VIP destination addresses (see `VipAddrBits`): the first, cheap test that
+/// lets almost all other traffic pass before any further parsing. An array lookup is
+/// inlined by the kernel into a few instructions, where a hash lookup hashes the key and
+/// walks a bucket: the filter keeps the pre-check's benefit for other traffic without a
+/// second hash lookup for VIP packets.
+#[map]
+pub(crate) static VIP_ADDR_BITS: Array<VipAddrBits> = Array::with_max_entries(1, 0);
+
+/// Each service's `VIPS` value, by service id: how the packets of a tracked flow find their
+/// service from their backend (`BackendInfo::service_id`), without the VIP lookup. An entry
+/// counts only with its own `service_id` and a non-zero `ring_size` (a service with any
+/// backend has a ring); the agent writes it before the service's `VIPS` entry and voids it
+/// (`service_id` `u32::MAX`) before removing that.
+#[map]
+pub(crate) static SERVICES: Array<VipInfo> = Array::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
 pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);

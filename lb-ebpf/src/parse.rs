@@ -3,7 +3,7 @@
 //! the packet rules of the crate documentation.
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, VipKey,
+    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, VipAddrBits, VipKey,
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
     },
@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::VIP_ADDRS,
+    maps::{VIP_ADDR_BITS, VIP_ADDRS},
     stats::{Exit, drop, pass},
 };
 
@@ -33,6 +33,24 @@ pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Copies `words` 32-bit words of a header, from byte `at`, into an address field, as
+/// words. Why not `copy_from_slice`: a byte-wise copy lets LLVM keep an address as 4 or 16
+/// separate byte values, spilled to the stack one 8-byte slot each and stored back byte by
+/// byte into each key built from it, whose word-sized reads (the map's hash, `memcmp`)
+/// then cannot be forwarded from the stores and stall. Word-sized stores avoid both.
+#[inline(always)]
+fn copy_words<const N: usize>(dst: &mut [u8; 16], hdr: &[u8; N], at: usize, words: usize) {
+    let mut i = 0;
+    while i < words && i < 4 {
+        let o = at + 4 * i;
+        if let Some(w) = hdr.get(o..o + 4).and_then(|w| <[u8; 4]>::try_from(w).ok()) {
+            let word = u32::from_ne_bytes(w);
+            dst[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        i += 1;
+    }
+}
+
 /// What the parser learnt of a packet for a VIP address.
 pub(crate) struct Parsed {
     pub(crate) key: FlowKey,
@@ -45,21 +63,83 @@ pub(crate) struct Parsed {
     pub(crate) tcp_flags: u8,
 }
 
+/// The VIP address filter. Looked up before the packet's address is read: a map lookup is
+/// a call to LLVM, and values read before it would be kept across it on the stack.
 #[inline(always)]
-fn vip_addr_known(addr: &[u8; 16], family: u8) -> bool {
-    let key = VipKey {
-        addr: *addr,
-        port_be: 0,
-        proto: 0,
-        family,
-    };
+fn vip_addr_bits() -> Result<&'static VipAddrBits, Exit> {
+    VIP_ADDR_BITS.get(0).ok_or(pass(stat::PASS_NOT_VIP))
+}
+
+/// Whether some VIP address may be `addr`: its bit in the filter.
+#[inline(always)]
+fn vip_addr_maybe(bits: &VipAddrBits, addr: &[u8; 16]) -> bool {
+    let (word, mask) = VipAddrBits::position(addr);
+    bits.words.get(word).is_some_and(|w| w & mask != 0)
+}
+
+/// Whether the packet's destination is a VIP address (the exact set), read again from the
+/// packet: for the rare exits past the filter, so that the fast path keeps nothing of the
+/// address alive for them. `None` if the frame holds no fixed IP header, i.e. the exit came
+/// before the filter.
+#[inline(always)]
+fn dst_is_vip_addr(ctx: &XdpContext) -> Option<bool> {
+    let mut key = VipKey::default();
+    let eth: *const [u8; ETH_HDR_LEN] = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the 14 bytes are in the packet.
+    let mut ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
+    let mut l2_len = ETH_HDR_LEN;
+    if ether_type == ETH_P_8021Q {
+        let vlan: *const [u8; VLAN_HDR_LEN] = ptr_at(ctx, ETH_HDR_LEN)?;
+        // SAFETY: `ptr_at` checked the 4 tag bytes are in the packet.
+        ether_type = unsafe { u16::from_be_bytes([(*vlan)[2], (*vlan)[3]]) };
+        l2_len = ETH_HDR_LEN + VLAN_HDR_LEN;
+    }
+    if ether_type == ETH_P_IP {
+        let ip: *const [u8; IPV4_HDR_LEN] = ptr_at(ctx, l2_len)?;
+        // SAFETY: `ptr_at` checked the fixed header is in the packet.
+        copy_words(&mut key.addr, unsafe { &*ip }, 16, 1);
+        key.family = FAMILY_V4;
+    } else if ether_type == ETH_P_IPV6 {
+        let ip: *const [u8; IPV6_HDR_LEN] = ptr_at(ctx, l2_len)?;
+        // SAFETY: `ptr_at` checked the fixed header is in the packet.
+        copy_words(&mut key.addr, unsafe { &*ip }, 24, 4);
+        key.family = FAMILY_V6;
+    } else {
+        return None;
+    }
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { VIP_ADDRS.get(&key) }.is_some()
+    Some(unsafe { VIP_ADDRS.get(&key) }.is_some())
 }
 
 /// Parses up to the L4 ports. `Err` is an early exit (pass or drop) with its reason.
+///
+/// A packet whose destination's bit is clear in `VIP_ADDR_BITS` passes at once
+/// (`pass_not_vip`). Past the filter, the address is only probably a VIP's: a well-formed
+/// packet goes on to the VIP lookup, which decides (one hash lookup for a VIP packet); an
+/// early exit is first confirmed with the exact set `VIP_ADDRS`, and becomes
+/// `pass_not_vip` for an address of no VIP, as the packet rules require. Those exits are
+/// the rare packets, so they pay for the second lookup.
 #[inline(always)]
 pub(crate) fn parse(ctx: &XdpContext) -> Result<Parsed, Exit> {
+    match parse_unconfirmed(ctx) {
+        // The filter's own exit stands, and so do the exits before it: the frame is no IP
+        // packet or holds no fixed IP header, there is no address to confirm (the reasons
+        // that only occur there are not even asked about; `None` for the others).
+        Err(exit)
+            if !matches!(
+                exit.reason,
+                stat::PASS_NOT_VIP | stat::PASS_NON_IP | stat::DROP_TRUNC_ETH
+            ) && dst_is_vip_addr(ctx) == Some(false) =>
+        {
+            Err(pass(stat::PASS_NOT_VIP))
+        }
+        other => other,
+    }
+}
+
+/// `parse` without the confirmation of its exits.
+#[inline(always)]
+fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
     let eth: *const [u8; ETH_HDR_LEN] = ptr_at(ctx, 0).ok_or(drop(stat::DROP_TRUNC_ETH))?;
     // SAFETY: `ptr_at` checked the 14 bytes are in the packet.
     let mut ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
@@ -77,15 +157,17 @@ pub(crate) fn parse(ctx: &XdpContext) -> Result<Parsed, Exit> {
     let ip_len;
     let dont_fragment;
     if ether_type == ETH_P_IP {
+        let bits = vip_addr_bits()?;
         let ip: *const [u8; IPV4_HDR_LEN] =
             ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV4))?;
         // SAFETY: the fixed 20-byte header is in the packet (`ptr_at`), and nothing writes
         // the packet while this shared borrow lives.
         let ip = unsafe { &*ip };
-        key.dst_addr[..4].copy_from_slice(&ip[16..20]);
-        if !vip_addr_known(&key.dst_addr, FAMILY_V4) {
+        copy_words(&mut key.dst_addr, ip, 16, 1);
+        if !vip_addr_maybe(bits, &key.dst_addr) {
             return Err(pass(stat::PASS_NOT_VIP));
         }
+        key.family = FAMILY_V4;
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
         ip_len = u16::from_be_bytes([ip[2], ip[3]]);
         if ip[0] >> 4 != 4 || ihl < IPV4_HDR_LEN || (ip_len as usize) < ihl {
@@ -102,21 +184,22 @@ pub(crate) fn parse(ctx: &XdpContext) -> Result<Parsed, Exit> {
         if ip[8] == 0 {
             return Err(drop(stat::DROP_TTL));
         }
-        key.src_addr[..4].copy_from_slice(&ip[12..16]);
+        copy_words(&mut key.src_addr, ip, 12, 1);
         key.proto = ip[9];
-        key.family = FAMILY_V4;
         dont_fragment = ip[6] & 0x40 != 0;
         l4_off = l2_len + ihl;
     } else if ether_type == ETH_P_IPV6 {
+        let bits = vip_addr_bits()?;
         let ip: *const [u8; IPV6_HDR_LEN] =
             ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV6))?;
         // SAFETY: the fixed 40-byte header is in the packet (`ptr_at`), and nothing writes
         // the packet while this shared borrow lives.
         let ip = unsafe { &*ip };
-        key.dst_addr.copy_from_slice(&ip[24..40]);
-        if !vip_addr_known(&key.dst_addr, FAMILY_V6) {
+        copy_words(&mut key.dst_addr, ip, 24, 4);
+        if !vip_addr_maybe(bits, &key.dst_addr) {
             return Err(pass(stat::PASS_NOT_VIP));
         }
+        key.family = FAMILY_V6;
         if ip[0] >> 4 != 6 {
             return Err(drop(stat::DROP_MALFORMED_IP));
         }
@@ -136,9 +219,8 @@ pub(crate) fn parse(ctx: &XdpContext) -> Result<Parsed, Exit> {
         if ip[7] == 0 {
             return Err(drop(stat::DROP_TTL));
         }
-        key.src_addr.copy_from_slice(&ip[8..24]);
+        copy_words(&mut key.src_addr, ip, 8, 4);
         key.proto = ip[6];
-        key.family = FAMILY_V6;
         ip_len = payload_len.wrapping_add(IPV6_HDR_LEN as u16);
         dont_fragment = true;
         l4_off = l2_len + IPV6_HDR_LEN;

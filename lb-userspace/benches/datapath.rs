@@ -1,14 +1,28 @@
 //! `cargo xtask bench datapath`: nanoseconds per packet through `BPF_PROG_TEST_RUN`.
 //!
-//! Every case runs `repeat` = 1,000,000 times in the kernel, five rounds, median reported,
-//! next to `weir_pass` (a bare `XDP_PASS`: the floor) measured in the same run. The kernel
+//! Every case runs `repeat` = 1,000,000 times in the kernel per round, seven rounds
+//! interleaved over the cases (a slow spell of a shared machine then touches every case
+//! alike), median reported, next to `weir_pass` (a bare `XDP_PASS`: the floor) measured in the same run. The kernel
 //! does not restore the packet between repeats, so the balancer cases run through
 //! `weir_bench`, which trims what the previous run prepended and copies the template packet
 //! back before running the balancer's own code; the "template copy" row prices that
 //! restoration alone (an ARP frame, which the balancer passes after one comparison). Each
 //! run's return value is checked, so a case that stopped balancing would fail the bench.
 //!
+//! The last balancer row runs on every CPU at once (a thread pinned to each, all on the same
+//! maps): new TCP flows from `weir_bench_gen`, each CPU walking its own share of 65,536
+//! source ports, so every run inserts into the connection table as a SYN flood spread by
+//! RSS would; it prices the table's shared state (the LRU lists, the bucket locks), which a
+//! single CPU never contends for. Its figure is the median over the CPUs of each one's mean.
+//!
 //! The table goes to stdout and to docs/BENCHMARKS.md.
+//!
+//! Arguments (after `--`): `--rounds N` (default 7, median reported), `--only a,b` (only the
+//! cases whose names contain one of these; the floor and the template copy always run, and
+//! the doc is left alone), `--object PATH` (an eBPF object built elsewhere instead of the
+//! one embedded, for trying a datapath change without rebuilding the bench; the doc is
+//! left alone), `--min` (report the fastest round instead of the median: on a machine
+//! shared with other work, the round least disturbed; the doc is left alone).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -20,7 +34,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::Array;
+use aya::{
+    maps::{Array, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name, prog_name};
 use weir::{
     agent::desired::plain,
@@ -31,7 +48,7 @@ use weir::{
 use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const REPEAT: u32 = 1_000_000;
-const ROUNDS: usize = 5;
+const DEFAULT_ROUNDS: usize = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -139,39 +156,130 @@ fn ipv6(dst_last: u8, proto: u8, l4: &[u8]) -> Vec<u8> {
     p
 }
 
+/// `--name VALUE` from the bench's arguments (cargo adds `--bench`, which is ignored).
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 struct Bench {
     ebpf: aya::Ebpf,
+    rounds: usize,
+    /// Report the fastest round, not the median.
+    min: bool,
     _balancer: Balancer<KernelMaps>,
     template: Array<aya::maps::MapData, BenchTemplate>,
     g0: u32,
 }
 
+/// `weir_bench_gen`, its settings map and its per-CPU flow counter.
+const BENCH_GEN: &str = "weir_bench_gen";
+const BENCH_GEN_MAP: &str = "BENCH_GEN";
+const BENCH_GEN_SEQ: &str = "BENCH_GEN_SEQ";
+/// Flows of the all-CPUs case, and the offset of the TCP source port they differ in.
+const PARALLEL_FLOWS: u32 = 65_536;
+const SPORT_OFFSET: u32 = 14 + 20;
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch that set and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+            eprintln!("warning: cannot pin a thread to CPU {cpu}");
+        }
+    }
+}
+
 impl Bench {
+    /// New flows on every CPU at once through `weir_bench_gen`: the median over the CPUs
+    /// of each one's mean ns per run (see the module documentation).
+    fn measure_parallel(&mut self, input: &[u8]) -> f64 {
+        self.set_template(input);
+        let cpus = nr_cpus().expect("number of CPUs");
+        let mut gen_map: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(BENCH_GEN_MAP).expect("BENCH_GEN")).expect("array");
+        for (i, v) in [0, PARALLEL_FLOWS, SPORT_OFFSET, 1024]
+            .into_iter()
+            .enumerate()
+        {
+            gen_map.set(i as u32, v, 0).expect("BENCH_GEN");
+        }
+        let mut seq: PerCpuArray<_, u32> =
+            PerCpuArray::try_from(self.ebpf.map_mut(BENCH_GEN_SEQ).expect("BENCH_GEN_SEQ"))
+                .expect("per-CPU array");
+        let starts: Vec<u32> = (0..cpus)
+            .map(|cpu| (cpu as u32).wrapping_mul(PARALLEL_FLOWS / cpus.max(1) as u32))
+            .collect();
+        seq.set(0, PerCpuValues::try_from(starts).expect("values"), 0)
+            .expect("BENCH_GEN_SEQ");
+        let runner =
+            common::test_run::XdpRunner::new(&self.ebpf, BENCH_GEN, self.g0).expect("program");
+        let mut samples = Vec::new();
+        for _ in 0..self.rounds {
+            let per_cpu: Vec<Duration> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..cpus)
+                    .map(|cpu| {
+                        let runner = &runner;
+                        s.spawn(move || {
+                            pin_to(cpu);
+                            let (action, duration) =
+                                runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
+                            assert_eq!(action, XDP_TX, "{BENCH_GEN}: unexpected XDP action");
+                            duration
+                        })
+                    })
+                    .collect();
+                runs.into_iter()
+                    .map(|r| r.join().expect("bench thread"))
+                    .collect()
+            });
+            let mut per_cpu = per_cpu;
+            per_cpu.sort();
+            samples.push(per_cpu[per_cpu.len() / 2]);
+        }
+        self.pick(samples)
+    }
+
+    fn set_template(&mut self, input: &[u8]) {
+        let mut t = BenchTemplate {
+            len: input.len() as u32,
+            data: [0; BENCH_TEMPLATE_LEN],
+        };
+        t.data[..input.len()].copy_from_slice(input);
+        self.template.set(0, t, 0).expect("write template");
+    }
+
     /// Median ns per run of `program` on `input`, checking every round's return value.
-    fn measure(&mut self, program: &str, input: &[u8], want: u32) -> f64 {
+    /// One round of `program` on `input`: the mean duration of one repeat, as the kernel
+    /// reports it, after checking the run's return value.
+    fn measure_once(&mut self, program: &str, input: &[u8], want: u32) -> Duration {
         if program == prog_name::BENCH {
-            let mut t = BenchTemplate {
-                len: input.len() as u32,
-                data: [0; BENCH_TEMPLATE_LEN],
-            };
-            t.data[..input.len()].copy_from_slice(input);
-            self.template.set(0, t, 0).expect("write template");
+            self.set_template(input);
         }
         let runner =
             common::test_run::XdpRunner::new(&self.ebpf, program, self.g0).expect("program");
-        let mut samples = Vec::with_capacity(ROUNDS);
-        for _ in 0..ROUNDS {
-            let (action, mean) = runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
-            assert_eq!(
-                action, want,
-                "{program}: unexpected XDP action, the case is not measuring what it says"
-            );
-            // The kernel reports the mean duration of one repeat.
-            samples.push(mean);
-        }
+        let (action, duration) = runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            action, want,
+            "{program}: unexpected XDP action, the case is not measuring what it says"
+        );
+        duration
+    }
+
+    /// The reported figure of a case's rounds: the median, or with `--min` the fastest.
+    fn pick(&self, mut samples: Vec<Duration>) -> f64 {
         samples.sort();
-        let median: Duration = samples[ROUNDS / 2];
-        median.as_nanos() as f64
+        let pick = if self.min {
+            samples[0]
+        } else {
+            samples[samples.len() / 2]
+        };
+        pick.as_nanos() as f64
     }
 }
 
@@ -181,14 +289,36 @@ fn main() {
         eprintln!("bench datapath needs root (BPF_PROG_TEST_RUN and a network namespace)");
         std::process::exit(1);
     }
+    let rounds: usize = arg("--rounds")
+        .map(|r| r.parse().expect("--rounds N"))
+        .unwrap_or(DEFAULT_ROUNDS)
+        .clamp(1, 101);
+    let only: Option<Vec<String>> =
+        arg("--only").map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
+    let object = arg("--object");
+    let min = std::env::args().any(|a| a == "--min");
     let ns = common::Netns::create(&common::prefix("bdp")).expect("namespace");
     let n = ns.name().to_owned();
     common::lab_namespace(&n).expect("lab namespace");
 
     let rows = common::in_netns(&n, || {
         let cfg = config::parse(&bench_config().render(), Path::new("bench.toml")).expect("config");
-        let mut ebpf = datapath::load_object(cfg.agent.conntrack_entries, false).expect("load");
-        for p in [prog_name::PASS, prog_name::BENCH, prog_name::BENCH_FIB] {
+        let mut ebpf = match &object {
+            Some(path) => {
+                let bytes = std::fs::read(path).expect("reading --object");
+                aya::EbpfLoader::new()
+                    .map_max_entries(map_name::CONNTRACK, cfg.agent.conntrack_entries)
+                    .load(&bytes)
+                    .expect("load --object")
+            }
+            None => datapath::load_object(cfg.agent.conntrack_entries, false).expect("load"),
+        };
+        for p in [
+            prog_name::PASS,
+            prog_name::BENCH,
+            prog_name::BENCH_FIB,
+            BENCH_GEN,
+        ] {
             datapath::load_program(&mut ebpf, p).expect("verifier");
         }
         let template = Array::try_from(ebpf.take_map(map_name::BENCH_TEMPLATE).expect("map"))
@@ -198,6 +328,8 @@ fn main() {
         let g0 = datapath::ifindex("g0").expect("g0");
         let mut b = Bench {
             ebpf,
+            rounds,
+            min,
             _balancer: balancer,
             template,
             g0,
@@ -217,34 +349,105 @@ fn main() {
         arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x06]);
         arp.resize(60, 0);
 
-        let floor = b.measure(prog_name::PASS, &non_vip, XDP_PASS);
-        let mut rows = vec![("XDP_PASS program (floor)".to_owned(), floor)];
-        let cases: Vec<(&str, &[u8], u32)> = vec![
-            ("template copy only (ARP, passed)", &arp, XDP_PASS),
-            ("non-VIP IPv4 TCP, passed", &non_vip, XDP_PASS),
+        let mut cases: Vec<(&str, &str, &[u8], u32)> = vec![
+            (
+                "XDP_PASS program (floor)",
+                prog_name::PASS,
+                &non_vip,
+                XDP_PASS,
+            ),
+            (
+                "template copy only (ARP, passed)",
+                prog_name::BENCH,
+                &arp,
+                XDP_PASS,
+            ),
+            (
+                "non-VIP IPv4 TCP, passed",
+                prog_name::BENCH,
+                &non_vip,
+                XDP_PASS,
+            ),
             (
                 "TCP SYN, new flow, maglev (scheduler + insert), tunnel",
+                prog_name::BENCH,
                 &syn,
                 XDP_TX,
             ),
-            ("TCP SYN, new flow, ip-hash", &syn_iphash, XDP_TX),
-            ("TCP SYN, new flow, round-robin", &syn_rr, XDP_TX),
+            (
+                "TCP SYN, new flow, ip-hash",
+                prog_name::BENCH,
+                &syn_iphash,
+                XDP_TX,
+            ),
+            (
+                "TCP SYN, new flow, round-robin",
+                prog_name::BENCH,
+                &syn_rr,
+                XDP_TX,
+            ),
             (
                 "TCP SYN, new flow, least-conn (two choices)",
+                prog_name::BENCH,
                 &syn_lc,
                 XDP_TX,
             ),
-            ("TCP established (table hit), tunnel", &ack, XDP_TX),
-            ("UDP (table hit), tunnel", &udp4, XDP_TX),
-            ("TCP established, direct (L2 DSR)", &direct, XDP_TX),
-            ("IPv6 TCP established, tunnel", &v6, XDP_TX),
+            (
+                "TCP established (table hit), tunnel",
+                prog_name::BENCH,
+                &ack,
+                XDP_TX,
+            ),
+            ("UDP (table hit), tunnel", prog_name::BENCH, &udp4, XDP_TX),
+            (
+                "TCP established, direct (L2 DSR)",
+                prog_name::BENCH,
+                &direct,
+                XDP_TX,
+            ),
+            (
+                "IPv6 TCP established, tunnel",
+                prog_name::BENCH,
+                &v6,
+                XDP_TX,
+            ),
+            (
+                "bpf_fib_lookup alone (next hop)",
+                prog_name::BENCH_FIB,
+                &non_vip,
+                XDP_DROP,
+            ),
         ];
-        for (name, input, want) in cases {
-            let ns = b.measure(prog_name::BENCH, input, want);
-            rows.push((name.to_owned(), ns));
+        // The floor and the template copy always run: the other figures are read
+        // against them.
+        cases.retain(|(name, program, _, _)| {
+            *program == prog_name::PASS
+                || name.starts_with("template copy")
+                || only.as_ref().is_none_or(|o| {
+                    *program != prog_name::BENCH_FIB && o.iter().any(|w| name.contains(w.as_str()))
+                })
+        });
+        // Rounds interleaved over the cases, so that a slow spell of a shared machine
+        // spreads over all of them instead of skewing one.
+        let mut samples = vec![Vec::with_capacity(rounds); cases.len()];
+        for _ in 0..rounds {
+            for (i, (_, program, input, want)) in cases.iter().enumerate() {
+                samples[i].push(b.measure_once(program, input, *want));
+            }
         }
-        let fib = b.measure(prog_name::BENCH_FIB, &non_vip, XDP_DROP);
-        rows.push(("bpf_fib_lookup alone (next hop)".to_owned(), fib));
+        let mut rows: Vec<(String, f64)> = cases
+            .iter()
+            .zip(samples)
+            .map(|((name, ..), s)| ((*name).to_owned(), b.pick(s)))
+            .collect();
+        let parallel = "TCP SYN, new flows, every CPU at once (maglev, tunnel)";
+        if only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|w| parallel.contains(w.as_str())))
+        {
+            let ns = b.measure_parallel(&syn);
+            rows.push((parallel.to_owned(), ns));
+        }
         rows
     });
 
@@ -269,7 +472,9 @@ fn main() {
         );
     }
     println!("{table}");
-    write_doc(&table);
+    if only.is_none() && object.is_none() && !min {
+        write_doc(&table, rounds);
+    }
 }
 
 fn machine() -> String {
@@ -289,13 +494,13 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {kernel}")
 }
 
-fn write_doc(table: &str) {
+fn write_doc(table: &str, rounds: usize) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let begin = "<!-- datapath:begin -->";
     let end = "<!-- datapath:end -->";
     let section = format!(
-        "{begin}\nMeasured by `cargo xtask bench datapath` on {}: `BPF_PROG_TEST_RUN`, repeat {REPEAT}, median of {ROUNDS} rounds.\n\n{table}{end}",
+        "{begin}\nMeasured by `cargo xtask bench datapath` on {}: `BPF_PROG_TEST_RUN`, repeat {REPEAT}, median of {rounds} rounds.\n\n{table}{end}",
         machine()
     );
     let text = match (existing.find(begin), existing.find(end)) {

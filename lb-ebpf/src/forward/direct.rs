@@ -1,7 +1,7 @@
 //! L2 DSR (direct server return): only the MAC addresses change; the backend owns the VIP on
 //! a loopback and answers the client itself.
 use aya_ebpf::programs::XdpContext;
-use lb_common::{BackendInfo, headers::ETH_HDR_LEN, stat};
+use lb_common::{BackendInfo, GlobalConfig, headers::ETH_HDR_LEN, stat};
 
 use super::{
     egress,
@@ -19,6 +19,7 @@ use crate::{
 pub(super) fn forward_direct(
     ctx: &XdpContext,
     p: &Parsed,
+    global: &GlobalConfig,
     backend_id: u32,
     backend: &BackendInfo,
     now: u64,
@@ -28,7 +29,7 @@ pub(super) fn forward_direct(
     }
     // The next hop towards the backend does not depend on the client, so it is cached per
     // backend; the LB's own address (zero if none is configured) is the lookup's source.
-    let src = tunnel_source(backend.family)?;
+    let src = tunnel_source(global, backend.family);
     let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src, now)?;
     write_macs(ctx, &smac, &dmac)?;
     egress(ctx, ifindex, p.l2_len != ETH_HDR_LEN)

@@ -2,7 +2,7 @@
 //! (`tunnel`: IP-in-IP, `direct`: L2 DSR), and what both share: the next hop (`nexthop`), the
 //! new MAC addresses and the way out (`XDP_TX` or a devmap redirect).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{BackendInfo, FORWARD_DIRECT, VipInfo, stat};
+use lb_common::{BackendInfo, FORWARD_DIRECT, GlobalConfig, VipInfo, stat};
 
 use crate::{
     maps::TX_PORTS,
@@ -20,14 +20,15 @@ pub(crate) fn forward(
     ctx: &XdpContext,
     p: &Parsed,
     vip: &VipInfo,
+    global: &GlobalConfig,
     backend_id: u32,
     backend: &BackendInfo,
     now: u64,
 ) -> Result<u32, Exit> {
     if vip.forwarding == FORWARD_DIRECT {
-        direct::forward_direct(ctx, p, backend_id, backend, now)
+        direct::forward_direct(ctx, p, global, backend_id, backend, now)
     } else {
-        tunnel::forward_tunnel(ctx, p, backend_id, backend, now)
+        tunnel::forward_tunnel(ctx, p, global, backend_id, backend, now)
     }
 }
 

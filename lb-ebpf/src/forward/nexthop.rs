@@ -5,10 +5,10 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{BackendInfo, FAMILY_V4, NEXT_HOP_TTL_NS, NextHop, stat};
+use lb_common::{BackendInfo, FAMILY_V4, GlobalConfig, NEXT_HOP_TTL_NS, NextHop, stat};
 
 use crate::{
-    maps::{GLOBAL, NEXT_HOPS},
+    maps::NEXT_HOPS,
     stats::{Exit, drop},
 };
 
@@ -74,15 +74,14 @@ pub(crate) fn fib_next_hop(
 
 /// The LB's own address of `family` (the tunnel source), as the FIB lookup's source.
 #[inline(always)]
-pub(super) fn tunnel_source(family: u8) -> Result<[u8; 16], Exit> {
-    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
+pub(super) fn tunnel_source(global: &GlobalConfig, family: u8) -> [u8; 16] {
     let mut src = [0u8; 16];
     if family == FAMILY_V4 {
         src[..4].copy_from_slice(&global.tunnel_source_v4);
     } else {
         src = global.tunnel_source_v6;
     }
-    Ok(src)
+    src
 }
 
 /// The next hop towards a backend: this CPU's cached answer while fresh, else a FIB lookup

@@ -1,8 +1,9 @@
 //! IP-in-IP forwarding: a new outer IPv4 or IPv6 header (the backend's family, from the LB's
-//! tunnel source) in front of the untouched inner packet, keeping an 802.1Q tag.
+//! tunnel source, or for IPv4 from a source per flow within a configured prefix) in front of
+//! the untouched inner packet, keeping an 802.1Q tag.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    BackendInfo, FAMILY_V4, PROTO_IPIP, PROTO_IPV6,
+    BackendInfo, FAMILY_V4, GlobalConfig, PROTO_IPIP, PROTO_IPV6,
     hash::flow_hash,
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
@@ -17,7 +18,6 @@ use super::{
     write_macs,
 };
 use crate::{
-    maps::GLOBAL,
     parse::{Parsed, ptr_at},
     stats::{Exit, drop},
 };
@@ -28,11 +28,11 @@ use crate::{
 pub(super) fn forward_tunnel(
     ctx: &XdpContext,
     p: &Parsed,
+    global: &GlobalConfig,
     backend_id: u32,
     backend: &BackendInfo,
     now: u64,
 ) -> Result<u32, Exit> {
-    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
     let inner_proto = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
@@ -40,7 +40,7 @@ pub(super) fn forward_tunnel(
     };
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len = if outer_v4 { IPV4_HDR_LEN } else { IPV6_HDR_LEN };
-    let src = tunnel_source(backend.family)?;
+    let src = tunnel_source(global, backend.family);
     let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src, now)?;
 
     // Keep the 802.1Q tag (TCI) if there was one; read it before the headers move.
@@ -81,11 +81,14 @@ pub(super) fn forward_tunnel(
             backend.addr[2],
             backend.addr[3],
         ];
+        // One source per flow within the configured prefix, if any: the backend's NIC
+        // hashes the outer header to pick a receive queue.
+        let outer_src = global.outer_source_v4(|| flow_hash(&p.key));
         // SAFETY: `ptr_at` checked the 20 bytes of the new outer header are in the packet;
         // packet memory is writable in XDP, and no other reference to it is alive.
         write_ipv4_outer(
             unsafe { &mut *hdr },
-            global.tunnel_source_v4,
+            outer_src,
             dst,
             inner_proto,
             p.ip_len,

@@ -61,6 +61,10 @@ pub fn global(config: &Config) -> GlobalConfig {
     if let Some(v6) = config.agent.tunnel_source_v6 {
         global.tunnel_source_v6 = v6.octets();
     }
+    if let Some(prefix) = config.agent.tunnel_source_prefix {
+        global.outer_base_v4 = prefix.network.octets();
+        global.outer_spread_v4 = prefix.host_mask().to_be_bytes();
+    }
     global
 }
 

@@ -113,6 +113,10 @@ pub struct AgentConfig {
     /// Outer IPv6 source address of tunnelled packets; set whenever a tunnel-mode service
     /// has an IPv6 backend.
     pub tunnel_source_v6: Option<Ipv6Addr>,
+    /// IPv4 prefix whose addresses become the outer sources of IPv4 tunnel packets, one per
+    /// flow (from the flow hash), so that a backend's NIC spreads the tunnel over its
+    /// receive queues. `None`: every packet has `tunnel_source`.
+    pub tunnel_source_prefix: Option<SourcePrefix>,
     /// Capacity of the connection-tracking map (1..=`MAX_CONNTRACK_ENTRIES`).
     pub conntrack_entries: u32,
     /// Unix socket of the management API (mode 0600).
@@ -123,6 +127,22 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     /// File where changes made from the CLI are kept across agent restarts.
     pub state_file: PathBuf,
+}
+
+/// `[agent] tunnel_source_prefix`: an IPv4 network address (host bits zero) and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePrefix {
+    pub network: Ipv4Addr,
+    /// 16..=32: at most 65,536 sources.
+    pub len: u8,
+}
+
+impl SourcePrefix {
+    /// The host bits of the prefix.
+    #[must_use]
+    pub fn host_mask(self) -> u32 {
+        u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+    }
 }
 
 /// Default `[agent] api_socket`.

@@ -309,6 +309,7 @@ weight = 65535
             xdp_mode: XdpMode::Native,
             tunnel_source: Some(Ipv4Addr::new(198, 51, 100, 1)),
             tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
+            tunnel_source_prefix: None,
             conntrack_entries: 4096,
             api_socket: PathBuf::from(DEFAULT_API_SOCKET),
             metrics: DEFAULT_METRICS.parse().unwrap(),
@@ -1056,4 +1057,50 @@ fn helpers() {
         assert_eq!(mode.to_string(), mode.as_str());
     }
     assert_eq!(Scheduler::IpHash.to_string(), "ip-hash");
+}
+
+#[test]
+fn tunnel_source_prefix() {
+    let base = web("", &[backend("203.0.113.11")]);
+    assert_eq!(ok(&base).agent.tunnel_source_prefix, None);
+    let with = |prefix: &str| {
+        base.replace(
+            "tunnel_source = \"198.51.100.1\"\n",
+            &format!("tunnel_source = \"198.51.100.1\"\ntunnel_source_prefix = \"{prefix}\"\n"),
+        )
+    };
+    let prefix = ok(&with("198.51.100.16/28"))
+        .agent
+        .tunnel_source_prefix
+        .unwrap();
+    assert_eq!(
+        prefix,
+        SourcePrefix {
+            network: Ipv4Addr::new(198, 51, 100, 16),
+            len: 28
+        }
+    );
+    assert_eq!(prefix.host_mask(), 0x0f);
+    let one = ok(&with("198.51.100.1/32"))
+        .agent
+        .tunnel_source_prefix
+        .unwrap();
+    assert_eq!(one.host_mask(), 0);
+    let key = "agent.tunnel_source_prefix";
+    rejects(
+        &with("198.51.100.17/28"),
+        key,
+        "host bits set; the prefix is 198.51.100.16/28",
+    );
+    rejects(&with("198.51.100.0/8"), key, "must be 16..=32");
+    rejects(&with("198.51.100.0/33"), key, "must be 16..=32");
+    rejects(&with("198.51.100.0"), key, "expected an IPv4 prefix");
+    rejects(&with("2001:db8::/64"), key, "IPv6 prefix");
+    rejects(&with("198.51.100/24"), key, "invalid IPv4 address");
+    rejects(&with("127.0.0.0/24"), key, "cannot be a source address");
+    rejects(
+        &with("198.51.100.16/28").replace("tunnel_source = \"198.51.100.1\"\n", ""),
+        key,
+        "needs tunnel_source",
+    );
 }

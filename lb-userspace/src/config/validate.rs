@@ -3,7 +3,7 @@
 //! about. Also [`parse_duration`], which the CLI and the health checks share.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use super::{
     AgentConfig, BackendConfig, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
     DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding,
     HealthCheck, HealthKind, MAX_CHECK_INTERVAL, MAX_CONNTRACK_ENTRIES, MAX_DURATION, Protocol,
-    ServiceConfig, fail,
+    ServiceConfig, SourcePrefix, fail,
 };
 
 /// The whole file: the `[agent]` table, then every service in order, then what only the
@@ -139,6 +139,19 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         .transpose()
         .map_err(|reason| fail("agent.tunnel_source_v6", reason))?;
 
+    let tunnel_source_prefix = raw
+        .tunnel_source_prefix
+        .as_deref()
+        .map(parse_source_prefix)
+        .transpose()
+        .map_err(|reason| fail("agent.tunnel_source_prefix", reason))?;
+    if tunnel_source_prefix.is_some() && tunnel_source.is_none() {
+        return Err(fail(
+            "agent.tunnel_source_prefix",
+            "needs tunnel_source: the LB's own IPv4 address, the source of its route lookups",
+        ));
+    }
+
     let conntrack_entries = match raw.conntrack_entries {
         None => DEFAULT_CONNTRACK_ENTRIES,
         Some(n) => u32::try_from(n)
@@ -181,6 +194,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         xdp_mode: raw.xdp_mode,
         tunnel_source,
         tunnel_source_v6,
+        tunnel_source_prefix,
         conntrack_entries,
         api_socket,
         metrics,
@@ -530,4 +544,48 @@ fn check_tunnel_sources(
         return Err(missing("tunnel_source_v6", b, backend));
     }
     Ok(())
+}
+
+/// Parses and checks `tunnel_source_prefix`.
+fn parse_source_prefix(text: &str) -> Result<SourcePrefix, String> {
+    let (addr, len) = text.split_once('/').ok_or_else(|| {
+        format!(
+            "invalid prefix {}: expected an IPv4 prefix such as \"198.51.100.16/28\"",
+            quoted(text)
+        )
+    })?;
+    let network = match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(network)) => network,
+        Ok(IpAddr::V6(_)) => {
+            return Err(format!(
+                "{} is an IPv6 prefix; only IPv4 outer sources are spread (the IPv6 outer \
+                 header varies its flow label per flow instead)",
+                quoted(text)
+            ));
+        }
+        Err(_) => return Err(format!("invalid IPv4 address in {}", quoted(text))),
+    };
+    let len = len
+        .parse::<u8>()
+        .ok()
+        .filter(|len| (16..=32).contains(len))
+        .ok_or_else(|| {
+            format!(
+                "prefix length of {} must be 16..=32 (at most 65,536 sources)",
+                quoted(text)
+            )
+        })?;
+    let prefix = SourcePrefix { network, len };
+    let host = u32::from(network) & prefix.host_mask();
+    if host != 0 {
+        return Err(format!(
+            "{} has host bits set; the prefix is {}/{len}",
+            quoted(text),
+            Ipv4Addr::from(u32::from(network) & !prefix.host_mask())
+        ));
+    }
+    let last = Ipv4Addr::from(u32::from(network) | prefix.host_mask());
+    check_source(IpAddr::V4(network))?;
+    check_source(IpAddr::V4(last))?;
+    Ok(prefix)
 }

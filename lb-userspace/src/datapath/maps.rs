@@ -10,8 +10,8 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipInfo, VipKey,
-    map_name, stat,
+    BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
+    VipInfo, VipKey, map_name, stat,
 };
 
 use super::{DatapathError, map_err};
@@ -22,8 +22,15 @@ pub trait MapWriter {
     fn set_global(&mut self, global: GlobalConfig) -> Result<(), DatapathError>;
     fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError>;
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DatapathError>;
+    /// Writes a service's `SERVICES` entry (its `VIPS` value, by service id).
+    fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError>;
+    /// Voids a service's `SERVICES` entry: tracked flows no longer find the service
+    /// through it.
+    fn clear_service(&mut self, id: u32) -> Result<(), DatapathError>;
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError>;
     fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError>;
+    /// Writes the VIP address filter (`VIP_ADDR_BITS`), whole.
+    fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError>;
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError>;
     /// Writes one ring slot of a service.
     fn set_ring_slot(
@@ -65,7 +72,9 @@ pub trait StatsReader {
 /// The real maps of a loaded object.
 pub struct KernelMaps {
     vips: HashMap<MapData, VipKey, VipInfo>,
+    services: Array<MapData, VipInfo>,
     vip_addrs: HashMap<MapData, VipKey, u32>,
+    vip_addr_bits: Array<MapData, VipAddrBits>,
     backends: Array<MapData, BackendInfo>,
     ring: Array<MapData, u32>,
     global: Array<MapData, GlobalConfig>,
@@ -151,7 +160,9 @@ impl KernelMaps {
         let conntrack_fd = dup_fd(&conntrack, map_name::CONNTRACK)?;
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
+            services: take(ebpf, map_name::SERVICES)?,
             vip_addrs: take(ebpf, map_name::VIP_ADDRS)?,
+            vip_addr_bits: take(ebpf, map_name::VIP_ADDR_BITS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
             ring: Array::try_from(ring).map_err(map_err(map_name::RING))?,
             global: take(ebpf, map_name::GLOBAL)?,
@@ -276,6 +287,22 @@ impl MapWriter for KernelMaps {
         }
     }
 
+    fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError> {
+        self.services
+            .set(id, info, 0)
+            .map_err(map_err(map_name::SERVICES))
+    }
+
+    fn clear_service(&mut self, id: u32) -> Result<(), DatapathError> {
+        let void = VipInfo {
+            service_id: u32::MAX,
+            ..VipInfo::default()
+        };
+        self.services
+            .set(id, void, 0)
+            .map_err(map_err(map_name::SERVICES))
+    }
+
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
         self.vip_addrs
             .insert(key, 1, 0)
@@ -290,6 +317,12 @@ impl MapWriter for KernelMaps {
                 source,
             }),
         }
+    }
+
+    fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError> {
+        self.vip_addr_bits
+            .set(0, bits, 0)
+            .map_err(map_err(map_name::VIP_ADDR_BITS))
     }
 
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {

@@ -23,9 +23,11 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 15] = [
     map_name::VIPS,
+    map_name::SERVICES,
     map_name::VIP_ADDRS,
+    map_name::VIP_ADDR_BITS,
     map_name::BACKENDS,
     map_name::RING,
     map_name::CONNTRACK,

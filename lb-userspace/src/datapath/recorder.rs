@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipInfo, VipKey};
+use lb_common::{
+    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipAddrBits, VipInfo, VipKey,
+};
 
 use super::{DatapathError, MapWriter};
 
@@ -16,7 +18,12 @@ pub struct Recorder {
     pub ring: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, BackendInfo>,
     pub vips: BTreeMap<VipKey, VipInfo>,
+    /// `SERVICES`: service id -> info (a voided entry is absent).
+    pub services: BTreeMap<u32, VipInfo>,
     pub vip_addrs: BTreeSet<VipKey>,
+    pub vip_addr_bits: VipAddrBits,
+    /// Writes of `vip_addr_bits`.
+    pub vip_addr_bits_writes: usize,
     pub conns: BTreeMap<u32, i64>,
     pub tx_ports: BTreeSet<u32>,
     pub slot_writes: usize,
@@ -49,12 +56,25 @@ impl MapWriter for Recorder {
         self.vips.remove(&key);
         Ok(())
     }
+    fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError> {
+        self.services.insert(id, info);
+        Ok(())
+    }
+    fn clear_service(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.services.remove(&id);
+        Ok(())
+    }
     fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
         self.vip_addrs.insert(key);
         Ok(())
     }
     fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
         self.vip_addrs.remove(&key);
+        Ok(())
+    }
+    fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError> {
+        self.vip_addr_bits = *bits;
+        self.vip_addr_bits_writes += 1;
         Ok(())
     }
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {

@@ -14,7 +14,7 @@ use std::{
 
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
-    VipInfo, VipKey, addr_bytes, maglev,
+    VipAddrBits, VipInfo, VipKey, addr_bytes, maglev,
 };
 
 use crate::datapath::{DatapathError, MapWriter};
@@ -158,6 +158,9 @@ pub struct Balancer<M> {
     /// The VIP address pre-check set as written.
     vip_addrs: BTreeSet<VipKey>,
     rings: RingCache,
+    /// The VIP address filter as written; `None` until this balancer first wrote it (after
+    /// adoption too: the first `apply` writes it whole, replacing whatever was pinned).
+    vip_addr_bits: Option<Box<VipAddrBits>>,
 }
 
 /// `BackendInfo::service_id` of a backend entry no service owns any more.
@@ -191,6 +194,7 @@ impl<M: MapWriter> Balancer<M> {
             free_service_ids: (0..MAX_SERVICES).rev().collect(),
             vip_addrs: BTreeSet::new(),
             rings: RingCache::default(),
+            vip_addr_bits: None,
         }
     }
 
@@ -339,8 +343,9 @@ impl<M: MapWriter> Balancer<M> {
 
     /// Brings the datapath to `desired`, writing only what differs from the current state.
     /// Order matters for packets in flight: backends are written before the ring slots that
-    /// point at them, rings before the VIP that makes them reachable; on removal the VIP goes
-    /// first, and an address leaves the VIP pre-check set after its last service.
+    /// point at them, rings before the VIP that makes them reachable (its `SERVICES` entry
+    /// just before); on removal the `SERVICES` entry and the VIP go first, and an address
+    /// leaves the VIP address filter and set after its last service.
     pub fn apply(&mut self, desired: &DatapathSpec) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
         self.maps.set_global(desired.global)?;
@@ -363,7 +368,10 @@ impl<M: MapWriter> Balancer<M> {
             self.apply_service(service, &mut report)?;
         }
 
-        // VIP addresses: one entry per distinct address, kept while any service uses it.
+        // VIP addresses: one entry per distinct address, kept while any service uses it, and
+        // the filter recomputed from them, so a bit stays set exactly while some address
+        // has it. New addresses join the exact set before the filter lets their packets
+        // through; gone ones leave it after.
         let addrs: BTreeSet<VipKey> = self
             .services
             .values()
@@ -371,6 +379,14 @@ impl<M: MapWriter> Balancer<M> {
             .collect();
         for addr in addrs.difference(&self.vip_addrs) {
             self.maps.set_vip_addr(*addr)?;
+        }
+        let mut bits = Box::new(VipAddrBits::EMPTY);
+        for addr in &addrs {
+            bits.insert(&addr.addr);
+        }
+        if self.vip_addr_bits.as_ref() != Some(&bits) {
+            self.maps.set_vip_addr_bits(&bits)?;
+            self.vip_addr_bits = Some(bits);
         }
         for addr in self.vip_addrs.difference(&addrs) {
             self.maps.remove_vip_addr(*addr)?;
@@ -384,6 +400,8 @@ impl<M: MapWriter> Balancer<M> {
         state: ServiceState,
         report: &mut ApplyReport,
     ) -> Result<(), ApplyError> {
+        // Tracked flows stop finding the service before its VIP goes.
+        self.maps.clear_service(state.id)?;
         self.maps.remove_vip(state.key)?;
         report.vips_written += 1;
         for backend in &state.backends {
@@ -460,6 +478,7 @@ impl<M: MapWriter> Balancer<M> {
                 let id = match other {
                     Some(old) => {
                         let id = old.id;
+                        self.maps.clear_service(id)?;
                         self.maps.remove_vip(old.key)?;
                         for backend in &old.backends {
                             self.retire_backend(backend, report)?;
@@ -580,6 +599,10 @@ impl<M: MapWriter> Balancer<M> {
             tcp_idle_timeout_s: service.tcp_idle_timeout_s,
             udp_idle_timeout_s: service.udp_idle_timeout_s,
         };
+        // `SERVICES` mirrors `VIPS` by id (tracked flows find their service there): written
+        // before the VIP entry, voided before it goes, so it never names a service that
+        // `VIPS` does not hold.
+        self.maps.set_service(state.id, info)?;
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;
 
@@ -795,6 +818,142 @@ mod tests {
         assert_eq!(b.maps().vips.len(), 1);
     }
 
+    /// `SERVICES` holds each service's VIP value under its id, and nothing for a service
+    /// that is gone or moved to another VIP key.
+    #[test]
+    fn services_mirror_the_vips_by_id() {
+        let mut b = Balancer::new(Recorder::default());
+        let mut two = spec(&[("198.51.100.11", 1)]);
+        two.services.push(service(
+            "other",
+            "203.0.113.20",
+            SCHED_MAGLEV,
+            &[("198.51.100.12", 1)],
+        ));
+        b.apply(&two).unwrap();
+        let mirror = |b: &Balancer<Recorder>| {
+            let by_key: BTreeMap<u32, VipInfo> =
+                b.maps().vips.values().map(|v| (v.service_id, *v)).collect();
+            assert_eq!(b.maps().services, by_key);
+        };
+        mirror(&b);
+        assert_eq!(b.maps().services.len(), 2);
+        let other_id = b.service("other").unwrap().id;
+        // A changed VIP key keeps the id; the entry follows the new key's value.
+        let mut moved = two.clone();
+        moved.services[1].port = 8080;
+        b.apply(&moved).unwrap();
+        mirror(&b);
+        assert_eq!(b.service("other").unwrap().id, other_id);
+        b.apply(&spec(&[("198.51.100.11", 1)])).unwrap();
+        mirror(&b);
+        assert!(!b.maps().services.contains_key(&other_id));
+    }
+
+    /// The filter holds exactly the bits of the current addresses, and is written only when
+    /// it changes.
+    #[test]
+    fn the_address_filter_follows_the_vip_addresses() {
+        let mut b = Balancer::new(Recorder::default());
+        let one = spec(&[("198.51.100.11", 1)]);
+        let mut two = one.clone();
+        let mut other = service(
+            "dns",
+            "2001:db8:100::53",
+            SCHED_MAGLEV,
+            &[("2001:db8::11", 1)],
+        );
+        other.port = 53;
+        two.services.push(other);
+        let bits_of = |addrs: &[&str]| {
+            let mut bits = VipAddrBits::EMPTY;
+            for a in addrs {
+                bits.insert(&VipKey::addr_only(ip(a)).addr);
+            }
+            bits
+        };
+        b.apply(&one).unwrap();
+        assert_eq!(b.maps().vip_addr_bits, bits_of(&["203.0.113.10"]));
+        assert_eq!(b.maps().vip_addr_bits_writes, 1);
+        b.apply(&one).unwrap();
+        assert_eq!(b.maps().vip_addr_bits_writes, 1, "unchanged: not rewritten");
+        b.apply(&two).unwrap();
+        assert_eq!(
+            b.maps().vip_addr_bits,
+            bits_of(&["203.0.113.10", "2001:db8:100::53"])
+        );
+        // A second service on an address already present changes nothing.
+        let mut three = two.clone();
+        let mut udp = service(
+            "web-udp",
+            "203.0.113.10",
+            SCHED_MAGLEV,
+            &[("198.51.100.11", 1)],
+        );
+        udp.proto = lb_common::PROTO_UDP;
+        three.services.push(udp);
+        b.apply(&three).unwrap();
+        assert_eq!(b.maps().vip_addr_bits_writes, 2);
+        // Removing one of the two services of an address keeps its bit; removing the
+        // address's last service clears it.
+        b.apply(&two).unwrap();
+        assert!(
+            b.maps()
+                .vip_addr_bits
+                .maybe_contains(&VipKey::addr_only(ip("203.0.113.10")).addr)
+        );
+        b.apply(&one).unwrap();
+        assert_eq!(b.maps().vip_addr_bits, bits_of(&["203.0.113.10"]));
+        b.apply(&DatapathSpec::default()).unwrap();
+        assert_eq!(b.maps().vip_addr_bits, VipAddrBits::EMPTY);
+    }
+
+    /// Two addresses of one slot: the bit stays while either remains.
+    #[test]
+    fn a_shared_filter_bit_stays_while_one_of_its_addresses_does() {
+        let first = ip("2001:db8:100::10");
+        let slot = lb_common::hash::addr_slot(&VipKey::addr_only(first).addr);
+        let second = (1..u32::MAX)
+            .map(|i| {
+                let mut octets = [0u8; 16];
+                octets[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                octets[12..].copy_from_slice(&i.to_be_bytes());
+                IpAddr::from(octets)
+            })
+            .find(|a| lb_common::hash::addr_slot(&VipKey::addr_only(*a).addr) == slot)
+            .unwrap();
+        let both = DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![
+                service(
+                    "a",
+                    &first.to_string(),
+                    SCHED_MAGLEV,
+                    &[("2001:db8::11", 1)],
+                ),
+                service(
+                    "b",
+                    &second.to_string(),
+                    SCHED_MAGLEV,
+                    &[("2001:db8::12", 1)],
+                ),
+            ],
+        };
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&both).unwrap();
+        let mut only_second = both.clone();
+        only_second.services.remove(0);
+        b.apply(&only_second).unwrap();
+        let bits = &b.maps().vip_addr_bits;
+        assert!(
+            bits.maybe_contains(&VipKey::addr_only(first).addr),
+            "shared bit kept"
+        );
+        assert!(!b.maps().vip_addrs.contains(&VipKey::addr_only(first)));
+        b.apply(&DatapathSpec::default()).unwrap();
+        assert_eq!(b.maps().vip_addr_bits, VipAddrBits::EMPTY);
+    }
+
     /// ... and a stale address found in the pins at adoption goes at the first apply.
     #[test]
     fn adoption_removes_a_stale_pre_check_address() {
@@ -803,6 +962,7 @@ mod tests {
         let mut maps = first.maps().clone();
         let stale = VipKey::addr_only(ip("203.0.113.77"));
         maps.vip_addrs.insert(stale);
+        maps.vip_addr_bits.insert(&stale.addr);
         let adopted = Adopted {
             vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
             vip_addrs: maps.vip_addrs.iter().copied().collect(),
@@ -821,6 +981,13 @@ mod tests {
         let report = second.apply(&desired).unwrap();
         assert_eq!(report.ring_slots_written, 0, "adoption keeps the ring");
         assert!(!second.maps().vip_addrs.contains(&stale));
+        // The filter is rewritten whole at the first apply after adoption: a stale bit
+        // left in the pins goes too.
+        assert_eq!(
+            second.maps().vip_addr_bits,
+            first.maps().vip_addr_bits,
+            "the filter holds the configured address only"
+        );
         assert!(
             second
                 .maps()
@@ -883,6 +1050,15 @@ mod tests {
         }
         fn set_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
             self.inner.set_vip_addr(key)
+        }
+        fn set_service(&mut self, id: u32, info: VipInfo) -> Result<(), DatapathError> {
+            self.inner.set_service(id, info)
+        }
+        fn clear_service(&mut self, id: u32) -> Result<(), DatapathError> {
+            self.inner.clear_service(id)
+        }
+        fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError> {
+            self.inner.set_vip_addr_bits(bits)
         }
         fn remove_vip_addr(&mut self, key: VipKey) -> Result<(), DatapathError> {
             self.inner.remove_vip_addr(key)
