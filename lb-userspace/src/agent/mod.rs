@@ -141,8 +141,21 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         armed: true,
     };
 
-    let mut ebpf =
-        datapath::load_object_pinned(config.agent.conntrack_entries, &config.agent.bpffs)?;
+    let mut ebpf = datapath::load_object_pinned(
+        config.agent.conntrack_entries,
+        &config.agent.bpffs,
+    )
+    .with_context(|| {
+        if pins.existing_pins.is_empty() {
+            "loading the datapath".to_owned()
+        } else {
+            format!(
+                "loading the datapath over the maps pinned under {} (an earlier build whose map                  layout differs cannot be adopted: `weir teardown --bpffs {}` first, a short                  outage)",
+                config.agent.bpffs.display(),
+                config.agent.bpffs.display()
+            )
+        }
+    })?;
     datapath::load_program(&mut ebpf, prog_name::BALANCER)?;
     let maps = KernelMaps::take(&mut ebpf)?;
     // Maps left by an earlier agent are adopted even without its link (a start that died
