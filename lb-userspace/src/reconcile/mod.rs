@@ -665,6 +665,28 @@ mod tests {
         }
     }
 
+    /// A second balancer adopting what `maps` holds, as a restarted agent adopts pins.
+    fn readopt(
+        maps: Recorder,
+        services: &[ServiceSpec],
+    ) -> (Balancer<Recorder>, Vec<(String, IpAddr, bool)>) {
+        let adopted = Adopted {
+            vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+            vip_addrs: maps.vip_addrs.iter().copied().collect(),
+            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
+        let rings = maps.clone();
+        let mut balancer = Balancer::new(maps);
+        let known = balancer
+            .adopt(&adopted, services, |id, size| {
+                Ok((0..size)
+                    .map(|slot| rings.ring.get(&(id, slot)).copied().unwrap_or(0))
+                    .collect())
+            })
+            .unwrap();
+        (balancer, known)
+    }
+
     fn spec(backends: &[(&str, u32)]) -> DatapathSpec {
         DatapathSpec {
             global: GlobalConfig::default(),
@@ -963,21 +985,8 @@ mod tests {
         let stale = VipKey::addr_only(ip("203.0.113.77"));
         maps.vip_addrs.insert(stale);
         maps.vip_addr_bits.insert(&stale.addr);
-        let adopted = Adopted {
-            vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
-            vip_addrs: maps.vip_addrs.iter().copied().collect(),
-            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-        };
-        let rings = maps.clone();
-        let mut second = Balancer::new(maps);
         let desired = spec(&[("198.51.100.11", 1)]);
-        second
-            .adopt(&adopted, &desired.services, |id, size| {
-                Ok((0..size)
-                    .map(|slot| rings.ring.get(&(id, slot)).copied().unwrap_or(0))
-                    .collect())
-            })
-            .unwrap();
+        let (mut second, _) = readopt(maps, &desired.services);
         let report = second.apply(&desired).unwrap();
         assert_eq!(report.ring_slots_written, 0, "adoption keeps the ring");
         assert!(!second.maps().vip_addrs.contains(&stale));
@@ -1137,20 +1146,7 @@ mod tests {
             .map(|(id, _)| *id)
             .collect();
         assert_eq!(retired.len(), 1);
-        let adopted = Adopted {
-            vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
-            vip_addrs: maps.vip_addrs.iter().copied().collect(),
-            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-        };
-        let rings = maps.clone();
-        let mut second = Balancer::new(maps);
-        let known = second
-            .adopt(&adopted, &spec(&two).services, |id, size| {
-                Ok((0..size)
-                    .map(|slot| rings.ring.get(&(id, slot)).copied().unwrap_or(0))
-                    .collect())
-            })
-            .unwrap();
+        let (second, known) = readopt(maps, &spec(&two).services);
         assert_eq!(known.len(), 2, "{known:?}");
         assert_eq!(second.service("web").unwrap().backends.len(), 2);
         assert!(second.free_backend_ids.contains(&retired[0]));
