@@ -167,8 +167,24 @@ pub mod stat {
     /// MSS clamp (tc egress, next to the decapsulator): SYN-ACKs from a VIP whose MSS option
     /// it lowered.
     pub const MSS_CLAMPED: u32 = 25;
+    /// ICMP "fragmentation needed" / ICMPv6 Packet Too Big the balancer sent to a client
+    /// whose packet would not fit the egress MTU once encapsulated.
+    pub const ICMP_TOO_BIG_SENT: u32 = 26;
+    /// A packet too big for the tunnel, dropped without an ICMP error because this CPU's
+    /// ICMP error budget was spent (`ICMP_ERRORS_PER_SEC`).
+    pub const DROP_TOO_BIG_RATE_LIMITED: u32 = 27;
+    /// An IPv4 packet without DF too big for the tunnel: dropped (see the README).
+    pub const DROP_TOO_BIG_FRAGMENTABLE: u32 = 28;
+    /// ICMP errors quoting a VIP flow, forwarded to the backend that owns the flow.
+    pub const ICMP_ERROR_FORWARDED: u32 = 29;
+    /// ICMP / ICMPv6 echo requests to a VIP address answered by the balancer.
+    pub const ICMP_ECHO_REPLIED: u32 = 30;
+    /// ICMP messages to a VIP address too short or malformed to act on safely.
+    pub const DROP_ICMP_MALFORMED: u32 = 31;
+    /// IPv4 fragments of an `ip-hash` service forwarded like the rest of their flow.
+    pub const FRAGMENT_FORWARDED: u32 = 32;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 33;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -198,6 +214,13 @@ pub mod stat {
         "untracked_midflow",
         "conntrack_idle_expired",
         "mss_clamped",
+        "icmp_too_big_sent",
+        "drop_too_big_rate_limited",
+        "drop_too_big_fragmentable",
+        "icmp_error_forwarded",
+        "icmp_echo_replied",
+        "drop_icmp_malformed",
+        "fragment_forwarded",
     ];
 }
 
@@ -357,8 +380,18 @@ pub struct GlobalConfig {
     /// `tunnel_source_v4`. Both in network byte order.
     pub outer_base_v4: [u8; 4],
     pub outer_spread_v4: [u8; 4],
+    /// `GLOBAL_*` bits.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<GlobalConfig>() == 28);
+const _: () = assert!(size_of::<GlobalConfig>() == 32);
+
+/// `GlobalConfig::flags`: the balancer answers ICMP / ICMPv6 echo requests to VIP addresses.
+pub const GLOBAL_ANSWER_PING: u32 = 1;
+
+/// ICMP errors (Packet Too Big / fragmentation needed) each CPU may send per second, and its
+/// burst: the defaults of Linux's `icmp_msgs_per_sec` / `icmp_msgs_burst`, per CPU.
+pub const ICMP_ERRORS_PER_SEC: u32 = 1000;
+pub const ICMP_ERRORS_BURST: u32 = 50;
 
 impl GlobalConfig {
     /// The IPv4 outer source of a flow; `flow_hash` is asked only if sources are spread.

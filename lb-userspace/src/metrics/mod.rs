@@ -49,7 +49,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 19] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 23] = [
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -145,6 +145,26 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 19] = [
         "SYN-ACKs from a VIP whose MSS option the backend's clamp lowered.",
         MetricType::COUNTER,
     ),
+    (
+        "weir_icmp_too_big_sent_total",
+        "ICMP fragmentation-needed / ICMPv6 Packet Too Big sent to clients whose packets would not fit the tunnel.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_icmp_errors_forwarded_total",
+        "ICMP errors quoting a VIP flow, forwarded to the backend that owns the flow.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_icmp_echo_replies_total",
+        "ICMP echo requests to a VIP address answered by the balancer.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_fragments_forwarded_total",
+        "IPv4 fragments of ip-hash services forwarded like the rest of their flow.",
+        MetricType::COUNTER,
+    ),
 ];
 
 /// The idle-expiry family, kept apart so the table above stays one line per family.
@@ -171,6 +191,10 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
             "untracked_midflow" => "weir_untracked_midflow_packets_total",
             "conntrack_idle_expired" => IDLE_EXPIRED.0,
             "mss_clamped" => "weir_mss_clamped_total",
+            "icmp_too_big_sent" => "weir_icmp_too_big_sent_total",
+            "icmp_error_forwarded" => "weir_icmp_errors_forwarded_total",
+            "icmp_echo_replied" => "weir_icmp_echo_replies_total",
+            "fragment_forwarded" => "weir_fragments_forwarded_total",
             _ => return None,
         };
         Some((family, None))
