@@ -14,6 +14,7 @@ extern crate std;
 pub mod csum;
 pub mod hash;
 pub mod headers;
+pub mod inbound;
 #[cfg(feature = "user")]
 pub mod maglev;
 #[cfg(feature = "user")]
@@ -41,6 +42,7 @@ pub mod map_name {
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
     pub const DECAP_MSS: &str = "DECAP_MSS";
+    pub const FRAG_SERVICES: &str = "FRAG_SERVICES";
 }
 
 /// Names of the programs in the eBPF object.
@@ -71,6 +73,9 @@ pub const MAX_RING_SIZE: u32 = 65537;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default size of the connection table when the config does not say.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// Entries of `FRAG_SERVICES`: one per (VIP address, protocol) at most, and each is at least
+/// one service.
+pub const MAX_FRAG_SERVICES: u32 = MAX_SERVICES;
 /// Entries of the devmap used for `XDP_REDIRECT` to other interfaces.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Ring slot value meaning "no backend" (every backend of the service is down or removed).
@@ -91,6 +96,9 @@ pub const FAMILY_V6: u8 = 10;
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP (RFC 792) and ICMPv6 (RFC 4443).
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 /// IPv4-in-IP (RFC 2003).
 pub const PROTO_IPIP: u8 = 4;
 /// IPv6-in-IP (RFC 2473 / RFC 4213).
