@@ -7,9 +7,9 @@ use lb_common::{
 };
 
 use crate::{
-    clock, conntrack, forward,
+    clock, conntrack, forward, inbound,
     maps::{BACKENDS, CONNTRACK, GLOBAL, SERVICES, STATS, VIPS},
-    parse::parse,
+    parse::{TO_FRAGMENT, TO_ICMP, parse},
     stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
 
@@ -31,7 +31,7 @@ pub(crate) fn run(ctx: &XdpContext) -> u32 {
 /// The service of a flow: its exact port, else the whole-address service (port zero, then
 /// `true`).
 #[inline(always)]
-fn lookup_vip(key: &FlowKey) -> Option<(&'static VipInfo, bool)> {
+pub(crate) fn lookup_vip(key: &FlowKey) -> Option<(&'static VipInfo, bool)> {
     let mut vip_key = VipKey {
         addr: key.dst_addr,
         port_be: key.dst_port_be,
@@ -74,7 +74,19 @@ fn tracked_service(flow: *mut FlowValue) -> Option<(&'static VipInfo, &'static B
 
 #[inline(always)]
 fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
-    let p = parse(ctx)?;
+    // ICMP and fragments for a VIP address leave the parser as exits, so that only they pay
+    // for their handling; it re-reads the packet.
+    let p = match parse(ctx) {
+        Ok(p) => p,
+        Err(Exit {
+            reason: TO_ICMP, ..
+        }) => return inbound::icmp(ctx, stats),
+        Err(Exit {
+            reason: TO_FRAGMENT,
+            ..
+        }) => return inbound::fragment(ctx, stats),
+        Err(exit) => return Err(exit),
+    };
     // The connection table first: the packets of a tracked flow find their service through
     // it (`tracked_service`), so a packet pays for one hash lookup, the table's. Others ask
     // `VIPS`, which decides whether the packet is for a VIP at all.

@@ -155,7 +155,7 @@ fn counted_for(flow: *mut FlowValue, id: u32, generation: u32) -> bool {
 /// A backend a tracked flow may keep: still up, still of this service, still the same
 /// backend (generation) as when the entry was made.
 #[inline(always)]
-fn honoured(flow: &FlowValue, service_id: u32) -> Option<&'static BackendInfo> {
+pub(crate) fn honoured(flow: &FlowValue, service_id: u32) -> Option<&'static BackendInfo> {
     let backend = BACKENDS.get(flow.backend_id)?;
     if backend.state == BACKEND_UP
         && backend.service_id == service_id

@@ -49,6 +49,7 @@ mod clock;
 mod conntrack;
 mod decap;
 mod forward;
+mod inbound;
 mod maps;
 mod mss;
 mod parse;

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop, TrafficCounters, VipAddrBits,
-    VipInfo, VipKey, stat,
+    MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop,
+    TrafficCounters, VipAddrBits, VipInfo, VipKey, stat,
 };
 
 #[map]
@@ -35,6 +35,15 @@ pub(crate) static VIP_ADDR_BITS: Array<VipAddrBits> = Array::with_max_entries(1,
 /// (`service_id` `u32::MAX`) before removing that.
 #[map]
 pub(crate) static SERVICES: Array<VipInfo> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// The service IPv4 fragments to a VIP address belong to, by (address, protocol) with port
+/// 0 (`inbound::fragment_key`): the service id, for `SERVICES`. The agent writes an entry
+/// only where that address and protocol have exactly one service and it schedules by
+/// `ip-hash` (the source address alone, which every fragment has); other fragments are
+/// dropped.
+#[map]
+pub(crate) static FRAG_SERVICES: HashMap<VipKey, u32> =
+    HashMap::with_max_entries(MAX_FRAG_SERVICES, 0);
 
 #[map]
 pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -1,9 +1,11 @@
 //! Reading packets: the one bounds-checked way to a header ([`ptr_at`]) and the balancer's
 //! parser of Ethernet, 802.1Q, IPv4/IPv6 and the TCP/UDP ports ([`parse`]), which also applies
-//! the packet rules of the crate documentation.
+//! the packet rules of the crate documentation and hands ICMP and IPv4 fragments for a VIP
+//! address to `inbound` ([`TO_ICMP`], [`TO_FRAGMENT`]).
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, VipAddrBits, VipKey,
+    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VipAddrBits,
+    VipKey,
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
     },
@@ -14,6 +16,15 @@ use crate::{
     maps::{VIP_ADDR_BITS, VIP_ADDRS},
     stats::{Exit, drop, pass},
 };
+
+/// `Exit::reason` of an ICMP / ICMPv6 packet for a VIP address: not a counter (outside
+/// `stat::COUNT`, so `bump` would ignore it), a hand-over to `inbound::icmp`, which re-reads
+/// the packet. A marker rather than a field of `Parsed`: the TCP/UDP path carries nothing
+/// for it. Its action is what the packet gets should nobody take it over: it passes.
+pub(crate) const TO_ICMP: u32 = u32::MAX - 1;
+/// `Exit::reason` of an IPv4 fragment for a VIP address: a hand-over to `inbound::fragment`
+/// (as [`TO_ICMP`]). Its action, should nobody take it over, is the drop it always was.
+pub(crate) const TO_FRAGMENT: u32 = u32::MAX - 2;
 
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
@@ -39,7 +50,12 @@ pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 /// byte into each key built from it, whose word-sized reads (the map's hash, `memcmp`)
 /// then cannot be forwarded from the stores and stall. Word-sized stores avoid both.
 #[inline(always)]
-fn copy_words<const N: usize>(dst: &mut [u8; 16], hdr: &[u8; N], at: usize, words: usize) {
+pub(crate) fn copy_words<const N: usize>(
+    dst: &mut [u8; 16],
+    hdr: &[u8; N],
+    at: usize,
+    words: usize,
+) {
     let mut i = 0;
     while i < words && i < 4 {
         let o = at + 4 * i;
@@ -84,16 +100,7 @@ fn vip_addr_maybe(bits: &VipAddrBits, addr: &[u8; 16]) -> bool {
 #[inline(always)]
 fn dst_is_vip_addr(ctx: &XdpContext) -> Option<bool> {
     let mut key = VipKey::default();
-    let eth: *const [u8; ETH_HDR_LEN] = ptr_at(ctx, 0)?;
-    // SAFETY: `ptr_at` checked the 14 bytes are in the packet.
-    let mut ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
-    let mut l2_len = ETH_HDR_LEN;
-    if ether_type == ETH_P_8021Q {
-        let vlan: *const [u8; VLAN_HDR_LEN] = ptr_at(ctx, ETH_HDR_LEN)?;
-        // SAFETY: `ptr_at` checked the 4 tag bytes are in the packet.
-        ether_type = unsafe { u16::from_be_bytes([(*vlan)[2], (*vlan)[3]]) };
-        l2_len = ETH_HDR_LEN + VLAN_HDR_LEN;
-    }
+    let (l2_len, ether_type) = l2(ctx)?;
     if ether_type == ETH_P_IP {
         let ip: *const [u8; IPV4_HDR_LEN] = ptr_at(ctx, l2_len)?;
         // SAFETY: `ptr_at` checked the fixed header is in the packet.
@@ -111,6 +118,23 @@ fn dst_is_vip_addr(ctx: &XdpContext) -> Option<bool> {
     Some(unsafe { VIP_ADDRS.get(&key) }.is_some())
 }
 
+/// The Ethernet header's length (14, or 18 with an 802.1Q tag) and the EtherType after it,
+/// read again from the packet: for the rare paths past the parser (`inbound`, the
+/// confirmation of exits), which do not keep what the parser read.
+#[inline(always)]
+pub(crate) fn l2(ctx: &XdpContext) -> Option<(usize, u16)> {
+    let eth: *const [u8; ETH_HDR_LEN] = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the 14 bytes are in the packet.
+    let ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
+    if ether_type != ETH_P_8021Q {
+        return Some((ETH_HDR_LEN, ether_type));
+    }
+    let vlan: *const [u8; VLAN_HDR_LEN] = ptr_at(ctx, ETH_HDR_LEN)?;
+    // SAFETY: `ptr_at` checked the 4 tag bytes are in the packet.
+    let ether_type = unsafe { u16::from_be_bytes([(*vlan)[2], (*vlan)[3]]) };
+    Some((ETH_HDR_LEN + VLAN_HDR_LEN, ether_type))
+}
+
 /// Parses up to the L4 ports. `Err` is an early exit (pass or drop) with its reason.
 ///
 /// A packet whose destination's bit is clear in `VIP_ADDR_BITS` passes at once
@@ -118,7 +142,8 @@ fn dst_is_vip_addr(ctx: &XdpContext) -> Option<bool> {
 /// packet goes on to the VIP lookup, which decides (one hash lookup for a VIP packet); an
 /// early exit is first confirmed with the exact set `VIP_ADDRS`, and becomes
 /// `pass_not_vip` for an address of no VIP, as the packet rules require. Those exits are
-/// the rare packets, so they pay for the second lookup.
+/// the rare packets, so they pay for the second lookup. ICMP and IPv4 fragments for a VIP
+/// address leave as exits too ([`TO_ICMP`], [`TO_FRAGMENT`]), confirmed alike.
 #[inline(always)]
 pub(crate) fn parse(ctx: &XdpContext) -> Result<Parsed, Exit> {
     match parse_unconfirmed(ctx) {
@@ -177,9 +202,10 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
         if l2_len + ip_len as usize > frame_len {
             return Err(drop(stat::DROP_TRUNC_IPV4));
         }
-        // MF set or a non-zero offset.
+        // MF set or a non-zero offset: no ports (or not for every fragment), so not this
+        // parser's; `inbound::fragment` decides.
         if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-            return Err(drop(stat::DROP_FRAGMENT));
+            return Err(drop(TO_FRAGMENT));
         }
         if ip[8] == 0 {
             return Err(drop(stat::DROP_TTL));
@@ -208,7 +234,7 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
             return Err(drop(stat::DROP_TRUNC_IPV6));
         }
         match ip[6] {
-            PROTO_TCP | PROTO_UDP => {}
+            PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => {}
             // Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP,
             // shim6, experimental (RFC 8200 §4, IANA "IPv6 Extension Header Types").
             0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => {
@@ -249,6 +275,10 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
         }
         key.src_port_be = u16::from_ne_bytes([udp[0], udp[1]]);
         key.dst_port_be = u16::from_ne_bytes([udp[2], udp[3]]);
+    } else if key.proto == PROTO_ICMP && key.family == FAMILY_V4
+        || key.proto == PROTO_ICMPV6 && key.family == FAMILY_V6
+    {
+        return Err(pass(TO_ICMP));
     } else {
         return Err(pass(stat::PASS_NOT_VIP));
     }
