@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::GlobalConfig;
+use lb_common::{GLOBAL_ANSWER_PING, GlobalConfig};
 
 use crate::{
     config::{Config, HealthKind, ServiceConfig},
@@ -64,6 +64,9 @@ pub fn global(config: &Config) -> GlobalConfig {
     if let Some(prefix) = config.agent.tunnel_source_prefix {
         global.outer_base_v4 = prefix.network.octets();
         global.outer_spread_v4 = prefix.host_mask().to_be_bytes();
+    }
+    if config.agent.answer_ping {
+        global.flags |= GLOBAL_ANSWER_PING;
     }
     global
 }

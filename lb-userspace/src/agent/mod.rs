@@ -329,6 +329,7 @@ fn adopt(
     let adopted = Adopted {
         vips: balancer.maps().read_vips()?,
         vip_addrs: balancer.maps().read_vip_addrs()?,
+        frag_services: balancer.maps().read_frag_services()?,
         backends: balancer.maps().read_backends()?,
     };
     // The ring reader borrows the maps while `adopt` mutates the balancer's own state:

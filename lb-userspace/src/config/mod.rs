@@ -127,6 +127,9 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     /// File where changes made from the CLI are kept across agent restarts.
     pub state_file: PathBuf,
+    /// Whether the balancer answers ICMP / ICMPv6 echo requests to VIP addresses itself
+    /// (from XDP). Default on: a VIP answers ping as a host would.
+    pub answer_ping: bool,
 }
 
 /// `[agent] tunnel_source_prefix`: an IPv4 network address (host bits zero) and its length.

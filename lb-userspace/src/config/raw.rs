@@ -27,6 +27,7 @@ pub(super) struct RawAgent {
     pub(super) metrics: Option<String>,
     pub(super) bpffs: Option<String>,
     pub(super) state_file: Option<String>,
+    pub(super) answer_ping: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -315,6 +315,7 @@ weight = 65535
             metrics: DEFAULT_METRICS.parse().unwrap(),
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             state_file: PathBuf::from(DEFAULT_STATE_FILE),
+            answer_ping: true,
         },
         services: vec![
             ServiceConfig {
@@ -1103,4 +1104,28 @@ fn tunnel_source_prefix() {
         key,
         "needs tunnel_source",
     );
+}
+
+#[test]
+fn answer_ping() {
+    let base = web("", &[backend("203.0.113.11")]);
+    let with = |value: &str| {
+        base.replace(
+            "tunnel_source = \"198.51.100.1\"\n",
+            &format!("tunnel_source = \"198.51.100.1\"\nanswer_ping = {value}\n"),
+        )
+    };
+    assert!(ok(&base).agent.answer_ping, "on by default");
+    assert!(ok(&with("true")).agent.answer_ping);
+    let off = ok(&with("false"));
+    assert!(!off.agent.answer_ping);
+    // The datapath's flag follows.
+    let flags = |cfg: &Config| crate::agent::desired::global(cfg).flags;
+    assert_eq!(
+        flags(&ok(&base)) & lb_common::GLOBAL_ANSWER_PING,
+        lb_common::GLOBAL_ANSWER_PING
+    );
+    assert_eq!(flags(&off) & lb_common::GLOBAL_ANSWER_PING, 0);
+    rejects(&with("\"yes\""), "agent.answer_ping", "expected a boolean");
+    rejects(&with("1"), "agent.answer_ping", "expected a boolean");
 }

@@ -200,6 +200,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         metrics,
         bpffs,
         state_file,
+        answer_ping: raw.answer_ping.unwrap_or(true),
     })
 }
 

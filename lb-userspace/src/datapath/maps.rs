@@ -32,6 +32,11 @@ pub trait MapWriter {
     /// Writes the VIP address filter (`VIP_ADDR_BITS`), whole.
     fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError>;
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError>;
+    /// Gives the IPv4 fragments to an (address, protocol) (`lb_common::inbound::fragment_key`)
+    /// to a service (`FRAG_SERVICES`).
+    fn set_frag_service(&mut self, key: VipKey, service_id: u32) -> Result<(), DatapathError>;
+    /// Takes an (address, protocol) out of `FRAG_SERVICES`: its fragments are dropped.
+    fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError>;
     /// Writes one ring slot of a service.
     fn set_ring_slot(
         &mut self,
@@ -75,6 +80,7 @@ pub struct KernelMaps {
     services: Array<MapData, VipInfo>,
     vip_addrs: HashMap<MapData, VipKey, u32>,
     vip_addr_bits: Array<MapData, VipAddrBits>,
+    frag_services: HashMap<MapData, VipKey, u32>,
     backends: Array<MapData, BackendInfo>,
     ring: Array<MapData, u32>,
     global: Array<MapData, GlobalConfig>,
@@ -163,6 +169,7 @@ impl KernelMaps {
             services: take(ebpf, map_name::SERVICES)?,
             vip_addrs: take(ebpf, map_name::VIP_ADDRS)?,
             vip_addr_bits: take(ebpf, map_name::VIP_ADDR_BITS)?,
+            frag_services: take(ebpf, map_name::FRAG_SERVICES)?,
             backends: take(ebpf, map_name::BACKENDS)?,
             ring: Array::try_from(ring).map_err(map_err(map_name::RING))?,
             global: take(ebpf, map_name::GLOBAL)?,
@@ -222,6 +229,15 @@ impl KernelMaps {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(map_name::VIP_ADDRS))
+    }
+
+    /// Every `FRAG_SERVICES` entry (for adopting a pinned datapath: an entry no service
+    /// claims any more must be removed).
+    pub fn read_frag_services(&self) -> Result<Vec<(VipKey, u32)>, DatapathError> {
+        self.frag_services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_name::FRAG_SERVICES))
     }
 
     /// Every backend entry ever written (generation above 0), by id.
@@ -329,6 +345,22 @@ impl MapWriter for KernelMaps {
         self.backends
             .set(id, info, 0)
             .map_err(map_err(map_name::BACKENDS))
+    }
+
+    fn set_frag_service(&mut self, key: VipKey, service_id: u32) -> Result<(), DatapathError> {
+        self.frag_services
+            .insert(key, service_id, 0)
+            .map_err(map_err(map_name::FRAG_SERVICES))
+    }
+
+    fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError> {
+        match self.frag_services.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                name: map_name::FRAG_SERVICES,
+                source,
+            }),
+        }
     }
 
     fn set_ring_slot(

@@ -24,6 +24,8 @@ pub struct Recorder {
     pub vip_addr_bits: VipAddrBits,
     /// Writes of `vip_addr_bits`.
     pub vip_addr_bits_writes: usize,
+    /// `FRAG_SERVICES`: (address, protocol) -> service id.
+    pub frag_services: BTreeMap<VipKey, u32>,
     pub conns: BTreeMap<u32, i64>,
     pub tx_ports: BTreeSet<u32>,
     pub slot_writes: usize,
@@ -84,6 +86,14 @@ impl MapWriter for Recorder {
         );
         self.backends.insert(id, info);
         self.backend_writes += 1;
+        Ok(())
+    }
+    fn set_frag_service(&mut self, key: VipKey, service_id: u32) -> Result<(), DatapathError> {
+        self.frag_services.insert(key, service_id);
+        Ok(())
+    }
+    fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError> {
+        self.frag_services.remove(&key);
         Ok(())
     }
     fn set_ring_slot(

@@ -14,7 +14,7 @@ use std::{
 
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
-    VipAddrBits, VipInfo, VipKey, addr_bytes, maglev,
+    SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey, addr_bytes, inbound::fragment_key, maglev,
 };
 
 use crate::datapath::{DatapathError, MapWriter};
@@ -88,6 +88,8 @@ pub struct Adopted {
     pub vips: Vec<(VipKey, VipInfo)>,
     /// The VIP address pre-check set.
     pub vip_addrs: Vec<VipKey>,
+    /// `FRAG_SERVICES`: (address, protocol) -> service id.
+    pub frag_services: Vec<(VipKey, u32)>,
     /// Every backend entry ever written (generation above 0), by id.
     pub backends: Vec<(u32, BackendInfo)>,
 }
@@ -158,9 +160,34 @@ pub struct Balancer<M> {
     /// The VIP address pre-check set as written.
     vip_addrs: BTreeSet<VipKey>,
     rings: RingCache,
+    /// `FRAG_SERVICES` as written: (address, protocol) -> service id.
+    frag_services: BTreeMap<VipKey, u32>,
     /// The VIP address filter as written; `None` until this balancer first wrote it (after
     /// adoption too: the first `apply` writes it whole, replacing whatever was pinned).
     vip_addr_bits: Option<Box<VipAddrBits>>,
+}
+
+/// The service that IPv4 fragments to each (address, protocol) belong to, by name: where
+/// that address and protocol have exactly one service and it schedules by `ip-hash`. A
+/// fragment has no ports (a later one has no transport header at all), so a second service
+/// on the pair would leave it ambiguous; any scheduler but `ip-hash` needs the ports.
+#[must_use]
+pub fn fragment_owners(services: &[ServiceSpec]) -> BTreeMap<VipKey, String> {
+    let mut by_pair: BTreeMap<VipKey, Vec<&ServiceSpec>> = BTreeMap::new();
+    for s in services.iter().filter(|s| s.vip.is_ipv4()) {
+        let (addr, family) = addr_bytes(s.vip);
+        by_pair
+            .entry(fragment_key(addr, family, s.proto))
+            .or_default()
+            .push(s);
+    }
+    by_pair
+        .into_iter()
+        .filter_map(|(key, list)| match list.as_slice() {
+            [one] if one.scheduler == SCHED_IP_HASH => Some((key, one.name.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `BackendInfo::service_id` of a backend entry no service owns any more.
@@ -193,6 +220,7 @@ impl<M: MapWriter> Balancer<M> {
             free_backend_ids: (0..MAX_BACKENDS).rev().collect(),
             free_service_ids: (0..MAX_SERVICES).rev().collect(),
             vip_addrs: BTreeSet::new(),
+            frag_services: BTreeMap::new(),
             rings: RingCache::default(),
             vip_addr_bits: None,
         }
@@ -338,6 +366,7 @@ impl<M: MapWriter> Balancer<M> {
         // Everything found counts as written: the next `apply` removes what no service
         // claims (an address a reload moved away from, before a restart).
         self.vip_addrs = adopted.vip_addrs.iter().copied().collect();
+        self.frag_services = adopted.frag_services.iter().copied().collect();
         Ok(known)
     }
 
@@ -349,6 +378,25 @@ impl<M: MapWriter> Balancer<M> {
     pub fn apply(&mut self, desired: &DatapathSpec) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
         self.maps.set_global(desired.global)?;
+
+        // Fragments stop going to a service before anything of it changes: an entry stays
+        // only if the same service (name and id) is still its address's only one.
+        let owners = fragment_owners(&desired.services);
+        let stale: Vec<VipKey> = self
+            .frag_services
+            .iter()
+            .filter(|(key, id)| {
+                owners
+                    .get(key)
+                    .and_then(|name| self.services.get(name))
+                    .is_none_or(|state| state.id != **id)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            self.maps.remove_frag_service(key)?;
+            self.frag_services.remove(&key);
+        }
 
         // Services that are gone.
         let wanted: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
@@ -392,6 +440,17 @@ impl<M: MapWriter> Balancer<M> {
             self.maps.remove_vip_addr(*addr)?;
         }
         self.vip_addrs = addrs;
+
+        // Fragments go to a service once it is complete (ring, `SERVICES`, `VIPS`).
+        for (key, name) in &owners {
+            let Some(id) = self.services.get(name).map(|s| s.id) else {
+                continue;
+            };
+            if self.frag_services.get(key) != Some(&id) {
+                self.maps.set_frag_service(*key, id)?;
+                self.frag_services.insert(*key, id);
+            }
+        }
         Ok(report)
     }
 
@@ -673,6 +732,7 @@ mod tests {
         let adopted = Adopted {
             vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
             vip_addrs: maps.vip_addrs.iter().copied().collect(),
+            frag_services: maps.frag_services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
         };
         let rings = maps.clone();
@@ -1040,6 +1100,120 @@ mod tests {
         assert_eq!(b.ring_cache_stats().1, misses);
     }
 
+    fn frag_key(vip: &str, proto: u8) -> VipKey {
+        let (addr, family) = addr_bytes(ip(vip));
+        fragment_key(addr, family, proto)
+    }
+
+    #[test]
+    fn fragments_belong_to_the_only_ip_hash_service_of_their_address_and_protocol() {
+        let hashed = |name: &str, vip: &str, port: u16| {
+            let mut s = service(name, vip, SCHED_IP_HASH, &[("198.51.100.11", 1)]);
+            s.port = port;
+            s
+        };
+        let mut udp = hashed("dns", "203.0.113.10", 53);
+        udp.proto = lb_common::PROTO_UDP;
+        let services = vec![
+            // Alone on its address and protocol: the owner (TCP and UDP are separate pairs).
+            hashed("web", "203.0.113.10", 80),
+            udp,
+            // Two services on one pair: ambiguous without ports.
+            hashed("a", "203.0.113.11", 80),
+            hashed("b", "203.0.113.11", 443),
+            // Alone but not ip-hash: its hash needs the ports.
+            service(
+                "maglev",
+                "203.0.113.12",
+                SCHED_MAGLEV,
+                &[("198.51.100.11", 1)],
+            ),
+            // A whole-address ip-hash service, alone: the owner.
+            hashed("all", "203.0.113.13", 0),
+            // IPv6: the datapath forwards IPv4 fragments only.
+            hashed("v6", "2001:db8:100::10", 80),
+        ];
+        let owners = fragment_owners(&services);
+        let want: BTreeMap<VipKey, String> = [
+            (frag_key("203.0.113.10", PROTO_TCP), "web"),
+            (frag_key("203.0.113.10", lb_common::PROTO_UDP), "dns"),
+            (frag_key("203.0.113.13", PROTO_TCP), "all"),
+        ]
+        .into_iter()
+        .map(|(k, n)| (k, n.to_owned()))
+        .collect();
+        assert_eq!(owners, want);
+    }
+
+    #[test]
+    fn the_fragment_map_follows_the_services() {
+        let mut b = Balancer::new(Recorder::default());
+        let web = service(
+            "web",
+            "203.0.113.10",
+            SCHED_IP_HASH,
+            &[("198.51.100.11", 1)],
+        );
+        let key = frag_key("203.0.113.10", PROTO_TCP);
+        let one = DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![web.clone()],
+        };
+        b.apply(&one).unwrap();
+        let id = b.service("web").unwrap().id;
+        assert_eq!(b.maps().frag_services, BTreeMap::from([(key, id)]));
+
+        // A second service on the pair: fragments are ambiguous, the entry goes.
+        let mut api = service(
+            "api",
+            "203.0.113.10",
+            SCHED_IP_HASH,
+            &[("198.51.100.12", 1)],
+        );
+        api.port = 443;
+        let two = DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![web.clone(), api],
+        };
+        b.apply(&two).unwrap();
+        assert!(b.maps().frag_services.is_empty());
+        b.apply(&one).unwrap();
+        assert_eq!(b.maps().frag_services, BTreeMap::from([(key, id)]));
+
+        // The service changes scheduler: no entry.
+        let mut maglev = web.clone();
+        maglev.scheduler = SCHED_MAGLEV;
+        b.apply(&DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![maglev],
+        })
+        .unwrap();
+        assert!(b.maps().frag_services.is_empty());
+
+        // Another service takes the address: the entry names the new id.
+        b.apply(&one).unwrap();
+        let mut other = web.clone();
+        other.name = "other".to_owned();
+        b.apply(&DatapathSpec {
+            global: GlobalConfig::default(),
+            services: vec![other],
+        })
+        .unwrap();
+        let other_id = b.service("other").unwrap().id;
+        assert_eq!(b.maps().frag_services, BTreeMap::from([(key, other_id)]));
+
+        // A restarted agent adopting the pins removes an entry no service claims.
+        let maps = b.maps().clone();
+        let (mut again, _) = readopt(maps, &[]);
+        again
+            .apply(&DatapathSpec {
+                global: GlobalConfig::default(),
+                services: Vec::new(),
+            })
+            .unwrap();
+        assert!(again.maps().frag_services.is_empty());
+    }
+
     /// A writer whose ring writes fail while `fail` is set.
     #[derive(Default)]
     struct Flaky {
@@ -1074,6 +1248,12 @@ mod tests {
         }
         fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {
             self.inner.set_backend(id, info)
+        }
+        fn set_frag_service(&mut self, key: VipKey, id: u32) -> Result<(), DatapathError> {
+            self.inner.set_frag_service(key, id)
+        }
+        fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError> {
+            self.inner.remove_frag_service(key)
         }
         fn set_ring_slot(&mut self, s: u32, slot: u32, b: u32) -> Result<(), DatapathError> {
             if self.fail {
