@@ -763,7 +763,7 @@ fn build_cases(lab: &Lab) -> Vec<Case> {
         stat::PASS_NOT_VIP,
     ));
     cases.push(pass_case(
-        "VIP address, ICMP, passes",
+        "VIP address, ICMP other than an echo request or an error (an echo reply), passes",
         frame4(&ipv4(
             &V4 {
                 src: CLIENT4,
@@ -773,7 +773,7 @@ fn build_cases(lab: &Lab) -> Vec<Case> {
                 frag: 0,
                 options: vec![],
             },
-            &[8, 0, 0, 0, 0, 1, 0, 1],
+            &[0, 0, 0, 0, 0, 1, 0, 1],
         )),
         stat::PASS_NOT_VIP,
     ));
@@ -2195,5 +2195,434 @@ fn golden_mss_clamp() {
         let (_, out) = runner.run(&input).expect("BPF_PROG_TEST_RUN");
         assert_eq!(hex(&out), hex(&input), "clamp off: untouched");
         println!("ok: mss clamp: off");
+    });
+}
+
+// ----- ICMP and fragments at a VIP address -----
+
+const ROUTER4: [u8; 4] = [198, 51, 100, 254];
+const ROUTER6: [u8; 16] = v6(0xfe);
+
+/// The services of `golden_icmp_and_fragments`: a round-robin service (so that a tracked
+/// backend and the hash's differ), a direct one, an IPv6 one, an ip-hash UDP one (the only
+/// service of its address and protocol: its fragments are forwarded).
+fn icmp_config() -> ConfigBuilder {
+    let (b11, b12, b13) = ("198.51.100.11", "198.51.100.12", "198.51.100.13");
+    [
+        ring_service("rr4", "203.0.113.30", 80, "tcp", &[b11, b12, b13]).scheduler("round-robin"),
+        ring_service("direct4", "203.0.113.31", 80, "tcp", &[b11, b12]).forwarding("direct"),
+        ring_service(
+            "tcp6",
+            "2001:db8:100::30",
+            80,
+            "tcp",
+            &["2001:db8::11", "2001:db8::12"],
+        ),
+        ring_service("frag", "203.0.113.32", 53, "udp", &[b11, b12, b13]).scheduler("ip-hash"),
+    ]
+    .into_iter()
+    .fold(
+        lab_agent().tunnel_source_v6(Ipv6Addr::from(TUNNEL6)),
+        ConfigBuilder::service,
+    )
+}
+
+/// The ICMPv6 checksum of `msg` from `src` to `dst` (RFC 4443 §2.3: over the pseudo-header).
+fn icmp6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
+    let mut buf = Vec::new();
+    buf.extend_from_slice(src);
+    buf.extend_from_slice(dst);
+    buf.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&[0, 0, 0, 58]);
+    buf.extend_from_slice(msg);
+    csum(&buf)
+}
+
+/// An ICMP message (`ty`, `code`, the 4 bytes after the checksum, then `body`) with a valid
+/// ICMP checksum.
+fn icmp4_msg(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = csum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An ICMPv6 message with a valid checksum for `src` -> `dst`.
+fn icmp6_msg(src: [u8; 16], dst: [u8; 16], ty: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = icmp6_checksum(&src, &dst, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// What a router quotes of a packet from `vip:80` to the client's `port` (RFC 792: the IP
+/// header and the first 8 bytes of data; the quoted length field keeps the original's).
+fn quote4(vip: [u8; 4], port: u16) -> Vec<u8> {
+    let mut sent = ipv4(
+        &V4 {
+            src: vip,
+            dst: CLIENT4,
+            proto: PROTO_TCP,
+            ttl: 63,
+            frag: 0x4000,
+            options: vec![],
+        },
+        &l4(PROTO_TCP, 80, port, ACK, &[0x55; 1400]),
+    );
+    sent.truncate(20 + 8);
+    sent
+}
+
+/// An ICMP "fragmentation needed" (MTU 1400) from a router to `vip`, quoting `quoted`.
+fn frag_needed4(vip: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    ipv4(
+        &V4 {
+            src: ROUTER4,
+            dst: vip,
+            proto: 1,
+            ttl: 64,
+            frag: 0,
+            options: vec![],
+        },
+        &icmp4_msg(3, 4, [0, 0, 0x05, 0x78], quoted),
+    )
+}
+
+/// The backend the service's hash gives the flow `key` (what the datapath asks for an
+/// untracked packet): the ring, whatever the scheduler, indexed by the flow hash.
+fn by_hash<M: MapWriter>(balancer: &Balancer<M>, service: &str, key: &FlowKey) -> IpAddr {
+    let s = balancer.service(service).expect("service");
+    let id = s.ring[(flow_hash(key) % s.ring.len() as u32) as usize];
+    s.backends
+        .iter()
+        .find(|b| b.id == id)
+        .expect("ring points at a backend of the service")
+        .address
+}
+
+/// The backend a tunnelled output frame goes to: its outer IPv4 destination.
+fn outer_dst4(out: &[u8]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(out[30], out[31], out[32], out[33]))
+}
+
+/// The client's flow to `vip:80` from `port`, as the datapath keys it.
+fn client_flow4(vip: [u8; 4], port: u16) -> FlowKey {
+    key_of(&v4_packet(vip, PROTO_TCP, port, 80, ACK))
+}
+
+/// ICMP errors quoting VIP flows reach the flow's backend (tracked, else the hash's), whole;
+/// echo requests are answered in place; IPv4 fragments of an ip-hash service follow the
+/// client's other packets, other fragments are dropped. Full output bytes, built here.
+#[test]
+fn golden_icmp_and_fragments() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gicmp")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let mut lab = open_lab(&icmp_config());
+        let rr = ip4("203.0.113.30");
+
+        // A tracked flow whose backend (round robin's pick) is not the one its hash gives:
+        // the error must follow the table, not the hash.
+        let (port, tracked) = (42000..42030u16)
+            .find_map(|port| {
+                let (action, out) = lab.run(&frame4(&v4_packet(rr, PROTO_TCP, port, 80, SYN)));
+                assert_eq!(action, XDP_TX);
+                let picked = outer_dst4(&out);
+                (picked != by_hash(&lab.balancer, "rr4", &client_flow4(rr, port)))
+                    .then_some((port, picked))
+            })
+            .expect("round robin picks another backend than the hash for some flow");
+        let ip = frag_needed4(rr, &quote4(rr, port));
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "frag needed quoting a tracked flow: tunnelled, whole, to its backend",
+                input: frame4(&ip),
+                action: XDP_TX,
+                output: Some(tunnel_out(&ip, true, tracked, 0, None)),
+                counters: vec![stat::ICMP_ERROR_FORWARDED],
+            },
+        );
+
+        // An untracked flow: the hash's backend; no entry is made, no new flow counted.
+        let untracked = client_flow4(rr, 43000);
+        let hashed = by_hash(&lab.balancer, "rr4", &untracked);
+        let rr_id = lab.balancer.service("rr4").unwrap().id;
+        let flows_before = lab.balancer.maps().service(rr_id).unwrap().new_flows;
+        let ip = frag_needed4(rr, &quote4(rr, 43000));
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "frag needed quoting an untracked flow: to the hash's backend",
+                input: frame4(&ip),
+                action: XDP_TX,
+                output: Some(tunnel_out(&ip, true, hashed, 0, None)),
+                counters: vec![stat::ICMP_ERROR_FORWARDED],
+            },
+        );
+        assert_eq!(
+            lab.balancer.maps().conntrack_get(&untracked).unwrap(),
+            None,
+            "an ICMP error makes no table entry"
+        );
+        assert_eq!(
+            lab.balancer.maps().service(rr_id).unwrap().new_flows,
+            flows_before,
+            "an ICMP error is no new flow"
+        );
+
+        // Time exceeded, direct mode: only the MACs change.
+        let direct = ip4("203.0.113.31");
+        let ip = ipv4(
+            &V4 {
+                src: ROUTER4,
+                dst: direct,
+                proto: 1,
+                ttl: 64,
+                frag: 0,
+                options: vec![],
+            },
+            &icmp4_msg(11, 0, [0; 4], &quote4(direct, 43001)),
+        );
+        let backend = by_hash(&lab.balancer, "direct4", &client_flow4(direct, 43001));
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "time exceeded, direct service: MACs only, to the flow's backend",
+                input: frame4(&ip),
+                action: XDP_TX,
+                output: Some(direct_out(&frame4(&ip), backend, LB_MAC)),
+                counters: vec![stat::ICMP_ERROR_FORWARDED],
+            },
+        );
+
+        // IPv6 Packet Too Big, tunnelled IPv6-in-IPv6 with the flow's label.
+        let vip6 = vip6(0x30);
+        let mut sent6 = ipv6(
+            vip6,
+            CLIENT6,
+            PROTO_TCP,
+            63,
+            &l4(PROTO_TCP, 80, 43002, ACK, &[0x66; 1200]),
+        );
+        sent6.truncate(1280 - 40 - 8);
+        let ptb = ipv6(
+            ROUTER6,
+            vip6,
+            58,
+            64,
+            &icmp6_msg(ROUTER6, vip6, 2, 1400u32.to_be_bytes(), &sent6),
+        );
+        assert_eq!(ptb.len(), 1280, "as long as RFC 4443 lets an error be");
+        let flow6 = key_of(&v6_packet(vip6, PROTO_TCP, 43002, 80, ACK));
+        let backend = by_hash(&lab.balancer, "tcp6", &flow6);
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "ICMPv6 Packet Too Big: tunnelled to the flow's backend, label from its hash",
+                input: frame6(&ptb),
+                action: XDP_TX,
+                output: Some(tunnel_out(&ptb, false, backend, flow_hash(&flow6), None)),
+                counters: vec![stat::ICMP_ERROR_FORWARDED],
+            },
+        );
+
+        // Errors the balancer does not act on.
+        let quoted = quote4(rr, 43003);
+        check_case(
+            &mut lab,
+            &drop_case(
+                "frag needed whose quote is cut inside the ports: dropped",
+                frame4(&frag_needed4(rr, &quoted[..20 + 4])),
+                stat::DROP_ICMP_MALFORMED,
+            ),
+        );
+        check_case(
+            &mut lab,
+            &drop_case(
+                "frag needed with no quote at all: dropped",
+                frame4(&frag_needed4(rr, &[])),
+                stat::DROP_ICMP_MALFORMED,
+            ),
+        );
+        let mut other_src = quote4(rr, 43004);
+        other_src[12..16].copy_from_slice(&[203, 0, 113, 99]);
+        check_case(
+            &mut lab,
+            &pass_case(
+                "frag needed quoting a packet the VIP did not send: passes",
+                frame4(&frag_needed4(rr, &other_src)),
+                stat::PASS_NOT_VIP,
+            ),
+        );
+        let mut no_service = quote4(rr, 43005);
+        no_service[20..22].copy_from_slice(&8080u16.to_be_bytes());
+        check_case(
+            &mut lab,
+            &pass_case(
+                "frag needed quoting a VIP port without a service: passes",
+                frame4(&frag_needed4(rr, &no_service)),
+                stat::PASS_NOT_VIP,
+            ),
+        );
+
+        // Echo requests: answered in place, checksums valid.
+        let echo = ipv4(
+            &V4 {
+                src: CLIENT4,
+                dst: rr,
+                proto: 1,
+                ttl: 61,
+                frag: 0x4000,
+                options: vec![],
+            },
+            &icmp4_msg(8, 0, [0x12, 0x34, 0, 1], b"weir ping"),
+        );
+        let mut reply = eth(CLIENT_MAC, LB_MAC, None, 0x0800);
+        reply.extend_from_slice(&ipv4(
+            &V4 {
+                src: rr,
+                dst: CLIENT4,
+                proto: 1,
+                ttl: 64,
+                frag: 0x4000,
+                options: vec![],
+            },
+            &icmp4_msg(0, 0, [0x12, 0x34, 0, 1], b"weir ping"),
+        ));
+        assert_eq!(csum(&reply[14..34]), 0, "expected IPv4 header verifies");
+        assert_eq!(csum(&reply[34..]), 0, "expected ICMP message verifies");
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "ICMP echo request to a VIP: answered",
+                input: frame4(&echo),
+                action: XDP_TX,
+                output: Some(reply),
+                counters: vec![stat::ICMP_ECHO_REPLIED],
+            },
+        );
+        let echo6 = ipv6(
+            CLIENT6,
+            vip6,
+            58,
+            61,
+            &icmp6_msg(CLIENT6, vip6, 128, [0x12, 0x34, 0, 1], b"weir ping6"),
+        );
+        let mut reply6 = eth(CLIENT_MAC, LB_MAC, None, 0x86dd);
+        reply6.extend_from_slice(&ipv6(
+            vip6,
+            CLIENT6,
+            58,
+            64,
+            &icmp6_msg(vip6, CLIENT6, 129, [0x12, 0x34, 0, 1], b"weir ping6"),
+        ));
+        assert_eq!(
+            icmp6_checksum(&vip6, &CLIENT6, &reply6[54..]),
+            0,
+            "expected ICMPv6 message verifies"
+        );
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "ICMPv6 echo request to a VIP: answered",
+                input: frame6(&echo6),
+                action: XDP_TX,
+                output: Some(reply6),
+                counters: vec![stat::ICMP_ECHO_REPLIED],
+            },
+        );
+
+        // Fragments: the ip-hash service's go where the client's other packets go.
+        let frag_vip = ip4("203.0.113.32");
+        let whole = v4_packet(frag_vip, PROTO_UDP, 43006, 53, 0);
+        let backend = predicted(&lab.balancer, "frag", &whole);
+        let case = tunnel_case(&lab, "ip-hash: unfragmented datagram", "frag", whole, true);
+        check_case(&mut lab, &case);
+        let first = v4_packet_with(frag_vip, PROTO_UDP, 43006, 53, 0, 64, 0x2000, &[]);
+        let later = ipv4(
+            &V4 {
+                src: CLIENT4,
+                dst: frag_vip,
+                proto: PROTO_UDP,
+                ttl: 64,
+                frag: 0x0003,
+                options: vec![],
+            },
+            &[0x77; 40],
+        );
+        for (desc, ip) in [
+            (
+                "ip-hash: first fragment, same backend, outer DF clear",
+                first,
+            ),
+            ("ip-hash: later fragment (no ports), same backend", later),
+        ] {
+            check_case(
+                &mut lab,
+                &Case {
+                    desc,
+                    input: frame4(&ip),
+                    action: XDP_TX,
+                    output: Some(tunnel_out(&ip, true, backend, 0, None)),
+                    counters: vec![stat::FRAGMENT_FORWARDED],
+                },
+            );
+        }
+        check_case(
+            &mut lab,
+            &drop_case(
+                "fragment for a round-robin service: dropped",
+                frame4(&v4_packet_with(
+                    rr,
+                    PROTO_TCP,
+                    43007,
+                    80,
+                    ACK,
+                    64,
+                    0x2000,
+                    &[],
+                )),
+                stat::DROP_FRAGMENT,
+            ),
+        );
+        check_case(
+            &mut lab,
+            &drop_case(
+                "fragment of a protocol without a service (ICMP): dropped",
+                frame4(&ipv4(
+                    &V4 {
+                        src: CLIENT4,
+                        dst: frag_vip,
+                        proto: 1,
+                        ttl: 64,
+                        frag: 0x2000,
+                        options: vec![],
+                    },
+                    &icmp4_msg(8, 0, [0, 1, 0, 1], &[0; 32]),
+                )),
+                stat::DROP_FRAGMENT,
+            ),
+        );
+
+        // answer_ping = false: echo requests pass to the kernel as before.
+        let off = icmp_config().raw("answer_ping", "false");
+        let cfg = config::parse(&off.render(), Path::new("icmp.toml")).expect("valid config");
+        lab.balancer.apply(&plain(&cfg)).expect("apply");
+        check_case(
+            &mut lab,
+            &pass_case(
+                "answer_ping = false: the echo request passes",
+                frame4(&echo),
+                stat::PASS_NOT_VIP,
+            ),
+        );
     });
 }
