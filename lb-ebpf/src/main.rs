@@ -19,11 +19,19 @@
 //!   would discard it too, and we cannot tell whether it was for a VIP.
 //! * A packet whose destination address is not a VIP address passes untouched, before any
 //!   further validation, so the balancer never judges traffic that is not its own.
-//! * For a VIP address: a bad version/IHL/length is dropped (`drop_malformed_ip`), a
-//!   fragment is dropped (`drop_fragment`: without ports it cannot be hashed, as in
-//!   Katran), TTL/hop limit 0 is dropped, IPv6 extension headers pass (`pass_ipv6_ext_header`),
-//!   a TCP/UDP header that does not fit in the packet is dropped (`drop_truncated_l4`),
-//!   other protocols and unmatched ports pass.
+//! * For a VIP address: a bad version/IHL/length is dropped (`drop_malformed_ip`), an IPv4
+//!   fragment is forwarded by the source hash when its (address, protocol) has exactly one
+//!   service and it is `ip-hash` (`FRAG_SERVICES`, `fragment_forwarded`), otherwise dropped
+//!   (`drop_fragment`: without ports it cannot be hashed, as in Katran), TTL/hop limit 0 is
+//!   dropped, IPv6 extension headers pass (`pass_ipv6_ext_header`), a TCP/UDP header that
+//!   does not fit in the packet is dropped (`drop_truncated_l4`), other protocols and
+//!   unmatched ports pass.
+//! * ICMP / ICMPv6 for a VIP address (`inbound`): an error quoting a packet the VIP sent to a
+//!   client goes, whole, to the backend of that flow (table, else hash; no entry made;
+//!   `icmp_error_forwarded`); one too short for its quote, or longer than 576 / 1280 bytes,
+//!   is dropped (`drop_icmp_malformed`); one about anything else passes. Echo requests are
+//!   answered in place with `GLOBAL_ANSWER_PING` (`icmp_echo_replied`), else pass. Other ICMP
+//!   passes. Only these packets pay: the parser hands them over as exits.
 //! * The LB is not an IP hop for the inner packet (as IPVS-DR and Katran): the inner TTL is
 //!   left alone; the outer header gets `OUTER_TTL`.
 //!
