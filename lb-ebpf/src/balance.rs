@@ -8,7 +8,7 @@ use lb_common::{
 
 use crate::{
     clock, conntrack, forward, inbound,
-    maps::{BACKENDS, CONNTRACK, GLOBAL, SERVICES, STATS, VIPS},
+    maps::{BACKENDS, GLOBAL, SERVICES, STATS, VIPS},
     parse::{TO_FRAGMENT, TO_ICMP, parse},
     stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
@@ -90,7 +90,7 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     // The connection table first: the packets of a tracked flow find their service through
     // it (`tracked_service`), so a packet pays for one hash lookup, the table's. Others ask
     // `VIPS`, which decides whether the packet is for a VIP at all.
-    let flow = CONNTRACK.get_ptr_mut(&p.key);
+    let flow = conntrack::lookup(&p.key);
     let (vip, via_port0, tracked) = match flow.and_then(tracked_service) {
         Some((vip, backend)) => (vip, false, Some(backend)),
         None => {

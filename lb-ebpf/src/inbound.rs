@@ -24,7 +24,7 @@ use lb_common::{
 use crate::{
     balance::lookup_vip,
     clock, conntrack, forward,
-    maps::{BACKENDS, CONNTRACK, FRAG_SERVICES, GLOBAL, SERVICES},
+    maps::{BACKENDS, FRAG_SERVICES, GLOBAL, SERVICES},
     parse::{Parsed, copy_words, l2, ptr_at},
     sched::schedule,
     stats::{Exit, Stats, bump, count_traffic, drop, pass},
@@ -269,12 +269,14 @@ fn forward_error(
     let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
     // SAFETY: a value of the connection table, valid until this program returns (LRU maps
     // are preallocated); only read.
-    let tracked = unsafe { CONNTRACK.get(&key) }.and_then(|f| {
-        let fresh = timeout_ns == 0 || now.saturating_sub(f.last_seen_ns) <= timeout_ns;
-        fresh
-            .then(|| conntrack::honoured(f, vip.service_id).map(|b| (f.backend_id, b)))
-            .flatten()
-    });
+    let tracked = conntrack::lookup(&key)
+        .map(|f| unsafe { &*f })
+        .and_then(|f| {
+            let fresh = timeout_ns == 0 || now.saturating_sub(f.last_seen_ns) <= timeout_ns;
+            fresh
+                .then(|| conntrack::honoured(f, vip.service_id).map(|b| (f.backend_id, b)))
+                .flatten()
+        });
     let (backend_id, backend) = match tracked {
         Some(found) => found,
         None => {
