@@ -148,6 +148,15 @@ fn snmp(ns: &str, group: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {group} {field} in /proc/net/snmp of {ns}"))
 }
 
+/// A case's outcome for the log: its value, or its error chain on one line (`{:?}` of an
+/// anyhow error would print a backtrace).
+fn outcome_text<T: std::fmt::Debug>(r: &Result<T>) -> String {
+    match r {
+        Ok(v) => format!("ok ({v:?})"),
+        Err(e) => format!("failed: {e:#}"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Uploads
 // ---------------------------------------------------------------------------------------------
@@ -1030,7 +1039,7 @@ fn a_datagram_too_big_for_the_tunnel_gets_one_packet_too_big() {
         .iter()
         .filter_map(|case| {
             let r = too_big_case(&topo, case);
-            println!("[{}] {r:?}", case.name);
+            println!("[{}] {}", case.name, outcome_text(&r));
             r.err().map(|e| format!("{}: {e:#}", case.name))
         })
         .collect();
@@ -1480,14 +1489,14 @@ fn fragments_of_an_ip_hash_service_reach_one_backend() {
     let mut agent = topo.start_agent(&config).expect("weir agent");
     let decap: Vec<ChildGuard> = topo.start_decap(&VIPS).expect("weir decap");
     let direct = fragments_case(&topo, &log, direct_port);
-    println!("direct: {direct:?}");
+    println!("direct: {}", outcome_text(&direct));
     common::ip(
         &topo.cli,
         &["link", "set", "dev", common::NODE_IF, "mtu", "1400"],
     )
     .expect("client MTU 1400");
     let tunnel = fragments_case(&topo, &log, tunnel_port);
-    println!("tunnel, client MTU 1400: {tunnel:?}");
+    println!("tunnel, client MTU 1400: {}", outcome_text(&tunnel));
     let failed: Vec<String> = [("direct", direct), ("tunnel (client MTU 1400)", tunnel)]
         .into_iter()
         .filter_map(|(what, r)| r.err().map(|e| format!("{what}: {e:#}")))
