@@ -20,7 +20,7 @@ use std::{
 
 use common::{
     Backend, CLIENT_V4, ConfigBuilder, HealthCheck, ServiceBuilder, Topology, VIP_V4, backend_v4,
-    predict,
+    predict, wait_until,
 };
 use weir::api::{BackendInfo, Health, Request};
 
@@ -87,34 +87,6 @@ fn backend(topo: &Topology, service: &str, i: usize) -> BackendInfo {
         .into_iter()
         .find(|b| b.address == address)
         .unwrap_or_else(|| panic!("no backend {address} in service {service}"))
-}
-
-/// A global datapath counter from the API's `stats`.
-fn global_counter(topo: &Topology, name: &str) -> u64 {
-    let resp = topo.api(&Request::Stats {}).expect("API stats");
-    assert!(resp.ok, "stats failed: {:?}", resp.error);
-    let stats: weir::api::Stats = resp.data.expect("data").try_into().expect("stats");
-    stats
-        .global
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no global counter {name}"))
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, panicking after `timeout`.
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits until the health of every backend of `service` is as given ("up"/"down").
@@ -601,7 +573,7 @@ fn idle_udp_flow_expires_and_is_rescheduled() {
     // Round-robin positions are per CPU: send every datagram from one CPU, so each new
     // schedule takes the next position of one sequence.
     common::pin_thread_to_cpu(0).expect("pin to CPU 0");
-    let expired_before = global_counter(&topo, "conntrack_idle_expired");
+    let expired_before = topo.global_counter("conntrack_idle_expired");
 
     let sock = common::id_udp_socket(&topo.cli, vip(UDP_PORT), 27_000).expect("socket");
     let mut first = Vec::new();
@@ -633,7 +605,7 @@ fn idle_udp_flow_expires_and_is_rescheduled() {
         (usize::from(first[0]) + 1) % common::BACKENDS,
         "round robin 1:1:1 on one CPU: the next backend of the sequence"
     );
-    let expired_after = global_counter(&topo, "conntrack_idle_expired");
+    let expired_after = topo.global_counter("conntrack_idle_expired");
     println!("[idle] conntrack_idle_expired {expired_before} -> {expired_after}");
     assert!(
         expired_after > expired_before,
@@ -646,7 +618,7 @@ fn idle_udp_flow_expires_and_is_rescheduled() {
     assert!(metric >= 1.0, "the metric did not count the expiry");
 
     // A lone ACK of a TCP connection no one made: the balancer does not know the flow.
-    let midflow_before = global_counter(&topo, "untracked_midflow");
+    let midflow_before = topo.global_counter("untracked_midflow");
     common::send_raw_tcp_v4(
         &topo.cli,
         CLIENT_V4,
@@ -656,7 +628,7 @@ fn idle_udp_flow_expires_and_is_rescheduled() {
     )
     .expect("raw ACK");
     let midflow_after = wait_until("untracked_midflow to rise", Duration::from_secs(3), || {
-        let v = global_counter(&topo, "untracked_midflow");
+        let v = topo.global_counter("untracked_midflow");
         (v > midflow_before).then_some(v)
     });
     println!("[idle] untracked_midflow {midflow_before} -> {midflow_after} after one lone ACK");

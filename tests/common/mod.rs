@@ -41,6 +41,7 @@ pub use weir_testbed::*;
 
 pub mod predict;
 pub mod test_run;
+pub mod tunnel;
 
 // ---------------------------------------------------------------------------------------------
 // Names
@@ -661,7 +662,9 @@ impl Drop for EchoServers {
     }
 }
 
-fn tcp_listener(port: u16) -> Result<TcpListener> {
+/// A dual-stack TCP listener on `port` (every address) whose `accept` returns every 100 ms
+/// (for `accept_until_stopped`).
+pub fn tcp_listener(port: u16) -> Result<TcpListener> {
     let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     s.set_only_v6(false)?;
     s.set_reuse_address(true)?;
@@ -683,7 +686,7 @@ fn tcp_accept_loop(listener: TcpListener, c: &BackendCounters, stop: &AtomicBool
 
 /// Accepts connections until `stop`, handing each to `serve` (which returns the thread
 /// serving it), then joins those threads. The listener's read timeout paces the checks.
-fn accept_until_stopped(
+pub fn accept_until_stopped(
     listener: &TcpListener,
     stop: &AtomicBool,
     what: &str,
@@ -1324,6 +1327,19 @@ impl Topology {
         parse_metrics(&self.metrics_text()?)
     }
 
+    /// A global datapath counter (`lb_common::stat::NAMES`) from the agent's `stats`.
+    pub fn global_counter(&self, name: &str) -> u64 {
+        let resp = self.api(&weir::api::Request::Stats {}).expect("API stats");
+        assert!(resp.ok, "stats failed: {:?}", resp.error);
+        let stats: weir::api::Stats = resp.data.expect("data").try_into().expect("stats");
+        stats
+            .global
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no global counter {name}"))
+    }
+
     /// TCP and UDP echo servers on `port` in backend `i` only (as `start_echo_servers`);
     /// dropping the result stops them, which is how a test stops one backend.
     pub fn start_backend_echo(&self, i: usize, port: u16) -> Result<EchoServers> {
@@ -1643,6 +1659,21 @@ impl Prometheus {
 
     pub fn log(&self) -> String {
         self.child.log()
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, panicking after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -2003,6 +2034,24 @@ pub fn id_udp_flows(ns: &str, dst: SocketAddr, src_ports: Range<u16>) -> IdRepor
     })
 }
 
+/// The Internet checksum (RFC 1071) of `parts` laid end to end, each of even length but
+/// the last: what goes into an IPv4, ICMP, TCP or UDP checksum field (over a pseudo-header
+/// where the protocol has one).
+pub fn inet_checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for bytes in parts {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).map_or(0, |b| u32::from(*b));
+            sum += hi | lo;
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).expect("folded to 16 bits")
+}
+
 /// From namespace `ns`: one bare TCP segment with `flags` (0x10: a lone ACK) from
 /// `src:src_port` to `dst`, through a raw socket (the kernel adds the IPv4 header). For
 /// segments no connection of this host would send, such as a mid-flow ACK of a flow no
@@ -2023,22 +2072,7 @@ pub fn send_raw_tcp_v4(
     seg[13] = flags;
     seg[14..16].copy_from_slice(&8192u16.to_be_bytes());
     // Checksum over the pseudo-header and the segment.
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            let hi = u32::from(pair[0]) << 8;
-            let lo = pair.get(1).map_or(0, |b| u32::from(*b));
-            sum += hi | lo;
-        }
-    };
-    add(&src.octets());
-    add(&dst.ip().octets());
-    add(&[0, 6, 0, 20]);
-    add(&seg);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let csum = !u16::try_from(sum).expect("folded to 16 bits");
+    let csum = inet_checksum(&[&src.octets(), &dst.ip().octets(), &[0, 6, 0, 20], &seg]);
     seg[16..18].copy_from_slice(&csum.to_be_bytes());
     in_netns(ns, move || {
         let s =

@@ -14,6 +14,7 @@ const PRIVILEGED_TESTS: &[&str] = &[
     "e2e_sched",
     "e2e_safety",
     "e2e_mss",
+    "e2e_mtu",
 ];
 
 /// `--test NAME` for each of `names`.
