@@ -1478,18 +1478,22 @@ fn fragments_of_an_ip_hash_service_reach_one_backend() {
     let topo = Topology::build("fg").expect("topology");
     assert_lan_mtu(&topo);
     let log = DatagramLog::start(&topo, &[direct_port, tunnel_port]).expect("UDP servers");
-    let config = topo
-        .agent_config()
-        .service(
-            service("fd", VIP_V4.into(), direct_port, "udp", "direct", false).scheduler("ip-hash"),
-        )
-        .service(
-            service("ft", VIP_V4.into(), tunnel_port, "udp", "tunnel", false).scheduler("ip-hash"),
-        );
-    let mut agent = topo.start_agent(&config).expect("weir agent");
+    // One ip-hash service per phase: a non-first fragment carries no port, so the datapath
+    // forwards fragments only for an address and protocol with exactly one (ip-hash) service
+    // (README, "Fragments"); two on one address would leave them dropped by design.
+    let direct_config = topo.agent_config().service(
+        service("fd", VIP_V4.into(), direct_port, "udp", "direct", false).scheduler("ip-hash"),
+    );
+    let tunnel_config = topo.agent_config().service(
+        service("ft", VIP_V4.into(), tunnel_port, "udp", "tunnel", false).scheduler("ip-hash"),
+    );
+    let mut agent = topo.start_agent(&direct_config).expect("weir agent");
     let decap: Vec<ChildGuard> = topo.start_decap(&VIPS).expect("weir decap");
     let direct = fragments_case(&topo, &log, direct_port);
     println!("direct: {}", outcome_text(&direct));
+    let st = agent.stop();
+    assert!(st.is_some_and(|s| s.success()), "agent exit: {st:?}");
+    let mut agent = topo.start_agent(&tunnel_config).expect("weir agent");
     common::ip(
         &topo.cli,
         &["link", "set", "dev", common::NODE_IF, "mtu", "1400"],
