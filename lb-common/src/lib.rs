@@ -1,6 +1,6 @@
 //! Types shared by Weir's XDP datapath (`lb-ebpf`) and its agent (`lb-userspace`), and the
-//! pure logic both sides must agree on: the flow hash, the IPv4 header checksum and the
-//! builders of the outer tunnel headers.
+//! pure logic both sides must agree on: the flow hash, the IPv4 header checksum, the
+//! builders of the outer tunnel headers and of the ICMP "too big" answers.
 //!
 //! Everything here is `#![no_std]` so the BPF target can use it. Map value types follow one
 //! set of rules: `#[repr(C)]`, `Copy`, explicit padding, no `bool`/`enum`/`Option` (the
@@ -14,6 +14,7 @@ extern crate std;
 pub mod csum;
 pub mod hash;
 pub mod headers;
+pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
 #[cfg(feature = "user")]
@@ -41,6 +42,7 @@ pub mod map_name {
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
     pub const DECAP_MSS: &str = "DECAP_MSS";
+    pub const ICMP_BUCKETS: &str = "ICMP_BUCKETS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -440,10 +442,15 @@ impl TrafficCounters {
 pub struct NextHop {
     pub expires_ns: u64,
     pub ifindex: u32,
+    /// The egress MTU towards the backend (IP bytes), as the lookup reported it in
+    /// `mtu_result`: the route's locked MTU metric or PMTU exception, else the device's.
+    /// A tunnelled packet must fit it outer header included.
+    pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<NextHop>() == 24);
+const _: () = assert!(size_of::<NextHop>() == 32);
 
 /// Value of the single-entry `BENCH_TEMPLATE` array: the packet the benchmark entry point
 /// restores before every run.
@@ -483,6 +490,8 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipAddrBits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::icmp::IcmpBucket {}
 }
 
 #[cfg(feature = "user")]
