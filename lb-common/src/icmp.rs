@@ -111,7 +111,16 @@ pub const fn write_icmp4_too_big(
     ip[11] = c[1];
 
     let mtu = next_hop_mtu.to_be_bytes();
-    *icmp = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, mtu[0], mtu[1]];
+    *icmp = [
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        0,
+        0,
+        0,
+        0,
+        mtu[0],
+        mtu[1],
+    ];
     let c = (!fold(sum_be(quote_sum as u32, icmp))).to_be_bytes();
     icmp[2] = c[0];
     icmp[3] = c[1];
@@ -238,7 +247,9 @@ mod tests {
             );
         }
         // A checksum written into its zeroed field makes the whole verify (sum 0xffff).
-        let mut h = [0x45, 0, 0, 0x1c, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let mut h = [
+            0x45, 0, 0, 0x1c, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         let c = checksum(&h).to_be_bytes();
         h[10..12].copy_from_slice(&c);
         assert_eq!(fold(sum_be(0, &h)), 0xffff);
@@ -289,7 +300,9 @@ mod tests {
         let quote: Vec<u8> = (0..1232u32).map(|i| (i * 13 + 5) as u8).collect();
         let mut ip = [0u8; 40];
         let mut icmp = [0u8; 8];
-        let vip = [0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let vip = [
+            0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
         let mut client = vip;
         client[4] = 0;
         client[15] = 2;
@@ -308,7 +321,10 @@ mod tests {
         assert_eq!(&ip[8..24], &vip);
         assert_eq!(&ip[24..40], &client);
         assert_eq!(icmp[..2], [2, 0]);
-        assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), 1460);
+        assert_eq!(
+            u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+            1460
+        );
         // RFC 8200 §8.1 pseudo-header, built separately.
         let mut pseudo = Vec::new();
         pseudo.extend_from_slice(&vip);

@@ -58,6 +58,8 @@ pub mod prog_name {
     pub const BENCH: &str = "weir_bench";
     /// Benchmark of one `bpf_fib_lookup` call, to price the next-hop choice.
     pub const BENCH_FIB: &str = "weir_bench_fib";
+    /// Benchmark of one ICMP "too big" answer: as `BENCH`, for packets the balancer answers.
+    pub const BENCH_TOO_BIG: &str = "weir_bench_too_big";
     /// The MSS clamp, a tc egress program `weir decap` attaches next to the decapsulator.
     pub const MSS_CLAMP: &str = "weir_mss_clamp";
 }
