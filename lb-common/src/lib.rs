@@ -446,7 +446,8 @@ pub struct NextHop {
     pub ifindex: u32,
     /// The egress MTU towards the backend (IP bytes), as the lookup reported it in
     /// `mtu_result`: the route's locked MTU metric or PMTU exception, else the device's.
-    /// A tunnelled packet must fit it outer header included.
+    /// A tunnelled packet must fit it outer header included. `u32::MAX`: the kernel did not
+    /// report one (Linux 5.11), nothing is checked.
     pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],

@@ -81,11 +81,17 @@ pub(crate) fn fib_next_hop(
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(drop(stat::DROP_FIB));
     }
+    // SAFETY: the kernel wrote the `mtu_result` variant on success; both variants are a
+    // `u16`, so either reads as a valid value.
+    let mtu_result = unsafe { params.__bindgen_anon_1.mtu_result };
     Ok(Hop {
         ifindex: params.ifindex,
-        // SAFETY: the kernel wrote the `mtu_result` variant on success; both variants are a
-        // `u16`, so either reads as a valid value.
-        mtu: u32::from(unsafe { params.__bindgen_anon_1.mtu_result }),
+        mtu: match mtu_result {
+            // Linux 5.11 does not report the MTU (`mtu_result` is from 5.12) and leaves the
+            // zero passed in: no limit known, no check.
+            0 => u32::MAX,
+            mtu => u32::from(mtu),
+        },
         smac: params.smac,
         dmac: params.dmac,
     })
