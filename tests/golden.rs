@@ -2626,3 +2626,329 @@ fn golden_icmp_and_fragments() {
         );
     });
 }
+
+// ----- too big for the tunnel: ICMP fragmentation needed / ICMPv6 Packet Too Big -----
+
+/// Services of `golden_too_big`, one backend each so the backend is known: IPv4-in-IPv4
+/// (UDP and TCP), IPv6-in-IPv6, IPv4-in-IPv6, direct mode, and IPv4-in-IPv4 to a backend
+/// whose route has a lower, locked MTU.
+fn too_big_config() -> ConfigBuilder {
+    [
+        ring_service("udp4", "203.0.113.10", 53, "udp", &["198.51.100.11"]),
+        ring_service("tcp4", "203.0.113.10", 80, "tcp", &["198.51.100.11"]),
+        ring_service("udp6", "2001:db8:100::10", 53, "udp", &["2001:db8::11"]),
+        ring_service("v4-in-v6", "203.0.113.13", 80, "tcp", &["2001:db8::11"]),
+        ring_service("direct4", "203.0.113.11", 53, "udp", &["198.51.100.11"]).forwarding("direct"),
+        ring_service("low-mtu", "203.0.113.16", 53, "udp", &["198.51.100.12"]),
+    ]
+    .into_iter()
+    .fold(
+        lab_agent().tunnel_source_v6(Ipv6Addr::from(TUNNEL6)),
+        ConfigBuilder::service,
+    )
+}
+
+/// A payload of `len` bytes that is not all zero, so that the quote's checksum is tested.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + 7) as u8).collect()
+}
+
+/// An IPv4 packet of exactly `total` bytes from the client (UDP or TCP ACK), DF as `df`.
+fn v4_sized(dst: [u8; 4], proto: u8, sport: u16, dport: u16, total: usize, df: bool) -> Vec<u8> {
+    let l4_hdr = if proto == PROTO_TCP { 20 } else { 8 };
+    let ip = ipv4(
+        &V4 {
+            src: CLIENT4,
+            dst,
+            proto,
+            ttl: 64,
+            frag: if df { 0x4000 } else { 0 },
+            options: Vec::new(),
+        },
+        &l4(proto, sport, dport, ACK, &pattern(total - 20 - l4_hdr)),
+    );
+    assert_eq!(ip.len(), total);
+    ip
+}
+
+/// An IPv6 UDP packet of exactly `total` bytes from the client.
+fn v6_sized(dst: [u8; 16], sport: u16, dport: u16, total: usize) -> Vec<u8> {
+    let ip = ipv6(
+        CLIENT6,
+        dst,
+        PROTO_UDP,
+        64,
+        &l4(PROTO_UDP, sport, dport, 0, &pattern(total - 48)),
+    );
+    assert_eq!(ip.len(), total);
+    ip
+}
+
+/// The expected answer to the client, built by hand: Ethernet back to the client (tag
+/// kept), an IPv4 header from the VIP with TTL 64, TOS 0xc0, DF, ICMP type 3 code 4 with
+/// `mtu`, then the first bytes of the offending packet (576 bytes in all at most, whole
+/// 32-bit words). Both checksums are verified here with the test's own sum.
+fn icmp4_too_big_expected(ip: &[u8], mtu: u16, vlan: Option<u16>) -> Vec<u8> {
+    let quote = &ip[..ip.len().min(548) / 4 * 4];
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(csum(&icmp), 0, "expected ICMP message must verify");
+    let mut hdr = vec![0x45, 0xc0];
+    hdr.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    hdr.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    hdr.extend_from_slice(&ip[16..20]);
+    hdr.extend_from_slice(&ip[12..16]);
+    let c = csum(&hdr);
+    hdr[10..12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(csum(&hdr), 0, "expected IPv4 header must verify");
+    let mut f = eth(CLIENT_MAC, LB_MAC, vlan, 0x0800);
+    f.extend_from_slice(&hdr);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// As [`icmp4_too_big_expected`] for IPv6: ICMPv6 type 2 with the 32-bit `mtu`, as much of
+/// the packet as keeps the answer within 1280 bytes, the checksum over the RFC 8200 §8.1
+/// pseudo-header.
+fn icmp6_too_big_expected(ip: &[u8], mtu: u32) -> Vec<u8> {
+    let quote = &ip[..ip.len().min(1232) / 4 * 4];
+    let mut icmp = vec![2, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let (vip, client) = (&ip[24..40], &ip[8..24]);
+    let pseudo = |icmp: &[u8]| {
+        let mut p = vip.to_vec();
+        p.extend_from_slice(client);
+        p.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 58]);
+        p.extend_from_slice(icmp);
+        p
+    };
+    let c = csum(&pseudo(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        csum(&pseudo(&icmp)),
+        0,
+        "expected ICMPv6 message must verify"
+    );
+    let mut f = eth(CLIENT_MAC, LB_MAC, None, 0x86dd);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(vip);
+    f.extend_from_slice(client);
+    f.extend_from_slice(&icmp);
+    assert!(f.len() - 14 <= 1280);
+    f
+}
+
+/// A packet that does not fit once encapsulated, answered with `expected`.
+fn too_big_case(desc: &'static str, ip: &[u8], input: Vec<u8>, expected: Vec<u8>) -> Case {
+    let mut counters = miss_counters(ip);
+    counters.push(stat::ICMP_TOO_BIG_SENT);
+    Case {
+        desc,
+        input,
+        action: XDP_TX,
+        output: Some(expected),
+        counters,
+    }
+}
+
+/// Sets this datapath's ICMP budget on every CPU: `tokens`, never refilled (the bucket's
+/// time ahead of any clock), so that a case can exhaust it deterministically.
+fn freeze_icmp_budget(lab: &mut Lab, tokens: u32) {
+    let mut buckets: aya::maps::PerCpuArray<_, lb_common::icmp::IcmpBucket> =
+        aya::maps::PerCpuArray::try_from(
+            lab.ebpf
+                .map_mut(lb_common::map_name::ICMP_BUCKETS)
+                .expect("ICMP_BUCKETS"),
+        )
+        .expect("per-CPU array");
+    let cpus = aya::util::nr_cpus().expect("CPUs");
+    let frozen = lb_common::icmp::IcmpBucket {
+        refilled_ns: u64::MAX,
+        tokens,
+        _pad: 0,
+    };
+    buckets
+        .set(
+            0,
+            aya::maps::PerCpuValues::try_from(vec![frozen; cpus]).expect("values"),
+            0,
+        )
+        .expect("write ICMP_BUCKETS");
+}
+
+/// Tunnel mode at 1500-byte MTUs: a packet that fits once encapsulated (exactly at the
+/// limit) is tunnelled; one byte more and the client gets ICMP fragmentation needed or
+/// ICMPv6 Packet Too Big from the VIP with MTU = egress MTU − outer header, the full bytes
+/// checked; IPv4 without DF is dropped; direct mode is not limited; a route's locked MTU is
+/// what `bpf_fib_lookup` reports; the per-CPU budget, exhausted, drops and counts.
+#[test]
+fn golden_too_big() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gtb")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    // The kernel honours a route's MTU in forwarding lookups only when locked (or with
+    // ip_forward_use_pmtu): `ip_mtu_from_fib_result`.
+    common::ip(
+        ns.name(),
+        &[
+            "route",
+            "add",
+            "198.51.100.12/32",
+            "dev",
+            "g0",
+            "mtu",
+            "lock",
+            "1400",
+        ],
+    )
+    .expect("route with a locked MTU");
+    common::in_netns(ns.name(), || {
+        let mut lab = open_lab(&too_big_config());
+        let vip4 = ip4("203.0.113.10");
+        let vip6 = vip6(0x10);
+        let b11 = IpAddr::from(Ipv4Addr::new(198, 51, 100, 11));
+        let c11 = IpAddr::from(Ipv6Addr::from(v6(0x11)));
+        let tunnel = |ip: &[u8], v4: bool, backend: IpAddr| {
+            tunnel_out(ip, v4, backend, flow_hash(&key_of(ip)), None)
+        };
+
+        let mut cases = Vec::new();
+        let at_limit4 = v4_sized(vip4, PROTO_UDP, 41001, 53, 1480, true);
+        cases.push(Case {
+            desc: "IPv4 UDP of 1480 bytes, IPv4-in-IPv4: exactly the 1500-byte MTU, tunnelled",
+            input: frame4(&at_limit4),
+            action: XDP_TX,
+            output: Some(tunnel(&at_limit4, true, b11)),
+            counters: miss_counters(&at_limit4),
+        });
+        let over4 = v4_sized(vip4, PROTO_UDP, 41002, 53, 1481, true);
+        cases.push(too_big_case(
+            "IPv4 UDP of 1481 bytes with DF, IPv4-in-IPv4: fragmentation needed, MTU 1480",
+            &over4,
+            frame4(&over4),
+            icmp4_too_big_expected(&over4, 1480, None),
+        ));
+        let full4 = v4_sized(vip4, PROTO_TCP, 41003, 80, 1500, true);
+        cases.push(too_big_case(
+            "IPv4 TCP segment of 1500 bytes, IPv4-in-IPv4: fragmentation needed, MTU 1480",
+            &full4,
+            frame4(&full4),
+            icmp4_too_big_expected(&full4, 1480, None),
+        ));
+        let tagged = v4_sized(vip4, PROTO_UDP, 41004, 53, 1500, true);
+        let mut tagged_in = eth(LB_MAC, CLIENT_MAC, Some(0x0064), 0x0800);
+        tagged_in.extend_from_slice(&tagged);
+        cases.push(too_big_case(
+            "802.1Q-tagged IPv4 UDP of 1500 bytes: the answer keeps the tag",
+            &tagged,
+            tagged_in,
+            icmp4_too_big_expected(&tagged, 1480, Some(0x0064)),
+        ));
+        let no_df = v4_sized(vip4, PROTO_UDP, 41005, 53, 1500, false);
+        let mut no_df_counters = miss_counters(&no_df);
+        no_df_counters.push(stat::DROP_TOO_BIG_FRAGMENTABLE);
+        cases.push(Case {
+            desc: "IPv4 UDP of 1500 bytes without DF: dropped, no ICMP",
+            input: frame4(&no_df),
+            action: XDP_DROP,
+            output: None,
+            counters: no_df_counters,
+        });
+        let at_limit6 = v6_sized(vip6, 41006, 53, 1460);
+        cases.push(Case {
+            desc: "IPv6 UDP of 1460 bytes, IPv6-in-IPv6: exactly the MTU, tunnelled",
+            input: frame6(&at_limit6),
+            action: XDP_TX,
+            output: Some(tunnel(&at_limit6, false, c11)),
+            counters: miss_counters(&at_limit6),
+        });
+        let over6 = v6_sized(vip6, 41007, 53, 1461);
+        cases.push(too_big_case(
+            "IPv6 UDP of 1461 bytes, IPv6-in-IPv6: Packet Too Big, MTU 1460",
+            &over6,
+            frame6(&over6),
+            icmp6_too_big_expected(&over6, 1460),
+        ));
+        let full6 = v6_sized(vip6, 41008, 53, 1500);
+        cases.push(too_big_case(
+            "IPv6 UDP of 1500 bytes: Packet Too Big quoting 1232 bytes (1280 in all)",
+            &full6,
+            frame6(&full6),
+            icmp6_too_big_expected(&full6, 1460),
+        ));
+        let v4v6 = v4_sized(ip4("203.0.113.13"), PROTO_TCP, 41009, 80, 1500, true);
+        cases.push(too_big_case(
+            "IPv4 TCP of 1500 bytes, IPv4-in-IPv6: fragmentation needed, MTU 1460",
+            &v4v6,
+            frame4(&v4v6),
+            icmp4_too_big_expected(&v4v6, 1460, None),
+        ));
+        let low = v4_sized(ip4("203.0.113.16"), PROTO_UDP, 41010, 53, 1381, true);
+        cases.push(too_big_case(
+            "IPv4 UDP of 1381 bytes to a backend behind a locked 1400-byte route MTU: MTU 1380",
+            &low,
+            frame4(&low),
+            icmp4_too_big_expected(&low, 1380, None),
+        ));
+        let direct = v4_sized(ip4("203.0.113.11"), PROTO_UDP, 41011, 53, 1500, true);
+        let direct_in = frame4(&direct);
+        cases.push(Case {
+            desc: "IPv4 UDP of 1500 bytes, direct mode: the frame does not grow, forwarded",
+            output: Some(direct_out(&direct_in, b11, LB_MAC)),
+            input: direct_in,
+            action: XDP_TX,
+            counters: miss_counters(&direct),
+        });
+        for case in cases {
+            check_case(&mut lab, &case);
+        }
+
+        // The budget: one token left, never refilled. The first answer takes it; the next
+        // too-big packet is dropped and counted.
+        freeze_icmp_budget(&mut lab, 1);
+        let first = v4_sized(vip4, PROTO_UDP, 41012, 53, 1500, true);
+        check_case(
+            &mut lab,
+            &too_big_case(
+                "rate limit: the last token of the budget, answered",
+                &first,
+                frame4(&first),
+                icmp4_too_big_expected(&first, 1480, None),
+            ),
+        );
+        let second = v6_sized(vip6, 41013, 53, 1500);
+        let mut limited = miss_counters(&second);
+        limited.push(stat::DROP_TOO_BIG_RATE_LIMITED);
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "rate limit: budget spent, dropped without an answer",
+                input: frame6(&second),
+                action: XDP_DROP,
+                output: None,
+                counters: limited,
+            },
+        );
+        // A packet that fits is not affected by the spent budget.
+        let fits = v4_sized(vip4, PROTO_UDP, 41014, 53, 1480, true);
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "rate limit: a packet that fits is still tunnelled",
+                input: frame4(&fits),
+                action: XDP_TX,
+                output: Some(tunnel(&fits, true, b11)),
+                counters: miss_counters(&fits),
+            },
+        );
+    });
+}

@@ -1,6 +1,6 @@
 //! Types shared by Weir's XDP datapath (`lb-ebpf`) and its agent (`lb-userspace`), and the
-//! pure logic both sides must agree on: the flow hash, the IPv4 header checksum and the
-//! builders of the outer tunnel headers.
+//! pure logic both sides must agree on: the flow hash, the IPv4 header checksum, the
+//! builders of the outer tunnel headers and of the ICMP "too big" answers.
 //!
 //! Everything here is `#![no_std]` so the BPF target can use it. Map value types follow one
 //! set of rules: `#[repr(C)]`, `Copy`, explicit padding, no `bool`/`enum`/`Option` (the
@@ -14,6 +14,7 @@ extern crate std;
 pub mod csum;
 pub mod hash;
 pub mod headers;
+pub mod icmp;
 pub mod inbound;
 #[cfg(feature = "user")]
 pub mod maglev;
@@ -46,6 +47,7 @@ pub mod map_name {
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
     pub const DECAP_MSS: &str = "DECAP_MSS";
     pub const FRAG_SERVICES: &str = "FRAG_SERVICES";
+    pub const ICMP_BUCKETS: &str = "ICMP_BUCKETS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -61,6 +63,8 @@ pub mod prog_name {
     pub const BENCH: &str = "weir_bench";
     /// Benchmark of one `bpf_fib_lookup` call, to price the next-hop choice.
     pub const BENCH_FIB: &str = "weir_bench_fib";
+    /// Benchmark of one ICMP "too big" answer: as `BENCH`, for packets the balancer answers.
+    pub const BENCH_TOO_BIG: &str = "weir_bench_too_big";
     /// The MSS clamp, a tc egress program `weir decap` attaches next to the decapsulator.
     pub const MSS_CLAMP: &str = "weir_mss_clamp";
 }
@@ -503,10 +507,16 @@ impl TrafficCounters {
 pub struct NextHop {
     pub expires_ns: u64,
     pub ifindex: u32,
+    /// The egress MTU towards the backend (IP bytes), as the lookup reported it in
+    /// `mtu_result`: the route's locked MTU metric or PMTU exception, else the device's.
+    /// A tunnelled packet must fit it outer header included. `u32::MAX`: the kernel did not
+    /// report one (Linux 5.11), nothing is checked.
+    pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<NextHop>() == 24);
+const _: () = assert!(size_of::<NextHop>() == 32);
 
 /// Value of the single-entry `BENCH_TEMPLATE` array: the packet the benchmark entry point
 /// restores before every run.
@@ -548,6 +558,8 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipAddrBits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::icmp::IcmpBucket {}
 }
 
 #[cfg(feature = "user")]

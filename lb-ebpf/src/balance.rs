@@ -9,7 +9,7 @@ use lb_common::{
 use crate::{
     clock, conntrack, forward, inbound,
     maps::{BACKENDS, GLOBAL, SERVICES, STATS, VIPS},
-    parse::{TO_FRAGMENT, TO_ICMP, parse},
+    parse::{Parsed, TO_FRAGMENT, TO_ICMP, parse},
     stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
 
@@ -72,21 +72,60 @@ fn tracked_service(flow: *mut FlowValue) -> Option<(&'static VipInfo, &'static B
     (vip.service_id == backend.service_id && vip.ring_size != 0).then_some((vip, backend))
 }
 
+/// A packet on its way to a backend: what `forward` needs, and what to count. Every path
+/// that forwards (tracked and new TCP/UDP flows, ICMP errors, fragments) ends in this one
+/// value, so that the forwarding code (next hop, MTU check, too-big answer, encapsulation) is
+/// inlined once: each inlined copy has its own stack slots, and two copies exceed the 512-byte
+/// BPF stack.
+pub(crate) struct Job {
+    pub(crate) p: Parsed,
+    pub(crate) vip: &'static VipInfo,
+    pub(crate) backend_id: u32,
+    pub(crate) backend: &'static BackendInfo,
+    /// A connection-table entry was made for it.
+    pub(crate) new_flow: bool,
+    pub(crate) now: u64,
+    /// Counted once forwarded (`stat::COUNT`: nothing more).
+    pub(crate) counter: u32,
+}
+
 #[inline(always)]
 fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     // ICMP and fragments for a VIP address leave the parser as exits, so that only they pay
     // for their handling; it re-reads the packet.
-    let p = match parse(ctx) {
-        Ok(p) => p,
+    let job = match parse(ctx) {
+        Ok(p) => balance_flow(p, stats)?,
         Err(Exit {
             reason: TO_ICMP, ..
-        }) => return inbound::icmp(ctx, stats),
+        }) => inbound::icmp(ctx)?,
         Err(Exit {
             reason: TO_FRAGMENT,
             ..
-        }) => return inbound::fragment(ctx, stats),
+        }) => inbound::fragment(ctx)?,
         Err(exit) => return Err(exit),
     };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    // Read once per packet and handed down: the tunnel sources, for the next-hop lookup and
+    // the outer header.
+    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
+    count_traffic(job.vip.service_id, job.backend_id, frame_len, job.new_flow);
+    let action = forward::forward(
+        ctx,
+        &job.p,
+        job.vip,
+        global,
+        job.backend_id,
+        job.backend,
+        job.now,
+    )?;
+    bump(stats, job.counter);
+    Ok(action)
+}
+
+/// The backend of a TCP/UDP packet for a VIP address: its tracked flow's, else the
+/// scheduler's (and then recorded).
+#[inline(always)]
+fn balance_flow(p: Parsed, stats: Stats) -> Result<Job, Exit> {
     // The connection table first: the packets of a tracked flow find their service through
     // it (`tracked_service`), so a packet pays for one hash lookup, the table's. Others ask
     // `VIPS`, which decides whether the packet is for a VIP at all.
@@ -98,11 +137,6 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
             (vip, via_port0, None)
         }
     };
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    // Read once per packet and handed down: the tunnel sources, for the next-hop lookup and
-    // the outer header.
-    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
-
     // The coarse clock: timestamps here only need second precision, and the precise clock
     // measured at about 45 ns per read in a VM. Read through the per-jiffy cache: no helper
     // call on almost every packet.
@@ -118,6 +152,13 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
         now,
         stats,
     )?;
-    count_traffic(vip.service_id, backend_id, frame_len, new_flow);
-    forward::forward(ctx, &p, vip, global, backend_id, backend, now)
+    Ok(Job {
+        p,
+        vip,
+        backend_id,
+        backend,
+        new_flow,
+        now,
+        counter: stat::COUNT,
+    })
 }

@@ -22,12 +22,12 @@ use lb_common::{
 };
 
 use crate::{
-    balance::lookup_vip,
-    clock, conntrack, forward,
+    balance::{Job, lookup_vip},
+    clock, conntrack,
     maps::{BACKENDS, FRAG_SERVICES, GLOBAL, SERVICES},
     parse::{Parsed, copy_words, l2, ptr_at},
     sched::schedule,
-    stats::{Exit, Stats, bump, count_traffic, drop, pass},
+    stats::{Exit, drop, pass},
 };
 
 /// The largest ICMP error forwarded, IP header included: what RFC 1812 §4.3.2.3 (IPv4) and
@@ -40,19 +40,19 @@ const MAX_ICMP_ERROR_V6: usize = 1280;
 /// An ICMP / ICMPv6 packet for a VIP address (the parser checked the IP header: version,
 /// lengths, TTL).
 #[inline(always)]
-pub(crate) fn icmp(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
+pub(crate) fn icmp(ctx: &XdpContext) -> Result<Job, Exit> {
     let (l2_len, ether_type) = l2(ctx).ok_or(drop(stat::DROP_TRUNC_ETH))?;
     if ether_type == ETH_P_IP {
-        icmp_v4(ctx, l2_len, stats)
+        icmp_v4(ctx, l2_len)
     } else if ether_type == ETH_P_IPV6 {
-        icmp_v6(ctx, l2_len, stats)
+        icmp_v6(ctx, l2_len)
     } else {
         Err(pass(stat::PASS_NON_IP))
     }
 }
 
 #[inline(always)]
-fn icmp_v4(ctx: &XdpContext, l2_len: usize, stats: Stats) -> Result<u32, Exit> {
+fn icmp_v4(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
     let ip: *mut [u8; IPV4_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV4))?;
     // SAFETY: `ptr_at` checked the fixed header is in the packet; read only here.
     let (ihl, ip_len, df) = unsafe {
@@ -93,8 +93,7 @@ fn icmp_v4(ctx: &XdpContext, l2_len: usize, stats: Stats) -> Result<u32, Exit> {
             ip[10] = c[0];
             ip[11] = c[1];
             echo_reply(hdr, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY);
-            bump(stats, stat::ICMP_ECHO_REPLIED);
-            Ok(xdp_action::XDP_TX)
+            Err(answered())
         }
         IcmpKind::Error => {
             if ip_len as usize > MAX_ICMP_ERROR_V4 {
@@ -129,14 +128,14 @@ fn icmp_v4(ctx: &XdpContext, l2_len: usize, stats: Stats) -> Result<u32, Exit> {
             }
             // SAFETY: `ptr_at` checked the quoted ports are in the packet.
             let ports = unsafe { &*ports };
-            forward_error(ctx, stats, key, ports, l2_len, ip_len, df)
+            forward_error(key, ports, l2_len, ip_len, df)
         }
         IcmpKind::Other => Err(pass(stat::PASS_NOT_VIP)),
     }
 }
 
 #[inline(always)]
-fn icmp_v6(ctx: &XdpContext, l2_len: usize, stats: Stats) -> Result<u32, Exit> {
+fn icmp_v6(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
     let ip: *mut [u8; IPV6_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV6))?;
     // SAFETY: `ptr_at` checked the fixed header is in the packet; read only here.
     let payload_len = unsafe { u16::from_be_bytes([(*ip)[4], (*ip)[5]]) };
@@ -162,8 +161,7 @@ fn icmp_v6(ctx: &XdpContext, l2_len: usize, stats: Stats) -> Result<u32, Exit> {
             ip[24..40].copy_from_slice(&addr);
             ip[7] = REPLY_TTL;
             echo_reply(hdr, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
-            bump(stats, stat::ICMP_ECHO_REPLIED);
-            Ok(xdp_action::XDP_TX)
+            Err(answered())
         }
         IcmpKind::Error => {
             if ip_len as usize > MAX_ICMP_ERROR_V6 {
@@ -200,9 +198,19 @@ fn icmp_v6(ctx: &XdpContext, l2_len: usize, stats: Stats) -> Result<u32, Exit> {
             }
             // SAFETY: `ptr_at` checked the quoted ports are in the packet.
             let ports = unsafe { &*ports };
-            forward_error(ctx, stats, key, ports, l2_len, ip_len, true)
+            forward_error(key, ports, l2_len, ip_len, true)
         }
         IcmpKind::Other => Err(pass(stat::PASS_NOT_VIP)),
+    }
+}
+
+/// The exit of an answered echo request: the rewritten packet goes back out (`XDP_TX`),
+/// counted as `icmp_echo_replied`.
+#[inline(always)]
+const fn answered() -> Exit {
+    Exit {
+        action: xdp_action::XDP_TX,
+        reason: stat::ICMP_ECHO_REPLIED,
     }
 }
 
@@ -245,14 +253,12 @@ fn echo_reply(hdr: &mut [u8; ICMP_HDR_LEN], request: u8, reply: u8) {
 /// the service's hash, as for an untracked mid-flow packet. Nothing is tracked or refreshed.
 #[inline(always)]
 fn forward_error(
-    ctx: &XdpContext,
-    stats: Stats,
     mut quoted: FlowKey,
     ports: &[u8; QUOTED_L4_LEN],
     l2_len: usize,
     ip_len: u16,
     dont_fragment: bool,
-) -> Result<u32, Exit> {
+) -> Result<Job, Exit> {
     if quoted.proto != PROTO_TCP && quoted.proto != PROTO_UDP {
         return Err(pass(stat::PASS_NOT_VIP));
     }
@@ -284,19 +290,21 @@ fn forward_error(
             (id, BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?)
         }
     };
-    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
-    let p = Parsed {
-        key,
-        l2_len,
-        ip_len,
-        dont_fragment,
-        tcp_flags: 0,
-    };
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    count_traffic(vip.service_id, backend_id, frame_len, false);
-    let action = forward::forward(ctx, &p, vip, global, backend_id, backend, now)?;
-    bump(stats, stat::ICMP_ERROR_FORWARDED);
-    Ok(action)
+    Ok(Job {
+        p: Parsed {
+            key,
+            l2_len,
+            ip_len,
+            dont_fragment,
+            tcp_flags: 0,
+        },
+        vip,
+        backend_id,
+        backend,
+        new_flow: false,
+        now,
+        counter: stat::ICMP_ERROR_FORWARDED,
+    })
 }
 
 /// An IPv4 fragment for a VIP address (the parser checked the header's version, lengths).
@@ -304,7 +312,7 @@ fn forward_error(
 /// hash, which all its fragments and the client's unfragmented packets share. Otherwise it
 /// is dropped, as without ports it cannot be matched to a service or a flow.
 #[inline(always)]
-pub(crate) fn fragment(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
+pub(crate) fn fragment(ctx: &XdpContext) -> Result<Job, Exit> {
     let (l2_len, _) = l2(ctx).ok_or(drop(stat::DROP_TRUNC_ETH))?;
     let ip: *const [u8; IPV4_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV4))?;
     // SAFETY: `ptr_at` checked the fixed header is in the packet; nothing writes the packet
@@ -338,17 +346,19 @@ pub(crate) fn fragment(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     let backend = BACKENDS
         .get(backend_id)
         .ok_or(drop(stat::DROP_NO_BACKEND))?;
-    let global = GLOBAL.get(0).ok_or(drop(stat::DROP_ENCAP))?;
-    let p = Parsed {
-        key,
-        l2_len,
-        ip_len,
-        dont_fragment,
-        tcp_flags: 0,
-    };
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    count_traffic(vip.service_id, backend_id, frame_len, false);
-    let action = forward::forward(ctx, &p, vip, global, backend_id, backend, clock::now())?;
-    bump(stats, stat::FRAGMENT_FORWARDED);
-    Ok(action)
+    Ok(Job {
+        p: Parsed {
+            key,
+            l2_len,
+            ip_len,
+            dont_fragment,
+            tcp_flags: 0,
+        },
+        vip,
+        backend_id,
+        backend,
+        new_flow: false,
+        now: clock::now(),
+        counter: stat::FRAGMENT_FORWARDED,
+    })
 }

@@ -9,7 +9,7 @@
 //!   option of SYN-ACKs sent from a VIP so the client's segments still fit once tunnelled.
 //! * `weir_pass`: `XDP_PASS`. The benchmark floor, and the program a veth peer needs so
 //!   that frames sent with `XDP_TX` are picked up.
-//! * `weir_bench`, `weir_bench_fib`, `weir_bench_gen`, `weir_bench_sink`: benchmark entry
+//! * `weir_bench`, `weir_bench_fib`, `weir_bench_too_big`, `weir_bench_gen`, `weir_bench_sink`: benchmark entry
 //!   points and the packet generator and sink of `cargo xtask bench packets` (see
 //!   `docs/BENCHMARKS.md`).
 //!
@@ -32,6 +32,12 @@
 //!   is dropped (`drop_icmp_malformed`); one about anything else passes. Echo requests are
 //!   answered in place with `GLOBAL_ANSWER_PING` (`icmp_echo_replied`), else pass. Other ICMP
 //!   passes. Only these packets pay: the parser hands them over as exits.
+//! * Tunnel mode: a packet that would exceed the egress MTU once encapsulated is not sent.
+//!   IPv4 with DF and every IPv6 packet get ICMP "fragmentation needed" / ICMPv6 Packet Too
+//!   Big back (`XDP_TX`, from the VIP, MTU = egress MTU − outer header), at most
+//!   `ICMP_ERRORS_PER_SEC` per CPU with a burst of `ICMP_ERRORS_BURST` (`icmp_too_big_sent`,
+//!   else `drop_too_big_rate_limited`); IPv4 without DF is dropped
+//!   (`drop_too_big_fragmentable`). Direct mode does not grow the frame: no check.
 //! * The LB is not an IP hop for the inner packet (as IPVS-DR and Katran): the inner TTL is
 //!   left alone; the outer header gets `OUTER_TTL`.
 //!
@@ -57,6 +63,7 @@ mod clock;
 mod conntrack;
 mod decap;
 mod forward;
+mod icmp;
 mod inbound;
 mod maps;
 mod mss;
@@ -110,6 +117,17 @@ pub fn weir_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn weir_bench(ctx: XdpContext) -> u32 {
     if bench::restore_template(&ctx).is_err() {
+        return xdp_action::XDP_ABORTED;
+    }
+    balance::run(&ctx)
+}
+
+/// Benchmark of one ICMP "too big" answer: `weir_bench` for a packet the balancer answers
+/// instead of forwarding, whose rewrite (trimmed, headers prepended) the restoration undoes
+/// and whose rate limit it lifts for the run (`bench::restore_too_big`).
+#[xdp]
+pub fn weir_bench_too_big(ctx: XdpContext) -> u32 {
+    if bench::restore_too_big(&ctx).is_err() {
         return xdp_action::XDP_ABORTED;
     }
     balance::run(&ctx)

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowKey4, FlowValue,
     GlobalConfig, MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS,
-    NextHop, TrafficCounters, VipAddrBits, VipInfo, VipKey, stat,
+    NextHop, TrafficCounters, VipAddrBits, VipInfo, VipKey, icmp::IcmpBucket, stat,
 };
 
 #[map]
@@ -127,3 +127,8 @@ pub(crate) static BENCH_GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entrie
 /// `MSS_SLOT_V6`); 0 turns that family's clamp off. Written by `weir decap`.
 #[map]
 pub(crate) static DECAP_MSS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// This CPU's budget of ICMP errors (`IcmpBucket`). Not pinned: a reloaded datapath starting
+/// with a full burst is harmless, and nothing else reads it.
+#[map]
+pub(crate) static ICMP_BUCKETS: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_entries(1, 0);

@@ -30,7 +30,10 @@ pub(super) fn forward_direct(
     // The next hop towards the backend does not depend on the client, so it is cached per
     // backend; the LB's own address (zero if none is configured) is the lookup's source.
     let src = tunnel_source(global, backend.family);
-    let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src, now)?;
-    write_macs(ctx, &smac, &dmac)?;
-    egress(ctx, ifindex, p.l2_len != ETH_HDR_LEN)
+    // No MTU check: L2 DSR does not grow the frame (only the MACs change), so what fitted
+    // the link it came in on fits a link of the same segment. (A redirect to an interface
+    // with a smaller MTU is refused by the kernel's `xdp_ok_fwd_dev`, counted by it.)
+    let hop = next_hop(ctx, backend_id, backend, &src, now)?;
+    write_macs(ctx, &hop.smac, &hop.dmac)?;
+    egress(ctx, hop.ifindex, p.l2_len != ETH_HDR_LEN)
 }

@@ -1,5 +1,5 @@
 //! The next hop towards a backend: the kernel's FIB and neighbour lookup (`bpf_fib_lookup`)
-//! and this CPU's cache of its answer per backend (`NEXT_HOPS`).
+//! and this CPU's cache of its answer per backend (`NEXT_HOPS`): egress interface, MTU, MACs.
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
     helpers::generated::bpf_fib_lookup,
@@ -15,9 +15,21 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Next hop of `dst` from the kernel's FIB and neighbour table: (egress ifindex, source
-/// MAC, destination MAC). A non-zero `tot_len` would have the kernel check the egress MTU;
-/// the cached path cannot repeat that check per packet, so it is not asked for.
+/// What the balancer needs of a next hop: the egress interface, its MTU towards the
+/// destination (IP bytes), and the MAC addresses of the frame.
+#[derive(Clone, Copy)]
+pub(crate) struct Hop {
+    pub(crate) ifindex: u32,
+    pub(crate) mtu: u32,
+    pub(crate) smac: [u8; 6],
+    pub(crate) dmac: [u8; 6],
+}
+
+/// Next hop of `dst` from the kernel's FIB and neighbour table. A non-zero `tot_len` would
+/// have the kernel compare it with the egress MTU and fail the lookup; the cached path
+/// cannot repeat that per packet, so it is not asked for. The MTU comes back anyway: in XDP
+/// the kernel always computes it (`check_mtu`) and on success returns it in `mtu_result`,
+/// the union with `tot_len` (`bpf_fib_set_fwd_params`, net/core/filter.c).
 #[inline(always)]
 pub(crate) fn fib_next_hop(
     ctx: &XdpContext,
@@ -25,7 +37,7 @@ pub(crate) fn fib_next_hop(
     src: &[u8; 16],
     dst: &[u8; 16],
     tot_len: u16,
-) -> Result<(u32, [u8; 6], [u8; 6]), Exit> {
+) -> Result<Hop, Exit> {
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented "no input".
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.ifindex = ctx.ingress_ifindex() as u32;
@@ -69,7 +81,20 @@ pub(crate) fn fib_next_hop(
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(drop(stat::DROP_FIB));
     }
-    Ok((params.ifindex, params.smac, params.dmac))
+    // SAFETY: the kernel wrote the `mtu_result` variant on success; both variants are a
+    // `u16`, so either reads as a valid value.
+    let mtu_result = unsafe { params.__bindgen_anon_1.mtu_result };
+    Ok(Hop {
+        ifindex: params.ifindex,
+        mtu: match mtu_result {
+            // Linux 5.11 does not report the MTU (`mtu_result` is from 5.12) and leaves the
+            // zero passed in: no limit known, no check.
+            0 => u32::MAX,
+            mtu => u32::from(mtu),
+        },
+        smac: params.smac,
+        dmac: params.dmac,
+    })
 }
 
 /// The LB's own address of `family` (the tunnel source), as the FIB lookup's source.
@@ -93,26 +118,33 @@ pub(super) fn next_hop(
     backend: &BackendInfo,
     src: &[u8; 16],
     now: u64,
-) -> Result<(u32, [u8; 6], [u8; 6]), Exit> {
+) -> Result<Hop, Exit> {
     let cached = NEXT_HOPS.get_ptr_mut(backend_id);
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
         let hop = unsafe { &*hop };
         if hop.expires_ns > now {
-            return Ok((hop.ifindex, hop.smac, hop.dmac));
+            return Ok(Hop {
+                ifindex: hop.ifindex,
+                mtu: hop.mtu,
+                smac: hop.smac,
+                dmac: hop.dmac,
+            });
         }
     }
-    let (ifindex, smac, dmac) = fib_next_hop(ctx, backend.family, src, &backend.addr, 0)?;
-    if let Some(hop) = cached {
+    let hop = fib_next_hop(ctx, backend.family, src, &backend.addr, 0)?;
+    if let Some(cached) = cached {
         // SAFETY: as above; the value is written whole.
         unsafe {
-            *hop = NextHop {
+            *cached = NextHop {
                 expires_ns: now + NEXT_HOP_TTL_NS,
-                ifindex,
-                smac,
-                dmac,
+                ifindex: hop.ifindex,
+                mtu: hop.mtu,
+                smac: hop.smac,
+                dmac: hop.dmac,
+                _pad: [0; 4],
             };
         }
     }
-    Ok((ifindex, smac, dmac))
+    Ok(hop)
 }

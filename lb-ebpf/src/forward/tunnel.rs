@@ -1,6 +1,7 @@
 //! IP-in-IP forwarding: a new outer IPv4 or IPv6 header (the backend's family, from the LB's
 //! tunnel source, or for IPv4 from a source per flow within a configured prefix) in front of
-//! the untouched inner packet, keeping an 802.1Q tag.
+//! the untouched inner packet, keeping an 802.1Q tag; a packet that would not fit the egress
+//! MTU once encapsulated goes to `icmp::too_big` instead.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     BackendInfo, FAMILY_V4, GlobalConfig, PROTO_IPIP, PROTO_IPV6,
@@ -18,6 +19,7 @@ use super::{
     write_macs,
 };
 use crate::{
+    icmp,
     parse::{Parsed, ptr_at},
     stats::{Exit, drop},
 };
@@ -41,7 +43,17 @@ pub(super) fn forward_tunnel(
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len = if outer_v4 { IPV4_HDR_LEN } else { IPV6_HDR_LEN };
     let src = tunnel_source(global, backend.family);
-    let (ifindex, smac, dmac) = next_hop(ctx, backend_id, backend, &src, now)?;
+    let hop = next_hop(ctx, backend_id, backend, &src, now)?;
+    // The packet as it will leave, outer header included, must fit the egress MTU; if not,
+    // the client is told what fits (or the packet is dropped, see `icmp::too_big`).
+    if u32::from(p.ip_len) + outer_len as u32 > hop.mtu {
+        return Err(icmp::too_big(
+            ctx,
+            p,
+            hop.mtu.saturating_sub(outer_len as u32),
+            now,
+        ));
+    }
 
     // Keep the 802.1Q tag (TCI) if there was one; read it before the headers move.
     let tagged = p.l2_len != ETH_HDR_LEN;
@@ -72,7 +84,7 @@ pub(super) fn forward_tunnel(
         let l2 = unsafe { &mut *l2 };
         l2[12..14].copy_from_slice(&outer_type.to_be_bytes());
     }
-    write_macs(ctx, &smac, &dmac)?;
+    write_macs(ctx, &hop.smac, &hop.dmac)?;
     if outer_v4 {
         let hdr: *mut [u8; IPV4_HDR_LEN] = ptr_at(ctx, p.l2_len).ok_or(drop(stat::DROP_ENCAP))?;
         let dst = [
@@ -108,5 +120,5 @@ pub(super) fn forward_tunnel(
             flow_hash(&p.key),
         );
     }
-    egress(ctx, ifindex, tagged)
+    egress(ctx, hop.ifindex, tagged)
 }
