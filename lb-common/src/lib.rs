@@ -499,7 +499,8 @@ impl TrafficCounters {
 }
 
 /// Value of the per-CPU `NEXT_HOPS` cache, indexed by backend id: what `bpf_fib_lookup`
-/// answered for the backend's address, reused until `expires_ns` (`bpf_ktime_get_coarse_ns`).
+/// answered for the backend's address, reused until `expires_ns` (`bpf_ktime_get_coarse_ns`)
+/// while the id still belongs to the same backend (`generation`).
 /// The lookup costs about as much as the rest of the balancer (docs/BENCHMARKS.md), so it
 /// is paid once per backend per CPU per `NEXT_HOP_TTL_NS`, not per packet.
 #[repr(C)]
@@ -514,7 +515,11 @@ pub struct NextHop {
     pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// `BackendInfo::generation` of the backend the answer is for. A backend id given to
+    /// another backend (a new generation, e.g. a service replaced by a reload or a restarted
+    /// agent) must not inherit its predecessor's next hop for the rest of the TTL: its
+    /// packets would go to the old backend's MAC address.
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<NextHop>() == 32);
 

@@ -109,8 +109,9 @@ pub(super) fn tunnel_source(global: &GlobalConfig, family: u8) -> [u8; 16] {
     src
 }
 
-/// The next hop towards a backend: this CPU's cached answer while fresh, else a FIB lookup
-/// whose answer is cached for `NEXT_HOP_TTL_NS`. Failed lookups are not cached.
+/// The next hop towards a backend: this CPU's cached answer while fresh and still for this
+/// backend (its generation), else a FIB lookup whose answer is cached for
+/// `NEXT_HOP_TTL_NS`. Failed lookups are not cached.
 #[inline(always)]
 pub(super) fn next_hop(
     ctx: &XdpContext,
@@ -123,7 +124,7 @@ pub(super) fn next_hop(
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
         let hop = unsafe { &*hop };
-        if hop.expires_ns > now {
+        if hop.expires_ns > now && hop.generation == backend.generation {
             return Ok(Hop {
                 ifindex: hop.ifindex,
                 mtu: hop.mtu,
@@ -142,7 +143,7 @@ pub(super) fn next_hop(
                 mtu: hop.mtu,
                 smac: hop.smac,
                 dmac: hop.dmac,
-                _pad: [0; 4],
+                generation: backend.generation,
             };
         }
     }
