@@ -30,10 +30,7 @@ pub mod map_name {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RING: &str = "RING";
-    /// The connection table of IPv4 flows (`FlowKey4` keys).
-    pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
-    /// The connection table of IPv6 flows (`FlowKey` keys).
-    pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+    pub const CONNTRACK: &str = "CONNTRACK";
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -78,7 +75,7 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_RING_SIZE: u32 = 65537;
 /// Default ring size: the smallest prime above 65536, as in the Maglev paper.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Default size of each connection table (IPv4 and IPv6) when the config does not say.
+/// Default size of the connection table when the config does not say.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
 /// Entries of `FRAG_SERVICES`: one per (VIP address, protocol) at most, and each is at least
 /// one service.
@@ -346,10 +343,7 @@ pub struct BackendInfo {
 }
 const _: () = assert!(size_of::<BackendInfo>() == 32);
 
-/// A flow's 5-tuple as seen on the wire, both families: the key of the IPv6 connection table
-/// `CONNTRACK_V6`, and the form the rest of the datapath and the agent use (an IPv4 address
-/// occupies `addr[..4]`, the rest is zero). IPv4 flows are tracked under the shorter
-/// `FlowKey4`.
+/// Key of the connection table `CONNTRACK`: the 5-tuple as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -362,55 +356,6 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
-
-/// Key of the IPv4 connection table `CONNTRACK_V4`: the 5-tuple of an IPv4 flow in 16 bytes.
-/// Why a table of its own: the kernel hashes (jhash) and compares the whole key on every
-/// lookup, and that was a fifth of an established packet's cost with the 40-byte key
-/// (docs/BENCHMARKS.md). Most traffic is IPv4; its key need not carry 24 bytes of zeros.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey4 {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
-    pub src_port_be: u16,
-    pub dst_port_be: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-const _: () = assert!(size_of::<FlowKey4>() == 16);
-
-impl FlowKey4 {
-    /// The IPv4 key of a flow (whose `family` must be `FAMILY_V4`). Copied as 32-bit words:
-    /// see `copy_words` in lb-ebpf's parser for why that matters to the BPF code.
-    #[inline(always)]
-    #[must_use]
-    pub fn of(key: &FlowKey) -> Self {
-        let w = |a: &[u8; 16]| u32::from_ne_bytes([a[0], a[1], a[2], a[3]]).to_ne_bytes();
-        Self {
-            src_addr: w(&key.src_addr),
-            dst_addr: w(&key.dst_addr),
-            src_port_be: key.src_port_be,
-            dst_port_be: key.dst_port_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    /// The flow in the form of both families.
-    #[must_use]
-    pub fn flow_key(&self) -> FlowKey {
-        let mut key = FlowKey {
-            src_port_be: self.src_port_be,
-            dst_port_be: self.dst_port_be,
-            proto: self.proto,
-            family: FAMILY_V4,
-            ..FlowKey::default()
-        };
-        key.src_addr[..4].copy_from_slice(&self.src_addr);
-        key.dst_addr[..4].copy_from_slice(&self.dst_addr);
-        key
-    }
-}
 
 /// Value of `CONNTRACK`.
 #[repr(C)]
@@ -536,8 +481,8 @@ const _: () = assert!(size_of::<BenchTemplate>() == 4 + BENCH_TEMPLATE_LEN);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BackendInfo, BenchTemplate, FlowKey, FlowKey4, FlowValue, GlobalConfig, NextHop,
-        TrafficCounters, VipAddrBits, VipInfo, VipKey,
+        BackendInfo, BenchTemplate, FlowKey, FlowValue, GlobalConfig, NextHop, TrafficCounters,
+        VipAddrBits, VipInfo, VipKey,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -549,8 +494,6 @@ mod pod {
     unsafe impl aya::Pod for BackendInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for FlowKey4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowValue {}
     // SAFETY: as above.
@@ -624,27 +567,7 @@ mod tests {
     extern crate std;
     use std::collections::BTreeSet;
 
-    use super::{FAMILY_V4, FlowKey, FlowKey4, GlobalConfig, PROTO_UDP};
-
-    #[test]
-    fn ipv4_table_key_round_trips() {
-        let mut key = FlowKey {
-            src_port_be: 40000u16.to_be(),
-            dst_port_be: 53u16.to_be(),
-            proto: PROTO_UDP,
-            family: FAMILY_V4,
-            ..FlowKey::default()
-        };
-        key.src_addr[..4].copy_from_slice(&[198, 51, 100, 2]);
-        key.dst_addr[..4].copy_from_slice(&[203, 0, 113, 10]);
-        let short = FlowKey4::of(&key);
-        assert_eq!(short.src_addr, [198, 51, 100, 2]);
-        assert_eq!(short.dst_addr, [203, 0, 113, 10]);
-        assert_eq!(short.src_port_be, 40000u16.to_be());
-        assert_eq!(short.dst_port_be, 53u16.to_be());
-        assert_eq!(short._pad, [0; 3]);
-        assert_eq!(short.flow_key(), key);
-    }
+    use super::GlobalConfig;
 
     #[test]
     fn outer_sources_stay_in_their_prefix_and_follow_the_hash() {

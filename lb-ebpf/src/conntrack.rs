@@ -1,38 +1,24 @@
-//! The connection tables (`CONNTRACK_V4`, `CONNTRACK_V6`) and the active-connection counts
-//! (`BACKEND_CONNS`): which backend a packet's flow keeps, when the scheduler is asked
-//! instead, and when a flow starts and stops counting as an active connection.
+//! The connection table (`CONNTRACK`) and the active-connection counts (`BACKEND_CONNS`):
+//! which backend a packet's flow keeps, when the scheduler is asked instead, and when a
+//! flow starts and stops counting as an active connection.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_UP, BackendInfo, FAMILY_V4, FLOW_CLOSED, FLOW_COUNTED, FLOW_VIA_PORT0, FlowKey,
-    FlowKey4, FlowValue, LAST_SEEN_GRANULARITY_NS, PROTO_TCP, VipInfo, stat,
+    BACKEND_UP, BackendInfo, FLOW_CLOSED, FLOW_COUNTED, FLOW_VIA_PORT0, FlowKey, FlowValue,
+    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, VipInfo, stat,
 };
 
 use crate::{
-    maps::{BACKEND_CONNS, BACKENDS, CONNTRACK_V4, CONNTRACK_V6},
+    maps::{BACKEND_CONNS, BACKENDS, CONNTRACK},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     sched::schedule,
     stats::{Exit, Stats, bump, drop},
 };
 
-/// The table entry of a flow, in its family's table.
+/// The table entry of a flow, if any.
 #[inline(always)]
 pub(crate) fn lookup(key: &FlowKey) -> Option<*mut FlowValue> {
-    if key.family == FAMILY_V4 {
-        CONNTRACK_V4.get_ptr_mut(&FlowKey4::of(key))
-    } else {
-        CONNTRACK_V6.get_ptr_mut(key)
-    }
-}
-
-/// Records a flow's entry in its family's table (a full LRU table evicts its oldest entry).
-#[inline(always)]
-fn insert(key: &FlowKey, value: &FlowValue) -> Result<(), i32> {
-    if key.family == FAMILY_V4 {
-        CONNTRACK_V4.insert(&FlowKey4::of(key), value, 0)
-    } else {
-        CONNTRACK_V6.insert(key, value, 0)
-    }
+    CONNTRACK.get_ptr_mut(key)
 }
 
 /// A packet's service as the pipeline found it.
@@ -151,7 +137,7 @@ pub(crate) fn backend_for(
                 // A full LRU evicts its oldest entry (the agent reconciles the counts); a
                 // failure here only means the next packet asks the scheduler again.
                 // Should the insert fail, a handed-over entry stays as it was, counted.
-                if insert(&p.key, &value).is_ok() && !is_end && !hands_over {
+                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end && !hands_over {
                     add_conns(id, 1);
                 }
                 new_flow = true;

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowKey4, FlowValue,
-    GlobalConfig, MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS,
-    NextHop, TrafficCounters, VipAddrBits, VipInfo, VipKey, icmp::IcmpBucket, stat,
+    BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
+    MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop,
+    TrafficCounters, VipAddrBits, VipInfo, VipKey, icmp::IcmpBucket, stat,
 };
 
 #[map]
@@ -52,17 +52,9 @@ pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BAC
 #[map]
 pub(crate) static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAX_RING_SIZE, 0);
 
-/// The connection table of IPv4 flows. Two tables, one per family, because the kernel hashes
-/// and compares the whole key on every lookup: IPv4 flows keep a 16-byte key (`FlowKey4`)
-/// instead of the 40 bytes an IPv6 tuple needs. The agent sizes both from
-/// `conntrack_entries` at load time.
+/// The connection table. The agent resizes it from `conntrack_entries` at load time.
 #[map]
-pub(crate) static CONNTRACK_V4: LruHashMap<FlowKey4, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
-
-/// The connection table of IPv6 flows; see `CONNTRACK_V4` for why there are two.
-#[map]
-pub(crate) static CONNTRACK_V6: LruHashMap<FlowKey, FlowValue> =
+pub(crate) static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 /// Global counters, one array of `stat::COUNT` per CPU: one lookup per packet.

@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{FlowKey4, FlowValue};
+use lb_common::{FlowKey, FlowValue};
 use weir::{
     agent::desired::plain,
     config,
@@ -339,18 +339,25 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Fill the table: counted TCP flows of backend id 0 (the first backend), seen now.
-    let table =
-        aya::maps::MapData::from_pin(format!("{bpffs}/{}", lb_common::map_name::CONNTRACK_V4))
-            .expect("pinned table");
+    let table = aya::maps::MapData::from_pin(format!("{bpffs}/CONNTRACK")).expect("pinned table");
     let now = weir::sys::monotonic_coarse_ns();
-    let keys: Vec<FlowKey4> = (0..entries)
-        .map(|i| FlowKey4 {
-            src_addr: (0xc633_6400u32 | (i >> 16)).to_be_bytes(),
-            dst_addr: [203, 0, 113, 10],
+    let keys: Vec<FlowKey> = (0..entries)
+        .map(|i| FlowKey {
+            src_addr: {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&(0xc633_6400u32 | (i >> 16)).to_be_bytes());
+                a
+            },
+            dst_addr: {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&[203, 0, 113, 10]);
+                a
+            },
             src_port_be: ((i & 0xffff) as u16).to_be(),
             dst_port_be: 80u16.to_be(),
             proto: lb_common::PROTO_TCP,
-            _pad: [0; 3],
+            family: lb_common::FAMILY_V4,
+            _pad: [0; 2],
         })
         .collect();
     let values = vec![
@@ -363,7 +370,7 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
         keys.len()
     ];
     let filled = Instant::now();
-    // SAFETY: the pinned CONNTRACK_V4 map's key and value types are FlowKey4 and FlowValue.
+    // SAFETY: the pinned CONNTRACK map's key and value types are FlowKey and FlowValue.
     unsafe { weir::sys::map_update_batch(std::os::fd::AsFd::as_fd(table.fd()), &keys, &values) }
         .expect("fill the table");
     println!("filled {entries} entries in {:?}", filled.elapsed());

@@ -344,8 +344,7 @@ fn main() {
             Some(path) => {
                 let bytes = std::fs::read(path).expect("reading --object");
                 aya::EbpfLoader::new()
-                    .map_max_entries(map_name::CONNTRACK_V4, cfg.agent.conntrack_entries)
-                    .map_max_entries(map_name::CONNTRACK_V6, cfg.agent.conntrack_entries)
+                    .map_max_entries(map_name::CONNTRACK, cfg.agent.conntrack_entries)
                     .load(&bytes)
                     .expect("load --object")
             }

@@ -10,8 +10,8 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalConfig, MAX_RING_SIZE,
-    TrafficCounters, VipAddrBits, VipInfo, VipKey, map_name, stat,
+    BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
+    VipInfo, VipKey, map_name, stat,
 };
 
 use super::{DatapathError, map_err};
@@ -88,39 +88,28 @@ pub struct KernelMaps {
     stats: PerCpuArray<MapData, [u64; stat::COUNT as usize]>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
-    /// LRU hashes in the kernel; aya reads them through its `HashMap` type.
-    conntrack_v4: HashMap<MapData, FlowKey4, FlowValue>,
-    conntrack_v6: HashMap<MapData, FlowKey, FlowValue>,
+    /// An LRU hash in the kernel; aya reads it through its `HashMap` type.
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
     backend_conns: Array<MapData, i64>,
-    /// Second handles on `RING` and the connection tables, for the batch syscalls aya does
-    /// not wrap and for walking the tables on another thread.
+    /// Second handles on `RING` and `CONNTRACK`, for the batch syscalls aya does not wrap
+    /// and for walking the table on another thread.
     ring_fd: OwnedFd,
-    conntrack_v4_fd: OwnedFd,
-    conntrack_v6_fd: OwnedFd,
+    conntrack_fd: OwnedFd,
 }
 
-/// A handle on the connection tables that can walk them on another thread: the walk of a
+/// A handle on the connection table that can walk it on another thread: the walk of a
 /// million entries takes long enough that the owner task must not wait for it.
 #[derive(Debug)]
 pub struct ConntrackWalker {
-    v4: OwnedFd,
-    v6: OwnedFd,
+    fd: OwnedFd,
 }
 
 impl ConntrackWalker {
-    /// Calls `each` for every entry of both tables (IPv4 keys in their `FlowKey` form),
-    /// 4096 entries a syscall (`BPF_MAP_LOOKUP_BATCH`).
-    pub fn walk(&self, mut each: impl FnMut(&FlowKey, &FlowValue)) -> std::io::Result<usize> {
-        // SAFETY: `v4` is the CONNTRACK_V4 map, whose key and value types are `FlowKey4`
-        // and `FlowValue` (lb-ebpf's maps.rs and lb-common share them).
-        let v4 = unsafe {
-            crate::sys::map_lookup_batch(self.v4.as_fd(), 4096, |k: &FlowKey4, v| {
-                each(&k.flow_key(), v);
-            })
-        }?;
-        // SAFETY: `v6` is the CONNTRACK_V6 map: `FlowKey` keys, `FlowValue` values.
-        let v6 = unsafe { crate::sys::map_lookup_batch(self.v6.as_fd(), 4096, each) }?;
-        Ok(v4 + v6)
+    /// Calls `each` for every entry, 4096 entries a syscall (`BPF_MAP_LOOKUP_BATCH`).
+    pub fn walk(&self, each: impl FnMut(&FlowKey, &FlowValue)) -> std::io::Result<usize> {
+        // SAFETY: `fd` is the CONNTRACK map, whose key and value types are `FlowKey` and
+        // `FlowValue` (lb-ebpf's maps.rs and lb-common share them).
+        unsafe { crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each) }
     }
 }
 
@@ -171,14 +160,10 @@ impl KernelMaps {
             .take_map(map_name::RING)
             .ok_or(DatapathError::MissingMap(map_name::RING))?;
         let ring_fd = dup_fd(&ring, map_name::RING)?;
-        let conntrack_v4 = ebpf
-            .take_map(map_name::CONNTRACK_V4)
-            .ok_or(DatapathError::MissingMap(map_name::CONNTRACK_V4))?;
-        let conntrack_v4_fd = dup_fd(&conntrack_v4, map_name::CONNTRACK_V4)?;
-        let conntrack_v6 = ebpf
-            .take_map(map_name::CONNTRACK_V6)
-            .ok_or(DatapathError::MissingMap(map_name::CONNTRACK_V6))?;
-        let conntrack_v6_fd = dup_fd(&conntrack_v6, map_name::CONNTRACK_V6)?;
+        let conntrack = ebpf
+            .take_map(map_name::CONNTRACK)
+            .ok_or(DatapathError::MissingMap(map_name::CONNTRACK))?;
+        let conntrack_fd = dup_fd(&conntrack, map_name::CONNTRACK)?;
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
             services: take(ebpf, map_name::SERVICES)?,
@@ -192,32 +177,26 @@ impl KernelMaps {
             stats: take(ebpf, map_name::STATS)?,
             vip_stats: take(ebpf, map_name::VIP_STATS)?,
             backend_stats: take(ebpf, map_name::BACKEND_STATS)?,
-            conntrack_v4: HashMap::try_from(conntrack_v4)
-                .map_err(map_err(map_name::CONNTRACK_V4))?,
-            conntrack_v6: HashMap::try_from(conntrack_v6)
-                .map_err(map_err(map_name::CONNTRACK_V6))?,
+            conntrack: HashMap::try_from(conntrack).map_err(map_err(map_name::CONNTRACK))?,
             backend_conns: take(ebpf, map_name::BACKEND_CONNS)?,
             ring_fd,
-            conntrack_v4_fd,
-            conntrack_v6_fd,
+            conntrack_fd,
         })
     }
 
-    /// A handle for walking the connection tables off the owner task.
+    /// A handle for walking the connection table off the owner task.
     pub fn conntrack_walker(&self) -> Result<ConntrackWalker, DatapathError> {
-        let dup = |fd: &OwnedFd, name: &'static str| {
-            fd.try_clone().map_err(|source| DatapathError::Map {
-                name,
+        let fd = self
+            .conntrack_fd
+            .try_clone()
+            .map_err(|source| DatapathError::Map {
+                name: map_name::CONNTRACK,
                 source: MapError::SyscallError(aya::sys::SyscallError {
                     call: "dup",
                     io_error: source,
                 }),
-            })
-        };
-        Ok(ConntrackWalker {
-            v4: dup(&self.conntrack_v4_fd, map_name::CONNTRACK_V4)?,
-            v6: dup(&self.conntrack_v6_fd, map_name::CONNTRACK_V6)?,
-        })
+            })?;
+        Ok(ConntrackWalker { fd })
     }
 
     /// A backend's active connections as the datapath counts them. The datapath's count
@@ -288,20 +267,15 @@ impl KernelMaps {
             .collect()
     }
 
-    /// The connection-table entry of a flow, if any, from its family's table.
+    /// The connection-table entry of a flow, if any.
     pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<FlowValue>, DatapathError> {
-        let (found, name) = if key.family == FAMILY_V4 {
-            (
-                self.conntrack_v4.get(&FlowKey4::of(key), 0),
-                map_name::CONNTRACK_V4,
-            )
-        } else {
-            (self.conntrack_v6.get(key, 0), map_name::CONNTRACK_V6)
-        };
-        match found {
+        match self.conntrack.get(key, 0) {
             Ok(value) => Ok(Some(value)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map { name, source }),
+            Err(source) => Err(DatapathError::Map {
+                name: map_name::CONNTRACK,
+                source,
+            }),
         }
     }
 }

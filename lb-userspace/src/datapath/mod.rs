@@ -99,11 +99,10 @@ pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
 
 /// Loads the object with the balancer's maps pinned in `bpffs`: maps already pinned there
 /// (by an earlier agent) are reused with their contents, missing ones are created and
-/// pinned. Reused connection tables keep their size until `weir teardown`.
+/// pinned. A reused connection table keeps its size until `weir teardown`.
 pub fn load_object_pinned(conntrack_entries: u32, bpffs: &Path) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(map_name::CONNTRACK_V4, conntrack_entries.max(1));
-    loader.map_max_entries(map_name::CONNTRACK_V6, conntrack_entries.max(1));
+    loader.map_max_entries(map_name::CONNTRACK, conntrack_entries.max(1));
     let paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, bpffs.join(name)))
@@ -114,17 +113,15 @@ pub fn load_object_pinned(conntrack_entries: u32, bpffs: &Path) -> Result<Ebpf, 
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Loads the object. `conntrack_entries` sizes each connection table; `small` shrinks the
+/// Loads the object. `conntrack_entries` sizes the connection table; `small` shrinks the
 /// balancer-only maps to one entry for processes that only run the decap or pass program
 /// (the ring alone preallocates 16 MiB).
 pub fn load_object(conntrack_entries: u32, small: bool) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(map_name::CONNTRACK_V4, conntrack_entries.max(1));
-    loader.map_max_entries(map_name::CONNTRACK_V6, conntrack_entries.max(1));
+    loader.map_max_entries(map_name::CONNTRACK, conntrack_entries.max(1));
     if small {
         loader.map_max_entries(map_name::RING, 1);
-        loader.map_max_entries(map_name::CONNTRACK_V4, 1);
-        loader.map_max_entries(map_name::CONNTRACK_V6, 1);
+        loader.map_max_entries(map_name::CONNTRACK, 1);
     }
     Ok(loader.load(EBPF_OBJECT)?)
 }

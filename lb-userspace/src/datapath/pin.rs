@@ -3,7 +3,7 @@
 //! XDP link, undoing a start that failed half way, and `weir teardown`.
 //!
 //! The agent only ever removes what it recognises as its own: the pins it names in
-//! [`PINNED_MAPS`], [`RETIRED_PINS`] and [`LINK_PIN`], inside a directory that is on a bpffs.
+//! [`PINNED_MAPS`] and [`LINK_PIN`], inside a directory that is on a bpffs.
 
 use std::path::{Path, PathBuf};
 
@@ -23,15 +23,14 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 16] = [
     map_name::VIPS,
     map_name::SERVICES,
     map_name::VIP_ADDRS,
     map_name::VIP_ADDR_BITS,
     map_name::BACKENDS,
     map_name::RING,
-    map_name::CONNTRACK_V4,
-    map_name::CONNTRACK_V6,
+    map_name::CONNTRACK,
     map_name::STATS,
     map_name::VIP_STATS,
     map_name::BACKEND_STATS,
@@ -42,11 +41,6 @@ pub const PINNED_MAPS: [&str; 17] = [
     map_name::RR_COUNTERS,
     map_name::FRAG_SERVICES,
 ];
-
-/// Maps that earlier builds of the agent pinned under names no longer used (the single
-/// connection table before the IPv4 and IPv6 tables). `weir teardown` removes them too, so
-/// an upgrade's teardown leaves nothing of ours behind; nothing else touches them.
-pub const RETIRED_PINS: [&str; 1] = ["CONNTRACK"];
 
 /// Name of the pinned XDP link in the bpffs directory.
 pub const LINK_PIN: &str = "link";
@@ -268,7 +262,7 @@ pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("unpinning {}", link.display()))?;
         drop(fd_link);
     }
-    for name in PINNED_MAPS.iter().chain(&RETIRED_PINS) {
+    for name in PINNED_MAPS {
         let path = bpffs.join(name);
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
