@@ -2952,3 +2952,62 @@ fn golden_too_big() {
         );
     });
 }
+
+/// A backend id given to another backend does not inherit its predecessor's cached next hop:
+/// a service replaced by one with another backend (a reload, a restarted agent) reuses the
+/// freed id under a new generation, and its very next packet, well within the cache's second
+/// (`NEXT_HOP_TTL_NS`), must leave with the new backend's MAC address.
+#[test]
+fn golden_next_hop_follows_the_backend_of_an_id() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gnh")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    common::in_netns(ns.name(), || {
+        let service = |name: &str, backend: &str| {
+            lab_agent().service(ring_service(name, "203.0.113.40", 53, "udp", &[backend]))
+        };
+        let only_backend = |lab: &Lab, name: &str| {
+            let s = lab.balancer.service(name).expect("service");
+            assert_eq!(s.backends.len(), 1);
+            (s.backends[0].id, s.backends[0].generation)
+        };
+        let ip = v4_packet(ip4("203.0.113.40"), PROTO_UDP, 41000, 53, 0);
+        let to = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+        let mut lab = open_lab(&service("old", "198.51.100.11"));
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "next hop: the first backend's packet, its next hop now cached",
+                input: frame4(&ip),
+                action: XDP_TX,
+                output: Some(tunnel_out(&ip, true, to(11), 0, None)),
+                counters: vec![stat::CT_MISS],
+            },
+        );
+        let (old_id, old_generation) = only_backend(&lab, "old");
+        let cfg = config::parse(
+            &service("new", "198.51.100.12").render(),
+            Path::new("replaced.toml"),
+        )
+        .expect("valid config");
+        lab.balancer.apply(&plain(&cfg)).expect("apply");
+        let (new_id, new_generation) = only_backend(&lab, "new");
+        assert_eq!(
+            (new_id, new_generation == old_generation),
+            (old_id, false),
+            "the case needs the freed id reused under a new generation"
+        );
+        check_case(
+            &mut lab,
+            &Case {
+                desc: "next hop: ... the id's new backend gets its own MAC at once",
+                input: frame4(&ip),
+                action: XDP_TX,
+                output: Some(tunnel_out(&ip, true, to(12), 0, None)),
+                counters: vec![stat::CT_MISS],
+            },
+        );
+    });
+}
