@@ -13,7 +13,7 @@ mod common;
 use std::{
     fs::{self, File},
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     sync::{
@@ -129,11 +129,18 @@ fn get_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Result<libc:
     Ok(value)
 }
 
+/// The text of `/proc/net/FILE` in namespace `ns`.
+fn proc_net(ns: &str, file: &str) -> String {
+    common::in_netns(ns, || {
+        fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+    })
+    .unwrap_or_else(|e| panic!("read /proc/net/{file} of {ns}: {e}"))
+}
+
 /// A line of `/proc/net/snmp` in namespace `ns`: the value of `field` in the `group` table
 /// (e.g. "Icmp", "InDestUnreachs").
 fn snmp(ns: &str, group: &str, field: &str) -> u64 {
-    let text = common::in_netns(ns, || fs::read_to_string("/proc/thread-self/net/snmp"))
-        .expect("read /proc/net/snmp");
+    let text = proc_net(ns, "snmp");
     let prefix = format!("{group}:");
     let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
     let (names, values) = (rows.next(), rows.next());
@@ -146,6 +153,21 @@ fn snmp(ns: &str, group: &str, field: &str) -> u64 {
         .find(|(n, _)| *n == field)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or_else(|| panic!("no {group} {field} in /proc/net/snmp of {ns}"))
+}
+
+/// A line of `/proc/net/snmp6` in namespace `ns` (one counter per line): the value of
+/// `field` (e.g. "Icmp6InPktTooBigs").
+fn snmp6(ns: &str, field: &str) -> u64 {
+    proc_net(ns, "snmp6")
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            if words.next() != Some(field) {
+                return None;
+            }
+            words.next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/net/snmp6 of {ns}"))
 }
 
 /// A case's outcome for the log: its value, or its error chain on one line (`{:?}` of an
@@ -935,12 +957,7 @@ fn quoted_udp(src: SocketAddr, dst: SocketAddr, total_len: usize) -> Vec<u8> {
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let len = u16::try_from(total_len - 40).expect("length");
             udp[4..6].copy_from_slice(&len.to_be_bytes());
-            let mut h = vec![0x60, 0, 0, 0];
-            h.extend_from_slice(&len.to_be_bytes());
-            h.extend_from_slice(&[17, 64]);
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
+            ipv6_header(s, d, 17, len).to_vec()
         }
         _ => panic!("mixed families in a quoted packet"),
     };
@@ -963,6 +980,18 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, total_len: u16, df: bool
     h[16..20].copy_from_slice(&dst.octets());
     let csum = common::inet_checksum(&[&h]);
     h[10..12].copy_from_slice(&csum.to_be_bytes());
+    h
+}
+
+/// An IPv6 header (no extension headers) whose payload of `payload_len` bytes is `next`.
+fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload_len: u16) -> [u8; 40] {
+    let mut h = [0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    h[6] = next;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src.octets());
+    h[24..40].copy_from_slice(&dst.octets());
     h
 }
 
@@ -1057,74 +1086,102 @@ fn a_datagram_too_big_for_the_tunnel_gets_one_packet_too_big() {
 // An ICMP error from the path, for a VIP flow
 // ---------------------------------------------------------------------------------------------
 
-/// The path MTU the forged "fragmentation needed" announces.
+/// The path MTU the forged "too big" errors announce.
 const FORGED_MTU: u32 = 1400;
-/// A router between the backends and the client: an address nobody in the topology has.
+/// A router between the backends and the client, per family: addresses nobody in the
+/// topology has.
 const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
+const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
 
-/// From the client's namespace, spoofing `ROUTER_V4`: ICMP "fragmentation needed" with
-/// `mtu` to `to`, quoting a full-size datagram of the VIP's reply flow `vip` → `client`, as
-/// a router that could not forward that reply would send it (to the reply's source, the
-/// VIP).
-fn forge_frag_needed(
+/// From the client's namespace, spoofing the router of `to`'s family: ICMP "fragmentation
+/// needed" / ICMPv6 Packet Too Big with `mtu` to `to`, quoting a full-size datagram of the
+/// VIP's reply flow `vip` → `client`, as a router that could not forward that reply would
+/// send it (to the reply's source, the VIP).
+fn forge_too_big(
     topo: &Topology,
-    to: Ipv4Addr,
+    to: IpAddr,
     mtu: u32,
-    vip: SocketAddrV4,
-    client: SocketAddrV4,
+    vip: SocketAddr,
+    client: SocketAddr,
 ) -> Result<()> {
-    let quoted = quoted_udp(
-        vip.into(),
-        client.into(),
-        usize::try_from(LAN_MTU).expect("mtu"),
-    );
-    let icmp = too_big_message(true, mtu, &quoted);
-    let len = u16::try_from(20 + icmp.len()).expect("length");
-    let mut packet = ipv4_header(ROUTER_V4, to, 1, len, false).to_vec();
-    packet.extend_from_slice(&icmp);
+    let quoted = quoted_udp(vip, client, usize::try_from(LAN_MTU).expect("mtu"));
+    let mut icmp = too_big_message(to.is_ipv4(), mtu, &quoted);
+    let packet = match to {
+        IpAddr::V4(to) => {
+            let len = u16::try_from(20 + icmp.len()).expect("length");
+            [&ipv4_header(ROUTER_V4, to, 1, len, false)[..], &icmp].concat()
+        }
+        IpAddr::V6(to) => {
+            // Sent with its IP header, the message gets no checksum from the kernel: the
+            // ICMPv6 one covers the pseudo-header of the spoofed source (RFC 4443 §2.3).
+            let len = u16::try_from(icmp.len()).expect("length");
+            let csum = common::inet_checksum(&[
+                &ROUTER_V6.octets(),
+                &to.octets(),
+                &u32::from(len).to_be_bytes(),
+                &[0, 0, 0, 58],
+                &icmp,
+            ]);
+            icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+            [&ipv6_header(ROUTER_V6, to, 58, len)[..], &icmp].concat()
+        }
+    };
+    let dst = SocketAddr::new(to, 0);
     common::in_netns(&topo.cli, move || -> Result<()> {
-        // IPPROTO_RAW: the header above goes out as it is, spoofed source included.
+        // IPPROTO_RAW (IPv4 and IPv6): the header above goes out as it is, spoofed source
+        // included.
         let s = Socket::new(
-            Domain::IPV4,
+            Domain::for_address(dst),
             Type::RAW,
             Some(Protocol::from(libc::IPPROTO_RAW)),
         )
         .context("raw IP socket")?;
-        s.send_to(&packet, &SockAddr::from(SocketAddr::new(to.into(), 0)))
+        s.send_to(&packet, &SockAddr::from(dst))
             .with_context(|| format!("send a forged ICMP error to {to}"))?;
         Ok(())
     })
 }
 
-/// `Icmp InDestUnreachs` of every backend.
-fn dest_unreachs(topo: &Topology) -> Vec<u64> {
+/// The "too big" ICMP errors every backend received, as its kernel counts them: IPv4's
+/// `Icmp InDestUnreachs` (no counter has the code), IPv6's `Icmp6InPktTooBigs`.
+fn too_bigs_received(topo: &Topology, v4: bool) -> Vec<u64> {
     topo.backends
         .iter()
-        .map(|ns| snmp(ns, "Icmp", "InDestUnreachs"))
+        .map(|ns| {
+            if v4 {
+                snmp(ns, "Icmp", "InDestUnreachs")
+            } else {
+                snmp6(ns, "Icmp6InPktTooBigs")
+            }
+        })
         .collect()
 }
 
-/// A forged ICMP "fragmentation needed" quoting a VIP flow (UDP: Linux applies the PMTU to
-/// the socket matching the quoted tuple) reaches the backend that serves the flow, and no
-/// other; that backend's route to the client then carries the lower MTU.
-#[test]
-fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
-    if !common::require_root() {
-        return;
-    }
+/// A forged "too big" ICMP error quoting a UDP flow of `vip_addr` (Linux applies the PMTU
+/// to the socket matching the quoted tuple: `udp_err` / `udpv6_err`) reaches the backend
+/// that serves the flow, and no other; that backend's route to the client then carries the
+/// lower MTU. Tunnel mode, in the VIP's family (a backend bound to the VIP's port).
+fn icmp_error_reaches_its_backend_only(tag: &str, vip_addr: IpAddr) {
     let port = 7001;
-    let topo = Topology::build("ie").expect("topology");
+    let v4 = vip_addr.is_ipv4();
+    let (client_addr, error) = if v4 {
+        (IpAddr::V4(CLIENT_V4), "\"fragmentation needed\"")
+    } else {
+        (IpAddr::V6(CLIENT_V6), "Packet Too Big")
+    };
+    let topo = Topology::build(tag).expect("topology");
     assert_lan_mtu(&topo);
     let servers = topo.start_echo_servers(port).expect("echo servers");
-    let config =
-        topo.agent_config()
-            .service(service("udp4", VIP_V4.into(), port, "udp", "tunnel", false));
+    let name = if v4 { "udp4" } else { "udp6" };
+    let config = topo
+        .agent_config()
+        .service(service(name, vip_addr, port, "udp", "tunnel", false));
     let mut agent = topo.start_agent(&config).expect("weir agent");
     let decap = topo.start_decap(&VIPS).expect("weir decap");
-    let client = SocketAddrV4::new(CLIENT_V4, 45_000);
-    let vip = SocketAddrV4::new(VIP_V4, port);
+    let client = SocketAddr::new(client_addr, 45_000);
+    let vip = SocketAddr::new(vip_addr, port);
     assert!(
-        topo.udp_probe(VIP_V4.into(), port, client.port(), Duration::from_secs(1))
+        topo.udp_probe(vip_addr, port, client.port(), Duration::from_secs(1))
             .expect("probe"),
         "the flow {client} -> {vip} was not echoed"
     );
@@ -1135,7 +1192,7 @@ fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
             c.udp_peers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(&SocketAddr::V4(client))
+                .contains(&client)
         })
         .expect("a backend echoed the flow");
     let owner_ns = topo.backends[owner].clone();
@@ -1144,45 +1201,46 @@ fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
         owner + 1
     );
     for ns in &topo.backends {
-        assert_eq!(
-            route_mtu(ns, CLIENT_V4.into()),
-            None,
-            "{ns}: a path MTU already"
-        );
+        assert_eq!(route_mtu(ns, client_addr), None, "{ns}: a path MTU already");
     }
 
     // Harness check: the forged error, sent straight to the owner's own address, is one the
     // owner's kernel acts on (its UDP socket matches the quoted tuple).
-    let before = dest_unreachs(&topo);
-    forge_frag_needed(&topo, backend_v4(owner), 1450, vip, client).expect("forge");
+    let owner_addr = if v4 {
+        IpAddr::V4(backend_v4(owner))
+    } else {
+        IpAddr::V6(backend_v6(owner))
+    };
+    let before = too_bigs_received(&topo, v4);
+    forge_too_big(&topo, owner_addr, 1450, vip, client).expect("forge");
     let learnt = common::wait_until(
         "harness: the owner to learn a path MTU from the forged error",
         Duration::from_secs(2),
-        || route_mtu(&owner_ns, CLIENT_V4.into()),
+        || route_mtu(&owner_ns, client_addr),
     );
     assert_eq!(learnt, 1450, "harness: the owner's path MTU to the client");
     assert_eq!(
-        dest_unreachs(&topo)[owner],
+        too_bigs_received(&topo, v4)[owner],
         before[owner] + 1,
-        "harness: InDestUnreachs of the owner"
+        "harness: ICMP errors received by the owner"
     );
-    forget_path_mtus(&owner_ns, &[CLIENT_V4.into()]);
+    forget_path_mtus(&owner_ns, &[client_addr]);
 
     // The real thing: the error goes to the VIP, i.e. to the balancer.
-    let before = dest_unreachs(&topo);
+    let before = too_bigs_received(&topo, v4);
     let forwarded_before = topo.global_counter("icmp_error_forwarded");
     let passed_before = topo.global_counter("pass_not_vip");
-    forge_frag_needed(&topo, VIP_V4, FORGED_MTU, vip, client).expect("forge");
+    forge_too_big(&topo, vip_addr, FORGED_MTU, vip, client).expect("forge");
     let deadline = Instant::now() + Duration::from_secs(2);
-    while dest_unreachs(&topo)[owner] == before[owner] && Instant::now() < deadline {
+    while too_bigs_received(&topo, v4)[owner] == before[owner] && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     // Time for a copy to reach another backend too, if the balancer sent one.
     thread::sleep(Duration::from_millis(200));
-    let after = dest_unreachs(&topo);
+    let after = too_bigs_received(&topo, v4);
     let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     println!(
-        "ICMP dest-unreachable received per backend: {delta:?}; the agent's pass_not_vip +{}",
+        "ICMP {error} received per backend: {delta:?}; the agent's pass_not_vip +{}",
         topo.global_counter("pass_not_vip") - passed_before
     );
     let mut want = vec![0; BACKENDS];
@@ -1190,12 +1248,12 @@ fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
     assert_eq!(
         delta,
         want,
-        "ICMP errors received per backend after one forged \"fragmentation needed\" to the VIP \
-         quoting a flow of backend {}",
+        "ICMP errors received per backend after one forged {error} to the VIP quoting a flow \
+         of backend {}",
         owner + 1
     );
     assert_eq!(
-        route_mtu(&owner_ns, CLIENT_V4.into()),
+        route_mtu(&owner_ns, client_addr),
         Some(FORGED_MTU),
         "the owner's path MTU towards the client"
     );
@@ -1206,7 +1264,7 @@ fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
         .filter(|(i, _)| *i != owner)
     {
         assert_eq!(
-            route_mtu(ns, CLIENT_V4.into()),
+            route_mtu(ns, client_addr),
             None,
             "backend {}: a path MTU towards the client",
             i + 1
@@ -1220,6 +1278,24 @@ fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
     stop_decap(decap);
     let st = agent.stop();
     assert!(st.is_some_and(|s| s.success()), "agent exit: {st:?}");
+}
+
+/// IPv4-in-IPv4: a forged ICMP "fragmentation needed" for a VIP flow.
+#[test]
+fn an_icmp_error_for_a_vip_flow_reaches_its_backend_only() {
+    if !common::require_root() {
+        return;
+    }
+    icmp_error_reaches_its_backend_only("ie", VIP_V4.into());
+}
+
+/// IPv6-in-IPv6: a forged ICMPv6 Packet Too Big for a VIP flow.
+#[test]
+fn an_icmpv6_packet_too_big_for_a_vip_flow_reaches_its_backend_only() {
+    if !common::require_root() {
+        return;
+    }
+    icmp_error_reaches_its_backend_only("i6", VIP_V6.into());
 }
 
 // ---------------------------------------------------------------------------------------------
