@@ -1172,6 +1172,7 @@ fn predictions_agree_with_the_agent() {
                 .zip(common::predict::ring_weights(built))
                 .map(|(b, ring_weight)| BackendSpec {
                     address: b.address,
+                    port: 0,
                     ring_weight,
                     up: true,
                 })

@@ -67,6 +67,7 @@ mod icmp;
 mod inbound;
 mod maps;
 mod mss;
+mod nat;
 mod parse;
 mod sched;
 mod stats;

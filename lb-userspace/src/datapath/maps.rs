@@ -11,7 +11,7 @@ use aya::{
 };
 use lb_common::{
     BackendInfo, FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalConfig, MAX_RING_SIZE,
-    TrafficCounters, VipAddrBits, VipInfo, VipKey, map_name, stat,
+    TrafficCounters, VipAddrBits, VipInfo, VipKey, map_name, nat::NatEntry, stat,
 };
 
 use super::{DatapathError, map_err};
@@ -97,6 +97,29 @@ pub struct KernelMaps {
     ring_fd: OwnedFd,
     conntrack_v4_fd: OwnedFd,
     conntrack_v6_fd: OwnedFd,
+    nat_ct: HashMap<MapData, FlowKey, NatEntry>,
+    nat_ct_fd: OwnedFd,
+}
+
+/// A handle on the NAT connection table for the agent's periodic walk, on a blocking
+/// thread (`agent::owner::Recount`): reads every entry, deletes the pairs it reclaims.
+#[derive(Debug)]
+pub struct NatWalker {
+    fd: OwnedFd,
+}
+
+impl NatWalker {
+    /// Calls `each` for every entry, 4096 a syscall.
+    pub fn walk(&self, each: impl FnMut(&FlowKey, &NatEntry)) -> std::io::Result<usize> {
+        // SAFETY: `fd` is the NAT_CT map: `FlowKey` keys, `NatEntry` values.
+        unsafe { crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each) }
+    }
+
+    /// Deletes `keys` (those already gone are skipped); returns how many went.
+    pub fn delete(&self, keys: &[FlowKey]) -> std::io::Result<usize> {
+        // SAFETY: as above.
+        unsafe { crate::sys::map_delete_batch(self.fd.as_fd(), keys) }
+    }
 }
 
 /// A handle on the connection tables that can walk them on another thread: the walk of a
@@ -179,6 +202,10 @@ impl KernelMaps {
             .take_map(map_name::CONNTRACK_V6)
             .ok_or(DatapathError::MissingMap(map_name::CONNTRACK_V6))?;
         let conntrack_v6_fd = dup_fd(&conntrack_v6, map_name::CONNTRACK_V6)?;
+        let nat_ct = ebpf
+            .take_map(map_name::NAT_CT)
+            .ok_or(DatapathError::MissingMap(map_name::NAT_CT))?;
+        let nat_ct_fd = dup_fd(&nat_ct, map_name::NAT_CT)?;
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
             services: take(ebpf, map_name::SERVICES)?,
@@ -200,7 +227,42 @@ impl KernelMaps {
             ring_fd,
             conntrack_v4_fd,
             conntrack_v6_fd,
+            nat_ct: HashMap::try_from(nat_ct).map_err(map_err(map_name::NAT_CT))?,
+            nat_ct_fd,
         })
+    }
+
+    /// A handle for walking (and reclaiming) the NAT table off the owner task.
+    pub fn nat_walker(&self) -> Result<NatWalker, DatapathError> {
+        self.nat_ct_fd
+            .try_clone()
+            .map(|fd| NatWalker { fd })
+            .map_err(|source| DatapathError::Map {
+                name: map_name::NAT_CT,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: source,
+                }),
+            })
+    }
+
+    /// The NAT table's entry of a tuple, if any.
+    pub fn nat_get(&self, key: &FlowKey) -> Result<Option<NatEntry>, DatapathError> {
+        match self.nat_ct.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map {
+                name: map_name::NAT_CT,
+                source,
+            }),
+        }
+    }
+
+    /// Writes a NAT table entry (tests set up pairs with it, e.g. an expired one).
+    pub fn nat_set(&mut self, key: FlowKey, value: NatEntry) -> Result<(), DatapathError> {
+        self.nat_ct
+            .insert(key, value, 0)
+            .map_err(map_err(map_name::NAT_CT))
     }
 
     /// A handle for walking the connection tables off the owner task.
