@@ -311,10 +311,14 @@ mod tests {
                     ..FlowKey::default()
                 };
                 let mut new_dst = [0u8; 16];
-                for i in 0..len {
-                    key.src_addr[i] = rnd() as u8;
-                    key.dst_addr[i] = rnd() as u8;
-                    new_dst[i] = rnd() as u8;
+                for ((s, d), n) in key.src_addr[..len]
+                    .iter_mut()
+                    .zip(&mut key.dst_addr[..len])
+                    .zip(&mut new_dst[..len])
+                {
+                    *s = rnd() as u8;
+                    *d = rnd() as u8;
+                    *n = rnd() as u8;
                 }
                 key.src_port_be = rnd() as u16;
                 key.dst_port_be = rnd() as u16;

@@ -428,10 +428,12 @@ fn example_config_has_the_documented_shape() {
         "/../config/example.toml"
     ));
     let config = load(path).unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(config.services.len(), 2);
-    let [tcp, udp] = &config.services[..] else {
+    assert_eq!(config.services.len(), 3);
+    let [tcp, nat, udp] = &config.services[..] else {
         unreachable!()
     };
+    assert_eq!(nat.forwarding, Forwarding::Nat);
+    assert!(nat.backends.iter().all(|b| b.port == Some(8080)));
     assert_eq!(
         (
             tcp.protocol,
