@@ -3236,7 +3236,7 @@ fn golden_nat() {
         b2c_in(SYN | ACK, &[]),
         XDP_PASS,
         Some(to_kernel),
-        vec![stat::NAT_TO_KERNEL],
+        vec![stat::NAT_REPLY, stat::NAT_TO_KERNEL],
     );
     assert_eq!(state(&lab, &fwd), Some((NAT_TCP_SYN_RECV, 60)));
     let status = std::process::Command::new("ip")

@@ -225,7 +225,7 @@ pub mod stat {
     /// NAT: expired pairs deleted by the datapath itself, in line.
     pub const NAT_RECLAIMED_INLINE: u32 = 41;
     /// NAT: translated packets handed to the kernel to forward because the next hop's
-    /// neighbour is not resolved yet.
+    /// neighbour is not resolved yet (counted as `nat_reply` / `nat_forward` too).
     pub const NAT_TO_KERNEL: u32 = 42;
     /// Number of counters; the size of `STATS`.
     pub const COUNT: u32 = 43;

@@ -36,7 +36,7 @@ use lb_common::{
 
 use crate::{
     forward::{egress, nexthop::tunnel_source, write_macs},
-    maps::{BACKEND_CONNS, BACKENDS, NAT_CT, NAT_SCRATCH, NEXT_HOPS, SERVICES},
+    maps::{BACKEND_CONNS, BACKENDS, NAT_CT, NAT_SCRATCH, NEXT_HOPS, SERVICES, STATS},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     sched::schedule,
     stats::{Exit, Stats, bump, drop},
@@ -538,10 +538,9 @@ pub(crate) fn forward(
     if to_kernel {
         // The frame keeps its MAC addresses (to this host): the kernel forwards it, with
         // its own TTL decrement on top, and resolves the neighbour for the next packets.
-        return Err(Exit {
-            action: xdp_action::XDP_PASS,
-            reason: stat::NAT_TO_KERNEL,
-        });
+        // Translated all the same: counted as such (`Job::counter`) and as handed over.
+        bump(STATS.get_ptr_mut(0), stat::NAT_TO_KERNEL);
+        return Ok(xdp_action::XDP_PASS);
     }
     write_macs(ctx, &smac, &dmac)?;
     egress(ctx, ifindex, p.l2_len != ETH_HDR_LEN)
