@@ -258,13 +258,6 @@ impl KernelMaps {
         }
     }
 
-    /// Writes a NAT table entry (tests set up pairs with it, e.g. an expired one).
-    pub fn nat_set(&mut self, key: FlowKey, value: NatEntry) -> Result<(), DatapathError> {
-        self.nat_ct
-            .insert(key, value, 0)
-            .map_err(map_err(map_name::NAT_CT))
-    }
-
     /// A handle for walking the connection tables off the owner task.
     pub fn conntrack_walker(&self) -> Result<ConntrackWalker, DatapathError> {
         let dup = |fd: &OwnedFd, name: &'static str| {
