@@ -1172,6 +1172,7 @@ fn predictions_agree_with_the_agent() {
                 .zip(common::predict::ring_weights(built))
                 .map(|(b, ring_weight)| BackendSpec {
                     address: b.address,
+                    port: 0,
                     ring_weight,
                     up: true,
                 })
@@ -3010,4 +3011,727 @@ fn golden_next_hop_follows_the_backend_of_an_id() {
             },
         );
     });
+}
+
+// ----- NAT (`forwarding = "nat"`) -----
+
+const NAT_VIP4: [u8; 4] = [203, 0, 113, 40];
+const NAT_VIP6: [u8; 16] = vip6(0x40);
+const NAT_B4: [u8; 4] = [198, 51, 100, 11];
+const NAT_U4: [u8; 4] = [198, 51, 100, 12];
+const NAT_B6: [u8; 16] = v6(0x11);
+const NAT_U6: [u8; 16] = v6(0x12);
+
+/// The NAT lab: TCP to :80 goes to a backend on :8080 (v4, v6); UDP to :53 keeps its port
+/// (no `backend.port`).
+fn nat_config() -> String {
+    let service = |name: &str, vip: &str, port: u16, proto: &str, backend: &str, bport: &str| {
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n\
+             protocol = \"{proto}\"\nforwarding = \"nat\"\nring_size = 1009\n\
+             [[service.backend]]\naddress = \"{backend}\"\n{bport}\n"
+        )
+    };
+    let mut text = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\n\
+                    conntrack_entries = 4096\n"
+        .to_owned();
+    text += &service(
+        "nat-tcp4",
+        "203.0.113.40",
+        80,
+        "tcp",
+        "198.51.100.11",
+        "port = 8080",
+    );
+    text += &service("nat-udp4", "203.0.113.40", 53, "udp", "198.51.100.12", "");
+    text += &service(
+        "nat-tcp6",
+        "2001:db8:100::40",
+        80,
+        "tcp",
+        "2001:db8::11",
+        "port = 8080",
+    );
+    text += &service(
+        "nat-udp6",
+        "2001:db8:100::40",
+        53,
+        "udp",
+        "2001:db8::12",
+        "",
+    );
+    text
+}
+
+/// A TCP segment `sport -> dport` with `flags` and `payload`, its checksum computed from
+/// scratch for `src -> dst`.
+fn nat_tcp(src: &[u8], dst: &[u8], sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[
+        0, 0, 0x10, 0, 0, 0, 0x20, 1, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0,
+    ]);
+    t.extend_from_slice(payload);
+    with_tcp_checksum(src, dst, t)
+}
+
+/// A UDP datagram with its checksum computed from scratch (a computed 0 sent as 0xffff).
+fn nat_udp(src: &[u8], dst: &[u8], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(src);
+    pseudo.extend_from_slice(dst);
+    if src.len() == 4 {
+        pseudo.extend_from_slice(&[0, PROTO_UDP]);
+        pseudo.extend_from_slice(&len.to_be_bytes());
+    } else {
+        pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, PROTO_UDP]);
+    }
+    pseudo.extend_from_slice(&u);
+    let c = match csum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    u
+}
+
+/// An Ethernet frame of an IP packet (`src`/`dst` 4 or 16 bytes) with `l4`, TTL `ttl`.
+fn nat_frame(
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    src: &[u8],
+    dst: &[u8],
+    proto: u8,
+    ttl: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    if src.len() == 4 {
+        let mut f = eth(dmac, smac, None, 0x0800);
+        f.extend_from_slice(&ipv4(
+            &V4 {
+                src: src.try_into().unwrap(),
+                dst: dst.try_into().unwrap(),
+                proto,
+                ttl,
+                frag: 0x4000,
+                options: Vec::new(),
+            },
+            l4,
+        ));
+        f
+    } else {
+        let mut f = eth(dmac, smac, None, 0x86dd);
+        f.extend_from_slice(&ipv6(
+            src.try_into().unwrap(),
+            dst.try_into().unwrap(),
+            proto,
+            ttl,
+            l4,
+        ));
+        f
+    }
+}
+
+/// Checks, independently of the expected bytes, that a frame's IPv4 header and TCP/UDP
+/// checksums verify.
+fn nat_checksums_ok(frame: &[u8]) {
+    let l3 = 14;
+    if frame[l3] >> 4 == 4 {
+        assert_eq!(csum(&frame[l3..l3 + 20]), 0, "IPv4 header checksum");
+    }
+    let proto = if frame[l3] >> 4 == 4 {
+        frame[l3 + 9]
+    } else {
+        frame[l3 + 6]
+    };
+    if proto == PROTO_TCP {
+        assert!(tcp_checksum_ok(frame, l3), "TCP checksum");
+    }
+}
+
+/// The key of a tuple as the datapath stores it.
+fn nat_key(src: &[u8], dst: &[u8], sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let mut k = FlowKey {
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto,
+        family: if src.len() == 4 { FAMILY_V4 } else { FAMILY_V6 },
+        ..FlowKey::default()
+    };
+    k.src_addr[..src.len()].copy_from_slice(src);
+    k.dst_addr[..dst.len()].copy_from_slice(dst);
+    k
+}
+
+/// Both directions of `nat`, v4 and v6, TCP and UDP, through `BPF_PROG_TEST_RUN`: every
+/// output frame in full (checksums recomputed from scratch by the builders), the counters
+/// each packet moves, and the pair's entries and TCP state after each step.
+#[test]
+fn golden_nat() {
+    use lb_common::nat::{
+        NAT_REPLY, NAT_TCP_CLOSE, NAT_TCP_ESTABLISHED, NAT_TCP_FIN_WAIT, NAT_TCP_SYN_RECV,
+        NAT_TCP_SYN_SENT, NAT_TCP_TIME_WAIT,
+    };
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gnat")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    let mut lab = common::in_netns(ns.name(), || open_lab_text(&nat_config()));
+    let client_mac = CLIENT_MAC;
+    let case = |lab: &mut Lab,
+                desc: &'static str,
+                input: Vec<u8>,
+                action: u32,
+                output: Option<Vec<u8>>,
+                counters: Vec<u32>| {
+        if let Some(out) = &output {
+            nat_checksums_ok(out);
+        }
+        common::in_netns(ns.name(), || {
+            check_case(
+                lab,
+                &Case {
+                    desc,
+                    input,
+                    action,
+                    output,
+                    counters,
+                },
+            );
+        });
+    };
+    let state = |lab: &Lab, key: &FlowKey| {
+        lab.balancer
+            .maps()
+            .nat_get(key)
+            .expect("read NAT_CT")
+            .map(|e| (e.tcp_state, e.timeout_s))
+    };
+    const PAYLOAD: &[u8] = b"weir-nat-golden";
+
+    // --- IPv4 TCP, port 80 -> backend port 8080 ---
+    let fwd = nat_key(&CLIENT4, &NAT_VIP4, 40000, 80, PROTO_TCP);
+    let rev = nat_key(&NAT_B4, &CLIENT4, 8080, 40000, PROTO_TCP);
+    let c2v = |flags: u8, payload: &[u8], ttl: u8| {
+        nat_frame(
+            LB_MAC,
+            client_mac,
+            &CLIENT4,
+            &NAT_VIP4,
+            PROTO_TCP,
+            ttl,
+            &nat_tcp(&CLIENT4, &NAT_VIP4, 40000, 80, flags, payload),
+        )
+    };
+    let c2b = |flags: u8, payload: &[u8]| {
+        nat_frame(
+            backend_mac(11),
+            LB_MAC,
+            &CLIENT4,
+            &NAT_B4,
+            PROTO_TCP,
+            63,
+            &nat_tcp(&CLIENT4, &NAT_B4, 40000, 8080, flags, payload),
+        )
+    };
+    let b2c_in = |flags: u8, payload: &[u8]| {
+        nat_frame(
+            LB_MAC,
+            backend_mac(11),
+            &NAT_B4,
+            &CLIENT4,
+            PROTO_TCP,
+            64,
+            &nat_tcp(&NAT_B4, &CLIENT4, 8080, 40000, flags, payload),
+        )
+    };
+    let v2c = |flags: u8, payload: &[u8]| {
+        nat_frame(
+            client_mac,
+            LB_MAC,
+            &NAT_VIP4,
+            &CLIENT4,
+            PROTO_TCP,
+            63,
+            &nat_tcp(&NAT_VIP4, &CLIENT4, 80, 40000, flags, payload),
+        )
+    };
+
+    case(
+        &mut lab,
+        "nat v4 SYN: VIP:80 -> backend:8080, TTL 63",
+        c2v(SYN, &[], 64),
+        XDP_TX,
+        Some(c2b(SYN, &[])),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_SYN_SENT, 60)));
+    assert_eq!(state(&lab, &rev), Some((NAT_TCP_SYN_SENT, 60)));
+    let entry = lab.balancer.maps().nat_get(&rev).unwrap().unwrap();
+    assert_ne!(
+        entry.flags & NAT_REPLY,
+        0,
+        "the reply key is the reply direction"
+    );
+    assert_eq!(entry.partner_key(&rev), fwd);
+
+    // The reply's next hop: no neighbour for the client yet, so the translated packet goes
+    // to the kernel (MACs untouched); then a permanent one, and it leaves by XDP_TX.
+    let mut to_kernel = v2c(SYN | ACK, &[]);
+    to_kernel[..12].copy_from_slice(&b2c_in(SYN | ACK, &[])[..12]);
+    case(
+        &mut lab,
+        "nat v4 SYN-ACK, client neighbour unknown: translated, to the kernel",
+        b2c_in(SYN | ACK, &[]),
+        XDP_PASS,
+        Some(to_kernel),
+        vec![stat::NAT_REPLY, stat::NAT_TO_KERNEL],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_SYN_RECV, 60)));
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            ns.name(),
+            "neigh",
+            "replace",
+            "198.51.100.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "nud",
+            "permanent",
+            "dev",
+            "g0",
+        ])
+        .status()
+        .expect("ip neigh");
+    assert!(status.success());
+    case(
+        &mut lab,
+        "nat v4 SYN-ACK retransmitted: source VIP:80, to the client",
+        b2c_in(SYN | ACK, &[]),
+        XDP_TX,
+        Some(v2c(SYN | ACK, &[])),
+        vec![stat::NAT_REPLY],
+    );
+    case(
+        &mut lab,
+        "nat v4 ACK: ESTABLISHED",
+        c2v(ACK, &[], 64),
+        XDP_TX,
+        Some(c2b(ACK, &[])),
+        vec![stat::NAT_FORWARD],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_ESTABLISHED, 7440)));
+    assert_eq!(state(&lab, &rev), Some((NAT_TCP_ESTABLISHED, 7440)));
+    case(
+        &mut lab,
+        "nat v4 data client -> backend",
+        c2v(PSH_ACK, PAYLOAD, 64),
+        XDP_TX,
+        Some(c2b(PSH_ACK, PAYLOAD)),
+        vec![stat::NAT_FORWARD],
+    );
+    case(
+        &mut lab,
+        "nat v4 data backend -> client",
+        b2c_in(PSH_ACK, PAYLOAD),
+        XDP_TX,
+        Some(v2c(PSH_ACK, PAYLOAD)),
+        vec![stat::NAT_REPLY],
+    );
+    case(
+        &mut lab,
+        "nat v4 TTL 1: dropped, untouched",
+        c2v(PSH_ACK, PAYLOAD, 1),
+        XDP_DROP,
+        None,
+        vec![stat::DROP_TTL],
+    );
+
+    // A blind RST from the client side, then the backend talks on: back to ESTABLISHED.
+    case(
+        &mut lab,
+        "nat v4 RST from the client: CLOSE",
+        c2v(RST | ACK, &[], 64),
+        XDP_TX,
+        Some(c2b(RST | ACK, &[])),
+        vec![stat::NAT_FORWARD],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_CLOSE, 10)));
+    case(
+        &mut lab,
+        "nat v4 data from the RST's receiver: ESTABLISHED again",
+        b2c_in(PSH_ACK, PAYLOAD),
+        XDP_TX,
+        Some(v2c(PSH_ACK, PAYLOAD)),
+        vec![stat::NAT_REPLY],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_ESTABLISHED, 7440)));
+
+    // FIN both ways: FIN_WAIT, TIME_WAIT; a new SYN on the port makes a new pair.
+    case(
+        &mut lab,
+        "nat v4 FIN from the client: FIN_WAIT",
+        c2v(0x11, &[], 64),
+        XDP_TX,
+        Some(c2b(0x11, &[])),
+        vec![stat::NAT_FORWARD],
+    );
+    assert_eq!(state(&lab, &rev), Some((NAT_TCP_FIN_WAIT, 120)));
+    case(
+        &mut lab,
+        "nat v4 FIN from the backend: TIME_WAIT",
+        b2c_in(0x11, &[]),
+        XDP_TX,
+        Some(v2c(0x11, &[])),
+        vec![stat::NAT_REPLY],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_TIME_WAIT, 120)));
+    case(
+        &mut lab,
+        "nat v4 SYN on TIME_WAIT: a new pair",
+        c2v(SYN, &[], 64),
+        XDP_TX,
+        Some(c2b(SYN, &[])),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    assert_eq!(state(&lab, &fwd), Some((NAT_TCP_SYN_SENT, 60)));
+
+    // A reply for a tuple with no pair: not ours, untouched.
+    let stray = nat_frame(
+        LB_MAC,
+        backend_mac(11),
+        &NAT_B4,
+        &CLIENT4,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&NAT_B4, &CLIENT4, 8080, 41234, PSH_ACK, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "nat v4 reply with no entry: passed untouched",
+        stray,
+        XDP_PASS,
+        None,
+        vec![stat::PASS_NAT_NO_ENTRY],
+    );
+    // Traffic of an address that is neither a VIP nor a nat backend passes by the filter.
+    let other = nat_frame(
+        LB_MAC,
+        backend_mac(13),
+        &[198, 51, 100, 13],
+        &CLIENT4,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&[198, 51, 100, 13], &CLIENT4, 8080, 40000, ACK, &[]),
+    );
+    case(
+        &mut lab,
+        "not a nat backend: passed by the filter",
+        other,
+        XDP_PASS,
+        None,
+        vec![stat::PASS_NOT_VIP],
+    );
+    // Malformed: a TCP header cut short.
+    let mut short = c2v(SYN, &[], 64);
+    short.truncate(14 + 20 + 12);
+    let total = (20 + 12) as u16;
+    short[16..18].copy_from_slice(&total.to_be_bytes());
+    short[24..26].copy_from_slice(&[0, 0]);
+    let c = csum(&short[14..34]);
+    short[24..26].copy_from_slice(&c.to_be_bytes());
+    case(
+        &mut lab,
+        "nat v4 truncated TCP header: dropped, counted",
+        short,
+        XDP_DROP,
+        None,
+        vec![stat::DROP_TRUNC_L4],
+    );
+
+    // --- IPv4 UDP, no backend port: the service's ---
+    let u_c2v = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT4,
+        &NAT_VIP4,
+        PROTO_UDP,
+        64,
+        &nat_udp(&CLIENT4, &NAT_VIP4, 40001, 53, PAYLOAD),
+    );
+    let u_c2b = nat_frame(
+        backend_mac(12),
+        LB_MAC,
+        &CLIENT4,
+        &NAT_U4,
+        PROTO_UDP,
+        63,
+        &nat_udp(&CLIENT4, &NAT_U4, 40001, 53, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "nat v4 UDP client -> backend",
+        u_c2v,
+        XDP_TX,
+        Some(u_c2b),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let ufwd = nat_key(&CLIENT4, &NAT_VIP4, 40001, 53, PROTO_UDP);
+    assert_eq!(state(&lab, &ufwd), Some((0, 30)), "unreplied UDP: 30 s");
+    let u_b2c = nat_frame(
+        LB_MAC,
+        backend_mac(12),
+        &NAT_U4,
+        &CLIENT4,
+        PROTO_UDP,
+        64,
+        &nat_udp(&NAT_U4, &CLIENT4, 53, 40001, PAYLOAD),
+    );
+    let u_v2c = nat_frame(
+        client_mac,
+        LB_MAC,
+        &NAT_VIP4,
+        &CLIENT4,
+        PROTO_UDP,
+        63,
+        &nat_udp(&NAT_VIP4, &CLIENT4, 53, 40001, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "nat v4 UDP backend -> client",
+        u_b2c,
+        XDP_TX,
+        Some(u_v2c),
+        vec![stat::NAT_REPLY],
+    );
+    assert_eq!(
+        state(&lab, &ufwd),
+        Some((0, 300)),
+        "replied UDP: udp_idle_timeout"
+    );
+    // IPv4 UDP without a checksum keeps none.
+    let mut nock_in = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT4,
+        &NAT_VIP4,
+        PROTO_UDP,
+        64,
+        &nat_udp(&CLIENT4, &NAT_VIP4, 40001, 53, PAYLOAD),
+    );
+    nock_in[40..42].copy_from_slice(&[0, 0]);
+    let mut nock_out = nat_frame(
+        backend_mac(12),
+        LB_MAC,
+        &CLIENT4,
+        &NAT_U4,
+        PROTO_UDP,
+        63,
+        &nat_udp(&CLIENT4, &NAT_U4, 40001, 53, PAYLOAD),
+    );
+    nock_out[40..42].copy_from_slice(&[0, 0]);
+    case(
+        &mut lab,
+        "nat v4 UDP checksum 0 stays 0",
+        nock_in,
+        XDP_TX,
+        Some(nock_out),
+        vec![stat::NAT_FORWARD],
+    );
+
+    // --- IPv6 TCP, port 80 -> 8080 ---
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            ns.name(),
+            "neigh",
+            "replace",
+            "2001:db8::2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "nud",
+            "permanent",
+            "dev",
+            "g0",
+        ])
+        .status()
+        .expect("ip neigh");
+    assert!(status.success());
+    let s6 = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT6,
+        &NAT_VIP6,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&CLIENT6, &NAT_VIP6, 40000, 80, SYN, &[]),
+    );
+    let s6_out = nat_frame(
+        backend_mac(0x11),
+        LB_MAC,
+        &CLIENT6,
+        &NAT_B6,
+        PROTO_TCP,
+        63,
+        &nat_tcp(&CLIENT6, &NAT_B6, 40000, 8080, SYN, &[]),
+    );
+    case(
+        &mut lab,
+        "nat v6 SYN: VIP:80 -> backend:8080, hop limit 63",
+        s6,
+        XDP_TX,
+        Some(s6_out),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let sa6 = nat_frame(
+        LB_MAC,
+        backend_mac(0x11),
+        &NAT_B6,
+        &CLIENT6,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&NAT_B6, &CLIENT6, 8080, 40000, SYN | ACK, &[]),
+    );
+    let sa6_out = nat_frame(
+        client_mac,
+        LB_MAC,
+        &NAT_VIP6,
+        &CLIENT6,
+        PROTO_TCP,
+        63,
+        &nat_tcp(&NAT_VIP6, &CLIENT6, 80, 40000, SYN | ACK, &[]),
+    );
+    case(
+        &mut lab,
+        "nat v6 SYN-ACK: source VIP:80",
+        sa6,
+        XDP_TX,
+        Some(sa6_out),
+        vec![stat::NAT_REPLY],
+    );
+    assert_eq!(
+        state(&lab, &nat_key(&CLIENT6, &NAT_VIP6, 40000, 80, PROTO_TCP)),
+        Some((NAT_TCP_SYN_RECV, 60))
+    );
+
+    // --- IPv6 UDP ---
+    let u6 = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT6,
+        &NAT_VIP6,
+        PROTO_UDP,
+        64,
+        &nat_udp(&CLIENT6, &NAT_VIP6, 40002, 53, PAYLOAD),
+    );
+    let u6_out = nat_frame(
+        backend_mac(0x12),
+        LB_MAC,
+        &CLIENT6,
+        &NAT_U6,
+        PROTO_UDP,
+        63,
+        &nat_udp(&CLIENT6, &NAT_U6, 40002, 53, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "nat v6 UDP client -> backend",
+        u6,
+        XDP_TX,
+        Some(u6_out),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let u6r = nat_frame(
+        LB_MAC,
+        backend_mac(0x12),
+        &NAT_U6,
+        &CLIENT6,
+        PROTO_UDP,
+        64,
+        &nat_udp(&NAT_U6, &CLIENT6, 53, 40002, PAYLOAD),
+    );
+    let u6r_out = nat_frame(
+        client_mac,
+        LB_MAC,
+        &NAT_VIP6,
+        &CLIENT6,
+        PROTO_UDP,
+        63,
+        &nat_udp(&NAT_VIP6, &CLIENT6, 53, 40002, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "nat v6 UDP backend -> client",
+        u6r,
+        XDP_TX,
+        Some(u6r_out),
+        vec![stat::NAT_REPLY],
+    );
+    // IPv6 UDP must carry a checksum: one without is refused, untouched.
+    let mut u6z = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT6,
+        &NAT_VIP6,
+        PROTO_UDP,
+        64,
+        &nat_udp(&CLIENT6, &NAT_VIP6, 40002, 53, PAYLOAD),
+    );
+    u6z[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&[0, 0]);
+    case(
+        &mut lab,
+        "nat v6 UDP without checksum: dropped untouched",
+        u6z,
+        XDP_DROP,
+        None,
+        vec![stat::DROP_NAT_UNTRANSLATABLE],
+    );
+
+    // A backend taken down: its pairs are no longer honoured; a reply is dropped (it would
+    // reach the client untranslated) and the pair deleted.
+    let cfg = config::parse(&nat_config(), Path::new("golden.toml")).expect("valid");
+    let mut spec = plain(&cfg);
+    for s in &mut spec.services {
+        if s.name == "nat-udp6" {
+            s.backends[0].up = false;
+            s.backends[0].ring_weight = 0;
+        }
+    }
+    lab.balancer.apply(&spec).expect("apply");
+    let u6r = nat_frame(
+        LB_MAC,
+        backend_mac(0x12),
+        &NAT_U6,
+        &CLIENT6,
+        PROTO_UDP,
+        64,
+        &nat_udp(&NAT_U6, &CLIENT6, 53, 40002, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "nat reply of a backend down: dropped, pair deleted",
+        u6r,
+        XDP_DROP,
+        None,
+        vec![stat::DROP_NAT_STALE],
+    );
+    assert_eq!(
+        state(&lab, &nat_key(&CLIENT6, &NAT_VIP6, 40002, 53, PROTO_UDP)),
+        None
+    );
+    assert_eq!(
+        state(&lab, &nat_key(&NAT_U6, &CLIENT6, 53, 40002, PROTO_UDP)),
+        None
+    );
 }

@@ -18,6 +18,7 @@ pub mod icmp;
 pub mod inbound;
 #[cfg(feature = "user")]
 pub mod maglev;
+pub mod nat;
 #[cfg(feature = "user")]
 pub mod rr;
 
@@ -45,6 +46,9 @@ pub mod map_name {
     pub const DECAP_MSS: &str = "DECAP_MSS";
     pub const FRAG_SERVICES: &str = "FRAG_SERVICES";
     pub const ICMP_BUCKETS: &str = "ICMP_BUCKETS";
+    /// The NAT connection table: both entries of every `nat` pair (`FlowKey` keys,
+    /// `nat::NatEntry` values).
+    pub const NAT_CT: &str = "NAT_CT";
 }
 
 /// Names of the programs in the eBPF object.
@@ -111,6 +115,8 @@ pub const PROTO_IPV6: u8 = 41;
 /// `VipInfo::forwarding` values.
 pub const FORWARD_TUNNEL: u8 = 0;
 pub const FORWARD_DIRECT: u8 = 1;
+/// Destination NAT: VIP:port becomes backend:port, replies cross the balancer back.
+pub const FORWARD_NAT: u8 = 2;
 
 /// `VipInfo::scheduler` values. For maglev and ip-hash the ring is a Maglev table indexed
 /// by a hash; for round-robin it holds the smooth weighted round-robin sequence, walked by a
@@ -195,8 +201,31 @@ pub mod stat {
     pub const DROP_ICMP_MALFORMED: u32 = 31;
     /// IPv4 fragments of an `ip-hash` service forwarded like the rest of their flow.
     pub const FRAGMENT_FORWARDED: u32 = 32;
+    /// NAT: packets client → backend translated and forwarded.
+    pub const NAT_FORWARD: u32 = 33;
+    /// NAT: packets backend → client translated and forwarded.
+    pub const NAT_REPLY: u32 = 34;
+    /// NAT: connections (pairs of table entries) created.
+    pub const NAT_PAIRS_CREATED: u32 = 35;
+    /// NAT: a new connection refused because `NAT_CT` is full (live pairs are never evicted).
+    pub const DROP_NAT_TABLE_FULL: u32 = 36;
+    /// NAT: a packet that cannot be translated safely (IPv6 UDP without a checksum).
+    pub const DROP_NAT_UNTRANSLATABLE: u32 = 37;
+    /// NAT: a reply of a pair that is expired or whose backend is no longer honoured:
+    /// passing it would send it untranslated.
+    pub const DROP_NAT_STALE: u32 = 38;
+    /// NAT: the same client address and port already talk to that backend address and port
+    /// through another service (the reply tuples would be one).
+    pub const DROP_NAT_COLLISION: u32 = 39;
+    /// NAT: a packet from a `nat` backend's address with no table entry: not ours, passed.
+    pub const PASS_NAT_NO_ENTRY: u32 = 40;
+    /// NAT: expired pairs deleted by the datapath itself, in line.
+    pub const NAT_RECLAIMED_INLINE: u32 = 41;
+    /// NAT: translated packets handed to the kernel to forward because the next hop's
+    /// neighbour is not resolved yet (counted as `nat_reply` / `nat_forward` too).
+    pub const NAT_TO_KERNEL: u32 = 42;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 43;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -233,6 +262,16 @@ pub mod stat {
         "icmp_echo_replied",
         "drop_icmp_malformed",
         "fragment_forwarded",
+        "nat_forward",
+        "nat_reply",
+        "nat_pairs_created",
+        "drop_nat_table_full",
+        "drop_nat_untranslatable",
+        "drop_nat_stale",
+        "drop_nat_collision",
+        "pass_nat_no_entry",
+        "nat_reclaimed_inline",
+        "nat_to_kernel",
     ];
 }
 
@@ -263,17 +302,43 @@ pub const VIP_ADDR_WORDS: usize = 1 << (VIP_ADDR_BITS_LOG2 - 6);
 /// value whole; a reader racing a write can see a word half old, half new, but a bit that
 /// the write does not change reads the same in either half, so only a bit that is being
 /// set or cleared can read either way.
+///
+/// The NAT modes add two more filters in the same value (still one array lookup):
+/// `nat_words`, the destinations whose packets may belong to a NAT pair (VIPs of `nat`
+/// services), and `src_words`, the sources whose packets may be replies of one (the
+/// backend addresses of `nat` services). `flags` says whether either is in use, so that
+/// without a NAT service a packet pays one load and a branch for them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipAddrBits {
+    /// `ADDR_FILTER_NAT_DST`, `ADDR_FILTER_NAT_SRC`.
+    pub flags: u32,
+    /// The SNAT port range of `fullnat` (a later step); 0/0 today.
+    pub snat_port_lo_host: u16,
+    pub snat_port_hi_host: u16,
+    /// Destinations: every VIP address.
     pub words: [u64; VIP_ADDR_WORDS],
+    /// Destinations of NAT services (a subset of `words`).
+    pub nat_words: [u64; VIP_ADDR_WORDS],
+    /// Sources: the backend addresses of `nat` services.
+    pub src_words: [u64; VIP_ADDR_WORDS],
 }
-const _: () = assert!(size_of::<VipAddrBits>() == 8 * VIP_ADDR_WORDS);
+const _: () = assert!(size_of::<VipAddrBits>() == 8 + 3 * 8 * VIP_ADDR_WORDS);
+
+/// `VipAddrBits::flags`: some bit of `nat_words` is set.
+pub const ADDR_FILTER_NAT_DST: u32 = 1;
+/// `VipAddrBits::flags`: some bit of `src_words` is set.
+pub const ADDR_FILTER_NAT_SRC: u32 = 2;
 
 impl VipAddrBits {
     /// No address.
     pub const EMPTY: Self = Self {
+        flags: 0,
+        snat_port_lo_host: 0,
+        snat_port_hi_host: 0,
         words: [0; VIP_ADDR_WORDS],
+        nat_words: [0; VIP_ADDR_WORDS],
+        src_words: [0; VIP_ADDR_WORDS],
     };
 
     /// The word index and bit mask of an address's slot.
@@ -296,6 +361,21 @@ impl VipAddrBits {
         let (word, mask) = Self::position(addr);
         self.words[word] |= mask;
     }
+
+    /// Sets the bit of a NAT service's VIP address (in `words` too).
+    pub const fn insert_nat_dst(&mut self, addr: &[u8; 16]) {
+        let (word, mask) = Self::position(addr);
+        self.words[word] |= mask;
+        self.nat_words[word] |= mask;
+        self.flags |= ADDR_FILTER_NAT_DST;
+    }
+
+    /// Sets the bit of a `nat` backend's address, whose packets may be replies.
+    pub const fn insert_nat_src(&mut self, addr: &[u8; 16]) {
+        let (word, mask) = Self::position(addr);
+        self.src_words[word] |= mask;
+        self.flags |= ADDR_FILTER_NAT_SRC;
+    }
 }
 
 impl Default for VipAddrBits {
@@ -312,7 +392,7 @@ pub struct VipInfo {
     /// its counters `VIP_STATS[service_id]`.
     pub service_id: u32,
     pub ring_size: u32,
-    /// `FORWARD_TUNNEL` or `FORWARD_DIRECT`.
+    /// `FORWARD_TUNNEL`, `FORWARD_DIRECT` or `FORWARD_NAT`.
     pub forwarding: u8,
     /// `SCHED_*`.
     pub scheduler: u8,
@@ -337,7 +417,9 @@ pub struct BackendInfo {
     pub family: u8,
     /// `BACKEND_UP` or `BACKEND_DOWN`.
     pub state: u8,
-    pub _pad: [u8; 2],
+    /// The port the backend listens on, as on the wire (`nat`); 0: the packet's own
+    /// destination port (the DSR modes, and `nat` without `backend.port`).
+    pub port_be: u16,
     /// Weight for least-conn comparisons (connections per unit of weight).
     pub weight: u32,
 }
@@ -508,6 +590,8 @@ mod pod {
     unsafe impl aya::Pod for VipAddrBits {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::icmp::IcmpBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::nat::NatEntry {}
 }
 
 #[cfg(feature = "user")]

@@ -3,12 +3,14 @@
 //! exactly the same code.
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_UP, BackendInfo, FLOW_VIA_PORT0, FlowKey, FlowValue, VipInfo, VipKey, stat,
+    BACKEND_UP, BackendInfo, FLOW_VIA_PORT0, FORWARD_NAT, FlowKey, FlowValue, VipInfo, VipKey,
+    nat::NatEntry, stat,
 };
 
 use crate::{
     clock, conntrack, forward, inbound,
     maps::{BACKENDS, GLOBAL, SERVICES, STATS, VIPS},
+    nat,
     parse::{Parsed, TO_FRAGMENT, TO_ICMP, parse},
     stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
@@ -87,6 +89,9 @@ pub(crate) struct Job {
     pub(crate) now: u64,
     /// Counted once forwarded (`stat::COUNT`: nothing more).
     pub(crate) counter: u32,
+    /// A NAT pair's entry for the packet's direction (the rewrite to apply), or null: the
+    /// packet goes as the DSR modes send it.
+    pub(crate) nat: *mut NatEntry,
 }
 
 #[inline(always)]
@@ -117,15 +122,42 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
         job.backend_id,
         job.backend,
         job.now,
+        job.nat,
     )?;
     bump(stats, job.counter);
     Ok(action)
+}
+
+/// The `Job` of a packet of a NAT pair.
+#[inline(always)]
+fn nat_job(p: Parsed, pick: nat::Pick, now: u64) -> Job {
+    Job {
+        p,
+        vip: pick.vip,
+        backend_id: pick.backend_id,
+        backend: pick.backend,
+        new_flow: pick.new_flow,
+        now,
+        counter: pick.counter,
+        nat: pick.nat,
+    }
 }
 
 /// The backend of a TCP/UDP packet for a VIP address: its tracked flow's, else the
 /// scheduler's (and then recorded).
 #[inline(always)]
 fn balance_flow(p: Parsed, stats: Stats) -> Result<Job, Exit> {
+    // A packet that may belong to a NAT pair asks `NAT_CT` first: one lookup for either
+    // direction of an established pair. A reply candidate without an entry is not ours.
+    if p.nat != 0 {
+        let now = clock::now();
+        if let Some(pick) = nat::established(&p, now, stats)? {
+            return Ok(nat_job(p, pick, now));
+        }
+        if p.nat & nat::NAT_SRC != 0 {
+            return Err(pass(stat::PASS_NAT_NO_ENTRY));
+        }
+    }
     // The connection table first: the packets of a tracked flow find their service through
     // it (`tracked_service`), so a packet pays for one hash lookup, the table's. Others ask
     // `VIPS`, which decides whether the packet is for a VIP at all.
@@ -141,6 +173,10 @@ fn balance_flow(p: Parsed, stats: Stats) -> Result<Job, Exit> {
     // measured at about 45 ns per read in a VM. Read through the per-jiffy cache: no helper
     // call on almost every packet.
     let now = clock::now();
+    if vip.forwarding == FORWARD_NAT {
+        let pick = nat::new_flow(&p, vip, now, stats)?;
+        return Ok(nat_job(p, pick, now));
+    }
     let (backend_id, backend, new_flow) = conntrack::backend_for(
         &p,
         conntrack::Service {
@@ -160,5 +196,6 @@ fn balance_flow(p: Parsed, stats: Stats) -> Result<Job, Exit> {
         new_flow,
         now,
         counter: stat::COUNT,
+        nat: core::ptr::null_mut(),
     })
 }

@@ -297,6 +297,7 @@ fn forward_error(
             ip_len,
             dont_fragment,
             tcp_flags: 0,
+            nat: 0,
         },
         vip,
         backend_id,
@@ -304,6 +305,7 @@ fn forward_error(
         new_flow: false,
         now,
         counter: stat::ICMP_ERROR_FORWARDED,
+        nat: core::ptr::null_mut(),
     })
 }
 
@@ -353,6 +355,7 @@ pub(crate) fn fragment(ctx: &XdpContext) -> Result<Job, Exit> {
             ip_len,
             dont_fragment,
             tcp_flags: 0,
+            nat: 0,
         },
         vip,
         backend_id,
@@ -360,5 +363,6 @@ pub(crate) fn fragment(ctx: &XdpContext) -> Result<Job, Exit> {
         new_flow: false,
         now: clock::now(),
         counter: stat::FRAGMENT_FORWARDED,
+        nat: core::ptr::null_mut(),
     })
 }

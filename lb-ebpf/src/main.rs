@@ -2,7 +2,8 @@
 //! module that owns its logic and turns the outcome into an XDP (or tc) verdict.
 //!
 //! * `weir_balancer`: on the LB's NIC. Packets for a VIP leave towards a backend (IP-in-IP
-//!   tunnel or L2 DSR); everything else passes to the kernel untouched.
+//!   tunnel, L2 DSR, or destination NAT, whose replies it translates back too); everything
+//!   else passes to the kernel untouched.
 //! * `weir_decap`: on a backend's NIC. Strips the outer header of IP-in-IP packets whose inner
 //!   destination is a VIP of that host, so backends need no tunnel device.
 //! * `weir_mss_clamp`: tc egress on a backend's NIC, next to `weir_decap`. Lowers the MSS
@@ -40,6 +41,12 @@
 //!   (`drop_too_big_fragmentable`). Direct mode does not grow the frame: no check.
 //! * The LB is not an IP hop for the inner packet (as IPVS-DR and Katran): the inner TTL is
 //!   left alone; the outer header gets `OUTER_TTL`.
+//! * NAT (`forwarding = "nat"`, `nat`): a packet from a `nat` backend's address (a reply
+//!   candidate, by a second filter in the same `VIP_ADDR_BITS` value) is never dropped
+//!   before its `NAT_CT` hit: without one it passes (`pass_nat_no_entry`). The LB is an IP
+//!   hop in NAT mode: TTL / hop limit decremented, a packet with 1 dropped (`drop_ttl`). A
+//!   packet that cannot be translated safely is dropped and counted, never forwarded half
+//!   rewritten. The reply of a pair no longer honoured is dropped (`drop_nat_stale`).
 //!
 //! The helpers in the modules are `#[inline(always)]`: each program compiles to one BPF
 //! function, the code the verifier accepts and the benchmarks measured. A helper left out of
@@ -67,6 +74,7 @@ mod icmp;
 mod inbound;
 mod maps;
 mod mss;
+mod nat;
 mod parse;
 mod sched;
 mod stats;

@@ -8,8 +8,13 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
     MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop,
-    TrafficCounters, VipAddrBits, VipInfo, VipKey, icmp::IcmpBucket, stat,
+    TrafficCounters, VipAddrBits, VipInfo, VipKey,
+    icmp::IcmpBucket,
+    nat::{DEFAULT_NAT_CONNECTIONS, NatEntry},
+    stat,
 };
+
+use crate::nat::NatScratch;
 
 #[map]
 pub(crate) static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -119,6 +124,19 @@ pub(crate) static BENCH_GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entrie
 /// `MSS_SLOT_V6`); 0 turns that family's clamp off. Written by `weir decap`.
 #[map]
 pub(crate) static DECAP_MSS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// The NAT connection table: both entries of every `nat` pair, keyed by the tuple as the
+/// packet carries it (docs/design/nat.md). A plain hash, not LRU: an LRU would evict one half
+/// of a pair and break its connection; a full table refuses new pairs instead. Not
+/// preallocated: DSR-only users pay nothing for it.
+#[map]
+pub(crate) static NAT_CT: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(2 * DEFAULT_NAT_CONNECTIONS, BPF_F_NO_PREALLOC);
+
+/// Per-CPU room for a pair under construction and the reply path's FIB parameters (the
+/// balancer's stack is full). Not pinned: nothing survives a packet in it.
+#[map]
+pub(crate) static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// This CPU's budget of ICMP errors (`IcmpBucket`). Not pinned: a reloaded datapath starting
 /// with a full burst is harmless, and nothing else reads it.

@@ -4,8 +4,8 @@
 //! address to `inbound` ([`TO_ICMP`], [`TO_FRAGMENT`]).
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VipAddrBits,
-    VipKey,
+    ADDR_FILTER_NAT_DST, ADDR_FILTER_NAT_SRC, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VipAddrBits, VipKey,
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
     },
@@ -14,6 +14,7 @@ use lb_common::{
 
 use crate::{
     maps::{VIP_ADDR_BITS, VIP_ADDRS},
+    nat::{NAT_DST, NAT_SRC},
     stats::{Exit, drop, pass},
 };
 
@@ -67,7 +68,8 @@ pub(crate) fn copy_words<const N: usize>(
     }
 }
 
-/// What the parser learnt of a packet for a VIP address.
+/// What the parser learnt of a packet for a VIP address (or a NAT reply candidate).
+#[derive(Clone, Copy)]
 pub(crate) struct Parsed {
     pub(crate) key: FlowKey,
     /// Ethernet header length: 14, or 18 with an 802.1Q tag.
@@ -77,6 +79,9 @@ pub(crate) struct Parsed {
     /// The inner IPv4 header's DF bit (always set for IPv6, which routers never fragment).
     pub(crate) dont_fragment: bool,
     pub(crate) tcp_flags: u8,
+    /// `nat::NAT_DST` (the destination may be a NAT service's VIP), `nat::NAT_SRC` (the
+    /// source may be a `nat` backend: a reply candidate), or 0.
+    pub(crate) nat: u8,
 }
 
 /// The VIP address filter. Looked up before the packet's address is read: a map lookup is
@@ -91,6 +96,30 @@ fn vip_addr_bits() -> Result<&'static VipAddrBits, Exit> {
 fn vip_addr_maybe(bits: &VipAddrBits, addr: &[u8; 16]) -> bool {
     let (word, mask) = VipAddrBits::position(addr);
     bits.words.get(word).is_some_and(|w| w & mask != 0)
+}
+
+/// The NAT side of the filter for a packet whose destination passed `vip_addr_maybe`:
+/// `NAT_DST` if the address may be a NAT service's VIP. Without a NAT service, one load and
+/// a branch on the value already fetched.
+#[inline(always)]
+fn nat_dst(bits: &VipAddrBits, addr: &[u8; 16]) -> u8 {
+    if bits.flags & ADDR_FILTER_NAT_DST == 0 {
+        return 0;
+    }
+    let (word, mask) = VipAddrBits::position(addr);
+    if bits.nat_words.get(word).is_some_and(|w| w & mask != 0) {
+        NAT_DST
+    } else {
+        0
+    }
+}
+
+/// Whether a packet whose destination is no VIP address may be a NAT reply: its source's
+/// bit among the `nat` backends. Only asked when some `nat` service exists.
+#[inline(always)]
+fn nat_src_maybe(bits: &VipAddrBits, addr: &[u8; 16]) -> bool {
+    let (word, mask) = VipAddrBits::position(addr);
+    bits.src_words.get(word).is_some_and(|w| w & mask != 0)
 }
 
 /// Whether the packet's destination is a VIP address (the exact set), read again from the
@@ -181,6 +210,7 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
     let l4_off;
     let ip_len;
     let dont_fragment;
+    let nat;
     if ether_type == ETH_P_IP {
         let bits = vip_addr_bits()?;
         let ip: *const [u8; IPV4_HDR_LEN] =
@@ -189,8 +219,17 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
         // the packet while this shared borrow lives.
         let ip = unsafe { &*ip };
         copy_words(&mut key.dst_addr, ip, 16, 1);
-        if !vip_addr_maybe(bits, &key.dst_addr) {
-            return Err(pass(stat::PASS_NOT_VIP));
+        if vip_addr_maybe(bits, &key.dst_addr) {
+            nat = nat_dst(bits, &key.dst_addr);
+        } else {
+            if bits.flags & ADDR_FILTER_NAT_SRC == 0 {
+                return Err(pass(stat::PASS_NOT_VIP));
+            }
+            copy_words(&mut key.src_addr, ip, 12, 1);
+            if !nat_src_maybe(bits, &key.src_addr) {
+                return Err(pass(stat::PASS_NOT_VIP));
+            }
+            nat = NAT_SRC;
         }
         key.family = FAMILY_V4;
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
@@ -222,8 +261,17 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
         // the packet while this shared borrow lives.
         let ip = unsafe { &*ip };
         copy_words(&mut key.dst_addr, ip, 24, 4);
-        if !vip_addr_maybe(bits, &key.dst_addr) {
-            return Err(pass(stat::PASS_NOT_VIP));
+        if vip_addr_maybe(bits, &key.dst_addr) {
+            nat = nat_dst(bits, &key.dst_addr);
+        } else {
+            if bits.flags & ADDR_FILTER_NAT_SRC == 0 {
+                return Err(pass(stat::PASS_NOT_VIP));
+            }
+            copy_words(&mut key.src_addr, ip, 8, 4);
+            if !nat_src_maybe(bits, &key.src_addr) {
+                return Err(pass(stat::PASS_NOT_VIP));
+            }
+            nat = NAT_SRC;
         }
         key.family = FAMILY_V6;
         if ip[0] >> 4 != 6 {
@@ -288,5 +336,6 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
         ip_len,
         dont_fragment,
         tcp_flags,
+        nat,
     })
 }

@@ -112,6 +112,7 @@ fn verdicts<M: MapWriter>(
                 let up = !(down && i == victim);
                 BackendSpec {
                     address: b.address,
+                    port: 0,
                     ring_weight: if up { b.weight } else { 0 },
                     up,
                 }

@@ -83,6 +83,9 @@ pub struct EffectiveBackend {
     pub admin: Admin,
     /// From the config file; backends added from the CLI are primaries.
     pub backup: bool,
+    /// From the config file (`nat`); backends added from the CLI listen on the service's
+    /// port.
+    pub port: Option<u16>,
 }
 
 impl Overlay {
@@ -171,6 +174,7 @@ impl Overlay {
                 weight: b.weight,
                 admin: Admin::Enabled,
                 backup: b.backup,
+                port: b.port,
             })
             .collect();
         for (address, change) in changes {
@@ -180,6 +184,7 @@ impl Overlay {
                     weight: 1,
                     admin: Admin::Enabled,
                     backup: false,
+                    port: None,
                 });
             }
         }
@@ -238,12 +243,14 @@ mod tests {
                     weight: 2,
                     admin: Admin::Draining,
                     backup: false,
+                    port: None,
                 },
                 EffectiveBackend {
                     address: ip("198.51.100.13"),
                     weight: 5,
                     admin: Admin::Enabled,
                     backup: false,
+                    port: None,
                 },
             ]
         );

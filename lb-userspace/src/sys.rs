@@ -289,6 +289,56 @@ struct BatchAttr {
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Deletes `keys` from the map behind `map` with `BPF_MAP_DELETE_BATCH` (Linux 5.6), a
+/// chunk a syscall. A key already gone is not an error: the datapath deletes entries too.
+/// Returns how many were deleted.
+///
+/// # Safety
+///
+/// `K` must have exactly the map's key size: the kernel reads `count × key_size` bytes.
+pub unsafe fn map_delete_batch<K: Copy>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+) -> io::Result<usize> {
+    const CHUNK: usize = 4096;
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let n = rest.len().min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: n as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` describes `n` live keys of the map's key size (the caller's
+        // contract), which the kernel only reads.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_DELETE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        // The kernel stops at the first key it cannot delete (ENOENT: gone meanwhile) and
+        // says how many it did: skip that one and go on.
+        let done = (attr.count as usize).min(n);
+        deleted += done;
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                return Err(err);
+            }
+            rest = &rest[(done + 1).min(rest.len())..];
+        } else {
+            rest = &rest[n..];
+        }
+    }
+    Ok(deleted)
+}
 
 /// Writes `keys[i] -> values[i]` into the map behind `map` with one `BPF_MAP_UPDATE_BATCH`
 /// (Linux 5.6) per chunk, instead of a syscall per element.

@@ -2,7 +2,9 @@
 //! (`tunnel`: IP-in-IP, `direct`: L2 DSR), and what both share: the next hop (`nexthop`), the
 //! new MAC addresses and the way out (`XDP_TX` or a devmap redirect).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{BackendInfo, FORWARD_DIRECT, GlobalConfig, VipInfo, stat};
+use lb_common::{
+    BackendInfo, FORWARD_DIRECT, FORWARD_NAT, GlobalConfig, VipInfo, nat::NatEntry, stat,
+};
 
 use crate::{
     maps::TX_PORTS,
@@ -14,8 +16,14 @@ mod direct;
 pub(crate) mod nexthop;
 mod tunnel;
 
-/// Forwards the packet to `backend` the way its service is configured to.
+/// Forwards the packet to `backend` the way its service is configured to; a packet of a NAT
+/// pair (`nat` non-null: the rewrite of its direction) is translated and sent on, whichever
+/// way it travels.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the one forwarding entry, inlined once"
+)]
 pub(crate) fn forward(
     ctx: &XdpContext,
     p: &Parsed,
@@ -24,7 +32,16 @@ pub(crate) fn forward(
     backend_id: u32,
     backend: &BackendInfo,
     now: u64,
+    nat: *mut NatEntry,
 ) -> Result<u32, Exit> {
+    if !nat.is_null() {
+        return crate::nat::forward(ctx, p, nat, global, backend_id, backend, now);
+    }
+    if vip.forwarding == FORWARD_NAT {
+        // A NAT service's packet always comes with its pair (`balance`); never sent
+        // untranslated.
+        return Err(drop(stat::DROP_NAT_UNTRANSLATABLE));
+    }
     if vip.forwarding == FORWARD_DIRECT {
         direct::forward_direct(ctx, p, global, backend_id, backend, now)
     } else {
@@ -35,7 +52,7 @@ pub(crate) fn forward(
 /// `XDP_TX` when the next hop is behind the ingress interface (or the frame is tagged: the
 /// tag names the segment), otherwise `XDP_REDIRECT` through the devmap.
 #[inline(always)]
-fn egress(ctx: &XdpContext, ifindex: u32, tagged: bool) -> Result<u32, Exit> {
+pub(crate) fn egress(ctx: &XdpContext, ifindex: u32, tagged: bool) -> Result<u32, Exit> {
     if tagged || ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(xdp_action::XDP_TX);
     }
@@ -45,7 +62,7 @@ fn egress(ctx: &XdpContext, ifindex: u32, tagged: bool) -> Result<u32, Exit> {
 }
 
 #[inline(always)]
-fn write_macs(ctx: &XdpContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), Exit> {
+pub(crate) fn write_macs(ctx: &XdpContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), Exit> {
     let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(drop(stat::DROP_ENCAP))?;
     // SAFETY: `ptr_at` checked the 12 address bytes are in the packet; packet memory is
     // writable in XDP, and no other reference to it is alive.

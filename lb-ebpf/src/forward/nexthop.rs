@@ -99,7 +99,7 @@ pub(crate) fn fib_next_hop(
 
 /// The LB's own address of `family` (the tunnel source), as the FIB lookup's source.
 #[inline(always)]
-pub(super) fn tunnel_source(global: &GlobalConfig, family: u8) -> [u8; 16] {
+pub(crate) fn tunnel_source(global: &GlobalConfig, family: u8) -> [u8; 16] {
     let mut src = [0u8; 16];
     if family == FAMILY_V4 {
         src[..4].copy_from_slice(&global.tunnel_source_v4);
@@ -113,7 +113,7 @@ pub(super) fn tunnel_source(global: &GlobalConfig, family: u8) -> [u8; 16] {
 /// backend (its generation), else a FIB lookup whose answer is cached for
 /// `NEXT_HOP_TTL_NS`. Failed lookups are not cached.
 #[inline(always)]
-pub(super) fn next_hop(
+pub(crate) fn next_hop(
     ctx: &XdpContext,
     backend_id: u32,
     backend: &BackendInfo,

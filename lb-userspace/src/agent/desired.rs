@@ -71,6 +71,18 @@ pub fn global(config: &Config) -> GlobalConfig {
     global
 }
 
+/// The port a backend's packets are sent to, as the datapath holds it (`BackendInfo::port_be`
+/// in host order): in `nat` mode the backend's `port`, else the service's; 0 (the packet's
+/// own port) in the DSR modes and for a service of every port.
+#[must_use]
+pub fn backend_port(service: &ServiceConfig, port: Option<u16>) -> u16 {
+    if service.forwarding.is_nat() && service.port != 0 {
+        port.unwrap_or(service.port)
+    } else {
+        0
+    }
+}
+
 /// A service's datapath fields, with the given backends.
 #[must_use]
 pub fn service_spec(service: &ServiceConfig, backends: Vec<BackendSpec>) -> ServiceSpec {
@@ -104,6 +116,7 @@ pub fn plain(config: &Config) -> DatapathSpec {
                     .iter()
                     .map(|b| BackendSpec {
                         address: b.address,
+                        port: backend_port(s, b.port),
                         ring_weight: b.weight,
                         up: true,
                     })
@@ -144,6 +157,7 @@ pub fn desired(
                     let since = observed.up_since.get(&(service.name.clone(), b.address));
                     BackendSpec {
                         address: b.address,
+                        port: backend_port(service, b.port),
                         ring_weight: if serving {
                             ramped(service.slow_start, since.copied(), b.weight, now)
                         } else {

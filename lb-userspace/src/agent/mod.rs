@@ -182,6 +182,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         last_reload: None,
         inconsistent: None,
         rings_changed: true,
+        nat_orphans: std::collections::HashSet::new(),
     };
     let report = agent.sync()?;
     tracing::info!(

@@ -5,20 +5,27 @@
 //! anything else.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use lb_common::{FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP, stat};
+use lb_common::{
+    FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP,
+    nat::{NAT_RECLAIM_MARGIN_NS, NAT_REPLY, NatEntry},
+    stat,
+};
 
 use super::desired::{self, Health, Observed};
 use crate::{
     api::{self, ErrorCode, Request, Response},
     config::{self, Config, HealthKind, ServiceConfig, rules},
-    datapath::{AttachedMode, KernelMaps, MapWriter as _, StatsReader as _, maps::ConntrackWalker},
+    datapath::{
+        AttachedMode, KernelMaps, MapWriter as _, StatsReader as _,
+        maps::{ConntrackWalker, NatWalker},
+    },
     health::{HealthChecker, HealthEvent, Target},
     metrics::Metrics,
     overlay::{Admin, Overlay},
@@ -86,6 +93,7 @@ impl From<config::Forwarding> for api::Forwarding {
         match forwarding {
             config::Forwarding::Tunnel => Self::Tunnel,
             config::Forwarding::Direct => Self::Direct,
+            config::Forwarding::Nat => Self::Nat,
         }
     }
 }
@@ -121,12 +129,16 @@ pub struct Agent {
     pub inconsistent: Option<String>,
     /// Set by every apply: the rings to compute ahead may have changed.
     pub rings_changed: bool,
+    /// NAT entries whose partner the last walk did not find (`nat_walk`).
+    pub nat_orphans: HashSet<FlowKey>,
 }
 
 /// What a recount needs to know of one backend id.
 #[derive(Debug, Clone, Copy)]
 pub struct BackendTimeouts {
     pub generation: u32,
+    /// The datapath honours its NAT pairs (up).
+    pub up: bool,
     pub tcp_ns: u64,
     pub udp_ns: u64,
 }
@@ -135,6 +147,8 @@ pub struct BackendTimeouts {
 #[derive(Debug)]
 pub struct Recount {
     walker: ConntrackWalker,
+    nat: Option<NatWalker>,
+    nat_orphans: HashSet<FlowKey>,
     backends: HashMap<u32, BackendTimeouts>,
     /// The datapath's counters when the walk began.
     before: HashMap<u32, i64>,
@@ -148,6 +162,72 @@ pub struct RecountResult {
     pub before: HashMap<u32, i64>,
     pub entries: usize,
     pub took: Duration,
+    /// NAT entries without a partner in this walk, for the next one.
+    pub nat_orphans: HashSet<FlowKey>,
+    /// NAT entries this walk deleted.
+    pub nat_reclaimed: usize,
+}
+
+/// What a walk of the NAT table decides (`nat_walk`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NatWalkOutcome {
+    /// Active NAT connections per backend id (forward entries, counted as `counts_as_active`
+    /// counts the DSR ones).
+    pub counts: HashMap<u32, i64>,
+    /// Keys to delete: both entries of every pair the datapath itself treats as absent.
+    pub reclaim: Vec<FlowKey>,
+    /// Entries without a partner, not yet reclaimed (a crash between the two inserts of a
+    /// pair, or a pair half deleted while walked): reclaimed if still so at the next walk.
+    pub orphans: HashSet<FlowKey>,
+}
+
+/// Judges every NAT entry by the datapath's own rules (docs/design/nat.md §7): a pair is
+/// reclaimed when it is not honoured (its backend down or of another generation) or when
+/// both entries are idle past their timeout plus `NAT_RECLAIM_MARGIN_NS`; an entry without a
+/// partner for two walks is reclaimed too. The datapath would refuse every pair deleted
+/// here, so deleting it can race no live connection.
+#[must_use]
+pub fn nat_walk(
+    entries: &HashMap<FlowKey, NatEntry>,
+    backends: &HashMap<u32, BackendTimeouts>,
+    now_ns: u64,
+    previous_orphans: &HashSet<FlowKey>,
+) -> NatWalkOutcome {
+    let mut out = NatWalkOutcome::default();
+    let idle = |e: &NatEntry| {
+        now_ns.saturating_sub(e.last_seen_ns)
+            > u64::from(e.timeout_s) * 1_000_000_000 + NAT_RECLAIM_MARGIN_NS
+    };
+    let mut reclaim = HashSet::new();
+    for (key, e) in entries {
+        let honoured = backends
+            .get(&e.backend_id)
+            .is_some_and(|b| b.up && b.generation == e.generation);
+        let partner_key = e.partner_key(key);
+        let partner = entries.get(&partner_key);
+        let fresh = !idle(e) || partner.is_some_and(|p| !idle(p));
+        if e.flags & NAT_REPLY == 0
+            && honoured
+            && fresh
+            && e.flags & FLOW_COUNTED != 0
+            && e.flags & FLOW_CLOSED == 0
+        {
+            *out.counts.entry(e.backend_id).or_default() += 1;
+        }
+        let orphan = partner.is_none();
+        if orphan && fresh && honoured && !previous_orphans.contains(key) {
+            out.orphans.insert(*key);
+            continue;
+        }
+        if !honoured || !fresh || orphan {
+            reclaim.insert(*key);
+            if !orphan {
+                reclaim.insert(partner_key);
+            }
+        }
+    }
+    out.reclaim = reclaim.into_iter().collect();
+    out
 }
 
 impl Recount {
@@ -160,6 +240,33 @@ impl Recount {
             .iter()
             .map(|(id, b)| (*id, (b.generation, 0)))
             .collect();
+        let mut nat_counts = HashMap::new();
+        let mut nat_orphans = HashSet::new();
+        let mut nat_reclaimed = 0;
+        let mut nat_entries = 0;
+        if let Some(nat) = &self.nat {
+            let mut table = HashMap::new();
+            match nat.walk(|key, value| {
+                table.insert(*key, *value);
+            }) {
+                Ok(n) => {
+                    nat_entries = n;
+                    let outcome = nat_walk(&table, &self.backends, now_ns, &self.nat_orphans);
+                    nat_counts = outcome.counts;
+                    nat_orphans = outcome.orphans;
+                    match nat.delete(&outcome.reclaim) {
+                        Ok(n) => nat_reclaimed = n,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "reclaiming expired NAT pairs failed");
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "walking the NAT table failed; counts left as they are");
+                    return RecountResult::default();
+                }
+            }
+        }
         let entries = match self.walker.walk(|key, value| {
             if counts_as_active(key, value, &self.backends, now_ns)
                 && let Some((_, count)) = counts.get_mut(&value.backend_id)
@@ -173,11 +280,18 @@ impl Recount {
                 return RecountResult::default();
             }
         };
+        for (id, n) in nat_counts {
+            if let Some((_, count)) = counts.get_mut(&id) {
+                *count += n;
+            }
+        }
         RecountResult {
             counts,
             before: self.before,
-            entries,
+            entries: entries + nat_entries,
             took: started.elapsed(),
+            nat_orphans,
+            nat_reclaimed,
         }
     }
 }
@@ -287,6 +401,7 @@ impl Agent {
                     b.id,
                     BackendTimeouts {
                         generation: b.generation,
+                        up: b.up,
                         tcp_ns: u64::from(state.spec.tcp_idle_timeout_s) * 1_000_000_000,
                         udp_ns: u64::from(state.spec.udp_idle_timeout_s) * 1_000_000_000,
                     },
@@ -297,8 +412,19 @@ impl Agent {
             .keys()
             .map(|id| (*id, self.balancer.maps().raw_active_connections(*id)))
             .collect();
+        // Always, NAT service or not: the pairs of a NAT service removed by a reload are
+        // reclaimed too (an empty table costs one syscall).
+        let nat = match self.balancer.maps().nat_walker() {
+            Ok(w) => Some(w),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot walk the NAT table");
+                None
+            }
+        };
         Some(Recount {
             walker,
+            nat,
+            nat_orphans: self.nat_orphans.clone(),
             backends,
             before,
         })
@@ -306,7 +432,14 @@ impl Agent {
 
     /// Writes the counts of a finished recount, for backend ids still held by the same
     /// backend (an id given to another backend meanwhile keeps its fresh count).
-    pub fn apply_recount(&mut self, result: RecountResult) {
+    pub fn apply_recount(&mut self, mut result: RecountResult) {
+        self.nat_orphans = std::mem::take(&mut result.nat_orphans);
+        if result.nat_reclaimed > 0 {
+            tracing::debug!(
+                entries = result.nat_reclaimed,
+                "reclaimed expired or stale NAT pairs"
+            );
+        }
         let current: HashMap<u32, u32> = self
             .balancer
             .services()
@@ -951,6 +1084,7 @@ mod tests {
             3,
             BackendTimeouts {
                 generation: 2,
+                up: true,
                 tcp_ns: 900_000_000_000,
                 udp_ns: 10_000_000_000,
             },
@@ -997,5 +1131,96 @@ mod tests {
         ] {
             assert!(!counts_as_active(&tcp, &other, &backends, now), "{other:?}");
         }
+    }
+
+    /// A `nat` pair of backend 3 (generation 2): client 198.51.100.2:40000 → VIP :80 ⇒
+    /// backend :8080, both entries seen `idle_s` ago with timeout `timeout_s`.
+    fn nat_pair(idle_fwd_s: u64, idle_reply_s: u64, now: u64) -> [(FlowKey, NatEntry); 2] {
+        use lb_common::{FAMILY_V4, nat::NAT_NO_SNAT};
+        let mut fwd_key = FlowKey {
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        };
+        fwd_key.src_addr[..4].copy_from_slice(&[198, 51, 100, 2]);
+        fwd_key.dst_addr[..4].copy_from_slice(&[203, 0, 113, 10]);
+        let mut backend = [0u8; 16];
+        backend[..4].copy_from_slice(&[198, 51, 100, 11]);
+        let fwd = NatEntry {
+            new_src_addr: fwd_key.src_addr,
+            new_dst_addr: backend,
+            new_src_port_be: fwd_key.src_port_be,
+            new_dst_port_be: 8080u16.to_be(),
+            backend_id: 3,
+            generation: 2,
+            last_seen_ns: now - idle_fwd_s * 1_000_000_000,
+            flags: FLOW_COUNTED,
+            timeout_s: 60,
+            snat_slot: NAT_NO_SNAT,
+            ..NatEntry::default()
+        };
+        let reply_key = fwd.partner_key(&fwd_key);
+        let reply = NatEntry {
+            new_src_addr: fwd_key.dst_addr,
+            new_dst_addr: fwd_key.src_addr,
+            new_src_port_be: fwd_key.dst_port_be,
+            new_dst_port_be: fwd_key.src_port_be,
+            last_seen_ns: now - idle_reply_s * 1_000_000_000,
+            flags: NAT_REPLY,
+            ..fwd
+        };
+        assert_eq!(reply.partner_key(&reply_key), fwd_key);
+        [(fwd_key, fwd), (reply_key, reply)]
+    }
+
+    #[test]
+    fn the_nat_walk_counts_live_pairs_and_reclaims_only_what_the_datapath_refuses() {
+        let mut backends: HashMap<u32, BackendTimeouts> = [(
+            3,
+            BackendTimeouts {
+                generation: 2,
+                up: true,
+                tcp_ns: 0,
+                udp_ns: 0,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let now = 1_000_000_000_000;
+        let none = HashSet::new();
+        // Live, and live while only one side talks.
+        for (f, r) in [(1, 1), (100, 1), (1, 100)] {
+            let table: HashMap<FlowKey, NatEntry> = nat_pair(f, r, now).into_iter().collect();
+            let out = nat_walk(&table, &backends, now, &none);
+            assert_eq!(out.counts.get(&3), Some(&1), "idle {f}/{r}");
+            assert!(out.reclaim.is_empty() && out.orphans.is_empty());
+        }
+        // Both idle past 60 s + the margin: reclaimed, both keys. Within the margin: kept.
+        let table: HashMap<FlowKey, NatEntry> = nat_pair(63, 63, now).into_iter().collect();
+        let mut out = nat_walk(&table, &backends, now, &none);
+        out.reclaim.sort_by_key(|k| k.src_port_be);
+        assert_eq!(out.reclaim.len(), 2);
+        assert!(out.counts.is_empty());
+        let table: HashMap<FlowKey, NatEntry> = nat_pair(61, 61, now).into_iter().collect();
+        assert!(nat_walk(&table, &backends, now, &none).reclaim.is_empty());
+        // An orphan is reclaimed at its second walk, not its first.
+        let [(fwd_key, fwd), _] = nat_pair(1, 1, now);
+        let table: HashMap<FlowKey, NatEntry> = [(fwd_key, fwd)].into_iter().collect();
+        let first = nat_walk(&table, &backends, now, &none);
+        assert!(first.reclaim.is_empty());
+        assert!(first.orphans.contains(&fwd_key));
+        let second = nat_walk(&table, &backends, now, &first.orphans);
+        assert_eq!(second.reclaim, [fwd_key]);
+        // A backend down, or its id given to another generation: not honoured, reclaimed.
+        let table: HashMap<FlowKey, NatEntry> = nat_pair(1, 1, now).into_iter().collect();
+        backends.get_mut(&3).unwrap().up = false;
+        assert_eq!(nat_walk(&table, &backends, now, &none).reclaim.len(), 2);
+        backends.get_mut(&3).unwrap().up = true;
+        backends.get_mut(&3).unwrap().generation = 3;
+        let out = nat_walk(&table, &backends, now, &none);
+        assert_eq!(out.reclaim.len(), 2);
+        assert!(out.counts.is_empty());
     }
 }

@@ -486,6 +486,7 @@ pub enum Scheduler {
 pub enum Forwarding {
     Tunnel,
     Direct,
+    Nat,
 }
 
 /// A service's health check ([`ServiceInfo::health_check`]).
@@ -548,7 +549,7 @@ wire_names! {
         RoundRobin => "round-robin",
         LeastConn => "least-conn",
     }
-    Forwarding { Tunnel => "tunnel", Direct => "direct" }
+    Forwarding { Tunnel => "tunnel", Direct => "direct", Nat => "nat" }
     HealthCheckKind { None => "none", Tcp => "tcp", Http => "http", Udp => "udp" }
     Admin { Enabled => "enabled", Draining => "draining", Disabled => "disabled" }
     Health { Up => "up", Down => "down", Unchecked => "unchecked" }

@@ -714,7 +714,7 @@ mod tests {
         let line = config_check(path).unwrap_or_else(|err| panic!("{err}"));
         assert_eq!(
             line,
-            format!("{}: OK (2 services, 5 backends)", path.display())
+            format!("{}: OK (3 services, 7 backends)", path.display())
         );
     }
 

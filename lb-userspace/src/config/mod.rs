@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_common::{
-    FORWARD_DIRECT, FORWARD_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH, SCHED_MAGLEV,
+    FORWARD_DIRECT, FORWARD_NAT, FORWARD_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH, SCHED_MAGLEV,
 };
 use serde::Deserialize;
 
@@ -267,6 +267,9 @@ pub struct ServiceConfig {
 
 /// Default `tcp_idle_timeout` (IPVS's TCP established timeout).
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
+/// Default `tcp_idle_timeout` of a NAT service: 2 h 4 min (RFC 5382 REQ-5). A DSR flow that
+/// loses its entry is recovered by the hash; a NATed one is broken, so it is kept longer.
+pub const DEFAULT_NAT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(7440);
 /// Default `udp_idle_timeout` (IPVS's UDP timeout).
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -345,6 +348,20 @@ pub enum Forwarding {
     /// L2 direct server return: only the destination MAC changes, so the backend must be
     /// on the local link and have the VIP configured; VIP and backend share a family.
     Direct,
+    /// Destination NAT: VIP:port becomes backend:port (`backend.port`), and the backends,
+    /// whose gateway the balancer is, send their replies back through it, where the source
+    /// becomes VIP:port again. Backends need nothing of the VIP; VIP and backend share a
+    /// family.
+    Nat,
+}
+
+impl Forwarding {
+    /// Whether the balancer rewrites addresses (the NAT modes) rather than delivering the
+    /// packet as the client sent it (DSR).
+    #[must_use]
+    pub const fn is_nat(self) -> bool {
+        matches!(self, Self::Nat)
+    }
 }
 
 impl Forwarding {
@@ -353,6 +370,7 @@ impl Forwarding {
         match self {
             Self::Tunnel => FORWARD_TUNNEL,
             Self::Direct => FORWARD_DIRECT,
+            Self::Nat => FORWARD_NAT,
         }
     }
 
@@ -361,6 +379,7 @@ impl Forwarding {
         match self {
             Self::Tunnel => "tunnel",
             Self::Direct => "direct",
+            Self::Nat => "nat",
         }
     }
 }
@@ -386,6 +405,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// A standby (NGINX `backup`): new flows only while every primary of the service is down.
     pub backup: bool,
+    /// The port the backend listens on (`nat` only); `None`: the service's port.
+    pub port: Option<u16>,
 }
 
 /// Reads and validates the config file at `path`.

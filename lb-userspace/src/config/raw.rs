@@ -77,6 +77,7 @@ pub(super) struct RawBackend {
     pub(super) weight: Option<i64>,
     #[serde(default)]
     pub(super) backup: bool,
+    pub(super) port: Option<i64>,
 }
 
 /// Reads `text` into the `Raw*` structs; the error names the key (or [`NO_KEY`] for a

@@ -84,6 +84,14 @@ pub fn check_backend_address(
     if let Some(problem) = special_address(address) {
         return Err(format!("{address} is {problem} and cannot be a backend"));
     }
+    if forwarding == Forwarding::Nat && address.is_ipv4() != vip.is_ipv4() {
+        return Err(format!(
+            "{} backend {address} for {} VIP {vip}: forwarding = \"nat\" translates \
+             addresses within one family (no NAT46/64); use a backend of the VIP's family",
+            family(address),
+            family(vip)
+        ));
+    }
     if forwarding == Forwarding::Direct && address.is_ipv4() != vip.is_ipv4() {
         return Err(format!(
             "{} backend {address} for {} VIP {vip}: forwarding = \"direct\" (L2 DSR) cannot \
@@ -93,6 +101,32 @@ pub fn check_backend_address(
         ));
     }
     Ok(())
+}
+
+/// A backend's `port`: only where the balancer rewrites the destination (`nat`), and not
+/// for a service of every port (`port = 0`), whose packets keep their own port.
+pub fn check_backend_port(
+    forwarding: Forwarding,
+    service_port: u16,
+    port: i64,
+) -> Result<u16, String> {
+    if !forwarding.is_nat() {
+        return Err(format!(
+            "forwarding = \"{forwarding}\" delivers the packet as the client sent it, so the \
+             backend listens on the service's port; a backend port needs forwarding = \"nat\""
+        ));
+    }
+    if service_port == 0 {
+        return Err(
+            "the service listens on every port (port = 0): its packets keep their own \
+             destination port, so a backend port cannot be set"
+                .to_owned(),
+        );
+    }
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port} is out of range (1..=65535)"))
 }
 
 /// A backend weight (the file reads numbers as `i64` so a range error gets this reason).
@@ -197,6 +231,18 @@ mod tests {
         assert!(check_backend_address(vip, Forwarding::Tunnel, ip("2001:db8::11")).is_ok());
         assert!(check_backend_address(vip, Forwarding::Direct, ip("2001:db8::11")).is_err());
         assert!(check_backend_address(vip, Forwarding::Direct, ip("198.51.100.11")).is_ok());
+        assert!(check_backend_address(vip, Forwarding::Nat, ip("2001:db8::11")).is_err());
+        assert!(check_backend_address(vip, Forwarding::Nat, ip("198.51.100.11")).is_ok());
+    }
+
+    #[test]
+    fn backend_ports_only_with_nat_and_a_service_port() {
+        assert_eq!(check_backend_port(Forwarding::Nat, 80, 8080), Ok(8080));
+        assert!(check_backend_port(Forwarding::Nat, 80, 0).is_err());
+        assert!(check_backend_port(Forwarding::Nat, 80, 65_536).is_err());
+        assert!(check_backend_port(Forwarding::Nat, 0, 8080).is_err());
+        assert!(check_backend_port(Forwarding::Tunnel, 80, 8080).is_err());
+        assert!(check_backend_port(Forwarding::Direct, 80, 8080).is_err());
     }
 
     #[test]

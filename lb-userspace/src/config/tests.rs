@@ -331,11 +331,13 @@ weight = 65535
                         address: "203.0.113.11".parse().unwrap(),
                         weight: 3,
                         backup: false,
+                        port: None,
                     },
                     BackendConfig {
                         address: "2001:db8:1::11".parse().unwrap(),
                         weight: 0,
                         backup: false,
+                        port: None,
                     },
                 ],
                 health_check: HealthCheck::default(),
@@ -355,6 +357,7 @@ weight = 65535
                     address: "2001:db8:2::53".parse().unwrap(),
                     weight: 65535,
                     backup: false,
+                    port: None,
                 }],
                 health_check: HealthCheck::default(),
                 slow_start: Duration::ZERO,
@@ -425,10 +428,12 @@ fn example_config_has_the_documented_shape() {
         "/../config/example.toml"
     ));
     let config = load(path).unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(config.services.len(), 2);
-    let [tcp, udp] = &config.services[..] else {
+    assert_eq!(config.services.len(), 3);
+    let [tcp, nat, udp] = &config.services[..] else {
         unreachable!()
     };
+    assert_eq!(nat.forwarding, Forwarding::Nat);
+    assert!(nat.backends.iter().all(|b| b.port == Some(8080)));
     assert_eq!(
         (
             tcp.protocol,
@@ -605,11 +610,80 @@ fn unknown_backend_key() {
             "",
             &[
                 backend("203.0.113.11"),
-                format!("{}\nport = 8443", backend("203.0.113.12"))
+                format!("{}\npriority = 2", backend("203.0.113.12"))
             ]
         ),
     );
-    rejects(&text, "service[1].backend[1].port", "unknown field `port`");
+    rejects(
+        &text,
+        "service[1].backend[1].priority",
+        "unknown field `priority`",
+    );
+}
+
+#[test]
+fn nat_services_and_backend_ports() {
+    let nat = |extra: &str, port: u16| {
+        AGENT.to_owned()
+            + &service(
+                "web",
+                "198.51.100.10",
+                port,
+                "forwarding = \"nat\"",
+                &[
+                    backend("203.0.113.11"),
+                    format!("{}\n{extra}", backend("203.0.113.12")),
+                ],
+            )
+    };
+    let config = ok(&nat("port = 8080", 80));
+    let s = &config.services[0];
+    assert_eq!(s.forwarding, Forwarding::Nat);
+    assert_eq!(s.backends[0].port, None);
+    assert_eq!(s.backends[1].port, Some(8080));
+    // A NATed connection that loses its entry is broken: kept 2 h 4 min by default.
+    assert_eq!(s.tcp_idle_timeout, Duration::from_secs(7440));
+    rejects(
+        &nat("port = 0", 80),
+        "service[0].backend[1].port",
+        "out of range (1..=65535)",
+    );
+    rejects(
+        &nat("port = 65536", 80),
+        "service[0].backend[1].port",
+        "out of range",
+    );
+    rejects(
+        &nat("port = 8080", 0),
+        "service[0].backend[1].port",
+        "every port (port = 0)",
+    );
+    // DSR modes deliver the packet as sent: no port to rewrite.
+    rejects(
+        &(AGENT.to_owned()
+            + &service(
+                "web",
+                "198.51.100.10",
+                80,
+                "",
+                &[format!("{}\nport = 8080", backend("203.0.113.11"))],
+            )),
+        "service[0].backend[0].port",
+        "needs forwarding = \"nat\"",
+    );
+    // No NAT46/64.
+    rejects(
+        &(AGENT.to_owned()
+            + &service(
+                "web",
+                "198.51.100.10",
+                80,
+                "forwarding = \"nat\"",
+                &[backend("2001:db8::11")],
+            )),
+        "service[0].backend[0].address",
+        "forwarding = \"nat\" translates addresses within one family",
+    );
 }
 
 #[test]
@@ -629,7 +703,7 @@ fn unknown_enum_value() {
         "unknown variant",
     );
     rejects(
-        &web("forwarding = \"nat\"", &[backend("203.0.113.11")]),
+        &web("forwarding = \"fullnat\"", &[backend("203.0.113.11")]),
         "service[0].forwarding",
         "unknown variant",
     );

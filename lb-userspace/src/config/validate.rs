@@ -19,9 +19,9 @@ use super::rules::{
 };
 use super::{
     AgentConfig, BackendConfig, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
-    DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding,
-    HealthCheck, HealthKind, MAX_CHECK_INTERVAL, MAX_CONNTRACK_ENTRIES, MAX_DURATION, Protocol,
-    ServiceConfig, SourcePrefix, fail,
+    DEFAULT_NAT_TCP_IDLE_TIMEOUT, DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT,
+    DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding, HealthCheck, HealthKind, MAX_CHECK_INTERVAL,
+    MAX_CONNTRACK_ENTRIES, MAX_DURATION, Protocol, ServiceConfig, SourcePrefix, fail,
 };
 
 /// The whole file: the `[agent]` table, then every service in order, then what only the
@@ -293,10 +293,16 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
             None => 1,
             Some(w) => rules::check_weight(w).map_err(|reason| fail(bkey("weight"), reason))?,
         };
+        let backend_port = raw_backend
+            .port
+            .map(|p| rules::check_backend_port(raw.forwarding, port, p))
+            .transpose()
+            .map_err(|reason| fail(bkey("port"), reason))?;
         backends.push(BackendConfig {
             address,
             weight,
             backup: raw_backend.backup,
+            port: backend_port,
         });
     }
     let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
@@ -329,7 +335,11 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
     )?;
     let tcp_idle_timeout = duration_key(
         raw.tcp_idle_timeout,
-        DEFAULT_TCP_IDLE_TIMEOUT,
+        if raw.forwarding.is_nat() {
+            DEFAULT_NAT_TCP_IDLE_TIMEOUT
+        } else {
+            DEFAULT_TCP_IDLE_TIMEOUT
+        },
         "tcp_idle_timeout",
         Duration::from_secs(1),
         Duration::from_secs(86_400),

@@ -11,7 +11,7 @@ use aya::{
 };
 use lb_common::{
     BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
-    VipInfo, VipKey, map_name, stat,
+    VipInfo, VipKey, map_name, nat::NatEntry, stat,
 };
 
 use super::{DatapathError, map_err};
@@ -95,6 +95,29 @@ pub struct KernelMaps {
     /// and for walking the table on another thread.
     ring_fd: OwnedFd,
     conntrack_fd: OwnedFd,
+    nat_ct: HashMap<MapData, FlowKey, NatEntry>,
+    nat_ct_fd: OwnedFd,
+}
+
+/// A handle on the NAT connection table for the agent's periodic walk, on a blocking
+/// thread (`agent::owner::Recount`): reads every entry, deletes the pairs it reclaims.
+#[derive(Debug)]
+pub struct NatWalker {
+    fd: OwnedFd,
+}
+
+impl NatWalker {
+    /// Calls `each` for every entry, 4096 a syscall.
+    pub fn walk(&self, each: impl FnMut(&FlowKey, &NatEntry)) -> std::io::Result<usize> {
+        // SAFETY: `fd` is the NAT_CT map: `FlowKey` keys, `NatEntry` values.
+        unsafe { crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each) }
+    }
+
+    /// Deletes `keys` (those already gone are skipped); returns how many went.
+    pub fn delete(&self, keys: &[FlowKey]) -> std::io::Result<usize> {
+        // SAFETY: as above.
+        unsafe { crate::sys::map_delete_batch(self.fd.as_fd(), keys) }
+    }
 }
 
 /// A handle on the connection table that can walk it on another thread: the walk of a
@@ -164,6 +187,10 @@ impl KernelMaps {
             .take_map(map_name::CONNTRACK)
             .ok_or(DatapathError::MissingMap(map_name::CONNTRACK))?;
         let conntrack_fd = dup_fd(&conntrack, map_name::CONNTRACK)?;
+        let nat_ct = ebpf
+            .take_map(map_name::NAT_CT)
+            .ok_or(DatapathError::MissingMap(map_name::NAT_CT))?;
+        let nat_ct_fd = dup_fd(&nat_ct, map_name::NAT_CT)?;
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
             services: take(ebpf, map_name::SERVICES)?,
@@ -181,7 +208,35 @@ impl KernelMaps {
             backend_conns: take(ebpf, map_name::BACKEND_CONNS)?,
             ring_fd,
             conntrack_fd,
+            nat_ct: HashMap::try_from(nat_ct).map_err(map_err(map_name::NAT_CT))?,
+            nat_ct_fd,
         })
+    }
+
+    /// A handle for walking (and reclaiming) the NAT table off the owner task.
+    pub fn nat_walker(&self) -> Result<NatWalker, DatapathError> {
+        self.nat_ct_fd
+            .try_clone()
+            .map(|fd| NatWalker { fd })
+            .map_err(|source| DatapathError::Map {
+                name: map_name::NAT_CT,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: source,
+                }),
+            })
+    }
+
+    /// The NAT table's entry of a tuple, if any.
+    pub fn nat_get(&self, key: &FlowKey) -> Result<Option<NatEntry>, DatapathError> {
+        match self.nat_ct.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map {
+                name: map_name::NAT_CT,
+                source,
+            }),
+        }
     }
 
     /// A handle for walking the connection table off the owner task.

@@ -49,7 +49,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 23] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 27] = [
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -165,6 +165,26 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 23] = [
         "IPv4 fragments of ip-hash services forwarded like the rest of their flow.",
         MetricType::COUNTER,
     ),
+    (
+        "weir_nat_packets_total",
+        "Packets of NAT connections translated and forwarded, by direction (forward: client to backend; reply: backend to client).",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_nat_connections_created_total",
+        "NAT connections (pairs of table entries) the datapath created.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_nat_reclaimed_total",
+        "Expired NAT connections deleted, by who deleted them (datapath: in line, agent: the table walk).",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_nat_to_kernel_total",
+        "Translated NAT packets handed to the kernel to forward because the next hop's neighbour was not resolved yet.",
+        MetricType::COUNTER,
+    ),
 ];
 
 /// The idle-expiry family, kept apart so the table above stays one line per family.
@@ -195,6 +215,17 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
             "icmp_error_forwarded" => "weir_icmp_errors_forwarded_total",
             "icmp_echo_replied" => "weir_icmp_echo_replies_total",
             "fragment_forwarded" => "weir_fragments_forwarded_total",
+            "nat_forward" | "nat_reply" => {
+                return Some((
+                    "weir_nat_packets_total",
+                    Some(("direction", &name["nat_".len()..])),
+                ));
+            }
+            "nat_pairs_created" => "weir_nat_connections_created_total",
+            "nat_reclaimed_inline" => {
+                return Some(("weir_nat_reclaimed_total", Some(("by", "datapath"))));
+            }
+            "nat_to_kernel" => "weir_nat_to_kernel_total",
             _ => return None,
         };
         Some((family, None))

@@ -13,8 +13,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_DOWN, BACKEND_UP, BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
-    SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey, addr_bytes, inbound::fragment_key, maglev,
+    BACKEND_DOWN, BACKEND_UP, BackendInfo, FORWARD_NAT, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
+    MAX_SERVICES, SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey, addr_bytes, inbound::fragment_key,
+    maglev,
 };
 
 use crate::datapath::{DatapathError, MapWriter};
@@ -64,6 +65,9 @@ impl ServiceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendSpec {
     pub address: IpAddr,
+    /// The port packets go to (`nat`, host order); 0: the packet's own. With the address,
+    /// the backend's identity: another port is another backend.
+    pub port: u16,
     /// Share of new flows (ring weight); 0 means no new flows.
     pub ring_weight: u32,
     /// Whether flows already tracked to it keep going there.
@@ -75,6 +79,8 @@ pub struct BackendSpec {
 pub struct BackendState {
     pub id: u32,
     pub address: IpAddr,
+    /// `BackendSpec::port`.
+    pub port: u16,
     /// Its weight in the ring (0 while draining, disabled or down).
     pub weight: u32,
     pub generation: u32,
@@ -105,7 +111,7 @@ impl BackendState {
             generation: self.generation,
             family,
             state,
-            _pad: [0; 2],
+            port_be: self.port.to_be(),
             weight: self.weight,
         }
     }
@@ -322,6 +328,7 @@ impl<M: MapWriter> Balancer<M> {
                 let candidate = BackendState {
                     id: *id,
                     address: lb_common::addr_from_bytes(b.addr, b.family),
+                    port: u16::from_be(b.port_be),
                     weight: 0,
                     generation: b.generation,
                     up: b.state == BACKEND_UP,
@@ -432,6 +439,20 @@ impl<M: MapWriter> Balancer<M> {
         for addr in &addrs {
             bits.insert(&addr.addr);
         }
+        // NAT services: their VIPs ask the NAT table first, and their backends' packets may
+        // be replies (every backend the service still has, down ones too: the datapath must
+        // recognise a reply of a pair it no longer honours, to drop it rather than let it
+        // reach the client untranslated).
+        for s in self
+            .services
+            .values()
+            .filter(|s| s.spec.forwarding == FORWARD_NAT)
+        {
+            bits.insert_nat_dst(&VipKey::addr_only(s.spec.vip).addr);
+            for b in &s.backends {
+                bits.insert_nat_src(&addr_bytes(b.address).0);
+            }
+        }
         if self.vip_addr_bits.as_ref() != Some(&bits) {
             self.maps.set_vip_addr_bits(&bits)?;
             self.vip_addr_bits = Some(bits);
@@ -531,8 +552,17 @@ impl<M: MapWriter> Balancer<M> {
         let key = service.key();
         let existing = self.services.remove(&service.name);
         // A changed VIP key is a new service as far as the datapath is concerned.
+        // So is a change between the DSR and the NAT modes: their flows live in different
+        // tables, and new backend generations make sure neither kind is honoured under the
+        // other's rules.
         let mut state = match existing {
-            Some(state) if state.key == key => state,
+            Some(state)
+                if state.key == key
+                    && (state.spec.forwarding == FORWARD_NAT)
+                        == (service.forwarding == FORWARD_NAT) =>
+            {
+                state
+            }
             other => {
                 let id = match other {
                     Some(old) => {
@@ -575,7 +605,10 @@ impl<M: MapWriter> Balancer<M> {
         // before the ring points at them.
         let mut going_down = Vec::new();
         for wanted in desired {
-            let backend = match old_backends.iter().find(|b| b.address == wanted.address) {
+            let backend = match old_backends
+                .iter()
+                .find(|b| b.address == wanted.address && b.port == wanted.port)
+            {
                 Some(old) => {
                     let backend = BackendState {
                         weight: wanted.ring_weight,
@@ -602,6 +635,7 @@ impl<M: MapWriter> Balancer<M> {
                     let backend = BackendState {
                         id,
                         address: wanted.address,
+                        port: wanted.port,
                         weight: wanted.ring_weight,
                         generation,
                         up: wanted.up,
@@ -672,7 +706,7 @@ impl<M: MapWriter> Balancer<M> {
         }
         // Backends that left the service: after the ring no longer points at them.
         for old in &old_backends {
-            if !backends.iter().any(|b| b.address == old.address) {
+            if !backends.iter().any(|b| b.id == old.id) {
                 self.retire_backend(old, report)?;
             }
         }
@@ -717,6 +751,7 @@ mod tests {
                 .iter()
                 .map(|(address, weight)| BackendSpec {
                     address: ip(address),
+                    port: 0,
                     ring_weight: *weight,
                     up: true,
                 })
@@ -1289,6 +1324,7 @@ mod tests {
         let mut four = spec(&three);
         four.services[0].backends.push(BackendSpec {
             address: ip("198.51.100.14"),
+            port: 0,
             ring_weight: 1,
             up: true,
         });
