@@ -157,7 +157,7 @@ impl Bed {
     }
 
     /// Asserts the root namespace's reserved ports are what they were before the test.
-    fn finish(self) {
+    fn finish(&self) {
         assert_eq!(
             root_reserved_ports(),
             self.reserved_ports,
