@@ -20,13 +20,14 @@ mod common;
 use std::{
     collections::{BTreeSet, HashSet},
     fs,
+    io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use common::{
     BACKENDS, Backend, ChildGuard, ConfigBuilder, EchoServers, HealthCheck, IdServer,
     LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, ServiceBuilder, Topology, VIP_V4, VIP_V6, backend_v4,
@@ -224,8 +225,9 @@ fn wait_health(topo: &Topology, service: &str, address: IpAddr, health: Health, 
 
 /// Debian's nginx in one backend namespace, with its config, pid file, logs and temp paths in
 /// a directory of the test's own; not forking (`daemon off`), so that dropping the guard
-/// stops it. It answers every request on port `HTTP_BACKEND_PORT` (both families) with the
-/// backend's number and the address it sees, and logs each request's peer.
+/// stops it. On port `HTTP_BACKEND_PORT` (both families) it serves `/files/blob`
+/// ([`DOWNLOAD_LEN`] bytes, the same on every backend) and answers every other request with
+/// the backend's number and the address it sees; it logs each request's peer.
 struct Nginx {
     _child: ChildGuard,
     access_log: PathBuf,
@@ -243,6 +245,7 @@ fn nginx_config(dir: &std::path::Path, number: usize) -> String {
          \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n\
          \x20 scgi_temp_path {d}/scgi;\n\
          \x20 server {{\n    listen {HTTP_BACKEND_PORT};\n    listen [::]:{HTTP_BACKEND_PORT};\n\
+         \x20   location /files/ {{\n      root {d};\n    }}\n\
          \x20   location / {{\n      default_type text/plain;\n      \
          return 200 \"b{number} $remote_addr\\n\";\n    }}\n  }}\n}}\n"
     )
@@ -253,6 +256,8 @@ fn nginx_config(dir: &std::path::Path, number: usize) -> String {
 fn start_nginx(topo: &Topology, i: usize) -> Result<Nginx> {
     let dir = topo.workdir.join(format!("nginx-b{}", i + 1));
     fs::create_dir_all(&dir)?;
+    fs::create_dir_all(dir.join("files"))?;
+    fs::write(dir.join("files/blob"), download_blob())?;
     let conf = dir.join("nginx.conf");
     fs::write(&conf, nginx_config(&dir, i + 1))?;
     let startup_log = dir.join("startup.log");
@@ -372,9 +377,9 @@ fn per_backend(numbers: &[usize]) -> Vec<u64> {
 
 /// The harness without the balancer: with the LB namespace's kernel forwarding between the
 /// client's subnet and the backends' (no agent, no XDP), nginx on every backend answers the
-/// client on the backend's own address and logs the client's address, an upload server
-/// stores 4 MiB uploads intact, a UDP echo answers, and the VIP answers nothing. What the NAT
-/// tests add to this is the balancer alone.
+/// client on the backend's own address and logs the client's address, a 4 MiB download
+/// arrives intact, an upload server stores 4 MiB uploads intact, a UDP echo answers, and
+/// the VIP answers nothing. What the NAT tests add to this is the balancer alone.
 #[test]
 fn control_servers_answer_when_the_kernel_routes() {
     let Some(bed) = Bed::build("nc") else {
@@ -462,6 +467,16 @@ fn control_servers_answer_when_the_kernel_routes() {
             up.problems
         );
         assert_eq!(up.per_backend, [0, 4, 0], "uploads to {dst}");
+        let dst = SocketAddr::new(family.backend(0), HTTP_BACKEND_PORT);
+        let body = common::in_netns(&topo.cli, || {
+            download(dst, "/files/blob", Instant::now() + Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("download from {dst}: {e:#}"));
+        assert_eq!(
+            sha256(&body),
+            sha256(&download_blob()),
+            "download from {dst}"
+        );
         let echo_dst = SocketAddr::new(family.backend(2), UDP_BACKEND_PORT);
         let r = common::udp_flows(
             &topo.cli,
@@ -560,27 +575,106 @@ fn nginx_behind_a_nat_vip_sees_the_client() {
 const UPLOADS: usize = 20;
 const UPLOAD_LEN: usize = 4 << 20;
 const UPLOAD_DEADLINE: Duration = Duration::from_secs(15);
+/// The uploads' VIP port and the upload servers' (the downloads use nginx's).
+const UPLOAD_PORT: u16 = 81;
+const UPLOAD_BACKEND_PORT: u16 = 8081;
+const DOWNLOADS: usize = 20;
+const DOWNLOAD_LEN: usize = 4 << 20;
 
-/// 20 concurrent 4 MiB uploads to a `nat` VIP (port 80 → the backends' 8080), each family:
-/// every one stored whole on exactly one backend, sha256 equal to what was sent. Full-size
-/// segments in both directions at 1500-byte MTUs (NAT adds no header).
+/// What nginx serves as `/files/blob` on every backend.
+fn download_blob() -> Vec<u8> {
+    payload(DOWNLOAD_LEN, 0xd0)
+}
+
+/// From the calling thread's namespace: `GET path` on `dst` (HTTP/1.0), all before
+/// `deadline`; the body, checked against the status and `Content-Length`.
+fn download(dst: SocketAddr, path: &str, deadline: Instant) -> Result<Vec<u8>> {
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let mut s = TcpStream::connect_timeout(&dst, left().min(Duration::from_secs(3)))
+        .with_context(|| format!("connect to {dst}"))?;
+    s.set_write_timeout(Some(left()))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {dst}\r\n\r\n")?;
+    let mut raw = Vec::with_capacity(DOWNLOAD_LEN + 1024);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        ensure!(
+            Instant::now() < deadline,
+            "the deadline passed after {} bytes",
+            raw.len()
+        );
+        s.set_read_timeout(Some(left()))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context(format!("read after {} bytes", raw.len())),
+        }
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    ensure!(head.starts_with("HTTP/1.1 200 "), "answer {head:?}");
+    let body = raw.split_off(split + 4);
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .context("no Content-Length")?;
+    ensure!(
+        length == body.len().to_string(),
+        "Content-Length {length}, got {} bytes",
+        body.len()
+    );
+    Ok(body)
+}
+
+/// 20 concurrent 4 MiB uploads to a `nat` VIP (port 81 → the backends' 8081), each family:
+/// every one stored whole on exactly one backend, sha256 equal to what was sent. Then 20
+/// concurrent 4 MiB downloads from nginx through a `nat` VIP (port 80 → 8080), each family:
+/// every body's sha256 is the file's. Full-size segments in both directions at 1500-byte
+/// MTUs (NAT adds no header); the downloads' data crosses the reply path.
 #[test]
-fn concurrent_uploads_through_nat_arrive_intact() {
+fn concurrent_uploads_and_downloads_through_nat_arrive_intact() {
     let Some(bed) = Bed::build("nu") else {
         return;
     };
     let topo = &bed.topo;
-    let servers = UploadServers::start(topo, &[HTTP_BACKEND_PORT]).expect("upload servers");
-    let services = FAMILIES.map(|f| {
-        nat_service(
-            &format!("up-{}", f.name()),
-            f,
-            HTTP_PORT,
-            "tcp",
-            HTTP_BACKEND_PORT,
-            "maglev",
-        )
-    });
+    let servers = UploadServers::start(topo, &[UPLOAD_BACKEND_PORT]).expect("upload servers");
+    let _nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    let services: Vec<ServiceBuilder> = FAMILIES
+        .iter()
+        .flat_map(|&f| {
+            [
+                nat_service(
+                    &format!("up-{}", f.name()),
+                    f,
+                    UPLOAD_PORT,
+                    "tcp",
+                    UPLOAD_BACKEND_PORT,
+                    "maglev",
+                ),
+                nat_service(
+                    &format!("dl-{}", f.name()),
+                    f,
+                    HTTP_PORT,
+                    "tcp",
+                    HTTP_BACKEND_PORT,
+                    "round-robin",
+                ),
+            ]
+        })
+        .collect();
     let path = topo
         .write_agent_config(&agent_config(topo, &services))
         .expect("config");
@@ -591,7 +685,7 @@ fn concurrent_uploads_through_nat_arrive_intact() {
     let hashes: Vec<String> = data.iter().map(|d| sha256(d)).collect();
     let mut failed = Vec::new();
     for family in FAMILIES {
-        let dst = SocketAddr::new(family.vip(), HTTP_PORT);
+        let dst = SocketAddr::new(family.vip(), UPLOAD_PORT);
         let names: Vec<String> = (0..UPLOADS)
             .map(|i| format!("{}-{i}", family.name()))
             .collect();
@@ -619,6 +713,140 @@ fn concurrent_uploads_through_nat_arrive_intact() {
          {UPLOAD_DEADLINE:?}:\n{}",
         failed.join("\n")
     );
+
+    let want = sha256(&download_blob());
+    for family in FAMILIES {
+        let dst = SocketAddr::new(family.vip(), HTTP_PORT);
+        let start = Instant::now();
+        let deadline = start + UPLOAD_DEADLINE;
+        let cli = topo.cli.as_str();
+        let bodies: Vec<Result<Vec<u8>>> = thread::scope(|s| {
+            let handles: Vec<_> = (0..DOWNLOADS)
+                .map(|_| {
+                    s.spawn(move || {
+                        common::enter_netns(cli)?;
+                        download(dst, "/files/blob", deadline)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("download thread"))
+                .collect()
+        });
+        let took = start.elapsed();
+        let problems: Vec<String> = bodies
+            .iter()
+            .enumerate()
+            .filter_map(|(k, b)| match b {
+                Err(e) => Some(format!("download {k}: {e:#}")),
+                Ok(body) => {
+                    let got = sha256(body);
+                    (got != want).then(|| {
+                        format!(
+                            "download {k}: {} bytes, sha256 {got}, file {want}",
+                            body.len()
+                        )
+                    })
+                }
+            })
+            .collect();
+        println!(
+            "[downloads] {dst}: {}/{DOWNLOADS} intact in {took:.2?}",
+            DOWNLOADS - problems.len()
+        );
+        assert!(
+            problems.is_empty(),
+            "{DOWNLOADS} concurrent downloads of {DOWNLOAD_LEN} bytes from {dst}:\n{}",
+            problems.join("\n")
+        );
+    }
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 900 TCP connections and 900 UDP flows
+// ---------------------------------------------------------------------------------------------
+
+const ECHO_PORT: u16 = 7;
+const ECHO_BACKEND_PORT: u16 = 7007;
+/// Explicit client source ports: the 5-tuple hash decides the backend, so each backend's
+/// count is known in advance.
+const TCP_PORTS: std::ops::Range<u16> = 30_000..30_900;
+const UDP_PORTS: std::ops::Range<u16> = 40_000..40_900;
+
+/// 900 TCP connections and 900 UDP flows per family through Maglev `nat` VIPs (port 7 → the
+/// backends' 7007): every one gets its echo, and each backend gets exactly the flows that
+/// lb-common's flow hash and the agent's Maglev ring predict (a NAT service schedules as a
+/// DSR one does; only what happens after the pick differs).
+#[test]
+fn nine_hundred_connections_and_flows_are_all_answered() {
+    let Some(bed) = Bed::build("n9") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let echo = EchoServers::start(
+        &topo.backends,
+        ECHO_BACKEND_PORT,
+        &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+    )
+    .expect("echo servers");
+    let services: Vec<(Family, ServiceBuilder, ServiceBuilder)> = FAMILIES
+        .iter()
+        .map(|&f| {
+            let svc = |proto: &str| {
+                nat_service(
+                    &format!("{proto}-{}", f.name()),
+                    f,
+                    ECHO_PORT,
+                    proto,
+                    ECHO_BACKEND_PORT,
+                    "maglev",
+                )
+            };
+            (f, svc("tcp"), svc("udp"))
+        })
+        .collect();
+    let all: Vec<ServiceBuilder> = services
+        .iter()
+        .flat_map(|(_, t, u)| [t.clone(), u.clone()])
+        .collect();
+    let path = topo
+        .write_agent_config(&agent_config(topo, &all))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    for (family, tcp_service, udp_service) in &services {
+        echo.reset();
+        let client = family.client(topo);
+        let tcp = topo
+            .tcp_flows(family.vip(), ECHO_PORT, TCP_PORTS, "nat")
+            .expect("TCP flows");
+        let udp = topo
+            .udp_flows(family.vip(), ECHO_PORT, UDP_PORTS, "nat")
+            .expect("UDP flows");
+        println!(
+            "[900] {}; {}; per backend TCP {:?}, UDP {:?}",
+            tcp.summary(),
+            udp.summary(),
+            echo.tcp_counts(),
+            echo.udp_flow_counts()
+        );
+        tcp.assert_all_ok();
+        udp.assert_all_ok();
+        let predicted = |s: &ServiceBuilder, ports| {
+            predict::maglev_counts(s, &predict::ring_weights(s), client, ports)
+        };
+        assert_eq!(
+            echo.tcp_counts(),
+            predicted(tcp_service, TCP_PORTS),
+            "{family:?}: TCP connections per backend differ from the Maglev prediction"
+        );
+        assert_eq!(
+            echo.udp_flow_counts(),
+            predicted(udp_service, UDP_PORTS),
+            "{family:?}: UDP flows per backend differ from the Maglev prediction"
+        );
+    }
     bed.finish();
 }
 
