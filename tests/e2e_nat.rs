@@ -4,8 +4,10 @@
 //! test bed's NAT layout (`Layout::Nat`: the client on a subnet of its own, so every answer
 //! crosses the balancer on its way back). Real traffic at 1500-byte MTUs: Debian's nginx
 //! answering HTTP and logging the client's own address, concurrent 4 MiB uploads stored
-//! intact, UDP answered from VIP:port, a connection across an agent SIGKILL and restart,
-//! drain and a failed health check, and the NAT counters against the packets sent.
+//! intact and downloads received intact, 900 TCP connections and 900 UDP flows per family
+//! spread as the Maglev ring predicts, UDP answered from VIP:port, a connection across an
+//! agent SIGKILL and restart, drain and a failed health check, and the NAT counters against
+//! the packets sent.
 //!
 //! A control test runs the same servers with the balancer's kernel routing instead of the
 //! agent: when it passes and a NAT test fails, the fault is the balancer's, not the
@@ -389,7 +391,7 @@ fn control_servers_answer_when_the_kernel_routes() {
     let nginx: Vec<Nginx> = (0..BACKENDS)
         .map(|i| start_nginx(topo, i).expect("nginx"))
         .collect();
-    let uploads = UploadServers::start(topo, &[HTTP_BACKEND_PORT + 1]).expect("upload servers");
+    let uploads = UploadServers::start(topo, &[UPLOAD_BACKEND_PORT]).expect("upload servers");
     let echo = EchoServers::start(
         &topo.backends,
         UDP_BACKEND_PORT,
@@ -445,12 +447,12 @@ fn control_servers_answer_when_the_kernel_routes() {
                 "{dst}: access log {logged:?}"
             );
         }
-        let data: Vec<Vec<u8>> = (0..4).map(|s| payload(4 << 20, s)).collect();
+        let data: Vec<Vec<u8>> = (0..4).map(|s| payload(UPLOAD_LEN, s)).collect();
         let hashes: Vec<String> = data.iter().map(|d| sha256(d)).collect();
         let names: Vec<String> = (0..4)
             .map(|k| format!("ctl-{}-{k}", family.name()))
             .collect();
-        let dst = SocketAddr::new(family.backend(1), HTTP_BACKEND_PORT + 1);
+        let dst = SocketAddr::new(family.backend(1), UPLOAD_BACKEND_PORT);
         let up = upload_all(
             &topo.cli,
             dst,
@@ -979,8 +981,9 @@ fn id_servers(topo: &Topology, port: u16) -> Vec<IdServer> {
 
 /// One connection per family through `nat` VIPs, carried across a SIGKILL of the agent and
 /// a restart: data sent before the kill, while no agent runs, and after the new agent
-/// adopted the pinned datapath comes back whole and in order (the backend echoes it), and a
-/// new connection works after the restart. The pinned NAT table is what keeps them.
+/// adopted the pinned datapath comes back whole and in order (the backend echoes it), and
+/// new connections work while no agent runs and after the restart. The pinned NAT table is
+/// what keeps them.
 #[test]
 fn a_connection_survives_agent_sigkill_and_restart() {
     let Some(bed) = Bed::build("nk") else {
@@ -1031,6 +1034,17 @@ fn a_connection_survives_agent_sigkill_and_restart() {
         "the balancer must stay attached (pinned) after SIGKILL"
     );
     echo_all(&mut conns, 1, "while no agent runs");
+    for f in FAMILIES {
+        let (mut s, id) = common::id_tcp_connect(
+            &topo.cli,
+            SocketAddr::new(f.vip(), HTTP_PORT),
+            46_050,
+            IO_TIMEOUT,
+        )
+        .expect("a new connection while no agent runs");
+        common::id_tcp_echo(&mut s, b"new without agent")
+            .unwrap_or_else(|e| panic!("{f:?}: new connection to backend {id}: {e:#}"));
+    }
     let started = Instant::now();
     let _second = start_nat_agent(topo, &path);
     println!(
