@@ -228,7 +228,7 @@ impl ServiceBuilder {
         self
     }
 
-    /// `forwarding` (`"tunnel"` or `"direct"`).
+    /// `forwarding` (`"tunnel"`, `"direct"`, `"nat"`, ...).
     #[must_use]
     pub fn forwarding(mut self, forwarding: &str) -> Self {
         self.keys.set("forwarding", string(forwarding));
@@ -349,6 +349,9 @@ impl ServiceBuilder {
             if let Some(backup) = backend.backup {
                 out.push_str(&format!("backup = {backup}\n"));
             }
+            if let Some(port) = backend.port {
+                out.push_str(&format!("port = {port}\n"));
+            }
         }
         if let Some(check) = &self.health_check {
             out.push_str("[service.health_check]\n");
@@ -357,13 +360,15 @@ impl ServiceBuilder {
     }
 }
 
-/// One `[[service.backend]]`; weight and backup are left to the agent's defaults (1, not a
-/// backup) unless set.
+/// One `[[service.backend]]`; weight, backup and port are left to the agent's defaults (1,
+/// not a backup, the service's port) unless set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backend {
     pub address: IpAddr,
     pub weight: Option<u32>,
     pub backup: Option<bool>,
+    /// The port the backend listens on when it is not the service's (NAT modes).
+    pub port: Option<u16>,
 }
 
 impl Backend {
@@ -373,6 +378,7 @@ impl Backend {
             address: address.into(),
             weight: None,
             backup: None,
+            port: None,
         }
     }
 
@@ -390,6 +396,16 @@ impl Backend {
     pub fn backup(self, backup: bool) -> Self {
         Self {
             backup: Some(backup),
+            ..self
+        }
+    }
+
+    /// `port = N`: the port the backend listens on (the NAT modes rewrite the destination
+    /// port to it).
+    #[must_use]
+    pub fn port(self, port: u16) -> Self {
+        Self {
+            port: Some(port),
             ..self
         }
     }
@@ -488,6 +504,7 @@ mod tests {
                     .slow_start(Duration::from_secs(6))
                     .backend(Backend::new(Ipv4Addr::new(198, 51, 100, 11)))
                     .backend(Backend::weighted(Ipv4Addr::new(198, 51, 100, 12), 2).backup(true))
+                    .backend(Backend::new(Ipv4Addr::new(198, 51, 100, 13)).port(8080))
                     .health_check(
                         HealthCheck::new("http")
                             .interval(Duration::from_millis(200))
@@ -538,12 +555,15 @@ mod tests {
         assert_eq!(web["ring_size"].as_integer(), Some(1009));
         assert_eq!(web["slow_start"].as_str(), Some("6s"));
         let backends = web["backend"].as_array().unwrap();
-        assert_eq!(backends.len(), 2);
+        assert_eq!(backends.len(), 3);
         assert_eq!(backends[0]["address"].as_str(), Some("198.51.100.11"));
         assert!(backends[0].get("weight").is_none());
         assert!(backends[0].get("backup").is_none());
+        assert!(backends[0].get("port").is_none());
         assert_eq!(backends[1]["weight"].as_integer(), Some(2));
         assert_eq!(backends[1]["backup"].as_bool(), Some(true));
+        assert_eq!(backends[2]["port"].as_integer(), Some(8080));
+        assert!(backends[2].get("weight").is_none());
         let hc = web["health_check"].as_table().expect("health check of web");
         assert_eq!(hc["kind"].as_str(), Some("http"));
         assert_eq!(hc["interval"].as_str(), Some("200ms"));

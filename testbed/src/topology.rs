@@ -18,6 +18,21 @@
 //! What the balancer needs on top is the caller's: an XDP program on the switch port
 //! [`SWITCH_LB_PORT`] (on veth, frames sent with `XDP_TX` are only picked up by a peer that
 //! has one), attached before [`Topology::prime_neighbours`], and the agent itself.
+//!
+//! [`Layout::Nat`] (the NAT modes, [`Topology::build_nat`]) changes the client and the
+//! backends, on the same segment:
+//!
+//! ```text
+//!  ns PREFIX-cli                                      ns PREFIX-bN
+//!  eth0 203.0.113.130/25, 2001:db8:2::2/64            eth0 198.51.100.1N, 2001:db8::1N,
+//!       VIPs via 203.0.113.129 / 2001:db8:2::1             default via 198.51.100.1 / 2001:db8::1
+//!  ns PREFIX-lb: eth0 198.51.100.1, 2001:db8::1 and 203.0.113.129/25, 2001:db8:2::1
+//! ```
+//!
+//! The client is on a subnet of its own, which the backends do not have on-link: their
+//! answers go to their default router, the balancer, which translates them back (a backend
+//! that had the client on-link would answer it directly, from its own address). The
+//! backends are ordinary hosts: an address, a default route, no VIP, default sysctls.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -34,6 +49,13 @@ pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1);
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+/// [`Layout::Nat`]: the client, on a subnet (/25, /64) the backends do not have on-link.
+pub const NAT_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 130);
+pub const NAT_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x2);
+/// [`Layout::Nat`]: the balancer's address on the client's subnet, the client's router for
+/// the VIPs.
+pub const LB_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 129);
+pub const LB_CLIENT_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x1);
 /// Number of backends.
 pub const BACKENDS: usize = 3;
 /// Interface name of every node's (client, balancer, backends) veth end inside its
@@ -94,6 +116,17 @@ pub enum Stack {
     Dual,
 }
 
+/// Where the client is and what the backends are (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Direct server return: the client on the backends' subnet, the VIPs on the backends'
+    /// `lo`, no ARP for them, no reverse-path filter.
+    Dsr,
+    /// The NAT modes: the client on a subnet of its own behind the balancer; backends with
+    /// an address and a default route via the balancer, nothing else.
+    Nat,
+}
+
 /// The namespaces and links of the module docs. Dropping it deletes the namespaces (after
 /// stopping anything left inside), which takes every link along; [`Topology::teardown`] does
 /// the same and reports failures.
@@ -105,14 +138,25 @@ pub struct Topology {
     pub lb: String,
     pub backends: Vec<String>,
     pub stack: Stack,
+    pub layout: Layout,
     /// Created so far, in creation order; removed in reverse.
     namespaces: Vec<Netns>,
 }
 
 impl Topology {
     /// Creates the namespaces `PREFIX-{cli,sw,lb,b1,b2,b3}`, the bridge, the veth pairs and
-    /// every address and route. If a step fails, what was created is removed again.
+    /// every address and route of [`Layout::Dsr`]. If a step fails, what was created is
+    /// removed again.
     pub fn build(prefix: &str, stack: Stack) -> Result<Self> {
+        Self::build_layout(prefix, stack, Layout::Dsr)
+    }
+
+    /// As [`Topology::build`], with the client and backends of [`Layout::Nat`].
+    pub fn build_nat(prefix: &str, stack: Stack) -> Result<Self> {
+        Self::build_layout(prefix, stack, Layout::Nat)
+    }
+
+    fn build_layout(prefix: &str, stack: Stack, layout: Layout) -> Result<Self> {
         let mut names = namespace_names(prefix).into_iter();
         let mut next = || names.next().context("namespace names");
         let mut t = Self {
@@ -122,10 +166,38 @@ impl Topology {
             lb: next()?,
             backends: (0..BACKENDS).map(|_| next()).collect::<Result<_>>()?,
             stack,
+            layout,
             namespaces: Vec::new(),
         };
         t.setup()?;
         Ok(t)
+    }
+
+    /// The client's IPv4 address (the flows' source).
+    #[must_use]
+    pub fn client_v4(&self) -> Ipv4Addr {
+        match self.layout {
+            Layout::Dsr => CLIENT_V4,
+            Layout::Nat => NAT_CLIENT_V4,
+        }
+    }
+
+    /// The client's IPv6 address.
+    #[must_use]
+    pub fn client_v6(&self) -> Ipv6Addr {
+        match self.layout {
+            Layout::Dsr => CLIENT_V6,
+            Layout::Nat => NAT_CLIENT_V6,
+        }
+    }
+
+    /// The client's next hop towards the VIPs: the balancer's address on the client's
+    /// subnet.
+    fn client_router(&self) -> (Ipv4Addr, Ipv6Addr) {
+        match self.layout {
+            Layout::Dsr => (LB_V4, LB_V6),
+            Layout::Nat => (LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6),
+        }
     }
 
     /// Every namespace name, in creation order.
@@ -211,8 +283,14 @@ impl Topology {
         // The client routes only the VIPs via the balancer. Checksum offload off: with it,
         // TCP through an XDP path arrives with bad checksums.
         let cli = self.cli.clone();
-        self.node_addrs(&cli, CLIENT_V4, CLIENT_V6)?;
+        let nat = self.layout == Layout::Nat;
+        if nat {
+            self.node_addrs(&cli, (NAT_CLIENT_V4, 25), NAT_CLIENT_V6)?;
+        } else {
+            self.node_addrs(&cli, (CLIENT_V4, 24), CLIENT_V6)?;
+        }
         ns_exec(&cli, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+        let (router_v4, router_v6) = self.client_router();
         ip(
             &cli,
             &[
@@ -220,7 +298,7 @@ impl Topology {
                 "add",
                 &format!("{VIP_V4}/32"),
                 "via",
-                &LB_V4.to_string(),
+                &router_v4.to_string(),
             ],
         )?;
         if dual {
@@ -232,7 +310,7 @@ impl Topology {
                     "add",
                     &format!("{VIP_V6}/128"),
                     "via",
-                    &LB_V6.to_string(),
+                    &router_v6.to_string(),
                 ],
             )?;
         }
@@ -240,13 +318,60 @@ impl Topology {
         // The balancer: addresses on the veth its XDP program attaches to; the backends are
         // on-link.
         let lb = self.lb.clone();
-        self.node_addrs(&lb, LB_V4, LB_V6)?;
+        self.node_addrs(&lb, (LB_V4, 24), LB_V6)?;
+        if nat {
+            // The client's subnet too, on the same veth (one arm), and no ICMP redirects:
+            // whatever the kernel forwards here leaves by the interface it came in on, and a
+            // redirect would teach a backend to reach the client around the balancer.
+            ip(
+                &lb,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{LB_CLIENT_SIDE_V4}/25"),
+                    "dev",
+                    NODE_IF,
+                ],
+            )?;
+            if dual {
+                ip(
+                    &lb,
+                    &[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{LB_CLIENT_SIDE_V6}/64"),
+                        "dev",
+                        NODE_IF,
+                        "nodad",
+                    ],
+                )?;
+            }
+            sysctl(
+                &lb,
+                &[
+                    "net.ipv4.conf.all.send_redirects=0",
+                    &format!("net.ipv4.conf.{NODE_IF}.send_redirects=0"),
+                ],
+            )?;
+        }
 
-        // Backends: the VIPs on lo, no ARP answers or announcements for them, no reverse-path
-        // filter (decapsulated packets carry the client's source address).
         for (i, b) in self.backends.clone().iter().enumerate() {
-            self.node_addrs(b, backend_v4(i), backend_v6(i))?;
+            self.node_addrs(b, (backend_v4(i), 24), backend_v6(i))?;
             ns_exec(b, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+            if nat {
+                // An ordinary host whose router is the balancer: nothing else.
+                ip(b, &["route", "add", "default", "via", &LB_V4.to_string()])?;
+                if dual {
+                    ip(
+                        b,
+                        &["-6", "route", "add", "default", "via", &LB_V6.to_string()],
+                    )?;
+                }
+                continue;
+            }
+            // DSR: the VIPs on lo, no ARP answers or announcements for them, no reverse-path
+            // filter (decapsulated packets carry the client's source address).
             ip(b, &["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
             if dual {
                 ip(
@@ -277,10 +402,10 @@ impl Topology {
         Ok(())
     }
 
-    /// The node's addresses on its veth end (IPv6 without duplicate address detection), and
-    /// the link up.
-    fn node_addrs(&self, ns: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
-        ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", NODE_IF])?;
+    /// The node's addresses on its veth end (IPv4 with its prefix length; IPv6 a /64,
+    /// without duplicate address detection), and the link up.
+    fn node_addrs(&self, ns: &str, (v4, len): (Ipv4Addr, u8), v6: Ipv6Addr) -> Result<()> {
+        ip(ns, &["addr", "add", &format!("{v4}/{len}"), "dev", NODE_IF])?;
         if self.stack == Stack::Dual {
             ip(
                 ns,
@@ -312,9 +437,17 @@ impl Topology {
                 targets.push((&self.lb, backend_v6(i).to_string()));
             }
         }
-        targets.push((&self.cli, LB_V4.to_string()));
+        let (router_v4, router_v6) = self.client_router();
+        targets.push((&self.cli, router_v4.to_string()));
         if dual {
-            targets.push((&self.cli, LB_V6.to_string()));
+            targets.push((&self.cli, router_v6.to_string()));
+        }
+        if self.layout == Layout::Nat {
+            // The balancer sends the translated answers to the client itself.
+            targets.push((&self.lb, NAT_CLIENT_V4.to_string()));
+            if dual {
+                targets.push((&self.lb, NAT_CLIENT_V6.to_string()));
+            }
         }
         for (ns, dst) in targets {
             // Up to 3 one-second attempts (the first may wait for address resolution).
@@ -387,13 +520,13 @@ mod tests {
             (a0, a1, a2) == (198, 51, 100) || (a0, a1, a2) == (203, 0, 113)
         };
         let doc_v6 = |a: Ipv6Addr| a.segments()[..2] == [0x2001, 0xdb8];
-        for a in [CLIENT_V4, LB_V4, VIP_V4]
+        for a in [CLIENT_V4, LB_V4, VIP_V4, NAT_CLIENT_V4, LB_CLIENT_SIDE_V4]
             .into_iter()
             .chain((0..BACKENDS).map(backend_v4))
         {
             assert!(doc_v4(a), "{a}");
         }
-        for a in [CLIENT_V6, LB_V6, VIP_V6]
+        for a in [CLIENT_V6, LB_V6, VIP_V6, NAT_CLIENT_V6, LB_CLIENT_SIDE_V6]
             .into_iter()
             .chain((0..BACKENDS).map(backend_v6))
         {

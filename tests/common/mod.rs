@@ -42,6 +42,7 @@ pub use weir_testbed::*;
 pub mod predict;
 pub mod test_run;
 pub mod tunnel;
+pub mod upload;
 
 // ---------------------------------------------------------------------------------------------
 // Names
@@ -339,10 +340,23 @@ impl Topology {
     /// As `build`; `switch_pass` false leaves the switch port without an XDP program
     /// (only kernel forwarding is checked then).
     pub fn build_with(tag: &str, switch_pass: bool) -> Result<Self> {
+        Self::build_layout(tag, Layout::Dsr, switch_pass)
+    }
+
+    /// As `build`, in the test bed's NAT layout: the client on a subnet of its own, backends
+    /// with only an address and a default route via the balancer (`Layout::Nat`).
+    pub fn build_nat(tag: &str) -> Result<Self> {
+        Self::build_layout(tag, Layout::Nat, true)
+    }
+
+    fn build_layout(tag: &str, layout: Layout, switch_pass: bool) -> Result<Self> {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = prefix(tag);
-        let net = weir_testbed::Topology::build(&prefix, Stack::Dual)
-            .context("building the test topology")?;
+        let net = match layout {
+            Layout::Dsr => weir_testbed::Topology::build(&prefix, Stack::Dual),
+            Layout::Nat => weir_testbed::Topology::build_nat(&prefix, Stack::Dual),
+        }
+        .context("building the test topology")?;
         let workdir = std::env::temp_dir().join(format!("weir-e2e-{prefix}"));
         let _ = fs::remove_dir_all(&workdir);
         fs::create_dir_all(&workdir)?;

@@ -15,6 +15,7 @@ const PRIVILEGED_TESTS: &[&str] = &[
     "e2e_safety",
     "e2e_mss",
     "e2e_mtu",
+    "e2e_nat",
 ];
 
 /// `--test NAME` for each of `names`.

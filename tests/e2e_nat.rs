@@ -1,0 +1,1338 @@
+//! Privileged end-to-end tests of `forwarding = "nat"` (destination NAT, issue 12): the
+//! backends are ordinary hosts (an address and a default route via the balancer: no VIP, no
+//! decap, default sysctls) listening on another port than the VIP's (`backend.port`), in the
+//! test bed's NAT layout (`Layout::Nat`: the client on a subnet of its own, so every answer
+//! crosses the balancer on its way back). Real traffic at 1500-byte MTUs: Debian's nginx
+//! answering HTTP and logging the client's own address, concurrent 4 MiB uploads stored
+//! intact and downloads received intact, 900 TCP connections and 900 UDP flows per family
+//! spread as the Maglev ring predicts, UDP answered from VIP:port, a connection across an
+//! agent SIGKILL and restart, drain and a failed health check, and the NAT counters against
+//! the packets sent.
+//!
+//! A control test runs the same servers with the balancer's kernel routing instead of the
+//! agent: when it passes and a NAT test fails, the fault is the balancer's, not the
+//! harness's. Each test builds its own topology (`common`, namespaces `w<pid><tag>-*`) and
+//! checks that the root namespace's `ip_local_reserved_ports` is unchanged. Needs root;
+//! skipped otherwise (fails in CI).
+//!
+//! Run: `cargo test -p lb-userspace --test e2e_nat -- --test-threads=1 --nocapture`
+
+mod common;
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use common::{
+    BACKENDS, Backend, ChildGuard, ConfigBuilder, EchoServers, HealthCheck, IdServer,
+    LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, ServiceBuilder, Topology, VIP_V4, VIP_V6, backend_v4,
+    backend_v6, predict,
+    tunnel::{link_mtu, payload},
+    upload::{UploadServers, sha256, upload_all},
+};
+use weir::api::{BackendInfo, Health, Request, Stats, Status};
+
+/// The MTU of every link: a real LAN's, never raised to hide a problem.
+const LAN_MTU: &str = "1500";
+/// The VIPs' ports and the backends' (different, so that a reply from the wrong port or a
+/// packet whose port was not rewritten cannot pass for a translated one).
+const HTTP_PORT: u16 = 80;
+const HTTP_BACKEND_PORT: u16 = 8080;
+const UDP_PORT: u16 = 53;
+const UDP_BACKEND_PORT: u16 = 5353;
+/// The health checks' port in the drain test: not the traffic's, so that taking a backend's
+/// check down leaves its connections alone.
+const HEALTH_PORT: u16 = 9000;
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Family {
+    V4,
+    V6,
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+impl Family {
+    fn vip(self) -> IpAddr {
+        match self {
+            Self::V4 => VIP_V4.into(),
+            Self::V6 => VIP_V6.into(),
+        }
+    }
+
+    fn backend(self, i: usize) -> IpAddr {
+        match self {
+            Self::V4 => backend_v4(i).into(),
+            Self::V6 => backend_v6(i).into(),
+        }
+    }
+
+    /// The client's address in the NAT layout: what the backends must see.
+    fn client(self, topo: &Topology) -> IpAddr {
+        match self {
+            Self::V4 => topo.client_v4().into(),
+            Self::V6 => topo.client_v6().into(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "v4",
+            Self::V6 => "v6",
+        }
+    }
+}
+
+/// A `nat` service on `family`'s VIP over the three backends, each listening on
+/// `backend_port`.
+fn nat_service(
+    name: &str,
+    family: Family,
+    port: u16,
+    protocol: &str,
+    backend_port: u16,
+    scheduler: &str,
+) -> ServiceBuilder {
+    (0..BACKENDS).fold(
+        ServiceBuilder::new(name, family.vip(), port, protocol)
+            .scheduler(scheduler)
+            .forwarding("nat"),
+        |s, i| s.backend(Backend::new(family.backend(i)).port(backend_port)),
+    )
+}
+
+fn agent_config(topo: &Topology, services: &[ServiceBuilder]) -> ConfigBuilder {
+    services
+        .iter()
+        .cloned()
+        .fold(topo.agent_config(), ConfigBuilder::service)
+}
+
+/// Starts the agent with a NAT config, saying plainly when the agent refused it.
+fn start_nat_agent(topo: &Topology, config_path: &std::path::Path) -> ChildGuard {
+    topo.start_agent_file(config_path).unwrap_or_else(|e| {
+        panic!(
+            "the agent did not start with `forwarding = \"nat\"` and `backend.port` in its \
+             config (this build does not support them?): {e:#}"
+        )
+    })
+}
+
+/// The NAT topology, with what every test checks first: 1500-byte links and, for the end,
+/// the root namespace's `ip_local_reserved_ports`.
+struct Bed {
+    topo: Topology,
+    reserved_ports: String,
+}
+
+fn root_reserved_ports() -> String {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .expect("read the root namespace's ip_local_reserved_ports")
+}
+
+impl Bed {
+    /// None without root (the test is skipped).
+    fn build(tag: &str) -> Option<Self> {
+        if !common::require_root() {
+            return None;
+        }
+        let reserved_ports = root_reserved_ports();
+        let topo = Topology::build_nat(tag).expect("NAT topology");
+        for ns in topo.names().iter().filter(|n| **n != topo.sw) {
+            assert_eq!(
+                link_mtu(ns),
+                LAN_MTU,
+                "{ns}: these tests are about 1500-byte MTUs"
+            );
+        }
+        Some(Self {
+            topo,
+            reserved_ports,
+        })
+    }
+
+    /// Asserts the root namespace's reserved ports are what they were before the test.
+    fn finish(&self) {
+        assert_eq!(
+            root_reserved_ports(),
+            self.reserved_ports,
+            "the root namespace's net.ipv4.ip_local_reserved_ports changed during the test"
+        );
+    }
+}
+
+/// Before the agent runs, nothing answers on the VIP (the balancer's kernel has no route
+/// to it and forwards nothing): what answers later is the XDP balancer.
+fn assert_vip_silent(topo: &Topology, family: Family, port: u16) {
+    let dst = SocketAddr::new(family.vip(), port);
+    let answered = common::in_netns(&topo.cli, || {
+        TcpStream::connect_timeout(&dst, Duration::from_millis(300)).is_ok()
+    });
+    assert!(
+        !answered,
+        "{dst} answered before the agent started: the topology has a path to it"
+    );
+}
+
+/// Pins the test thread to CPU 0 before anything of a round-robin test starts: the servers,
+/// nginx and the agent (its health checks) are started from this thread and inherit its CPU.
+/// Round-robin positions are per CPU, and XDP on a veth runs where the receive queue is
+/// polled, which is the CPU of whoever sent into it: with every sender on one CPU, every
+/// pick is that CPU's, and whole cycles give exact shares.
+fn all_on_cpu0() {
+    common::pin_thread_to_cpu(0).expect("pin to CPU 0");
+}
+
+fn backends_of(topo: &Topology, service: &str) -> Vec<BackendInfo> {
+    let resp = topo
+        .api(&Request::BackendList {
+            service: Some(service.to_owned()),
+        })
+        .expect("API backend_list");
+    assert!(resp.ok, "backend_list: {:?}", resp.error);
+    Vec::<BackendInfo>::try_from(resp.data.expect("data")).expect("a backend list")
+}
+
+fn stats(topo: &Topology) -> Stats {
+    let resp = topo.api(&Request::Stats {}).expect("API stats");
+    assert!(resp.ok, "stats: {:?}", resp.error);
+    Stats::try_from(resp.data.expect("data")).expect("stats")
+}
+
+/// Waits up to `limit` until backend `address` of `service` reports `health`.
+fn wait_health(topo: &Topology, service: &str, address: IpAddr, health: Health, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let list = backends_of(topo, service);
+        if list
+            .iter()
+            .any(|b| b.address == address && b.health == health)
+        {
+            println!(
+                "[{service}] {address} {health:?} after {:?}",
+                start.elapsed()
+            );
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{service}: {address} not {health:?} within {limit:?}: {list:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx
+// ---------------------------------------------------------------------------------------------
+
+/// Debian's nginx in one backend namespace, with its config, pid file, logs and temp paths in
+/// a directory of the test's own; not forking (`daemon off`), so that dropping the guard
+/// stops it. On port `HTTP_BACKEND_PORT` (both families) it serves `/files/blob`
+/// ([`DOWNLOAD_LEN`] bytes, the same on every backend) and answers every other request with
+/// the backend's number and the address it sees; it logs each request's peer.
+struct Nginx {
+    _child: ChildGuard,
+    access_log: PathBuf,
+}
+
+fn nginx_config(dir: &std::path::Path, number: usize) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n\
+         \x20 log_format peer '$remote_addr $remote_port $server_port $request_uri $status';\n\
+         \x20 access_log {d}/access.log peer;\n\
+         \x20 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n\
+         \x20 scgi_temp_path {d}/scgi;\n\
+         \x20 server {{\n    listen {HTTP_BACKEND_PORT};\n    listen [::]:{HTTP_BACKEND_PORT};\n\
+         \x20   location /files/ {{\n      root {d};\n    }}\n\
+         \x20   location / {{\n      default_type text/plain;\n      \
+         return 200 \"b{number} $remote_addr\\n\";\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// Starts nginx in backend `i` and waits (up to 10 s) until it accepts connections on the
+/// backend's own addresses, from inside the backend.
+fn start_nginx(topo: &Topology, i: usize) -> Result<Nginx> {
+    let dir = topo.workdir.join(format!("nginx-b{}", i + 1));
+    fs::create_dir_all(&dir)?;
+    fs::create_dir_all(dir.join("files"))?;
+    fs::write(dir.join("files/blob"), download_blob())?;
+    let conf = dir.join("nginx.conf");
+    fs::write(&conf, nginx_config(&dir, i + 1))?;
+    let startup_log = dir.join("startup.log");
+    let mut child = common::spawn_cmd_in_ns(
+        &topo.backends[i],
+        "/usr/sbin/nginx",
+        &[
+            "-e",
+            startup_log.to_str().context("utf-8 path")?,
+            "-c",
+            conf.to_str().context("utf-8 path")?,
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addrs = FAMILIES.map(|f| SocketAddr::new(f.backend(i), HTTP_BACKEND_PORT));
+    loop {
+        if let Some(st) = child.try_status() {
+            bail!(
+                "nginx in {} exited ({st}); its log:\n{}\n{}",
+                topo.backends[i],
+                child.log(),
+                fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+        }
+        let up = common::in_netns(&topo.backends[i], || {
+            addrs
+                .iter()
+                .all(|a| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok())
+        });
+        if up {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("nginx in {} does not listen after 10 s", topo.backends[i]);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Nginx {
+        _child: child,
+        access_log: dir.join("access.log"),
+    })
+}
+
+/// One line of an nginx access log in the `peer` format.
+#[derive(Debug)]
+struct Logged {
+    remote: IpAddr,
+    server_port: u16,
+    uri: String,
+    status: u16,
+}
+
+fn access_log(n: &Nginx) -> Vec<Logged> {
+    let text = fs::read_to_string(&n.access_log).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let [remote, _port, server_port, uri, status] = f[..] else {
+                panic!("unexpected access log line {l:?}");
+            };
+            Logged {
+                remote: remote
+                    .parse()
+                    .unwrap_or_else(|_| panic!("address in {l:?}")),
+                server_port: server_port.parse().expect("server port"),
+                uri: uri.to_owned(),
+                status: status.parse().expect("status"),
+            }
+        })
+        .collect()
+}
+
+/// From the client: `n` HTTP/1.0 GETs (one connection each) of `/{tag}/{k}` on `dst`; returns
+/// the backend number (1-based) that answered each, checking status 200 and that nginx saw
+/// `client` as the peer.
+fn http_requests(
+    topo: &Topology,
+    dst: SocketAddr,
+    tag: &str,
+    n: usize,
+    client: IpAddr,
+) -> Vec<usize> {
+    (0..n)
+        .map(|k| {
+            let (status, body) =
+                common::http_get(&topo.cli, dst, &format!("/{tag}/{k}"), IO_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("GET /{tag}/{k} from {dst}: {e:#}"));
+            assert_eq!(status, 200, "GET /{tag}/{k} from {dst}: {body}");
+            let (who, seen) = body
+                .trim_end()
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("unexpected body {body:?}"));
+            assert_eq!(
+                seen.parse::<IpAddr>().ok(),
+                Some(client),
+                "GET /{tag}/{k} from {dst}: nginx saw {seen}, not the client's address"
+            );
+            who.strip_prefix('b')
+                .and_then(|b| b.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected body {body:?}"))
+        })
+        .collect()
+}
+
+/// Requests per backend (0-based) from backend numbers (1-based).
+fn per_backend(numbers: &[usize]) -> Vec<u64> {
+    let mut counts = vec![0u64; BACKENDS];
+    for &n in numbers {
+        counts[n - 1] += 1;
+    }
+    counts
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control: the same servers, routed by the kernel
+// ---------------------------------------------------------------------------------------------
+
+/// The harness without the balancer: with the LB namespace's kernel forwarding between the
+/// client's subnet and the backends' (no agent, no XDP), nginx on every backend answers the
+/// client on the backend's own address and logs the client's address, a 4 MiB download
+/// arrives intact, an upload server stores 4 MiB uploads intact, a UDP echo answers, and
+/// the VIP answers nothing. What the NAT tests add to this is the balancer alone.
+#[test]
+fn control_servers_answer_when_the_kernel_routes() {
+    let Some(bed) = Bed::build("nc") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    let uploads = UploadServers::start(topo, &[UPLOAD_BACKEND_PORT]).expect("upload servers");
+    let echo = EchoServers::start(
+        &topo.backends,
+        UDP_BACKEND_PORT,
+        &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+    )
+    .expect("UDP echo servers");
+    for family in FAMILIES {
+        assert_vip_silent(topo, family, HTTP_PORT);
+    }
+    // The client reaches the backends' subnet through the balancer's kernel.
+    common::sysctl(
+        &topo.lb,
+        &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+    )
+    .expect("forwarding in the LB namespace");
+    common::ip(
+        &topo.cli,
+        &[
+            "route",
+            "add",
+            "198.51.100.0/24",
+            "via",
+            &LB_CLIENT_SIDE_V4.to_string(),
+        ],
+    )
+    .expect("client route");
+    common::ip(
+        &topo.cli,
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/64",
+            "via",
+            &LB_CLIENT_SIDE_V6.to_string(),
+        ],
+    )
+    .expect("client route");
+
+    for family in FAMILIES {
+        let client = family.client(topo);
+        for (i, n) in nginx.iter().enumerate() {
+            let dst = SocketAddr::new(family.backend(i), HTTP_BACKEND_PORT);
+            let who = http_requests(topo, dst, &format!("ctl-{}", family.name()), 2, client);
+            assert_eq!(who, [i + 1, i + 1], "{dst} answered as another backend");
+            let logged: Vec<Logged> = access_log(n)
+                .into_iter()
+                .filter(|l| l.uri.starts_with(&format!("/ctl-{}/", family.name())))
+                .collect();
+            assert_eq!(logged.len(), 2, "{dst}: access log {logged:?}");
+            assert!(
+                logged.iter().all(|l| l.remote == client && l.status == 200),
+                "{dst}: access log {logged:?}"
+            );
+        }
+        let data: Vec<Vec<u8>> = (0..4).map(|s| payload(UPLOAD_LEN, s)).collect();
+        let hashes: Vec<String> = data.iter().map(|d| sha256(d)).collect();
+        let names: Vec<String> = (0..4)
+            .map(|k| format!("ctl-{}-{k}", family.name()))
+            .collect();
+        let dst = SocketAddr::new(family.backend(1), UPLOAD_BACKEND_PORT);
+        let up = upload_all(
+            &topo.cli,
+            dst,
+            &uploads,
+            &names,
+            &data,
+            &hashes,
+            Duration::from_secs(10),
+        );
+        println!("[control] uploads to {dst}: {up:?}");
+        assert!(
+            up.problems.is_empty(),
+            "uploads to {dst}: {:?}",
+            up.problems
+        );
+        assert_eq!(up.per_backend, [0, 4, 0], "uploads to {dst}");
+        let dst = SocketAddr::new(family.backend(0), HTTP_BACKEND_PORT);
+        let body = common::in_netns(&topo.cli, || {
+            download(dst, "/files/blob", Instant::now() + Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("download from {dst}: {e:#}"));
+        assert_eq!(
+            sha256(&body),
+            sha256(&download_blob()),
+            "download from {dst}"
+        );
+        let echo_dst = SocketAddr::new(family.backend(2), UDP_BACKEND_PORT);
+        let r = common::udp_flows(
+            &topo.cli,
+            echo_dst.ip(),
+            echo_dst.port(),
+            41_000..41_004,
+            "ctl",
+        )
+        .expect("UDP flows");
+        r.assert_all_ok();
+    }
+    assert_eq!(echo.udp_flow_counts(), [0, 0, 8], "UDP flows per backend");
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. nginx behind a NAT VIP
+// ---------------------------------------------------------------------------------------------
+
+const HTTP_REQUESTS: usize = 30;
+
+/// Stock nginx on three backends (port 8080) behind a round-robin `nat` VIP on port 80, both
+/// families: every request is answered, each backend gets exactly its share (one CPU sends,
+/// so one round-robin walk: 30 requests are 10 whole cycles), and nginx — in its answer and
+/// in its access log — saw the client's own address (destination NAT keeps it).
+#[test]
+fn nginx_behind_a_nat_vip_sees_the_client() {
+    let Some(bed) = Bed::build("nx") else {
+        return;
+    };
+    let topo = &bed.topo;
+    all_on_cpu0();
+    let nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    for family in FAMILIES {
+        assert_vip_silent(topo, family, HTTP_PORT);
+    }
+    let services = FAMILIES.map(|f| {
+        nat_service(
+            &format!("web-{}", f.name()),
+            f,
+            HTTP_PORT,
+            "tcp",
+            HTTP_BACKEND_PORT,
+            "round-robin",
+        )
+    });
+    let path = topo
+        .write_agent_config(&agent_config(topo, &services))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    for (family, service) in FAMILIES.iter().zip(&services) {
+        let client = family.client(topo);
+        let dst = SocketAddr::new(family.vip(), HTTP_PORT);
+        let start = Instant::now();
+        let who = http_requests(topo, dst, family.name(), HTTP_REQUESTS, client);
+        let counts = per_backend(&who);
+        println!(
+            "[nginx] {HTTP_REQUESTS} requests to {dst} in {:.2?}: per backend {counts:?}",
+            start.elapsed()
+        );
+        let predicted = predict::round_robin_counts(&predict::ring_weights(service), HTTP_REQUESTS);
+        assert_eq!(
+            counts, predicted,
+            "{dst}: requests per backend (round-robin)"
+        );
+        for (i, n) in nginx.iter().enumerate() {
+            let logged: Vec<Logged> = access_log(n)
+                .into_iter()
+                .filter(|l| l.uri.starts_with(&format!("/{}/", family.name())))
+                .collect();
+            assert_eq!(
+                u64::try_from(logged.len()).expect("count"),
+                counts[i],
+                "backend {}: access log lines for {dst}: {logged:?}",
+                i + 1
+            );
+            for l in &logged {
+                assert_eq!(
+                    (l.remote, l.server_port, l.status),
+                    (client, HTTP_BACKEND_PORT, 200),
+                    "backend {}: {l:?}: nginx must see the client's address on its own port",
+                    i + 1
+                );
+            }
+        }
+    }
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Uploads
+// ---------------------------------------------------------------------------------------------
+
+const UPLOADS: usize = 20;
+const UPLOAD_LEN: usize = 4 << 20;
+const UPLOAD_DEADLINE: Duration = Duration::from_secs(15);
+/// The uploads' VIP port and the upload servers' (the downloads use nginx's).
+const UPLOAD_PORT: u16 = 81;
+const UPLOAD_BACKEND_PORT: u16 = 8081;
+const DOWNLOADS: usize = 20;
+const DOWNLOAD_LEN: usize = 4 << 20;
+
+/// What nginx serves as `/files/blob` on every backend.
+fn download_blob() -> Vec<u8> {
+    payload(DOWNLOAD_LEN, 0xd0)
+}
+
+/// From the calling thread's namespace: `GET path` on `dst` (HTTP/1.0), all before
+/// `deadline`; the body, checked against the status and `Content-Length`.
+fn download(dst: SocketAddr, path: &str, deadline: Instant) -> Result<Vec<u8>> {
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let mut s = TcpStream::connect_timeout(&dst, left().min(Duration::from_secs(3)))
+        .with_context(|| format!("connect to {dst}"))?;
+    s.set_write_timeout(Some(left()))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {dst}\r\n\r\n")?;
+    let mut raw = Vec::with_capacity(DOWNLOAD_LEN + 1024);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        ensure!(
+            Instant::now() < deadline,
+            "the deadline passed after {} bytes",
+            raw.len()
+        );
+        s.set_read_timeout(Some(left()))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context(format!("read after {} bytes", raw.len())),
+        }
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    ensure!(head.starts_with("HTTP/1.1 200 "), "answer {head:?}");
+    let body = raw.split_off(split + 4);
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .context("no Content-Length")?;
+    ensure!(
+        length == body.len().to_string(),
+        "Content-Length {length}, got {} bytes",
+        body.len()
+    );
+    Ok(body)
+}
+
+/// 20 concurrent 4 MiB uploads to a `nat` VIP (port 81 → the backends' 8081), each family:
+/// every one stored whole on exactly one backend, sha256 equal to what was sent. Then 20
+/// concurrent 4 MiB downloads from nginx through a `nat` VIP (port 80 → 8080), each family:
+/// every body's sha256 is the file's. Full-size segments in both directions at 1500-byte
+/// MTUs (NAT adds no header); the downloads' data crosses the reply path.
+#[test]
+fn concurrent_uploads_and_downloads_through_nat_arrive_intact() {
+    let Some(bed) = Bed::build("nu") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let servers = UploadServers::start(topo, &[UPLOAD_BACKEND_PORT]).expect("upload servers");
+    let _nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    let services: Vec<ServiceBuilder> = FAMILIES
+        .iter()
+        .flat_map(|&f| {
+            [
+                nat_service(
+                    &format!("up-{}", f.name()),
+                    f,
+                    UPLOAD_PORT,
+                    "tcp",
+                    UPLOAD_BACKEND_PORT,
+                    "maglev",
+                ),
+                nat_service(
+                    &format!("dl-{}", f.name()),
+                    f,
+                    HTTP_PORT,
+                    "tcp",
+                    HTTP_BACKEND_PORT,
+                    "round-robin",
+                ),
+            ]
+        })
+        .collect();
+    let path = topo
+        .write_agent_config(&agent_config(topo, &services))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    let data: Vec<Vec<u8>> = (0..UPLOADS)
+        .map(|i| payload(UPLOAD_LEN, u64::try_from(i).expect("index")))
+        .collect();
+    let hashes: Vec<String> = data.iter().map(|d| sha256(d)).collect();
+    let mut failed = Vec::new();
+    for family in FAMILIES {
+        let dst = SocketAddr::new(family.vip(), UPLOAD_PORT);
+        let names: Vec<String> = (0..UPLOADS)
+            .map(|i| format!("{}-{i}", family.name()))
+            .collect();
+        let up = upload_all(
+            &topo.cli,
+            dst,
+            &servers,
+            &names,
+            &data,
+            &hashes,
+            UPLOAD_DEADLINE,
+        );
+        let intact: usize = up.per_backend.iter().sum();
+        println!(
+            "[uploads] {dst}: {intact}/{UPLOADS} stored intact in {:.2?} (per backend {:?})",
+            up.took, up.per_backend
+        );
+        if !up.problems.is_empty() || intact != UPLOADS {
+            failed.push(format!("{dst}: {:#?}", up.problems));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{UPLOADS} concurrent uploads of {UPLOAD_LEN} bytes did not all arrive intact within \
+         {UPLOAD_DEADLINE:?}:\n{}",
+        failed.join("\n")
+    );
+
+    let want = sha256(&download_blob());
+    for family in FAMILIES {
+        let dst = SocketAddr::new(family.vip(), HTTP_PORT);
+        let start = Instant::now();
+        let deadline = start + UPLOAD_DEADLINE;
+        let cli = topo.cli.as_str();
+        let bodies: Vec<Result<Vec<u8>>> = thread::scope(|s| {
+            let handles: Vec<_> = (0..DOWNLOADS)
+                .map(|_| {
+                    s.spawn(move || {
+                        common::enter_netns(cli)?;
+                        download(dst, "/files/blob", deadline)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("download thread"))
+                .collect()
+        });
+        let took = start.elapsed();
+        let problems: Vec<String> = bodies
+            .iter()
+            .enumerate()
+            .filter_map(|(k, b)| match b {
+                Err(e) => Some(format!("download {k}: {e:#}")),
+                Ok(body) => {
+                    let got = sha256(body);
+                    (got != want).then(|| {
+                        format!(
+                            "download {k}: {} bytes, sha256 {got}, file {want}",
+                            body.len()
+                        )
+                    })
+                }
+            })
+            .collect();
+        println!(
+            "[downloads] {dst}: {}/{DOWNLOADS} intact in {took:.2?}",
+            DOWNLOADS - problems.len()
+        );
+        assert!(
+            problems.is_empty(),
+            "{DOWNLOADS} concurrent downloads of {DOWNLOAD_LEN} bytes from {dst}:\n{}",
+            problems.join("\n")
+        );
+    }
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 900 TCP connections and 900 UDP flows
+// ---------------------------------------------------------------------------------------------
+
+const ECHO_PORT: u16 = 7;
+const ECHO_BACKEND_PORT: u16 = 7007;
+/// Explicit client source ports: the 5-tuple hash decides the backend, so each backend's
+/// count is known in advance.
+const TCP_PORTS: std::ops::Range<u16> = 30_000..30_900;
+const UDP_PORTS: std::ops::Range<u16> = 40_000..40_900;
+
+/// 900 TCP connections and 900 UDP flows per family through Maglev `nat` VIPs (port 7 → the
+/// backends' 7007): every one gets its echo, and each backend gets exactly the flows that
+/// lb-common's flow hash and the agent's Maglev ring predict (a NAT service schedules as a
+/// DSR one does; only what happens after the pick differs).
+#[test]
+fn nine_hundred_connections_and_flows_are_all_answered() {
+    let Some(bed) = Bed::build("n9") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let echo = EchoServers::start(
+        &topo.backends,
+        ECHO_BACKEND_PORT,
+        &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+    )
+    .expect("echo servers");
+    let services: Vec<(Family, ServiceBuilder, ServiceBuilder)> = FAMILIES
+        .iter()
+        .map(|&f| {
+            let svc = |proto: &str| {
+                nat_service(
+                    &format!("{proto}-{}", f.name()),
+                    f,
+                    ECHO_PORT,
+                    proto,
+                    ECHO_BACKEND_PORT,
+                    "maglev",
+                )
+            };
+            (f, svc("tcp"), svc("udp"))
+        })
+        .collect();
+    let all: Vec<ServiceBuilder> = services
+        .iter()
+        .flat_map(|(_, t, u)| [t.clone(), u.clone()])
+        .collect();
+    let path = topo
+        .write_agent_config(&agent_config(topo, &all))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    for (family, tcp_service, udp_service) in &services {
+        echo.reset();
+        let client = family.client(topo);
+        let tcp = topo
+            .tcp_flows(family.vip(), ECHO_PORT, TCP_PORTS, "nat")
+            .expect("TCP flows");
+        let udp = topo
+            .udp_flows(family.vip(), ECHO_PORT, UDP_PORTS, "nat")
+            .expect("UDP flows");
+        println!(
+            "[900] {}; {}; per backend TCP {:?}, UDP {:?}",
+            tcp.summary(),
+            udp.summary(),
+            echo.tcp_counts(),
+            echo.udp_flow_counts()
+        );
+        tcp.assert_all_ok();
+        udp.assert_all_ok();
+        let predicted = |s: &ServiceBuilder, ports| {
+            predict::maglev_counts(s, &predict::ring_weights(s), client, ports)
+        };
+        assert_eq!(
+            echo.tcp_counts(),
+            predicted(tcp_service, TCP_PORTS),
+            "{family:?}: TCP connections per backend differ from the Maglev prediction"
+        );
+        assert_eq!(
+            echo.udp_flow_counts(),
+            predicted(udp_service, UDP_PORTS),
+            "{family:?}: UDP flows per backend differ from the Maglev prediction"
+        );
+    }
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. UDP
+// ---------------------------------------------------------------------------------------------
+
+const UDP_FLOWS: std::ops::Range<u16> = 41_000..41_090;
+
+/// UDP to a round-robin `nat` VIP (port 53 → the backends' 5353), each family: every flow's
+/// datagram is answered by the echo on a backend and the answer reaches the client's
+/// connected socket (which takes only datagrams from VIP:53); an unconnected socket sees the
+/// answer's source is VIP:53 exactly. The backends saw the client's address and ports, each
+/// backend exactly a third of the flows.
+#[test]
+fn udp_answers_come_back_from_the_vip() {
+    let Some(bed) = Bed::build("nd") else {
+        return;
+    };
+    let topo = &bed.topo;
+    all_on_cpu0();
+    let echo = EchoServers::start(
+        &topo.backends,
+        UDP_BACKEND_PORT,
+        &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+    )
+    .expect("UDP echo servers");
+    let services = FAMILIES.map(|f| {
+        nat_service(
+            &format!("dns-{}", f.name()),
+            f,
+            UDP_PORT,
+            "udp",
+            UDP_BACKEND_PORT,
+            "round-robin",
+        )
+    });
+    for family in FAMILIES {
+        assert!(
+            !topo
+                .udp_probe(family.vip(), UDP_PORT, 40_999, Duration::from_millis(300))
+                .expect("probe"),
+            "{} answered UDP before the agent started",
+            family.vip()
+        );
+    }
+    let path = topo
+        .write_agent_config(&agent_config(topo, &services))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    for (family, service) in FAMILIES.iter().zip(&services) {
+        echo.reset();
+        let client = family.client(topo);
+        let vip = SocketAddr::new(family.vip(), UDP_PORT);
+        let r = topo
+            .udp_flows(vip.ip(), UDP_PORT, UDP_FLOWS, "nat")
+            .expect("UDP flows");
+        println!(
+            "[udp] {}; per backend {:?}",
+            r.summary(),
+            echo.udp_flow_counts()
+        );
+        r.assert_all_ok();
+        let predicted =
+            predict::round_robin_counts(&predict::ring_weights(service), UDP_FLOWS.len());
+        assert_eq!(
+            echo.udp_flow_counts(),
+            predicted,
+            "{vip}: flows per backend"
+        );
+        let mut ports = BTreeSet::new();
+        for c in &echo.counters {
+            for peer in c.udp_peers.lock().expect("peers").iter() {
+                assert_eq!(
+                    peer.ip().to_canonical(),
+                    client,
+                    "a backend saw {peer}, not the client's address"
+                );
+                ports.insert(peer.port());
+            }
+        }
+        assert_eq!(
+            ports,
+            UDP_FLOWS.collect::<BTreeSet<_>>(),
+            "{vip}: the backends must see the client's own source ports"
+        );
+
+        // An unconnected socket: the answer's source, as the client receives it.
+        let (from, echoed) = common::in_netns(&topo.cli, || -> Result<(SocketAddr, bool)> {
+            let any: IpAddr = match family {
+                Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+                Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+            };
+            let sock = UdpSocket::bind(SocketAddr::new(any, 41_500))?;
+            sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+            sock.send_to(b"where-from", vip)?;
+            let mut buf = [0u8; 64];
+            let (n, from) = sock.recv_from(&mut buf).context("no answer within 1 s")?;
+            Ok((from, &buf[..n] == b"where-from"))
+        })
+        .expect("unconnected UDP probe");
+        assert_eq!(
+            from, vip,
+            "the answer's source must be the VIP and its port"
+        );
+        assert!(echoed, "the answer is not the echo of the datagram");
+    }
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. SIGKILL and restart; drain and health
+// ---------------------------------------------------------------------------------------------
+
+/// `IdServer`s (TCP only: the backends have no VIP to bind UDP to) on `port` in every
+/// backend.
+fn id_servers(topo: &Topology, port: u16) -> Vec<IdServer> {
+    (0..BACKENDS)
+        .map(|i| {
+            IdServer::start(
+                &topo.backends[i],
+                u8::try_from(i).expect("index"),
+                port,
+                &[],
+            )
+            .expect("id server")
+        })
+        .collect()
+}
+
+/// One connection per family through `nat` VIPs, carried across a SIGKILL of the agent and
+/// a restart: data sent before the kill, while no agent runs, and after the new agent
+/// adopted the pinned datapath comes back whole and in order (the backend echoes it), and
+/// new connections work while no agent runs and after the restart. The pinned NAT table is
+/// what keeps them.
+#[test]
+fn a_connection_survives_agent_sigkill_and_restart() {
+    let Some(bed) = Bed::build("nk") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let _servers = id_servers(topo, HTTP_BACKEND_PORT);
+    let services = FAMILIES.map(|f| {
+        nat_service(
+            &format!("web-{}", f.name()),
+            f,
+            HTTP_PORT,
+            "tcp",
+            HTTP_BACKEND_PORT,
+            "maglev",
+        )
+    });
+    let path = topo
+        .write_agent_config(&agent_config(topo, &services))
+        .expect("config");
+    let mut first = start_nat_agent(topo, &path);
+    let mut conns: Vec<(Family, TcpStream, u8)> = FAMILIES
+        .iter()
+        .zip(46_000..)
+        .map(|(&f, src)| {
+            let (s, id) = common::id_tcp_connect(
+                &topo.cli,
+                SocketAddr::new(f.vip(), HTTP_PORT),
+                src,
+                IO_TIMEOUT,
+            )
+            .expect("connect through the VIP");
+            (f, s, id)
+        })
+        .collect();
+    let chunk = |phase: u64, f: Family| payload(32 << 10, phase * 2 + u64::from(f == Family::V6));
+    let echo_all = |conns: &mut Vec<(Family, TcpStream, u8)>, phase: u64, when: &str| {
+        for (f, s, id) in conns.iter_mut() {
+            common::id_tcp_echo(s, &chunk(phase, *f))
+                .unwrap_or_else(|e| panic!("{f:?} connection to backend {id}, {when}: {e:#}"));
+        }
+    };
+    echo_all(&mut conns, 0, "before the SIGKILL");
+    let st = first.kill();
+    println!("[sigkill] agent killed: {st:?}");
+    assert!(
+        common::xdp_attached(&topo.lb, common::NODE_IF).expect("ip link"),
+        "the balancer must stay attached (pinned) after SIGKILL"
+    );
+    echo_all(&mut conns, 1, "while no agent runs");
+    for f in FAMILIES {
+        let (mut s, id) = common::id_tcp_connect(
+            &topo.cli,
+            SocketAddr::new(f.vip(), HTTP_PORT),
+            46_050,
+            IO_TIMEOUT,
+        )
+        .expect("a new connection while no agent runs");
+        common::id_tcp_echo(&mut s, b"new without agent")
+            .unwrap_or_else(|e| panic!("{f:?}: new connection to backend {id}: {e:#}"));
+    }
+    let started = Instant::now();
+    let _second = start_nat_agent(topo, &path);
+    println!(
+        "[sigkill] replacement answering after {:?}",
+        started.elapsed()
+    );
+    let resp = topo.api(&Request::Status {}).expect("status");
+    let status = Status::try_from(resp.data.expect("data")).expect("status");
+    assert!(
+        status.adopted,
+        "the new agent must adopt the pinned datapath: {status:?}"
+    );
+    echo_all(&mut conns, 2, "after the restart");
+    for f in FAMILIES {
+        let (mut s, id) = common::id_tcp_connect(
+            &topo.cli,
+            SocketAddr::new(f.vip(), HTTP_PORT),
+            46_100,
+            IO_TIMEOUT,
+        )
+        .expect("a new connection after the restart");
+        common::id_tcp_echo(&mut s, b"new after restart")
+            .unwrap_or_else(|e| panic!("{f:?}: new connection to backend {id}: {e:#}"));
+    }
+    bed.finish();
+}
+
+/// A round-robin `nat` service with TCP health checks on their own port. One connection to
+/// each backend; then backend 2 drained (`backend_drain`): the next 20 connections go to
+/// backends 1 and 3 only (10 each, one CPU's walk), while the connection to backend 2 keeps
+/// working. Then backend 3's health check fails: it goes down and the next 10 connections
+/// all go to backend 1, while backend 2's connection still works.
+#[test]
+fn drain_and_a_failed_health_check_take_no_new_connections() {
+    let Some(bed) = Bed::build("nh") else {
+        return;
+    };
+    let topo = &bed.topo;
+    all_on_cpu0();
+    let _servers = id_servers(topo, HTTP_BACKEND_PORT);
+    let mut health: Vec<Option<IdServer>> = id_servers(topo, HEALTH_PORT)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let service = nat_service(
+        "web",
+        Family::V4,
+        HTTP_PORT,
+        "tcp",
+        HTTP_BACKEND_PORT,
+        "round-robin",
+    )
+    .health_check(
+        HealthCheck::new("tcp")
+            .port(HEALTH_PORT)
+            .interval(Duration::from_millis(200))
+            .timeout(Duration::from_millis(100))
+            .rise(1)
+            .fall(2),
+    );
+    let path = topo
+        .write_agent_config(&agent_config(topo, std::slice::from_ref(&service)))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    for i in 0..BACKENDS {
+        wait_health(
+            topo,
+            "web",
+            backend_v4(i).into(),
+            Health::Up,
+            Duration::from_secs(5),
+        );
+    }
+    let vip = SocketAddr::new(VIP_V4.into(), HTTP_PORT);
+    let mut conns: Vec<(TcpStream, u8)> = (47_000..47_003)
+        .map(|src| common::id_tcp_connect(&topo.cli, vip, src, IO_TIMEOUT).expect("connect"))
+        .collect();
+    let ids: HashSet<u8> = conns.iter().map(|(_, id)| *id).collect();
+    assert_eq!(
+        ids.len(),
+        BACKENDS,
+        "one round-robin cycle reaches every backend: {ids:?}"
+    );
+    let drained = conns
+        .iter()
+        .position(|(_, id)| *id == 1)
+        .expect("a connection to backend 2");
+
+    let resp = topo
+        .api(&Request::BackendDrain {
+            service: "web".into(),
+            address: backend_v4(1).into(),
+        })
+        .expect("API backend_drain");
+    assert!(resp.ok, "backend_drain: {:?}", resp.error);
+    let r = common::id_tcp_flows(&topo.cli, vip, 47_100..47_120);
+    r.assert_all_ok();
+    println!(
+        "[drain] backend 2 drained: new connections per backend {:?}",
+        r.counts(BACKENDS)
+    );
+    assert_eq!(
+        r.counts(BACKENDS),
+        predict::round_robin_counts(&[1, 0, 1], 20),
+        "new connections while backend 2 drains"
+    );
+    common::id_tcp_echo(&mut conns[drained].0, b"still here while draining")
+        .expect("the drained backend's established connection");
+
+    // Backend 3's check fails from now on: its health server stops.
+    drop(health[2].take());
+    wait_health(
+        topo,
+        "web",
+        backend_v4(2).into(),
+        Health::Down,
+        Duration::from_secs(5),
+    );
+    let r = common::id_tcp_flows(&topo.cli, vip, 47_200..47_210);
+    r.assert_all_ok();
+    println!(
+        "[health] backend 3 down: new connections per backend {:?}",
+        r.counts(BACKENDS)
+    );
+    assert_eq!(
+        r.counts(BACKENDS),
+        [10, 0, 0],
+        "new connections with backend 3 down"
+    );
+    common::id_tcp_echo(&mut conns[drained].0, b"still here with backend 3 down")
+        .expect("the drained backend's established connection");
+    bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Counters
+// ---------------------------------------------------------------------------------------------
+
+const COUNTED_FLOWS: u16 = 30;
+const DATAGRAMS_PER_FLOW: u64 = 3;
+const DATAGRAM_LEN: usize = 100;
+
+/// A global counter by name, failing with the NAT counters this build has when the name is
+/// not among them.
+fn nat_counter(stats: &Stats, name: &str) -> u64 {
+    stats
+        .global
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| {
+            let nat: Vec<&str> = lb_common::stat::NAMES
+                .iter()
+                .copied()
+                .filter(|n| n.contains("nat"))
+                .collect();
+            panic!("no global counter {name}; the NAT counters of this build: {nat:?}")
+        })
+}
+
+/// Exactly counted UDP through a round-robin `nat` VIP: 30 flows of 3 datagrams, each
+/// answered. The datapath counts exactly that: `nat_pairs_created` one per flow, `nat_reply`
+/// one per answer, `nat_forward` one per datagram, nothing handed to the kernel; the
+/// service's and each backend's traffic rows both directions (every packet crosses the
+/// balancer), with the frames' bytes and one new flow per flow; and no NAT drop.
+#[test]
+fn nat_counters_match_the_packets_sent() {
+    let Some(bed) = Bed::build("nn") else {
+        return;
+    };
+    let topo = &bed.topo;
+    all_on_cpu0();
+    let nat_names: Vec<&str> = lb_common::stat::NAMES
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("nat_"))
+        .collect();
+    let _echo = EchoServers::start(
+        &topo.backends,
+        UDP_BACKEND_PORT,
+        &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+    )
+    .expect("UDP echo servers");
+    let service = nat_service(
+        "dns",
+        Family::V4,
+        UDP_PORT,
+        "udp",
+        UDP_BACKEND_PORT,
+        "round-robin",
+    );
+    let path = topo
+        .write_agent_config(&agent_config(topo, std::slice::from_ref(&service)))
+        .expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    assert!(
+        !nat_names.is_empty(),
+        "lb_common::stat::NAMES has no nat_* counter: {:?}",
+        lb_common::stat::NAMES
+    );
+    let before = stats(topo);
+    let vip = SocketAddr::new(VIP_V4.into(), UDP_PORT);
+    common::in_netns(&topo.cli, || {
+        for src in 42_000..42_000 + COUNTED_FLOWS {
+            let sock =
+                UdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), src)).expect("bind");
+            sock.connect(vip).expect("connect");
+            sock.set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            for k in 0..DATAGRAMS_PER_FLOW {
+                let mut msg = payload(DATAGRAM_LEN, u64::from(src) * 8 + k);
+                msg[0] = b'c';
+                sock.send(&msg).expect("send");
+                let mut buf = [0u8; 256];
+                let n = sock
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("flow {src}, datagram {k}: no answer: {e}"));
+                assert_eq!(
+                    &buf[..n],
+                    &msg[..],
+                    "flow {src}, datagram {k}: not the echo"
+                );
+            }
+        }
+    });
+    let after = stats(topo);
+    let delta = |name: &str| nat_counter(&after, name) - nat_counter(&before, name);
+    let flows = u64::from(COUNTED_FLOWS);
+    let sent = flows * DATAGRAMS_PER_FLOW;
+    let global: Vec<(String, u64)> = after
+        .global
+        .iter()
+        .filter(|(n, _)| n.contains("nat"))
+        .map(|(n, v)| (n.clone(), v - nat_counter(&before, n)))
+        .collect();
+    println!(
+        "[counters] {sent} datagrams in {flows} flows, each answered; NAT counters: {global:?}"
+    );
+    assert_eq!(delta("nat_pairs_created"), flows, "nat_pairs_created");
+    assert_eq!(delta("nat_reply"), sent, "nat_reply: one per answer");
+    assert_eq!(delta("nat_forward"), sent, "nat_forward: one per datagram");
+    // The balancer resolved the client's neighbour itself (primed): no answer went through
+    // the kernel's forwarding, which would count there instead of in nat_reply.
+    assert_eq!(delta("nat_to_kernel"), 0, "nat_to_kernel");
+    for (name, d) in &global {
+        assert!(
+            !name.starts_with("drop_") || *d == 0,
+            "{name} +{d} while every datagram was answered"
+        );
+    }
+
+    // Both directions cross the balancer: two frames per datagram, of equal size (an echo).
+    let frame = u64::try_from(14 + 20 + 8 + DATAGRAM_LEN).expect("frame length");
+    let traffic = |rows: &[weir::api::TrafficStats], backend: Option<IpAddr>| {
+        rows.iter()
+            .find(|r| r.service == "dns" && r.backend == backend)
+            .map(|r| (r.packets, r.bytes, r.new_flows))
+            .unwrap_or((0, 0, 0))
+    };
+    let diff = |a: (u64, u64, u64), b: (u64, u64, u64)| (a.0 - b.0, a.1 - b.1, a.2 - b.2);
+    let per_flow =
+        predict::round_robin_counts(&predict::ring_weights(&service), usize::from(COUNTED_FLOWS));
+    assert_eq!(
+        diff(
+            traffic(&after.services, None),
+            traffic(&before.services, None)
+        ),
+        (2 * sent, 2 * sent * frame, flows),
+        "service dns: (packets, bytes, new flows)"
+    );
+    for (i, f) in per_flow.iter().enumerate() {
+        let b = Some(IpAddr::from(backend_v4(i)));
+        let p = 2 * f * DATAGRAMS_PER_FLOW;
+        assert_eq!(
+            diff(traffic(&after.backends, b), traffic(&before.backends, b)),
+            (p, p * frame, *f),
+            "backend {}: (packets, bytes, new flows)",
+            i + 1
+        );
+    }
+    bed.finish();
+}
