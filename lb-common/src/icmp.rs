@@ -5,7 +5,7 @@
 //! into the packet; the sum over the quoted bytes, which stay in the packet, it gets from
 //! `bpf_csum_diff` and hands in folded (`quote_sum`).
 
-use crate::{OUTER_TTL, csum::ipv4_header_checksum};
+use crate::{OUTER_TTL, csum::ipv4_header_checksum, headers::write_ipv6_outer};
 
 /// IP protocol number of ICMP, and next-header value of ICMPv6.
 pub const PROTO_ICMP: u8 = 1;
@@ -142,21 +142,8 @@ pub const fn write_icmp6_too_big(
     quote_sum: u16,
 ) {
     let payload = ICMP_HDR_LEN as u16 + quote_len;
-    let len = payload.to_be_bytes();
-    ip[0] = 0x60;
-    ip[1] = 0;
-    ip[2] = 0;
-    ip[3] = 0;
-    ip[4] = len[0];
-    ip[5] = len[1];
-    ip[6] = PROTO_ICMPV6;
-    ip[7] = OUTER_TTL;
-    let mut i = 0;
-    while i < 16 {
-        ip[8 + i] = vip[i];
-        ip[24 + i] = client[i];
-        i += 1;
-    }
+    // The same fixed header as a tunnel's outer one, with flow label 0 (no flow to spread).
+    write_ipv6_outer(ip, vip, client, PROTO_ICMPV6, payload, 0);
     let m = mtu.to_be_bytes();
     *icmp = [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
     // Pseudo-header: the addresses (bytes 8..40 of the IPv6 header), the 32-bit upper-layer
