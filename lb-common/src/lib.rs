@@ -120,9 +120,10 @@ pub const FORWARD_NAT: u8 = 2;
 
 /// `VipInfo::scheduler` values. For maglev and ip-hash the ring is a Maglev table indexed
 /// by a hash; for round-robin it holds the smooth weighted round-robin sequence, walked by a
-/// shared per-service counter; for least-conn it is the Maglev table, from which two
-/// candidates are drawn (power of two choices) and the one with fewer active connections
-/// per unit of weight wins.
+/// per-CPU counter of each service (each CPU walks the whole sequence, so the shares are
+/// exact per CPU); for least-conn it is the Maglev table, from which two candidates are
+/// drawn (power of two choices) and the one with fewer active connections per unit of
+/// weight wins.
 pub const SCHED_MAGLEV: u8 = 0;
 pub const SCHED_IP_HASH: u8 = 1;
 pub const SCHED_ROUND_ROBIN: u8 = 2;
