@@ -143,6 +143,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     let mut ebpf = datapath::load_object_pinned(
         config.agent.conntrack_entries,
+        config.agent.nat_connections,
         &config.agent.bpffs,
     )
     .with_context(|| {
@@ -158,6 +159,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     })?;
     datapath::load_program(&mut ebpf, prog_name::BALANCER)?;
     let maps = KernelMaps::take(&mut ebpf)?;
+    let nat_wanted = datapath::nat_table_entries(config.agent.nat_connections);
+    if maps.nat_capacity() != nat_wanted {
+        tracing::warn!(
+            entries = maps.nat_capacity(),
+            configured = nat_wanted,
+            "the pinned NAT table keeps its size; nat_connections applies after `weir teardown`"
+        );
+    }
     // Maps left by an earlier agent are adopted even without its link (a start that died
     // between pinning the maps and the link): a fresh balancer over full maps would leave
     // their VIPs behind.

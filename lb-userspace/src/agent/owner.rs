@@ -750,9 +750,10 @@ impl Agent {
                 }
                 if new.agent.xdp_mode != self.config.agent.xdp_mode
                     || new.agent.conntrack_entries != self.config.agent.conntrack_entries
+                    || new.agent.nat_connections != self.config.agent.nat_connections
                 {
                     tracing::warn!(
-                        "reload: xdp_mode and conntrack_entries changes take effect only on a fresh datapath (after weir teardown)"
+                        "reload: xdp_mode, conntrack_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
                 let old = std::mem::replace(&mut self.config, new);
