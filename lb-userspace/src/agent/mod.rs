@@ -17,6 +17,7 @@
 //! its config and overlay, and resumes health checks without resetting tracked flows.
 //! `weir teardown` detaches and removes the pins.
 
+pub mod conns;
 pub mod desired;
 pub mod owner;
 
@@ -284,9 +285,20 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 let _ = agent.reload();
             }
             Some(event) = health_rx.recv() => agent.on_health(event),
-            Some(ApiCall { request, reply }) = api_rx.recv() => {
-                let _ = reply.send(agent.handle(request));
-            }
+            Some(ApiCall { request, reply }) = api_rx.recv() => match agent.conn_job(&request) {
+                // `weir conn`: the NAT table is walked on a blocking thread, which answers.
+                Some(Ok(job)) => {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = reply.send(job.run());
+                    });
+                }
+                Some(Err(answer)) => {
+                    let _ = reply.send(answer);
+                }
+                None => {
+                    let _ = reply.send(agent.handle(request));
+                }
+            },
             Some(reply) = snapshot_rx.recv() => {
                 // Room for one answer: never blocks the owner.
                 let _ = reply.try_send(agent.snapshot());
