@@ -1336,3 +1336,228 @@ fn nat_counters_match_the_packets_sent() {
     }
     bed.finish();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. `weir conn` and the NAT table gauges
+// ---------------------------------------------------------------------------------------------
+
+/// Connections the `weir conn` test opens (two per backend under round robin).
+const CONN_COUNT: u16 = 6;
+const CONN_PORTS: u16 = 47_000;
+/// The test's NAT table size: the capacity gauge must show twice as many entries.
+const CONN_TABLE: u32 = 4096;
+
+/// `weir ARGS... --socket SOCKET`: (exit code, stdout, stderr).
+fn weir_cli(topo: &Topology, args: &[&str]) -> (i32, String, String) {
+    let socket = topo.api_socket();
+    let mut v = vec![common::weir_bin()];
+    v.extend_from_slice(args);
+    v.push("--socket");
+    v.push(socket.to_str().expect("utf-8 socket path"));
+    let (code, out, err) = common::run_status(&v).expect("run weir");
+    println!("$ weir {} -> {code}\n{out}{err}", args.join(" "));
+    (code, out, err)
+}
+
+fn conn_list(topo: &Topology, args: &[&str]) -> weir::api::ConnList {
+    let (code, out, err) = weir_cli(topo, &[&["conn", "list", "-o", "json"], args].concat());
+    assert_eq!(code, 0, "weir conn list {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("weir conn list -o json: {e}: {out}"))
+}
+
+/// Waits (the agent's table walk runs every 5 s) until the metrics show `want`: each
+/// backend's `weir_nat_connections` and the table's entries; returns the last scrape.
+fn wait_nat_gauges(topo: &Topology, want: &[(IpAddr, f64)], entries: f64) -> Vec<common::Sample> {
+    let start = Instant::now();
+    loop {
+        let samples = topo.metrics().expect("metrics");
+        let got: Vec<Option<f64>> = want
+            .iter()
+            .map(|(b, _)| {
+                common::metric(
+                    &samples,
+                    "weir_nat_connections",
+                    &[("service", "web"), ("backend", &b.to_string())],
+                )
+            })
+            .collect();
+        let table = common::metric(&samples, "weir_nat_table_entries", &[]);
+        if got.iter().zip(want).all(|(g, (_, w))| *g == Some(*w)) && table == Some(entries) {
+            return samples;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "NAT gauges {got:?} (entries {table:?}) not {want:?} (entries {entries}) within 15 s"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Six TCP connections through a round-robin `nat` VIP (two per backend): `weir conn list
+/// -o json` lists exactly them, each with the backend that answered it, and its filters
+/// narrow the list; the metrics show the table's entries and capacity (`nat_connections`)
+/// and each backend's connections. `weir conn flush --backend B` without `--yes` flushes
+/// nothing and says how many would go; with `--yes` it deletes B's pairs, says how many,
+/// and leaves the others working; the gauges follow. A flushed connection's next segment
+/// finds no pair: the scheduler picks it up as a new connection (`untracked_midflow`, a pair
+/// marked picked up), as the design says.
+#[test]
+fn conn_list_and_flush_show_and_delete_the_nat_pairs() {
+    let Some(bed) = Bed::build("nc") else {
+        return;
+    };
+    let topo = &bed.topo;
+    all_on_cpu0();
+    let _servers = id_servers(topo, HTTP_BACKEND_PORT);
+    let service = nat_service(
+        "web",
+        Family::V4,
+        HTTP_PORT,
+        "tcp",
+        HTTP_BACKEND_PORT,
+        "round-robin",
+    );
+    let config = agent_config(topo, std::slice::from_ref(&service))
+        .raw("nat_connections", &CONN_TABLE.to_string());
+    let path = topo.write_agent_config(&config).expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    let vip = SocketAddr::new(VIP_V4.into(), HTTP_PORT);
+    let mut conns: Vec<(u16, TcpStream, u8)> = (CONN_PORTS..CONN_PORTS + CONN_COUNT)
+        .map(|src| {
+            let (mut s, id) =
+                common::id_tcp_connect(&topo.cli, vip, src, IO_TIMEOUT).expect("connect");
+            common::id_tcp_echo(&mut s, b"hello").expect("echo");
+            (src, s, id)
+        })
+        .collect();
+    let backend_of = |id: u8| IpAddr::from(backend_v4(usize::from(id)));
+    let client = Family::V4.client(topo);
+
+    // The list: exactly these connections, each to the backend that answered it.
+    let list = conn_list(topo, &[]);
+    assert_eq!(
+        (list.total, list.truncated),
+        (u64::from(CONN_COUNT), false),
+        "{list:?}"
+    );
+    let listed: BTreeSet<(u16, SocketAddr)> = list
+        .connections
+        .iter()
+        .map(|c| (c.client.port(), c.backend))
+        .collect();
+    let expected: BTreeSet<(u16, SocketAddr)> = conns
+        .iter()
+        .map(|(src, _, id)| (*src, SocketAddr::new(backend_of(*id), HTTP_BACKEND_PORT)))
+        .collect();
+    assert_eq!(listed, expected, "weir conn list: (client port, backend)");
+    for c in &list.connections {
+        assert_eq!(c.client.ip(), client, "{c:?}");
+        assert_eq!(c.vip, vip, "{c:?}");
+        assert_eq!(c.service.as_deref(), Some("web"), "{c:?}");
+        assert_eq!(c.state, weir::api::ConnState::Established, "{c:?}");
+        assert!(!c.picked_up, "{c:?}");
+    }
+    let per_backend = |ids: &mut dyn Iterator<Item = u8>| {
+        let mut n = [0u64; BACKENDS];
+        for id in ids {
+            n[usize::from(id)] += 1;
+        }
+        n
+    };
+    let counts = per_backend(&mut conns.iter().map(|(_, _, id)| *id));
+    assert_eq!(counts, [2, 2, 2], "round robin on one CPU: two each");
+    let target = backend_of(0);
+    let only = conn_list(topo, &["--backend", &target.to_string()]);
+    assert_eq!(only.total, 2, "{only:?}");
+    assert!(only.connections.iter().all(|c| c.backend.ip() == target));
+    let cut = conn_list(topo, &["--service", "web", "--limit", "4"]);
+    assert_eq!(
+        (cut.total, cut.truncated, cut.connections.len()),
+        (6, true, 4)
+    );
+    let (code, _, err) = weir_cli(topo, &["conn", "list", "--backend", "198.51.100.99"]);
+    assert_eq!(code, 67, "an unknown backend: {err}");
+
+    // The gauges, from the agent's walk.
+    let want: Vec<(IpAddr, f64)> = (0..BACKENDS)
+        .map(|i| (IpAddr::from(backend_v4(i)), 2.0))
+        .collect();
+    let samples = wait_nat_gauges(topo, &want, 2.0 * f64::from(CONN_COUNT));
+    assert_eq!(
+        common::metric(&samples, "weir_nat_table_capacity", &[]),
+        Some(2.0 * f64::from(CONN_TABLE)),
+        "weir_nat_table_capacity: two entries per nat_connections"
+    );
+    assert!(
+        common::metric(&samples, "weir_nat_reclaimed_total", &[("by", "agent")]).is_some(),
+        "weir_nat_reclaimed_total{{by=\"agent\"}} is exported"
+    );
+
+    // Flush: refused without a filter, a dry run without --yes, then for real.
+    let (code, _, err) = weir_cli(topo, &["conn", "flush", "--yes"]);
+    assert_eq!(code, 1, "a flush without a filter: {err}");
+    assert!(err.contains("--backend ADDR"), "{err}");
+    let (code, _, err) = weir_cli(topo, &["conn", "flush", "--backend", &target.to_string()]);
+    assert_eq!(code, 1, "a flush without --yes: {err}");
+    assert!(
+        err.contains("2 NAT connections of backend") && err.contains("--yes"),
+        "{err}"
+    );
+    assert_eq!(
+        conn_list(topo, &[]).total,
+        u64::from(CONN_COUNT),
+        "nothing flushed"
+    );
+    let (code, out, err) = weir_cli(
+        topo,
+        &["conn", "flush", "--backend", &target.to_string(), "--yes"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("flushed 2 NAT connections of backend {target} (4 table entries)\n")
+    );
+    let left = conn_list(topo, &[]);
+    assert_eq!(left.total, u64::from(CONN_COUNT) - 2, "{left:?}");
+    assert!(
+        left.connections.iter().all(|c| c.backend.ip() != target),
+        "{left:?}"
+    );
+    let mut want = want;
+    want[0].1 = 0.0;
+    wait_nat_gauges(topo, &want, 2.0 * f64::from(CONN_COUNT - 2));
+    // The others still work.
+    for (src, s, id) in conns.iter_mut().filter(|(_, _, id)| *id != 0) {
+        common::id_tcp_echo(s, b"still here")
+            .unwrap_or_else(|e| panic!("connection {src} to backend {id} after the flush: {e:#}"));
+    }
+
+    // A flushed connection's next segment goes through the scheduler again.
+    let midflow = topo.global_counter("untracked_midflow");
+    let (src, s, _) = conns
+        .iter_mut()
+        .find(|(_, _, id)| *id == 0)
+        .expect("a flushed connection");
+    let src = *src;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    // Whatever the answer: kept if the pick lands on backend 1 again, reset otherwise.
+    let _ = common::id_tcp_echo(s, b"after the flush");
+    let picked = conn_list(topo, &[]);
+    let again: Vec<&weir::api::ConnInfo> = picked
+        .connections
+        .iter()
+        .filter(|c| c.client.port() == src)
+        .collect();
+    assert_eq!(
+        again.len(),
+        1,
+        "the flushed connection's next segment: {picked:?}"
+    );
+    assert!(again[0].picked_up, "a pair made mid-flow: {:?}", again[0]);
+    assert!(
+        topo.global_counter("untracked_midflow") > midflow,
+        "untracked_midflow counts the pick-up"
+    );
+    bed.finish();
+}

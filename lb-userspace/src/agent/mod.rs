@@ -17,6 +17,7 @@
 //! its config and overlay, and resumes health checks without resetting tracked flows.
 //! `weir teardown` detaches and removes the pins.
 
+pub mod conns;
 pub mod desired;
 pub mod owner;
 
@@ -143,6 +144,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     let mut ebpf = datapath::load_object_pinned(
         config.agent.conntrack_entries,
+        config.agent.nat_connections,
         &config.agent.bpffs,
     )
     .with_context(|| {
@@ -158,6 +160,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     })?;
     datapath::load_program(&mut ebpf, prog_name::BALANCER)?;
     let maps = KernelMaps::take(&mut ebpf)?;
+    let nat_wanted = datapath::nat_table_entries(config.agent.nat_connections);
+    if maps.nat_capacity() != nat_wanted {
+        tracing::warn!(
+            entries = maps.nat_capacity(),
+            configured = nat_wanted,
+            "the pinned NAT table keeps its size; nat_connections applies after `weir teardown`"
+        );
+    }
     // Maps left by an earlier agent are adopted even without its link (a start that died
     // between pinning the maps and the link): a fresh balancer over full maps would leave
     // their VIPs behind.
@@ -275,9 +285,20 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 let _ = agent.reload();
             }
             Some(event) = health_rx.recv() => agent.on_health(event),
-            Some(ApiCall { request, reply }) = api_rx.recv() => {
-                let _ = reply.send(agent.handle(request));
-            }
+            Some(ApiCall { request, reply }) = api_rx.recv() => match agent.conn_job(&request) {
+                // `weir conn`: the NAT table is walked on a blocking thread, which answers.
+                Some(Ok(job)) => {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = reply.send(job.run());
+                    });
+                }
+                Some(Err(answer)) => {
+                    let _ = reply.send(answer);
+                }
+                None => {
+                    let _ = reply.send(agent.handle(request));
+                }
+            },
             Some(reply) = snapshot_rx.recv() => {
                 // Room for one answer: never blocks the owner.
                 let _ = reply.try_send(agent.snapshot());

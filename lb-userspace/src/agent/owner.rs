@@ -18,7 +18,10 @@ use lb_common::{
     stat,
 };
 
-use super::desired::{self, Health, Observed};
+use super::{
+    conns::{ConnAction, ConnBackend, ConnFilter, ConnJob},
+    desired::{self, Health, Observed},
+};
 use crate::{
     api::{self, ErrorCode, Request, Response},
     config::{self, Config, HealthKind, ServiceConfig, rules},
@@ -27,7 +30,7 @@ use crate::{
         maps::{ConntrackWalker, NatWalker},
     },
     health::{HealthChecker, HealthEvent, Target},
-    metrics::Metrics,
+    metrics::{Metrics, NatTableGauges},
     overlay::{Admin, Overlay},
     reconcile::{ApplyReport, Balancer},
 };
@@ -166,6 +169,10 @@ pub struct RecountResult {
     pub nat_orphans: HashSet<FlowKey>,
     /// NAT entries this walk deleted.
     pub nat_reclaimed: usize,
+    /// Entries of the NAT table when walked; `None` when it was not walked.
+    pub nat_entries: Option<usize>,
+    /// Live NAT connections per backend id (`NatWalkOutcome::pairs`).
+    pub nat_pairs: HashMap<u32, u64>,
 }
 
 /// What a walk of the NAT table decides (`nat_walk`).
@@ -179,6 +186,9 @@ pub struct NatWalkOutcome {
     /// Entries without a partner, not yet reclaimed (a crash between the two inserts of a
     /// pair, or a pair half deleted while walked): reclaimed if still so at the next walk.
     pub orphans: HashSet<FlowKey>,
+    /// Live connections per backend id, open or closing (`weir_nat_connections`): forward
+    /// entries of whole pairs that the datapath honours and that have not expired.
+    pub pairs: HashMap<u32, u64>,
 }
 
 /// Judges every NAT entry by the datapath's own rules (docs/design/nat.md §7): a pair is
@@ -215,6 +225,9 @@ pub fn nat_walk(
             *out.counts.entry(e.backend_id).or_default() += 1;
         }
         let orphan = partner.is_none();
+        if e.flags & NAT_REPLY == 0 && honoured && fresh && !orphan {
+            *out.pairs.entry(e.backend_id).or_default() += 1;
+        }
         if orphan && fresh && honoured && !previous_orphans.contains(key) {
             out.orphans.insert(*key);
             continue;
@@ -243,16 +256,18 @@ impl Recount {
         let mut nat_counts = HashMap::new();
         let mut nat_orphans = HashSet::new();
         let mut nat_reclaimed = 0;
-        let mut nat_entries = 0;
+        let mut nat_entries = None;
+        let mut nat_pairs = HashMap::new();
         if let Some(nat) = &self.nat {
             let mut table = HashMap::new();
             match nat.walk(|key, value| {
                 table.insert(*key, *value);
             }) {
                 Ok(n) => {
-                    nat_entries = n;
+                    nat_entries = Some(n);
                     let outcome = nat_walk(&table, &self.backends, now_ns, &self.nat_orphans);
                     nat_counts = outcome.counts;
+                    nat_pairs = outcome.pairs;
                     nat_orphans = outcome.orphans;
                     match nat.delete(&outcome.reclaim) {
                         Ok(n) => nat_reclaimed = n,
@@ -288,10 +303,12 @@ impl Recount {
         RecountResult {
             counts,
             before: self.before,
-            entries: entries + nat_entries,
+            entries: entries + nat_entries.unwrap_or(0),
             took: started.elapsed(),
             nat_orphans,
             nat_reclaimed,
+            nat_entries,
+            nat_pairs,
         }
     }
 }
@@ -321,6 +338,11 @@ pub fn counts_as_active(
         b.udp_ns
     };
     now_ns.saturating_sub(value.last_seen_ns) <= timeout
+}
+
+/// Whether a service's forwarding translates through `NAT_CT` (`fullnat` joins here).
+const fn is_nat(forwarding: u8) -> bool {
+    forwarding == lb_common::FORWARD_NAT
 }
 
 fn now_unix() -> u64 {
@@ -440,6 +462,12 @@ impl Agent {
                 "reclaimed expired or stale NAT pairs"
             );
         }
+        self.metrics
+            .observe_nat_reclaimed(result.nat_reclaimed as u64);
+        if let Some(entries) = result.nat_entries {
+            self.metrics
+                .set_nat_table(self.nat_gauges(entries, &result.nat_pairs));
+        }
         let current: HashMap<u32, u32> = self
             .balancer
             .services()
@@ -469,6 +497,144 @@ impl Agent {
             written,
             "connection counts recounted"
         );
+    }
+
+    /// The NAT gauges of a walk: every backend of a NAT service gets a series (0 without
+    /// connections, so an alert sees it), and any other backend a pair still points to.
+    fn nat_gauges(&self, entries: usize, pairs: &HashMap<u32, u64>) -> NatTableGauges {
+        let mut connections = Vec::new();
+        for state in self.balancer.services() {
+            for b in &state.backends {
+                let count = pairs.get(&b.id).copied();
+                if is_nat(state.spec.forwarding) || count.is_some() {
+                    connections.push((state.spec.name.clone(), b.address, count.unwrap_or(0)));
+                }
+            }
+        }
+        NatTableGauges {
+            entries: entries as u64,
+            capacity: u64::from(self.balancer.maps().nat_capacity()),
+            connections,
+        }
+    }
+
+    /// Checks a `conn_list` or `conn_flush` and packs its walk of the NAT table, which the
+    /// caller runs on a blocking thread (never on the owner task). `None`: not such a
+    /// request; `Err`: the answer, when there is nothing to walk.
+    pub fn conn_job(&self, request: &Request) -> Option<Result<ConnJob, Response>> {
+        let refuse = |message: &str| Some(Err(Response::error(ErrorCode::BadRequest, message)));
+        let (service, backend, action) = match request {
+            Request::ConnList {
+                service,
+                backend,
+                limit,
+            } => {
+                let limit = limit.unwrap_or(api::CONN_LIST_DEFAULT_LIMIT);
+                if !(1..=api::CONN_LIST_MAX_LIMIT).contains(&limit) {
+                    return refuse(&format!(
+                        "limit {limit} is out of range (1..={}; `weir conn list --limit N`)",
+                        api::CONN_LIST_MAX_LIMIT
+                    ));
+                }
+                (
+                    service,
+                    backend,
+                    ConnAction::List {
+                        limit: limit as usize,
+                    },
+                )
+            }
+            Request::ConnFlush {
+                service,
+                backend,
+                all,
+                confirm,
+            } => {
+                if service.is_none() && backend.is_none() && !all {
+                    return refuse(
+                        "refused: a flush needs a filter: `weir conn flush --service NAME`, \
+                         `--backend ADDR`, or `--all` for every NAT connection",
+                    );
+                }
+                if *all && (service.is_some() || backend.is_some()) {
+                    return refuse(
+                        "refused: `all` flushes every NAT connection and takes no filter \
+                         (`weir conn flush --all --yes`)",
+                    );
+                }
+                if !confirm {
+                    return refuse(
+                        "refused without confirmation, nothing flushed: add `--yes` to \
+                         `weir conn flush`",
+                    );
+                }
+                (service, backend, ConnAction::Flush)
+            }
+            _ => return None,
+        };
+        if let Some(name) = service
+            && self.service_config(name).is_none()
+        {
+            return Some(Err(unknown_service(name)));
+        }
+        if let Some(address) = *backend {
+            let known = match service {
+                Some(name) => self.service_config(name).is_some_and(|s| {
+                    self.overlay
+                        .effective(s)
+                        .iter()
+                        .any(|b| b.address == address)
+                }),
+                None => self.all_backend_addresses().contains(&address),
+            };
+            if !known {
+                let (whose, list) = match service {
+                    Some(name) => (
+                        format!("service {name} has"),
+                        format!("weir backend list {name}"),
+                    ),
+                    None => ("no service has".to_owned(), "weir backend list".to_owned()),
+                };
+                return Some(Err(Response::error(
+                    ErrorCode::UnknownBackend,
+                    format!("{whose} no backend {address} (see `{list}`)"),
+                )));
+            }
+        }
+        let walker = match self.balancer.maps().nat_walker() {
+            Ok(walker) => walker,
+            Err(err) => {
+                return Some(Err(Response::error(
+                    ErrorCode::Internal,
+                    format!("cannot walk the NAT table: {err}"),
+                )));
+            }
+        };
+        let backends = self
+            .balancer
+            .services()
+            .flat_map(|s| {
+                s.backends.iter().map(|b| {
+                    (
+                        b.id,
+                        ConnBackend {
+                            service: s.spec.name.clone(),
+                            address: b.address,
+                            generation: b.generation,
+                        },
+                    )
+                })
+            })
+            .collect();
+        Some(Ok(ConnJob {
+            walker,
+            backends,
+            filter: ConnFilter {
+                service: service.clone(),
+                backend: *backend,
+            },
+            action,
+        }))
     }
 
     /// Writes the difference to the datapath and points the health checker at the current
@@ -750,9 +916,10 @@ impl Agent {
                 }
                 if new.agent.xdp_mode != self.config.agent.xdp_mode
                     || new.agent.conntrack_entries != self.config.agent.conntrack_entries
+                    || new.agent.nat_connections != self.config.agent.nat_connections
                 {
                     tracing::warn!(
-                        "reload: xdp_mode and conntrack_entries changes take effect only on a fresh datapath (after weir teardown)"
+                        "reload: xdp_mode, conntrack_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
                 let old = std::mem::replace(&mut self.config, new);
@@ -1014,6 +1181,12 @@ impl Agent {
             }
             Request::Stats {} => Response::ok(self.stats()),
             Request::Reload {} => self.reload(),
+            // The agent's loop hands these to `conn_job` first: their walk of the NAT table
+            // must not run on the owner task.
+            Request::ConnList { .. } | Request::ConnFlush { .. } => Response::error(
+                ErrorCode::Internal,
+                "conn_list and conn_flush are answered by a walk off the owner task",
+            ),
         }
     }
 
@@ -1195,6 +1368,7 @@ mod tests {
             let table: HashMap<FlowKey, NatEntry> = nat_pair(f, r, now).into_iter().collect();
             let out = nat_walk(&table, &backends, now, &none);
             assert_eq!(out.counts.get(&3), Some(&1), "idle {f}/{r}");
+            assert_eq!(out.pairs.get(&3), Some(&1), "idle {f}/{r}");
             assert!(out.reclaim.is_empty() && out.orphans.is_empty());
         }
         // Both idle past 60 s + the margin: reclaimed, both keys. Within the margin: kept.
@@ -1202,7 +1376,7 @@ mod tests {
         let mut out = nat_walk(&table, &backends, now, &none);
         out.reclaim.sort_by_key(|k| k.src_port_be);
         assert_eq!(out.reclaim.len(), 2);
-        assert!(out.counts.is_empty());
+        assert!(out.counts.is_empty() && out.pairs.is_empty());
         let table: HashMap<FlowKey, NatEntry> = nat_pair(61, 61, now).into_iter().collect();
         assert!(nat_walk(&table, &backends, now, &none).reclaim.is_empty());
         // An orphan is reclaimed at its second walk, not its first.
@@ -1211,6 +1385,8 @@ mod tests {
         let first = nat_walk(&table, &backends, now, &none);
         assert!(first.reclaim.is_empty());
         assert!(first.orphans.contains(&fwd_key));
+        // Half a pair is no connection for the gauge.
+        assert!(first.pairs.is_empty());
         let second = nat_walk(&table, &backends, now, &first.orphans);
         assert_eq!(second.reclaim, [fwd_key]);
         // A backend down, or its id given to another generation: not honoured, reclaimed.
@@ -1221,6 +1397,16 @@ mod tests {
         backends.get_mut(&3).unwrap().generation = 3;
         let out = nat_walk(&table, &backends, now, &none);
         assert_eq!(out.reclaim.len(), 2);
+        assert!(out.counts.is_empty() && out.pairs.is_empty());
+        // A closing connection (FIN seen) no longer counts for least-conn, but is still in
+        // the table: the gauge shows it.
+        backends.get_mut(&3).unwrap().generation = 2;
+        let mut table: HashMap<FlowKey, NatEntry> = nat_pair(1, 1, now).into_iter().collect();
+        for e in table.values_mut() {
+            e.flags |= FLOW_CLOSED;
+        }
+        let out = nat_walk(&table, &backends, now, &none);
         assert!(out.counts.is_empty());
+        assert_eq!(out.pairs.get(&3), Some(&1));
     }
 }

@@ -18,7 +18,7 @@ pub mod server;
 
 pub use client::{ClientError, request};
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use std::fmt;
 
@@ -74,7 +74,36 @@ pub enum Request {
     },
     Stats {},
     Reload {},
+    /// The NAT connections (pairs of `NAT_CT`), optionally of one service and/or backend;
+    /// at most `limit` (default [`CONN_LIST_DEFAULT_LIMIT`], at most
+    /// [`CONN_LIST_MAX_LIMIT`]), with the total that matched.
+    ConnList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<IpAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Deletes the NAT connections (both entries of each pair) of a service and/or a
+    /// backend, or every one with `all`. Refused without a filter and without `confirm`:
+    /// a flush is never an accident.
+    ConnFlush {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<IpAddr>,
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        confirm: bool,
+    },
 }
+
+/// How many connections `conn_list` returns when the request gives no `limit`.
+pub const CONN_LIST_DEFAULT_LIMIT: u32 = 1000;
+/// The most connections one `conn_list` answer holds (about 250 bytes of JSON each).
+pub const CONN_LIST_MAX_LIMIT: u32 = 100_000;
 
 const fn default_weight() -> u32 {
     1
@@ -168,6 +197,10 @@ pub enum Reply {
     Stats(Stats),
     /// `reload`.
     Reload(ReloadReport),
+    /// `conn_list`.
+    ConnList(ConnList),
+    /// `conn_flush`.
+    ConnFlush(ConnFlushed),
 }
 
 /// Conversions between each payload and its [`Reply`] variant: `Response::ok(status)`, and
@@ -201,6 +234,8 @@ reply_payloads!(
     Removed(Removed),
     Stats(Stats),
     Reload(ReloadReport),
+    ConnList(ConnList),
+    ConnFlush(ConnFlushed),
 );
 
 /// Which [`Reply`] answers a request: what the client reads the `data` as.
@@ -214,6 +249,8 @@ enum ReplyKind {
     BackendChange,
     Stats,
     Reload,
+    ConnList,
+    ConnFlush,
 }
 
 impl ReplyKind {
@@ -231,6 +268,8 @@ impl ReplyKind {
             | Request::BackendDisable { .. } => Self::BackendChange,
             Request::Stats {} => Self::Stats,
             Request::Reload {} => Self::Reload,
+            Request::ConnList { .. } => Self::ConnList,
+            Request::ConnFlush { .. } => Self::ConnFlush,
         }
     }
 }
@@ -259,6 +298,8 @@ impl<'de> DeserializeSeed<'de> for ReplyKind {
             },
             Self::Stats => Reply::Stats(Stats::deserialize(deserializer)?),
             Self::Reload => Reply::Reload(ReloadReport::deserialize(deserializer)?),
+            Self::ConnList => Reply::ConnList(ConnList::deserialize(deserializer)?),
+            Self::ConnFlush => Reply::ConnFlush(ConnFlushed::deserialize(deserializer)?),
         })
     }
 }
@@ -443,6 +484,45 @@ pub struct ReloadReport {
     pub backends_written: usize,
 }
 
+/// `conn_list`: the matching NAT connections, sorted by service, backend and client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnList {
+    /// How many connections matched; more than `connections.len()` when `truncated`.
+    pub total: u64,
+    /// The limit cut the list short.
+    pub truncated: bool,
+    pub connections: Vec<ConnInfo>,
+}
+
+/// One NAT connection: the client's tuple, the VIP it asked for and the backend it was
+/// translated to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnInfo {
+    /// The backend's service; `None` for a pair made for an earlier owner of the backend's
+    /// id (no longer honoured: the next table walk deletes it).
+    pub service: Option<String>,
+    pub protocol: Protocol,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub backend: SocketAddr,
+    pub state: ConnState,
+    /// Seconds since the last packet, either way.
+    pub idle_seconds: u64,
+    /// Seconds until the pair expires if no packet comes (0: expired, awaiting deletion).
+    pub expires_in_seconds: u64,
+    /// Made from a mid-flow packet (the table had lost the connection, or it was flushed).
+    pub picked_up: bool,
+}
+
+/// `conn_flush`: what went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnFlushed {
+    /// Connections (pairs) deleted.
+    pub connections: u64,
+    /// Table entries deleted (two per pair; one for a pair already half gone).
+    pub entries: u64,
+}
+
 // ----- the values of the payloads' enumerated fields -----
 //
 // Mirrors of the agent's own types (the config's `Protocol`, the overlay's `Admin`, ...),
@@ -511,6 +591,23 @@ pub enum Admin {
     Disabled,
 }
 
+/// The state of a NAT connection ([`ConnInfo::state`]): the TCP states the datapath
+/// follows, or for UDP whether an answer was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnState {
+    SynSent,
+    SynRecv,
+    Established,
+    FinWait,
+    TimeWait,
+    Close,
+    /// UDP, no answer yet (the short unreplied timeout applies).
+    Unreplied,
+    /// UDP, answered.
+    Replied,
+}
+
 /// A backend's health as the agent sees it ([`BackendInfo::health`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -553,6 +650,16 @@ wire_names! {
     HealthCheckKind { None => "none", Tcp => "tcp", Http => "http", Udp => "udp" }
     Admin { Enabled => "enabled", Draining => "draining", Disabled => "disabled" }
     Health { Up => "up", Down => "down", Unchecked => "unchecked" }
+    ConnState {
+        SynSent => "syn-sent",
+        SynRecv => "syn-recv",
+        Established => "established",
+        FinWait => "fin-wait",
+        TimeWait => "time-wait",
+        Close => "close",
+        Unreplied => "unreplied",
+        Replied => "replied",
+    }
 }
 
 #[cfg(test)]
@@ -672,6 +779,16 @@ mod tests {
         ]);
         check(&[Admin::Enabled, Admin::Draining, Admin::Disabled]);
         check(&[Health::Up, Health::Down, Health::Unchecked]);
+        check(&[
+            ConnState::SynSent,
+            ConnState::SynRecv,
+            ConnState::Established,
+            ConnState::FinWait,
+            ConnState::TimeWait,
+            ConnState::Close,
+            ConnState::Unreplied,
+            ConnState::Replied,
+        ]);
         assert_eq!(Scheduler::IpHash.as_str(), "ip-hash");
         assert_eq!(Scheduler::LeastConn.to_string(), "least-conn");
     }
@@ -782,6 +899,76 @@ mod tests {
             Response::from_json(&text, &Request::Stats {}).unwrap(),
             error
         );
+    }
+
+    fn conn() -> ConnInfo {
+        ConnInfo {
+            service: Some("web".into()),
+            protocol: Protocol::Tcp,
+            client: "203.0.113.7:40000".parse().unwrap(),
+            vip: "198.51.100.10:80".parse().unwrap(),
+            backend: "198.51.100.11:8080".parse().unwrap(),
+            state: ConnState::Established,
+            idle_seconds: 3,
+            expires_in_seconds: 7437,
+            picked_up: false,
+        }
+    }
+
+    #[test]
+    fn conn_requests_and_answers_round_trip() {
+        let list = Request::ConnList {
+            service: None,
+            backend: Some(ip("198.51.100.11")),
+            limit: Some(5),
+        };
+        let text = serde_json::to_string(&list).unwrap();
+        assert_eq!(
+            text,
+            r#"{"cmd":"conn_list","backend":"198.51.100.11","limit":5}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), list);
+        // A bare flush deserializes with neither `all` nor `confirm`: the agent refuses it.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"conn_flush"}"#).unwrap(),
+            Request::ConnFlush {
+                service: None,
+                backend: None,
+                all: false,
+                confirm: false
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"conn_flush","yes":true}"#).is_err());
+        let reply = ConnList {
+            total: 2,
+            truncated: true,
+            connections: vec![conn()],
+        };
+        let response = Response::ok(reply.clone());
+        let text = serde_json::to_string(&response).unwrap();
+        assert_eq!(Response::from_json(&text, &list).unwrap(), response);
+        let value = serde_json::to_value(&response).unwrap();
+        assert_eq!(value["data"]["connections"][0]["state"], "established");
+        assert_eq!(
+            value["data"]["connections"][0]["client"],
+            "203.0.113.7:40000"
+        );
+        let flush = Request::ConnFlush {
+            service: Some("web".into()),
+            backend: None,
+            all: false,
+            confirm: true,
+        };
+        let flushed = Response::ok(ConnFlushed {
+            connections: 3,
+            entries: 6,
+        });
+        let text = serde_json::to_string(&flushed).unwrap();
+        assert_eq!(Response::from_json(&text, &flush).unwrap(), flushed);
+        // A list is not taken for a flush report, nor the other way round.
+        assert!(Response::from_json(&text, &list).is_err());
+        let listed = serde_json::to_string(&Response::ok(reply)).unwrap();
+        assert!(Response::from_json(&listed, &flush).is_err());
     }
 
     #[test]

@@ -9,17 +9,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::render::{
-    TableSummary, change_line, check_service_table, reload_line, render_backends, render_json,
-    render_json_line, render_services, render_stats, render_stats_with_rates, render_status,
-    render_table_slots, render_table_summary, render_watch_header,
+    TableSummary, change_line, check_service_table, reload_line, render_backends, render_conns,
+    render_json, render_json_line, render_services, render_stats, render_stats_with_rates,
+    render_status, render_table_slots, render_table_summary, render_watch_header,
 };
 use super::{
-    BackendArgs, BackendCommand, BackendTarget, ClientCommand, EX_CONFIG, EX_DATAERR, EX_NOPERM,
-    EX_NOUSER, EX_UNAVAILABLE, EXIT_FAILURE, EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
+    BackendArgs, BackendCommand, BackendTarget, ClientCommand, ConnArgs, ConnCommand,
+    ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_UNAVAILABLE, EXIT_FAILURE,
+    EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
 };
 use crate::api::{
-    self, ApiError, BackendInfo, ClientError, ErrorCode, ReloadReport, Reply, Request, ServiceInfo,
-    ServiceTable, Stats, Status,
+    self, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode, ReloadReport,
+    Reply, Request, ServiceInfo, ServiceTable, Stats, Status,
 };
 
 impl ClientCommand {
@@ -40,6 +41,7 @@ impl ClientCommand {
             Self::Backend(BackendArgs { command, .. }) => {
                 command.target().map(|t| t.service.as_str())
             }
+            Self::Conn(ConnArgs { command, .. }) => command.filter().service.as_deref(),
             _ => None,
         }
     }
@@ -85,6 +87,65 @@ impl BackendCommand {
                 let (service, address) = parts(target);
                 Request::BackendDisable { service, address }
             }
+        }
+    }
+}
+
+impl ConnFilterArgs {
+    /// `of service web, backend 198.51.100.11`, for the lines that say what was flushed.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(service) = &self.service {
+            parts.push(format!("service {service}"));
+        }
+        if let Some(backend) = &self.backend {
+            parts.push(format!("backend {backend}"));
+        }
+        if parts.is_empty() {
+            "of every service".to_owned()
+        } else {
+            format!("of {}", parts.join(", "))
+        }
+    }
+
+    /// The filter as `weir conn flush` options, to repeat in a hint.
+    fn options(&self, all: bool) -> String {
+        let mut text = String::new();
+        if all {
+            text.push_str(" --all");
+        }
+        if let Some(service) = &self.service {
+            text.push_str(&format!(" --service {service}"));
+        }
+        if let Some(backend) = &self.backend {
+            text.push_str(&format!(" --backend {backend}"));
+        }
+        text
+    }
+}
+
+impl ConnCommand {
+    pub const fn filter(&self) -> &ConnFilterArgs {
+        match self {
+            Self::List { filter, .. } | Self::Flush { filter, .. } => filter,
+        }
+    }
+
+    /// The API request that performs this command (`weir conn flush` without `--yes` sends
+    /// a `conn_list` instead, to say how many would go).
+    pub fn request(&self) -> Request {
+        match self {
+            Self::List { filter, limit } => Request::ConnList {
+                service: filter.service.clone(),
+                backend: filter.backend,
+                limit: Some(*limit),
+            },
+            Self::Flush { filter, all, yes } => Request::ConnFlush {
+                service: filter.service.clone(),
+                backend: filter.backend,
+                all: *all,
+                confirm: *yes,
+            },
         }
     }
 }
@@ -161,6 +222,8 @@ enum Failure {
     Api(ApiError),
     /// Writing the results failed.
     Output(io::Error),
+    /// The CLI itself refused (the message says what to do).
+    Refused(String),
 }
 
 impl From<io::Error> for Failure {
@@ -178,7 +241,7 @@ impl Failure {
         match self {
             Self::Client(err) => client_exit_code(err),
             Self::Api(err) => api_exit_code(err.code),
-            Self::Output(_) => EXIT_FAILURE,
+            Self::Output(_) | Self::Refused(_) => EXIT_FAILURE,
         }
     }
 
@@ -187,6 +250,7 @@ impl Failure {
         match self {
             Self::Client(err) => err.to_string(),
             Self::Output(err) => format!("writing the output: {err}"),
+            Self::Refused(message) => message.clone(),
             Self::Api(ApiError { code, message }) => {
                 let hint = match code {
                     ErrorCode::UnknownService => Some("see `weir service list`".to_owned()),
@@ -307,8 +371,50 @@ impl Client<'_> {
                     writeln!(out, "{}", reload_line(report))
                 })?;
             }
+            ClientCommand::Conn(ConnArgs { command, .. }) => self.conn(command)?,
         }
         Ok(())
+    }
+
+    fn conn(&mut self, command: &ConnCommand) -> Result<(), Failure> {
+        let ConnCommand::Flush { filter, all, yes } = command else {
+            let list: ConnList = self.fetch(&command.request())?;
+            return self.show(&list, |list, out| render_conns(list, out));
+        };
+        if filter.service.is_none() && filter.backend.is_none() && !all {
+            return Err(Failure::Refused(
+                "`weir conn flush` needs --service NAME, --backend ADDR, or --all for every \
+                 NAT connection; nothing flushed"
+                    .to_owned(),
+            ));
+        }
+        if !yes {
+            // Say how many would go (the total of a list of one), and flush nothing.
+            let would: ConnList = self.fetch(&Request::ConnList {
+                service: filter.service.clone(),
+                backend: filter.backend,
+                limit: Some(1),
+            })?;
+            return Err(Failure::Refused(format!(
+                "{} NAT connection{} {} would be flushed; nothing flushed without --yes \
+                 (`weir conn flush{} --yes`)",
+                would.total,
+                if would.total == 1 { "" } else { "s" },
+                filter.describe(),
+                filter.options(*all)
+            )));
+        }
+        let flushed: ConnFlushed = self.fetch(&command.request())?;
+        self.show(&flushed, |flushed, out| {
+            writeln!(
+                out,
+                "flushed {} NAT connection{} {} ({} table entries)",
+                flushed.connections,
+                if flushed.connections == 1 { "" } else { "s" },
+                filter.describe(),
+                flushed.entries
+            )
+        })
     }
 
     fn backend(&mut self, command: &BackendCommand) -> Result<(), Failure> {
@@ -655,6 +761,175 @@ mod tests {
                     weight: 3
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn conn_args_make_their_requests() {
+        let conn = |args: &[&str]| match client(args) {
+            ClientCommand::Conn(ConnArgs { command, .. }) => command.request(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            conn(&["conn", "list"]),
+            Request::ConnList {
+                service: None,
+                backend: None,
+                limit: Some(1000)
+            }
+        );
+        assert_eq!(
+            conn(&[
+                "conn",
+                "list",
+                "--service",
+                "web",
+                "--backend",
+                "2001:db8::12",
+                "--limit",
+                "5"
+            ]),
+            Request::ConnList {
+                service: Some("web".into()),
+                backend: Some(ip("2001:db8::12")),
+                limit: Some(5)
+            }
+        );
+        assert_eq!(
+            conn(&["conn", "flush", "--backend", "198.51.100.11", "--yes"]),
+            Request::ConnFlush {
+                service: None,
+                backend: Some(ip("198.51.100.11")),
+                all: false,
+                confirm: true
+            }
+        );
+        assert_eq!(
+            conn(&["conn", "flush", "--all"]),
+            Request::ConnFlush {
+                service: None,
+                backend: None,
+                all: true,
+                confirm: false
+            }
+        );
+        for bad in [
+            &["conn", "list", "--limit", "0"][..],
+            &["conn", "list", "--limit", "100001"],
+            &["conn", "flush", "--all", "--service", "web"],
+            &["conn", "list", "web"],
+            &["conn"],
+        ] {
+            let err = super::super::fixtures::parse(bad).unwrap_err();
+            assert_eq!(
+                super::super::usage_exit_code(&err),
+                EX_USAGE,
+                "{bad:?}: {err}"
+            );
+        }
+        let err =
+            super::super::fixtures::parse(&["conn", "list", "--backend", "web2"]).unwrap_err();
+        assert_eq!(super::super::usage_exit_code(&err), EX_DATAERR);
+    }
+
+    #[test]
+    fn conn_list_and_flush_against_a_fake_agent() {
+        let list = super::super::fixtures::sample_conns();
+        let agent = FakeAgent::start(vec![
+            Response::ok(list.clone()),
+            Response::ok(list.clone()),
+            Response::ok(ConnList {
+                total: 3,
+                truncated: true,
+                connections: list.connections[..1].to_vec(),
+            }),
+            Response::ok(ConnFlushed {
+                connections: 3,
+                entries: 6,
+            }),
+        ]);
+        let socket = agent.socket();
+        let json = run(&["conn", "list", "-o", "json", "--socket", &socket]);
+        assert_eq!((json.code, json.err.as_str()), (EXIT_OK, ""));
+        assert_eq!(serde_json::from_str::<ConnList>(&json.out).unwrap(), list);
+        let table = run(&["conn", "list", "--service", "web", "--socket", &socket]);
+        assert_eq!(table.code, EXIT_OK);
+        assert!(table.out.starts_with("PROTO  CLIENT"), "{}", table.out);
+        assert!(
+            table
+                .out
+                .ends_with("2 of 7 connections shown (--limit N shows more)\n")
+        );
+        // Without --yes: how many would go, exit 1, nothing flushed.
+        let dry = run(&[
+            "conn",
+            "flush",
+            "--backend",
+            "198.51.100.11",
+            "--socket",
+            &socket,
+        ]);
+        assert_eq!((dry.code, dry.out.as_str()), (EXIT_FAILURE, ""));
+        assert_eq!(
+            dry.err,
+            "error: 3 NAT connections of backend 198.51.100.11 would be flushed; nothing \
+             flushed without --yes (`weir conn flush --backend 198.51.100.11 --yes`)\n"
+        );
+        let done = run(&[
+            "conn",
+            "flush",
+            "--backend",
+            "198.51.100.11",
+            "--yes",
+            "--socket",
+            &socket,
+        ]);
+        assert_eq!((done.code, done.err.as_str()), (EXIT_OK, ""));
+        assert_eq!(
+            done.out,
+            "flushed 3 NAT connections of backend 198.51.100.11 (6 table entries)\n"
+        );
+        let backend = Some(ip("198.51.100.11"));
+        assert_eq!(
+            agent.requests(),
+            [
+                Request::ConnList {
+                    service: None,
+                    backend: None,
+                    limit: Some(1000)
+                },
+                Request::ConnList {
+                    service: Some("web".into()),
+                    backend: None,
+                    limit: Some(1000)
+                },
+                Request::ConnList {
+                    service: None,
+                    backend,
+                    limit: Some(1)
+                },
+                Request::ConnFlush {
+                    service: None,
+                    backend,
+                    all: false,
+                    confirm: true
+                },
+            ]
+        );
+        // No filter: refused before asking the agent (no socket needed).
+        let bare = run(&[
+            "conn",
+            "flush",
+            "--yes",
+            "--socket",
+            "/nonexistent/weir.sock",
+        ]);
+        assert_eq!(bare.code, EXIT_FAILURE);
+        assert!(
+            bare.err
+                .contains("needs --service NAME, --backend ADDR, or --all"),
+            "{}",
+            bare.err
         );
     }
 

@@ -7,7 +7,8 @@ use clap::Parser as _;
 
 use super::{BackendArgs, BackendCommand, Cli, ClientCommand, Command};
 use crate::api::{
-    Admin, BackendInfo, Health, ReloadOutcome, ServiceTable, Stats, Status, TrafficStats, XdpMode,
+    Admin, BackendInfo, ConnInfo, ConnList, ConnState, Health, Protocol, ReloadOutcome,
+    ServiceTable, Stats, Status, TrafficStats, XdpMode,
 };
 
 pub(super) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -102,5 +103,38 @@ pub(super) fn sample_stats(scale: u64) -> Stats {
             bytes: 64_000 * scale,
             new_flows: 10 * scale,
         }],
+    }
+}
+
+/// Two of seven NAT connections (the limit cut the list): an established TCP one, and a
+/// UDP one picked up mid-flow for a backend id that changed owner (no service).
+pub(super) fn sample_conns() -> ConnList {
+    ConnList {
+        total: 7,
+        truncated: true,
+        connections: vec![
+            ConnInfo {
+                service: Some("web".into()),
+                protocol: Protocol::Tcp,
+                client: "203.0.113.7:40000".parse().unwrap(),
+                vip: "198.51.100.10:80".parse().unwrap(),
+                backend: "198.51.100.11:8080".parse().unwrap(),
+                state: ConnState::Established,
+                idle_seconds: 3,
+                expires_in_seconds: 7437,
+                picked_up: false,
+            },
+            ConnInfo {
+                service: None,
+                protocol: Protocol::Udp,
+                client: "[2001:db8::7]:53000".parse().unwrap(),
+                vip: "[2001:db8::10]:53".parse().unwrap(),
+                backend: "[2001:db8::12]:5353".parse().unwrap(),
+                state: ConnState::Unreplied,
+                idle_seconds: 0,
+                expires_in_seconds: 30,
+                picked_up: true,
+            },
+        ],
     }
 }

@@ -3,10 +3,10 @@
 //! status of `weir teardown`). `main.rs` only dispatches; the definitions live here so that
 //! the tests and the man page generator (xtask's `docs`) use them.
 //!
-//! The commands that talk to the agent (`status`, `service`, `backend`, `stats`, `reload`)
-//! run through [`run_client`] (in [`client`]), which writes to the given streams and returns
-//! the exit status, so the tests drive exactly what the binary runs; [`render`] formats the
-//! agent's answers.
+//! The commands that talk to the agent (`status`, `service`, `backend`, `stats`, `reload`,
+//! `conn`) run through [`run_client`] (in [`client`]), which writes to the given streams and
+//! returns the exit status, so the tests drive exactly what the binary runs; [`render`]
+//! formats the agent's answers.
 
 pub mod client;
 pub mod render;
@@ -57,8 +57,9 @@ pub const SOCKET_ENV: &str = "WEIR_SOCKET";
 ///
 /// `weir agent` balances the traffic of the configured virtual services over their
 /// backends; `weir decap` runs on the backends and decapsulates the tunnelled packets.
-/// `weir status`, `service`, `backend`, `stats` and `reload` talk to the running agent
-/// over its management socket (`--socket`, default /run/weir/weir.sock or $WEIR_SOCKET);
+/// `weir status`, `service`, `backend`, `stats`, `reload` and `conn` talk to the running
+/// agent over its management socket (`--socket`, default /run/weir/weir.sock or
+/// $WEIR_SOCKET);
 /// `weir teardown` removes a datapath an agent left attached after it stopped.
 ///
 /// Exit status:
@@ -235,6 +236,11 @@ pub enum ClientCommand {
     /// An invalid file is rejected with its `FILE: KEY: REASON` message and exit status
     /// 78; the agent keeps running with its previous config.
     Reload(ClientOpts),
+
+    /// List or flush the connections of `forwarding = "nat"` services: the pairs of the
+    /// NAT table, each a client's tuple, the VIP it asked for and the backend it was
+    /// translated to.
+    Conn(ConnArgs),
 }
 
 /// Options of every command that talks to the agent.
@@ -422,6 +428,72 @@ pub struct StatsArgs {
     pub interval: Duration,
 }
 
+/// `weir conn ...`.
+#[derive(Debug, Args)]
+pub struct ConnArgs {
+    #[command(flatten)]
+    pub opts: ClientOpts,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ConnCommand,
+}
+
+/// Which connections a `weir conn` command is about.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct ConnFilterArgs {
+    /// Only the connections of this service.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+
+    /// Only the connections to this backend (its IP address). An invalid address exits
+    /// with status 65.
+    #[arg(long, value_name = "ADDR", value_parser = parse_address)]
+    pub backend: Option<IpAddr>,
+}
+
+/// Subcommands of `weir conn`.
+#[derive(Debug, Subcommand)]
+pub enum ConnCommand {
+    /// List the NAT connections: protocol, client, VIP, backend, service, TCP state (UDP:
+    /// replied or unreplied), seconds since the last packet and until the connection
+    /// expires. Sorted by service, backend and client; at most `--limit`, with the total.
+    List {
+        #[command(flatten)]
+        filter: ConnFilterArgs,
+
+        /// Show at most this many connections (1..=100000); the total is always given.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = crate::api::CONN_LIST_DEFAULT_LIMIT,
+            value_parser = clap::value_parser!(u32)
+                .range(1..=i64::from(crate::api::CONN_LIST_MAX_LIMIT))
+        )]
+        limit: u32,
+    },
+
+    /// Delete NAT connections (both entries of each pair) of a service or a backend, or
+    /// every one with `--all`. Without `--yes` it only says how many would go and exits 1.
+    ///
+    /// A flushed connection's next packet finds no pair: a TCP segment that is not a SYN is
+    /// picked up by the scheduler as a new connection (counted as untracked mid-flow),
+    /// which the backend it lands on resets unless it is the one that held it; a UDP
+    /// datagram makes a new pair.
+    Flush {
+        #[command(flatten)]
+        filter: ConnFilterArgs,
+
+        /// Every NAT connection of every service.
+        #[arg(long, conflicts_with_all = ["service", "backend"])]
+        all: bool,
+
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
 impl ClientCommand {
     /// The options shared by all client commands.
     pub fn opts(&self) -> &ClientOpts {
@@ -430,6 +502,7 @@ impl ClientCommand {
             Self::Service(args) => &args.opts,
             Self::Backend(args) => &args.opts,
             Self::Stats(args) => &args.opts,
+            Self::Conn(args) => &args.opts,
         }
     }
 }

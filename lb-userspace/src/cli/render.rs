@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::BackendCommand;
 use crate::api::{
-    Admin, BackendInfo, ReloadReport, ServiceInfo, ServiceTable, Stats, Status, TrafficStats,
+    Admin, BackendInfo, ConnList, ReloadReport, ServiceInfo, ServiceTable, Stats, Status,
+    TrafficStats,
 };
 use crate::config::Config;
 
@@ -297,6 +298,54 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
     table.write(out)
 }
 
+/// `weir conn list`: one row per connection, then how many there are (and how many are
+/// not shown when the limit cut the list).
+pub fn render_conns(list: &ConnList, out: &mut dyn Write) -> io::Result<()> {
+    use Align::{Left, Right};
+    let mut table = Table::new(&[
+        ("PROTO", Left),
+        ("CLIENT", Left),
+        ("VIP", Left),
+        ("BACKEND", Left),
+        ("SERVICE", Left),
+        ("STATE", Left),
+        ("IDLE", Right),
+        ("EXPIRES IN", Right),
+    ]);
+    for c in &list.connections {
+        table.row(vec![
+            c.protocol.to_string(),
+            c.client.to_string(),
+            c.vip.to_string(),
+            c.backend.to_string(),
+            c.service.clone().unwrap_or_else(|| "-".to_owned()),
+            if c.picked_up {
+                format!("{} (picked up)", c.state)
+            } else {
+                c.state.to_string()
+            },
+            format!("{}s", c.idle_seconds),
+            format!("{}s", c.expires_in_seconds),
+        ]);
+    }
+    table.write(out)?;
+    let total = list.total;
+    let noun = if total == 1 {
+        "connection"
+    } else {
+        "connections"
+    };
+    if list.truncated {
+        writeln!(
+            out,
+            "{} of {total} {noun} shown (--limit N shows more)",
+            list.connections.len()
+        )
+    } else {
+        writeln!(out, "{total} {noun}")
+    }
+}
+
 /// Checks that the slots of a ring name backends of its list.
 pub fn check_service_table(table: &ServiceTable) -> Result<(), String> {
     if table.counts.len() != table.backends.len() {
@@ -562,7 +611,7 @@ pub fn reload_line(report: &ReloadReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::{
-        backend, backend_info, ip, sample_ring, sample_stats, sample_status,
+        backend, backend_info, ip, sample_conns, sample_ring, sample_stats, sample_status,
     };
     use super::*;
     use crate::api::{Forwarding, Health, HealthCheckKind, Protocol, Scheduler, ServiceInfo};
@@ -595,6 +644,33 @@ web            198.51.100.11       1          1  enabled   up         yes     17
 web            2001:db8::12      100        100  draining  unchecked  yes     17  21846  1234567  987654321       4321
 dns-long-name  203.0.113.5         0          0  disabled  up         no      17      0        0          0          0
 "
+        );
+    }
+
+    #[test]
+    fn conn_list_rendering() {
+        let mut list = sample_conns();
+        let text = render(|out| render_conns(&list, out));
+        assert_eq!(
+            text,
+            "\
+PROTO  CLIENT               VIP                BACKEND              SERVICE  STATE                  IDLE  EXPIRES IN
+tcp    203.0.113.7:40000    198.51.100.10:80   198.51.100.11:8080   web      established              3s       7437s
+udp    [2001:db8::7]:53000  [2001:db8::10]:53  [2001:db8::12]:5353  -        unreplied (picked up)    0s         30s
+2 of 7 connections shown (--limit N shows more)
+"
+        );
+        list.truncated = false;
+        list.total = 1;
+        list.connections.truncate(1);
+        let text = render(|out| render_conns(&list, out));
+        assert!(text.ends_with("\n1 connection\n"), "{text}");
+        list.connections.clear();
+        list.total = 0;
+        let text = render(|out| render_conns(&list, out));
+        assert_eq!(
+            text,
+            "PROTO  CLIENT  VIP  BACKEND  SERVICE  STATE  IDLE  EXPIRES IN\n0 connections\n"
         );
     }
 

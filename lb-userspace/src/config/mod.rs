@@ -37,6 +37,10 @@ use serde::Deserialize;
 /// The largest accepted `agent.conntrack_entries` (2^26 entries).
 pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 26;
 
+/// The largest accepted `agent.nat_connections` (2^24 pairs: `NAT_CT` holds twice as many
+/// entries, about 6 GB when full, allocated as connections come).
+pub const MAX_NAT_CONNECTIONS: u32 = 1 << 24;
+
 /// The largest accepted backend `weight`.
 pub const MAX_WEIGHT: u32 = 65535;
 
@@ -119,6 +123,9 @@ pub struct AgentConfig {
     pub tunnel_source_prefix: Option<SourcePrefix>,
     /// Capacity of the connection-tracking map (1..=`MAX_CONNTRACK_ENTRIES`).
     pub conntrack_entries: u32,
+    /// Capacity of the NAT connection table in connections (1..=`MAX_NAT_CONNECTIONS`);
+    /// the map (`NAT_CT`) holds two entries per connection.
+    pub nat_connections: u32,
     /// Unix socket of the management API (mode 0600).
     pub api_socket: PathBuf,
     /// Listen address of the Prometheus `/metrics` endpoint.

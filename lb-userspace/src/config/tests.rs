@@ -2,7 +2,9 @@
 
 use super::*;
 use lb_common::maglev::is_prime;
-use lb_common::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_SERVICES};
+use lb_common::{
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_SERVICES, nat::DEFAULT_NAT_CONNECTIONS,
+};
 
 const FILE: &str = "weir.toml";
 
@@ -272,6 +274,7 @@ xdp_mode = "native"
 tunnel_source = "198.51.100.1"
 tunnel_source_v6 = "2001:db8::1"
 conntrack_entries = 4096
+nat_connections = 1024
 
 [[service]]
 name = "web"
@@ -311,6 +314,7 @@ weight = 65535
             tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
             tunnel_source_prefix: None,
             conntrack_entries: 4096,
+            nat_connections: 1024,
             api_socket: PathBuf::from(DEFAULT_API_SOCKET),
             metrics: DEFAULT_METRICS.parse().unwrap(),
             bpffs: PathBuf::from(DEFAULT_BPFFS),
@@ -398,6 +402,8 @@ address = "203.0.113.11"
     assert_eq!(config.agent.tunnel_source_v6, None);
     assert_eq!(config.agent.conntrack_entries, DEFAULT_CONNTRACK_ENTRIES);
     assert_eq!(config.agent.conntrack_entries, 1 << 20);
+    assert_eq!(config.agent.nat_connections, DEFAULT_NAT_CONNECTIONS);
+    assert_eq!(config.agent.nat_connections, 1 << 18);
     let service = &config.services[0];
     assert_eq!(service.scheduler, Scheduler::Maglev);
     assert_eq!(service.forwarding, Forwarding::Tunnel);
@@ -769,6 +775,30 @@ fn conntrack_entries_too_large() {
     let text = web("", &[backend("203.0.113.11")])
         .replace("[agent]\n", "[agent]\nconntrack_entries = 67108864\n");
     assert_eq!(ok(&text).agent.conntrack_entries, MAX_CONNTRACK_ENTRIES);
+}
+
+#[test]
+fn nat_connections_out_of_range() {
+    let with = |n: &str| {
+        web("", &[backend("203.0.113.11")])
+            .replace("[agent]\n", &format!("[agent]\nnat_connections = {n}\n"))
+    };
+    rejects(
+        &with("0"),
+        "agent.nat_connections",
+        "0 is out of range (1..=16777216)",
+    );
+    rejects(&with("-1"), "agent.nat_connections", "-1 is out of range");
+    rejects(
+        &with("16777217"),
+        "agent.nat_connections",
+        "16777217 is out of range",
+    );
+    assert_eq!(
+        ok(&with("16777216")).agent.nat_connections,
+        MAX_NAT_CONNECTIONS
+    );
+    assert_eq!(ok(&with("1")).agent.nat_connections, 1);
 }
 
 #[test]

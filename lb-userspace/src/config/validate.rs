@@ -10,6 +10,7 @@ use std::time::Duration;
 use lb_common::maglev::is_prime;
 use lb_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
+    nat::DEFAULT_NAT_CONNECTIONS,
 };
 
 use super::raw::{RawAgent, RawConfig, RawHealthCheck, RawService};
@@ -21,7 +22,8 @@ use super::{
     AgentConfig, BackendConfig, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
     DEFAULT_NAT_TCP_IDLE_TIMEOUT, DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT,
     DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding, HealthCheck, HealthKind, MAX_CHECK_INTERVAL,
-    MAX_CONNTRACK_ENTRIES, MAX_DURATION, Protocol, ServiceConfig, SourcePrefix, fail,
+    MAX_CONNTRACK_ENTRIES, MAX_DURATION, MAX_NAT_CONNECTIONS, Protocol, ServiceConfig,
+    SourcePrefix, fail,
 };
 
 /// The whole file: the `[agent]` table, then every service in order, then what only the
@@ -165,6 +167,19 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
             })?,
     };
 
+    let nat_connections = match raw.nat_connections {
+        None => DEFAULT_NAT_CONNECTIONS,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=MAX_NAT_CONNECTIONS).contains(n))
+            .ok_or_else(|| {
+                fail(
+                    "agent.nat_connections",
+                    format!("{n} is out of range (1..={MAX_NAT_CONNECTIONS})"),
+                )
+            })?,
+    };
+
     let path = |value: Option<String>, default: &str, key: &str| -> Result<PathBuf, Fail> {
         let value = value.unwrap_or_else(|| default.to_owned());
         if !value.starts_with('/') {
@@ -196,6 +211,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         tunnel_source_v6,
         tunnel_source_prefix,
         conntrack_entries,
+        nat_connections,
         api_socket,
         metrics,
         bpffs,

@@ -97,6 +97,8 @@ pub struct KernelMaps {
     conntrack_fd: OwnedFd,
     nat_ct: HashMap<MapData, FlowKey, NatEntry>,
     nat_ct_fd: OwnedFd,
+    /// `NAT_CT`'s `max_entries` as the kernel has it (a pinned table keeps its size).
+    nat_capacity: u32,
 }
 
 /// A handle on the NAT connection table for the agent's periodic walk, on a blocking
@@ -191,6 +193,13 @@ impl KernelMaps {
             .take_map(map_name::NAT_CT)
             .ok_or(DatapathError::MissingMap(map_name::NAT_CT))?;
         let nat_ct_fd = dup_fd(&nat_ct, map_name::NAT_CT)?;
+        let nat_capacity = match &nat_ct {
+            Map::HashMap(data) => data
+                .info()
+                .map_err(map_err(map_name::NAT_CT))?
+                .max_entries(),
+            _ => return Err(DatapathError::MissingMap(map_name::NAT_CT)),
+        };
         Ok(Self {
             vips: take(ebpf, map_name::VIPS)?,
             services: take(ebpf, map_name::SERVICES)?,
@@ -210,7 +219,14 @@ impl KernelMaps {
             conntrack_fd,
             nat_ct: HashMap::try_from(nat_ct).map_err(map_err(map_name::NAT_CT))?,
             nat_ct_fd,
+            nat_capacity,
         })
+    }
+
+    /// How many entries the NAT table holds at most (two per connection).
+    #[must_use]
+    pub const fn nat_capacity(&self) -> u32 {
+        self.nat_capacity
     }
 
     /// A handle for walking (and reclaiming) the NAT table off the owner task.

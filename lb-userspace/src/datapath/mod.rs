@@ -99,10 +99,16 @@ pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
 
 /// Loads the object with the balancer's maps pinned in `bpffs`: maps already pinned there
 /// (by an earlier agent) are reused with their contents, missing ones are created and
-/// pinned. A reused connection table keeps its size until `weir teardown`.
-pub fn load_object_pinned(conntrack_entries: u32, bpffs: &Path) -> Result<Ebpf, DatapathError> {
+/// pinned. `nat_connections` sizes `NAT_CT` (two entries per connection). A reused
+/// connection table or NAT table keeps its size until `weir teardown`.
+pub fn load_object_pinned(
+    conntrack_entries: u32,
+    nat_connections: u32,
+    bpffs: &Path,
+) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_name::CONNTRACK, conntrack_entries.max(1));
+    loader.map_max_entries(map_name::NAT_CT, nat_table_entries(nat_connections));
     let paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, bpffs.join(name)))
@@ -113,7 +119,14 @@ pub fn load_object_pinned(conntrack_entries: u32, bpffs: &Path) -> Result<Ebpf, 
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Loads the object. `conntrack_entries` sizes the connection table; `small` shrinks the
+/// `NAT_CT`'s `max_entries` for a number of NAT connections: both keys of every pair.
+#[must_use]
+pub fn nat_table_entries(nat_connections: u32) -> u32 {
+    nat_connections.max(1).saturating_mul(2)
+}
+
+/// Loads the object. `conntrack_entries` sizes the connection table (`NAT_CT` keeps the
+/// object's size, `lb_common::nat::DEFAULT_NAT_CONNECTIONS` pairs); `small` shrinks the
 /// balancer-only maps to one entry for processes that only run the decap or pass program
 /// (the ring alone preallocates 16 MiB).
 pub fn load_object(conntrack_entries: u32, small: bool) -> Result<Ebpf, DatapathError> {

@@ -21,7 +21,10 @@ pub use http::{encode, serve};
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -49,7 +52,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 27] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 30] = [
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -181,6 +184,21 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 27] = [
         MetricType::COUNTER,
     ),
     (
+        "weir_nat_connections",
+        "NAT connections in the table that the datapath honours, open or closing, per service and backend (from the agent's table walk, every 5 s).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_nat_table_entries",
+        "Entries in the NAT connection table, two per connection, live or expired (from the agent's table walk).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_nat_table_capacity",
+        "Entries the NAT connection table holds at most (2 x nat_connections when it was created); when full, new connections are refused.",
+        MetricType::GAUGE,
+    ),
+    (
         "weir_nat_to_kernel_total",
         "Translated NAT packets handed to the kernel to forward because the next hop's neighbour was not resolved yet.",
         MetricType::COUNTER,
@@ -266,7 +284,20 @@ struct Inner {
     /// The last snapshot, served when the agent does not answer in time.
     last: Mutex<Option<Snapshot>>,
     checks: Mutex<HashMap<(String, IpAddr), Checks>>,
+    /// The last NAT table walk's gauges; `None` before the first walk.
+    nat: Mutex<Option<NatTableGauges>>,
+    /// NAT table entries the agent's walk deleted so far.
+    nat_reclaimed: AtomicU64,
     descs: Vec<Desc>,
+}
+
+/// What the agent's walk of the NAT table measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatTableGauges {
+    pub entries: u64,
+    pub capacity: u64,
+    /// (service, backend, live connections).
+    pub connections: Vec<(String, IpAddr, u64)>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -374,6 +405,28 @@ impl DatapathCollector {
                 }
                 Some((family, None)) => push(family, counter(&[], *value)),
                 None => tracing::debug!(%name, "datapath counter without a metric"),
+            }
+        }
+        // The agent's own reclaims, beside the datapath's in-line ones (a global counter).
+        push(
+            "weir_nat_reclaimed_total",
+            counter(
+                &[("by", "agent")],
+                self.0.nat_reclaimed.load(Ordering::Relaxed),
+            ),
+        );
+        if let Some(nat) = lock(&self.0.nat).as_ref() {
+            push("weir_nat_table_entries", gauge(&[], nat.entries as f64));
+            push("weir_nat_table_capacity", gauge(&[], nat.capacity as f64));
+            for (service, backend, count) in &nat.connections {
+                let address = backend.to_string();
+                push(
+                    "weir_nat_connections",
+                    gauge(
+                        &[("service", service.as_str()), ("backend", address.as_str())],
+                        *count as f64,
+                    ),
+                );
             }
         }
         if let Some((stats, backends)) = snapshot {
@@ -493,6 +546,8 @@ impl Metrics {
                 source: Mutex::new(None),
                 last: Mutex::new(None),
                 checks: Mutex::new(HashMap::new()),
+                nat: Mutex::new(None),
+                nat_reclaimed: AtomicU64::new(0),
                 descs,
             })),
         )?;
@@ -570,6 +625,19 @@ impl Metrics {
         };
         self.reloads.with_label_values(&[result]).inc();
         self.last_reload_successful.set(i64::from(ok));
+    }
+
+    /// Records what a walk of the NAT table measured (replacing the last walk's gauges).
+    pub fn set_nat_table(&self, gauges: NatTableGauges) {
+        *lock(&self.datapath.0.nat) = Some(gauges);
+    }
+
+    /// Records NAT table entries the agent's walk deleted.
+    pub fn observe_nat_reclaimed(&self, entries: u64) {
+        self.datapath
+            .0
+            .nat_reclaimed
+            .fetch_add(entries, Ordering::Relaxed);
     }
 
     /// Records a failed change whose rollback failed too.
@@ -677,6 +745,64 @@ mod tests {
 
     fn backend_series(name: &str) -> String {
         format!("{name}{{backend=\"{WEB_BACKEND}\",service=\"web\"}}")
+    }
+
+    #[test]
+    fn the_nat_table_walk_shows_as_gauges_and_the_agent_reclaims() {
+        let f = Fixture::new();
+        let text = f.scrape(&snapshot(1, 0));
+        // Before the first walk: the agent's reclaims at 0, no table gauges yet.
+        assert_eq!(
+            sample(&text, r#"weir_nat_reclaimed_total{by="agent"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, r#"weir_nat_reclaimed_total{by="datapath"}"#),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "weir_nat_table_entries"), None);
+        f.metrics.set_nat_table(NatTableGauges {
+            entries: 6,
+            capacity: 524_288,
+            connections: vec![
+                ("web".into(), WEB_BACKEND.parse().unwrap(), 3),
+                ("web".into(), "198.51.100.12".parse().unwrap(), 0),
+            ],
+        });
+        f.metrics.observe_nat_reclaimed(4);
+        f.metrics.observe_nat_reclaimed(2);
+        let text = f.scrape(&snapshot(1, 0));
+        assert_eq!(sample(&text, "weir_nat_table_entries"), Some(6.0));
+        assert_eq!(sample(&text, "weir_nat_table_capacity"), Some(524_288.0));
+        assert_eq!(
+            sample(&text, &backend_series("weir_nat_connections")),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"weir_nat_connections{backend="198.51.100.12",service="web"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, r#"weir_nat_reclaimed_total{by="agent"}"#),
+            Some(6.0)
+        );
+        assert!(text.contains("# TYPE weir_nat_connections gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE weir_nat_reclaimed_total counter"),
+            "{text}"
+        );
+        // Each walk replaces the last one's series: a backend gone is gone.
+        f.metrics.set_nat_table(NatTableGauges {
+            entries: 0,
+            capacity: 524_288,
+            connections: vec![],
+        });
+        let text = f.scrape(&snapshot(1, 0));
+        assert_eq!(sample(&text, &backend_series("weir_nat_connections")), None);
+        assert_eq!(sample(&text, "weir_nat_table_entries"), Some(0.0));
     }
 
     #[test]
