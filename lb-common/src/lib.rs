@@ -225,8 +225,16 @@ pub mod stat {
     /// NAT: translated packets handed to the kernel to forward because the next hop's
     /// neighbour is not resolved yet (counted as `nat_reply` / `nat_forward` too).
     pub const NAT_TO_KERNEL: u32 = 42;
+    /// NAT: ICMP / ICMPv6 errors quoting a NAT connection, translated (outer and quoted
+    /// headers, every checksum) and forwarded: from the client side to the backend, from
+    /// the backend side to the client.
+    pub const NAT_ICMP_TRANSLATED: u32 = 43;
+    /// NAT: ICMP errors quoting a NAT connection that cannot be translated safely (the
+    /// outer addresses do not match the quote, or the quote belongs to the other direction):
+    /// dropped untouched, never forwarded half-rewritten.
+    pub const DROP_NAT_ICMP_UNTRANSLATABLE: u32 = 44;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 43;
+    pub const COUNT: u32 = 45;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -273,6 +281,8 @@ pub mod stat {
         "pass_nat_no_entry",
         "nat_reclaimed_inline",
         "nat_to_kernel",
+        "nat_icmp_translated",
+        "drop_nat_icmp_untranslatable",
     ];
 }
 

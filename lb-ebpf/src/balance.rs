@@ -11,7 +11,7 @@ use crate::{
     clock, conntrack, forward, inbound,
     maps::{BACKENDS, GLOBAL, SERVICES, STATS, VIPS},
     nat,
-    parse::{Parsed, TO_FRAGMENT, TO_ICMP, parse},
+    parse::{Parsed, TO_FRAGMENT, TO_ICMP, TO_NAT_ICMP, parse},
     stats::{Exit, Stats, action_stat, bump, count_traffic, drop, pass},
 };
 
@@ -100,9 +100,10 @@ fn try_balance(ctx: &XdpContext, stats: Stats) -> Result<u32, Exit> {
     // for their handling; it re-reads the packet.
     let job = match parse(ctx) {
         Ok(p) => balance_flow(p, stats)?,
-        Err(Exit {
-            reason: TO_ICMP, ..
-        }) => inbound::icmp(ctx)?,
+        // One call site for both: each inlined copy of the ICMP path takes its own stack.
+        Err(Exit { reason, .. }) if reason == TO_ICMP || reason == TO_NAT_ICMP => {
+            inbound::icmp(ctx, reason == TO_NAT_ICMP)?
+        }
         Err(Exit {
             reason: TO_FRAGMENT,
             ..

@@ -4,19 +4,21 @@
 //! * ICMP / ICMPv6 errors quoting a packet a VIP sent: forwarded, whole, to the backend of
 //!   the quoted flow (its tracked backend, else the service's hash), so that the backend's
 //!   own path-MTU discovery and error handling work across DSR. Never tracked, never a new
-//!   flow, never answered with an ICMP error.
+//!   flow, never answered with an ICMP error. An error quoting a NAT connection, in either
+//!   direction (to a VIP, or a NAT reply candidate towards a client), is translated by
+//!   `nat_icmp` instead.
 //! * ICMP / ICMPv6 echo requests: answered in place (`XDP_TX`) when `GLOBAL_ANSWER_PING`.
 //! * IPv4 fragments of an `ip-hash` service (`FRAG_SERVICES`): forwarded by the source
 //!   hash, like the rest of the client's packets; other fragments are dropped.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, GLOBAL_ANSWER_PING, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH,
+    FAMILY_V4, FAMILY_V6, FORWARD_NAT, FlowKey, GLOBAL_ANSWER_PING, PROTO_TCP, PROTO_UDP,
+    SCHED_IP_HASH,
     csum::ipv4_header_checksum,
     headers::{ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN},
     inbound::{
         ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HDR_LEN, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
         IcmpKind, QUOTED_L4_LEN, REPLY_TTL, echo_reply_checksum, fragment_key, icmp_kind,
-        quoted_flow,
     },
     stat,
 };
@@ -25,6 +27,8 @@ use crate::{
     balance::{Job, lookup_vip},
     clock, conntrack,
     maps::{BACKENDS, FRAG_SERVICES, GLOBAL, SERVICES},
+    nat,
+    nat_icmp::{self, QuoteAt},
     parse::{Parsed, copy_words, l2, ptr_at},
     sched::schedule,
     stats::{Exit, drop, pass},
@@ -37,23 +41,63 @@ use crate::{
 const MAX_ICMP_ERROR_V4: usize = 576;
 const MAX_ICMP_ERROR_V6: usize = 1280;
 
-/// An ICMP / ICMPv6 packet for a VIP address (the parser checked the IP header: version,
-/// lengths, TTL).
+/// An ICMP / ICMPv6 packet for a VIP address, or (`candidate`) a NAT reply candidate: one
+/// for another destination that may be an error about a NAT connection (the parser checked
+/// the IP header: version, lengths, TTL). A candidate is not ours until `NAT_CT` says so:
+/// every refusal before that is a pass.
 #[inline(always)]
-pub(crate) fn icmp(ctx: &XdpContext) -> Result<Job, Exit> {
-    let (l2_len, ether_type) = l2(ctx).ok_or(drop(stat::DROP_TRUNC_ETH))?;
-    if ether_type == ETH_P_IP {
-        icmp_v4(ctx, l2_len)
+pub(crate) fn icmp(ctx: &XdpContext, candidate: bool) -> Result<Job, Exit> {
+    let (l2_len, ether_type) = l2(ctx).ok_or(refuse(candidate, stat::DROP_TRUNC_ETH))?;
+    // Each family parses its error; what follows is one call site for both (each inlined
+    // copy of the translation takes its own stack slots).
+    let error = if ether_type == ETH_P_IP {
+        icmp_v4(ctx, l2_len, candidate)?
     } else if ether_type == ETH_P_IPV6 {
-        icmp_v6(ctx, l2_len)
+        icmp_v6(ctx, l2_len, candidate)?
     } else {
-        Err(pass(stat::PASS_NON_IP))
+        return Err(pass(stat::PASS_NON_IP));
+    };
+    // SAFETY: this CPU's scratch, written by the family's parser just now; nothing else
+    // writes its `icmp_flow` while this program runs.
+    let flow = unsafe { &*error.flow };
+    nat_icmp::translate(ctx, flow, &error.at, error.addressed, candidate)?;
+    if candidate {
+        return Err(pass(stat::PASS_NAT_NO_ENTRY));
+    }
+    if !error.addressed {
+        return Err(pass(stat::PASS_NOT_VIP));
+    }
+    forward_error(*flow, l2_len, error.ip_len, error.dont_fragment)
+}
+
+/// An ICMP error and its quote, as the family's parser found them.
+struct IcmpError {
+    /// The quoted flow reversed (ports included), as the tables key it: client to VIP, or
+    /// for a NAT reply candidate, backend to client. In this CPU's NAT scratch: a key on
+    /// the stack here would not fit it.
+    flow: *mut FlowKey,
+    at: QuoteAt,
+    /// The outer destination is the quote's source, as in any error about that packet.
+    addressed: bool,
+    ip_len: u16,
+    dont_fragment: bool,
+}
+
+/// The refusal of an ICMP packet: dropped for `reason` if it is for a VIP address, passed
+/// if it is a NAT reply candidate (`pass_nat_no_entry`: nothing says it is ours).
+#[inline(always)]
+const fn refuse(candidate: bool, reason: u32) -> Exit {
+    if candidate {
+        pass(stat::PASS_NAT_NO_ENTRY)
+    } else {
+        drop(reason)
     }
 }
 
 #[inline(always)]
-fn icmp_v4(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
-    let ip: *mut [u8; IPV4_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV4))?;
+fn icmp_v4(ctx: &XdpContext, l2_len: usize, candidate: bool) -> Result<IcmpError, Exit> {
+    let ip: *mut [u8; IPV4_HDR_LEN] =
+        ptr_at(ctx, l2_len).ok_or(refuse(candidate, stat::DROP_TRUNC_IPV4))?;
     // SAFETY: `ptr_at` checked the fixed header is in the packet; read only here.
     let (ihl, ip_len, df) = unsafe {
         (
@@ -64,13 +108,16 @@ fn icmp_v4(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
     };
     let ip_end = l2_len + ip_len as usize;
     let l4 = l2_len + ihl;
-    let hdr: *mut [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(drop(stat::DROP_ICMP_MALFORMED))?;
+    let hdr: *mut [u8; ICMP_HDR_LEN] =
+        ptr_at(ctx, l4).ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?;
     if l4 + ICMP_HDR_LEN > ip_end {
-        return Err(drop(stat::DROP_ICMP_MALFORMED));
+        return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
     }
     // SAFETY: `ptr_at` checked the 8 bytes are in the packet.
     let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     match icmp_kind(FAMILY_V4, ty, code) {
+        // Echo and the rest are for VIP addresses only; a candidate's are not ours.
+        IcmpKind::EchoRequest | IcmpKind::Other if candidate => Err(pass(stat::PASS_NOT_VIP)),
         IcmpKind::EchoRequest => {
             answering()?;
             // Options (record route, timestamps) would ask for more than a swap; the
@@ -97,58 +144,79 @@ fn icmp_v4(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
         }
         IcmpKind::Error => {
             if ip_len as usize > MAX_ICMP_ERROR_V4 {
-                return Err(drop(stat::DROP_ICMP_MALFORMED));
+                return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
             }
             let q = l4 + ICMP_HDR_LEN;
             let quoted: *const [u8; IPV4_HDR_LEN] =
-                ptr_at(ctx, q).ok_or(drop(stat::DROP_ICMP_MALFORMED))?;
+                ptr_at(ctx, q).ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?;
             // SAFETY: `ptr_at` checked the quoted fixed header is in the packet.
             let quoted = unsafe { &*quoted };
             let qihl = ((quoted[0] & 0x0f) as usize) * 4;
             if quoted[0] >> 4 != 4 || qihl < IPV4_HDR_LEN {
-                return Err(drop(stat::DROP_ICMP_MALFORMED));
+                return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
             }
             let ql4 = q + qihl;
             let ports: *const [u8; QUOTED_L4_LEN] =
-                ptr_at(ctx, ql4).ok_or(drop(stat::DROP_ICMP_MALFORMED))?;
+                ptr_at(ctx, ql4).ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?;
             if ql4 + QUOTED_L4_LEN > ip_end {
-                return Err(drop(stat::DROP_ICMP_MALFORMED));
+                return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
             }
-            let mut key = FlowKey {
-                family: FAMILY_V4,
-                proto: quoted[9],
-                ..FlowKey::default()
-            };
-            copy_words(&mut key.src_addr, quoted, 12, 1);
-            copy_words(&mut key.dst_addr, quoted, 16, 1);
-            // SAFETY: the outer header is in the packet (`ptr_at` above); read only.
-            let outer_dst = unsafe { [(*ip)[16], (*ip)[17], (*ip)[18], (*ip)[19]] };
-            if key.src_addr[..4] != outer_dst {
-                return Err(pass(stat::PASS_NOT_VIP));
-            }
+            // The quoted flow reversed: client to VIP (or, for a candidate, backend to
+            // client), as the tables key it.
+            let flow = &mut nat::scratch()
+                .ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?
+                .icmp_flow;
+            flow.family = FAMILY_V4;
+            flow.proto = quoted[9];
+            flow._pad = [0; 2];
+            flow.src_addr = [0; 16];
+            flow.dst_addr = [0; 16];
+            copy_words(&mut flow.src_addr, quoted, 16, 1);
+            copy_words(&mut flow.dst_addr, quoted, 12, 1);
             // SAFETY: `ptr_at` checked the quoted ports are in the packet.
             let ports = unsafe { &*ports };
-            forward_error(key, ports, l2_len, ip_len, df)
+            flow.src_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+            flow.dst_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+            // SAFETY: the outer header is in the packet (`ptr_at` above); read only.
+            let outer_dst = unsafe { [(*ip)[16], (*ip)[17], (*ip)[18], (*ip)[19]] };
+            let addressed = flow.dst_addr[..4] == outer_dst;
+            Ok(IcmpError {
+                flow: core::ptr::from_mut(flow),
+                at: QuoteAt {
+                    l2_len,
+                    icmp: l4,
+                    q,
+                    ql4,
+                    ip_end,
+                },
+                addressed,
+                ip_len,
+                dont_fragment: df,
+            })
         }
         IcmpKind::Other => Err(pass(stat::PASS_NOT_VIP)),
     }
 }
 
 #[inline(always)]
-fn icmp_v6(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
-    let ip: *mut [u8; IPV6_HDR_LEN] = ptr_at(ctx, l2_len).ok_or(drop(stat::DROP_TRUNC_IPV6))?;
+fn icmp_v6(ctx: &XdpContext, l2_len: usize, candidate: bool) -> Result<IcmpError, Exit> {
+    let ip: *mut [u8; IPV6_HDR_LEN] =
+        ptr_at(ctx, l2_len).ok_or(refuse(candidate, stat::DROP_TRUNC_IPV6))?;
     // SAFETY: `ptr_at` checked the fixed header is in the packet; read only here.
     let payload_len = unsafe { u16::from_be_bytes([(*ip)[4], (*ip)[5]]) };
     let ip_len = payload_len.wrapping_add(IPV6_HDR_LEN as u16);
     let ip_end = l2_len + IPV6_HDR_LEN + payload_len as usize;
     let l4 = l2_len + IPV6_HDR_LEN;
-    let hdr: *mut [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(drop(stat::DROP_ICMP_MALFORMED))?;
+    let hdr: *mut [u8; ICMP_HDR_LEN] =
+        ptr_at(ctx, l4).ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?;
     if l4 + ICMP_HDR_LEN > ip_end {
-        return Err(drop(stat::DROP_ICMP_MALFORMED));
+        return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
     }
     // SAFETY: `ptr_at` checked the 8 bytes are in the packet.
     let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     match icmp_kind(FAMILY_V6, ty, code) {
+        // Echo and the rest are for VIP addresses only; a candidate's are not ours.
+        IcmpKind::EchoRequest | IcmpKind::Other if candidate => Err(pass(stat::PASS_NOT_VIP)),
         IcmpKind::EchoRequest => {
             answering()?;
             swap_macs(ctx)?;
@@ -165,40 +233,53 @@ fn icmp_v6(ctx: &XdpContext, l2_len: usize) -> Result<Job, Exit> {
         }
         IcmpKind::Error => {
             if ip_len as usize > MAX_ICMP_ERROR_V6 {
-                return Err(drop(stat::DROP_ICMP_MALFORMED));
+                return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
             }
             let q = l4 + ICMP_HDR_LEN;
             let quoted: *const [u8; IPV6_HDR_LEN] =
-                ptr_at(ctx, q).ok_or(drop(stat::DROP_ICMP_MALFORMED))?;
+                ptr_at(ctx, q).ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?;
             let ql4 = q + IPV6_HDR_LEN;
             let ports: *const [u8; QUOTED_L4_LEN] =
-                ptr_at(ctx, ql4).ok_or(drop(stat::DROP_ICMP_MALFORMED))?;
+                ptr_at(ctx, ql4).ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?;
             if ql4 + QUOTED_L4_LEN > ip_end {
-                return Err(drop(stat::DROP_ICMP_MALFORMED));
+                return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
             }
             // SAFETY: `ptr_at` checked the quoted fixed header is in the packet.
             let quoted = unsafe { &*quoted };
             if quoted[0] >> 4 != 6 {
-                return Err(drop(stat::DROP_ICMP_MALFORMED));
+                return Err(refuse(candidate, stat::DROP_ICMP_MALFORMED));
             }
             // A quote with extension headers is about no TCP/UDP flow the balancer made
             // (VIP flows have none): `forward_error` lets it pass.
-            let mut key = FlowKey {
-                family: FAMILY_V6,
-                proto: quoted[6],
-                ..FlowKey::default()
-            };
-            copy_words(&mut key.src_addr, quoted, 8, 4);
-            copy_words(&mut key.dst_addr, quoted, 24, 4);
+            let flow = &mut nat::scratch()
+                .ok_or(refuse(candidate, stat::DROP_ICMP_MALFORMED))?
+                .icmp_flow;
+            flow.family = FAMILY_V6;
+            flow.proto = quoted[6];
+            flow._pad = [0; 2];
+            copy_words(&mut flow.src_addr, quoted, 24, 4);
+            copy_words(&mut flow.dst_addr, quoted, 8, 4);
+            // SAFETY: `ptr_at` checked the quoted ports are in the packet.
+            let ports = unsafe { &*ports };
+            flow.src_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+            flow.dst_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
             let mut outer_dst = [0u8; 16];
             // SAFETY: the outer header is in the packet (`ptr_at` above); read only.
             copy_words(&mut outer_dst, unsafe { &*ip }, 24, 4);
-            if key.src_addr != outer_dst {
-                return Err(pass(stat::PASS_NOT_VIP));
-            }
-            // SAFETY: `ptr_at` checked the quoted ports are in the packet.
-            let ports = unsafe { &*ports };
-            forward_error(key, ports, l2_len, ip_len, true)
+            let addressed = flow.dst_addr == outer_dst;
+            Ok(IcmpError {
+                flow: core::ptr::from_mut(flow),
+                at: QuoteAt {
+                    l2_len,
+                    icmp: l4,
+                    q,
+                    ql4,
+                    ip_end,
+                },
+                addressed,
+                ip_len,
+                dont_fragment: true,
+            })
         }
         IcmpKind::Other => Err(pass(stat::PASS_NOT_VIP)),
     }
@@ -247,25 +328,26 @@ fn echo_reply(hdr: &mut [u8; ICMP_HDR_LEN], request: u8, reply: u8) {
     hdr[3] = c[1];
 }
 
-/// Forwards an ICMP error whose quoted packet (`quoted`: its addresses and protocol; `ports`:
-/// its first transport bytes) went from a VIP to a client, to the backend of that flow: its
+/// Forwards an ICMP error whose quoted packet went from a VIP to a client (`key`: that
+/// flow reversed, client to VIP, as the tables key it), to the backend of that flow: its
 /// tracked backend while the entry is fresh and honoured, as the TCP/UDP path decides, else
 /// the service's hash, as for an untracked mid-flow packet. Nothing is tracked or refreshed.
+/// A NAT service's flow has no pair here (`nat_icmp` found none): it is dropped
+/// (`drop_nat_stale`, RFC 5508 REQ-3), as its backend knows no such tuple.
 #[inline(always)]
 fn forward_error(
-    mut quoted: FlowKey,
-    ports: &[u8; QUOTED_L4_LEN],
+    key: FlowKey,
     l2_len: usize,
     ip_len: u16,
     dont_fragment: bool,
 ) -> Result<Job, Exit> {
-    if quoted.proto != PROTO_TCP && quoted.proto != PROTO_UDP {
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         return Err(pass(stat::PASS_NOT_VIP));
     }
-    quoted.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
-    quoted.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
-    let key = quoted_flow(&quoted);
     let (vip, _) = lookup_vip(&key).ok_or(pass(stat::PASS_NOT_VIP))?;
+    if vip.forwarding == FORWARD_NAT {
+        return Err(drop(stat::DROP_NAT_STALE));
+    }
     let now = clock::now();
     let timeout_s = if key.proto == PROTO_TCP {
         vip.tcp_idle_timeout_s

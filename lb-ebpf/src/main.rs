@@ -75,6 +75,7 @@ mod inbound;
 mod maps;
 mod mss;
 mod nat;
+mod nat_icmp;
 mod parse;
 mod sched;
 mod stats;

@@ -63,6 +63,8 @@ pub(crate) struct NatScratch {
     /// The key of the partner being looked up or deleted.
     partner: FlowKey,
     fib: FibParams,
+    /// The flow an ICMP error quotes, reversed (`inbound`, `nat_icmp`).
+    pub(crate) icmp_flow: FlowKey,
 }
 
 /// What `established` and `new_flow` found: the packet's service, backend and rewrite. The
@@ -79,7 +81,7 @@ pub(crate) struct Pick {
 
 /// This CPU's scratch.
 #[inline(always)]
-fn scratch() -> Option<&'static mut NatScratch> {
+pub(crate) fn scratch() -> Option<&'static mut NatScratch> {
     // SAFETY: this CPU's slot of a per-CPU array; XDP runs with preemption disabled, and
     // no two references to it are used at once (each user takes its own fields).
     NAT_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s })
@@ -88,7 +90,7 @@ fn scratch() -> Option<&'static mut NatScratch> {
 /// The partner of `key`'s entry `e`, looked up with its key built in the scratch (a
 /// 40-byte key per lookup site would not fit the stack).
 #[inline(always)]
-fn partner_of(key: &FlowKey, e: *const NatEntry) -> Option<*mut NatEntry> {
+pub(crate) fn partner_of(key: &FlowKey, e: *const NatEntry) -> Option<*mut NatEntry> {
     let s = scratch()?;
     // SAFETY: a live value of `NAT_CT` or the scratch's forward entry.
     write_partner(&mut s.partner, key, unsafe { &*e });
@@ -201,7 +203,7 @@ pub(crate) fn established(p: &Parsed, now: u64, stats: Stats) -> Result<Option<P
 /// The service and backend of a pair the datapath still honours: the backend up, of the
 /// same generation, its service present and still a NAT one.
 #[inline(always)]
-fn honoured(e: &NatEntry) -> Option<(&'static VipInfo, &'static BackendInfo)> {
+pub(crate) fn honoured(e: &NatEntry) -> Option<(&'static VipInfo, &'static BackendInfo)> {
     let backend = BACKENDS.get(e.backend_id)?;
     if backend.state != BACKEND_UP || backend.generation != e.generation {
         return None;
@@ -548,7 +550,12 @@ pub(crate) fn forward(
 
 /// Writes the 32-bit word at `from` of `addr` to byte `at` of a header, as one word.
 #[inline(always)]
-fn write_word<const N: usize>(hdr: &mut [u8; N], at: usize, addr: &[u8; 16], from: usize) {
+pub(crate) fn write_word<const N: usize>(
+    hdr: &mut [u8; N],
+    at: usize,
+    addr: &[u8; 16],
+    from: usize,
+) {
     if let (Some(dst), Some(src)) = (hdr.get_mut(at..at + 4), addr.get(from..from + 4))
         && let Ok(w) = <[u8; 4]>::try_from(src)
     {
@@ -604,7 +611,7 @@ fn backend_hop(
 /// `bpf_fib_lookup` from `src` to `dst` with its parameters in the scratch: the filled
 /// parameters on success, else the lookup's return code.
 #[inline(always)]
-fn scratch_fib(
+pub(crate) fn scratch_fib(
     ctx: &XdpContext,
     family: u8,
     src: &[u8; 16],
@@ -651,8 +658,8 @@ fn scratch_fib(
     }
 }
 
-const HOP_OK: u32 = 0;
-const HOP_NO_NEIGH: u32 = 1;
+pub(crate) const HOP_OK: u32 = 0;
+pub(crate) const HOP_NO_NEIGH: u32 = 1;
 const HOP_FAILED: u32 = 2;
 
 /// The next hop of a reply towards its client: the one cached in the reply entry while
@@ -662,7 +669,7 @@ const HOP_FAILED: u32 = 2;
 /// known but not the neighbour; the translated packet then goes to the kernel, which
 /// resolves it.
 #[inline(always)]
-fn reply_hop(ctx: &XdpContext, entry: *mut NatEntry, family: u8, now: u64) -> u32 {
+pub(crate) fn reply_hop(ctx: &XdpContext, entry: *mut NatEntry, family: u8, now: u64) -> u32 {
     // SAFETY: a live value of `NAT_CT` (replies always have one: no scratch entry).
     let e = unsafe { &mut *entry };
     if e.hop_ifindex != 0 && e.hop_expires_ns > now {

@@ -1,7 +1,8 @@
 //! Reading packets: the one bounds-checked way to a header ([`ptr_at`]) and the balancer's
 //! parser of Ethernet, 802.1Q, IPv4/IPv6 and the TCP/UDP ports ([`parse`]), which also applies
 //! the packet rules of the crate documentation and hands ICMP and IPv4 fragments for a VIP
-//! address to `inbound` ([`TO_ICMP`], [`TO_FRAGMENT`]).
+//! address (or a NAT reply candidate) to `inbound` ([`TO_ICMP`], [`TO_NAT_ICMP`],
+//! [`TO_FRAGMENT`]).
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     ADDR_FILTER_NAT_DST, ADDR_FILTER_NAT_SRC, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP,
@@ -26,6 +27,11 @@ pub(crate) const TO_ICMP: u32 = u32::MAX - 1;
 /// `Exit::reason` of an IPv4 fragment for a VIP address: a hand-over to `inbound::fragment`
 /// (as [`TO_ICMP`]). Its action, should nobody take it over, is the drop it always was.
 pub(crate) const TO_FRAGMENT: u32 = u32::MAX - 2;
+/// `Exit::reason` of an ICMP / ICMPv6 packet that is a NAT reply candidate (its destination
+/// is no VIP address): a hand-over to `inbound::icmp` as [`TO_ICMP`], which looks for an
+/// error quoting a NAT connection and passes everything else. Not confirmed against
+/// `VIP_ADDRS` (it is for no VIP address by construction). Its action is a pass.
+pub(crate) const TO_NAT_ICMP: u32 = u32::MAX - 3;
 
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
@@ -182,7 +188,7 @@ pub(crate) fn parse(ctx: &XdpContext) -> Result<Parsed, Exit> {
         Err(exit)
             if !matches!(
                 exit.reason,
-                stat::PASS_NOT_VIP | stat::PASS_NON_IP | stat::DROP_TRUNC_ETH
+                stat::PASS_NOT_VIP | stat::PASS_NON_IP | stat::DROP_TRUNC_ETH | TO_NAT_ICMP
             ) && dst_is_vip_addr(ctx) == Some(false) =>
         {
             Err(pass(stat::PASS_NOT_VIP))
@@ -226,7 +232,9 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
                 return Err(pass(stat::PASS_NOT_VIP));
             }
             copy_words(&mut key.src_addr, ip, 12, 1);
-            if !nat_src_maybe(bits, &key.src_addr) {
+            // ICMP from anywhere: an error about a NAT connection may come from a router
+            // between the balancer and the backend, not only from the backend.
+            if !nat_src_maybe(bits, &key.src_addr) && ip[9] != PROTO_ICMP {
                 return Err(pass(stat::PASS_NOT_VIP));
             }
             nat = NAT_SRC;
@@ -268,7 +276,8 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
                 return Err(pass(stat::PASS_NOT_VIP));
             }
             copy_words(&mut key.src_addr, ip, 8, 4);
-            if !nat_src_maybe(bits, &key.src_addr) {
+            // As for IPv4 (an ICMPv6 error quoting a NAT connection, from a router).
+            if !nat_src_maybe(bits, &key.src_addr) && ip[6] != PROTO_ICMPV6 {
                 return Err(pass(stat::PASS_NOT_VIP));
             }
             nat = NAT_SRC;
@@ -326,7 +335,7 @@ fn parse_unconfirmed(ctx: &XdpContext) -> Result<Parsed, Exit> {
     } else if key.proto == PROTO_ICMP && key.family == FAMILY_V4
         || key.proto == PROTO_ICMPV6 && key.family == FAMILY_V6
     {
-        return Err(pass(TO_ICMP));
+        return Err(pass(if nat == NAT_SRC { TO_NAT_ICMP } else { TO_ICMP }));
     } else {
         return Err(pass(stat::PASS_NOT_VIP));
     }

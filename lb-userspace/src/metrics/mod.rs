@@ -52,7 +52,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 30] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 31] = [
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -203,6 +203,11 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 30] = [
         "Translated NAT packets handed to the kernel to forward because the next hop's neighbour was not resolved yet.",
         MetricType::COUNTER,
     ),
+    (
+        "weir_nat_icmp_translated_total",
+        "ICMP errors quoting a NAT connection, translated and forwarded (client side to the backend, backend side to the client).",
+        MetricType::COUNTER,
+    ),
 ];
 
 /// The idle-expiry family, kept apart so the table above stays one line per family.
@@ -244,6 +249,7 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
                 return Some(("weir_nat_reclaimed_total", Some(("by", "datapath"))));
             }
             "nat_to_kernel" => "weir_nat_to_kernel_total",
+            "nat_icmp_translated" => "weir_nat_icmp_translated_total",
             _ => return None,
         };
         Some((family, None))
