@@ -176,3 +176,47 @@ pub fn round_robin_counts(weights: &[u32], flows: usize) -> Vec<u64> {
     }
     counts
 }
+
+/// Whether `observed` (flows per backend, in ring order) is a split that round-robin can
+/// give for `flows` new flows: each CPU walks the smooth weighted sequence from its own
+/// position (`RR_COUNTERS` is per CPU, as NGINX's position is per worker), so the counts are
+/// the sum of one prefix of the sequence per CPU, whatever share of the flows each CPU saw.
+/// On one CPU that is exactly `round_robin_counts`; a flow whose packets the kernel handed to
+/// another CPU moves the split by that CPU's prefix, and nothing else may.
+#[must_use]
+pub fn round_robin_split_possible(weights: &[u32], flows: usize, observed: &[u64]) -> bool {
+    let members: Vec<(u32, u32)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (u32::try_from(i).expect("backend index"), w))
+        .collect();
+    let sequence = rr::smooth_sequence(&members, MAX_RING_SIZE);
+    if sequence.is_empty() || observed.iter().sum::<u64>() != flows as u64 {
+        return false;
+    }
+    // The counts of the first n steps, for every n up to `flows`.
+    let mut prefixes = vec![vec![0u64; weights.len()]];
+    for n in 0..flows {
+        let mut next = prefixes[n].clone();
+        next[usize::try_from(sequence[n % sequence.len()]).expect("backend id")] += 1;
+        prefixes.push(next);
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // Sums of one prefix per CPU that stay within `observed` (a sum that exceeds it in any
+    // backend cannot grow back), by the flows they account for.
+    let mut sums: std::collections::BTreeSet<Vec<u64>> = [vec![0u64; weights.len()]].into();
+    for _ in 0..cpus {
+        let mut next = std::collections::BTreeSet::new();
+        for sum in &sums {
+            let used = usize::try_from(sum.iter().sum::<u64>()).expect("flows");
+            for prefix in &prefixes[..=flows - used] {
+                let s: Vec<u64> = sum.iter().zip(prefix).map(|(a, b)| a + b).collect();
+                if s.iter().zip(observed).all(|(a, b)| a <= b) {
+                    next.insert(s);
+                }
+            }
+        }
+        sums = next;
+    }
+    sums.contains(observed)
+}
