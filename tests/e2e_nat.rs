@@ -1577,7 +1577,7 @@ fn round_robin_splits_are_sums_of_per_cpu_prefixes() {
         90,
         &[30, 30, 30]
     ));
-    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2 {
+    if thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2 {
         assert!(predict::round_robin_split_possible(
             &even,
             90,
