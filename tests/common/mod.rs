@@ -753,12 +753,17 @@ fn udp_echo_loop(sock: &UdpSocket, c: &BackendCounters, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
-                if sock.send_to(&buf[..n], peer).is_ok() {
-                    c.udp_echoed.fetch_add(1, Ordering::SeqCst);
-                    c.udp_peers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(peer);
+                // Counted before the echo leaves: once the client has its answer, the test
+                // may read or reset the counts, and a count made after that would land in
+                // the next case (seen: an earlier case's datagram counted as a flow of the
+                // next family's). A failed echo fails the client's flow, which it reports.
+                c.udp_echoed.fetch_add(1, Ordering::SeqCst);
+                c.udp_peers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(peer);
+                if let Err(e) = sock.send_to(&buf[..n], peer) {
+                    eprintln!("udp echo: send to {peer}: {e}");
                 }
             }
             Err(e)
