@@ -253,6 +253,24 @@ impl Recount {
             .iter()
             .map(|(id, b)| (*id, (b.generation, 0)))
             .collect();
+        // The connection table first, right after the owner's snapshot of the datapath's
+        // counts (`before`): `apply_recount` adds what changed since the snapshot, so a flow
+        // that starts between the snapshot and the walk's visit of its entry is counted
+        // (one too many until the next recount). Walking the NAT table first widened
+        // that window enough for e2e_sched to see it.
+        let entries = match self.walker.walk(|key, value| {
+            if counts_as_active(key, value, &self.backends, now_ns)
+                && let Some((_, count)) = counts.get_mut(&value.backend_id)
+            {
+                *count += 1;
+            }
+        }) {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(error = %err, "walking the connection table failed; counts left as they are");
+                return RecountResult::default();
+            }
+        };
         let mut nat_counts = HashMap::new();
         let mut nat_orphans = HashSet::new();
         let mut nat_reclaimed = 0;
@@ -282,19 +300,6 @@ impl Recount {
                 }
             }
         }
-        let entries = match self.walker.walk(|key, value| {
-            if counts_as_active(key, value, &self.backends, now_ns)
-                && let Some((_, count)) = counts.get_mut(&value.backend_id)
-            {
-                *count += 1;
-            }
-        }) {
-            Ok(entries) => entries,
-            Err(err) => {
-                tracing::warn!(error = %err, "walking the connection table failed; counts left as they are");
-                return RecountResult::default();
-            }
-        };
         for (id, n) in nat_counts {
             if let Some((_, count)) = counts.get_mut(&id) {
                 *count += n;
