@@ -91,6 +91,21 @@ impl Family {
     }
 }
 
+/// The HTTP service of each family (`web-v4`, `web-v6`) on the VIP's port 80, backends on
+/// `HTTP_BACKEND_PORT`, scheduled by `scheduler`.
+fn web_services(scheduler: &str) -> [ServiceBuilder; 2] {
+    FAMILIES.map(|f| {
+        nat_service(
+            &format!("web-{}", f.name()),
+            f,
+            HTTP_PORT,
+            "tcp",
+            HTTP_BACKEND_PORT,
+            scheduler,
+        )
+    })
+}
+
 /// A `nat` service on `family`'s VIP over the three backends, each listening on
 /// `backend_port`.
 fn nat_service(
@@ -526,16 +541,7 @@ fn nginx_behind_a_nat_vip_sees_the_client() {
     for family in FAMILIES {
         assert_vip_silent(topo, family, HTTP_PORT);
     }
-    let services = FAMILIES.map(|f| {
-        nat_service(
-            &format!("web-{}", f.name()),
-            f,
-            HTTP_PORT,
-            "tcp",
-            HTTP_BACKEND_PORT,
-            "round-robin",
-        )
-    });
+    let services = web_services("round-robin");
     let path = topo
         .write_agent_config(&agent_config(topo, &services))
         .expect("config");
@@ -1003,16 +1009,7 @@ fn a_connection_survives_agent_sigkill_and_restart() {
     };
     let topo = &bed.topo;
     let _servers = id_servers(topo, HTTP_BACKEND_PORT);
-    let services = FAMILIES.map(|f| {
-        nat_service(
-            &format!("web-{}", f.name()),
-            f,
-            HTTP_PORT,
-            "tcp",
-            HTTP_BACKEND_PORT,
-            "maglev",
-        )
-    });
+    let services = web_services("maglev");
     let path = topo
         .write_agent_config(&agent_config(topo, &services))
         .expect("config");
