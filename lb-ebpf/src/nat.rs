@@ -1,5 +1,6 @@
-//! Destination NAT (`forwarding = "nat"`, docs/design/nat.md): the NAT connection table
-//! `NAT_CT` as the datapath uses it. A connection is a pair of entries made together (the
+//! The NAT modes (`forwarding = "nat"` and `"fullnat"`, docs/design/nat.md): the NAT
+//! connection table `NAT_CT` as the datapath uses it, and fullnat's SNAT port allocation
+//! ([`snat_claim`]). A connection is a pair of entries made together (the
 //! client's tuple and the backend's reply tuple), each holding the rewrite of its direction:
 //! [`established`] finds a packet's entry, whichever way it travels, judges it (honoured,
 //! expired) and follows the TCP state in both entries; [`new_flow`] schedules a new
@@ -18,25 +19,26 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::bpf_fib_lookup,
+    helpers::{bpf_get_prandom_u32, generated::bpf_fib_lookup},
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_UP, BackendInfo, FAMILY_V4, FLOW_CLOSED, FLOW_COUNTED, FORWARD_NAT, FlowKey,
+    BACKEND_UP, BackendInfo, FAMILY_V4, FLOW_CLOSED, FLOW_COUNTED, FORWARD_FULLNAT, FlowKey,
     GlobalConfig, LAST_SEEN_GRANULARITY_NS, NEXT_HOP_TTL_NS, NextHop, PROTO_TCP, PROTO_UDP,
-    VipInfo,
+    VipInfo, forwarding_is_nat,
     headers::{ETH_HDR_LEN, IPV4_HDR_LEN, IPV6_HDR_LEN},
     nat::{
-        DIR_FORWARD, DIR_REPLY, NAT_NO_SNAT, NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY,
+        DIR_FORWARD, DIR_REPLY, MAX_SNAT_ADDRS, NAT_NO_SNAT, NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY,
         NAT_STATE_FLAGS, NAT_TCP_CLOSE, NAT_TCP_ESTABLISHED, NAT_TCP_NONE, NAT_TCP_SYN_SENT,
-        NAT_TCP_TIME_WAIT, NatEntry, csum_apply, csum_delta, tcp_next, tcp_timeout, udp_timeout,
+        NAT_TCP_TIME_WAIT, NatEntry, SNAT_PROBES, csum_apply, csum_delta, snat_probe, tcp_next,
+        tcp_timeout, udp_timeout,
     },
     stat,
 };
 
 use crate::{
     forward::{egress, nexthop::tunnel_source, write_macs},
-    maps::{BACKEND_CONNS, BACKENDS, NAT_CT, NAT_SCRATCH, NEXT_HOPS, SERVICES, STATS},
+    maps::{BACKEND_CONNS, BACKENDS, NAT_CT, NAT_SCRATCH, NEXT_HOPS, SERVICES, SNAT_POOL, STATS},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     sched::schedule,
     stats::{Exit, Stats, bump, drop},
@@ -199,7 +201,8 @@ pub(crate) fn established(p: &Parsed, now: u64, stats: Stats) -> Result<Option<P
 }
 
 /// The service and backend of a pair the datapath still honours: the backend up, of the
-/// same generation, its service present and still a NAT one.
+/// same generation, its service present and still a NAT one (`nat` and `fullnat` never
+/// share a service: a change between them gives the backends new generations).
 #[inline(always)]
 fn honoured(e: &NatEntry) -> Option<(&'static VipInfo, &'static BackendInfo)> {
     let backend = BACKENDS.get(e.backend_id)?;
@@ -207,8 +210,10 @@ fn honoured(e: &NatEntry) -> Option<(&'static VipInfo, &'static BackendInfo)> {
         return None;
     }
     let vip = SERVICES.get(backend.service_id)?;
-    (vip.service_id == backend.service_id && vip.ring_size != 0 && vip.forwarding == FORWARD_NAT)
-        .then_some((vip, backend))
+    (vip.service_id == backend.service_id
+        && vip.ring_size != 0
+        && forwarding_is_nat(vip.forwarding))
+    .then_some((vip, backend))
 }
 
 /// Writes a pair member's TCP state, state flags and timeout (plain stores: two CPUs racing
@@ -285,9 +290,7 @@ fn fill(
     out.new_dst_addr = *new_dst;
     out.new_src_port_be = new_sport_be;
     out.new_dst_port_be = new_dport_be;
-    let (ip, l4) = csum_delta(key, new_src, new_dst, new_sport_be, new_dport_be);
-    out.ip_csum_delta_ne = ip;
-    out.l4_csum_delta_ne = l4;
+    set_deltas(out, key);
     out.hop_ifindex = 0;
     out.hop_expires_ns = 0;
     out.hop_smac = [0; 6];
@@ -296,11 +299,28 @@ fn fill(
     out.snat_slot = NAT_NO_SNAT;
 }
 
+/// Computes `out`'s checksum deltas from its rewrite fields, for packets whose tuple is `key`.
+#[inline(always)]
+fn set_deltas(out: &mut NatEntry, key: &FlowKey) {
+    let (ip, l4) = csum_delta(
+        key,
+        &out.new_src_addr,
+        &out.new_dst_addr,
+        out.new_src_port_be,
+        out.new_dst_port_be,
+    );
+    out.ip_csum_delta_ne = ip;
+    out.l4_csum_delta_ne = l4;
+}
+
 /// A packet for a NAT service that has no pair: the scheduler's pick (every scheduler,
 /// weights, backup, slow start and drain as for DSR), and a new pair, inserted reply key
 /// first (the claim of the reply tuple), then the forward key. A RST never makes state: it
 /// is translated by the service's hash without a pair. A TCP packet that is no SYN is picked
-/// up by the hash, as DSR does (the pair is made ESTABLISHED, `NAT_PICKED_UP`).
+/// up by the hash, as DSR does (the pair is made ESTABLISHED, `NAT_PICKED_UP`). In
+/// `fullnat` both are dropped instead (`drop_nat_untracked_midflow`): the SNAT port the
+/// backend knows the connection by cannot be known, and the source of a new pair is the
+/// SNAT port [`snat_claim`] finds.
 #[inline(always)]
 pub(crate) fn new_flow(
     p: &Parsed,
@@ -314,6 +334,10 @@ pub(crate) fn new_flow(
     let is_rst = is_tcp && flags & TCP_RST != 0;
     let is_end = is_tcp && flags & (TCP_FIN | TCP_RST) != 0;
     let midflow = is_tcp && !is_syn;
+    let full = vip.forwarding == FORWARD_FULLNAT;
+    if full && midflow {
+        return Err(drop(stat::DROP_NAT_UNTRACKED_MIDFLOW));
+    }
     if midflow {
         bump(stats, stat::UNTRACKED_MIDFLOW);
     }
@@ -369,38 +393,16 @@ pub(crate) fn new_flow(
         return Ok(job);
     }
 
-    write_partner(&mut s.reply_key, &p.key, &s.fwd);
-    fill(
-        &mut s.reply,
-        &s.reply_key,
-        &p.key.dst_addr,
-        &p.key.src_addr,
-        p.key.dst_port_be,
-        p.key.src_port_be,
-    );
     s.reply.backend_id = id;
     s.reply.generation = backend.generation;
     s.reply.last_seen_ns = now;
     s.reply.flags = common | NAT_REPLY;
     s.reply.timeout_s = timeout_s;
     s.reply.tcp_state = state;
-
-    let mut claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
-    if claimed == Err(-EEXIST)
-        && let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
-        && pair_expired(&s.reply_key, old, now)
-    {
-        // One in-line reclaim: a table of expired pairs recovers without the agent.
-        delete_pair(&s.reply_key, old);
-        bump(stats, stat::NAT_RECLAIMED_INLINE);
-        claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
-    }
-    match claimed {
-        Ok(()) => {}
-        // The same client address and port already talk to this backend address and port,
-        // through another service: the two pairs would share a reply tuple.
-        Err(e) if e == -EEXIST => return Err(drop(stat::DROP_NAT_COLLISION)),
-        Err(_) => return Err(drop(stat::DROP_NAT_TABLE_FULL)),
+    if full {
+        snat_claim(p, vip, s, now, stats)?;
+    } else {
+        claim(p, s, now, stats)?;
     }
     match NAT_CT.insert(&p.key, &s.fwd, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
@@ -430,6 +432,143 @@ pub(crate) fn new_flow(
             Ok(job)
         }
     }
+}
+
+/// `nat`: claims the reply tuple of the pair in the scratch (backend → client, fixed by the
+/// forward rewrite): the reply key inserted if absent, after at most one in-line reclaim of
+/// an expired pair holding it.
+#[inline(always)]
+fn claim(p: &Parsed, s: &mut NatScratch, now: u64, stats: Stats) -> Result<(), Exit> {
+    write_partner(&mut s.reply_key, &p.key, &s.fwd);
+    reply_rewrite(p, s);
+    let mut claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
+    if claimed == Err(-EEXIST)
+        && let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
+        && pair_expired(&s.reply_key, old, now)
+    {
+        // One in-line reclaim: a table of expired pairs recovers without the agent.
+        delete_pair(&s.reply_key, old);
+        bump(stats, stat::NAT_RECLAIMED_INLINE);
+        claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
+    }
+    match claimed {
+        Ok(()) => Ok(()),
+        // The same client address and port already talk to this backend address and port,
+        // through another service: the two pairs would share a reply tuple.
+        Err(e) if e == -EEXIST => Err(drop(stat::DROP_NAT_COLLISION)),
+        Err(_) => Err(drop(stat::DROP_NAT_TABLE_FULL)),
+    }
+}
+
+/// The reply entry's rewrite (to VIP:port → client:port) for the reply key in the scratch.
+#[inline(always)]
+fn reply_rewrite(p: &Parsed, s: &mut NatScratch) {
+    fill(
+        &mut s.reply,
+        &s.reply_key,
+        &p.key.dst_addr,
+        &p.key.src_addr,
+        p.key.dst_port_be,
+        p.key.src_port_be,
+    );
+}
+
+/// `fullnat`: finds a free SNAT source for the pair in the scratch and claims it. Probe `i`
+/// tries the pool slot and port of `snat_probe` (addresses spread from a random start,
+/// ports linear from another); the claim of a (SNAT address, port) towards this backend
+/// endpoint is the `BPF_NOEXIST` insert of its reply key, atomic under the table's bucket
+/// lock, so two CPUs can never take one tuple: the loser moves on to its next probe. Every
+/// slot of a service carries the agent's one range; slot 0's is read. After `SNAT_PROBES`
+/// taken ports (every port, when the pool is that small) one expired pair on the first
+/// probe's tuple is reclaimed in line; else the connection is refused
+/// (`drop_snat_exhausted`). A live tuple is never reused: its reply key exists until its
+/// pair is deleted, and only expired or no longer honoured pairs are. On success the
+/// forward entry's source (address, port, slot) and checksum deltas are set.
+#[inline(always)]
+fn snat_claim(
+    p: &Parsed,
+    vip: &VipInfo,
+    s: &mut NatScratch,
+    now: u64,
+    stats: Stats,
+) -> Result<(), Exit> {
+    let base = vip.service_id.wrapping_mul(MAX_SNAT_ADDRS);
+    let range = SNAT_POOL.get(base).ok_or(drop(stat::DROP_SNAT_EXHAUSTED))?;
+    let first = u32::from(range.first_port_host);
+    let ports = u32::from(range.port_count);
+    let count = u32::from(vip.snat_count);
+    if count == 0 || count > MAX_SNAT_ADDRS || ports == 0 {
+        return Err(drop(stat::DROP_SNAT_EXHAUSTED));
+    }
+    // SAFETY: a helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let h = r.rotate_left(16);
+    let total = count * ports;
+    let mut i = 0;
+    while i < SNAT_PROBES && i < total {
+        let slot = snat_candidate(p, s, base, h, r, i, count, ports, first)?;
+        match NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                snat_won(p, s, slot);
+                return Ok(());
+            }
+            Err(e) if e == -EEXIST => {}
+            Err(_) => return Err(drop(stat::DROP_NAT_TABLE_FULL)),
+        }
+        i += 1;
+    }
+    let slot = snat_candidate(p, s, base, h, r, 0, count, ports, first)?;
+    if let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
+        && pair_expired(&s.reply_key, old, now)
+    {
+        delete_pair(&s.reply_key, old);
+        bump(stats, stat::NAT_RECLAIMED_INLINE);
+        if NAT_CT
+            .insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            snat_won(p, s, slot);
+            return Ok(());
+        }
+    }
+    Err(drop(stat::DROP_SNAT_EXHAUSTED))
+}
+
+/// Writes probe `i`'s SNAT source into the scratch's forward entry, and the reply key and
+/// reply entry that follow from it; the pool slot of the source.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined: all registers, no struct on the stack"
+)]
+fn snat_candidate(
+    p: &Parsed,
+    s: &mut NatScratch,
+    base: u32,
+    h: u32,
+    r: u32,
+    i: u32,
+    count: u32,
+    ports: u32,
+    first: u32,
+) -> Result<u32, Exit> {
+    let (slot, offset) = snat_probe(h, r, i, count, ports);
+    let src = SNAT_POOL
+        .get(base + slot)
+        .ok_or(drop(stat::DROP_SNAT_EXHAUSTED))?;
+    s.fwd.new_src_addr = src.addr;
+    s.fwd.new_src_port_be = ((first + offset) as u16).to_be();
+    write_partner(&mut s.reply_key, &p.key, &s.fwd);
+    reply_rewrite(p, s);
+    s.reply.snat_slot = slot as u8;
+    Ok(slot)
+}
+
+/// The claimed source's last touches to the forward entry.
+#[inline(always)]
+fn snat_won(p: &Parsed, s: &mut NatScratch, slot: u32) {
+    set_deltas(&mut s.fwd, &p.key);
+    s.fwd.snat_slot = slot as u8;
 }
 
 /// Whether the pair of an existing entry is expired: the entry idle past its timeout, and

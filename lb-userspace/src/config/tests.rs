@@ -316,6 +316,8 @@ weight = 65535
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             state_file: PathBuf::from(DEFAULT_STATE_FILE),
             answer_ping: true,
+            snat_ports: lb_common::nat::DEFAULT_SNAT_PORTS,
+            reserve_snat_ports: true,
         },
         services: vec![
             ServiceConfig {
@@ -344,6 +346,7 @@ weight = 65535
                 slow_start: Duration::ZERO,
                 tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+                snat_addresses: Vec::new(),
             },
             ServiceConfig {
                 name: "dns.v6".to_owned(),
@@ -363,6 +366,7 @@ weight = 65535
                 slow_start: Duration::ZERO,
                 tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+                snat_addresses: Vec::new(),
             },
         ],
     };
