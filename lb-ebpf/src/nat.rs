@@ -19,7 +19,11 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{bpf_get_prandom_u32, generated::bpf_fib_lookup},
+    cty::c_void,
+    helpers::{
+        bpf_get_prandom_u32,
+        generated::{bpf_fib_lookup, bpf_loop},
+    },
     programs::XdpContext,
 };
 use lb_common::{
@@ -30,8 +34,8 @@ use lb_common::{
     nat::{
         DIR_FORWARD, DIR_REPLY, MAX_SNAT_ADDRS, NAT_NO_SNAT, NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY,
         NAT_STATE_FLAGS, NAT_TCP_CLOSE, NAT_TCP_ESTABLISHED, NAT_TCP_NONE, NAT_TCP_SYN_SENT,
-        NAT_TCP_TIME_WAIT, NatEntry, SNAT_PROBES, csum_apply, csum_delta, snat_probe, tcp_next,
-        tcp_timeout, udp_timeout,
+        NAT_TCP_TIME_WAIT, NatEntry, SNAT_PROBES, addr_delta, csum_apply, csum_delta, fold,
+        snat_probe, tcp_next, tcp_timeout, ttl_delta, udp_timeout, word_delta,
     },
     stat,
 };
@@ -65,6 +69,7 @@ pub(crate) struct NatScratch {
     /// The key of the partner being looked up or deleted.
     partner: FlowKey,
     fib: FibParams,
+    probe: SnatProbe,
 }
 
 /// What `established` and `new_flow` found: the packet's service, backend and rewrite. The
@@ -502,23 +507,56 @@ fn snat_claim(
     }
     // SAFETY: a helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
-    let h = r.rotate_left(16);
-    let total = count * ports;
-    let mut i = 0;
-    while i < SNAT_PROBES && i < total {
-        let slot = snat_candidate(p, s, base, h, r, i, count, ports, first)?;
-        match NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                snat_won(p, s, slot);
-                return Ok(());
-            }
-            Err(e) if e == -EEXIST => {}
-            Err(_) => return Err(drop(stat::DROP_NAT_TABLE_FULL)),
-        }
-        i += 1;
+    // The reply key and entry whole, once; each probe then writes only what depends on the
+    // SNAT source (the key's destination, the entry's checksum deltas, its slot).
+    write_partner(&mut s.reply_key, &p.key, &s.fwd);
+    reply_rewrite(p, s);
+    s.probe = SnatProbe {
+        base,
+        h: r.rotate_left(16),
+        r,
+        count,
+        ports,
+        first,
+        // The reply's source change (backend -> VIP), the same for every probe.
+        fixed: if p.key.family == FAMILY_V4 {
+            addr_delta(0, &s.reply_key.src_addr, &p.key.dst_addr, 4)
+        } else {
+            addr_delta(0, &s.reply_key.src_addr, &p.key.dst_addr, 16)
+        },
+        outcome: -EEXIST,
+        slot: 0,
+        offset: 0,
+    };
+    let probes = if count * ports < SNAT_PROBES {
+        count * ports
+    } else {
+        SNAT_PROBES
+    };
+    // `bpf_loop`, not a loop: the verifier checks the callback once for any probe number,
+    // where it walks an open loop once per probe for every path into it, far past its
+    // limit of a million instructions.
+    // SAFETY: the callback has the signature `bpf_loop` requires and takes no context
+    // (null is allowed); it reads and writes only this CPU's scratch and the maps.
+    unsafe {
+        bpf_loop(
+            probes,
+            snat_probe_cb as *const () as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
     }
-    let slot = snat_candidate(p, s, base, h, r, 0, count, ports, first)?;
-    if let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
+    match s.probe.outcome {
+        0 => {
+            snat_won(p, s);
+            return Ok(());
+        }
+        e if e == -EEXIST => {}
+        _ => return Err(drop(stat::DROP_NAT_TABLE_FULL)),
+    }
+    // Every probe taken: one expired pair on the first probe's tuple is reclaimed in line.
+    if snat_candidate(s, 0).is_some()
+        && let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
         && pair_expired(&s.reply_key, old, now)
     {
         delete_pair(&s.reply_key, old);
@@ -527,48 +565,147 @@ fn snat_claim(
             .insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            snat_won(p, s, slot);
+            snat_won(p, s);
             return Ok(());
         }
     }
     Err(drop(stat::DROP_SNAT_EXHAUSTED))
 }
 
-/// Writes probe `i`'s SNAT source into the scratch's forward entry, and the reply key and
-/// reply entry that follow from it; the pool slot of the source.
-#[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "inlined: all registers, no struct on the stack"
-)]
-fn snat_candidate(
-    p: &Parsed,
-    s: &mut NatScratch,
+/// The parameters of a pair's SNAT probes (`snat_claim`), in the scratch for the `bpf_loop`
+/// callback, which sees nothing of its caller.
+#[repr(C)]
+pub(crate) struct SnatProbe {
+    /// The service's first `SNAT_POOL` index.
     base: u32,
+    /// Random starts of the address and the port walks.
     h: u32,
     r: u32,
-    i: u32,
+    /// SNAT addresses, ports per address, first port (host order).
     count: u32,
     ports: u32,
     first: u32,
-) -> Result<u32, Exit> {
-    let (slot, offset) = snat_probe(h, r, i, count, ports);
-    let src = SNAT_POOL
-        .get(base + slot)
-        .ok_or(drop(stat::DROP_SNAT_EXHAUSTED))?;
-    s.fwd.new_src_addr = src.addr;
-    s.fwd.new_src_port_be = ((first + offset) as u16).to_be();
-    write_partner(&mut s.reply_key, &p.key, &s.fwd);
-    reply_rewrite(p, s);
-    s.reply.snat_slot = slot as u8;
-    Ok(slot)
+    /// The unfolded checksum sum of the reply's source rewrite (backend -> VIP).
+    fixed: u32,
+    /// The last claim's result: 0 claimed, `-EEXIST` taken, another error: stop.
+    outcome: i32,
+    /// The probe under way: its pool slot and port offset.
+    slot: u32,
+    offset: u32,
 }
 
-/// The claimed source's last touches to the forward entry.
+/// One SNAT probe (`bpf_loop` callback): the candidate of probe `index` claimed by the
+/// `BPF_NOEXIST` insert of its reply key. 0: go on (taken); 1: stop (claimed or failed).
+#[inline(never)]
+extern "C" fn snat_probe_cb(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else {
+        return 1;
+    };
+    if snat_candidate(s, index as u32).is_none() {
+        s.probe.outcome = -EEXIST;
+        return 1;
+    }
+    let outcome = match NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST)) {
+        Ok(()) => 0,
+        Err(e) => e,
+    };
+    s.probe.outcome = outcome;
+    i64::from(outcome != -EEXIST)
+}
+
+/// Writes probe `i`'s SNAT source into the scratch's reply key (its destination) and reply
+/// entry (its checksum deltas, as `csum_delta` computes them, and its pool slot). `None`:
+/// the pool slot is missing.
 #[inline(always)]
-fn snat_won(p: &Parsed, s: &mut NatScratch, slot: u32) {
+fn snat_candidate(s: &mut NatScratch, i: u32) -> Option<()> {
+    // Fields read one by one: a copy of the whole would take the callback's stack, which
+    // adds to the balancer's own (at most 512 bytes together).
+    let (slot, offset) = snat_probe(s.probe.h, s.probe.r, i, s.probe.count, s.probe.ports);
+    // Kept in memory across the pool lookup rather than in registers the call would make
+    // the callback spill: the balancer leaves it at most 16 bytes of stack.
+    // SAFETY: plain stores to and loads from this CPU's scratch.
+    unsafe {
+        core::ptr::write_volatile(&raw mut s.probe.slot, slot);
+        core::ptr::write_volatile(&raw mut s.probe.offset, offset);
+    }
+    let src = SNAT_POOL.get(s.probe.base + slot)?;
+    // SAFETY: as above.
+    let (slot, offset) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const s.probe.slot),
+            core::ptr::read_volatile(&raw const s.probe.offset),
+        )
+    };
+    // Aligned 32-bit words, read one at a time: byte-wise copies and sums (the fields are
+    // byte arrays) keep so many values alive that the callback spills past the stack the
+    // balancer leaves it.
+    let (addr, client) = (
+        src.addr.as_ptr().cast::<u32>(),
+        s.reply.new_dst_addr.as_ptr().cast::<u32>(),
+    );
+    let key_addr = s.reply_key.dst_addr.as_mut_ptr().cast::<u32>();
+    let v4 = s.reply_key.family == FAMILY_V4;
+    // SAFETY: the addresses are at offsets that are multiples of 4 in map values (8-byte
+    // aligned): `SnatSource::addr` at 0, `NatScratch::reply.new_dst_addr` at 112,
+    // `NatScratch::reply_key.dst_addr` at 208; 4 words each.
+    let sum = unsafe {
+        let mut w = 0;
+        while w < 4 {
+            key_addr.add(w).write_volatile(addr.add(w).read_volatile());
+            w += 1;
+        }
+        if v4 {
+            addr_sum32(addr, client, 1)
+        } else {
+            addr_sum32(addr, client, 4)
+        }
+    };
+    s.reply_key.dst_port_be = ((s.probe.first + offset) as u16).to_be();
+    let addrs = u32::from(fold(s.probe.fixed + u32::from(fold64(sum))));
+    s.reply.ip_csum_delta_ne = if v4 { fold(addrs + ttl_delta()) } else { 0 };
+    s.reply.l4_csum_delta_ne = fold(
+        addrs
+            + word_delta(s.reply_key.src_port_be, s.reply.new_src_port_be)
+            + word_delta(s.reply_key.dst_port_be, s.reply.new_dst_port_be),
+    );
+    s.reply.snat_slot = slot as u8;
+    Some(())
+}
+
+/// `~old + new` over the first `words` 32-bit words of two addresses (native order), as an
+/// unfolded one's-complement sum: the same sum as over their 16-bit words (RFC 1071 §2).
+///
+/// # Safety
+/// Both pointers are valid and 4-byte aligned for `words` words.
+#[inline(always)]
+unsafe fn addr_sum32(old: *const u32, new: *const u32, words: usize) -> u64 {
+    let mut sum = 0u64;
+    let mut w = 0;
+    while w < words && w < 4 {
+        // SAFETY: as the caller promises.
+        unsafe {
+            sum += u64::from(!old.add(w).read_volatile()) + u64::from(new.add(w).read_volatile());
+        }
+        w += 1;
+    }
+    sum
+}
+
+/// A 64-bit one's-complement sum folded to 16 bits.
+#[inline(always)]
+fn fold64(sum: u64) -> u16 {
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    fold(s as u32)
+}
+
+/// The claimed source into the forward entry: its new source, checksum deltas and slot.
+#[inline(always)]
+fn snat_won(p: &Parsed, s: &mut NatScratch) {
+    s.fwd.new_src_addr = s.reply_key.dst_addr;
+    s.fwd.new_src_port_be = s.reply_key.dst_port_be;
     set_deltas(&mut s.fwd, &p.key);
-    s.fwd.snat_slot = slot as u8;
+    s.fwd.snat_slot = s.reply.snat_slot;
 }
 
 /// Whether the pair of an existing entry is expired: the entry idle past its timeout, and

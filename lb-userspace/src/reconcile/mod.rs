@@ -1322,11 +1322,7 @@ mod tests {
         fn set_frag_service(&mut self, key: VipKey, id: u32) -> Result<(), DatapathError> {
             self.inner.set_frag_service(key, id)
         }
-        fn set_snat_pool(
-            &mut self,
-            id: u32,
-            pool: &[lb_common::nat::SnatSource],
-        ) -> Result<(), DatapathError> {
+        fn set_snat_pool(&mut self, id: u32, pool: &[SnatSource]) -> Result<(), DatapathError> {
             self.inner.set_snat_pool(id, pool)
         }
         fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError> {
