@@ -110,6 +110,38 @@ impl Drop for StartGuard<'_> {
 }
 
 /// Runs the agent until SIGINT or SIGTERM. The datapath stays attached afterwards.
+/// What `fullnat` needs of the host before the datapath is touched: every SNAT address
+/// assigned to an interface of this namespace (or nobody answers ARP/ND for it, and the
+/// replies never arrive), and the SNAT ports kept from the kernel's ephemeral ports
+/// (`datapath::ports`).
+fn check_fullnat(config: &Config) -> anyhow::Result<()> {
+    let fullnat: Vec<_> = config
+        .services
+        .iter()
+        .filter(|s| s.forwarding == crate::config::Forwarding::Fullnat)
+        .collect();
+    if fullnat.is_empty() {
+        return Ok(());
+    }
+    let local = sys::local_addresses();
+    for service in &fullnat {
+        if let Some(addr) = service.snat_addresses.iter().find(|a| !local.contains(a)) {
+            anyhow::bail!(
+                "service {:?}: SNAT address {addr} is not assigned to any interface of this \
+                 network namespace; the backends' replies to it would not reach the balancer \
+                 (add it to an interface, e.g. `ip addr add {addr}/32 dev {}`)",
+                service.name,
+                config.agent.interface
+            );
+        }
+    }
+    datapath::ports::reserve(
+        config.agent.snat_ports,
+        config.agent.reserve_snat_ports,
+        &config.agent.state_file,
+    )
+}
+
 pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     exit_on_panic();
     let interface = config.agent.interface.clone();
@@ -118,6 +150,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     check_kernel()?;
     datapath::ifindex(&interface)?;
     let overlay = Overlay::load(&config.agent.state_file)?;
+    check_fullnat(&config)?;
     let registry = prometheus::Registry::new();
     let metrics = Arc::new(Metrics::new(&registry)?);
     let metrics_listener = tokio::net::TcpListener::bind(config.agent.metrics)
