@@ -1563,3 +1563,81 @@ fn concurrent_uploads_through_fullnat_arrive_intact() {
     );
     bed.finish();
 }
+
+/// `snat_ports` inside the kernel's ephemeral range of the balancer's namespace: with
+/// `reserve_snat_ports = false` the agent refuses to start and says why; by default it adds
+/// exactly the overlap to that namespace's `ip_local_reserved_ports` (kept beside an
+/// operator's own reservation), records it, and fullnat works on those ports; the root
+/// namespace's reserved ports never change.
+#[test]
+fn fullnat_ports_in_the_ephemeral_range_are_reserved_or_refused() {
+    let Some(bed) = Bed::build_fullnat("fr") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let range = common::in_netns(&topo.lb, || {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("port range")
+    });
+    let lo: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("ephemeral low port");
+    let (snat_lo, snat_hi) = (lo + 100, lo + 199);
+    // An operator's reservation, which must survive.
+    common::in_netns(&topo.lb, || {
+        fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", "8080")
+            .expect("write the balancer's reserved ports");
+    });
+    let _nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    let services = [fullnat_service(
+        "web-v4",
+        Family::V4,
+        HTTP_PORT,
+        "tcp",
+        HTTP_BACKEND_PORT,
+        "round-robin",
+    )];
+    let ports = format!("\"{snat_lo}-{snat_hi}\"");
+    let refused = agent_config(topo, &services)
+        .raw("snat_ports", &ports)
+        .raw("reserve_snat_ports", "false");
+    let path = topo.write_agent_config(&refused).expect("config");
+    let err = topo
+        .start_agent_file(&path)
+        .err()
+        .expect("the agent must refuse snat_ports in the ephemeral range without reserving");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("reserve_snat_ports = false") && text.contains("ephemeral"),
+        "the refusal must say why: {text}"
+    );
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        "8080",
+        "nothing reserved when refused"
+    );
+
+    let reserving = agent_config(topo, &services).raw("snat_ports", &ports);
+    let path = topo.write_agent_config(&reserving).expect("config");
+    let agent = topo
+        .start_agent_file(&path)
+        .unwrap_or_else(|e| panic!("the agent did not start reserving its ports: {e:#}"));
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}"),
+        "the overlap added beside the operator's reservation"
+    );
+    let record = fs::read_to_string(topo.workdir.join("reserved-ports.json")).expect("record");
+    assert!(
+        record.contains(&snat_lo.to_string()) && record.contains(&snat_hi.to_string()),
+        "the record names the added range: {record}"
+    );
+    let dst = SocketAddr::new(Family::V4.vip(), HTTP_PORT);
+    let who = http_requests(topo, dst, "v4", 6, Family::V4.snat());
+    assert_eq!(who.len(), 6);
+    drop(agent);
+    bed.finish();
+}
