@@ -1548,7 +1548,7 @@ fn concurrent_uploads_through_fullnat_arrive_intact() {
         );
         let intact: usize = up.per_backend.iter().sum();
         println!(
-            "[fullnat uploads] {dst}: {intact}/{UPLOADS} stored intact in {:.2?} (per backend {:?})",
+            "[fullnat uploads] {dst}: {intact}/{UPLOADS} intact in {:.2?} (per backend {:?})",
             up.took, up.per_backend
         );
         if !up.problems.is_empty() || intact != UPLOADS {
