@@ -9,6 +9,11 @@
 //! agent SIGKILL and restart, drain and a failed health check, and the NAT counters against
 //! the packets sent.
 //!
+//! `forwarding = "fullnat"` (destination and source NAT) runs in `Layout::Fullnat`: the
+//! backends share a subnet with the balancer and have no route via it at all; nginx answers
+//! HTTP through a fullnat VIP and logs the SNAT address, and concurrent 4 MiB uploads arrive
+//! intact.
+//!
 //! A control test runs the same servers with the balancer's kernel routing instead of the
 //! agent: when it passes and a NAT test fails, the fault is the balancer's, not the
 //! harness's. Each test builds its own topology (`common`, namespaces `w<pid><tag>-*`) and
@@ -32,8 +37,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use common::{
     BACKENDS, Backend, ChildGuard, ConfigBuilder, EchoServers, HealthCheck, IdServer,
-    LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, ServiceBuilder, Topology, VIP_V4, VIP_V6, backend_v4,
-    backend_v6, predict,
+    LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, LB_V4, LB_V6, ServiceBuilder, Topology, VIP_V4, VIP_V6,
+    backend_v4, backend_v6, predict,
     tunnel::{link_mtu, payload},
     upload::{UploadServers, sha256, upload_all},
 };
@@ -156,11 +161,24 @@ fn root_reserved_ports() -> String {
 impl Bed {
     /// None without root (the test is skipped).
     fn build(tag: &str) -> Option<Self> {
+        Self::build_layout(tag, false)
+    }
+
+    /// As `build`, in the fullnat layout: backends without any route via the balancer.
+    fn build_fullnat(tag: &str) -> Option<Self> {
+        Self::build_layout(tag, true)
+    }
+
+    fn build_layout(tag: &str, fullnat: bool) -> Option<Self> {
         if !common::require_root() {
             return None;
         }
         let reserved_ports = root_reserved_ports();
-        let topo = Topology::build_nat(tag).expect("NAT topology");
+        let topo = if fullnat {
+            Topology::build_fullnat(tag).expect("fullnat topology")
+        } else {
+            Topology::build_nat(tag).expect("NAT topology")
+        };
         for ns in topo.names().iter().filter(|n| **n != topo.sw) {
             assert_eq!(
                 link_mtu(ns),
@@ -1596,4 +1614,291 @@ fn round_robin_splits_are_sums_of_per_cpu_prefixes() {
         20,
         &[9, 1, 10]
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// fullnat: destination and source NAT
+// ---------------------------------------------------------------------------------------------
+
+impl Family {
+    /// The balancer's own address on the backends' subnet: the fullnat SNAT address.
+    fn snat(self) -> IpAddr {
+        match self {
+            Self::V4 => LB_V4.into(),
+            Self::V6 => LB_V6.into(),
+        }
+    }
+}
+
+/// A `fullnat` service on `family`'s VIP over the three backends, each listening on
+/// `backend_port`, translating clients to the balancer's own address.
+fn fullnat_service(
+    name: &str,
+    family: Family,
+    port: u16,
+    protocol: &str,
+    backend_port: u16,
+    scheduler: &str,
+) -> ServiceBuilder {
+    nat_service(name, family, port, protocol, backend_port, scheduler)
+        .forwarding("fullnat")
+        .raw("snat_addresses", &format!("[\"{}\"]", family.snat()))
+}
+
+/// The backends of the fullnat layout know no way to the client: no route but their own
+/// subnet's (what makes the replies' return through the balancer fullnat's doing).
+fn assert_backends_have_no_route_via_the_balancer(topo: &Topology) {
+    for b in &topo.backends {
+        for family in ["-4", "-6"] {
+            let out = std::process::Command::new("ip")
+                .args(["-n", b, family, "route", "show"])
+                .output()
+                .expect("ip route");
+            let routes = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                !routes.contains("default") && !routes.contains("via"),
+                "{b}: the fullnat backends must have no route via the balancer: {routes}"
+            );
+        }
+    }
+}
+
+/// The balancer namespace's `ip_local_reserved_ports`.
+fn lb_reserved_ports(topo: &Topology) -> String {
+    common::in_netns(&topo.lb, || {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+            .expect("read the balancer's ip_local_reserved_ports")
+    })
+}
+
+/// Stock nginx on three backends that have no route via the balancer, behind a round-robin
+/// `fullnat` VIP, both families: every request is answered (the replies come back to the
+/// balancer because they are addressed to it), each backend gets its round-robin share, and
+/// nginx — in its answer and its access log — saw the SNAT address, never the client's. The
+/// default SNAT range lies outside the kernel's ephemeral ports: the balancer's reserved
+/// ports are left as they were, and so are the root namespace's.
+#[test]
+fn nginx_behind_a_fullnat_vip_sees_the_snat_address() {
+    let Some(bed) = Bed::build_fullnat("fx") else {
+        return;
+    };
+    let topo = &bed.topo;
+    assert_backends_have_no_route_via_the_balancer(topo);
+    all_on_cpu0();
+    let nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    for family in FAMILIES {
+        assert_vip_silent(topo, family, HTTP_PORT);
+    }
+    let services = FAMILIES.map(|f| {
+        fullnat_service(
+            &format!("web-{}", f.name()),
+            f,
+            HTTP_PORT,
+            "tcp",
+            HTTP_BACKEND_PORT,
+            "round-robin",
+        )
+    });
+    let lb_reserved = lb_reserved_ports(topo);
+    let path = topo
+        .write_agent_config(&agent_config(topo, &services))
+        .expect("config");
+    let _agent = topo
+        .start_agent_file(&path)
+        .unwrap_or_else(|e| panic!("the agent did not start with a fullnat config: {e:#}"));
+    for (family, service) in FAMILIES.iter().zip(&services) {
+        let snat = family.snat();
+        let dst = SocketAddr::new(family.vip(), HTTP_PORT);
+        let start = Instant::now();
+        let who = http_requests(topo, dst, family.name(), HTTP_REQUESTS, snat);
+        let counts = per_backend(&who);
+        println!(
+            "[fullnat nginx] {HTTP_REQUESTS} requests to {dst} in {:.2?}: per backend {counts:?}",
+            start.elapsed()
+        );
+        let predicted = predict::round_robin_counts(&predict::ring_weights(service), HTTP_REQUESTS);
+        assert_eq!(
+            counts, predicted,
+            "{dst}: requests per backend (round-robin)"
+        );
+        for (i, n) in nginx.iter().enumerate() {
+            let logged: Vec<Logged> = access_log(n)
+                .into_iter()
+                .filter(|l| l.uri.starts_with(&format!("/{}/", family.name())))
+                .collect();
+            assert_eq!(
+                u64::try_from(logged.len()).expect("count"),
+                counts[i],
+                "backend {}: access log lines for {dst}: {logged:?}",
+                i + 1
+            );
+            for l in &logged {
+                assert_eq!(
+                    (l.remote, l.server_port, l.status),
+                    (snat, HTTP_BACKEND_PORT, 200),
+                    "backend {}: {l:?}: nginx must see the SNAT address on its own port",
+                    i + 1
+                );
+            }
+        }
+    }
+    let s = stats(topo);
+    assert_eq!(
+        nat_counter(&s, "drop_snat_exhausted"),
+        0,
+        "no connection refused for want of a port"
+    );
+    assert_eq!(
+        lb_reserved_ports(topo),
+        lb_reserved,
+        "the default SNAT range needs no reservation"
+    );
+    bed.finish();
+}
+
+/// 20 concurrent 4 MiB uploads to a `fullnat` VIP (port 81 -> the backends' 8081), each
+/// family, with backends that have no route via the balancer: every one stored whole on
+/// exactly one backend, sha256 equal to what was sent.
+#[test]
+fn concurrent_uploads_through_fullnat_arrive_intact() {
+    let Some(bed) = Bed::build_fullnat("fu") else {
+        return;
+    };
+    let topo = &bed.topo;
+    assert_backends_have_no_route_via_the_balancer(topo);
+    let servers = UploadServers::start(topo, &[UPLOAD_BACKEND_PORT]).expect("upload servers");
+    let services: Vec<ServiceBuilder> = FAMILIES
+        .iter()
+        .map(|&f| {
+            fullnat_service(
+                &format!("up-{}", f.name()),
+                f,
+                UPLOAD_PORT,
+                "tcp",
+                UPLOAD_BACKEND_PORT,
+                "maglev",
+            )
+        })
+        .collect();
+    let path = topo
+        .write_agent_config(&agent_config(topo, &services))
+        .expect("config");
+    let _agent = topo
+        .start_agent_file(&path)
+        .unwrap_or_else(|e| panic!("the agent did not start with a fullnat config: {e:#}"));
+    let data: Vec<Vec<u8>> = (0..UPLOADS)
+        .map(|i| payload(UPLOAD_LEN, u64::try_from(i).expect("index")))
+        .collect();
+    let hashes: Vec<String> = data.iter().map(|d| sha256(d)).collect();
+    let mut failed = Vec::new();
+    for family in FAMILIES {
+        let dst = SocketAddr::new(family.vip(), UPLOAD_PORT);
+        let names: Vec<String> = (0..UPLOADS)
+            .map(|i| format!("fn-{}-{i}", family.name()))
+            .collect();
+        let up = upload_all(
+            &topo.cli,
+            dst,
+            &servers,
+            &names,
+            &data,
+            &hashes,
+            UPLOAD_DEADLINE,
+        );
+        let intact: usize = up.per_backend.iter().sum();
+        println!(
+            "[fullnat uploads] {dst}: {intact}/{UPLOADS} intact in {:.2?} (per backend {:?})",
+            up.took, up.per_backend
+        );
+        if !up.problems.is_empty() || intact != UPLOADS {
+            failed.push(format!("{dst}: {:#?}", up.problems));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{UPLOADS} concurrent uploads of {UPLOAD_LEN} bytes through fullnat did not all arrive \
+         intact within {UPLOAD_DEADLINE:?}:\n{}",
+        failed.join("\n")
+    );
+    bed.finish();
+}
+
+/// `snat_ports` inside the kernel's ephemeral range of the balancer's namespace: with
+/// `reserve_snat_ports = false` the agent refuses to start and says why; by default it adds
+/// exactly the overlap to that namespace's `ip_local_reserved_ports` (kept beside an
+/// operator's own reservation), records it, and fullnat works on those ports; the root
+/// namespace's reserved ports never change.
+#[test]
+fn fullnat_ports_in_the_ephemeral_range_are_reserved_or_refused() {
+    let Some(bed) = Bed::build_fullnat("fr") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let range = common::in_netns(&topo.lb, || {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("port range")
+    });
+    let lo: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("ephemeral low port");
+    let (snat_lo, snat_hi) = (lo + 100, lo + 199);
+    // An operator's reservation, which must survive.
+    common::in_netns(&topo.lb, || {
+        fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", "8080")
+            .expect("write the balancer's reserved ports");
+    });
+    let _nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    let services = [fullnat_service(
+        "web-v4",
+        Family::V4,
+        HTTP_PORT,
+        "tcp",
+        HTTP_BACKEND_PORT,
+        "round-robin",
+    )];
+    let ports = format!("\"{snat_lo}-{snat_hi}\"");
+    let refused = agent_config(topo, &services)
+        .raw("snat_ports", &ports)
+        .raw("reserve_snat_ports", "false");
+    let path = topo.write_agent_config(&refused).expect("config");
+    let err = topo
+        .start_agent_file(&path)
+        .err()
+        .expect("the agent must refuse snat_ports in the ephemeral range without reserving");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("reserve_snat_ports = false") && text.contains("ephemeral"),
+        "the refusal must say why: {text}"
+    );
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        "8080",
+        "nothing reserved when refused"
+    );
+
+    let reserving = agent_config(topo, &services).raw("snat_ports", &ports);
+    let path = topo.write_agent_config(&reserving).expect("config");
+    let agent = topo
+        .start_agent_file(&path)
+        .unwrap_or_else(|e| panic!("the agent did not start reserving its ports: {e:#}"));
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}"),
+        "the overlap added beside the operator's reservation"
+    );
+    let record = fs::read_to_string(topo.workdir.join("reserved-ports.json")).expect("record");
+    assert!(
+        record.contains(&snat_lo.to_string()) && record.contains(&snat_hi.to_string()),
+        "the record names the added range: {record}"
+    );
+    let dst = SocketAddr::new(Family::V4.vip(), HTTP_PORT);
+    let who = http_requests(topo, dst, "v4", 6, Family::V4.snat());
+    assert_eq!(who.len(), 6);
+    drop(agent);
+    bed.finish();
 }

@@ -1177,7 +1177,7 @@ fn predictions_agree_with_the_agent() {
                     up: true,
                 })
                 .collect();
-            service_spec(service, backends)
+            service_spec(service, cfg.agent.snat_ports, backends)
         })
         .collect();
     let mut agent = Balancer::new(Recorder::default());
@@ -4217,4 +4217,453 @@ fn golden_nat_icmp() {
         stat::DROP_TTL,
     );
     assert_eq!(frag_in.len(), 14 + 20 + 8 + seen.len());
+}
+
+// ----- fullnat (`forwarding = "fullnat"`) -----
+
+const FN_VIP4: [u8; 4] = [203, 0, 113, 41];
+const FN_VIP6: [u8; 16] = vip6(0x41);
+/// The lab's own addresses on g0: the SNAT addresses.
+const SNAT4: [u8; 4] = [198, 51, 100, 1];
+const SNAT6: [u8; 16] = v6(0x1);
+/// `snat_ports` of the lab: one port, so that the allocation is predictable (every
+/// probe lands on it) and a second connection to one backend endpoint exhausts it.
+const SNAT_PORT: u16 = 61000;
+
+/// The fullnat lab: TCP to :80 goes to a backend on :8080 (v4, v6), UDP to :53 keeps its
+/// port; every client becomes the lab's own address, port 61000.
+fn fullnat_config() -> String {
+    let service =
+        |name: &str, vip: &str, port: u16, proto: &str, snat: &str, backend: &str, bport: &str| {
+            format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n\
+             protocol = \"{proto}\"\nforwarding = \"fullnat\"\nring_size = 1009\n\
+             snat_addresses = [\"{snat}\"]\n\
+             [[service.backend]]\naddress = \"{backend}\"\n{bport}\n"
+            )
+        };
+    let mut text = "[agent]\ninterface = \"g0\"\ntunnel_source = \"198.51.100.1\"\n\
+                    conntrack_entries = 4096\nsnat_ports = \"61000-61000\"\n"
+        .to_owned();
+    text += &service(
+        "fn-tcp4",
+        "203.0.113.41",
+        80,
+        "tcp",
+        "198.51.100.1",
+        "198.51.100.11",
+        "port = 8080",
+    );
+    text += &service(
+        "fn-udp4",
+        "203.0.113.41",
+        53,
+        "udp",
+        "198.51.100.1",
+        "198.51.100.12",
+        "",
+    );
+    text += &service(
+        "fn-tcp6",
+        "2001:db8:100::41",
+        80,
+        "tcp",
+        "2001:db8::1",
+        "2001:db8::11",
+        "port = 8080",
+    );
+    text += &service(
+        "fn-udp6",
+        "2001:db8:100::41",
+        53,
+        "udp",
+        "2001:db8::1",
+        "2001:db8::12",
+        "",
+    );
+    text
+}
+
+/// Both directions of `fullnat`, v4 and v6, TCP and UDP: the client's address:port becomes
+/// the SNAT address:port on the way in and the reply's destination is turned back into
+/// VIP:port -> client:port on the way out; every output frame in full (checksums from
+/// scratch), the counters, the pair's entries; a second connection to an endpoint whose
+/// one SNAT port is taken is dropped and counted, as is a mid-flow packet without a pair.
+#[test]
+fn golden_fullnat() {
+    use lb_common::nat::{NAT_REPLY, NAT_TCP_ESTABLISHED, NAT_TCP_SYN_RECV, NAT_TCP_SYN_SENT};
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("gfnat")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    for (addr, dev) in [("198.51.100.2", "g0"), ("2001:db8::2", "g0")] {
+        let status = std::process::Command::new("ip")
+            .args([
+                "-n",
+                ns.name(),
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                "02:00:00:00:00:02",
+                "nud",
+                "permanent",
+                "dev",
+                dev,
+            ])
+            .status()
+            .expect("ip neigh");
+        assert!(status.success());
+    }
+    let mut lab = common::in_netns(ns.name(), || open_lab_text(&fullnat_config()));
+    let client_mac = CLIENT_MAC;
+    let case = |lab: &mut Lab,
+                desc: &'static str,
+                input: Vec<u8>,
+                action: u32,
+                output: Option<Vec<u8>>,
+                counters: Vec<u32>| {
+        if let Some(out) = &output {
+            nat_checksums_ok(out);
+        }
+        common::in_netns(ns.name(), || {
+            check_case(
+                lab,
+                &Case {
+                    desc,
+                    input,
+                    action,
+                    output,
+                    counters,
+                },
+            );
+        });
+    };
+    let entry = |lab: &Lab, key: &FlowKey| lab.balancer.maps().nat_get(key).expect("read NAT_CT");
+    const PAYLOAD: &[u8] = b"weir-fullnat-golden";
+
+    // --- IPv4 TCP: client:40000 -> VIP:80 becomes SNAT:61000 -> backend:8080 ---
+    let fwd = nat_key(&CLIENT4, &FN_VIP4, 40000, 80, PROTO_TCP);
+    let rev = nat_key(&NAT_B4, &SNAT4, 8080, SNAT_PORT, PROTO_TCP);
+    let c2v = |sport: u16, flags: u8, payload: &[u8]| {
+        nat_frame(
+            LB_MAC,
+            client_mac,
+            &CLIENT4,
+            &FN_VIP4,
+            PROTO_TCP,
+            64,
+            &nat_tcp(&CLIENT4, &FN_VIP4, sport, 80, flags, payload),
+        )
+    };
+    let s2b = |flags: u8, payload: &[u8]| {
+        nat_frame(
+            backend_mac(11),
+            LB_MAC,
+            &SNAT4,
+            &NAT_B4,
+            PROTO_TCP,
+            63,
+            &nat_tcp(&SNAT4, &NAT_B4, SNAT_PORT, 8080, flags, payload),
+        )
+    };
+    let b2s = |flags: u8, payload: &[u8]| {
+        nat_frame(
+            LB_MAC,
+            backend_mac(11),
+            &NAT_B4,
+            &SNAT4,
+            PROTO_TCP,
+            64,
+            &nat_tcp(&NAT_B4, &SNAT4, 8080, SNAT_PORT, flags, payload),
+        )
+    };
+    let v2c = |flags: u8, payload: &[u8]| {
+        nat_frame(
+            client_mac,
+            LB_MAC,
+            &FN_VIP4,
+            &CLIENT4,
+            PROTO_TCP,
+            63,
+            &nat_tcp(&FN_VIP4, &CLIENT4, 80, 40000, flags, payload),
+        )
+    };
+
+    case(
+        &mut lab,
+        "fullnat v4 SYN: client:40000 -> VIP:80 becomes SNAT:61000 -> backend:8080",
+        c2v(40000, SYN, &[]),
+        XDP_TX,
+        Some(s2b(SYN, &[])),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let f = entry(&lab, &fwd).expect("forward entry");
+    let r = entry(&lab, &rev).expect("reply entry: backend:8080 -> SNAT:61000");
+    assert_eq!((f.tcp_state, f.timeout_s), (NAT_TCP_SYN_SENT, 60));
+    assert_eq!(f.partner_key(&fwd), rev);
+    assert_eq!(r.partner_key(&rev), fwd);
+    assert_ne!(r.flags & NAT_REPLY, 0);
+    assert_eq!((f.snat_slot, r.snat_slot), (0, 0), "SNAT pool slot 0");
+
+    case(
+        &mut lab,
+        "fullnat v4 SYN-ACK to SNAT:61000 becomes VIP:80 -> client:40000",
+        b2s(SYN | ACK, &[]),
+        XDP_TX,
+        Some(v2c(SYN | ACK, &[])),
+        vec![stat::NAT_REPLY],
+    );
+    assert_eq!(entry(&lab, &fwd).unwrap().tcp_state, NAT_TCP_SYN_RECV);
+    case(
+        &mut lab,
+        "fullnat v4 ACK: ESTABLISHED",
+        c2v(40000, ACK, &[]),
+        XDP_TX,
+        Some(s2b(ACK, &[])),
+        vec![stat::NAT_FORWARD],
+    );
+    assert_eq!(entry(&lab, &rev).unwrap().tcp_state, NAT_TCP_ESTABLISHED);
+    case(
+        &mut lab,
+        "fullnat v4 data client -> backend",
+        c2v(40000, PSH_ACK, PAYLOAD),
+        XDP_TX,
+        Some(s2b(PSH_ACK, PAYLOAD)),
+        vec![stat::NAT_FORWARD],
+    );
+    case(
+        &mut lab,
+        "fullnat v4 data backend -> client",
+        b2s(PSH_ACK, PAYLOAD),
+        XDP_TX,
+        Some(v2c(PSH_ACK, PAYLOAD)),
+        vec![stat::NAT_REPLY],
+    );
+
+    // The range's one port is taken towards backend:8080 by a live pair: a second client
+    // connection cannot get a source, and no tuple is reused.
+    case(
+        &mut lab,
+        "fullnat v4 SYN with every SNAT port taken: dropped, counted",
+        c2v(40001, SYN, &[]),
+        XDP_DROP,
+        None,
+        vec![stat::DROP_SNAT_EXHAUSTED],
+    );
+    assert_eq!(
+        entry(&lab, &nat_key(&CLIENT4, &FN_VIP4, 40001, 80, PROTO_TCP)),
+        None
+    );
+    assert_eq!(
+        entry(&lab, &rev).unwrap().partner_key(&rev),
+        fwd,
+        "the live pair keeps its port"
+    );
+    // A mid-flow segment without a pair: its SNAT port is unknowable.
+    case(
+        &mut lab,
+        "fullnat v4 ACK without a pair: dropped, counted",
+        c2v(40002, PSH_ACK, PAYLOAD),
+        XDP_DROP,
+        None,
+        vec![stat::DROP_NAT_UNTRACKED_MIDFLOW],
+    );
+    // The host's own traffic to its address (here the SNAT address) is not ours.
+    let ssh = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT4,
+        &SNAT4,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&CLIENT4, &SNAT4, 40003, 22, SYN, &[]),
+    );
+    case(
+        &mut lab,
+        "to the SNAT address, no pair: passed untouched",
+        ssh,
+        XDP_PASS,
+        None,
+        vec![stat::PASS_NOT_VIP],
+    );
+
+    // --- IPv4 UDP ---
+    let u_in = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT4,
+        &FN_VIP4,
+        PROTO_UDP,
+        64,
+        &nat_udp(&CLIENT4, &FN_VIP4, 40010, 53, PAYLOAD),
+    );
+    let u_out = nat_frame(
+        backend_mac(12),
+        LB_MAC,
+        &SNAT4,
+        &NAT_U4,
+        PROTO_UDP,
+        63,
+        &nat_udp(&SNAT4, &NAT_U4, SNAT_PORT, 53, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "fullnat v4 UDP client -> SNAT:61000 -> backend:53",
+        u_in,
+        XDP_TX,
+        Some(u_out),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let u_back = nat_frame(
+        LB_MAC,
+        backend_mac(12),
+        &NAT_U4,
+        &SNAT4,
+        PROTO_UDP,
+        64,
+        &nat_udp(&NAT_U4, &SNAT4, 53, SNAT_PORT, PAYLOAD),
+    );
+    let u_back_out = nat_frame(
+        client_mac,
+        LB_MAC,
+        &FN_VIP4,
+        &CLIENT4,
+        PROTO_UDP,
+        63,
+        &nat_udp(&FN_VIP4, &CLIENT4, 53, 40010, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "fullnat v4 UDP backend -> VIP:53 -> client",
+        u_back,
+        XDP_TX,
+        Some(u_back_out),
+        vec![stat::NAT_REPLY],
+    );
+
+    // --- IPv6 TCP ---
+    let t6_in = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT6,
+        &FN_VIP6,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&CLIENT6, &FN_VIP6, 40000, 80, SYN, &[]),
+    );
+    let t6_out = nat_frame(
+        backend_mac(0x11),
+        LB_MAC,
+        &SNAT6,
+        &NAT_B6,
+        PROTO_TCP,
+        63,
+        &nat_tcp(&SNAT6, &NAT_B6, SNAT_PORT, 8080, SYN, &[]),
+    );
+    case(
+        &mut lab,
+        "fullnat v6 SYN: SNAT6:61000 -> backend:8080, hop limit 63",
+        t6_in,
+        XDP_TX,
+        Some(t6_out),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let t6_back = nat_frame(
+        LB_MAC,
+        backend_mac(0x11),
+        &NAT_B6,
+        &SNAT6,
+        PROTO_TCP,
+        64,
+        &nat_tcp(&NAT_B6, &SNAT6, 8080, SNAT_PORT, SYN | ACK, &[]),
+    );
+    let t6_back_out = nat_frame(
+        client_mac,
+        LB_MAC,
+        &FN_VIP6,
+        &CLIENT6,
+        PROTO_TCP,
+        63,
+        &nat_tcp(&FN_VIP6, &CLIENT6, 80, 40000, SYN | ACK, &[]),
+    );
+    case(
+        &mut lab,
+        "fullnat v6 SYN-ACK: VIP6:80 -> client",
+        t6_back,
+        XDP_TX,
+        Some(t6_back_out),
+        vec![stat::NAT_REPLY],
+    );
+    case(
+        &mut lab,
+        "fullnat v6 SYN with every SNAT port taken: dropped, counted",
+        nat_frame(
+            LB_MAC,
+            client_mac,
+            &CLIENT6,
+            &FN_VIP6,
+            PROTO_TCP,
+            64,
+            &nat_tcp(&CLIENT6, &FN_VIP6, 40001, 80, SYN, &[]),
+        ),
+        XDP_DROP,
+        None,
+        vec![stat::DROP_SNAT_EXHAUSTED],
+    );
+
+    // --- IPv6 UDP ---
+    let u6_in = nat_frame(
+        LB_MAC,
+        client_mac,
+        &CLIENT6,
+        &FN_VIP6,
+        PROTO_UDP,
+        64,
+        &nat_udp(&CLIENT6, &FN_VIP6, 40020, 53, PAYLOAD),
+    );
+    let u6_out = nat_frame(
+        backend_mac(0x12),
+        LB_MAC,
+        &SNAT6,
+        &NAT_U6,
+        PROTO_UDP,
+        63,
+        &nat_udp(&SNAT6, &NAT_U6, SNAT_PORT, 53, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "fullnat v6 UDP client -> SNAT6:61000 -> backend:53",
+        u6_in,
+        XDP_TX,
+        Some(u6_out),
+        vec![stat::NAT_PAIRS_CREATED, stat::NAT_FORWARD],
+    );
+    let u6_back = nat_frame(
+        LB_MAC,
+        backend_mac(0x12),
+        &NAT_U6,
+        &SNAT6,
+        PROTO_UDP,
+        64,
+        &nat_udp(&NAT_U6, &SNAT6, 53, SNAT_PORT, PAYLOAD),
+    );
+    let u6_back_out = nat_frame(
+        client_mac,
+        LB_MAC,
+        &FN_VIP6,
+        &CLIENT6,
+        PROTO_UDP,
+        63,
+        &nat_udp(&FN_VIP6, &CLIENT6, 53, 40020, PAYLOAD),
+    );
+    case(
+        &mut lab,
+        "fullnat v6 UDP backend -> VIP6:53 -> client",
+        u6_back,
+        XDP_TX,
+        Some(u6_back_out),
+        vec![stat::NAT_REPLY],
+    );
 }

@@ -49,6 +49,9 @@ pub mod map_name {
     /// The NAT connection table: both entries of every `nat` pair (`FlowKey` keys,
     /// `nat::NatEntry` values).
     pub const NAT_CT: &str = "NAT_CT";
+    /// The SNAT addresses of every `fullnat` service (`nat::SnatSource` values, indexed
+    /// `service_id * nat::MAX_SNAT_ADDRS + i`).
+    pub const SNAT_POOL: &str = "SNAT_POOL";
 }
 
 /// Names of the programs in the eBPF object.
@@ -117,6 +120,17 @@ pub const FORWARD_TUNNEL: u8 = 0;
 pub const FORWARD_DIRECT: u8 = 1;
 /// Destination NAT: VIP:port becomes backend:port, replies cross the balancer back.
 pub const FORWARD_NAT: u8 = 2;
+/// Destination and source NAT: VIP:port becomes backend:port and the client's address:port
+/// one of the service's SNAT addresses and a port of `[agent] snat_ports`; the replies come
+/// back to the balancer by themselves (they are addressed to it).
+pub const FORWARD_FULLNAT: u8 = 3;
+
+/// Whether a `FORWARD_*` value is one of the NAT modes (the pairs of `NAT_CT`), not DSR.
+#[inline(always)]
+#[must_use]
+pub const fn forwarding_is_nat(forwarding: u8) -> bool {
+    forwarding == FORWARD_NAT || forwarding == FORWARD_FULLNAT
+}
 
 /// `VipInfo::scheduler` values. For maglev and ip-hash the ring is a Maglev table indexed
 /// by a hash; for round-robin it holds the smooth weighted round-robin sequence, walked by a
@@ -233,8 +247,14 @@ pub mod stat {
     /// outer addresses do not match the quote, or the quote belongs to the other direction):
     /// dropped untouched, never forwarded half-rewritten.
     pub const DROP_NAT_ICMP_UNTRANSLATABLE: u32 = 44;
+    /// fullnat: a new connection refused because every SNAT port probed for its backend was
+    /// taken by a live pair (the SYN / first datagram is dropped; the client retries).
+    pub const DROP_SNAT_EXHAUSTED: u32 = 45;
+    /// fullnat: a TCP packet other than a SYN (or a RST) with no pair: its SNAT port is
+    /// unknowable, so it cannot be translated for the backend.
+    pub const DROP_NAT_UNTRACKED_MIDFLOW: u32 = 46;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 45;
+    pub const COUNT: u32 = 47;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -283,6 +303,8 @@ pub mod stat {
         "nat_to_kernel",
         "nat_icmp_translated",
         "drop_nat_icmp_untranslatable",
+        "drop_snat_exhausted",
+        "drop_nat_untracked_midflow",
     ];
 }
 
@@ -324,7 +346,7 @@ pub const VIP_ADDR_WORDS: usize = 1 << (VIP_ADDR_BITS_LOG2 - 6);
 pub struct VipAddrBits {
     /// `ADDR_FILTER_NAT_DST`, `ADDR_FILTER_NAT_SRC`.
     pub flags: u32,
-    /// The SNAT port range of `fullnat` (a later step); 0/0 today.
+    /// `[agent] snat_ports` while some service is `fullnat`, else 0/0.
     pub snat_port_lo_host: u16,
     pub snat_port_hi_host: u16,
     /// Destinations: every VIP address.
@@ -403,11 +425,14 @@ pub struct VipInfo {
     /// its counters `VIP_STATS[service_id]`.
     pub service_id: u32,
     pub ring_size: u32,
-    /// `FORWARD_TUNNEL`, `FORWARD_DIRECT` or `FORWARD_NAT`.
+    /// `FORWARD_TUNNEL`, `FORWARD_DIRECT`, `FORWARD_NAT` or `FORWARD_FULLNAT`.
     pub forwarding: u8,
     /// `SCHED_*`.
     pub scheduler: u8,
-    pub _pad: [u8; 2],
+    /// `fullnat`: the number of SNAT addresses (`SNAT_POOL[service_id * MAX_SNAT_ADDRS ..]`),
+    /// 1..=`MAX_SNAT_ADDRS`; 0 otherwise.
+    pub snat_count: u8,
+    pub _pad: u8,
     /// A tracked TCP flow idle this long (seconds) is forgotten.
     pub tcp_idle_timeout_s: u32,
     /// A tracked UDP flow idle this long (seconds) is forgotten.
@@ -549,7 +574,7 @@ pub struct NextHop {
     /// The egress MTU towards the backend (IP bytes), as the lookup reported it in
     /// `mtu_result`: the route's locked MTU metric or PMTU exception, else the device's.
     /// A tunnelled packet must fit it outer header included. `u32::MAX`: the kernel did not
-    /// report one (Linux 5.11), nothing is checked.
+    /// report one (none does from 5.12 on), nothing is checked.
     pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
@@ -603,6 +628,8 @@ mod pod {
     unsafe impl aya::Pod for crate::icmp::IcmpBucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::nat::NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::nat::SnatSource {}
 }
 
 #[cfg(feature = "user")]

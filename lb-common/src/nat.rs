@@ -1,7 +1,8 @@
-//! Destination NAT (`forwarding = "nat"`, docs/design/nat.md): the value of the NAT
-//! connection table (`NatEntry`), its flags, the TCP states and their timeouts, the pure
-//! state machine ([`tcp_next`]), the partner rule ([`NatEntry::partner_key`]) and the RFC 1624
-//! incremental checksum arithmetic ([`csum_delta`], [`csum_apply`]). Everything here is pure
+//! The NAT modes (`forwarding = "nat"` and `"fullnat"`, docs/design/nat.md): the value of the
+//! NAT connection table (`NatEntry`), its flags, the TCP states and their timeouts, the pure
+//! state machine ([`tcp_next`]), the partner rule ([`NatEntry::partner_key`]), the RFC 1624
+//! incremental checksum arithmetic ([`csum_delta`], [`csum_apply`]), and fullnat's SNAT pool
+//! entry ([`SnatSource`]) with its probe sequence ([`snat_probe`]). Everything here is pure
 //! and shared: the datapath makes and follows the pairs, the agent's table walk judges them
 //! by the same rules, and the host tests check the rules once.
 
@@ -28,6 +29,45 @@ pub const NAT_STATE_FLAGS: u64 =
 
 /// `NatEntry::snat_slot` of a `nat` pair (no source translation).
 pub const NAT_NO_SNAT: u8 = 0xff;
+
+/// `fullnat`: the most SNAT addresses a service may have (`SNAT_POOL` holds this many per
+/// service id).
+pub const MAX_SNAT_ADDRS: u32 = 16;
+/// `fullnat`: SNAT ports tried for one new connection before it is refused. Bounded so
+/// that the verifier sees a small loop; exact (refused only when every port is taken) when
+/// addresses x ports is at most this.
+pub const SNAT_PROBES: u32 = 64;
+/// Default `[agent] snat_ports`: above Linux's default ephemeral range (32768-60999), so
+/// that nothing need be reserved.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+/// Value of `SNAT_POOL`: one SNAT address of a `fullnat` service and its port range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatSource {
+    /// The address (IPv4 in `[..4]`), of the service's family.
+    pub addr: [u8; 16],
+    /// First port of the range, host order (a number, not a wire field).
+    pub first_port_host: u16,
+    /// Ports in the range, from `first_port_host`; 0: the slot is unused.
+    pub port_count: u16,
+}
+const _: () = assert!(size_of::<SnatSource>() == 20);
+
+/// Probe `i` of a new connection's SNAT allocation: the pool slot to try and the port's
+/// offset in that slot's range, for a service of `count` addresses of `ports` ports each.
+/// The address is spread by the flow's hash `h`, the port walks linearly from the random
+/// start `r`: every (address, port) is visited once in the first `count * ports` probes.
+#[inline(always)]
+#[must_use]
+pub const fn snat_probe(h: u32, r: u32, i: u32, count: u32, ports: u32) -> (u32, u32) {
+    let count = if count == 0 { 1 } else { count };
+    let ports = if ports == 0 { 1 } else { ports };
+    (
+        (h % count + i % count) % count,
+        (r % ports + (i / count) % ports) % ports,
+    )
+}
 
 /// TCP states of a pair (`NatEntry::tcp_state`); 0 for UDP.
 pub const NAT_TCP_NONE: u8 = 0;
@@ -459,5 +499,26 @@ mod tests {
         assert_eq!(udp_timeout(0, 300), 30);
         assert_eq!(udp_timeout(NAT_REPLIED, 300), 300);
         assert_eq!(udp_timeout(0, 5), 5);
+    }
+
+    #[test]
+    fn snat_probes_cover_every_address_and_port_once() {
+        for (count, ports) in [(1, 64), (2, 32), (4, 16), (3, 5), (16, 4), (1, 1)] {
+            for (h, r) in [(0, 0), (7, 13), (u32::MAX, u32::MAX - 3)] {
+                let mut seen = Vec::new();
+                for i in 0..count * ports {
+                    let (slot, offset) = snat_probe(h, r, i, count, ports);
+                    assert!(slot < count && offset < ports);
+                    seen.push((slot, offset));
+                }
+                seen.sort_unstable();
+                seen.dedup();
+                assert_eq!(
+                    seen.len() as u32,
+                    count * ports,
+                    "{count} x {ports}, h {h} r {r}"
+                );
+            }
+        }
     }
 }

@@ -3,8 +3,8 @@
 //! exactly the same code.
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_UP, BackendInfo, FLOW_VIA_PORT0, FORWARD_NAT, FlowKey, FlowValue, VipInfo, VipKey,
-    nat::NatEntry, stat,
+    BACKEND_UP, BackendInfo, FLOW_VIA_PORT0, FlowKey, FlowValue, VipInfo, VipKey,
+    forwarding_is_nat, nat::NatEntry, stat,
 };
 
 use crate::{
@@ -174,7 +174,7 @@ fn balance_flow(p: Parsed, stats: Stats) -> Result<Job, Exit> {
     // measured at about 45 ns per read in a VM. Read through the per-jiffy cache: no helper
     // call on almost every packet.
     let now = clock::now();
-    if vip.forwarding == FORWARD_NAT {
+    if forwarding_is_nat(vip.forwarding) {
         let pick = nat::new_flow(&p, vip, now, stats)?;
         return Ok(nat_job(p, pick, now));
     }

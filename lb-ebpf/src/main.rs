@@ -2,8 +2,8 @@
 //! module that owns its logic and turns the outcome into an XDP (or tc) verdict.
 //!
 //! * `weir_balancer`: on the LB's NIC. Packets for a VIP leave towards a backend (IP-in-IP
-//!   tunnel, L2 DSR, or destination NAT, whose replies it translates back too); everything
-//!   else passes to the kernel untouched.
+//!   tunnel, L2 DSR, destination NAT or full NAT, whose replies it translates back too);
+//!   everything else passes to the kernel untouched.
 //! * `weir_decap`: on a backend's NIC. Strips the outer header of IP-in-IP packets whose inner
 //!   destination is a VIP of that host, so backends need no tunnel device.
 //! * `weir_mss_clamp`: tc egress on a backend's NIC, next to `weir_decap`. Lowers the MSS
@@ -47,6 +47,12 @@
 //!   hop in NAT mode: TTL / hop limit decremented, a packet with 1 dropped (`drop_ttl`). A
 //!   packet that cannot be translated safely is dropped and counted, never forwarded half
 //!   rewritten. The reply of a pair no longer honoured is dropped (`drop_nat_stale`).
+//! * fullnat (`forwarding = "fullnat"`): the client's address and port become an SNAT
+//!   address of the service and a port of `snat_ports`, claimed atomically (a `BPF_NOEXIST`
+//!   insert of the reply tuple, at most `SNAT_PROBES` probes); with none free the packet is
+//!   dropped (`drop_snat_exhausted`), never sent with a tuple a live pair holds. A TCP
+//!   packet other than a SYN without a pair cannot be translated and is dropped
+//!   (`drop_nat_untracked_midflow`). Packets to an SNAT address that belong to no pair pass.
 //!
 //! The helpers in the modules are `#[inline(always)]`: each program compiles to one BPF
 //! function, the code the verifier accepts and the benchmarks measured. A helper left out of

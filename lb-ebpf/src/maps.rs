@@ -10,7 +10,7 @@ use lb_common::{
     MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop,
     TrafficCounters, VipAddrBits, VipInfo, VipKey,
     icmp::IcmpBucket,
-    nat::{DEFAULT_NAT_CONNECTIONS, NatEntry},
+    nat::{DEFAULT_NAT_CONNECTIONS, MAX_SNAT_ADDRS, NatEntry, SnatSource},
     stat,
 };
 
@@ -132,6 +132,13 @@ pub(crate) static DECAP_MSS: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 pub(crate) static NAT_CT: HashMap<FlowKey, NatEntry> =
     HashMap::with_max_entries(2 * DEFAULT_NAT_CONNECTIONS, BPF_F_NO_PREALLOC);
+
+/// The SNAT addresses of `fullnat` services and their port range: service `s`'s address `i`
+/// is `SNAT_POOL[s * MAX_SNAT_ADDRS + i]`, `i < VipInfo::snat_count`. Written by the agent
+/// before the service's `VIPS` entry names the count.
+#[map]
+pub(crate) static SNAT_POOL: Array<SnatSource> =
+    Array::with_max_entries(MAX_SERVICES * MAX_SNAT_ADDRS, 0);
 
 /// Per-CPU room for a pair under construction and the reply path's FIB parameters (the
 /// balancer's stack is full). Not pinned: nothing survives a packet in it.

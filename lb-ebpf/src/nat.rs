@@ -1,5 +1,6 @@
-//! Destination NAT (`forwarding = "nat"`, docs/design/nat.md): the NAT connection table
-//! `NAT_CT` as the datapath uses it. A connection is a pair of entries made together (the
+//! The NAT modes (`forwarding = "nat"` and `"fullnat"`, docs/design/nat.md): the NAT
+//! connection table `NAT_CT` as the datapath uses it, and fullnat's SNAT port allocation
+//! ([`snat_claim`]). A connection is a pair of entries made together (the
 //! client's tuple and the backend's reply tuple), each holding the rewrite of its direction:
 //! [`established`] finds a packet's entry, whichever way it travels, judges it (honoured,
 //! expired) and follows the TCP state in both entries; [`new_flow`] schedules a new
@@ -18,25 +19,30 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::bpf_fib_lookup,
+    cty::c_void,
+    helpers::{
+        bpf_get_prandom_u32,
+        generated::{bpf_fib_lookup, bpf_loop, bpf_map_lookup_elem},
+    },
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_UP, BackendInfo, FAMILY_V4, FLOW_CLOSED, FLOW_COUNTED, FORWARD_NAT, FlowKey,
+    BACKEND_UP, BackendInfo, FAMILY_V4, FLOW_CLOSED, FLOW_COUNTED, FORWARD_FULLNAT, FlowKey,
     GlobalConfig, LAST_SEEN_GRANULARITY_NS, NEXT_HOP_TTL_NS, NextHop, PROTO_TCP, PROTO_UDP,
-    VipInfo,
+    VipInfo, forwarding_is_nat,
     headers::{ETH_HDR_LEN, IPV4_HDR_LEN, IPV6_HDR_LEN},
     nat::{
-        DIR_FORWARD, DIR_REPLY, NAT_NO_SNAT, NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY,
+        DIR_FORWARD, DIR_REPLY, MAX_SNAT_ADDRS, NAT_NO_SNAT, NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY,
         NAT_STATE_FLAGS, NAT_TCP_CLOSE, NAT_TCP_ESTABLISHED, NAT_TCP_NONE, NAT_TCP_SYN_SENT,
-        NAT_TCP_TIME_WAIT, NatEntry, csum_apply, csum_delta, tcp_next, tcp_timeout, udp_timeout,
+        NAT_TCP_TIME_WAIT, NatEntry, SNAT_PROBES, SnatSource, addr_delta, csum_apply, csum_delta,
+        fold, snat_probe, tcp_next, tcp_timeout, ttl_delta, udp_timeout, word_delta,
     },
     stat,
 };
 
 use crate::{
     forward::{egress, nexthop::tunnel_source, write_macs},
-    maps::{BACKEND_CONNS, BACKENDS, NAT_CT, NAT_SCRATCH, NEXT_HOPS, SERVICES, STATS},
+    maps::{BACKEND_CONNS, BACKENDS, NAT_CT, NAT_SCRATCH, NEXT_HOPS, SERVICES, SNAT_POOL, STATS},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     sched::schedule,
     stats::{Exit, Stats, bump, drop},
@@ -65,6 +71,7 @@ pub(crate) struct NatScratch {
     fib: FibParams,
     /// The flow an ICMP error quotes, reversed (`inbound`, `nat_icmp`).
     pub(crate) icmp_flow: FlowKey,
+    probe: SnatProbe,
 }
 
 /// What `established` and `new_flow` found: the packet's service, backend and rewrite. The
@@ -201,7 +208,8 @@ pub(crate) fn established(p: &Parsed, now: u64, stats: Stats) -> Result<Option<P
 }
 
 /// The service and backend of a pair the datapath still honours: the backend up, of the
-/// same generation, its service present and still a NAT one.
+/// same generation, its service present and still a NAT one (`nat` and `fullnat` never
+/// share a service: a change between them gives the backends new generations).
 #[inline(always)]
 pub(crate) fn honoured(e: &NatEntry) -> Option<(&'static VipInfo, &'static BackendInfo)> {
     let backend = BACKENDS.get(e.backend_id)?;
@@ -209,8 +217,10 @@ pub(crate) fn honoured(e: &NatEntry) -> Option<(&'static VipInfo, &'static Backe
         return None;
     }
     let vip = SERVICES.get(backend.service_id)?;
-    (vip.service_id == backend.service_id && vip.ring_size != 0 && vip.forwarding == FORWARD_NAT)
-        .then_some((vip, backend))
+    (vip.service_id == backend.service_id
+        && vip.ring_size != 0
+        && forwarding_is_nat(vip.forwarding))
+    .then_some((vip, backend))
 }
 
 /// Writes a pair member's TCP state, state flags and timeout (plain stores: two CPUs racing
@@ -287,9 +297,7 @@ fn fill(
     out.new_dst_addr = *new_dst;
     out.new_src_port_be = new_sport_be;
     out.new_dst_port_be = new_dport_be;
-    let (ip, l4) = csum_delta(key, new_src, new_dst, new_sport_be, new_dport_be);
-    out.ip_csum_delta_ne = ip;
-    out.l4_csum_delta_ne = l4;
+    set_deltas(out, key);
     out.hop_ifindex = 0;
     out.hop_expires_ns = 0;
     out.hop_smac = [0; 6];
@@ -298,11 +306,28 @@ fn fill(
     out.snat_slot = NAT_NO_SNAT;
 }
 
+/// Computes `out`'s checksum deltas from its rewrite fields, for packets whose tuple is `key`.
+#[inline(always)]
+fn set_deltas(out: &mut NatEntry, key: &FlowKey) {
+    let (ip, l4) = csum_delta(
+        key,
+        &out.new_src_addr,
+        &out.new_dst_addr,
+        out.new_src_port_be,
+        out.new_dst_port_be,
+    );
+    out.ip_csum_delta_ne = ip;
+    out.l4_csum_delta_ne = l4;
+}
+
 /// A packet for a NAT service that has no pair: the scheduler's pick (every scheduler,
 /// weights, backup, slow start and drain as for DSR), and a new pair, inserted reply key
 /// first (the claim of the reply tuple), then the forward key. A RST never makes state: it
 /// is translated by the service's hash without a pair. A TCP packet that is no SYN is picked
-/// up by the hash, as DSR does (the pair is made ESTABLISHED, `NAT_PICKED_UP`).
+/// up by the hash, as DSR does (the pair is made ESTABLISHED, `NAT_PICKED_UP`). In
+/// `fullnat` both are dropped instead (`drop_nat_untracked_midflow`): the SNAT port the
+/// backend knows the connection by cannot be known, and the source of a new pair is the
+/// SNAT port [`snat_claim`] finds.
 #[inline(always)]
 pub(crate) fn new_flow(
     p: &Parsed,
@@ -316,6 +341,10 @@ pub(crate) fn new_flow(
     let is_rst = is_tcp && flags & TCP_RST != 0;
     let is_end = is_tcp && flags & (TCP_FIN | TCP_RST) != 0;
     let midflow = is_tcp && !is_syn;
+    let full = vip.forwarding == FORWARD_FULLNAT;
+    if full && midflow {
+        return Err(drop(stat::DROP_NAT_UNTRACKED_MIDFLOW));
+    }
     if midflow {
         bump(stats, stat::UNTRACKED_MIDFLOW);
     }
@@ -371,38 +400,16 @@ pub(crate) fn new_flow(
         return Ok(job);
     }
 
-    write_partner(&mut s.reply_key, &p.key, &s.fwd);
-    fill(
-        &mut s.reply,
-        &s.reply_key,
-        &p.key.dst_addr,
-        &p.key.src_addr,
-        p.key.dst_port_be,
-        p.key.src_port_be,
-    );
     s.reply.backend_id = id;
     s.reply.generation = backend.generation;
     s.reply.last_seen_ns = now;
     s.reply.flags = common | NAT_REPLY;
     s.reply.timeout_s = timeout_s;
     s.reply.tcp_state = state;
-
-    let mut claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
-    if claimed == Err(-EEXIST)
-        && let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
-        && pair_expired(&s.reply_key, old, now)
-    {
-        // One in-line reclaim: a table of expired pairs recovers without the agent.
-        delete_pair(&s.reply_key, old);
-        bump(stats, stat::NAT_RECLAIMED_INLINE);
-        claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
-    }
-    match claimed {
-        Ok(()) => {}
-        // The same client address and port already talk to this backend address and port,
-        // through another service: the two pairs would share a reply tuple.
-        Err(e) if e == -EEXIST => return Err(drop(stat::DROP_NAT_COLLISION)),
-        Err(_) => return Err(drop(stat::DROP_NAT_TABLE_FULL)),
+    if full {
+        snat_claim(p, vip, s, now, stats)?;
+    } else {
+        claim(p, s, now, stats)?;
     }
     match NAT_CT.insert(&p.key, &s.fwd, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
@@ -432,6 +439,302 @@ pub(crate) fn new_flow(
             Ok(job)
         }
     }
+}
+
+/// `nat`: claims the reply tuple of the pair in the scratch (backend → client, fixed by the
+/// forward rewrite): the reply key inserted if absent, after at most one in-line reclaim of
+/// an expired pair holding it.
+#[inline(always)]
+fn claim(p: &Parsed, s: &mut NatScratch, now: u64, stats: Stats) -> Result<(), Exit> {
+    write_partner(&mut s.reply_key, &p.key, &s.fwd);
+    reply_rewrite(p, s);
+    let mut claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
+    if claimed == Err(-EEXIST)
+        && let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
+        && pair_expired(&s.reply_key, old, now)
+    {
+        // One in-line reclaim: a table of expired pairs recovers without the agent.
+        delete_pair(&s.reply_key, old);
+        bump(stats, stat::NAT_RECLAIMED_INLINE);
+        claimed = NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST));
+    }
+    match claimed {
+        Ok(()) => Ok(()),
+        // The same client address and port already talk to this backend address and port,
+        // through another service: the two pairs would share a reply tuple.
+        Err(e) if e == -EEXIST => Err(drop(stat::DROP_NAT_COLLISION)),
+        Err(_) => Err(drop(stat::DROP_NAT_TABLE_FULL)),
+    }
+}
+
+/// The reply entry's rewrite (to VIP:port → client:port) for the reply key in the scratch.
+#[inline(always)]
+fn reply_rewrite(p: &Parsed, s: &mut NatScratch) {
+    fill(
+        &mut s.reply,
+        &s.reply_key,
+        &p.key.dst_addr,
+        &p.key.src_addr,
+        p.key.dst_port_be,
+        p.key.src_port_be,
+    );
+}
+
+/// `fullnat`: finds a free SNAT source for the pair in the scratch and claims it. Probe `i`
+/// tries the pool slot and port of `snat_probe` (addresses spread from a random start,
+/// ports linear from another); the claim of a (SNAT address, port) towards this backend
+/// endpoint is the `BPF_NOEXIST` insert of its reply key, atomic under the table's bucket
+/// lock, so two CPUs can never take one tuple: the loser moves on to its next probe. Every
+/// slot of a service carries the agent's one range; slot 0's is read. After `SNAT_PROBES`
+/// taken ports (every port, when the pool is that small) one expired pair on the first
+/// probe's tuple is reclaimed in line; else the connection is refused
+/// (`drop_snat_exhausted`). A live tuple is never reused: its reply key exists until its
+/// pair is deleted, and only expired or no longer honoured pairs are. On success the
+/// forward entry's source (address, port, slot) and checksum deltas are set.
+#[inline(always)]
+fn snat_claim(
+    p: &Parsed,
+    vip: &VipInfo,
+    s: &mut NatScratch,
+    now: u64,
+    stats: Stats,
+) -> Result<(), Exit> {
+    let base = vip.service_id.wrapping_mul(MAX_SNAT_ADDRS);
+    let range = SNAT_POOL.get(base).ok_or(drop(stat::DROP_SNAT_EXHAUSTED))?;
+    let first = u32::from(range.first_port_host);
+    let ports = u32::from(range.port_count);
+    let count = u32::from(vip.snat_count);
+    if count == 0 || count > MAX_SNAT_ADDRS || ports == 0 {
+        return Err(drop(stat::DROP_SNAT_EXHAUSTED));
+    }
+    // SAFETY: a helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    // The reply key and entry whole, once; each probe then writes only what depends on the
+    // SNAT source (the key's destination, the entry's checksum deltas, its slot).
+    write_partner(&mut s.reply_key, &p.key, &s.fwd);
+    reply_rewrite(p, s);
+    s.probe = SnatProbe {
+        base,
+        h: r.rotate_left(16),
+        r,
+        count,
+        ports,
+        first,
+        // The reply's source change (backend -> VIP), the same for every probe.
+        fixed: if p.key.family == FAMILY_V4 {
+            addr_delta(0, &s.reply_key.src_addr, &p.key.dst_addr, 4)
+        } else {
+            addr_delta(0, &s.reply_key.src_addr, &p.key.dst_addr, 16)
+        },
+        outcome: -EEXIST,
+        slot: 0,
+        offset: 0,
+        pool_index: 0,
+    };
+    let probes = if count * ports < SNAT_PROBES {
+        count * ports
+    } else {
+        SNAT_PROBES
+    };
+    // `bpf_loop`, not a loop: the verifier checks the callback once for any probe number,
+    // where it walks an open loop once per probe for every path into it, far past its
+    // limit of a million instructions.
+    // The callback's context is the scratch pointer, so that the callback needs no lookup
+    // of its own, whose key would take its stack (see `snat_probe_cb`).
+    let mut scratch_ptr: *mut NatScratch = s;
+    // SAFETY: the callback has the signature `bpf_loop` requires; its context points to
+    // `scratch_ptr`, which lives until `bpf_loop` returns, and the callback reads and writes
+    // only this CPU's scratch and the maps.
+    unsafe {
+        bpf_loop(
+            probes,
+            snat_probe_cb as *const () as *mut c_void,
+            (&raw mut scratch_ptr).cast(),
+            0,
+        );
+    }
+    match s.probe.outcome {
+        0 => {
+            snat_won(p, s);
+            return Ok(());
+        }
+        e if e == -EEXIST => {}
+        _ => return Err(drop(stat::DROP_NAT_TABLE_FULL)),
+    }
+    // Every probe taken: one expired pair on the first probe's tuple is reclaimed in line.
+    if snat_candidate(s, 0).is_some()
+        && let Some(old) = NAT_CT.get_ptr_mut(&s.reply_key)
+        && pair_expired(&s.reply_key, old, now)
+    {
+        delete_pair(&s.reply_key, old);
+        bump(stats, stat::NAT_RECLAIMED_INLINE);
+        if NAT_CT
+            .insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            snat_won(p, s);
+            return Ok(());
+        }
+    }
+    Err(drop(stat::DROP_SNAT_EXHAUSTED))
+}
+
+/// The parameters of a pair's SNAT probes (`snat_claim`), in the scratch for the `bpf_loop`
+/// callback, which sees nothing of its caller.
+#[repr(C)]
+pub(crate) struct SnatProbe {
+    /// The service's first `SNAT_POOL` index.
+    base: u32,
+    /// Random starts of the address and the port walks.
+    h: u32,
+    r: u32,
+    /// SNAT addresses, ports per address, first port (host order).
+    count: u32,
+    ports: u32,
+    first: u32,
+    /// The unfolded checksum sum of the reply's source rewrite (backend -> VIP).
+    fixed: u32,
+    /// The last claim's result: 0 claimed, `-EEXIST` taken, another error: stop.
+    outcome: i32,
+    /// The probe under way: its pool slot and port offset.
+    slot: u32,
+    offset: u32,
+    /// The probe's `SNAT_POOL` index: the key of its lookup, which must not be on the
+    /// callback's stack (see `snat_candidate`).
+    pool_index: u32,
+}
+
+/// One SNAT probe (`bpf_loop` callback): the candidate of probe `index` claimed by the
+/// `BPF_NOEXIST` insert of its reply key. 0: go on (taken); 1: stop (claimed or failed).
+///
+/// The callback uses no stack at all: the verifier adds its frame, rounded up to 16 bytes,
+/// to the balancer's (rounded likewise), and the balancer's own 504 bytes leave nothing for
+/// it within the 512 bytes of BPF stack. Hence the scratch comes through the context (a
+/// lookup would put its key on the stack), and every map key lives in the scratch.
+#[inline(never)]
+extern "C" fn snat_probe_cb(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `snat_claim` passes a pointer to its `*mut NatScratch`, this CPU's scratch
+    // (checked non-null there), alive for the whole `bpf_loop`; the verifier tracks the
+    // spilled map-value pointer through the caller's stack slot.
+    let s = unsafe { &mut **ctx.cast::<*mut NatScratch>() };
+    if snat_candidate(s, index as u32).is_none() {
+        s.probe.outcome = -EEXIST;
+        return 1;
+    }
+    let outcome = match NAT_CT.insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST)) {
+        Ok(()) => 0,
+        Err(e) => e,
+    };
+    s.probe.outcome = outcome;
+    i64::from(outcome != -EEXIST)
+}
+
+/// Writes probe `i`'s SNAT source into the scratch's reply key (its destination) and reply
+/// entry (its checksum deltas, as `csum_delta` computes them, and its pool slot). `None`:
+/// the pool slot is missing.
+#[inline(always)]
+fn snat_candidate(s: &mut NatScratch, i: u32) -> Option<()> {
+    // Fields read one by one: a copy of the whole would take the callback's stack, which
+    // adds to the balancer's own (at most 512 bytes together).
+    let (slot, offset) = snat_probe(s.probe.h, s.probe.r, i, s.probe.count, s.probe.ports);
+    // Kept in memory across the pool lookup rather than in registers the call would make
+    // the callback spill: the balancer leaves it at most 16 bytes of stack.
+    // SAFETY: plain stores to and loads from this CPU's scratch.
+    unsafe {
+        core::ptr::write_volatile(&raw mut s.probe.slot, slot);
+        core::ptr::write_volatile(&raw mut s.probe.offset, offset);
+    }
+    s.probe.pool_index = s.probe.base + slot;
+    // The key from the scratch, not the stack (see `snat_probe_cb`). `Array` is a
+    // `#[repr(transparent)]` wrapper of its `bpf_map_def` (aya-ebpf 0.2), so its address is
+    // the map's, which the loader relocates.
+    // SAFETY: a lookup in an array of `SnatSource` with a `u32` key in map memory; the
+    // value is read only while the program runs.
+    let src = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const SNAT_POOL).cast_mut().cast(),
+            (&raw const s.probe.pool_index).cast(),
+        )
+        .cast::<SnatSource>()
+        .as_ref()
+    }?;
+    // SAFETY: as above.
+    let (slot, offset) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const s.probe.slot),
+            core::ptr::read_volatile(&raw const s.probe.offset),
+        )
+    };
+    // Aligned 32-bit words, read one at a time: byte-wise copies and sums (the fields are
+    // byte arrays) keep so many values alive that the callback spills past the stack the
+    // balancer leaves it.
+    let (addr, client) = (
+        src.addr.as_ptr().cast::<u32>(),
+        s.reply.new_dst_addr.as_ptr().cast::<u32>(),
+    );
+    let key_addr = s.reply_key.dst_addr.as_mut_ptr().cast::<u32>();
+    let v4 = s.reply_key.family == FAMILY_V4;
+    // SAFETY: the addresses are at offsets that are multiples of 4 in map values (8-byte
+    // aligned): `SnatSource::addr` at 0, `NatScratch::reply.new_dst_addr` at 112,
+    // `NatScratch::reply_key.dst_addr` at 208; 4 words each.
+    let sum = unsafe {
+        let mut w = 0;
+        while w < 4 {
+            key_addr.add(w).write_volatile(addr.add(w).read_volatile());
+            w += 1;
+        }
+        if v4 {
+            addr_sum32(addr, client, 1)
+        } else {
+            addr_sum32(addr, client, 4)
+        }
+    };
+    s.reply_key.dst_port_be = ((s.probe.first + offset) as u16).to_be();
+    let addrs = u32::from(fold(s.probe.fixed + u32::from(fold64(sum))));
+    s.reply.ip_csum_delta_ne = if v4 { fold(addrs + ttl_delta()) } else { 0 };
+    s.reply.l4_csum_delta_ne = fold(
+        addrs
+            + word_delta(s.reply_key.src_port_be, s.reply.new_src_port_be)
+            + word_delta(s.reply_key.dst_port_be, s.reply.new_dst_port_be),
+    );
+    s.reply.snat_slot = slot as u8;
+    Some(())
+}
+
+/// `~old + new` over the first `words` 32-bit words of two addresses (native order), as an
+/// unfolded one's-complement sum: the same sum as over their 16-bit words (RFC 1071 §2).
+///
+/// # Safety
+/// Both pointers are valid and 4-byte aligned for `words` words.
+#[inline(always)]
+unsafe fn addr_sum32(old: *const u32, new: *const u32, words: usize) -> u64 {
+    let mut sum = 0u64;
+    let mut w = 0;
+    while w < words && w < 4 {
+        // SAFETY: as the caller promises.
+        unsafe {
+            sum += u64::from(!old.add(w).read_volatile()) + u64::from(new.add(w).read_volatile());
+        }
+        w += 1;
+    }
+    sum
+}
+
+/// A 64-bit one's-complement sum folded to 16 bits.
+#[inline(always)]
+fn fold64(sum: u64) -> u16 {
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    fold(s as u32)
+}
+
+/// The claimed source into the forward entry: its new source, checksum deltas and slot.
+#[inline(always)]
+fn snat_won(p: &Parsed, s: &mut NatScratch) {
+    s.fwd.new_src_addr = s.reply_key.dst_addr;
+    s.fwd.new_src_port_be = s.reply_key.dst_port_be;
+    set_deltas(&mut s.fwd, &p.key);
+    s.fwd.snat_slot = s.reply.snat_slot;
 }
 
 /// Whether the pair of an existing entry is expired: the entry idle past its timeout, and

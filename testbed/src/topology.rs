@@ -33,6 +33,12 @@
 //! answers go to their default router, the balancer, which translates them back (a backend
 //! that had the client on-link would answer it directly, from its own address). The
 //! backends are ordinary hosts: an address, a default route, no VIP, default sysctls.
+//!
+//! [`Layout::Fullnat`] ([`Topology::build_fullnat`]) is [`Layout::Nat`] with backends that
+//! have no route at all beyond their own subnet, which they share with the balancer: the
+//! balancer's `fullnat` translates clients to its own address there, so the backends answer
+//! it on-link and know nothing of the client's subnet (a stock host: an address, nothing
+//! else).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -125,6 +131,9 @@ pub enum Layout {
     /// The NAT modes: the client on a subnet of its own behind the balancer; backends with
     /// an address and a default route via the balancer, nothing else.
     Nat,
+    /// `fullnat`: as `Nat`, but the backends have no route via the balancer (only their
+    /// subnet, the balancer's too).
+    Fullnat,
 }
 
 /// The namespaces and links of the module docs. Dropping it deletes the namespaces (after
@@ -156,6 +165,11 @@ impl Topology {
         Self::build_layout(prefix, stack, Layout::Nat)
     }
 
+    /// As [`Topology::build`], with the client and backends of [`Layout::Fullnat`].
+    pub fn build_fullnat(prefix: &str, stack: Stack) -> Result<Self> {
+        Self::build_layout(prefix, stack, Layout::Fullnat)
+    }
+
     fn build_layout(prefix: &str, stack: Stack, layout: Layout) -> Result<Self> {
         let mut names = namespace_names(prefix).into_iter();
         let mut next = || names.next().context("namespace names");
@@ -178,7 +192,7 @@ impl Topology {
     pub fn client_v4(&self) -> Ipv4Addr {
         match self.layout {
             Layout::Dsr => CLIENT_V4,
-            Layout::Nat => NAT_CLIENT_V4,
+            Layout::Nat | Layout::Fullnat => NAT_CLIENT_V4,
         }
     }
 
@@ -187,7 +201,7 @@ impl Topology {
     pub fn client_v6(&self) -> Ipv6Addr {
         match self.layout {
             Layout::Dsr => CLIENT_V6,
-            Layout::Nat => NAT_CLIENT_V6,
+            Layout::Nat | Layout::Fullnat => NAT_CLIENT_V6,
         }
     }
 
@@ -196,7 +210,7 @@ impl Topology {
     fn client_router(&self) -> (Ipv4Addr, Ipv6Addr) {
         match self.layout {
             Layout::Dsr => (LB_V4, LB_V6),
-            Layout::Nat => (LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6),
+            Layout::Nat | Layout::Fullnat => (LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6),
         }
     }
 
@@ -283,7 +297,7 @@ impl Topology {
         // The client routes only the VIPs via the balancer. Checksum offload off: with it,
         // TCP through an XDP path arrives with bad checksums.
         let cli = self.cli.clone();
-        let nat = self.layout == Layout::Nat;
+        let nat = self.layout != Layout::Dsr;
         if nat {
             self.node_addrs(&cli, (NAT_CLIENT_V4, 25), NAT_CLIENT_V6)?;
         } else {
@@ -359,6 +373,10 @@ impl Topology {
         for (i, b) in self.backends.clone().iter().enumerate() {
             self.node_addrs(b, (backend_v4(i), 24), backend_v6(i))?;
             ns_exec(b, &["ethtool", "-K", NODE_IF, "tx", "off"])?;
+            if self.layout == Layout::Fullnat {
+                // A stock host: its address and its subnet's route, nothing else.
+                continue;
+            }
             if nat {
                 // An ordinary host whose router is the balancer: nothing else.
                 ip(b, &["route", "add", "default", "via", &LB_V4.to_string()])?;
@@ -442,7 +460,7 @@ impl Topology {
         if dual {
             targets.push((&self.cli, router_v6.to_string()));
         }
-        if self.layout == Layout::Nat {
+        if self.layout != Layout::Dsr {
             // The balancer sends the translated answers to the client itself.
             targets.push((&self.lb, NAT_CLIENT_V4.to_string()));
             if dual {

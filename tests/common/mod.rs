@@ -349,12 +349,19 @@ impl Topology {
         Self::build_layout(tag, Layout::Nat, true)
     }
 
+    /// As `build_nat`, with backends that have no route via the balancer
+    /// (`Layout::Fullnat`).
+    pub fn build_fullnat(tag: &str) -> Result<Self> {
+        Self::build_layout(tag, Layout::Fullnat, true)
+    }
+
     fn build_layout(tag: &str, layout: Layout, switch_pass: bool) -> Result<Self> {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = prefix(tag);
         let net = match layout {
             Layout::Dsr => weir_testbed::Topology::build(&prefix, Stack::Dual),
             Layout::Nat => weir_testbed::Topology::build_nat(&prefix, Stack::Dual),
+            Layout::Fullnat => weir_testbed::Topology::build_fullnat(&prefix, Stack::Dual),
         }
         .context("building the test topology")?;
         let workdir = std::env::temp_dir().join(format!("weir-e2e-{prefix}"));

@@ -3,7 +3,7 @@
 //! new MAC addresses and the way out (`XDP_TX` or a devmap redirect).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    BackendInfo, FORWARD_DIRECT, FORWARD_NAT, GlobalConfig, VipInfo, nat::NatEntry, stat,
+    BackendInfo, FORWARD_DIRECT, GlobalConfig, VipInfo, forwarding_is_nat, nat::NatEntry, stat,
 };
 
 use crate::{
@@ -37,7 +37,7 @@ pub(crate) fn forward(
     if !nat.is_null() {
         return crate::nat::forward(ctx, p, nat, global, backend_id, backend, now);
     }
-    if vip.forwarding == FORWARD_NAT {
+    if forwarding_is_nat(vip.forwarding) {
         // A NAT service's packet always comes with its pair (`balance`); never sent
         // untranslated.
         return Err(drop(stat::DROP_NAT_UNTRANSLATABLE));

@@ -87,8 +87,8 @@ pub(crate) fn fib_next_hop(
     Ok(Hop {
         ifindex: params.ifindex,
         mtu: match mtu_result {
-            // Linux 5.11 does not report the MTU (`mtu_result` is from 5.12) and leaves the
-            // zero passed in: no limit known, no check.
+            // `mtu_result` is from 5.12, below the datapath's floor (5.17, `bpf_loop`); a
+            // kernel that left the zero passed in would give no limit: no check.
             0 => u32::MAX,
             mtu => u32::from(mtu),
         },

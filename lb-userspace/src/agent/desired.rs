@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{GLOBAL_ANSWER_PING, GlobalConfig};
+use lb_common::{GLOBAL_ANSWER_PING, GlobalConfig, addr_bytes, nat::SnatSource};
 
 use crate::{
     config::{Config, HealthKind, ServiceConfig},
@@ -83,9 +83,24 @@ pub fn backend_port(service: &ServiceConfig, port: Option<u16>) -> u16 {
     }
 }
 
-/// A service's datapath fields, with the given backends.
+/// A service's datapath fields, with the given backends; `snat_ports` is `[agent]
+/// snat_ports`, the range of every SNAT address.
 #[must_use]
-pub fn service_spec(service: &ServiceConfig, backends: Vec<BackendSpec>) -> ServiceSpec {
+pub fn service_spec(
+    service: &ServiceConfig,
+    snat_ports: (u16, u16),
+    backends: Vec<BackendSpec>,
+) -> ServiceSpec {
+    let snat = service
+        .snat_addresses
+        .iter()
+        .map(|addr| SnatSource {
+            addr: addr_bytes(*addr).0,
+            first_port_host: snat_ports.0,
+            // Validation keeps 1024 <= low <= high: at most 64,512 ports.
+            port_count: snat_ports.1 - snat_ports.0 + 1,
+        })
+        .collect();
     ServiceSpec {
         name: service.name.clone(),
         vip: service.vip,
@@ -98,6 +113,7 @@ pub fn service_spec(service: &ServiceConfig, backends: Vec<BackendSpec>) -> Serv
         tcp_idle_timeout_s: service.tcp_idle_timeout.as_secs() as u32,
         udp_idle_timeout_s: service.udp_idle_timeout.as_secs() as u32,
         backends,
+        snat,
     }
 }
 
@@ -121,7 +137,7 @@ pub fn plain(config: &Config) -> DatapathSpec {
                         up: true,
                     })
                     .collect();
-                service_spec(s, backends)
+                service_spec(s, config.agent.snat_ports, backends)
             })
             .collect(),
     }
@@ -167,7 +183,7 @@ pub fn desired(
                     }
                 })
                 .collect();
-            service_spec(service, backends)
+            service_spec(service, config.agent.snat_ports, backends)
         })
         .collect();
     DatapathSpec {

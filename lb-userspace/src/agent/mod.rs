@@ -56,9 +56,9 @@ use crate::{
     sys,
 };
 
-/// The oldest kernel the datapath loads on: `bpf_ktime_get_coarse_ns` came with 5.11
-/// (XDP `bpf_link`, which pinning needs, with 5.9).
-pub const MIN_KERNEL: (u32, u32) = (5, 11);
+/// The oldest kernel the datapath loads on: `bpf_loop` (fullnat's SNAT probes) came with
+/// 5.17 (`bpf_ktime_get_coarse_ns` with 5.11, XDP `bpf_link`, which pinning needs, with 5.9).
+pub const MIN_KERNEL: (u32, u32) = (5, 17);
 
 /// Exit status of an agent that stopped because one of its tasks panicked (`EX_SOFTWARE`).
 pub const EX_SOFTWARE: i32 = 70;
@@ -83,7 +83,7 @@ fn check_kernel() -> anyhow::Result<()> {
     if let Some(version) = sys::kernel_version() {
         anyhow::ensure!(
             version >= MIN_KERNEL,
-            "this kernel is {}.{}; the datapath needs Linux {}.{} or newer (bpf_ktime_get_coarse_ns)",
+            "this kernel is {}.{}; the datapath needs Linux {}.{} or newer (bpf_loop)",
             version.0,
             version.1,
             MIN_KERNEL.0,
@@ -111,6 +111,38 @@ impl Drop for StartGuard<'_> {
 }
 
 /// Runs the agent until SIGINT or SIGTERM. The datapath stays attached afterwards.
+/// What `fullnat` needs of the host before the datapath is touched: every SNAT address
+/// assigned to an interface of this namespace (or nobody answers ARP/ND for it, and the
+/// replies never arrive), and the SNAT ports kept from the kernel's ephemeral ports
+/// (`datapath::ports`).
+fn check_fullnat(config: &Config) -> anyhow::Result<()> {
+    let fullnat: Vec<_> = config
+        .services
+        .iter()
+        .filter(|s| s.forwarding == crate::config::Forwarding::Fullnat)
+        .collect();
+    if fullnat.is_empty() {
+        return Ok(());
+    }
+    let local = sys::local_addresses();
+    for service in &fullnat {
+        if let Some(addr) = service.snat_addresses.iter().find(|a| !local.contains(a)) {
+            anyhow::bail!(
+                "service {:?}: SNAT address {addr} is not assigned to any interface of this \
+                 network namespace; the backends' replies to it would not reach the balancer \
+                 (add it to an interface, e.g. `ip addr add {addr}/32 dev {}`)",
+                service.name,
+                config.agent.interface
+            );
+        }
+    }
+    datapath::ports::reserve(
+        config.agent.snat_ports,
+        config.agent.reserve_snat_ports,
+        &config.agent.state_file,
+    )
+}
+
 pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     exit_on_panic();
     let interface = config.agent.interface.clone();
@@ -119,6 +151,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     check_kernel()?;
     datapath::ifindex(&interface)?;
     let overlay = Overlay::load(&config.agent.state_file)?;
+    check_fullnat(&config)?;
     let registry = prometheus::Registry::new();
     let metrics = Arc::new(Metrics::new(&registry)?);
     let metrics_listener = tokio::net::TcpListener::bind(config.agent.metrics)

@@ -97,6 +97,7 @@ impl From<config::Forwarding> for api::Forwarding {
             config::Forwarding::Tunnel => Self::Tunnel,
             config::Forwarding::Direct => Self::Direct,
             config::Forwarding::Nat => Self::Nat,
+            config::Forwarding::Fullnat => Self::Fullnat,
         }
     }
 }

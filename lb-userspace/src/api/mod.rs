@@ -567,6 +567,7 @@ pub enum Forwarding {
     Tunnel,
     Direct,
     Nat,
+    Fullnat,
 }
 
 /// A service's health check ([`ServiceInfo::health_check`]).
@@ -646,7 +647,7 @@ wire_names! {
         RoundRobin => "round-robin",
         LeastConn => "least-conn",
     }
-    Forwarding { Tunnel => "tunnel", Direct => "direct", Nat => "nat" }
+    Forwarding { Tunnel => "tunnel", Direct => "direct", Nat => "nat", Fullnat => "fullnat" }
     HealthCheckKind { None => "none", Tcp => "tcp", Http => "http", Udp => "udp" }
     Admin { Enabled => "enabled", Draining => "draining", Disabled => "disabled" }
     Health { Up => "up", Down => "down", Unchecked => "unchecked" }

@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_common::{
-    FORWARD_DIRECT, FORWARD_NAT, FORWARD_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_IP_HASH, SCHED_MAGLEV,
+    FORWARD_DIRECT, FORWARD_FULLNAT, FORWARD_NAT, FORWARD_TUNNEL, PROTO_TCP, PROTO_UDP,
+    SCHED_IP_HASH, SCHED_MAGLEV,
 };
 use serde::Deserialize;
 
@@ -137,6 +138,13 @@ pub struct AgentConfig {
     /// Whether the balancer answers ICMP / ICMPv6 echo requests to VIP addresses itself
     /// (from XDP). Default on: a VIP answers ping as a host would.
     pub answer_ping: bool,
+    /// `fullnat`'s source ports, inclusive, host order (1024..=65535, low <= high). Default
+    /// `lb_common::nat::DEFAULT_SNAT_PORTS`, above Linux's default ephemeral range.
+    pub snat_ports: (u16, u16),
+    /// Whether the agent adds the part of `snat_ports` that overlaps the kernel's
+    /// ephemeral range to `net.ipv4.ip_local_reserved_ports` of its namespace (default
+    /// on); off, such an overlap stops the agent at start.
+    pub reserve_snat_ports: bool,
 }
 
 /// `[agent] tunnel_source_prefix`: an IPv4 network address (host bits zero) and its length.
@@ -270,6 +278,9 @@ pub struct ServiceConfig {
     pub tcp_idle_timeout: Duration,
     /// A tracked UDP flow idle this long is forgotten.
     pub udp_idle_timeout: Duration,
+    /// `fullnat`: the addresses clients are translated to (1..=`MAX_SNAT_ADDRS`, unique,
+    /// of the VIP's family, local to the balancer); empty for the other modes.
+    pub snat_addresses: Vec<IpAddr>,
 }
 
 /// Default `tcp_idle_timeout` (IPVS's TCP established timeout).
@@ -360,6 +371,11 @@ pub enum Forwarding {
     /// becomes VIP:port again. Backends need nothing of the VIP; VIP and backend share a
     /// family.
     Nat,
+    /// Destination and source NAT: as `nat`, and the client's address and port become one
+    /// of the service's `snat_addresses` and a port of `[agent] snat_ports`. The replies
+    /// are addressed to the balancer, so a backend needs nothing at all (no route through
+    /// the balancer either). The backend sees the SNAT address, not the client's.
+    Fullnat,
 }
 
 impl Forwarding {
@@ -367,7 +383,7 @@ impl Forwarding {
     /// packet as the client sent it (DSR).
     #[must_use]
     pub const fn is_nat(self) -> bool {
-        matches!(self, Self::Nat)
+        matches!(self, Self::Nat | Self::Fullnat)
     }
 }
 
@@ -378,6 +394,7 @@ impl Forwarding {
             Self::Tunnel => FORWARD_TUNNEL,
             Self::Direct => FORWARD_DIRECT,
             Self::Nat => FORWARD_NAT,
+            Self::Fullnat => FORWARD_FULLNAT,
         }
     }
 
@@ -387,6 +404,7 @@ impl Forwarding {
             Self::Tunnel => "tunnel",
             Self::Direct => "direct",
             Self::Nat => "nat",
+            Self::Fullnat => "fullnat",
         }
     }
 }

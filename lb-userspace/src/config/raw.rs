@@ -29,6 +29,8 @@ pub(super) struct RawAgent {
     pub(super) bpffs: Option<String>,
     pub(super) state_file: Option<String>,
     pub(super) answer_ping: Option<bool>,
+    pub(super) snat_ports: Option<String>,
+    pub(super) reserve_snat_ports: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +51,7 @@ pub(super) struct RawService {
     pub(super) slow_start: Option<String>,
     pub(super) tcp_idle_timeout: Option<String>,
     pub(super) udp_idle_timeout: Option<String>,
+    pub(super) snat_addresses: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

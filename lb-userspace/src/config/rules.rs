@@ -84,9 +84,9 @@ pub fn check_backend_address(
     if let Some(problem) = special_address(address) {
         return Err(format!("{address} is {problem} and cannot be a backend"));
     }
-    if forwarding == Forwarding::Nat && address.is_ipv4() != vip.is_ipv4() {
+    if forwarding.is_nat() && address.is_ipv4() != vip.is_ipv4() {
         return Err(format!(
-            "{} backend {address} for {} VIP {vip}: forwarding = \"nat\" translates \
+            "{} backend {address} for {} VIP {vip}: forwarding = \"{forwarding}\" translates \
              addresses within one family (no NAT46/64); use a backend of the VIP's family",
             family(address),
             family(vip)
@@ -113,7 +113,7 @@ pub fn check_backend_port(
     if !forwarding.is_nat() {
         return Err(format!(
             "forwarding = \"{forwarding}\" delivers the packet as the client sent it, so the \
-             backend listens on the service's port; a backend port needs forwarding = \"nat\""
+             backend listens on the service's port; a backend port needs forwarding = \"nat\" or \"fullnat\""
         ));
     }
     if service_port == 0 {

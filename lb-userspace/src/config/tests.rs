@@ -320,6 +320,8 @@ weight = 65535
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             state_file: PathBuf::from(DEFAULT_STATE_FILE),
             answer_ping: true,
+            snat_ports: lb_common::nat::DEFAULT_SNAT_PORTS,
+            reserve_snat_ports: true,
         },
         services: vec![
             ServiceConfig {
@@ -348,6 +350,7 @@ weight = 65535
                 slow_start: Duration::ZERO,
                 tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+                snat_addresses: Vec::new(),
             },
             ServiceConfig {
                 name: "dns.v6".to_owned(),
@@ -367,6 +370,7 @@ weight = 65535
                 slow_start: Duration::ZERO,
                 tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+                snat_addresses: Vec::new(),
             },
         ],
     };
@@ -693,6 +697,106 @@ fn nat_services_and_backend_ports() {
 }
 
 #[test]
+fn fullnat_services_snat_addresses_and_ports() {
+    let fullnat = |agent_extra: &str, extra: &str, backend_addr: &str| {
+        AGENT.replace("[agent]\n", &format!("[agent]\n{agent_extra}"))
+            + &service(
+                "web",
+                "198.51.100.10",
+                80,
+                &format!("forwarding = \"fullnat\"\n{extra}"),
+                &[format!("{}\nport = 8080", backend(backend_addr))],
+            )
+    };
+    let config = ok(&fullnat(
+        "",
+        "snat_addresses = [\"203.0.113.1\"]",
+        "203.0.113.11",
+    ));
+    let s = &config.services[0];
+    assert_eq!(s.forwarding, Forwarding::Fullnat);
+    assert_eq!(
+        s.snat_addresses,
+        vec!["203.0.113.1".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(s.backends[0].port, Some(8080));
+    assert_eq!(s.tcp_idle_timeout, Duration::from_secs(7440));
+    assert_eq!(config.agent.snat_ports, (61000, 65535));
+    assert!(config.agent.reserve_snat_ports);
+    let config = ok(&fullnat(
+        "snat_ports = \"40000-40063\"\nreserve_snat_ports = false\n",
+        "snat_addresses = [\"203.0.113.1\", \"203.0.113.2\"]",
+        "203.0.113.11",
+    ));
+    assert_eq!(config.agent.snat_ports, (40000, 40063));
+    assert!(!config.agent.reserve_snat_ports);
+    assert_eq!(config.services[0].snat_addresses.len(), 2);
+
+    let snat1 = "snat_addresses = [\"203.0.113.1\"]";
+    rejects(
+        &fullnat("", "", "203.0.113.11"),
+        "service[0].snat_addresses",
+        "needs snat_addresses",
+    );
+    rejects(
+        &fullnat("", "snat_addresses = []", "203.0.113.11"),
+        "service[0].snat_addresses",
+        "1..=16 are needed",
+    );
+    rejects(
+        &fullnat("", "snat_addresses = [\"2001:db8::1\"]", "203.0.113.11"),
+        "service[0].snat_addresses[0]",
+        "within one family",
+    );
+    rejects(
+        &fullnat("", "snat_addresses = [\"127.0.0.1\"]", "203.0.113.11"),
+        "service[0].snat_addresses[0]",
+        "cannot be an SNAT address",
+    );
+    rejects(
+        &fullnat(
+            "",
+            "snat_addresses = [\"203.0.113.1\", \"203.0.113.1\"]",
+            "203.0.113.11",
+        ),
+        "service[0].snat_addresses[1]",
+        "duplicate SNAT address",
+    );
+    rejects(
+        &fullnat("", "snat_addresses = [\"198.51.100.10\"]", "203.0.113.11"),
+        "service[0].snat_addresses[0]",
+        "is the VIP of service \"web\"",
+    );
+    rejects(
+        &fullnat("", "snat_addresses = [\"203.0.113.11\"]", "203.0.113.11"),
+        "service[0].snat_addresses[0]",
+        "is a backend of service \"web\"",
+    );
+    rejects(
+        &fullnat("", snat1, "2001:db8::11"),
+        "service[0].backend[0].address",
+        "forwarding = \"fullnat\" translates addresses within one family",
+    );
+    rejects(
+        &web(snat1, &[backend("203.0.113.11")]),
+        "service[0].snat_addresses",
+        "needs forwarding = \"fullnat\"",
+    );
+    for (ports, needle) in [
+        ("\"1000-2000\"", "not a port range"),
+        ("\"61000-70000\"", "not a port range"),
+        ("\"62000-61000\"", "empty range"),
+        ("\"sixty\"", "not a port range"),
+    ] {
+        rejects(
+            &fullnat(&format!("snat_ports = {ports}\n"), snat1, "203.0.113.11"),
+            "agent.snat_ports",
+            needle,
+        );
+    }
+}
+
+#[test]
 fn plural_services_table_is_an_unknown_key() {
     let text = web("", &[backend("203.0.113.11")]).replace("[[service]]", "[[services]]");
     rejects(&text, "services", "unknown field");
@@ -709,7 +813,7 @@ fn unknown_enum_value() {
         "unknown variant",
     );
     rejects(
-        &web("forwarding = \"fullnat\"", &[backend("203.0.113.11")]),
+        &web("forwarding = \"snat\"", &[backend("203.0.113.11")]),
         "service[0].forwarding",
         "unknown variant",
     );

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_common::maglev::is_prime;
+use lb_common::nat::{DEFAULT_SNAT_PORTS, MAX_SNAT_ADDRS};
 use lb_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
     nat::DEFAULT_NAT_CONNECTIONS,
@@ -100,8 +101,69 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Fail> {
         check_tunnel_sources(&agent, index, &service)?;
         services.push(service);
     }
+    check_snat_addresses(&services)?;
 
     Ok(Config { agent, services })
+}
+
+/// What only the services together can break for `fullnat`: an SNAT address is no VIP and
+/// no backend of any service (the replies to it must be recognised as replies, and a
+/// `nat` backend's packets as replies of its own pairs).
+fn check_snat_addresses(services: &[ServiceConfig]) -> Result<(), Fail> {
+    for (index, service) in services.iter().enumerate() {
+        for (a, addr) in service.snat_addresses.iter().enumerate() {
+            let key = format!("service[{index}].snat_addresses[{a}]");
+            for (other, s) in services.iter().enumerate() {
+                if s.vip == *addr {
+                    return Err(fail(
+                        key,
+                        format!(
+                            "{addr} is the VIP of service {} (service[{other}]); an SNAT \
+                             address must be an address of its own",
+                            quoted(&s.name)
+                        ),
+                    ));
+                }
+                if s.backends.iter().any(|b| b.address == *addr) {
+                    return Err(fail(
+                        key,
+                        format!(
+                            "{addr} is a backend of service {} (service[{other}]); an SNAT \
+                             address must be an address of the balancer",
+                            quoted(&s.name)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[agent] snat_ports`: `"LOW-HIGH"` (or one port), both 1024..=65535, low <= high.
+fn parse_snat_ports(text: &str) -> Result<(u16, u16), String> {
+    let bad = || {
+        format!(
+            "{} is not a port range (expected \"LOW-HIGH\" within 1024..=65535, e.g. \
+             \"61000-65535\")",
+            quoted(text)
+        )
+    };
+    let (lo, hi) = text
+        .trim()
+        .split_once('-')
+        .unwrap_or((text.trim(), text.trim()));
+    let port = |t: &str| t.trim().parse::<u16>().ok().filter(|p| *p >= 1024);
+    let (Some(lo), Some(hi)) = (port(lo), port(hi)) else {
+        return Err(bad());
+    };
+    if lo > hi {
+        return Err(format!(
+            "{} is an empty range: the low port {lo} is above the high port {hi}",
+            quoted(text)
+        ));
+    }
+    Ok((lo, hi))
 }
 
 fn services_name(services: &[ServiceConfig], index: usize) -> &str {
@@ -204,6 +266,14 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         )
     })?;
 
+    let snat_ports = raw
+        .snat_ports
+        .as_deref()
+        .map(parse_snat_ports)
+        .transpose()
+        .map_err(|reason| fail("agent.snat_ports", reason))?
+        .unwrap_or(DEFAULT_SNAT_PORTS);
+
     Ok(AgentConfig {
         interface: raw.interface,
         xdp_mode: raw.xdp_mode,
@@ -217,6 +287,8 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         bpffs,
         state_file,
         answer_ping: raw.answer_ping.unwrap_or(true),
+        snat_ports,
+        reserve_snat_ports: raw.reserve_snat_ports.unwrap_or(true),
     })
 }
 
@@ -383,6 +455,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         None => HealthCheck::default(),
         Some(hc) => validate_health_check(&prefix, port, hc)?,
     };
+    let snat_addresses = validate_snat_addresses(&prefix, vip, raw.forwarding, raw.snat_addresses)?;
 
     Ok(ServiceConfig {
         name: raw.name,
@@ -397,7 +470,77 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         slow_start,
         tcp_idle_timeout,
         udp_idle_timeout,
+        snat_addresses,
     })
+}
+
+/// A service's `snat_addresses`: required by `fullnat` and only there; 1..=16 unique
+/// addresses of the VIP's family, none special, none the VIP.
+fn validate_snat_addresses(
+    prefix: &str,
+    vip: IpAddr,
+    forwarding: Forwarding,
+    raw: Option<Vec<String>>,
+) -> Result<Vec<IpAddr>, Fail> {
+    let key = format!("{prefix}.snat_addresses");
+    let Some(raw) = raw else {
+        if forwarding == Forwarding::Fullnat {
+            return Err(fail(
+                key,
+                "forwarding = \"fullnat\" needs snat_addresses: the balancer's own addresses \
+                 that clients are translated to (e.g. [\"198.51.100.1\"])",
+            ));
+        }
+        return Ok(Vec::new());
+    };
+    if forwarding != Forwarding::Fullnat {
+        return Err(fail(
+            key,
+            format!(
+                "forwarding = \"{forwarding}\" does not translate the source; snat_addresses \
+                 needs forwarding = \"fullnat\""
+            ),
+        ));
+    }
+    if raw.is_empty() || raw.len() > MAX_SNAT_ADDRS as usize {
+        return Err(fail(
+            key,
+            format!(
+                "{} addresses, but 1..={MAX_SNAT_ADDRS} are needed",
+                raw.len()
+            ),
+        ));
+    }
+    let mut out: Vec<IpAddr> = Vec::with_capacity(raw.len());
+    for (a, text) in raw.iter().enumerate() {
+        let akey = format!("{key}[{a}]");
+        let addr = parse_ip(text).map_err(|reason| fail(akey.clone(), reason))?;
+        if let Some(problem) = special_address(addr) {
+            return Err(fail(
+                akey,
+                format!("{addr} is {problem} and cannot be an SNAT address"),
+            ));
+        }
+        if addr.is_ipv4() != vip.is_ipv4() {
+            return Err(fail(
+                akey,
+                format!(
+                    "{} SNAT address {addr} for {} VIP {vip}: fullnat translates within one \
+                     family (no NAT46/64)",
+                    family(addr),
+                    family(vip)
+                ),
+            ));
+        }
+        if let Some(other) = out.iter().position(|o| *o == addr) {
+            return Err(fail(
+                akey,
+                format!("duplicate SNAT address {addr} (also {key}[{other}])"),
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
 }
 
 /// Parses a duration such as `500ms`, `2s` or `1m`, at most [`MAX_DURATION`].

@@ -11,7 +11,9 @@ use aya::{
 };
 use lb_common::{
     BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
-    VipInfo, VipKey, map_name, nat::NatEntry, stat,
+    VipInfo, VipKey, map_name,
+    nat::{MAX_SNAT_ADDRS, NatEntry, SnatSource},
+    stat,
 };
 
 use super::{DatapathError, map_err};
@@ -32,6 +34,9 @@ pub trait MapWriter {
     /// Writes the VIP address filter (`VIP_ADDR_BITS`), whole.
     fn set_vip_addr_bits(&mut self, bits: &VipAddrBits) -> Result<(), DatapathError>;
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError>;
+    /// Writes a `fullnat` service's SNAT pool (`SNAT_POOL`): its addresses in slot order,
+    /// the slots after them emptied. Written before the `VIPS` entry that names the count.
+    fn set_snat_pool(&mut self, service_id: u32, pool: &[SnatSource]) -> Result<(), DatapathError>;
     /// Gives the IPv4 fragments to an (address, protocol) (`lb_common::inbound::fragment_key`)
     /// to a service (`FRAG_SERVICES`).
     fn set_frag_service(&mut self, key: VipKey, service_id: u32) -> Result<(), DatapathError>;
@@ -99,6 +104,7 @@ pub struct KernelMaps {
     nat_ct_fd: OwnedFd,
     /// `NAT_CT`'s `max_entries` as the kernel has it (a pinned table keeps its size).
     nat_capacity: u32,
+    snat_pool: Array<MapData, SnatSource>,
 }
 
 /// A handle on the NAT connection table for the agent's periodic walk, on a blocking
@@ -220,6 +226,7 @@ impl KernelMaps {
             nat_ct: HashMap::try_from(nat_ct).map_err(map_err(map_name::NAT_CT))?,
             nat_ct_fd,
             nat_capacity,
+            snat_pool: take(ebpf, map_name::SNAT_POOL)?,
         })
     }
 
@@ -410,6 +417,16 @@ impl MapWriter for KernelMaps {
         self.vip_addr_bits
             .set(0, bits, 0)
             .map_err(map_err(map_name::VIP_ADDR_BITS))
+    }
+
+    fn set_snat_pool(&mut self, service_id: u32, pool: &[SnatSource]) -> Result<(), DatapathError> {
+        for slot in 0..MAX_SNAT_ADDRS {
+            let source = pool.get(slot as usize).copied().unwrap_or_default();
+            self.snat_pool
+                .set(service_id * MAX_SNAT_ADDRS + slot, source, 0)
+                .map_err(map_err(map_name::SNAT_POOL))?;
+        }
+        Ok(())
     }
 
     fn set_backend(&mut self, id: u32, info: BackendInfo) -> Result<(), DatapathError> {

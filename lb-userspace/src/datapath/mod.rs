@@ -6,6 +6,7 @@
 pub mod maps;
 pub mod nexthop;
 pub mod pin;
+pub mod ports;
 pub mod recorder;
 
 pub use maps::{KernelMaps, MapWriter, StatsReader};

@@ -23,7 +23,7 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 18] = [
     map_name::VIPS,
     map_name::SERVICES,
     map_name::VIP_ADDRS,
@@ -42,6 +42,8 @@ pub const PINNED_MAPS: [&str; 17] = [
     map_name::FRAG_SERVICES,
     // NAT pairs: a restarted agent (or a SIGKILLed one) loses no NATed connection.
     map_name::NAT_CT,
+    // The SNAT addresses the pairs' replies are addressed to: kept with the pairs.
+    map_name::SNAT_POOL,
 ];
 
 /// Name of the pinned XDP link in the bpffs directory.

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, VipAddrBits, VipInfo, VipKey,
+    BackendInfo, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, VipAddrBits, VipInfo,
+    VipKey,
+    nat::{MAX_SNAT_ADDRS, SnatSource},
 };
 
 use super::{DatapathError, MapWriter};
@@ -27,6 +29,8 @@ pub struct Recorder {
     /// `FRAG_SERVICES`: (address, protocol) -> service id.
     pub frag_services: BTreeMap<VipKey, u32>,
     pub conns: BTreeMap<u32, i64>,
+    /// `SNAT_POOL`: service id -> its addresses (the slots written non-empty).
+    pub snat_pools: BTreeMap<u32, Vec<SnatSource>>,
     pub tx_ports: BTreeSet<u32>,
     pub slot_writes: usize,
     pub backend_writes: usize,
@@ -86,6 +90,15 @@ impl MapWriter for Recorder {
         );
         self.backends.insert(id, info);
         self.backend_writes += 1;
+        Ok(())
+    }
+    fn set_snat_pool(&mut self, service_id: u32, pool: &[SnatSource]) -> Result<(), DatapathError> {
+        assert!(
+            service_id < MAX_SERVICES && pool.len() <= MAX_SNAT_ADDRS as usize,
+            "SNAT pool of service {service_id} ({} addresses) outside SNAT_POOL",
+            pool.len()
+        );
+        self.snat_pools.insert(service_id, pool.to_vec());
         Ok(())
     }
     fn set_frag_service(&mut self, key: VipKey, service_id: u32) -> Result<(), DatapathError> {

@@ -13,9 +13,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_DOWN, BACKEND_UP, BackendInfo, FORWARD_NAT, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_SERVICES, SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey, addr_bytes, inbound::fragment_key,
-    maglev,
+    BACKEND_DOWN, BACKEND_UP, BackendInfo, FORWARD_FULLNAT, FORWARD_NAT, GlobalConfig,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey,
+    addr_bytes, forwarding_is_nat, inbound::fragment_key, maglev, nat::SnatSource,
 };
 
 use crate::datapath::{DatapathError, MapWriter};
@@ -51,6 +51,8 @@ pub struct ServiceSpec {
     pub tcp_idle_timeout_s: u32,
     pub udp_idle_timeout_s: u32,
     pub backends: Vec<BackendSpec>,
+    /// `fullnat`: the SNAT pool (addresses and the agent's port range); empty otherwise.
+    pub snat: Vec<SnatSource>,
 }
 
 impl ServiceSpec {
@@ -213,6 +215,7 @@ fn orphan_spec(key: VipKey, info: &VipInfo) -> ServiceSpec {
         tcp_idle_timeout_s: info.tcp_idle_timeout_s,
         udp_idle_timeout_s: info.udp_idle_timeout_s,
         backends: Vec::new(),
+        snat: Vec::new(),
     }
 }
 
@@ -453,6 +456,25 @@ impl<M: MapWriter> Balancer<M> {
                 bits.insert_nat_src(&addr_bytes(b.address).0);
             }
         }
+        // fullnat: the replies are addressed to the SNAT addresses, so those are NAT
+        // destinations (not VIP addresses: `VIP_ADDRS` leaves them out, and whatever else
+        // reaches them, the host's own traffic included, passes). The backends send
+        // nothing to a client directly: no source bits.
+        for s in self
+            .services
+            .values()
+            .filter(|s| s.spec.forwarding == FORWARD_FULLNAT)
+        {
+            bits.insert_nat_dst(&VipKey::addr_only(s.spec.vip).addr);
+            for source in &s.spec.snat {
+                bits.insert_nat_dst(&source.addr);
+                let hi = source
+                    .first_port_host
+                    .saturating_add(source.port_count.saturating_sub(1));
+                bits.snat_port_lo_host = source.first_port_host;
+                bits.snat_port_hi_host = hi;
+            }
+        }
         if self.vip_addr_bits.as_ref() != Some(&bits) {
             self.maps.set_vip_addr_bits(&bits)?;
             self.vip_addr_bits = Some(bits);
@@ -555,11 +577,16 @@ impl<M: MapWriter> Balancer<M> {
         // So is a change between the DSR and the NAT modes: their flows live in different
         // tables, and new backend generations make sure neither kind is honoured under the
         // other's rules.
+        // Between `nat` and `fullnat`, or to other SNAT addresses, likewise: a pair made
+        // under the old translation must not be honoured under the new one.
         let mut state = match existing {
             Some(state)
                 if state.key == key
-                    && (state.spec.forwarding == FORWARD_NAT)
-                        == (service.forwarding == FORWARD_NAT) =>
+                    && forwarding_is_nat(state.spec.forwarding)
+                        == forwarding_is_nat(service.forwarding)
+                    && (!forwarding_is_nat(service.forwarding)
+                        || (state.spec.forwarding == service.forwarding
+                            && state.spec.snat == service.snat)) =>
             {
                 state
             }
@@ -688,13 +715,20 @@ impl<M: MapWriter> Balancer<M> {
             ring_size: state.ring.len() as u32,
             forwarding: service.forwarding,
             scheduler: service.scheduler,
-            _pad: [0; 2],
+            // At most `MAX_SNAT_ADDRS` (validation).
+            snat_count: service.snat.len() as u8,
+            _pad: 0,
             tcp_idle_timeout_s: service.tcp_idle_timeout_s,
             udp_idle_timeout_s: service.udp_idle_timeout_s,
         };
         // `SERVICES` mirrors `VIPS` by id (tracked flows find their service there): written
         // before the VIP entry, voided before it goes, so it never names a service that
         // `VIPS` does not hold.
+        // The pool before the entries that name its size: a new connection never reads a
+        // slot not yet written.
+        if !service.snat.is_empty() {
+            self.maps.set_snat_pool(state.id, &service.snat)?;
+        }
         self.maps.set_service(state.id, info)?;
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;
@@ -747,6 +781,7 @@ mod tests {
             ring_size: 1009,
             tcp_idle_timeout_s: 900,
             udp_idle_timeout_s: 300,
+            snat: Vec::new(),
             backends: backends
                 .iter()
                 .map(|(address, weight)| BackendSpec {
@@ -1286,6 +1321,9 @@ mod tests {
         }
         fn set_frag_service(&mut self, key: VipKey, id: u32) -> Result<(), DatapathError> {
             self.inner.set_frag_service(key, id)
+        }
+        fn set_snat_pool(&mut self, id: u32, pool: &[SnatSource]) -> Result<(), DatapathError> {
+            self.inner.set_snat_pool(id, pool)
         }
         fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError> {
             self.inner.remove_frag_service(key)
