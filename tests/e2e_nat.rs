@@ -36,9 +36,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use common::{
-    BACKENDS, Backend, ChildGuard, ConfigBuilder, EchoServers, HealthCheck, IdServer,
-    LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, LB_V4, LB_V6, ServiceBuilder, Topology, VIP_V4, VIP_V6,
-    backend_v4, backend_v6, predict,
+    BACKENDS, Backend, CLIENT_ARM_IF, ChildGuard, ConfigBuilder, EchoServers, HealthCheck,
+    IdServer, LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, LB_V4, LB_V6, Layout, NODE_IF, ServiceBuilder,
+    Topology, VIP_V4, VIP_V6, backend_v4, backend_v6, predict,
     tunnel::{link_mtu, payload},
     upload::{UploadServers, sha256, upload_all},
 };
@@ -169,16 +169,31 @@ impl Bed {
         Self::build_layout(tag, true)
     }
 
+    /// As `build` (`Layout::Nat`) or `build_fullnat` (`Layout::Fullnat`), two-arm: the
+    /// client on the balancer's second interface.
+    fn build_two_arm(tag: &str, layout: Layout) -> Option<Self> {
+        if !common::require_root() {
+            return None;
+        }
+        let topo = Topology::build_two_arm(tag, layout).expect("two-arm topology");
+        Some(Self::checked(topo))
+    }
+
     fn build_layout(tag: &str, fullnat: bool) -> Option<Self> {
         if !common::require_root() {
             return None;
         }
-        let reserved_ports = root_reserved_ports();
         let topo = if fullnat {
             Topology::build_fullnat(tag).expect("fullnat topology")
         } else {
             Topology::build_nat(tag).expect("NAT topology")
         };
+        Some(Self::checked(topo))
+    }
+
+    /// The bed over `topo`, once its links are checked to be 1500 bytes.
+    fn checked(topo: Topology) -> Self {
+        let reserved_ports = root_reserved_ports();
         for ns in topo.names().iter().filter(|n| **n != topo.sw) {
             assert_eq!(
                 link_mtu(ns),
@@ -186,10 +201,10 @@ impl Bed {
                 "{ns}: these tests are about 1500-byte MTUs"
             );
         }
-        Some(Self {
+        Self {
             topo,
             reserved_ports,
-        })
+        }
     }
 
     /// Asserts the root namespace's reserved ports are what they were before the test.
@@ -716,6 +731,15 @@ fn concurrent_uploads_and_downloads_through_nat_arrive_intact() {
         .write_agent_config(&agent_config(topo, &services))
         .expect("config");
     let _agent = start_nat_agent(topo, &path);
+    uploads_then_downloads(topo, &servers, "nu");
+    bed.finish();
+}
+
+/// 20 concurrent 4 MiB uploads to each family's VIP on `UPLOAD_PORT`, each stored whole on
+/// exactly one backend with the sha256 sent (files named after `tag`), then 20 concurrent
+/// downloads of the backends' 4 MiB blob from the VIP on `HTTP_PORT`, sha256 checked at the
+/// client.
+fn uploads_then_downloads(topo: &Topology, servers: &UploadServers, tag: &str) {
     let data: Vec<Vec<u8>> = (0..UPLOADS)
         .map(|i| payload(UPLOAD_LEN, u64::try_from(i).expect("index")))
         .collect();
@@ -724,12 +748,12 @@ fn concurrent_uploads_and_downloads_through_nat_arrive_intact() {
     for family in FAMILIES {
         let dst = SocketAddr::new(family.vip(), UPLOAD_PORT);
         let names: Vec<String> = (0..UPLOADS)
-            .map(|i| format!("{}-{i}", family.name()))
+            .map(|i| format!("{tag}-{}-{i}", family.name()))
             .collect();
         let up = upload_all(
             &topo.cli,
             dst,
-            &servers,
+            servers,
             &names,
             &data,
             &hashes,
@@ -798,7 +822,6 @@ fn concurrent_uploads_and_downloads_through_nat_arrive_intact() {
             problems.join("\n")
         );
     }
-    bed.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,7 +1080,7 @@ fn a_connection_survives_agent_sigkill_and_restart() {
     let st = first.kill();
     println!("[sigkill] agent killed: {st:?}");
     assert!(
-        common::xdp_attached(&topo.lb, common::NODE_IF).expect("ip link"),
+        common::xdp_attached(&topo.lb, NODE_IF).expect("ip link"),
         "the balancer must stay attached (pinned) after SIGKILL"
     );
     echo_all(&mut conns, 1, "while no agent runs");
@@ -1901,4 +1924,140 @@ fn fullnat_ports_in_the_ephemeral_range_are_reserved_or_refused() {
     assert_eq!(who.len(), 6);
     drop(agent);
     bed.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two-arm: the client on one interface of the balancer, the backends on another
+// ---------------------------------------------------------------------------------------------
+
+/// Two-arm `nat` or `fullnat` (`layout`): the agent attaches to both interfaces
+/// (`interfaces = ["eth0", "eth1"]`), the client reaches the balancer only on `eth1`, the
+/// backends only on `eth0`, so every packet crosses from one arm to the other by an XDP
+/// redirect. Stock nginx answers every request with the address it must see (the client's
+/// for nat, the SNAT address for fullnat), 20 concurrent 4 MiB uploads and downloads per
+/// family arrive intact, and `weir status` names both interfaces.
+fn two_arm(layout: Layout, tag: &str) {
+    let Some(bed) = Bed::build_two_arm(tag, layout) else {
+        return;
+    };
+    let topo = &bed.topo;
+    let fullnat = layout == Layout::Fullnat;
+    if fullnat {
+        assert_backends_have_no_route_via_the_balancer(topo);
+    }
+    all_on_cpu0();
+    let servers = UploadServers::start(topo, &[UPLOAD_BACKEND_PORT]).expect("upload servers");
+    let nginx: Vec<Nginx> = (0..BACKENDS)
+        .map(|i| start_nginx(topo, i).expect("nginx"))
+        .collect();
+    let service = |name: &str, f: Family, port, backend_port, scheduler| {
+        if fullnat {
+            fullnat_service(name, f, port, "tcp", backend_port, scheduler)
+        } else {
+            nat_service(name, f, port, "tcp", backend_port, scheduler)
+        }
+    };
+    let services: Vec<ServiceBuilder> = FAMILIES
+        .iter()
+        .flat_map(|&f| {
+            [
+                service(
+                    &format!("web-{}", f.name()),
+                    f,
+                    HTTP_PORT,
+                    HTTP_BACKEND_PORT,
+                    "round-robin",
+                ),
+                service(
+                    &format!("up-{}", f.name()),
+                    f,
+                    UPLOAD_PORT,
+                    UPLOAD_BACKEND_PORT,
+                    "maglev",
+                ),
+            ]
+        })
+        .collect();
+    let config = agent_config(topo, &services).interfaces(&[NODE_IF, CLIENT_ARM_IF]);
+    let path = topo.write_agent_config(&config).expect("config");
+    let _agent = start_nat_agent(topo, &path);
+    assert!(
+        common::xdp_attached(&topo.lb, CLIENT_ARM_IF).expect("ip link"),
+        "the balancer must be attached to its client arm {CLIENT_ARM_IF} too"
+    );
+    let resp = topo.api(&Request::Status {}).expect("status");
+    let status = Status::try_from(resp.data.expect("data")).expect("status");
+    assert_eq!(status.interfaces, [NODE_IF, CLIENT_ARM_IF], "weir status");
+
+    for family in FAMILIES {
+        let seen = if fullnat {
+            family.snat()
+        } else {
+            family.client(topo)
+        };
+        let dst = SocketAddr::new(family.vip(), HTTP_PORT);
+        let who = http_requests(topo, dst, family.name(), HTTP_REQUESTS, seen);
+        let counts = per_backend(&who);
+        println!("[two-arm {tag}] {HTTP_REQUESTS} requests to {dst}: per backend {counts:?}");
+        assert_eq!(
+            counts.iter().sum::<u64>(),
+            u64::try_from(HTTP_REQUESTS).expect("count"),
+            "{dst}: every request answered"
+        );
+        for (i, n) in nginx.iter().enumerate() {
+            let logged: Vec<Logged> = access_log(n)
+                .into_iter()
+                .filter(|l| l.uri.starts_with(&format!("/{}/", family.name())))
+                .collect();
+            assert_eq!(
+                u64::try_from(logged.len()).expect("count"),
+                counts[i],
+                "backend {}: access log lines for {dst}: {logged:?}",
+                i + 1
+            );
+            for l in &logged {
+                assert_eq!(
+                    (l.remote, l.server_port, l.status),
+                    (seen, HTTP_BACKEND_PORT, 200),
+                    "backend {}: {l:?}",
+                    i + 1
+                );
+            }
+        }
+    }
+    uploads_then_downloads(topo, &servers, tag);
+    let s = stats(topo);
+    let (forward, reply, redirected) = (
+        nat_counter(&s, "nat_forward"),
+        nat_counter(&s, "nat_reply"),
+        nat_counter(&s, "xdp_redirect"),
+    );
+    println!(
+        "[two-arm {tag}] nat_forward {forward} nat_reply {reply} xdp_redirect {redirected} \
+         nat_to_kernel {}",
+        nat_counter(&s, "nat_to_kernel")
+    );
+    assert!(
+        forward > 0 && reply > 0,
+        "both directions translated in XDP"
+    );
+    // Every translated packet crossed to the other arm: none left by the interface it came
+    // in on (the kernel's hand-offs, `nat_to_kernel`, are counted as translated too).
+    assert_eq!(
+        redirected + nat_counter(&s, "nat_to_kernel"),
+        forward + reply,
+        "translated packets redirected to the other arm"
+    );
+    assert_eq!(nat_counter(&s, "drop_redirect"), 0, "no redirect failed");
+    bed.finish();
+}
+
+#[test]
+fn two_arm_nat_carries_requests_uploads_and_downloads() {
+    two_arm(Layout::Nat, "n2");
+}
+
+#[test]
+fn two_arm_fullnat_carries_requests_uploads_and_downloads() {
+    two_arm(Layout::Fullnat, "f2");
 }

@@ -27,6 +27,10 @@ impl Keys {
         }
     }
 
+    fn remove(&mut self, key: &str) {
+        self.0.retain(|(k, _)| k != key);
+    }
+
     fn write(&self, out: &mut String) {
         for (key, value) in &self.0 {
             out.push_str(key);
@@ -96,6 +100,16 @@ impl ConfigBuilder {
             agent,
             services: Vec::new(),
         }
+    }
+
+    /// `interfaces = [...]` in place of `interface` (a balancer with several arms).
+    #[must_use]
+    pub fn interfaces(mut self, names: &[&str]) -> Self {
+        self.agent.remove("interface");
+        let list: Vec<String> = names.iter().map(|n| string(n)).collect();
+        self.agent
+            .set("interfaces", format!("[{}]", list.join(", ")));
+        self
     }
 
     /// `xdp_mode` (`"native"`, `"skb"`, ...).

@@ -30,7 +30,7 @@ pub use netns::{
     Netns, enter_netns, in_netns, remove_namespace, spawn_in_netns, stop_processes, try_in_netns,
 };
 pub use topology::{
-    BACKENDS, CLIENT_V4, CLIENT_V6, LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, LB_V4, LB_V6, Layout,
-    NAT_CLIENT_V4, NAT_CLIENT_V6, NODE_IF, SWITCH_LB_PORT, Stack, Topology, VIP_V4, VIP_V6,
-    backend_v4, backend_v6, namespace_names,
+    BACKENDS, CLIENT_ARM_IF, CLIENT_V4, CLIENT_V6, LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, LB_V4,
+    LB_V6, Layout, NAT_CLIENT_V4, NAT_CLIENT_V6, NODE_IF, SWITCH_LB_PORT, Stack, Topology, VIP_V4,
+    VIP_V6, backend_v4, backend_v6, namespace_names,
 };

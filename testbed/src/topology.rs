@@ -39,6 +39,16 @@
 //! balancer's `fullnat` translates clients to its own address there, so the backends answer
 //! it on-link and know nothing of the client's subnet (a stock host: an address, nothing
 //! else).
+//!
+//! Two-arm ([`Topology::build_two_arm`], either NAT layout): the client is not on the switch
+//! but on a veth of its own to the balancer, whose end there is [`CLIENT_ARM_IF`] with the
+//! client-side addresses; the balancer's `eth0` keeps only the backends' subnet. Packets
+//! cross from one arm to the other by `XDP_REDIRECT`:
+//!
+//! ```text
+//!  ns PREFIX-cli                         ns PREFIX-lb                        ns PREFIX-sw ...
+//!  eth0 203.0.113.130/25  ─veth─  eth1 203.0.113.129/25   eth0 198.51.100.1 ─veth─ plb ── br0
+//! ```
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -71,6 +81,8 @@ pub const NODE_IF: &str = "eth0";
 pub const SWITCH_LB_PORT: &str = "plb";
 /// Switch-side port of the client's veth.
 const SWITCH_CLIENT_PORT: &str = "pcli";
+/// Two-arm: the balancer's end of the client's veth.
+pub const CLIENT_ARM_IF: &str = "eth1";
 
 /// IPv4 address of backend `i` (0-based): 198.51.100.11, .12, .13.
 ///
@@ -148,6 +160,8 @@ pub struct Topology {
     pub backends: Vec<String>,
     pub stack: Stack,
     pub layout: Layout,
+    /// The client on an arm of its own ([`CLIENT_ARM_IF`]), not on the switch.
+    pub two_arm: bool,
     /// Created so far, in creation order; removed in reverse.
     namespaces: Vec<Netns>,
 }
@@ -170,7 +184,20 @@ impl Topology {
         Self::build_layout(prefix, stack, Layout::Fullnat)
     }
 
+    /// As [`Topology::build_nat`] or [`Topology::build_fullnat`] (`layout`), with the
+    /// client on the balancer's second interface (see the module docs).
+    pub fn build_two_arm(prefix: &str, stack: Stack, layout: Layout) -> Result<Self> {
+        if layout == Layout::Dsr {
+            bail!("two-arm is a NAT layout: DSR backends answer the client directly");
+        }
+        Self::build_with(prefix, stack, layout, true)
+    }
+
     fn build_layout(prefix: &str, stack: Stack, layout: Layout) -> Result<Self> {
+        Self::build_with(prefix, stack, layout, false)
+    }
+
+    fn build_with(prefix: &str, stack: Stack, layout: Layout, two_arm: bool) -> Result<Self> {
         let mut names = namespace_names(prefix).into_iter();
         let mut next = || names.next().context("namespace names");
         let mut t = Self {
@@ -181,6 +208,7 @@ impl Topology {
             backends: (0..BACKENDS).map(|_| next()).collect::<Result<_>>()?,
             stack,
             layout,
+            two_arm,
             namespaces: Vec::new(),
         };
         t.setup()?;
@@ -272,10 +300,10 @@ impl Topology {
                 "net.bridge.bridge-nf-call-arptables=0",
             ],
         )?;
-        let mut links: Vec<(String, String)> = vec![
-            (SWITCH_CLIENT_PORT.to_owned(), self.cli.clone()),
-            (SWITCH_LB_PORT.to_owned(), self.lb.clone()),
-        ];
+        let mut links: Vec<(String, String)> = vec![(SWITCH_LB_PORT.to_owned(), self.lb.clone())];
+        if !self.two_arm {
+            links.push((SWITCH_CLIENT_PORT.to_owned(), self.cli.clone()));
+        }
         for (i, b) in self.backends.iter().enumerate() {
             links.push((format!("pb{}", i + 1), b.clone()));
         }
@@ -298,6 +326,28 @@ impl Topology {
         // TCP through an XDP path arrives with bad checksums.
         let cli = self.cli.clone();
         let nat = self.layout != Layout::Dsr;
+        if self.two_arm {
+            // Created inside the client's namespace, its peer moved into the balancer's.
+            ip(
+                &cli,
+                &[
+                    "link",
+                    "add",
+                    "name",
+                    NODE_IF,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    CLIENT_ARM_IF,
+                    "netns",
+                    &self.lb,
+                ],
+            )?;
+            // What the balancer redirects from its other arm arrives here as XDP frames,
+            // which a veth without an XDP program takes only with GRO on.
+            ns_exec(&cli, &["ethtool", "-K", NODE_IF, "gro", "on"])?;
+        }
         if nat {
             self.node_addrs(&cli, (NAT_CLIENT_V4, 25), NAT_CLIENT_V6)?;
         } else {
@@ -334,9 +384,11 @@ impl Topology {
         let lb = self.lb.clone();
         self.node_addrs(&lb, (LB_V4, 24), LB_V6)?;
         if nat {
-            // The client's subnet too, on the same veth (one arm), and no ICMP redirects:
-            // whatever the kernel forwards here leaves by the interface it came in on, and a
-            // redirect would teach a backend to reach the client around the balancer.
+            // The client's subnet too: on the same veth (one arm), or on the client's own
+            // (two-arm). No ICMP redirects: in one arm whatever the kernel forwards here
+            // leaves by the interface it came in on, and a redirect would teach a backend
+            // to reach the client around the balancer.
+            let arm = if self.two_arm { CLIENT_ARM_IF } else { NODE_IF };
             ip(
                 &lb,
                 &[
@@ -344,7 +396,7 @@ impl Topology {
                     "add",
                     &format!("{LB_CLIENT_SIDE_V4}/25"),
                     "dev",
-                    NODE_IF,
+                    arm,
                 ],
             )?;
             if dual {
@@ -356,10 +408,13 @@ impl Topology {
                         "add",
                         &format!("{LB_CLIENT_SIDE_V6}/64"),
                         "dev",
-                        NODE_IF,
+                        arm,
                         "nodad",
                     ],
                 )?;
+            }
+            if self.two_arm {
+                ip(&lb, &["link", "set", CLIENT_ARM_IF, "up"])?;
             }
             sysctl(
                 &lb,

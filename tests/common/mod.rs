@@ -355,10 +355,21 @@ impl Topology {
         Self::build_layout(tag, Layout::Fullnat, true)
     }
 
+    /// As `build_nat` (`Layout::Nat`) or `build_fullnat` (`Layout::Fullnat`), with the client
+    /// on the balancer's second interface (`CLIENT_ARM_IF`): two-arm.
+    pub fn build_two_arm(tag: &str, layout: Layout) -> Result<Self> {
+        Self::build_inner(tag, layout, true, true)
+    }
+
     fn build_layout(tag: &str, layout: Layout, switch_pass: bool) -> Result<Self> {
+        Self::build_inner(tag, layout, switch_pass, false)
+    }
+
+    fn build_inner(tag: &str, layout: Layout, switch_pass: bool, two_arm: bool) -> Result<Self> {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = prefix(tag);
         let net = match layout {
+            _ if two_arm => weir_testbed::Topology::build_two_arm(&prefix, Stack::Dual, layout),
             Layout::Dsr => weir_testbed::Topology::build(&prefix, Stack::Dual),
             Layout::Nat => weir_testbed::Topology::build_nat(&prefix, Stack::Dual),
             Layout::Fullnat => weir_testbed::Topology::build_fullnat(&prefix, Stack::Dual),

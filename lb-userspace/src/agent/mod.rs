@@ -132,7 +132,7 @@ fn check_fullnat(config: &Config) -> anyhow::Result<()> {
                  network namespace; the backends' replies to it would not reach the balancer \
                  (add it to an interface, e.g. `ip addr add {addr}/32 dev {}`)",
                 service.name,
-                config.agent.interface
+                config.agent.interface()
             );
         }
     }
@@ -145,11 +145,14 @@ fn check_fullnat(config: &Config) -> anyhow::Result<()> {
 
 pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     exit_on_panic();
-    let interface = config.agent.interface.clone();
-    tracing::info!(config = %config_path.display(), %interface, services = config.services.len(), "starting");
+    let interfaces = config.agent.interfaces.clone();
+    let interface = config.agent.interface().to_owned();
+    tracing::info!(config = %config_path.display(), interfaces = %interfaces.join(","), services = config.services.len(), "starting");
     // Everything that can be checked before touching the datapath.
     check_kernel()?;
-    datapath::ifindex(&interface)?;
+    for name in &interfaces {
+        datapath::ifindex(name)?;
+    }
     let overlay = Overlay::load(&config.agent.state_file)?;
     check_fullnat(&config)?;
     let registry = prometheus::Registry::new();
@@ -245,23 +248,36 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         }
     }
     let any_v6 = agent.all_backend_addresses().iter().any(IpAddr::is_ipv6);
-    enable_forwarding(&interface, any_v6)?;
+    for name in &interfaces {
+        enable_forwarding(name, any_v6)?;
+    }
     warm_neighbours(&agent.all_backend_addresses());
 
     let program: &mut Xdp = ebpf
         .program_mut(prog_name::BALANCER)
         .context("balancer program")?
         .try_into()?;
-    let attached = pin::attach_pinned(
-        program,
-        &agent.config.agent.bpffs,
-        &interface,
-        agent.config.agent.xdp_mode,
-    )?;
+    // The same program on every interface: a packet arriving on one arm leaves by the one
+    // its next hop is on (`XDP_TX` or a `TX_PORTS` redirect).
+    let mut pin_names = Vec::with_capacity(interfaces.len());
+    for (index, name) in interfaces.iter().enumerate() {
+        let pin_name = datapath::link_pin(index, name);
+        let attached = pin::attach_pinned(
+            program,
+            &agent.config.agent.bpffs,
+            name,
+            &pin_name,
+            agent.config.agent.xdp_mode,
+        )?;
+        if index == 0 {
+            agent.xdp_mode = attached.mode;
+        }
+        tracing::info!(interface = %name, pin = %pin_name, mode = attached.mode_name(), adopted = attached.adopted(), bpffs = %agent.config.agent.bpffs.display(), "XDP balancer attached and pinned");
+        pin_names.push(pin_name);
+    }
     guard.armed = false;
     drop(guard);
-    agent.xdp_mode = attached.mode;
-    tracing::info!(%interface, mode = attached.mode_name(), adopted = attached.adopted(), bpffs = %agent.config.agent.bpffs.display(), "XDP balancer attached and pinned");
+    pin::detach_other_links(&agent.config.agent.bpffs, &pin_names)?;
 
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
     let api_task = tokio::spawn(crate::api::server::serve(api_socket.listener()?, api_tx));

@@ -879,7 +879,8 @@ impl Agent {
         api::Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            interface: self.config.agent.interface.clone(),
+            interface: self.config.agent.interface().to_owned(),
+            interfaces: self.config.agent.interfaces.clone(),
             xdp_mode: self.xdp_mode.into(),
             config_file: self.config_path.display().to_string(),
             bpffs: self.config.agent.bpffs.display().to_string(),
@@ -910,14 +911,14 @@ impl Agent {
                 )
             }
             Ok(new) => {
-                if new.agent.interface != self.config.agent.interface
+                if new.agent.interfaces != self.config.agent.interfaces
                     || new.agent.bpffs != self.config.agent.bpffs
                     || new.agent.api_socket != self.config.agent.api_socket
                     || new.agent.metrics != self.config.agent.metrics
                     || new.agent.state_file != self.config.agent.state_file
                 {
                     tracing::warn!(
-                        "reload: interface, bpffs, api_socket, metrics and state_file changes take effect at the next agent start"
+                        "reload: interface(s), bpffs, api_socket, metrics and state_file changes take effect at the next agent start"
                     );
                 }
                 if new.agent.xdp_mode != self.config.agent.xdp_mode
@@ -930,7 +931,7 @@ impl Agent {
                 }
                 let old = std::mem::replace(&mut self.config, new);
                 // Keep agent-wide settings that need a restart.
-                self.config.agent.interface = old.agent.interface.clone();
+                self.config.agent.interfaces = old.agent.interfaces.clone();
                 self.config.agent.bpffs = old.agent.bpffs.clone();
                 self.config.agent.api_socket = old.agent.api_socket.clone();
                 self.config.agent.metrics = old.agent.metrics;

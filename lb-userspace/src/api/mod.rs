@@ -353,7 +353,11 @@ impl<'de> Visitor<'de> for ResponseSeed {
 pub struct Status {
     pub version: String,
     pub pid: u32,
+    /// The first of `interfaces` (kept for clients of one-interface agents).
     pub interface: String,
+    /// Every interface the balancer is attached to (two-arm: more than one).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub config_file: String,
     pub bpffs: String,
@@ -736,6 +740,7 @@ mod tests {
             version: "0.1.0".into(),
             pid: 1,
             interface: "eth0".into(),
+            interfaces: vec!["eth0".into()],
             xdp_mode: XdpMode::Adopted,
             config_file: "/etc/weir/weir.toml".into(),
             bpffs: "/sys/fs/bpf/weir".into(),

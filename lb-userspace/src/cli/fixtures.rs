@@ -69,6 +69,7 @@ pub(super) fn sample_status() -> Status {
         version: "0.1.0".into(),
         pid: 4242,
         interface: "eth0".into(),
+        interfaces: vec!["eth0".into()],
         xdp_mode: XdpMode::Native,
         config_file: "/etc/weir/weir.toml".into(),
         bpffs: "/sys/fs/bpf/weir".into(),

@@ -203,7 +203,15 @@ pub fn render_status(status: &Status, now: u64, out: &mut dyn Write) -> io::Resu
         ),
         (
             "interface",
-            format!("{} (XDP {} mode)", status.interface, status.xdp_mode),
+            format!(
+                "{} (XDP {} mode)",
+                if status.interfaces.is_empty() {
+                    status.interface.clone()
+                } else {
+                    status.interfaces.join(", ")
+                },
+                status.xdp_mode
+            ),
         ),
         ("config", status.config_file.clone()),
         ("bpffs", format!("{}{adopted}", status.bpffs)),

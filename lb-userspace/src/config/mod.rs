@@ -48,6 +48,10 @@ pub const MAX_WEIGHT: u32 = 65535;
 /// The longest accepted service `name`, in bytes.
 pub const MAX_SERVICE_NAME_LEN: usize = 64;
 
+/// Most interfaces one agent attaches to (`[agent] interfaces`): a client arm and a backend
+/// arm, with room for bonds of several NICs. Each is also a redirect target of `TX_PORTS`.
+pub const MAX_INTERFACES: usize = 8;
+
 /// The longest accepted health-check interval.
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -108,8 +112,10 @@ impl Config {
 /// The `[agent]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// The interface the balancer attaches to (non-empty, at most 15 bytes).
-    pub interface: String,
+    /// The interfaces the balancer attaches to (`interface`, or `interfaces` for two-arm
+    /// and more): 1..=[`MAX_INTERFACES`] valid names, distinct. The first holds the link
+    /// pin `link`, the others `link.<name>`.
+    pub interfaces: Vec<String>,
     /// How to attach the XDP program.
     pub xdp_mode: XdpMode,
     /// Outer IPv4 source address of tunnelled packets; set whenever a tunnel-mode service
@@ -160,6 +166,14 @@ impl SourcePrefix {
     #[must_use]
     pub fn host_mask(self) -> u32 {
         u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+    }
+}
+
+impl AgentConfig {
+    /// The first of `interfaces`: the one named in messages, whose link pin is `link`.
+    #[must_use]
+    pub fn interface(&self) -> &str {
+        self.interfaces.first().map_or("", String::as_str)
     }
 }
 

@@ -16,7 +16,8 @@ pub(super) struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAgent {
-    pub(super) interface: String,
+    pub(super) interface: Option<String>,
+    pub(super) interfaces: Option<Vec<String>>,
     #[serde(default)]
     pub(super) xdp_mode: XdpMode,
     pub(super) tunnel_source: Option<String>,

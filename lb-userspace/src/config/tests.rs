@@ -308,7 +308,7 @@ weight = 65535
 "#;
     let expected = Config {
         agent: AgentConfig {
-            interface: "ens5".to_owned(),
+            interfaces: vec!["ens5".to_owned()],
             xdp_mode: XdpMode::Native,
             tunnel_source: Some(Ipv4Addr::new(198, 51, 100, 1)),
             tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
@@ -595,8 +595,12 @@ fn unknown_top_level_key() {
 #[test]
 fn unknown_agent_key() {
     let text = web("", &[backend("203.0.113.11")])
-        .replace("[agent]\n", "[agent]\ninterfaces = \"eth1\"\n");
-    rejects(&text, "agent.interfaces", "unknown field `interfaces`");
+        .replace("[agent]\n", "[agent]\ninterface_name = \"eth1\"\n");
+    rejects(
+        &text,
+        "agent.interface_name",
+        "unknown field `interface_name`",
+    );
 }
 
 #[test]
@@ -843,7 +847,40 @@ fn missing_agent_table() {
 #[test]
 fn missing_interface() {
     let text = web("", &[backend("203.0.113.11")]).replace("interface = \"eth0\"\n", "");
-    rejects(&text, "agent.interface", "missing field");
+    rejects(&text, "agent.interface", "missing: set `interface");
+}
+
+#[test]
+fn interfaces_for_two_arms() {
+    let two = |list: &str| {
+        web("", &[backend("203.0.113.11")])
+            .replace("interface = \"eth0\"\n", &format!("interfaces = {list}\n"))
+    };
+    let config = ok(&two("[\"eth0\", \"eth1\"]"));
+    assert_eq!(config.agent.interfaces, ["eth0", "eth1"]);
+    assert_eq!(config.agent.interface(), "eth0");
+    let one = ok(&web("", &[backend("203.0.113.11")]));
+    assert_eq!(one.agent.interfaces, ["eth0"]);
+    rejects(&two("[]"), "agent.interfaces", "at least one");
+    rejects(
+        &two("[\"eth0\", \"eth0\"]"),
+        "agent.interfaces[1]",
+        "listed twice",
+    );
+    rejects(
+        &two("[\"eth0\", \"eth 1\"]"),
+        "agent.interfaces[1]",
+        "not a valid interface name",
+    );
+    let nine: Vec<String> = (0..9).map(|i| format!("\"e{i}\"")).collect();
+    rejects(
+        &two(&format!("[{}]", nine.join(", "))),
+        "agent.interfaces",
+        "at most 8",
+    );
+    let both = web("", &[backend("203.0.113.11")])
+        .replace("[agent]\n", "[agent]\ninterfaces = [\"eth1\"]\n");
+    rejects(&both, "agent.interfaces", "not both");
 }
 
 #[test]

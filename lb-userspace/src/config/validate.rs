@@ -23,8 +23,8 @@ use super::{
     AgentConfig, BackendConfig, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
     DEFAULT_NAT_TCP_IDLE_TIMEOUT, DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT,
     DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding, HealthCheck, HealthKind, MAX_CHECK_INTERVAL,
-    MAX_CONNTRACK_ENTRIES, MAX_DURATION, MAX_NAT_CONNECTIONS, Protocol, ServiceConfig,
-    SourcePrefix, fail,
+    MAX_CONNTRACK_ENTRIES, MAX_DURATION, MAX_INTERFACES, MAX_NAT_CONNECTIONS, Protocol,
+    ServiceConfig, SourcePrefix, fail,
 };
 
 /// The whole file: the `[agent]` table, then every service in order, then what only the
@@ -170,8 +170,55 @@ fn services_name(services: &[ServiceConfig], index: usize) -> &str {
     services.get(index).map_or("?", |s| s.name.as_str())
 }
 
+/// `interface = "IF"` or `interfaces = ["IF", ...]` (two-arm and more), exactly one of them.
+fn validate_interfaces(
+    interface: Option<String>,
+    interfaces: Option<Vec<String>>,
+) -> Result<Vec<String>, Fail> {
+    let list = match (interface, interfaces) {
+        (Some(_), Some(_)) => {
+            return Err(fail(
+                "agent.interfaces",
+                "set either `interface` or `interfaces`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(fail(
+                "agent.interface",
+                "missing: set `interface = \"IF\"` (the NIC the balancer attaches to), or \
+                 `interfaces = [\"IF1\", \"IF2\"]` for a balancer with more than one arm",
+            ));
+        }
+        (Some(one), None) => {
+            check_interface_name(&one).map_err(|reason| fail("agent.interface", reason))?;
+            return Ok(vec![one]);
+        }
+        (None, Some(list)) => list,
+    };
+    if list.is_empty() {
+        return Err(fail("agent.interfaces", "must name at least one interface"));
+    }
+    if list.len() > MAX_INTERFACES {
+        return Err(fail(
+            "agent.interfaces",
+            format!(
+                "{} interfaces; at most {MAX_INTERFACES} are supported",
+                list.len()
+            ),
+        ));
+    }
+    for (i, name) in list.iter().enumerate() {
+        let key = format!("agent.interfaces[{i}]");
+        check_interface_name(name).map_err(|reason| fail(&key, reason))?;
+        if list[..i].contains(name) {
+            return Err(fail(&key, format!("{} is listed twice", quoted(name))));
+        }
+    }
+    Ok(list)
+}
+
 fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
-    check_interface_name(&raw.interface).map_err(|reason| fail("agent.interface", reason))?;
+    let interfaces = validate_interfaces(raw.interface, raw.interfaces)?;
 
     let tunnel_source = raw
         .tunnel_source
@@ -275,7 +322,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         .unwrap_or(DEFAULT_SNAT_PORTS);
 
     Ok(AgentConfig {
-        interface: raw.interface,
+        interfaces,
         xdp_mode: raw.xdp_mode,
         tunnel_source,
         tunnel_source_v6,

@@ -10,7 +10,7 @@ pub mod ports;
 pub mod recorder;
 
 pub use maps::{KernelMaps, MapWriter, StatsReader};
-pub use pin::{LINK_PIN, PINNED_MAPS, teardown};
+pub use pin::{LINK_PIN, PINNED_MAPS, link_pin, link_pins, teardown};
 
 use std::path::{Path, PathBuf};
 

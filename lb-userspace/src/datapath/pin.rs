@@ -3,7 +3,8 @@
 //! XDP link, undoing a start that failed half way, and `weir teardown`.
 //!
 //! The agent only ever removes what it recognises as its own: the pins it names in
-//! [`PINNED_MAPS`] and [`LINK_PIN`], inside a directory that is on a bpffs.
+//! [`PINNED_MAPS`], and the link pins [`LINK_PIN`] and `link:<interface>` ([`link_pin`]),
+//! inside a directory that is on a bpffs.
 
 use std::path::{Path, PathBuf};
 
@@ -46,8 +47,62 @@ pub const PINNED_MAPS: [&str; 18] = [
     map_name::SNAT_POOL,
 ];
 
-/// Name of the pinned XDP link in the bpffs directory.
+/// Name of the pinned XDP link of the first interface in the bpffs directory.
 pub const LINK_PIN: &str = "link";
+
+/// Prefix of the link pins of the other interfaces (`[agent] interfaces`): `link:<name>`.
+const LINK_PIN_PREFIX: &str = "link:";
+
+/// The link pin of the `index`-th configured interface: [`LINK_PIN`] for the first (as a
+/// one-interface agent has always named it, so an upgrade adopts it), `link:<name>` for the
+/// others, with every `.` of the name (a VLAN device's `eth0.100`) written as `:`. A bpffs
+/// refuses names with a dot (`EPERM`), and an interface name never holds a `:`, so the
+/// mapping is one to one.
+#[must_use]
+pub fn link_pin(index: usize, interface: &str) -> String {
+    if index == 0 {
+        LINK_PIN.to_owned()
+    } else {
+        format!("{LINK_PIN_PREFIX}{}", interface.replace('.', ":"))
+    }
+}
+
+/// The link pins present in `dir`: [`LINK_PIN`] and every `link:<name>`, sorted.
+#[must_use]
+pub fn link_pins(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| name == LINK_PIN || name.starts_with(LINK_PIN_PREFIX))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Unpins (and so detaches, when it is the last reference) the XDP link pinned at `pin`.
+fn unpin_link(pin: &Path) -> anyhow::Result<()> {
+    let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let fd_link = pinned
+        .unpin()
+        .with_context(|| format!("unpinning {}", pin.display()))?;
+    drop(fd_link);
+    Ok(())
+}
+
+/// Detaches the links of interfaces no longer configured: the pins in `dir` other than
+/// `wanted`. They would otherwise keep running the previous agent's program on an
+/// interface the operator took out of the config.
+pub fn detach_other_links(dir: &Path, wanted: &[String]) -> anyhow::Result<()> {
+    for name in link_pins(dir) {
+        if !wanted.contains(&name) {
+            tracing::warn!(pin = %dir.join(&name).display(), "detaching the XDP link of an interface no longer in [agent] interfaces");
+            unpin_link(&dir.join(&name))?;
+        }
+    }
+    Ok(())
+}
 
 /// The host's bpffs mount point.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -63,6 +118,8 @@ pub struct PinDir {
     pub created_dir: bool,
     /// Pins that existed before this agent loaded its object (empty: a fresh datapath).
     pub existing_pins: Vec<&'static str>,
+    /// Link pins ([`link_pins`]) that existed before this agent attached.
+    pub existing_links: Vec<String>,
 }
 
 impl PinDir {
@@ -105,6 +162,7 @@ impl PinDir {
             private_mount,
             created_dir,
             existing_pins,
+            existing_links: link_pins(dir),
         })
     }
 
@@ -133,8 +191,8 @@ impl PinDir {
     /// Undoes a start that failed before the datapath was attached: removes the pins this
     /// agent created (never those it found) and the directory if it created it.
     pub fn undo_fresh_pins(&self) {
-        for name in PINNED_MAPS.iter().chain(std::iter::once(&LINK_PIN)) {
-            if self.existing_pins.contains(name) {
+        for name in PINNED_MAPS {
+            if self.existing_pins.contains(&name) {
                 continue;
             }
             let path = self.dir.join(name);
@@ -142,6 +200,16 @@ impl PinDir {
                 && let Err(err) = std::fs::remove_file(&path)
             {
                 tracing::warn!(path = %path.display(), error = %err, "could not remove a pin this agent created");
+            }
+        }
+        // Links this agent attached to some of its interfaces before another failed.
+        for name in link_pins(&self.dir) {
+            if self.existing_links.contains(&name) {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            if let Err(err) = unpin_link(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "could not remove a link pin this agent created");
             }
         }
         if self.created_dir {
@@ -175,15 +243,17 @@ impl Attached {
     }
 }
 
-/// Attaches the balancer: updates the pinned link to this program if an earlier agent left
-/// one (atomic replacement, no packet sees no program), otherwise attaches and pins.
+/// Attaches the balancer to `interface`: updates its pinned link (`pin_name`, see
+/// [`link_pin`]) to this program if an earlier agent left one (atomic replacement, no packet
+/// sees no program), otherwise attaches and pins.
 pub fn attach_pinned(
     program: &mut Xdp,
     bpffs: &Path,
     interface: &str,
+    pin_name: &str,
     xdp_mode: XdpMode,
 ) -> anyhow::Result<Attached> {
-    let pin = bpffs.join(LINK_PIN);
+    let pin = bpffs.join(pin_name);
     if pin.exists() {
         // A link left by an earlier agent is adopted only if it still holds our interface.
         let ours = super::ifindex(interface)?;
@@ -256,15 +326,10 @@ pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
             return Err(err).with_context(|| format!("locking {}", bpffs.display()));
         }
     };
-    let link = bpffs.join(LINK_PIN);
-    if link.exists() {
-        // Unpinning drops the last reference to the link: the program is detached.
-        let pinned =
-            PinnedLink::from_pin(&link).with_context(|| format!("opening {}", link.display()))?;
-        let fd_link = pinned
-            .unpin()
-            .with_context(|| format!("unpinning {}", link.display()))?;
-        drop(fd_link);
+    // Every interface's link. Unpinning drops the last reference to a link: the program is
+    // detached from that interface.
+    for name in link_pins(bpffs) {
+        unpin_link(&bpffs.join(name))?;
     }
     for name in PINNED_MAPS {
         let path = bpffs.join(name);
@@ -280,5 +345,19 @@ pub fn teardown(bpffs: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         Err(err) => Err(err).with_context(|| format!("removing {}", bpffs.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_are_named_one_to_one_without_dots() {
+        assert_eq!(link_pin(0, "eth0"), "link");
+        assert_eq!(link_pin(1, "eth1"), "link:eth1");
+        assert_eq!(link_pin(1, "eth0.100"), "link:eth0:100");
+        assert_ne!(link_pin(1, "eth0.1"), link_pin(1, "eth0_1"));
+        assert!(!link_pin(2, "a.b.c").contains('.'));
     }
 }
