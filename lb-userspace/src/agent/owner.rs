@@ -357,11 +357,12 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The port a service's health check probes.
-const fn check_port(service: &ServiceConfig) -> u16 {
-    match service.health_check.port {
-        Some(port) => port,
-        None => service.port,
+/// The port a backend's health check probes: `health_check.port`, else the port the
+/// backend listens on (`backend.port` of the NAT modes), else the service's.
+const fn check_port(service: &ServiceConfig, backend_port: Option<u16>) -> u16 {
+    match (service.health_check.port, backend_port) {
+        (Some(port), _) | (None, Some(port)) => port,
+        (None, None) => service.port,
     }
 }
 
@@ -667,7 +668,7 @@ impl Agent {
                     Target {
                         service: service.name.clone(),
                         address: b.address,
-                        port: check_port(service),
+                        port: check_port(service, b.port),
                         spec: service.health_check.clone(),
                     },
                     known,
@@ -1257,6 +1258,30 @@ mod tests {
     use lb_common::PROTO_UDP;
 
     use super::*;
+
+    #[test]
+    fn health_checks_probe_the_port_the_backend_listens_on() {
+        let config = |check_port: &str| {
+            config::parse(
+                &format!(
+                    "[agent]\ninterface = \"eth0\"\n[[service]]\nname = \"web\"\n\
+                     vip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\
+                     forwarding = \"nat\"\n[service.health_check]\nkind = \"tcp\"\n\
+                     {check_port}\n[[service.backend]]\naddress = \"198.51.100.11\"\n\
+                     port = 8080\n[[service.backend]]\naddress = \"198.51.100.12\"\n"
+                ),
+                std::path::Path::new("t.toml"),
+            )
+            .expect("valid config")
+        };
+        let plain = config("");
+        let service = &plain.services[0];
+        assert_eq!(check_port(service, service.backends[0].port), 8080);
+        assert_eq!(check_port(service, service.backends[1].port), 80);
+        let explicit = config("port = 9000");
+        let service = &explicit.services[0];
+        assert_eq!(check_port(service, service.backends[0].port), 9000);
+    }
 
     #[test]
     fn only_live_counted_entries_of_the_current_generation_count() {
