@@ -46,7 +46,7 @@ fn every_shipped_config_passes_config_check() {
         .filter_map(|path| path.file_name())
         .map(|name| name.to_string_lossy().into_owned())
         .collect();
-    for expected in ["demo.toml", "example.toml", "weir.toml"] {
+    for expected in ["demo.toml", "demo-nat.toml", "example.toml", "weir.toml"] {
         assert!(
             names.iter().any(|name| name == expected),
             "config/{expected} is missing (found {names:?})"

@@ -24,6 +24,11 @@
 //! `weir teardown`), on failure and on Ctrl-C, unless `--keep` is given; `--clean` removes
 //! what a kept (or killed) demo left behind. Every wait and every loop is bounded in count
 //! and time.
+//!
+//! `--nat` tells the same story in `forwarding = "fullnat"` (config/demo-nat.toml): the
+//! backends run Debian's stock nginx on port 8080 and nothing of Weir (no VIP, no decap, no
+//! route beyond their own subnet); the client sits on a subnet of its own
+//! (203.0.113.130/25) behind the balancer, which translates it to its own address.
 use std::{
     collections::BTreeMap,
     fs::{self, File},
@@ -39,7 +44,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use weir_testbed::{
-    CLIENT_V4, LB_V4, Stack, Topology, backend_v4, ip, ns_exec, remove_namespace, try_in_netns,
+    CLIENT_V4, LB_V4, Layout, Stack, Topology, backend_v4, ip, ns_exec, remove_namespace,
+    try_in_netns,
 };
 
 use crate::{cmd, setup};
@@ -68,6 +74,10 @@ const SWITCH_PASS_VIP: &str = "203.0.113.254";
 
 /// The agent's config, relative to the workspace root.
 const CONFIG: &str = "config/demo.toml";
+/// The agent's config of `--nat`.
+const CONFIG_NAT: &str = "config/demo-nat.toml";
+/// `--nat`: the port the backends' nginx listens on (`backend.port`; the VIP's is 80).
+const NAT_BACKEND_PORT: u16 = 8080;
 /// The service of config/demo.toml.
 const SERVICE: &str = "web";
 /// Where config/demo.toml puts the agent's socket and state file (a test checks that they
@@ -106,7 +116,7 @@ const STEPS: usize = 11;
 const NOT_ROOT: &str = "cargo xtask demo needs root (it creates network namespaces and attaches \
                         XDP programs); run it as root";
 
-pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn demo(keep: bool, clean: bool, nat: bool) -> anyhow::Result<ExitCode> {
     if !cmd::is_root() {
         eprintln!("{NOT_ROOT}");
         return Ok(ExitCode::FAILURE);
@@ -122,12 +132,12 @@ pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
         step(1, "checking the kernel, running setup, checking the tools");
         kernel_support()?;
         setup::setup()?;
-        let tools = prerequisites()?;
+        let tools = prerequisites(nat)?;
 
         step(2, "building weir");
         let weir = build_weir(false)?;
         println!("      weir: {}", weir.display());
-        let config = cmd::workspace_root().join(CONFIG);
+        let config = cmd::workspace_root().join(if nat { CONFIG_NAT } else { CONFIG });
         let checked = run(&[path_str(&weir)?, "config", "check", path_str(&config)?])?;
         println!("      {}", checked.trim());
         check_interrupted()?;
@@ -148,6 +158,8 @@ pub(crate) fn demo(keep: bool, clean: bool) -> anyhow::Result<ExitCode> {
     let mut demo = Demo {
         weir,
         python: tools.python,
+        nginx: tools.nginx,
+        nat,
         config,
         workdir,
         topology: None,
@@ -255,10 +267,13 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("python3", "python3"),
     ("nsenter", "util-linux"),
+    // `--nat`: the backends' stock web server.
+    ("nginx", "nginx"),
 ];
 
 struct Tools {
     python: PathBuf,
+    nginx: PathBuf,
 }
 
 /// Root (checked by the caller) and a kernel with BPF: what no package can provide, so the
@@ -278,7 +293,7 @@ fn kernel_support() -> anyhow::Result<()> {
 
 /// The tools (after setup installed their packages), the demo's config, and no leftovers
 /// of an earlier demo.
-fn prerequisites() -> anyhow::Result<Tools> {
+fn prerequisites(nat: bool) -> anyhow::Result<Tools> {
     let missing: Vec<String> = TOOLS
         .iter()
         .filter(|(tool, _)| find_on_path(tool).is_none())
@@ -350,11 +365,12 @@ fn prerequisites() -> anyhow::Result<Tools> {
     if Path::new(RUN_DIR).exists() {
         fs::remove_dir_all(RUN_DIR).with_context(|| format!("remove the stale {RUN_DIR}"))?;
     }
-    let config = cmd::workspace_root().join(CONFIG);
+    let config = cmd::workspace_root().join(if nat { CONFIG_NAT } else { CONFIG });
     if !config.is_file() {
         bail!("the demo's agent config {} is missing", config.display());
     }
-    Ok(Tools { python })
+    let nginx = find_on_path("nginx").context("nginx (Debian package nginx)")?;
+    Ok(Tools { python, nginx })
 }
 
 fn find_on_path(tool: &str) -> Option<PathBuf> {
@@ -657,6 +673,9 @@ fn wait_listening(proc: &mut Proc, ns: &str, port: u16) -> anyhow::Result<()> {
 struct Demo {
     weir: PathBuf,
     python: PathBuf,
+    nginx: PathBuf,
+    /// `--nat`: fullnat, stock nginx backends, no decap.
+    nat: bool,
     config: PathBuf,
     workdir: PathBuf,
     /// The namespaces, bridge and veth pairs, once built.
@@ -699,19 +718,39 @@ impl Demo {
         );
         self.topology().context("creating the topology")?;
 
-        step(4, "starting an HTTP server in each backend");
+        if self.nat {
+            step(
+                4,
+                &format!(
+                    "starting Debian's stock nginx in each backend, on port {NAT_BACKEND_PORT}"
+                ),
+            );
+        } else {
+            step(4, "starting an HTTP server in each backend");
+        }
         for index in 0..NS_BACKENDS.len() {
             self.start_server(index)?;
         }
 
         step(
             5,
-            &format!("starting weir agent in namespace {NS_LB} with {CONFIG}"),
+            &format!(
+                "starting weir agent in namespace {NS_LB} with {}",
+                if self.nat { CONFIG_NAT } else { CONFIG }
+            ),
         );
         self.start_agent()?;
 
-        step(6, "starting weir decap on the backends");
-        self.start_decaps()?;
+        if self.nat {
+            step(
+                6,
+                "the backends run nothing of Weir: fullnat brings the answers back",
+            );
+            self.show_stock_backends()?;
+        } else {
+            step(6, "starting weir decap on the backends");
+            self.start_decaps()?;
+        }
 
         step(
             7,
@@ -759,14 +798,29 @@ impl Demo {
     fn topology(&mut self) -> anyhow::Result<()> {
         // A failed build removes what it created; the built topology is the demo's to tear
         // down.
-        self.topology = Some(Topology::build(TOPOLOGY, Stack::Ipv4)?);
-        println!(
-            "      client {CLIENT_V4} (route to {VIP} via {LB_V4}), balancer {LB_V4}, \
-             backends {}, {}, {} (VIP {VIP} on lo)",
-            backend_addr(0),
-            backend_addr(1),
-            backend_addr(2)
-        );
+        if self.nat {
+            let topology = Topology::build_fullnat(TOPOLOGY, Stack::Ipv4)?;
+            println!(
+                "      client {} on a subnet of its own (route to {VIP} via {}), balancer \
+                 {LB_V4} on the backends' subnet, backends {}, {}, {} (an address, nothing else)",
+                topology.client_v4(),
+                weir_testbed::LB_CLIENT_SIDE_V4,
+                backend_addr(0),
+                backend_addr(1),
+                backend_addr(2)
+            );
+            assert_eq!(topology.layout, Layout::Fullnat);
+            self.topology = Some(topology);
+        } else {
+            self.topology = Some(Topology::build(TOPOLOGY, Stack::Ipv4)?);
+            println!(
+                "      client {CLIENT_V4} (route to {VIP} via {LB_V4}), balancer {LB_V4}, \
+                 backends {}, {}, {} (VIP {VIP} on lo)",
+                backend_addr(0),
+                backend_addr(1),
+                backend_addr(2)
+            );
+        }
 
         // On veth, frames sent with XDP_TX reach the peer only when the peer has an XDP
         // program: the balancer's replies to its own veth need one on the switch port. A
@@ -804,6 +858,9 @@ impl Demo {
     }
 
     fn start_server(&mut self, index: usize) -> anyhow::Result<()> {
+        if self.nat {
+            return self.start_nginx(index);
+        }
         let name = backend_name(index);
         let ns = NS_BACKENDS[index];
         let root = self.workdir.join(&name);
@@ -834,6 +891,109 @@ impl Demo {
         println!(
             "      {name} ({ns}, {}) serves \"{name}\" on port {HTTP_PORT}",
             backend_addr(index)
+        );
+        Ok(())
+    }
+
+    /// `--nat`: Debian's nginx on `NAT_BACKEND_PORT`, from a config of the demo's own (it
+    /// answers its backend's name, logs into the demo's folder), in the foreground so that
+    /// the demo can stop it like any of its processes.
+    fn start_nginx(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = backend_name(index);
+        let ns = NS_BACKENDS[index];
+        let dir = self.workdir.join(format!("{name}-nginx"));
+        fs::create_dir_all(&dir)?;
+        let d = path_str(&dir)?;
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             server {{\n    listen {NAT_BACKEND_PORT};\n    \
+             location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        fs::write(&conf_path, conf)?;
+        let mut server = Proc::spawn(
+            &format!("nginx of {name}"),
+            (ns, Enter::IpNetnsExec),
+            &self.nginx,
+            &[
+                "-e",
+                path_str(&dir.join("startup.log"))?,
+                "-c",
+                path_str(&conf_path)?,
+            ],
+            self.workdir.join(format!("{name}-http.log")),
+        )?;
+        let listening = wait_listening(&mut server, ns, NAT_BACKEND_PORT);
+        if self.servers.len() <= index {
+            self.servers.resize_with(index + 1, || None);
+        }
+        self.servers[index] = Some(server);
+        listening?;
+        println!(
+            "      {name} ({ns}, {}) runs nginx, answering \"{name}\" on port {NAT_BACKEND_PORT}",
+            backend_addr(index)
+        );
+        Ok(())
+    }
+
+    /// `--nat`: shows that the backends have nothing of Weir (no XDP program, no route beyond
+    /// their subnet), then the first request through the balancer and the address the
+    /// answering nginx saw: the balancer's, not the client's.
+    fn show_stock_backends(&self) -> anyhow::Result<()> {
+        for (index, ns) in NS_BACKENDS.iter().enumerate() {
+            let routes = ip(ns, &["route", "show"])?;
+            let link = ip(ns, &["-d", "link", "show", "dev", NODE_IF])?;
+            if routes.contains("default") || routes.contains("via") || link.contains("xdp") {
+                bail!(
+                    "{ns} is not a stock backend: routes {routes:?}, link {link:?} (the demo's \
+                     fullnat topology must give its backends only an address)"
+                );
+            }
+            println!(
+                "      {} ({ns}): `ip route` shows only {}; no XDP program on {NODE_IF}",
+                backend_name(index),
+                routes.trim()
+            );
+        }
+        let curl = [
+            "ip",
+            "netns",
+            "exec",
+            NS_CLI,
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            &format!("http://{VIP}/"),
+        ];
+        println!("      $ {}", curl.join(" "));
+        let answer = run(&curl).context("the first request through the balancer")?;
+        let answer = answer.trim().to_owned();
+        println!("      {answer}");
+        let log = self
+            .workdir
+            .join(format!("{answer}-nginx"))
+            .join("access.log");
+        let line = fs::read_to_string(&log)
+            .with_context(|| format!("reading {}", log.display()))?
+            .lines()
+            .last()
+            .map(str::to_owned)
+            .with_context(|| format!("{answer}'s access log is empty"))?;
+        println!("      {answer}'s nginx logged: {line}");
+        if !line.starts_with(&format!("{LB_V4} ")) {
+            bail!(
+                "{answer}'s nginx saw the request from someone else than the balancer's SNAT \
+                 address {LB_V4}: {line}"
+            );
+        }
+        println!(
+            "      it saw the balancer's address {LB_V4} (fullnat's SNAT address), so it \
+             answered the balancer, which translated the answer back to the client"
         );
         Ok(())
     }

@@ -71,6 +71,10 @@ enum Command {
         /// namespaces and delete those namespaces.
         #[arg(long, conflicts_with = "keep")]
         clean: bool,
+        /// The same story in `fullnat`: the backends are stock Debian nginx, with nothing of
+        /// Weir on them (no VIP, no decap, no route via the balancer).
+        #[arg(long, conflicts_with = "clean")]
+        nat: bool,
     },
     /// Build a release tarball: `weir` (release), its man pages and bash/zsh/fish
     /// completions (generated from its clap definition), the systemd unit, the example
@@ -112,7 +116,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             bench::bench(&names, &args)
         }
         // Runs setup itself, after its root check (and not for `--clean`).
-        Command::Demo { keep, clean } => demo::demo(keep, clean),
+        Command::Demo { keep, clean, nat } => demo::demo(keep, clean, nat),
         Command::Dist => {
             setup::setup()?;
             dist::dist().map(|()| ExitCode::SUCCESS)
@@ -158,10 +162,14 @@ mod tests {
             cli.command,
             Command::Demo {
                 keep: true,
-                clean: false
+                clean: false,
+                nat: false
             }
         ));
         assert!(Cli::try_parse_from(["xtask", "demo", "--keep", "--clean"]).is_err());
+        let cli = Cli::try_parse_from(["xtask", "demo", "--nat"]).expect("parses");
+        assert!(matches!(cli.command, Command::Demo { nat: true, .. }));
+        assert!(Cli::try_parse_from(["xtask", "demo", "--nat", "--clean"]).is_err());
     }
 
     #[test]
