@@ -4667,3 +4667,167 @@ fn golden_fullnat() {
         vec![stat::NAT_REPLY],
     );
 }
+
+// ----- source rules (`allow` / `deny`) -----
+
+/// A TCP packet from `src` to `dst`:80 with `flags`.
+fn v4_from(src: [u8; 4], dst: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
+    ipv4(
+        &V4 {
+            src,
+            dst,
+            proto: PROTO_TCP,
+            ttl: 64,
+            frag: 0x4000,
+            options: Vec::new(),
+        },
+        &l4(PROTO_TCP, sport, 80, flags, b"weir-golden"),
+    )
+}
+
+fn v6_from(src: [u8; 16], dst: [u8; 16], sport: u16, flags: u8) -> Vec<u8> {
+    ipv6(
+        src,
+        dst,
+        PROTO_TCP,
+        64,
+        &l4(PROTO_TCP, sport, 80, flags, b"weir-golden"),
+    )
+}
+
+/// Three services with source rules: `rules4` allows 198.51.100.0/25 but denies the client
+/// (198.51.100.2, the more specific rule), `rules6` denies 2001:db8::/64, `allow4` allows only
+/// 198.51.100.128/25. Refused flows are dropped untouched and counted by reason and by rule;
+/// admitted ones are tunnelled as any; a tracked flow is not judged again after a reload
+/// denies its source, a new flow from that source is.
+#[test]
+fn golden_source_rules() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("grul")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    let (b11, b12) = ("198.51.100.11", "198.51.100.12");
+    let (c11, c12) = ("2001:db8::11", "2001:db8::12");
+    let config = |deny4: &str| {
+        [
+            ring_service("rules4", "203.0.113.20", 80, "tcp", &[b11, b12])
+                .raw("allow", "[\"198.51.100.0/25\"]")
+                .raw("deny", deny4),
+            ring_service("rules6", "2001:db8:100::20", 80, "tcp", &[c11, c12])
+                .raw("deny", "[\"2001:db8::/64\"]"),
+            ring_service("allow4", "203.0.113.21", 80, "tcp", &[b11, b12])
+                .raw("allow", "[\"198.51.100.128/25\"]"),
+        ]
+        .into_iter()
+        .fold(
+            lab_agent().tunnel_source_v6(Ipv6Addr::from(TUNNEL6)),
+            ConfigBuilder::service,
+        )
+    };
+    let first = config("[\"198.51.100.2\"]");
+    let mut lab = common::in_netns(ns.name(), || open_lab(&first));
+    let vip4 = [203, 0, 113, 20];
+    let vip6 = vip6(0x20);
+    let other4 = [198, 51, 100, 3];
+    let outside4 = [198, 51, 100, 130];
+    let outside6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    let denied = |desc, ip: Vec<u8>, reason| Case {
+        desc,
+        input: if ip[0] >> 4 == 4 {
+            frame4(&ip)
+        } else {
+            frame6(&ip)
+        },
+        action: XDP_DROP,
+        output: None,
+        counters: vec![stat::CT_MISS, reason],
+    };
+    let cases = vec![
+        denied(
+            "rules4: the client's own /32 deny beats the /25 allow",
+            v4_from(CLIENT4, vip4, 40_000, SYN),
+            stat::DROP_SOURCE_DENIED,
+        ),
+        tunnel_case(
+            &lab,
+            "rules4: another source of the allowed /25 is tunnelled",
+            "rules4",
+            v4_from(other4, vip4, 40_001, SYN),
+            true,
+        ),
+        denied(
+            "rules4: a source outside every allow rule is refused",
+            v4_from(outside4, vip4, 40_002, SYN),
+            stat::DROP_SOURCE_NOT_ALLOWED,
+        ),
+        Case {
+            counters: vec![
+                stat::CT_MISS,
+                stat::UNTRACKED_MIDFLOW,
+                stat::DROP_SOURCE_DENIED,
+            ],
+            ..denied(
+                "rules4: a mid-flow packet without an entry is judged too",
+                v4_from(CLIENT4, vip4, 40_003, ACK),
+                stat::DROP_SOURCE_DENIED,
+            )
+        },
+        denied(
+            "rules6: a source in the denied /64",
+            v6_from(CLIENT6, vip6, 40_004, SYN),
+            stat::DROP_SOURCE_DENIED,
+        ),
+        tunnel_case(
+            &lab,
+            "rules6: a source outside the denied /64 (no allow list: admitted)",
+            "rules6",
+            v6_from(outside6, vip6, 40_005, SYN),
+            false,
+        ),
+        denied(
+            "allow4: the client is not in its allow list",
+            v4_from(CLIENT4, [203, 0, 113, 21], 40_006, SYN),
+            stat::DROP_SOURCE_NOT_ALLOWED,
+        ),
+    ];
+    for case in &cases {
+        common::in_netns(ns.name(), || check_case(&mut lab, case));
+    }
+    // The rules that decided: rules4's deny twice and its allow once, rules6's deny once.
+    let mut counts: Vec<u64> = lab
+        .balancer
+        .maps()
+        .read_source_rule_counts()
+        .expect("SOURCE_RULE_STATS")
+        .into_iter()
+        .filter(|c| *c > 0)
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [1, 1, 2], "packets per deciding rule");
+
+    // A reload denies 198.51.100.3 too: its tracked flow keeps going, a new flow is refused.
+    let second = config("[\"198.51.100.2\", \"198.51.100.3\"]");
+    let cfg = config::parse(&second.render(), Path::new("golden.toml")).expect("valid config");
+    lab.balancer.apply(&plain(&cfg)).expect("apply the reload");
+    let tracked = v4_from(other4, vip4, 40_001, PSH_ACK);
+    let backend = predicted(&lab.balancer, "rules4", &tracked);
+    let hash = flow_hash(&key_of(&tracked));
+    let cases = vec![
+        Case {
+            desc: "after the reload: the tracked flow of 198.51.100.3 is not judged again",
+            input: frame4(&tracked),
+            action: XDP_TX,
+            output: Some(tunnel_out(&tracked, true, backend, hash, None)),
+            counters: vec![stat::CT_HIT],
+        },
+        denied(
+            "after the reload: a new flow of 198.51.100.3 is denied",
+            v4_from(other4, vip4, 40_007, SYN),
+            stat::DROP_SOURCE_DENIED,
+        ),
+    ];
+    for case in &cases {
+        common::in_netns(ns.name(), || check_case(&mut lab, case));
+    }
+}

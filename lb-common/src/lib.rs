@@ -21,6 +21,7 @@ pub mod maglev;
 pub mod nat;
 #[cfg(feature = "user")]
 pub mod rr;
+pub mod rules;
 
 /// Names of the maps in the eBPF object. They are the names of the `static`s in `lb-ebpf`,
 /// kept here so the agent and the tests cannot drift from the datapath.
@@ -52,6 +53,11 @@ pub mod map_name {
     /// The SNAT addresses of every `fullnat` service (`nat::SnatSource` values, indexed
     /// `service_id * nat::MAX_SNAT_ADDRS + i`).
     pub const SNAT_POOL: &str = "SNAT_POOL";
+    /// Every service's `allow` / `deny` source prefixes (an LPM trie, `rules::SourceRuleData`
+    /// keys, `rules::SourceRule` values).
+    pub const SOURCE_RULES: &str = "SOURCE_RULES";
+    /// Per-CPU packets decided by each source rule, indexed by `rules::SourceRule::index`.
+    pub const SOURCE_RULE_STATS: &str = "SOURCE_RULE_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -253,8 +259,12 @@ pub mod stat {
     /// fullnat: a TCP packet other than a SYN (or a RST) with no pair: its SNAT port is
     /// unknowable, so it cannot be translated for the backend.
     pub const DROP_NAT_UNTRACKED_MIDFLOW: u32 = 46;
+    /// A flow the service has no entry for, from a source its most specific rule denies.
+    pub const DROP_SOURCE_DENIED: u32 = 47;
+    /// A flow the service has no entry for, from a source none of its `allow` rules covers.
+    pub const DROP_SOURCE_NOT_ALLOWED: u32 = 48;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 47;
+    pub const COUNT: u32 = 49;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -305,6 +315,8 @@ pub mod stat {
         "drop_nat_icmp_untranslatable",
         "drop_snat_exhausted",
         "drop_nat_untracked_midflow",
+        "drop_source_denied",
+        "drop_source_not_allowed",
     ];
 }
 
@@ -432,7 +444,8 @@ pub struct VipInfo {
     /// `fullnat`: the number of SNAT addresses (`SNAT_POOL[service_id * MAX_SNAT_ADDRS ..]`),
     /// 1..=`MAX_SNAT_ADDRS`; 0 otherwise.
     pub snat_count: u8,
-    pub _pad: u8,
+    /// `rules::SOURCE_RULES_ANY` | `rules::SOURCE_RULES_ALLOWLIST`, or 0: no source rules.
+    pub source_rules: u8,
     /// A tracked TCP flow idle this long (seconds) is forgotten.
     pub tcp_idle_timeout_s: u32,
     /// A tracked UDP flow idle this long (seconds) is forgotten.
@@ -630,6 +643,10 @@ mod pod {
     unsafe impl aya::Pod for crate::nat::NatEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::nat::SnatSource {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rules::SourceRuleData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rules::SourceRule {}
 }
 
 #[cfg(feature = "user")]

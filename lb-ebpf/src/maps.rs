@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
 };
 use lb_common::{
     BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
@@ -11,6 +11,7 @@ use lb_common::{
     TrafficCounters, VipAddrBits, VipInfo, VipKey,
     icmp::IcmpBucket,
     nat::{DEFAULT_NAT_CONNECTIONS, MAX_SNAT_ADDRS, NatEntry, SnatSource},
+    rules::{MAX_SOURCE_RULES, SourceRule, SourceRuleData},
     stat,
 };
 
@@ -49,6 +50,25 @@ pub(crate) static SERVICES: Array<VipInfo> = Array::with_max_entries(MAX_SERVICE
 #[map]
 pub(crate) static FRAG_SERVICES: HashMap<VipKey, u32> =
     HashMap::with_max_entries(MAX_FRAG_SERVICES, 0);
+
+/// Every service's source rules (`allow` / `deny`), keyed by service id, family and prefix
+/// (`lb_common::rules`). Written by the agent; looked up only for flows a service has no
+/// entry for, and only when its `VipInfo::source_rules` says it has rules. (LPM tries are
+/// never preallocated: `LpmTrie` sets `BPF_F_NO_PREALLOC` itself.)
+#[map]
+pub(crate) static SOURCE_RULES: LpmTrie<SourceRuleData, SourceRule> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RULES, 0);
+
+/// Packets each source rule decided (admitted or dropped), per CPU.
+#[map]
+pub(crate) static SOURCE_RULE_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_SOURCE_RULES, 0);
+
+/// This CPU's `SOURCE_RULES` lookup key: built in map memory, not on the balancer's stack,
+/// which has no 28 bytes to spare.
+#[map]
+pub(crate) static RULE_SCRATCH: PerCpuArray<LpmKey<SourceRuleData>> =
+    PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -348,6 +348,7 @@ pub(crate) fn new_flow(
     if midflow {
         bump(stats, stat::UNTRACKED_MIDFLOW);
     }
+    crate::rules::admit(vip, &p.key)?;
     let id = schedule(vip, &p.key, midflow)?;
     let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
     if backend.family != p.key.family {

@@ -13,7 +13,7 @@ use lb_common::{GLOBAL_ANSWER_PING, GlobalConfig, addr_bytes, nat::SnatSource};
 use crate::{
     config::{Config, HealthKind, ServiceConfig},
     overlay::{Admin, EffectiveBackend, Overlay},
-    reconcile::{BackendSpec, DatapathSpec, ServiceSpec},
+    reconcile::{BackendSpec, DatapathSpec, RuleSpec, ServiceSpec},
 };
 
 /// Health of one backend as the agent sees it.
@@ -114,6 +114,19 @@ pub fn service_spec(
         udp_idle_timeout_s: service.udp_idle_timeout.as_secs() as u32,
         backends,
         snat,
+        source_rules: service
+            .source_rules
+            .iter()
+            .map(|r| {
+                let (addr, family) = addr_bytes(r.network);
+                RuleSpec {
+                    family,
+                    addr,
+                    len: r.len,
+                    allow: r.allow,
+                }
+            })
+            .collect(),
     }
 }
 

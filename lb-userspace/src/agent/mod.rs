@@ -401,6 +401,7 @@ fn adopt(
         vips: balancer.maps().read_vips()?,
         vip_addrs: balancer.maps().read_vip_addrs()?,
         frag_services: balancer.maps().read_frag_services()?,
+        source_rules: balancer.maps().read_source_rules()?,
         backends: balancer.maps().read_backends()?,
     };
     // The ring reader borrows the maps while `adopt` mutates the balancer's own state:

@@ -295,6 +295,19 @@ pub struct ServiceConfig {
     /// `fullnat`: the addresses clients are translated to (1..=`MAX_SNAT_ADDRS`, unique,
     /// of the VIP's family, local to the balancer); empty for the other modes.
     pub snat_addresses: Vec<IpAddr>,
+    /// Source rules (`allow`, `deny`), checked before a flow is scheduled: at most
+    /// `rules::MAX_RULES_PER_SERVICE` together, each of the VIP's family, no prefix twice.
+    pub source_rules: Vec<SourceRule>,
+}
+
+/// One prefix of a service's `allow` or `deny` list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceRule {
+    /// The network address (host bits zero).
+    pub network: IpAddr,
+    pub len: u8,
+    /// `true`: `allow`; `false`: `deny`.
+    pub allow: bool,
 }
 
 /// Default `tcp_idle_timeout` (IPVS's TCP established timeout).

@@ -53,6 +53,8 @@ pub(super) struct RawService {
     pub(super) tcp_idle_timeout: Option<String>,
     pub(super) udp_idle_timeout: Option<String>,
     pub(super) snat_addresses: Option<Vec<String>>,
+    pub(super) allow: Option<Vec<String>>,
+    pub(super) deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

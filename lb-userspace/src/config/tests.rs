@@ -351,6 +351,7 @@ weight = 65535
                 tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                 snat_addresses: Vec::new(),
+                source_rules: Vec::new(),
             },
             ServiceConfig {
                 name: "dns.v6".to_owned(),
@@ -371,6 +372,7 @@ weight = 65535
                 tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                 snat_addresses: Vec::new(),
+                source_rules: Vec::new(),
             },
         ],
     };
@@ -1373,4 +1375,45 @@ fn answer_ping() {
     assert_eq!(flags(&off) & lb_common::GLOBAL_ANSWER_PING, 0);
     rejects(&with("\"yes\""), "agent.answer_ping", "expected a boolean");
     rejects(&with("1"), "agent.answer_ping", "expected a boolean");
+}
+
+#[test]
+fn source_rules() {
+    let with = |extra: &str| web(extra, &[backend("203.0.113.11")]);
+    let config = ok(&with(
+        "allow = [\"198.51.100.0/24\", \"203.0.113.7\"]\ndeny = [\"198.51.100.128/25\"]\n",
+    ));
+    let rules = &config.services[0].source_rules;
+    assert_eq!(rules.len(), 3);
+    assert_eq!(
+        (rules[1].network, rules[1].len, rules[1].allow),
+        ("203.0.113.7".parse().unwrap(), 32, true)
+    );
+    assert!(!rules[2].allow);
+    rejects(
+        &with("allow = [\"198.51.100.1/24\"]\n"),
+        "service[0].allow[0]",
+        "host bits set",
+    );
+    rejects(
+        &with("deny = [\"2001:db8::/32\"]\n"),
+        "service[0].deny[0]",
+        "not of the VIP's family",
+    );
+    rejects(
+        &with("allow = [\"198.51.100.0/33\"]\n"),
+        "service[0].allow[0]",
+        "prefix length must be 0 to 32",
+    );
+    rejects(
+        &with("allow = [\"198.51.100.0/24\"]\ndeny = [\"198.51.100.0/24\"]\n"),
+        "service[0].deny[0]",
+        "already in allow",
+    );
+    let many: Vec<String> = (0..65).map(|i| format!("\"10.0.{i}.0/24\"")).collect();
+    rejects(
+        &with(&format!("deny = [{}]\n", many.join(", "))),
+        "service[0].allow",
+        "at most 64 per service",
+    );
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lb_common::maglev::is_prime;
 use lb_common::nat::{DEFAULT_SNAT_PORTS, MAX_SNAT_ADDRS};
+use lb_common::rules::MAX_RULES_PER_SERVICE;
 use lb_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
     nat::DEFAULT_NAT_CONNECTIONS,
@@ -24,7 +25,7 @@ use super::{
     DEFAULT_NAT_TCP_IDLE_TIMEOUT, DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT,
     DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding, HealthCheck, HealthKind, MAX_CHECK_INTERVAL,
     MAX_CONNTRACK_ENTRIES, MAX_DURATION, MAX_INTERFACES, MAX_NAT_CONNECTIONS, Protocol,
-    ServiceConfig, SourcePrefix, fail,
+    ServiceConfig, SourcePrefix, SourceRule, fail,
 };
 
 /// The whole file: the `[agent]` table, then every service in order, then what only the
@@ -503,6 +504,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         Some(hc) => validate_health_check(&prefix, port, hc)?,
     };
     let snat_addresses = validate_snat_addresses(&prefix, vip, raw.forwarding, raw.snat_addresses)?;
+    let source_rules = validate_source_rules(&prefix, vip, raw.allow, raw.deny)?;
 
     Ok(ServiceConfig {
         name: raw.name,
@@ -518,6 +520,88 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         tcp_idle_timeout,
         udp_idle_timeout,
         snat_addresses,
+        source_rules,
+    })
+}
+
+/// A service's `allow` and `deny` lists: prefixes (`ADDR/LEN`, or an address alone: a host)
+/// of the VIP's family, host bits zero, each at most once over both lists, at most
+/// `MAX_RULES_PER_SERVICE` together.
+fn validate_source_rules(
+    prefix: &str,
+    vip: IpAddr,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+) -> Result<Vec<SourceRule>, Fail> {
+    let mut out: Vec<SourceRule> = Vec::new();
+    for (list, is_allow) in [(allow, true), (deny, false)] {
+        let name = if is_allow { "allow" } else { "deny" };
+        for (i, text) in list.unwrap_or_default().iter().enumerate() {
+            let key = format!("{prefix}.{name}[{i}]");
+            let rule =
+                parse_rule_prefix(text, vip, is_allow).map_err(|reason| fail(&key, reason))?;
+            if let Some(other) = out
+                .iter()
+                .find(|r| r.network == rule.network && r.len == rule.len)
+            {
+                return Err(fail(
+                    key,
+                    format!(
+                        "{}/{} is already in {}: a prefix may appear once over both lists",
+                        rule.network,
+                        rule.len,
+                        if other.allow { "allow" } else { "deny" }
+                    ),
+                ));
+            }
+            out.push(rule);
+        }
+    }
+    if out.len() > MAX_RULES_PER_SERVICE as usize {
+        return Err(fail(
+            format!("{prefix}.allow"),
+            format!(
+                "{} allow and deny prefixes; at most {MAX_RULES_PER_SERVICE} per service",
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn parse_rule_prefix(text: &str, vip: IpAddr, allow: bool) -> Result<SourceRule, String> {
+    let (addr_text, len_text) = text
+        .split_once('/')
+        .map_or((text, None), |(a, l)| (a, Some(l)));
+    let network = parse_ip(addr_text)?;
+    let bits: u8 = if network.is_ipv4() { 32 } else { 128 };
+    let len =
+        match len_text {
+            None => bits,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= bits).ok_or_else(|| {
+                format!("{}: the prefix length must be 0 to {bits}", quoted(text))
+            })?,
+        };
+    if network.is_ipv4() != vip.is_ipv4() {
+        return Err(format!(
+            "{} is not of the VIP's family ({vip}): it could never match",
+            quoted(text)
+        ));
+    }
+    let host_bits_zero = match network {
+        IpAddr::V4(a) => u32::from(a) & u32::MAX.checked_shr(u32::from(len)).unwrap_or(0) == 0,
+        IpAddr::V6(a) => u128::from(a) & u128::MAX.checked_shr(u32::from(len)).unwrap_or(0) == 0,
+    };
+    if !host_bits_zero {
+        return Err(format!(
+            "{} has host bits set (write the network address of the /{len})",
+            quoted(text)
+        ));
+    }
+    Ok(SourceRule {
+        network,
+        len,
+        allow,
     })
 }
 

@@ -7,14 +7,21 @@ use std::os::fd::{AsFd as _, OwnedFd};
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use lb_common::{
     BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
     VipInfo, VipKey, map_name,
     nat::{MAX_SNAT_ADDRS, NatEntry, SnatSource},
+    rules::{SourceRule, SourceRuleData},
     stat,
 };
+
+/// A `SOURCE_RULES` key: the prefix length (of the whole key data) and the data.
+pub type RuleKey = (u32, SourceRuleData);
 
 use super::{DatapathError, map_err};
 
@@ -42,6 +49,10 @@ pub trait MapWriter {
     fn set_frag_service(&mut self, key: VipKey, service_id: u32) -> Result<(), DatapathError>;
     /// Takes an (address, protocol) out of `FRAG_SERVICES`: its fragments are dropped.
     fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError>;
+    /// Writes one source rule (`SOURCE_RULES`) of the service its key names.
+    fn set_source_rule(&mut self, key: RuleKey, rule: SourceRule) -> Result<(), DatapathError>;
+    /// Removes one source rule.
+    fn remove_source_rule(&mut self, key: RuleKey) -> Result<(), DatapathError>;
     /// Writes one ring slot of a service.
     fn set_ring_slot(
         &mut self,
@@ -86,6 +97,8 @@ pub struct KernelMaps {
     vip_addrs: HashMap<MapData, VipKey, u32>,
     vip_addr_bits: Array<MapData, VipAddrBits>,
     frag_services: HashMap<MapData, VipKey, u32>,
+    source_rules: LpmTrie<MapData, SourceRuleData, SourceRule>,
+    source_rule_stats: PerCpuArray<MapData, u64>,
     backends: Array<MapData, BackendInfo>,
     ring: Array<MapData, u32>,
     global: Array<MapData, GlobalConfig>,
@@ -212,6 +225,8 @@ impl KernelMaps {
             vip_addrs: take(ebpf, map_name::VIP_ADDRS)?,
             vip_addr_bits: take(ebpf, map_name::VIP_ADDR_BITS)?,
             frag_services: take(ebpf, map_name::FRAG_SERVICES)?,
+            source_rules: take(ebpf, map_name::SOURCE_RULES)?,
+            source_rule_stats: take(ebpf, map_name::SOURCE_RULE_STATS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
             ring: Array::try_from(ring).map_err(map_err(map_name::RING))?,
             global: take(ebpf, map_name::GLOBAL)?,
@@ -316,6 +331,27 @@ impl KernelMaps {
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(map_name::FRAG_SERVICES))
+    }
+
+    /// Every `SOURCE_RULES` entry (for adopting a pinned datapath).
+    pub fn read_source_rules(&self) -> Result<Vec<(RuleKey, SourceRule)>, DatapathError> {
+        self.source_rules
+            .iter()
+            .map(|entry| entry.map(|(key, rule)| ((key.prefix_len(), key.data()), rule)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_name::SOURCE_RULES))
+    }
+
+    /// The packets each source rule decided, summed over CPUs, by counter index.
+    pub fn read_source_rule_counts(&self) -> Result<Vec<u64>, DatapathError> {
+        (0..lb_common::rules::MAX_SOURCE_RULES)
+            .map(|i| {
+                self.source_rule_stats
+                    .get(&i, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_name::SOURCE_RULE_STATS))
     }
 
     /// Every backend entry ever written (generation above 0), by id.
@@ -446,6 +482,22 @@ impl MapWriter for KernelMaps {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(DatapathError::Map {
                 name: map_name::FRAG_SERVICES,
+                source,
+            }),
+        }
+    }
+
+    fn set_source_rule(&mut self, key: RuleKey, rule: SourceRule) -> Result<(), DatapathError> {
+        self.source_rules
+            .insert(&LpmKey::new(key.0, key.1), rule, 0)
+            .map_err(map_err(map_name::SOURCE_RULES))
+    }
+
+    fn remove_source_rule(&mut self, key: RuleKey) -> Result<(), DatapathError> {
+        match self.source_rules.remove(&LpmKey::new(key.0, key.1)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                name: map_name::SOURCE_RULES,
                 source,
             }),
         }

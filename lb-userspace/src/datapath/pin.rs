@@ -24,7 +24,7 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 20] = [
     map_name::VIPS,
     map_name::SERVICES,
     map_name::VIP_ADDRS,
@@ -41,6 +41,8 @@ pub const PINNED_MAPS: [&str; 18] = [
     map_name::BACKEND_CONNS,
     map_name::RR_COUNTERS,
     map_name::FRAG_SERVICES,
+    map_name::SOURCE_RULES,
+    map_name::SOURCE_RULE_STATS,
     // NAT pairs: a restarted agent (or a SIGKILLed one) loses no NATed connection.
     map_name::NAT_CT,
     // The SNAT addresses the pairs' replies are addressed to: kept with the pairs.

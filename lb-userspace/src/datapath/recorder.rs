@@ -28,6 +28,7 @@ pub struct Recorder {
     pub vip_addr_bits_writes: usize,
     /// `FRAG_SERVICES`: (address, protocol) -> service id.
     pub frag_services: BTreeMap<VipKey, u32>,
+    pub source_rules: BTreeMap<super::maps::RuleKey, lb_common::rules::SourceRule>,
     pub conns: BTreeMap<u32, i64>,
     /// `SNAT_POOL`: service id -> its addresses (the slots written non-empty).
     pub snat_pools: BTreeMap<u32, Vec<SnatSource>>,
@@ -105,6 +106,20 @@ impl MapWriter for Recorder {
         self.frag_services.insert(key, service_id);
         Ok(())
     }
+    fn set_source_rule(
+        &mut self,
+        key: super::maps::RuleKey,
+        rule: lb_common::rules::SourceRule,
+    ) -> Result<(), DatapathError> {
+        self.source_rules.insert(key, rule);
+        Ok(())
+    }
+
+    fn remove_source_rule(&mut self, key: super::maps::RuleKey) -> Result<(), DatapathError> {
+        self.source_rules.remove(&key);
+        Ok(())
+    }
+
     fn remove_frag_service(&mut self, key: VipKey) -> Result<(), DatapathError> {
         self.frag_services.remove(&key);
         Ok(())

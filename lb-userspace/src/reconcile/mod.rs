@@ -15,10 +15,17 @@ use std::{
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, BackendInfo, FORWARD_FULLNAT, FORWARD_NAT, GlobalConfig,
     MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey,
-    addr_bytes, forwarding_is_nat, inbound::fragment_key, maglev, nat::SnatSource,
+    addr_bytes, forwarding_is_nat,
+    inbound::fragment_key,
+    maglev,
+    nat::SnatSource,
+    rules::{
+        MAX_RULES_PER_SERVICE, RULE_ALLOW, RULE_DENY, SOURCE_RULES_ALLOWLIST, SOURCE_RULES_ANY,
+        SourceRule, rule_key,
+    },
 };
 
-use crate::datapath::{DatapathError, MapWriter};
+use crate::datapath::{DatapathError, MapWriter, maps::RuleKey};
 
 pub mod rings;
 
@@ -53,6 +60,51 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// `fullnat`: the SNAT pool (addresses and the agent's port range); empty otherwise.
     pub snat: Vec<SnatSource>,
+    /// Source rules, in config order (allow list, then deny list): rule `i` counts in
+    /// `SOURCE_RULE_STATS[id * MAX_RULES_PER_SERVICE + i]`.
+    pub source_rules: Vec<RuleSpec>,
+}
+
+/// One source rule of a service, as the datapath keys it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleSpec {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// The network address (host bits zero; IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    pub len: u8,
+    pub allow: bool,
+}
+
+impl ServiceSpec {
+    /// `VipInfo::source_rules` of the service.
+    fn source_rule_flags(&self) -> u8 {
+        let mut flags = 0;
+        if !self.source_rules.is_empty() {
+            flags |= SOURCE_RULES_ANY;
+        }
+        if self.source_rules.iter().any(|r| r.allow) {
+            flags |= SOURCE_RULES_ALLOWLIST;
+        }
+        flags
+    }
+
+    /// The service's `SOURCE_RULES` entries under service id `id`.
+    fn rule_entries(&self, id: u32) -> Vec<(RuleKey, SourceRule)> {
+        self.source_rules
+            .iter()
+            .zip(0..MAX_RULES_PER_SERVICE)
+            .map(|(r, i)| {
+                (
+                    rule_key(id, r.family, r.addr, r.len),
+                    SourceRule {
+                        action: if r.allow { RULE_ALLOW } else { RULE_DENY },
+                        index: id * MAX_RULES_PER_SERVICE + i,
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 impl ServiceSpec {
@@ -98,6 +150,8 @@ pub struct Adopted {
     pub vip_addrs: Vec<VipKey>,
     /// `FRAG_SERVICES`: (address, protocol) -> service id.
     pub frag_services: Vec<(VipKey, u32)>,
+    /// `SOURCE_RULES`, every service's.
+    pub source_rules: Vec<(RuleKey, SourceRule)>,
     /// Every backend entry ever written (generation above 0), by id.
     pub backends: Vec<(u32, BackendInfo)>,
 }
@@ -170,6 +224,8 @@ pub struct Balancer<M> {
     rings: RingCache,
     /// `FRAG_SERVICES` as written: (address, protocol) -> service id.
     frag_services: BTreeMap<VipKey, u32>,
+    /// `SOURCE_RULES` as written.
+    source_rules: BTreeMap<RuleKey, SourceRule>,
     /// The VIP address filter as written; `None` until this balancer first wrote it (after
     /// adoption too: the first `apply` writes it whole, replacing whatever was pinned).
     vip_addr_bits: Option<Box<VipAddrBits>>,
@@ -216,6 +272,7 @@ fn orphan_spec(key: VipKey, info: &VipInfo) -> ServiceSpec {
         udp_idle_timeout_s: info.udp_idle_timeout_s,
         backends: Vec::new(),
         snat: Vec::new(),
+        source_rules: Vec::new(),
     }
 }
 
@@ -230,6 +287,7 @@ impl<M: MapWriter> Balancer<M> {
             free_service_ids: (0..MAX_SERVICES).rev().collect(),
             vip_addrs: BTreeSet::new(),
             frag_services: BTreeMap::new(),
+            source_rules: BTreeMap::new(),
             rings: RingCache::default(),
             vip_addr_bits: None,
         }
@@ -377,6 +435,7 @@ impl<M: MapWriter> Balancer<M> {
         // claims (an address a reload moved away from, before a restart).
         self.vip_addrs = adopted.vip_addrs.iter().copied().collect();
         self.frag_services = adopted.frag_services.iter().copied().collect();
+        self.source_rules = adopted.source_rules.iter().copied().collect();
         Ok(known)
     }
 
@@ -493,6 +552,25 @@ impl<M: MapWriter> Balancer<M> {
                 self.maps.set_frag_service(*key, id)?;
                 self.frag_services.insert(*key, id);
             }
+        }
+
+        // Source rules no service has any more: after the services' entries, which no
+        // longer name them (their flags were rewritten, or the service is gone).
+        let wanted: BTreeSet<RuleKey> = self
+            .services
+            .values()
+            .flat_map(|s| s.spec.rule_entries(s.id))
+            .map(|(key, _)| key)
+            .collect();
+        let stale: Vec<RuleKey> = self
+            .source_rules
+            .keys()
+            .filter(|key| !wanted.contains(key))
+            .copied()
+            .collect();
+        for key in stale {
+            self.maps.remove_source_rule(key)?;
+            self.source_rules.remove(&key);
         }
         Ok(report)
     }
@@ -717,7 +795,7 @@ impl<M: MapWriter> Balancer<M> {
             scheduler: service.scheduler,
             // At most `MAX_SNAT_ADDRS` (validation).
             snat_count: service.snat.len() as u8,
-            _pad: 0,
+            source_rules: service.source_rule_flags(),
             tcp_idle_timeout_s: service.tcp_idle_timeout_s,
             udp_idle_timeout_s: service.udp_idle_timeout_s,
         };
@@ -728,6 +806,15 @@ impl<M: MapWriter> Balancer<M> {
         // slot not yet written.
         if !service.snat.is_empty() {
             self.maps.set_snat_pool(state.id, &service.snat)?;
+        }
+        // The rules likewise, before the flags that make the datapath look them up (those
+        // no longer wanted go at the end of `apply`). Keys carry the service id and counter
+        // indexes stay within the service's slots, so nothing here touches another service.
+        for (key, rule) in service.rule_entries(state.id) {
+            if self.source_rules.get(&key) != Some(&rule) {
+                self.maps.set_source_rule(key, rule)?;
+                self.source_rules.insert(key, rule);
+            }
         }
         self.maps.set_service(state.id, info)?;
         self.maps.set_vip(key, info)?;
@@ -782,6 +869,7 @@ mod tests {
             tcp_idle_timeout_s: 900,
             udp_idle_timeout_s: 300,
             snat: Vec::new(),
+            source_rules: Vec::new(),
             backends: backends
                 .iter()
                 .map(|(address, weight)| BackendSpec {
@@ -803,6 +891,7 @@ mod tests {
             vips: maps.vips.iter().map(|(k, v)| (*k, *v)).collect(),
             vip_addrs: maps.vip_addrs.iter().copied().collect(),
             frag_services: maps.frag_services.iter().map(|(k, v)| (*k, *v)).collect(),
+            source_rules: maps.source_rules.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
         };
         let rings = maps.clone();
@@ -1294,6 +1383,12 @@ mod tests {
     impl MapWriter for Flaky {
         fn set_global(&mut self, g: GlobalConfig) -> Result<(), DatapathError> {
             self.inner.set_global(g)
+        }
+        fn set_source_rule(&mut self, key: RuleKey, rule: SourceRule) -> Result<(), DatapathError> {
+            self.inner.set_source_rule(key, rule)
+        }
+        fn remove_source_rule(&mut self, key: RuleKey) -> Result<(), DatapathError> {
+            self.inner.remove_source_rule(key)
         }
         fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
             self.inner.set_vip(key, info)
