@@ -42,6 +42,7 @@ use self::{
     owner::Agent,
 };
 use crate::{
+    announce::Announcer,
     api::server::{ApiCall, ApiSocket},
     config::Config,
     datapath::{
@@ -174,6 +175,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         socket: &api_socket,
         armed: true,
     };
+    // The announce device before the datapath: a device name another agent holds stops
+    // this one here. Its routes come only once the program is attached (`announce_ready`).
+    let announcer = config
+        .announce
+        .as_ref()
+        .map(|announce| Announcer::start(announce, overlay.announce_withdrawn))
+        .transpose()?;
 
     let mut ebpf = datapath::load_object_pinned(
         config.agent.conntrack_entries,
@@ -226,6 +234,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         inconsistent: None,
         rings_changed: true,
         nat_orphans: std::collections::HashSet::new(),
+        announcer,
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -276,6 +285,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             .flatten()
     }));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
+    agent.announce_ready();
     tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -336,7 +346,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 // Room for one answer: never blocks the owner.
                 let _ = reply.try_send(agent.snapshot());
             }
-            _ = warm.tick() => warm_neighbours(&agent.all_backend_addresses()),
+            _ = warm.tick() => {
+                warm_neighbours(&agent.all_backend_addresses());
+                agent.verify_announcements();
+            }
             _ = ramp.tick() => agent.ramp_step(),
             _ = reconcile.tick(), if !recounting => {
                 if let Some(job) = agent.recount_job() {
@@ -357,6 +370,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    agent.announce_stop();
     if pins.private_mount {
         tracing::warn!(%interface, "stopping; the bpffs holding the pins is private to this agent's mount namespace, so the XDP program and its maps go away with it");
     } else {

@@ -23,6 +23,7 @@ use super::{
     desired::{self, Health, Observed},
 };
 use crate::{
+    announce::{Announcer, IpRoutes},
     api::{self, ErrorCode, Request, Response},
     config::{self, Config, HealthKind, ServiceConfig, rules},
     datapath::{
@@ -135,6 +136,8 @@ pub struct Agent {
     pub rings_changed: bool,
     /// NAT entries whose partner the last walk did not find (`nat_walk`).
     pub nat_orphans: HashSet<FlowKey>,
+    /// The VIPs' routes for BIRD (`[announce]`); `None` without the section.
+    pub announcer: Option<Announcer<IpRoutes>>,
 }
 
 /// What a recount needs to know of one backend id.
@@ -651,7 +654,14 @@ impl Agent {
         self.inconsistent = None;
         if report.ring_slots_written > 0 || report.backends_written > 0 || report.vips_written > 0 {
             self.rings_changed = true;
+            self.metrics.set_fingerprints(
+                self.balancer
+                    .services()
+                    .map(|s| (s.spec.name.clone(), s.fingerprint()))
+                    .collect(),
+            );
         }
+        self.update_announcements();
         let mut targets = Vec::new();
         for service in &self.config.services {
             if service.health_check.kind == HealthKind::None {
@@ -890,6 +900,119 @@ impl Agent {
             backends_up: backends.iter().filter(|b| b.up).count(),
             last_reload: self.last_reload.clone(),
             inconsistent: self.inconsistent.clone(),
+            announce: self.announce_status(),
+        }
+    }
+
+    /// The announcements as the API shows them.
+    fn announce_status(&self) -> Option<api::AnnounceStatus> {
+        let (announcer, config) = self.announcer.as_ref().zip(self.config.announce.as_ref())?;
+        Some(api::AnnounceStatus {
+            device: config.device.clone(),
+            table: config.table,
+            withdrawn: announcer.withdrawn(),
+            vips: announcer
+                .vips()
+                .map(|(vip, state)| api::VipAnnouncement {
+                    vip,
+                    announced: state.announced,
+                    since: state.since,
+                    reason: state.reason.as_str().to_owned(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Brings the VIPs' routes in line with the services as written to the datapath: a VIP
+    /// is announced while one of its services has a backend that takes new flows.
+    pub fn update_announcements(&mut self) {
+        let Some(announcer) = self.announcer.as_mut() else {
+            return;
+        };
+        let usable = crate::announce::usable_vips(
+            self.balancer
+                .services()
+                .map(|s| (s.spec.vip, s.backends.iter().any(|b| b.weight > 0))),
+        );
+        for change in announcer.update(&usable, now_unix()) {
+            tracing::info!(
+                vip = %change.vip,
+                announced = change.announced,
+                reason = change.reason.as_str(),
+                "VIP route {}",
+                if change.announced { "added: BIRD announces it" } else { "deleted: BIRD withdraws it" }
+            );
+        }
+        self.record_announcements();
+    }
+
+    fn record_announcements(&self) {
+        if let Some(announcer) = &self.announcer {
+            let vips: Vec<_> = announcer
+                .vips()
+                .map(|(vip, s)| (vip, s.announced, s.since))
+                .collect();
+            self.metrics.set_announcements(&vips, announcer.withdrawn());
+        }
+    }
+
+    /// The agent is attached and serving: announcements may begin.
+    pub fn announce_ready(&mut self) {
+        if let Some(announcer) = self.announcer.as_mut() {
+            announcer.set_ready();
+        }
+        self.update_announcements();
+    }
+
+    /// The agent stops: every VIP is withdrawn before it exits (the device goes with the
+    /// process anyway; this makes the withdrawal come first, and logged).
+    pub fn announce_stop(&mut self) {
+        if let Some(announcer) = self.announcer.as_mut() {
+            announcer.set_stopping();
+        }
+        self.update_announcements();
+    }
+
+    /// Every 5 s: the table as the agent wants it, whatever else changed it.
+    pub fn verify_announcements(&mut self) {
+        if let Some(announcer) = self.announcer.as_mut()
+            && let Err(err) = announcer.verify(now_unix())
+        {
+            tracing::warn!(error = %format!("{err:#}"), "cannot read the announce table");
+        }
+        self.record_announcements();
+    }
+
+    /// `weir announce withdraw|resume`: persisted first, then applied.
+    fn set_announce_withdrawn(&mut self, withdrawn: bool) -> Response {
+        if self.announcer.is_none() {
+            return Response::error(
+                ErrorCode::Conflict,
+                "this agent announces nothing: its config has no [announce] section",
+            );
+        }
+        let before = self.overlay.clone();
+        self.overlay.announce_withdrawn = withdrawn;
+        if let Err(err) = self.overlay.save(&self.config.agent.state_file) {
+            self.overlay = before;
+            return Response::error(ErrorCode::Internal, err.to_string());
+        }
+        if let Some(announcer) = self.announcer.as_mut() {
+            announcer.set_withdrawn(withdrawn);
+        }
+        tracing::info!(
+            withdrawn,
+            "announcements {}",
+            if withdrawn {
+                "withdrawn by the operator"
+            } else {
+                "resumed by the operator"
+            }
+        );
+        self.update_announcements();
+        match self.announce_status() {
+            Some(status) => Response::ok(status),
+            None => Response::error(ErrorCode::Internal, "no announce status"),
         }
     }
 
@@ -928,7 +1051,13 @@ impl Agent {
                         "reload: xdp_mode, conntrack_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
+                if new.announce != self.config.announce {
+                    tracing::warn!(
+                        "reload: [announce] changes take effect at the next agent start"
+                    );
+                }
                 let old = std::mem::replace(&mut self.config, new);
+                self.config.announce = old.announce.clone();
                 // Keep agent-wide settings that need a restart.
                 self.config.agent.interface = old.agent.interface.clone();
                 self.config.agent.bpffs = old.agent.bpffs.clone();
@@ -1059,6 +1188,11 @@ impl Agent {
                             .iter()
                             .filter(|b| b.service == s.name && b.up)
                             .count(),
+                        fingerprint: self
+                            .balancer
+                            .service(&s.name)
+                            .map(crate::reconcile::ServiceState::fingerprint)
+                            .unwrap_or_default(),
                     })
                     .collect();
                 Response::ok(list)
@@ -1187,6 +1321,8 @@ impl Agent {
             }
             Request::Stats {} => Response::ok(self.stats()),
             Request::Reload {} => self.reload(),
+            Request::AnnounceWithdraw {} => self.set_announce_withdrawn(true),
+            Request::AnnounceResume {} => self.set_announce_withdrawn(false),
             // The agent's loop hands these to `conn_job` first: their walk of the NAT table
             // must not run on the owner task.
             Request::ConnList { .. } | Request::ConnFlush { .. } => Response::error(

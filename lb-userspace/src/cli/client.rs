@@ -9,18 +9,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::render::{
-    TableSummary, change_line, check_service_table, reload_line, render_backends, render_conns,
-    render_json, render_json_line, render_services, render_stats, render_stats_with_rates,
-    render_status, render_table_slots, render_table_summary, render_watch_header,
+    TableSummary, change_line, check_service_table, fleet_compare, reload_line, render_announce,
+    render_backends, render_conns, render_fleet, render_json, render_json_line, render_services,
+    render_stats, render_stats_with_rates, render_status, render_table_slots, render_table_summary,
+    render_watch_header,
 };
 use super::{
-    BackendArgs, BackendCommand, BackendTarget, ClientCommand, ConnArgs, ConnCommand,
-    ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_UNAVAILABLE, EXIT_FAILURE,
-    EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
+    AnnounceArgs, AnnounceCommand, BackendArgs, BackendCommand, BackendTarget, ClientCommand,
+    ConnArgs, ConnCommand, ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER,
+    EX_UNAVAILABLE, EXIT_FAILURE, EXIT_OK, FleetArgs, FleetCommand, OutputFormat, ServiceArgs,
+    ServiceCommand,
 };
 use crate::api::{
-    self, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode, ReloadReport,
-    Reply, Request, ServiceInfo, ServiceTable, Stats, Status,
+    self, AnnounceStatus, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode,
+    ReloadReport, Reply, Request, ServiceInfo, ServiceTable, Stats, Status,
 };
 
 impl ClientCommand {
@@ -372,8 +374,55 @@ impl Client<'_> {
                 })?;
             }
             ClientCommand::Conn(ConnArgs { command, .. }) => self.conn(command)?,
+            ClientCommand::Announce(AnnounceArgs { command, .. }) => {
+                let request = match command {
+                    AnnounceCommand::Withdraw => Request::AnnounceWithdraw {},
+                    AnnounceCommand::Resume => Request::AnnounceResume {},
+                };
+                let status: AnnounceStatus = self.fetch(&request)?;
+                self.show(&status, |status, out| {
+                    render_announce(status, unix_now(), out)
+                })?;
+            }
+            ClientCommand::Fleet(FleetArgs {
+                command: FleetCommand::Check { sockets },
+                ..
+            }) => self.fleet_check(sockets)?,
         }
         Ok(())
+    }
+
+    /// `weir fleet check`: every agent's service list, compared by name. An agent that
+    /// does not answer fails the whole check (its socket named).
+    fn fleet_check(&mut self, sockets: &[PathBuf]) -> Result<(), Failure> {
+        let mut agents = Vec::new();
+        for socket in sockets {
+            let asked = Client {
+                socket: socket.clone(),
+                output: self.output,
+                out: &mut io::sink(),
+                terminal: false,
+            };
+            let services: Vec<ServiceInfo> = asked.fetch(&Request::ServiceList {})?;
+            agents.push((socket.display().to_string(), services));
+        }
+        let fleet = fleet_compare(&agents);
+        self.show(&fleet, |fleet, out| render_fleet(fleet, out))?;
+        let differ: Vec<&str> = fleet
+            .iter()
+            .filter(|s| !s.equal)
+            .map(|s| s.service.as_str())
+            .collect();
+        if differ.is_empty() {
+            Ok(())
+        } else {
+            Err(Failure::Refused(format!(
+                "the rings of {} differ between these {} agents: a flow that moves between \
+                 them may reach another backend (compare `weir backend list` on each)",
+                differ.join(", "),
+                sockets.len()
+            )))
+        }
     }
 
     fn conn(&mut self, command: &ConnCommand) -> Result<(), Failure> {
