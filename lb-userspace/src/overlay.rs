@@ -284,6 +284,12 @@ mod tests {
             Overlay::load(&dir.join("missing.json")).unwrap(),
             Overlay::default()
         );
+        // `weir announce withdraw` survives a restart; a file from before it still loads.
+        o.announce_withdrawn = true;
+        o.save(&path).unwrap();
+        assert!(Overlay::load(&path).unwrap().announce_withdrawn);
+        fs::write(&path, "{\"services\": {}}").unwrap();
+        assert!(!Overlay::load(&path).unwrap().announce_withdrawn);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
