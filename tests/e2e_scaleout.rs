@@ -43,10 +43,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use common::{
     Backend, ChildGuard, ConfigBuilder, HealthCheck, IdServer, METRICS_ADDR, NODE_IF, PassHolder,
-    ROUTER_V4, ScaleOut, ServiceBuilder, VIP_V4, backend_v4, balancer_port, balancer_v4, http_get,
-    id_tcp_connect, id_tcp_connect_here, id_tcp_echo, id_tcp_flows, ip, metric, parse_metrics,
-    prefix, require_root, run, run_status, spawn_cmd_in_ns, spawn_in_ns, spawn_nsenter, wait_until,
-    weir_bin, xdp_attached,
+    ROUTER_V4, SCALEOUT_CLIENT_V4, ScaleOut, ServiceBuilder, VIP_V4, backend_v4, balancer_port,
+    balancer_v4, http_get, id_tcp_connect, id_tcp_connect_here, id_tcp_echo, id_tcp_flows, ip,
+    metric, parse_metrics, predict, prefix, require_root, run, run_status, spawn_cmd_in_ns,
+    spawn_in_ns, spawn_nsenter, wait_until, weir_bin, xdp_attached,
 };
 use weir::api::{AnnounceStatus, Request, Status};
 
@@ -556,6 +556,12 @@ fn balancers_behind_ecmp_announce_withdraw_and_keep_flows() {
     let before: Vec<f64> = fleet.balancers.iter().map(Balancer::new_flows).collect();
     let report = id_tcp_flows(&fleet.net.cli, vip(), 20_000..20_300);
     report.assert_all_ok();
+    // Whichever balancer a flow went through, it got the ring's backend: one ring for all.
+    let client = IpAddr::V4(SCALEOUT_CLIENT_V4);
+    assert_eq!(
+        report.counts(3),
+        predict::maglev_counts(&web_service(), &[1, 1, 1], client, 20_000..20_300)
+    );
     let per_balancer: Vec<f64> = fleet
         .balancers
         .iter()
@@ -631,6 +637,23 @@ fn balancers_behind_ecmp_announce_withdraw_and_keep_flows() {
     fleet.block_checks_of(0, false);
     fleet.wait_next_hops(&[0, 1, 2], Duration::from_secs(10));
     let reannounce = t.elapsed();
+    // The VIP comes back with the first healthy backend; the others follow within their own
+    // `rise`. Until they have, balancer 1's ring is not the others', and a flow it places
+    // meanwhile may reach another backend once ECMP moves it (README, "what breaks it"):
+    // the long-lived connections below start once the rings agree again.
+    wait_until(
+        "every backend up at every balancer",
+        Duration::from_secs(10),
+        || {
+            fleet
+                .balancers
+                .iter()
+                .all(|b| b.status().backends_up == 3)
+                .then_some(())
+        },
+    );
+    let (code, out, err) = fleet.fleet_check(&[0, 1, 2]);
+    assert_eq!(code, 0, "{out}{err}");
     figures.push(format!(
         "health: withdrawn {withdraw:?} after the backends failed (fall {FALL} x {CHECK_INTERVAL:?}, \
          timeout {CHECK_TIMEOUT:?}), re-announced {reannounce:?} after they came back (rise {RISE})"
@@ -651,6 +674,17 @@ fn balancers_behind_ecmp_announce_withdraw_and_keep_flows() {
         })
         .collect();
     assert_eq!(echo_all(&mut conns, 1, Duration::from_secs(3)), []);
+    // Each on the backend the common ring gives it, whichever balancer placed it: the
+    // condition for surviving a move.
+    let expected = predict::maglev_backends(&web_service(), &[1, 1, 1], client, 30_000..30_100);
+    for (c, want) in conns.iter().zip(&expected) {
+        assert_eq!(
+            usize::from(c.backend),
+            *want,
+            "connection from port {}",
+            c.sport
+        );
+    }
     let on: Vec<f64> = fleet
         .balancers
         .iter()

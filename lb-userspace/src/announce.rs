@@ -18,9 +18,11 @@
 //!   every 5 s [`Announcer::verify`] compares the table with what the agent wants and
 //!   repairs it; BIRD follows the table.
 //!
-//! A VIP is wanted while the agent is ready, the operator has not withdrawn the balancer
-//! (`weir announce withdraw`, kept in the state file) and at least one service on the VIP
-//! has a backend that takes new flows. SIGTERM withdraws everything before the agent exits.
+//! A VIP is wanted while the agent is ready (attached, and at start every checked backend
+//! has its first verdict: the agent decides when), the operator has not withdrawn the
+//! balancer (`weir announce withdraw`, kept in the state file) and at least one service on
+//! the VIP has a backend that takes new flows. SIGTERM withdraws everything before the
+//! agent exits.
 //!
 //! Routes are changed with iproute2's `ip route` (a few a minute at most, each a
 //! millisecond): no netlink code of our own, and the commands are the ones an operator

@@ -12,7 +12,9 @@
 //! pinned, and the service manager starts a new agent that adopts it.
 //!
 //! Lifecycle: the XDP link and the maps are pinned under `[agent] bpffs`, so stopping or
-//! killing the agent leaves the datapath forwarding with its last tables. A new agent adopts
+//! killing the agent leaves the datapath forwarding with its last tables. Its BGP
+//! announcements (`[announce]`, [`crate::announce`]) do not outlive it: SIGTERM withdraws
+//! them, and any other end takes their TUN device and routes with the process. A new agent adopts
 //! the pins (same maps, the link updated atomically to its program), reconciles them with
 //! its config and overlay, and resumes health checks without resetting tracked flows.
 //! `weir teardown` detaches and removes the pins.
@@ -235,6 +237,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         rings_changed: true,
         nat_orphans: std::collections::HashSet::new(),
         announcer,
+        fingerprints_published: false,
+        unsettled: std::collections::HashSet::new(),
+        settle_deadline: None,
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -350,7 +355,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 warm_neighbours(&agent.all_backend_addresses());
                 agent.verify_announcements();
             }
-            _ = ramp.tick() => agent.ramp_step(),
+            _ = ramp.tick() => {
+                agent.ramp_step();
+                agent.settle_step();
+            }
             _ = reconcile.tick(), if !recounting => {
                 if let Some(job) = agent.recount_job() {
                     recounting = true;

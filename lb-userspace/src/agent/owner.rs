@@ -138,7 +138,17 @@ pub struct Agent {
     pub nat_orphans: HashSet<FlowKey>,
     /// The VIPs' routes for BIRD (`[announce]`); `None` without the section.
     pub announcer: Option<Announcer<IpRoutes>>,
+    /// The ring fingerprints are in the metrics (set by the first `sync`).
+    pub fingerprints_published: bool,
+    /// Checked backends whose first verdict is still to come at start (see
+    /// [`Agent::announce_ready`]); empty once the agent may announce.
+    pub unsettled: HashSet<desired::BackendKey>,
+    /// When the agent announces even with verdicts missing; `None` until attached.
+    pub settle_deadline: Option<Instant>,
 }
+
+/// The longest the first health verdicts may hold back the announcements at start.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// What a recount needs to know of one backend id.
 #[derive(Debug, Clone, Copy)]
@@ -652,8 +662,15 @@ impl Agent {
         let desired = desired::desired(&self.config, &self.overlay, &self.observed, Instant::now());
         let report = self.balancer.apply(&desired)?;
         self.inconsistent = None;
-        if report.ring_slots_written > 0 || report.backends_written > 0 || report.vips_written > 0 {
+        let wrote =
+            report.ring_slots_written > 0 || report.backends_written > 0 || report.vips_written > 0;
+        if wrote {
             self.rings_changed = true;
+        }
+        // Hashing every ring costs a pass over its slots: only when one may have changed,
+        // and once at start (an adopted datapath may need no write at all).
+        if wrote || !self.fingerprints_published {
+            self.fingerprints_published = true;
             self.metrics.set_fingerprints(
                 self.balancer
                     .services()
@@ -706,6 +723,11 @@ impl Agent {
                 if let Some(error) = error {
                     tracing::debug!(%service, %address, %error, "health check failed");
                 }
+                // A first failure is a new backend's verdict (it stays down). A first success
+                // is not yet: its transition to up follows on the same channel.
+                if !ok && self.unsettled.remove(&(service, address)) {
+                    self.settle_step();
+                }
             }
             HealthEvent::Transition {
                 service,
@@ -735,6 +757,7 @@ impl Agent {
                     (service.clone(), address),
                     if up { Health::Up } else { Health::Down },
                 );
+                let settles = self.unsettled.remove(&(service.clone(), address));
                 match self.sync() {
                     Ok(report) => tracing::info!(
                         %service,
@@ -748,6 +771,10 @@ impl Agent {
                         tracing::error!(%service, %address, error = %err, "applying a health change failed");
                         self.roll_back(&err);
                     }
+                }
+                // After the sync: the first announcement carries this backend's verdict.
+                if settles {
+                    self.settle_step();
                 }
             }
         }
@@ -957,7 +984,65 @@ impl Agent {
     }
 
     /// The agent is attached and serving: announcements may begin.
+    ///
+    /// Announcing waits for the first verdict of every checked backend not known from a
+    /// pinned datapath (each comes within one interval plus the timeout: a first check is
+    /// jittered over the interval), at most [`SETTLE_LIMIT`]: a balancer that joined the
+    /// ECMP group with one backend up of three would place its first flows on a ring the
+    /// others do not have, and those flows would break when ECMP moved them.
     pub fn announce_ready(&mut self) {
+        let mut wait = Duration::ZERO;
+        for service in &self.config.services {
+            if service.health_check.kind == HealthKind::None {
+                continue;
+            }
+            for b in self.overlay.effective(service) {
+                let key = (service.name.clone(), b.address);
+                if !self.observed.health.contains_key(&key) {
+                    self.unsettled.insert(key);
+                    wait = wait.max(service.health_check.interval + service.health_check.timeout);
+                }
+            }
+        }
+        self.settle_deadline = Some(Instant::now() + wait.min(SETTLE_LIMIT));
+        self.settle_step();
+    }
+
+    /// Lets the announcer start once every first verdict is in, or the wait is over (called
+    /// at each verdict and every second).
+    pub fn settle_step(&mut self) {
+        let Some(deadline) = self.settle_deadline else {
+            return;
+        };
+        if self.announcer.is_none() {
+            self.unsettled.clear();
+            return;
+        }
+        // Backends removed meanwhile give no verdict.
+        let checked: HashSet<desired::BackendKey> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.health_check.kind != HealthKind::None)
+            .flat_map(|s| {
+                self.overlay
+                    .effective(s)
+                    .into_iter()
+                    .map(|b| (s.name.clone(), b.address))
+            })
+            .collect();
+        self.unsettled.retain(|key| checked.contains(key));
+        if !self.unsettled.is_empty() && Instant::now() < deadline {
+            return;
+        }
+        if !self.unsettled.is_empty() {
+            tracing::warn!(
+                missing = self.unsettled.len(),
+                "announcing before every backend's first health verdict (waited {SETTLE_LIMIT:?} at most)"
+            );
+            self.unsettled.clear();
+        }
+        self.settle_deadline = None;
         if let Some(announcer) = self.announcer.as_mut() {
             announcer.set_ready();
         }
