@@ -813,6 +813,107 @@ mod tests {
         );
     }
 
+    fn web_service(fingerprint: &str) -> ServiceInfo {
+        use crate::api::{Forwarding, HealthCheckKind, Protocol, Scheduler};
+        ServiceInfo {
+            name: "web".into(),
+            vip: ip("203.0.113.10"),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::Maglev,
+            forwarding: Forwarding::Tunnel,
+            ring_size: 65537,
+            health_check: HealthCheckKind::Tcp,
+            backends: 3,
+            backends_up: 3,
+            fingerprint: fingerprint.into(),
+        }
+    }
+
+    #[test]
+    fn announce_withdraw_and_resume_against_a_fake_agent() {
+        let withdrawn = AnnounceStatus {
+            device: "weir-vips".into(),
+            table: 100,
+            withdrawn: true,
+            vips: vec![api::VipAnnouncement {
+                vip: ip("203.0.113.10"),
+                announced: false,
+                since: unix_now(),
+                reason: "withdrawn".into(),
+            }],
+        };
+        let agent = FakeAgent::start(vec![
+            Response::ok(withdrawn),
+            Response::error(
+                ErrorCode::Conflict,
+                "this agent announces nothing: its config has no [announce] section",
+            ),
+        ]);
+        let socket = agent.socket();
+        let run_1 = run(&["announce", "withdraw", "--socket", &socket]);
+        assert_eq!((run_1.code, run_1.err.as_str()), (EXIT_OK, ""));
+        assert!(
+            run_1.out.contains("WITHDRAWN by the operator"),
+            "{}",
+            run_1.out
+        );
+        assert!(
+            run_1.out.contains("203.0.113.10  no         withdrawn"),
+            "{}",
+            run_1.out
+        );
+        let run_2 = run(&["announce", "resume", "--socket", &socket]);
+        assert_eq!(run_2.code, EXIT_FAILURE);
+        assert!(run_2.err.contains("no [announce] section"), "{}", run_2.err);
+        assert_eq!(
+            agent.requests(),
+            [Request::AnnounceWithdraw {}, Request::AnnounceResume {}]
+        );
+    }
+
+    #[test]
+    fn fleet_check_names_the_services_whose_rings_differ() {
+        let check = |prints: [&str; 2]| {
+            let agents = prints.map(|p| FakeAgent::start(vec![Response::ok(vec![web_service(p)])]));
+            let sockets = [agents[0].socket(), agents[1].socket()];
+            let result = run(&["fleet", "check", &sockets[0], &sockets[1]]);
+            for agent in agents {
+                assert_eq!(agent.requests(), [Request::ServiceList {}]);
+            }
+            result
+        };
+        let same = check(["00000000000000aa", "00000000000000aa"]);
+        assert_eq!((same.code, same.err.as_str()), (EXIT_OK, ""));
+        assert!(
+            same.out
+                .contains("web      equal  00000000000000aa at all 2"),
+            "{}",
+            same.out
+        );
+        let differ = check(["00000000000000aa", "00000000000000bb"]);
+        assert_eq!(differ.code, EXIT_FAILURE);
+        assert!(differ.out.contains("DIFFERS"), "{}", differ.out);
+        assert!(
+            differ
+                .err
+                .contains("the rings of web differ between these 2 agents"),
+            "{}",
+            differ.err
+        );
+        // One agent is nothing to compare with; a missing agent fails the check.
+        use clap::Parser as _;
+        assert!(crate::cli::Cli::try_parse_from(["weir", "fleet", "check", "/a.sock"]).is_err());
+        let gone = run(&[
+            "fleet",
+            "check",
+            "/nonexistent/a.sock",
+            "/nonexistent/b.sock",
+        ]);
+        assert_eq!(gone.code, EX_UNAVAILABLE, "{}", gone.err);
+        assert!(gone.err.contains("/nonexistent/a.sock"), "{}", gone.err);
+    }
+
     #[test]
     fn conn_args_make_their_requests() {
         let conn = |args: &[&str]| match client(args) {
