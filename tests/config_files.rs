@@ -152,3 +152,53 @@ fn a_broken_copy_fails_with_file_key_and_reason() {
         );
     }
 }
+
+/// `bird -p` (parse only) on `config/bird-weir.conf` included the way its header says. BIRD
+/// comes with `cargo xtask setup`; without it the check is skipped, except in CI.
+#[test]
+fn the_bird_snippet_parses() {
+    if Command::new("bird").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "bird is not installed (cargo xtask setup installs bird2)"
+        );
+        eprintln!("SKIPPED the_bird_snippet_parses: bird is not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("weir-bird-parse-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("temp dir");
+    let parse = |snippet: &Path| -> Output {
+        let main = dir.join("bird.conf");
+        fs::write(
+            &main,
+            format!(
+                "define WEIR_TABLE = 100;\nrouter id 198.51.100.1;\ninclude \"{}\";\n\
+                 protocol bgp uplink1 from weir_uplink {{\n  local 198.51.100.1 as 65001;\n  \
+                 neighbor 198.51.100.254 as 65000;\n}}\n",
+                snippet.display()
+            ),
+        )
+        .expect("write bird.conf");
+        Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&main)
+            .output()
+            .expect("run bird -p")
+    };
+    let shipped = config_dir().join("bird-weir.conf");
+    let output = parse(&shipped);
+    assert!(
+        output.status.success(),
+        "bird -p rejects config/bird-weir.conf: {}{}",
+        text(&output.stderr),
+        text(&output.stdout)
+    );
+    // The check can fail: a copy with a typo in a protocol option does.
+    let broken = dir.join("broken.conf");
+    let snippet = fs::read_to_string(&shipped).expect("read the snippet");
+    fs::write(&broken, snippet.replace("hold time 3;", "hold tme 3;")).expect("write copy");
+    let output = parse(&broken);
+    assert!(!output.status.success(), "a broken copy parses");
+    let _ = fs::remove_dir_all(&dir);
+}

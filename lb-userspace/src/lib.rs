@@ -5,6 +5,7 @@
 //! - [`sys`]: every libc/bpf syscall outside aya and std.
 //! - [`config`]: the TOML file, its validation, and the rules the CLI shares.
 //! - [`overlay`]: the CLI's changes kept in the state file.
+//! - [`announce`]: the VIPs' BGP announcements, as routes BIRD imports from the kernel.
 //! - [`api`]: the management protocol's types, its server side and its client.
 //! - [`datapath`]: the eBPF object, loading, pinning and adoption, the map layer.
 //! - [`reconcile`]: the datapath-level desired state and the diff that writes it.
@@ -14,9 +15,10 @@
 //! - [`decap`]: `weir decap` on the backends.
 //! - [`cli`]: the command line.
 //!
-//! Coming next, each in a module of its own beside these: `announce` (BGP announcements of
-//! the VIPs through BIRD) and `audit` (a log of every change made to the running agent).
+//! Coming next, in a module of its own beside these: `audit` (a log of every change made to
+//! the running agent).
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -1,5 +1,6 @@
-//! Changes made from the CLI (`weir backend add|remove|weight|drain|enable|disable`), kept
-//! in `[agent] state_file` so they survive agent restarts and reloads.
+//! Changes made from the CLI (`weir backend add|remove|weight|drain|enable|disable`, `weir
+//! announce withdraw|resume`), kept in `[agent] state_file` so they survive agent restarts
+//! and reloads.
 //!
 //! The config file stays the base; the overlay is applied on top of it, per service and
 //! backend address: an added backend (with its weight), a removed one, a weight, an admin
@@ -53,6 +54,10 @@ pub struct Overlay {
     /// Service name -> backend address -> changes.
     #[serde(default)]
     pub services: BTreeMap<String, BTreeMap<IpAddr, BackendOverride>>,
+    /// `weir announce withdraw` is in force: no VIP is announced until `weir announce
+    /// resume`, across restarts (a balancer drained for maintenance stays drained).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce_withdrawn: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +284,12 @@ mod tests {
             Overlay::load(&dir.join("missing.json")).unwrap(),
             Overlay::default()
         );
+        // `weir announce withdraw` survives a restart; a file from before it still loads.
+        o.announce_withdrawn = true;
+        o.save(&path).unwrap();
+        assert!(Overlay::load(&path).unwrap().announce_withdrawn);
+        fs::write(&path, "{\"services\": {}}").unwrap();
+        assert!(!Overlay::load(&path).unwrap().announce_withdrawn);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

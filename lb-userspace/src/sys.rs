@@ -1,7 +1,8 @@
 //! Every system call the agent makes outside aya and std, in one place: interfaces,
 //! filesystems and mounts, file locks, clocks, the kernel version, and the two `bpf(2)`
 //! commands aya does not wrap. Safe wrappers from `nix` where it covers the call; the raw
-//! `bpf(2)` calls and one `ioctl(2)` (an interface's MTU) are the only unsafe code here.
+//! `bpf(2)` calls and two `ioctl(2)`s (an interface's MTU, creating a TUN device) are the
+//! only unsafe code here.
 
 use std::{
     ffi::CString,
@@ -485,9 +486,50 @@ pub fn mtu(interface: &str) -> io::Result<u32> {
     u32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
 
+/// `TUNSETIFF` (`_IOW('T', 202, int)` in `include/uapi/linux/if_tun.h`).
+const TUNSETIFF: libc::Ioctl = 0x4004_54ca;
+
+/// Creates TUN device `name` in the calling thread's network namespace (`IFF_TUN |
+/// IFF_NO_PI`, not persistent: the kernel deletes it, and every route on it, when the
+/// returned file is closed, including when the process dies). Fails with `EBUSY` while
+/// another process holds a device of that name, `EINVAL` when a device of another kind
+/// has it, `EPERM` without `CAP_NET_ADMIN`.
+pub fn create_tun(name: &str) -> io::Result<File> {
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: `TUNSETIFF` reads the NUL-terminated name and `ifru_flags` of the `ifreq` it
+    // is given (and may write the name back), which lives across the call; the fd is an
+    // open /dev/net/tun (std opens it with O_CLOEXEC, so no child inherits the device).
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &raw mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tun_name_the_kernel_cannot_take_is_refused_before_any_call() {
+        for name in ["", "a-name-far-too-long", "nul\0name"] {
+            let err = create_tun(name).expect_err(name);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{name:?}");
+        }
+    }
 
     #[test]
     fn local_addresses_include_loopback() {

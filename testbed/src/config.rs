@@ -87,6 +87,8 @@ fn duration(d: Duration) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigBuilder {
     agent: Keys,
+    /// The `[announce]` table, once a key of it was set.
+    announce: Option<Keys>,
     services: Vec<ServiceBuilder>,
 }
 
@@ -98,6 +100,7 @@ impl ConfigBuilder {
         agent.set("interface", string(interface));
         Self {
             agent,
+            announce: None,
             services: Vec::new(),
         }
     }
@@ -109,6 +112,16 @@ impl ConfigBuilder {
         let list: Vec<String> = names.iter().map(|n| string(n)).collect();
         self.agent
             .set("interfaces", format!("[{}]", list.join(", ")));
+        self
+    }
+
+    /// An `[announce]` table: the VIPs' routes on TUN device `device` in routing table
+    /// `table`, for BIRD.
+    #[must_use]
+    pub fn announce(mut self, device: &str, table: u32) -> Self {
+        let keys = self.announce.get_or_insert_with(Keys::default);
+        keys.set("device", string(device));
+        keys.set("table", table.to_string());
         self
     }
 
@@ -190,6 +203,10 @@ impl ConfigBuilder {
     pub fn render(&self) -> String {
         let mut out = String::from("[agent]\n");
         self.agent.write(&mut out);
+        if let Some(announce) = &self.announce {
+            out.push_str("\n[announce]\n");
+            announce.write(&mut out);
+        }
         for service in &self.services {
             service.write(&mut out);
         }
@@ -556,6 +573,12 @@ mod tests {
             Some("/tmp/weir \"test\"/weir.sock")
         );
         assert_eq!(agent["metrics"].as_str(), Some("127.0.0.1:9650"));
+        assert!(t.get("announce").is_none());
+        let announced = parse(&example().announce("weir-vips", 4242).render());
+        let announce = announced["announce"].as_table().expect("[announce]");
+        assert_eq!(announce["device"].as_str(), Some("weir-vips"));
+        assert_eq!(announce["table"].as_integer(), Some(4242));
+        assert_eq!(announced["service"].as_array().map(Vec::len), Some(2));
 
         let services = t["service"].as_array().expect("[[service]]");
         assert_eq!(services.len(), 2);

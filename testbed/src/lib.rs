@@ -7,6 +7,8 @@
 //!   ([`in_netns`], [`spawn_in_netns`]) and stopping what was left running in one;
 //! * [`topology`]: the client / switch / balancer / three backends topology ([`Topology`]),
 //!   for direct server return or the NAT modes ([`Layout`]), torn down on drop;
+//! * [`scaleout`]: a client behind a router doing ECMP over several balancers
+//!   ([`ScaleOut`]), the balancers and backends on one segment;
 //! * [`config`]: agent config text with `[agent]` and `[[service]]` tables
 //!   ([`ConfigBuilder`], [`ServiceBuilder`]).
 //!
@@ -22,12 +24,17 @@
 pub mod cmd;
 pub mod config;
 pub mod netns;
+pub mod scaleout;
 pub mod topology;
 
 pub use cmd::{ip, ns_exec, run, sysctl, xdp_attached};
 pub use config::{Backend, ConfigBuilder, HealthCheck, ServiceBuilder};
 pub use netns::{
     Netns, enter_netns, in_netns, remove_namespace, spawn_in_netns, stop_processes, try_in_netns,
+};
+pub use scaleout::{
+    ROUTER_CLIENT_SIDE_V4, ROUTER_SEGMENT_IF, ROUTER_V4, SCALEOUT_CLIENT_V4, ScaleOut,
+    balancer_port, balancer_v4,
 };
 pub use topology::{
     BACKENDS, CLIENT_ARM_IF, CLIENT_V4, CLIENT_V6, LB_CLIENT_SIDE_V4, LB_CLIENT_SIDE_V6, LB_V4,

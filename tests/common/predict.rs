@@ -105,6 +105,20 @@ pub fn maglev_ring(service: &ServiceBuilder, weights: &[u32]) -> Vec<Option<usiz
         .collect()
 }
 
+/// The backend (index in the config) of each flow from `client` and `src_ports`, in port
+/// order, over one ring built with `weights`.
+pub fn maglev_backends(
+    service: &ServiceBuilder,
+    weights: &[u32],
+    client: IpAddr,
+    src_ports: Range<u16>,
+) -> Vec<usize> {
+    let ring = maglev_ring(service, weights);
+    src_ports
+        .map(|port| pick(service, &ring, client, port))
+        .collect()
+}
+
 /// The backend (index in the config) a new flow from `client:src_port` to the service's VIP
 /// and port gets: the ring slot of the flow hash, or of the source hash for `ip-hash`.
 fn pick(service: &ServiceBuilder, ring: &[Option<usize>], client: IpAddr, src_port: u16) -> usize {

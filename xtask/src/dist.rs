@@ -16,6 +16,7 @@
 //!   config/weir.service                   systemd unit
 //!   config/weir.toml                      commented example config
 //!   config/grafana/weir-dashboard.json    Grafana dashboard
+//!   config/bird-weir.conf                 BIRD 2 snippet for [announce]
 //!   README.md
 //! ```
 use std::{
@@ -33,10 +34,11 @@ use crate::{cmd, demo};
 const MAN_DIR: &str = "share/man/man1";
 
 /// Files copied from the workspace, to the same path inside the tarball.
-const FILES: [&str; 4] = [
+const FILES: [&str; 5] = [
     "config/weir.service",
     "config/weir.toml",
     "config/grafana/weir-dashboard.json",
+    "config/bird-weir.conf",
     "README.md",
 ];
 

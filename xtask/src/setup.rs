@@ -33,11 +33,20 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "wrk",
     "fonts-dejavu-core",
+    // tests/e2e_scaleout.rs: the BGP speaker of the router and of each balancer
+    // (`weir agent`'s `[announce]` feeds it), and its `birdc`.
+    "bird2",
 ];
 
-/// Daemons whose Debian packages start a system-wide service on install; the benches run
-/// their own instances inside namespaces, so setup stops these right after installing.
-const SERVICES: &[&str] = &["nginx", "haproxy"];
+/// Daemons whose Debian packages start a system-wide service on install; the benches and
+/// tests run their own instances inside namespaces, so setup stops these right after
+/// installing (a BIRD in the root namespace would speak for this host).
+/// (package, service): `bird2` installs the `bird` service.
+const SERVICES: &[(&str, &str)] = &[
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
+    ("bird2", "bird"),
+];
 
 /// The toolchain aya-build compiles lb-ebpf with (`rustup run nightly cargo build -Z build-std`).
 pub(crate) const NIGHTLY: &str = "nightly";
@@ -110,8 +119,8 @@ fn debian_packages() -> anyhow::Result<()> {
         );
     }
     step(&format!("debian packages: installed {missing}"));
-    for service in SERVICES {
-        if missing.split(' ').any(|p| p == *service) {
+    for (package, service) in SERVICES {
+        if missing.split(' ').any(|p| p == *package) {
             // Best effort: where no init system runs (containers) there is nothing to stop.
             let stopped = cmd::output(Command::new("invoke-rc.d").args([service, "stop"]));
             step(&format!(

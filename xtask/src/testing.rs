@@ -16,6 +16,7 @@ const PRIVILEGED_TESTS: &[&str] = &[
     "e2e_mss",
     "e2e_mtu",
     "e2e_nat",
+    "e2e_scaleout",
 ];
 
 /// `--test NAME` for each of `names`.

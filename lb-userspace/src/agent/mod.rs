@@ -12,7 +12,9 @@
 //! pinned, and the service manager starts a new agent that adopts it.
 //!
 //! Lifecycle: the XDP link and the maps are pinned under `[agent] bpffs`, so stopping or
-//! killing the agent leaves the datapath forwarding with its last tables. A new agent adopts
+//! killing the agent leaves the datapath forwarding with its last tables. Its BGP
+//! announcements (`[announce]`, [`crate::announce`]) do not outlive it: SIGTERM withdraws
+//! them, and any other end takes their TUN device and routes with the process. A new agent adopts
 //! the pins (same maps, the link updated atomically to its program), reconciles them with
 //! its config and overlay, and resumes health checks without resetting tracked flows.
 //! `weir teardown` detaches and removes the pins.
@@ -42,6 +44,7 @@ use self::{
     owner::Agent,
 };
 use crate::{
+    announce::Announcer,
     api::server::{ApiCall, ApiSocket},
     config::Config,
     datapath::{
@@ -177,6 +180,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         socket: &api_socket,
         armed: true,
     };
+    // The announce device before the datapath: a device name another agent holds stops
+    // this one here. Its routes come only once the program is attached (`announce_ready`).
+    let announcer = config
+        .announce
+        .as_ref()
+        .map(|announce| Announcer::start(announce, overlay.announce_withdrawn))
+        .transpose()?;
 
     let mut ebpf = datapath::load_object_pinned(
         config.agent.conntrack_entries,
@@ -229,6 +239,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         inconsistent: None,
         rings_changed: true,
         nat_orphans: std::collections::HashSet::new(),
+        announcer,
+        fingerprints_published: false,
+        unsettled: std::collections::HashSet::new(),
+        settle_deadline: None,
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -292,6 +306,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             .flatten()
     }));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
+    agent.announce_ready();
     tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -352,8 +367,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 // Room for one answer: never blocks the owner.
                 let _ = reply.try_send(agent.snapshot());
             }
-            _ = warm.tick() => warm_neighbours(&agent.all_backend_addresses()),
-            _ = ramp.tick() => agent.ramp_step(),
+            _ = warm.tick() => {
+                warm_neighbours(&agent.all_backend_addresses());
+                agent.verify_announcements();
+            }
+            _ = ramp.tick() => {
+                agent.ramp_step();
+                agent.settle_step();
+            }
             _ = reconcile.tick(), if !recounting => {
                 if let Some(job) = agent.recount_job() {
                     recounting = true;
@@ -373,6 +394,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    agent.announce_stop();
     if pins.private_mount {
         tracing::warn!(%interface, "stopping; the bpffs holding the pins is private to this agent's mount namespace, so the XDP program and its maps go away with it");
     } else {

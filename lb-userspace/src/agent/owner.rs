@@ -23,6 +23,7 @@ use super::{
     desired::{self, Health, Observed},
 };
 use crate::{
+    announce::{Announcer, IpRoutes},
     api::{self, ErrorCode, Request, Response},
     config::{self, Config, HealthKind, ServiceConfig, rules},
     datapath::{
@@ -135,7 +136,19 @@ pub struct Agent {
     pub rings_changed: bool,
     /// NAT entries whose partner the last walk did not find (`nat_walk`).
     pub nat_orphans: HashSet<FlowKey>,
+    /// The VIPs' routes for BIRD (`[announce]`); `None` without the section.
+    pub announcer: Option<Announcer<IpRoutes>>,
+    /// The ring fingerprints are in the metrics (set by the first `sync`).
+    pub fingerprints_published: bool,
+    /// Checked backends whose first verdict is still to come at start (see
+    /// [`Agent::announce_ready`]); empty once the agent may announce.
+    pub unsettled: HashSet<desired::BackendKey>,
+    /// When the agent announces even with verdicts missing; `None` until attached.
+    pub settle_deadline: Option<Instant>,
 }
+
+/// The longest the first health verdicts may hold back the announcements at start.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// What a recount needs to know of one backend id.
 #[derive(Debug, Clone, Copy)]
@@ -650,9 +663,23 @@ impl Agent {
         let desired = desired::desired(&self.config, &self.overlay, &self.observed, Instant::now());
         let report = self.balancer.apply(&desired)?;
         self.inconsistent = None;
-        if report.ring_slots_written > 0 || report.backends_written > 0 || report.vips_written > 0 {
+        let wrote =
+            report.ring_slots_written > 0 || report.backends_written > 0 || report.vips_written > 0;
+        if wrote {
             self.rings_changed = true;
         }
+        // Hashing every ring costs a pass over its slots: only when one may have changed,
+        // and once at start (an adopted datapath may need no write at all).
+        if wrote || !self.fingerprints_published {
+            self.fingerprints_published = true;
+            self.metrics.set_fingerprints(
+                self.balancer
+                    .services()
+                    .map(|s| (s.spec.name.clone(), s.fingerprint()))
+                    .collect(),
+            );
+        }
+        self.update_announcements();
         let mut targets = Vec::new();
         for service in &self.config.services {
             if service.health_check.kind == HealthKind::None {
@@ -697,6 +724,11 @@ impl Agent {
                 if let Some(error) = error {
                     tracing::debug!(%service, %address, %error, "health check failed");
                 }
+                // A first failure is a new backend's verdict (it stays down). A first success
+                // is not yet: its transition to up follows on the same channel.
+                if !ok && self.unsettled.remove(&(service, address)) {
+                    self.settle_step();
+                }
             }
             HealthEvent::Transition {
                 service,
@@ -726,6 +758,7 @@ impl Agent {
                     (service.clone(), address),
                     if up { Health::Up } else { Health::Down },
                 );
+                let settles = self.unsettled.remove(&(service.clone(), address));
                 match self.sync() {
                     Ok(report) => tracing::info!(
                         %service,
@@ -739,6 +772,10 @@ impl Agent {
                         tracing::error!(%service, %address, error = %err, "applying a health change failed");
                         self.roll_back(&err);
                     }
+                }
+                // After the sync: the first announcement carries this backend's verdict.
+                if settles {
+                    self.settle_step();
                 }
             }
         }
@@ -892,6 +929,177 @@ impl Agent {
             backends_up: backends.iter().filter(|b| b.up).count(),
             last_reload: self.last_reload.clone(),
             inconsistent: self.inconsistent.clone(),
+            announce: self.announce_status(),
+        }
+    }
+
+    /// The announcements as the API shows them.
+    fn announce_status(&self) -> Option<api::AnnounceStatus> {
+        let (announcer, config) = self.announcer.as_ref().zip(self.config.announce.as_ref())?;
+        Some(api::AnnounceStatus {
+            device: config.device.clone(),
+            table: config.table,
+            withdrawn: announcer.withdrawn(),
+            vips: announcer
+                .vips()
+                .map(|(vip, state)| api::VipAnnouncement {
+                    vip,
+                    announced: state.announced,
+                    since: state.since,
+                    reason: state.reason.as_str().to_owned(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Brings the VIPs' routes in line with the services as written to the datapath: a VIP
+    /// is announced while one of its services has a backend that takes new flows.
+    pub fn update_announcements(&mut self) {
+        let Some(announcer) = self.announcer.as_mut() else {
+            return;
+        };
+        let usable = crate::announce::usable_vips(
+            self.balancer
+                .services()
+                .map(|s| (s.spec.vip, s.backends.iter().any(|b| b.weight > 0))),
+        );
+        for change in announcer.update(&usable, now_unix()) {
+            tracing::info!(
+                vip = %change.vip,
+                announced = change.announced,
+                reason = change.reason.as_str(),
+                "VIP route {}",
+                if change.announced { "added: BIRD announces it" } else { "deleted: BIRD withdraws it" }
+            );
+        }
+        self.record_announcements();
+    }
+
+    fn record_announcements(&self) {
+        if let Some(announcer) = &self.announcer {
+            let vips: Vec<_> = announcer
+                .vips()
+                .map(|(vip, s)| (vip, s.announced, s.since))
+                .collect();
+            self.metrics.set_announcements(&vips, announcer.withdrawn());
+        }
+    }
+
+    /// The agent is attached and serving: announcements may begin.
+    ///
+    /// Announcing waits for the first verdict of every checked backend not known from a
+    /// pinned datapath (each comes within one interval plus the timeout: a first check is
+    /// jittered over the interval), at most [`SETTLE_LIMIT`]: a balancer that joined the
+    /// ECMP group with one backend up of three would place its first flows on a ring the
+    /// others do not have, and those flows would break when ECMP moved them.
+    pub fn announce_ready(&mut self) {
+        let mut wait = Duration::ZERO;
+        for service in &self.config.services {
+            if service.health_check.kind == HealthKind::None {
+                continue;
+            }
+            for b in self.overlay.effective(service) {
+                let key = (service.name.clone(), b.address);
+                if !self.observed.health.contains_key(&key) {
+                    self.unsettled.insert(key);
+                    wait = wait.max(service.health_check.interval + service.health_check.timeout);
+                }
+            }
+        }
+        self.settle_deadline = Some(Instant::now() + wait.min(SETTLE_LIMIT));
+        self.settle_step();
+    }
+
+    /// Lets the announcer start once every first verdict is in, or the wait is over (called
+    /// at each verdict and every second).
+    pub fn settle_step(&mut self) {
+        let Some(deadline) = self.settle_deadline else {
+            return;
+        };
+        if self.announcer.is_none() {
+            self.unsettled.clear();
+            return;
+        }
+        // Backends removed meanwhile give no verdict.
+        let checked: HashSet<desired::BackendKey> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.health_check.kind != HealthKind::None)
+            .flat_map(|s| {
+                self.overlay
+                    .effective(s)
+                    .into_iter()
+                    .map(|b| (s.name.clone(), b.address))
+            })
+            .collect();
+        self.unsettled.retain(|key| checked.contains(key));
+        if !self.unsettled.is_empty() && Instant::now() < deadline {
+            return;
+        }
+        if !self.unsettled.is_empty() {
+            tracing::warn!(
+                missing = self.unsettled.len(),
+                "announcing before every backend's first health verdict (waited {SETTLE_LIMIT:?} at most)"
+            );
+            self.unsettled.clear();
+        }
+        self.settle_deadline = None;
+        if let Some(announcer) = self.announcer.as_mut() {
+            announcer.set_ready();
+        }
+        self.update_announcements();
+    }
+
+    /// The agent stops: every VIP is withdrawn before it exits (the device goes with the
+    /// process anyway; this makes the withdrawal come first, and logged).
+    pub fn announce_stop(&mut self) {
+        if let Some(announcer) = self.announcer.as_mut() {
+            announcer.set_stopping();
+        }
+        self.update_announcements();
+    }
+
+    /// Every 5 s: the table as the agent wants it, whatever else changed it.
+    pub fn verify_announcements(&mut self) {
+        if let Some(announcer) = self.announcer.as_mut()
+            && let Err(err) = announcer.verify(now_unix())
+        {
+            tracing::warn!(error = %format!("{err:#}"), "cannot read the announce table");
+        }
+        self.record_announcements();
+    }
+
+    /// `weir announce withdraw|resume`: persisted first, then applied.
+    fn set_announce_withdrawn(&mut self, withdrawn: bool) -> Response {
+        if self.announcer.is_none() {
+            return Response::error(
+                ErrorCode::Conflict,
+                "this agent announces nothing: its config has no [announce] section",
+            );
+        }
+        let before = self.overlay.clone();
+        self.overlay.announce_withdrawn = withdrawn;
+        if let Err(err) = self.overlay.save(&self.config.agent.state_file) {
+            self.overlay = before;
+            return Response::error(ErrorCode::Internal, err.to_string());
+        }
+        if let Some(announcer) = self.announcer.as_mut() {
+            announcer.set_withdrawn(withdrawn);
+        }
+        tracing::info!(
+            withdrawn,
+            "announcements {}",
+            if withdrawn {
+                "withdrawn by the operator"
+            } else {
+                "resumed by the operator"
+            }
+        );
+        self.update_announcements();
+        match self.announce_status() {
+            Some(status) => Response::ok(status),
+            None => Response::error(ErrorCode::Internal, "no announce status"),
         }
     }
 
@@ -930,7 +1138,13 @@ impl Agent {
                         "reload: xdp_mode, conntrack_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
+                if new.announce != self.config.announce {
+                    tracing::warn!(
+                        "reload: [announce] changes take effect at the next agent start"
+                    );
+                }
                 let old = std::mem::replace(&mut self.config, new);
+                self.config.announce = old.announce.clone();
                 // Keep agent-wide settings that need a restart.
                 self.config.agent.interfaces = old.agent.interfaces.clone();
                 self.config.agent.bpffs = old.agent.bpffs.clone();
@@ -1061,6 +1275,11 @@ impl Agent {
                             .iter()
                             .filter(|b| b.service == s.name && b.up)
                             .count(),
+                        fingerprint: self
+                            .balancer
+                            .service(&s.name)
+                            .map(crate::reconcile::ServiceState::fingerprint)
+                            .unwrap_or_default(),
                     })
                     .collect();
                 Response::ok(list)
@@ -1189,6 +1408,8 @@ impl Agent {
             }
             Request::Stats {} => Response::ok(self.stats()),
             Request::Reload {} => self.reload(),
+            Request::AnnounceWithdraw {} => self.set_announce_withdrawn(true),
+            Request::AnnounceResume {} => self.set_announce_withdrawn(false),
             // The agent's loop hands these to `conn_job` first: their walk of the NAT table
             // must not run on the owner task.
             Request::ConnList { .. } | Request::ConnFlush { .. } => Response::error(

@@ -74,6 +74,11 @@ pub enum Request {
     },
     Stats {},
     Reload {},
+    /// `weir announce withdraw`: withdraw every VIP of this balancer from BGP (kept in the
+    /// state file until `announce_resume`); the datapath keeps forwarding what still comes.
+    AnnounceWithdraw {},
+    /// `weir announce resume`: announce the VIPs that can be served again.
+    AnnounceResume {},
     /// The NAT connections (pairs of `NAT_CT`), optionally of one service and/or backend;
     /// at most `limit` (default [`CONN_LIST_DEFAULT_LIMIT`], at most
     /// [`CONN_LIST_MAX_LIMIT`]), with the total that matched.
@@ -201,6 +206,8 @@ pub enum Reply {
     ConnList(ConnList),
     /// `conn_flush`.
     ConnFlush(ConnFlushed),
+    /// `announce_withdraw`, `announce_resume`: the announcements as they are now.
+    Announce(AnnounceStatus),
 }
 
 /// Conversions between each payload and its [`Reply`] variant: `Response::ok(status)`, and
@@ -236,6 +243,7 @@ reply_payloads!(
     Reload(ReloadReport),
     ConnList(ConnList),
     ConnFlush(ConnFlushed),
+    Announce(AnnounceStatus),
 );
 
 /// Which [`Reply`] answers a request: what the client reads the `data` as.
@@ -251,6 +259,7 @@ enum ReplyKind {
     Reload,
     ConnList,
     ConnFlush,
+    Announce,
 }
 
 impl ReplyKind {
@@ -270,6 +279,7 @@ impl ReplyKind {
             Request::Reload {} => Self::Reload,
             Request::ConnList { .. } => Self::ConnList,
             Request::ConnFlush { .. } => Self::ConnFlush,
+            Request::AnnounceWithdraw {} | Request::AnnounceResume {} => Self::Announce,
         }
     }
 }
@@ -300,6 +310,7 @@ impl<'de> DeserializeSeed<'de> for ReplyKind {
             Self::Reload => Reply::Reload(ReloadReport::deserialize(deserializer)?),
             Self::ConnList => Reply::ConnList(ConnList::deserialize(deserializer)?),
             Self::ConnFlush => Reply::ConnFlush(ConnFlushed::deserialize(deserializer)?),
+            Self::Announce => Reply::Announce(AnnounceStatus::deserialize(deserializer)?),
         })
     }
 }
@@ -372,6 +383,33 @@ pub struct Status {
     /// old and new state until the next successful change or reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconsistent: Option<String>,
+    /// The VIPs' BGP announcements; `None` without an `[announce]` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceStatus>,
+}
+
+/// What the agent hands BIRD to announce (`[announce]`): the routes of its TUN device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The TUN device the routes are on.
+    pub device: String,
+    /// The kernel routing table BIRD imports.
+    pub table: u32,
+    /// `weir announce withdraw` is in force.
+    pub withdrawn: bool,
+    pub vips: Vec<VipAnnouncement>,
+}
+
+/// One VIP's announcement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipAnnouncement {
+    pub vip: IpAddr,
+    /// Its route is in the table: BIRD announces it.
+    pub announced: bool,
+    /// Unix seconds since it has been (or not been) announced.
+    pub since: u64,
+    /// Why: `serving`, `starting`, `no-backend`, `withdrawn` (by the operator), `stopping`.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +435,10 @@ pub struct ServiceInfo {
     pub health_check: HealthCheckKind,
     pub backends: usize,
     pub backends_up: usize,
+    /// Fingerprint of the ring and the backend set (16 hex digits): equal on every
+    /// balancer that sends a flow where the others do (`weir fleet check`).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// `backend_list` (a list of these), also the data of backend changes.
@@ -732,6 +774,7 @@ mod tests {
             health_check: HealthCheckKind::Http,
             backends: 1,
             backends_up: 0,
+            fingerprint: "0123456789abcdef".into(),
         }
     }
 
@@ -751,6 +794,7 @@ mod tests {
             backends_up: 0,
             last_reload: None,
             inconsistent: None,
+            announce: None,
         }
     }
 
@@ -886,6 +930,21 @@ mod tests {
                     services: 1,
                     ring_slots_written: 0,
                     backends_written: 0,
+                }
+                .into(),
+            ),
+            (
+                Request::AnnounceWithdraw {},
+                AnnounceStatus {
+                    device: "weir-vips".into(),
+                    table: 100,
+                    withdrawn: true,
+                    vips: vec![VipAnnouncement {
+                        vip: address,
+                        announced: false,
+                        since: 1_700_000_000,
+                        reason: "withdrawn".into(),
+                    }],
                 }
                 .into(),
             ),

@@ -9,18 +9,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::render::{
-    TableSummary, change_line, check_service_table, reload_line, render_backends, render_conns,
-    render_json, render_json_line, render_services, render_stats, render_stats_with_rates,
-    render_status, render_table_slots, render_table_summary, render_watch_header,
+    TableSummary, change_line, check_service_table, fleet_compare, reload_line, render_announce,
+    render_backends, render_conns, render_fleet, render_json, render_json_line, render_services,
+    render_stats, render_stats_with_rates, render_status, render_table_slots, render_table_summary,
+    render_watch_header,
 };
 use super::{
-    BackendArgs, BackendCommand, BackendTarget, ClientCommand, ConnArgs, ConnCommand,
-    ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_UNAVAILABLE, EXIT_FAILURE,
-    EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
+    AnnounceArgs, AnnounceCommand, BackendArgs, BackendCommand, BackendTarget, ClientCommand,
+    ConnArgs, ConnCommand, ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER,
+    EX_UNAVAILABLE, EXIT_FAILURE, EXIT_OK, FleetArgs, FleetCommand, OutputFormat, ServiceArgs,
+    ServiceCommand,
 };
 use crate::api::{
-    self, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode, ReloadReport,
-    Reply, Request, ServiceInfo, ServiceTable, Stats, Status,
+    self, AnnounceStatus, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode,
+    ReloadReport, Reply, Request, ServiceInfo, ServiceTable, Stats, Status,
 };
 
 impl ClientCommand {
@@ -372,8 +374,55 @@ impl Client<'_> {
                 })?;
             }
             ClientCommand::Conn(ConnArgs { command, .. }) => self.conn(command)?,
+            ClientCommand::Announce(AnnounceArgs { command, .. }) => {
+                let request = match command {
+                    AnnounceCommand::Withdraw => Request::AnnounceWithdraw {},
+                    AnnounceCommand::Resume => Request::AnnounceResume {},
+                };
+                let status: AnnounceStatus = self.fetch(&request)?;
+                self.show(&status, |status, out| {
+                    render_announce(status, unix_now(), out)
+                })?;
+            }
+            ClientCommand::Fleet(FleetArgs {
+                command: FleetCommand::Check { sockets },
+                ..
+            }) => self.fleet_check(sockets)?,
         }
         Ok(())
+    }
+
+    /// `weir fleet check`: every agent's service list, compared by name. An agent that
+    /// does not answer fails the whole check (its socket named).
+    fn fleet_check(&mut self, sockets: &[PathBuf]) -> Result<(), Failure> {
+        let mut agents = Vec::new();
+        for socket in sockets {
+            let asked = Client {
+                socket: socket.clone(),
+                output: self.output,
+                out: &mut io::sink(),
+                terminal: false,
+            };
+            let services: Vec<ServiceInfo> = asked.fetch(&Request::ServiceList {})?;
+            agents.push((socket.display().to_string(), services));
+        }
+        let fleet = fleet_compare(&agents);
+        self.show(&fleet, |fleet, out| render_fleet(fleet, out))?;
+        let differ: Vec<&str> = fleet
+            .iter()
+            .filter(|s| !s.equal)
+            .map(|s| s.service.as_str())
+            .collect();
+        if differ.is_empty() {
+            Ok(())
+        } else {
+            Err(Failure::Refused(format!(
+                "the rings of {} differ between these {} agents: a flow that moves between \
+                 them may reach another backend (compare `weir backend list` on each)",
+                differ.join(", "),
+                sockets.len()
+            )))
+        }
     }
 
     fn conn(&mut self, command: &ConnCommand) -> Result<(), Failure> {
@@ -762,6 +811,107 @@ mod tests {
                 }
             ]
         );
+    }
+
+    fn web_service(fingerprint: &str) -> ServiceInfo {
+        use crate::api::{Forwarding, HealthCheckKind, Protocol, Scheduler};
+        ServiceInfo {
+            name: "web".into(),
+            vip: ip("203.0.113.10"),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::Maglev,
+            forwarding: Forwarding::Tunnel,
+            ring_size: 65537,
+            health_check: HealthCheckKind::Tcp,
+            backends: 3,
+            backends_up: 3,
+            fingerprint: fingerprint.into(),
+        }
+    }
+
+    #[test]
+    fn announce_withdraw_and_resume_against_a_fake_agent() {
+        let withdrawn = AnnounceStatus {
+            device: "weir-vips".into(),
+            table: 100,
+            withdrawn: true,
+            vips: vec![api::VipAnnouncement {
+                vip: ip("203.0.113.10"),
+                announced: false,
+                since: unix_now(),
+                reason: "withdrawn".into(),
+            }],
+        };
+        let agent = FakeAgent::start(vec![
+            Response::ok(withdrawn),
+            Response::error(
+                ErrorCode::Conflict,
+                "this agent announces nothing: its config has no [announce] section",
+            ),
+        ]);
+        let socket = agent.socket();
+        let run_1 = run(&["announce", "withdraw", "--socket", &socket]);
+        assert_eq!((run_1.code, run_1.err.as_str()), (EXIT_OK, ""));
+        assert!(
+            run_1.out.contains("WITHDRAWN by the operator"),
+            "{}",
+            run_1.out
+        );
+        assert!(
+            run_1.out.contains("203.0.113.10  no         withdrawn"),
+            "{}",
+            run_1.out
+        );
+        let run_2 = run(&["announce", "resume", "--socket", &socket]);
+        assert_eq!(run_2.code, EXIT_FAILURE);
+        assert!(run_2.err.contains("no [announce] section"), "{}", run_2.err);
+        assert_eq!(
+            agent.requests(),
+            [Request::AnnounceWithdraw {}, Request::AnnounceResume {}]
+        );
+    }
+
+    #[test]
+    fn fleet_check_names_the_services_whose_rings_differ() {
+        let check = |prints: [&str; 2]| {
+            let agents = prints.map(|p| FakeAgent::start(vec![Response::ok(vec![web_service(p)])]));
+            let sockets = [agents[0].socket(), agents[1].socket()];
+            let result = run(&["fleet", "check", &sockets[0], &sockets[1]]);
+            for agent in agents {
+                assert_eq!(agent.requests(), [Request::ServiceList {}]);
+            }
+            result
+        };
+        let same = check(["00000000000000aa", "00000000000000aa"]);
+        assert_eq!((same.code, same.err.as_str()), (EXIT_OK, ""));
+        assert!(
+            same.out
+                .contains("web      equal  00000000000000aa at all 2"),
+            "{}",
+            same.out
+        );
+        let differ = check(["00000000000000aa", "00000000000000bb"]);
+        assert_eq!(differ.code, EXIT_FAILURE);
+        assert!(differ.out.contains("DIFFERS"), "{}", differ.out);
+        assert!(
+            differ
+                .err
+                .contains("the rings of web differ between these 2 agents"),
+            "{}",
+            differ.err
+        );
+        // One agent is nothing to compare with; a missing agent fails the check.
+        use clap::Parser as _;
+        assert!(crate::cli::Cli::try_parse_from(["weir", "fleet", "check", "/a.sock"]).is_err());
+        let gone = run(&[
+            "fleet",
+            "check",
+            "/nonexistent/a.sock",
+            "/nonexistent/b.sock",
+        ]);
+        assert_eq!(gone.code, EX_UNAVAILABLE, "{}", gone.err);
+        assert!(gone.err.contains("/nonexistent/a.sock"), "{}", gone.err);
     }
 
     #[test]

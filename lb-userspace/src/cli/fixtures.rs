@@ -84,6 +84,7 @@ pub(super) fn sample_status() -> Status {
             error: Some("/etc/weir/weir.toml: service[0].port: 70000 is out of range".into()),
         }),
         inconsistent: None,
+        announce: None,
     }
 }
 

@@ -57,9 +57,9 @@ pub const SOCKET_ENV: &str = "WEIR_SOCKET";
 ///
 /// `weir agent` balances the traffic of the configured virtual services over their
 /// backends; `weir decap` runs on the backends and decapsulates the tunnelled packets.
-/// `weir status`, `service`, `backend`, `stats`, `reload` and `conn` talk to the running
-/// agent over its management socket (`--socket`, default /run/weir/weir.sock or
-/// $WEIR_SOCKET);
+/// `weir status`, `service`, `backend`, `stats`, `reload`, `conn` and `announce` talk to
+/// the running agent over its management socket (`--socket`, default /run/weir/weir.sock
+/// or $WEIR_SOCKET), `weir fleet check` to several agents;
 /// `weir teardown` removes a datapath an agent left attached after it stopped.
 ///
 /// Exit status:
@@ -241,6 +241,65 @@ pub enum ClientCommand {
     /// NAT table, each a client's tuple, the VIP it asked for and the backend it was
     /// translated to.
     Conn(ConnArgs),
+
+    /// Withdraw this balancer's VIPs from BGP before maintenance, or announce them again
+    /// (`[announce]`; `weir status` shows what is announced and since when).
+    Announce(AnnounceArgs),
+
+    /// Compare several agents: `weir fleet check SOCKET SOCKET...` names every service whose
+    /// ring differs between them.
+    Fleet(FleetArgs),
+}
+
+/// `weir announce ...`.
+#[derive(Debug, Args)]
+pub struct AnnounceArgs {
+    #[command(flatten)]
+    pub opts: ClientOpts,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AnnounceCommand,
+}
+
+/// Subcommands of `weir announce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum AnnounceCommand {
+    /// Withdraw every VIP of this balancer: their routes leave the [announce] table, BIRD
+    /// withdraws them, and the routers send the flows to the other balancers (which pick
+    /// the same backends). The datapath keeps forwarding whatever still arrives. Kept in
+    /// the state file, across restarts, until `weir announce resume`.
+    Withdraw,
+
+    /// Announce again every VIP that has a backend taking new flows.
+    Resume,
+}
+
+/// `weir fleet ...`.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub opts: ClientOpts,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+/// Subcommands of `weir fleet`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum FleetCommand {
+    /// Ask each agent for its services' ring fingerprints (`weir service list`) and
+    /// compare them by service name. Prints one line per service; exits 1 and names the
+    /// services whose rings differ (or that some agent lacks), 0 when all agree.
+    ///
+    /// Balancers behind one ECMP group must agree: a flow that moves to another balancer
+    /// finds no connection-table entry there and is sent by the ring alone.
+    Check {
+        /// The agents' API sockets (at least two; `--socket` is not used here).
+        #[arg(value_name = "SOCKET", num_args = 2.., required = true)]
+        sockets: Vec<PathBuf>,
+    },
 }
 
 /// Options of every command that talks to the agent.
@@ -503,6 +562,8 @@ impl ClientCommand {
             Self::Backend(args) => &args.opts,
             Self::Stats(args) => &args.opts,
             Self::Conn(args) => &args.opts,
+            Self::Announce(args) => &args.opts,
+            Self::Fleet(args) => &args.opts,
         }
     }
 }

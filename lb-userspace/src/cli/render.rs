@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::BackendCommand;
 use crate::api::{
-    Admin, BackendInfo, ConnList, ReloadReport, ServiceInfo, ServiceTable, Stats, Status,
-    TrafficStats,
+    Admin, AnnounceStatus, BackendInfo, ConnList, ReloadReport, ServiceInfo, ServiceTable, Stats,
+    Status, TrafficStats,
 };
 use crate::config::Config;
 
@@ -233,7 +233,128 @@ pub fn render_status(status: &Status, now: u64, out: &mut dyn Write) -> io::Resu
             "datapath"
         )?;
     }
+    if let Some(announce) = &status.announce {
+        writeln!(out)?;
+        render_announce(announce, now, out)?;
+    }
     Ok(())
+}
+
+/// The announcements (`weir status`, `weir announce withdraw|resume`): where the routes
+/// are, whether the operator withdrew them, then each VIP since when.
+pub fn render_announce(announce: &AnnounceStatus, now: u64, out: &mut dyn Write) -> io::Result<()> {
+    use Align::Left;
+    writeln!(
+        out,
+        "announce: routes on {} in table {} for BIRD{}",
+        announce.device,
+        announce.table,
+        if announce.withdrawn {
+            "; WITHDRAWN by the operator (`weir announce resume` to undo)"
+        } else {
+            ""
+        }
+    )?;
+    let mut table = Table::new(&[
+        ("VIP", Left),
+        ("ANNOUNCED", Left),
+        ("REASON", Left),
+        ("SINCE", Left),
+    ]);
+    for vip in &announce.vips {
+        table.row(vec![
+            vip.vip.to_string(),
+            if vip.announced { "yes" } else { "no" }.to_owned(),
+            vip.reason.clone(),
+            format!("{} ago", human_duration(now.saturating_sub(vip.since))),
+        ]);
+    }
+    table.write(out)
+}
+
+/// One service of `weir fleet check`: its fingerprint at each agent (`None`: the agent has
+/// no such service), and whether they all agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FleetService {
+    pub service: String,
+    pub equal: bool,
+    pub fingerprints: Vec<FleetPrint>,
+}
+
+/// A service's fingerprint at one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FleetPrint {
+    pub socket: String,
+    pub fingerprint: Option<String>,
+}
+
+/// Compares the services of several agents (socket, its `service list`), by name: a
+/// service is equal when every agent has it with the same fingerprint. In name order.
+#[must_use]
+pub fn fleet_compare(agents: &[(String, Vec<ServiceInfo>)]) -> Vec<FleetService> {
+    let mut names: Vec<&str> = agents
+        .iter()
+        .flat_map(|(_, services)| services.iter().map(|s| s.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let fingerprints: Vec<FleetPrint> = agents
+                .iter()
+                .map(|(socket, services)| FleetPrint {
+                    socket: socket.clone(),
+                    fingerprint: services
+                        .iter()
+                        .find(|s| s.name == name)
+                        .map(|s| s.fingerprint.clone()),
+                })
+                .collect();
+            let first = &fingerprints[0].fingerprint;
+            let equal = first.as_ref().is_some_and(|f| !f.is_empty())
+                && fingerprints.iter().all(|p| &p.fingerprint == first);
+            FleetService {
+                service: name.to_owned(),
+                equal,
+                fingerprints,
+            }
+        })
+        .collect()
+}
+
+/// `weir fleet check`: one line per service, `equal` with the fingerprint, or `DIFFERS`
+/// with each agent's.
+pub fn render_fleet(services: &[FleetService], out: &mut dyn Write) -> io::Result<()> {
+    use Align::Left;
+    let mut table = Table::new(&[("SERVICE", Left), ("RINGS", Left), ("FINGERPRINTS", Left)]);
+    for s in services {
+        let prints = if s.equal {
+            format!(
+                "{} at all {}",
+                s.fingerprints[0].fingerprint.as_deref().unwrap_or("-"),
+                s.fingerprints.len()
+            )
+        } else {
+            s.fingerprints
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {}",
+                        p.socket,
+                        p.fingerprint.as_deref().unwrap_or("missing")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        table.row(vec![
+            s.service.clone(),
+            if s.equal { "equal" } else { "DIFFERS" }.to_owned(),
+            prints,
+        ]);
+    }
+    table.write(out)
 }
 
 /// `weir service list`.
@@ -249,6 +370,7 @@ pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Res
         ("HEALTH CHECK", Left),
         ("BACKENDS", Right),
         ("UP", Right),
+        ("FINGERPRINT", Left),
     ]);
     for s in services {
         table.row(vec![
@@ -261,6 +383,7 @@ pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Res
             s.health_check.to_string(),
             s.backends.to_string(),
             s.backends_up.to_string(),
+            s.fingerprint.clone(),
         ]);
     }
     table.write(out)
@@ -754,6 +877,29 @@ backends     5 (4 up)
 last reload  FAILED 1m 5s ago: /etc/weir/weir.toml: service[0].port: 70000 is out of range
 "
         );
+        let mut status = sample_status();
+        status.announce = Some(AnnounceStatus {
+            device: "weir-vips".into(),
+            table: 100,
+            withdrawn: true,
+            vips: vec![crate::api::VipAnnouncement {
+                vip: ip("203.0.113.10"),
+                announced: false,
+                since: 1_000,
+                reason: "withdrawn".into(),
+            }],
+        });
+        let text = render(|out| render_status(&status, 1_065, out));
+        assert!(
+            text.ends_with(
+                "\n\
+announce: routes on weir-vips in table 100 for BIRD; WITHDRAWN by the operator (`weir announce resume` to undo)
+VIP           ANNOUNCED  REASON     SINCE
+203.0.113.10  no         withdrawn  1m 5s ago
+"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -779,6 +925,7 @@ last reload  FAILED 1m 5s ago: /etc/weir/weir.toml: service[0].port: 70000 is ou
                 health_check: HealthCheckKind::Tcp,
                 backends: 3,
                 backends_up: 3,
+                fingerprint: "00000000000000aa".into(),
             },
             ServiceInfo {
                 name: "dns".into(),
@@ -791,16 +938,46 @@ last reload  FAILED 1m 5s ago: /etc/weir/weir.toml: service[0].port: 70000 is ou
                 health_check: HealthCheckKind::None,
                 backends: 2,
                 backends_up: 1,
+                fingerprint: "00000000000000bb".into(),
             },
         ];
         let text = render(|out| render_services(&services, out));
         assert_eq!(
             text,
             "\
-SERVICE  LISTENER          PROTO  SCHEDULER  FORWARDING   RING  HEALTH CHECK  BACKENDS  UP
-web      198.51.100.10:80  tcp    maglev     tunnel      65537  tcp                  3   3
-dns      [2001:db8::53]:*  udp    maglev     direct        251  none                 2   1
+SERVICE  LISTENER          PROTO  SCHEDULER  FORWARDING   RING  HEALTH CHECK  BACKENDS  UP  FINGERPRINT
+web      198.51.100.10:80  tcp    maglev     tunnel      65537  tcp                  3   3  00000000000000aa
+dns      [2001:db8::53]:*  udp    maglev     direct        251  none                 2   1  00000000000000bb
 "
+        );
+        // Three agents: web the same everywhere, dns changed on one and missing on another.
+        let mut changed = services.clone();
+        changed[1].fingerprint = "00000000000000cc".into();
+        let agents = vec![
+            ("/run/a.sock".to_owned(), services.clone()),
+            ("/run/b.sock".to_owned(), changed),
+            ("/run/c.sock".to_owned(), services[..1].to_vec()),
+        ];
+        let fleet = fleet_compare(&agents);
+        assert_eq!(
+            fleet
+                .iter()
+                .map(|s| (s.service.as_str(), s.equal))
+                .collect::<Vec<_>>(),
+            [("dns", false), ("web", true)]
+        );
+        let text = render(|out| render_fleet(&fleet, out));
+        assert_eq!(
+            text,
+            "\
+SERVICE  RINGS    FINGERPRINTS
+dns      DIFFERS  /run/a.sock 00000000000000bb, /run/b.sock 00000000000000cc, /run/c.sock missing
+web      equal    00000000000000aa at all 3
+"
+        );
+        // Agents that agree on nothing but the name do not agree.
+        assert!(
+            !fleet_compare(&[("a".into(), services[..1].to_vec()), ("b".into(), vec![])])[0].equal
         );
     }
 

@@ -97,6 +97,8 @@ impl ConfigError {
 pub struct Config {
     /// The `[agent]` table.
     pub agent: AgentConfig,
+    /// The `[announce]` table: `None` when the file has none (the agent announces nothing).
+    pub announce: Option<AnnounceConfig>,
     /// The `[[service]]` tables, in file order (at least one, at most `MAX_SERVICES`).
     pub services: Vec<ServiceConfig>,
 }
@@ -152,6 +154,23 @@ pub struct AgentConfig {
     /// on); off, such an overlap stops the agent at start.
     pub reserve_snat_ports: bool,
 }
+
+/// `[announce]`: the VIPs become routes on a TUN device of the agent's own, in a routing
+/// table of their own, which BIRD imports (`protocol kernel { kernel table N; learn; }`) and
+/// announces over BGP (see `crate::announce`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// Name of the TUN device the routes are on (not the balancer's interface).
+    pub device: String,
+    /// The kernel routing table that holds them: not 0 and not one of the kernel's own
+    /// (253 default, 254 main, 255 local).
+    pub table: u32,
+}
+
+/// Default `[announce] device`.
+pub const DEFAULT_ANNOUNCE_DEVICE: &str = "weir-vips";
+/// Default `[announce] table`.
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 100;
 
 /// `[agent] tunnel_source_prefix`: an IPv4 network address (host bits zero) and its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

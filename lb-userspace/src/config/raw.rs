@@ -9,8 +9,16 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) agent: Option<RawAgent>,
+    pub(super) announce: Option<RawAnnounce>,
     #[serde(default)]
     pub(super) service: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnnounce {
+    pub(super) device: Option<String>,
+    pub(super) table: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -323,6 +323,7 @@ weight = 65535
             snat_ports: lb_common::nat::DEFAULT_SNAT_PORTS,
             reserve_snat_ports: true,
         },
+        announce: None,
         services: vec![
             ServiceConfig {
                 name: "web".to_owned(),
@@ -1415,5 +1416,58 @@ fn source_rules() {
         &with(&format!("deny = [{}]\n", many.join(", "))),
         "service[0].allow",
         "at most 64 per service",
+    );
+}
+
+#[test]
+fn announce_defaults_and_rejects_tables_and_devices_it_cannot_own() {
+    let base = web("", &[backend("198.51.100.11")]);
+    assert_eq!(ok(&base).announce, None);
+    let config = ok(&format!("{base}\n[announce]\n"));
+    assert_eq!(
+        config.announce,
+        Some(AnnounceConfig {
+            device: DEFAULT_ANNOUNCE_DEVICE.to_owned(),
+            table: DEFAULT_ANNOUNCE_TABLE,
+        })
+    );
+    let config = ok(&format!(
+        "{base}\n[announce]\ndevice = \"weir-bgp\"\ntable = 4242\n"
+    ));
+    assert_eq!(
+        config.announce,
+        Some(AnnounceConfig {
+            device: "weir-bgp".to_owned(),
+            table: 4242,
+        })
+    );
+    for (table, needle) in [
+        ("0", "out of range"),
+        ("-1", "out of range"),
+        ("4294967296", "out of range"),
+        ("254", "the kernel's main table"),
+        ("255", "the kernel's local table"),
+        ("253", "the kernel's default table"),
+    ] {
+        rejects(
+            &format!("{base}\n[announce]\ntable = {table}\n"),
+            "announce.table",
+            needle,
+        );
+    }
+    rejects(
+        &format!("{base}\n[announce]\ndevice = \"eth0\"\n"),
+        "announce.device",
+        "the balancer's interface",
+    );
+    rejects(
+        &format!("{base}\n[announce]\ndevice = \"a-name-far-too-long\"\n"),
+        "announce.device",
+        "longer than",
+    );
+    rejects(
+        &format!("{base}\n[announce]\npeer = \"198.51.100.254\"\n"),
+        "announce.peer",
+        "unknown field",
     );
 }

@@ -15,13 +15,14 @@ use lb_common::{
     nat::DEFAULT_NAT_CONNECTIONS,
 };
 
-use super::raw::{RawAgent, RawConfig, RawHealthCheck, RawService};
+use super::raw::{RawAgent, RawAnnounce, RawConfig, RawHealthCheck, RawService};
 use super::rules::{
     self, check_interface_name, check_service_name, check_source, family, parse_ip, quoted,
     special_address,
 };
 use super::{
-    AgentConfig, BackendConfig, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
+    AgentConfig, AnnounceConfig, BackendConfig, Config, DEFAULT_ANNOUNCE_DEVICE,
+    DEFAULT_ANNOUNCE_TABLE, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
     DEFAULT_NAT_TCP_IDLE_TIMEOUT, DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT,
     DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding, HealthCheck, HealthKind, MAX_CHECK_INTERVAL,
     MAX_CONNTRACK_ENTRIES, MAX_DURATION, MAX_INTERFACES, MAX_NAT_CONNECTIONS, Protocol,
@@ -38,6 +39,10 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Fail> {
         ));
     };
     let agent = validate_agent(raw_agent)?;
+    let announce = raw
+        .announce
+        .map(|raw| validate_announce(&agent, raw))
+        .transpose()?;
 
     if raw.service.is_empty() {
         return Err(fail("service", "at least one [[service]] is required"));
@@ -104,7 +109,53 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Fail> {
     }
     check_snat_addresses(&services)?;
 
-    Ok(Config { agent, services })
+    Ok(Config {
+        agent,
+        announce,
+        services,
+    })
+}
+
+/// `[announce]`: a device name of its own and a routing table the kernel does not use.
+fn validate_announce(agent: &AgentConfig, raw: RawAnnounce) -> Result<AnnounceConfig, Fail> {
+    let device = raw
+        .device
+        .unwrap_or_else(|| DEFAULT_ANNOUNCE_DEVICE.to_owned());
+    check_interface_name(&device).map_err(|reason| fail("announce.device", reason))?;
+    if agent.interfaces.contains(&device) {
+        return Err(fail(
+            "announce.device",
+            format!(
+                "{} is one of the balancer's interfaces (agent.interface(s)); the agent \
+                 creates a TUN device of its own by this name",
+                quoted(&device)
+            ),
+        ));
+    }
+    let table = match raw.table {
+        None => DEFAULT_ANNOUNCE_TABLE,
+        Some(n) => u32::try_from(n).ok().filter(|n| *n != 0).ok_or_else(|| {
+            fail(
+                "announce.table",
+                format!("{n} is out of range (1..={})", u32::MAX),
+            )
+        })?,
+    };
+    if let Some(name) = match table {
+        253 => Some("default"),
+        254 => Some("main"),
+        255 => Some("local"),
+        _ => None,
+    } {
+        return Err(fail(
+            "announce.table",
+            format!(
+                "{table} is the kernel's {name} table; the VIP routes need a table of their \
+                 own, which only BIRD reads (e.g. {DEFAULT_ANNOUNCE_TABLE})"
+            ),
+        ));
+    }
+    Ok(AnnounceConfig { device, table })
 }
 
 /// What only the services together can break for `fullnat`: an SNAT address is no VIP and

@@ -517,7 +517,19 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload_successful: IntGauge,
     rollback_failures: IntCounter,
+    vip_announced: IntGaugeVec,
+    vip_announce_changed: IntGaugeVec,
+    announce_withdrawn: IntGauge,
+    ring_fingerprint: IntGaugeVec,
+    /// The label values set last, so that series of VIPs and services gone are removed
+    /// (rather than the whole family reset, which a scrape could catch empty).
+    announced_vips: Mutex<Vec<String>>,
+    fingerprints: Mutex<Vec<(String, String)>>,
 }
+
+/// One VIP's announcement for the metrics: (VIP, announced, unix seconds of the last
+/// change).
+pub type VipAnnouncement = (IpAddr, bool, u64);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -595,12 +607,91 @@ impl Metrics {
         build_info
             .get_metric_with_label_values(&[env!("CARGO_PKG_VERSION")])?
             .set(1);
+        let vip_announced = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_vip_announced",
+                    "Whether the VIP's route is in the [announce] table, for BIRD to announce over BGP (1) or not (0).",
+                ),
+                &["vip"],
+            )?,
+        )?;
+        let vip_announce_changed = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_vip_announce_changed_timestamp_seconds",
+                    "Unix time at which weir_vip_announced last changed (or the agent first saw the VIP).",
+                ),
+                &["vip"],
+            )?,
+        )?;
+        let announce_withdrawn = register(
+            registry,
+            IntGauge::with_opts(Opts::new(
+                "weir_announce_withdrawn",
+                "Whether `weir announce withdraw` is in force: no VIP is announced (1) or not (0).",
+            ))?,
+        )?;
+        let ring_fingerprint = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_service_ring_fingerprint_info",
+                    "The fingerprint of the service's ring and backend set, as a label (always 1); every balancer of an ECMP group must show the same.",
+                ),
+                &["service", "fingerprint"],
+            )?,
+        )?;
         Ok(Self {
             datapath,
             reloads,
             last_reload_successful,
             rollback_failures,
+            vip_announced,
+            vip_announce_changed,
+            announce_withdrawn,
+            ring_fingerprint,
+            announced_vips: Mutex::new(Vec::new()),
+            fingerprints: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Records the announcements as they are now (replacing the last ones).
+    pub fn set_announcements(&self, vips: &[VipAnnouncement], withdrawn: bool) {
+        let mut last = lock(&self.announced_vips);
+        let now: Vec<String> = vips.iter().map(|(vip, _, _)| vip.to_string()).collect();
+        for gone in last.iter().filter(|v| !now.contains(v)) {
+            let _ = self.vip_announced.remove_label_values(&[gone]);
+            let _ = self.vip_announce_changed.remove_label_values(&[gone]);
+        }
+        for ((_, announced, since), label) in vips.iter().zip(&now) {
+            self.vip_announced
+                .with_label_values(&[label])
+                .set(i64::from(*announced));
+            self.vip_announce_changed
+                .with_label_values(&[label])
+                .set(i64::try_from(*since).unwrap_or(i64::MAX));
+        }
+        self.announce_withdrawn.set(i64::from(withdrawn));
+        *last = now;
+    }
+
+    /// Records each service's ring fingerprint (replacing the last ones).
+    pub fn set_fingerprints(&self, prints: Vec<(String, String)>) {
+        let mut last = lock(&self.fingerprints);
+        for gone in last.iter().filter(|p| !prints.contains(p)) {
+            let _ = self
+                .ring_fingerprint
+                .remove_label_values(&[&gone.0, &gone.1]);
+        }
+        for (service, print) in &prints {
+            self.ring_fingerprint
+                .with_label_values(&[service, print])
+                .set(1);
+        }
+        *last = prints;
     }
 
     /// Where scrapes get their datapath snapshot from (the agent's owner task).
@@ -816,6 +907,50 @@ mod tests {
         for name in lb_common::stat::NAMES {
             assert!(global_family(name).is_some(), "{name} has no metric");
         }
+    }
+
+    #[test]
+    fn announcements_and_fingerprints_replace_the_last_ones() {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let web: IpAddr = "203.0.113.10".parse().unwrap();
+        let dns: IpAddr = "203.0.113.53".parse().unwrap();
+        metrics.set_announcements(&[(web, true, 1_700_000_000), (dns, false, 5)], false);
+        metrics.set_fingerprints(vec![("web".into(), "00000000000000aa".into())]);
+        let text = encode(&registry);
+        assert_eq!(
+            sample(&text, r#"weir_vip_announced{vip="203.0.113.10"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"weir_vip_announced{vip="203.0.113.53"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"weir_vip_announce_changed_timestamp_seconds{vip="203.0.113.10"}"#
+            ),
+            Some(1_700_000_000.0)
+        );
+        assert_eq!(sample(&text, "weir_announce_withdrawn"), Some(0.0));
+        metrics.set_announcements(&[(web, false, 1_700_000_100)], true);
+        metrics.set_fingerprints(vec![("web".into(), "00000000000000bb".into())]);
+        let text = encode(&registry);
+        assert!(!text.contains("203.0.113.53"), "{text}");
+        assert_eq!(
+            sample(&text, r#"weir_vip_announced{vip="203.0.113.10"}"#),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "weir_announce_withdrawn"), Some(1.0));
+        assert!(!text.contains("00000000000000aa"), "{text}");
+        assert_eq!(
+            sample(
+                &text,
+                r#"weir_service_ring_fingerprint_info{fingerprint="00000000000000bb",service="web"}"#
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]

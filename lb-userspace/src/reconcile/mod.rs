@@ -186,6 +186,54 @@ pub struct ServiceState {
     pub input: Option<RingInput>,
 }
 
+impl ServiceState {
+    /// A fingerprint of what decides where this service's new and untracked flows go: the
+    /// service's listener and scheduling, its backends (address, port, ring weight, up) and
+    /// every ring slot, by backend address rather than by id (ids depend on each agent's
+    /// history). Balancers behind one ECMP group must agree on it, or a flow that moves
+    /// between them may land on another backend. FNV-1a, 64 bits, as 16 hex digits.
+    #[must_use]
+    pub fn fingerprint(&self) -> String {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(PRIME);
+            }
+        };
+        let spec = &self.spec;
+        feed(spec.name.as_bytes());
+        feed(&[0]);
+        let (vip, family) = addr_bytes(spec.vip);
+        feed(&vip);
+        feed(&[family, spec.proto, spec.scheduler, spec.forwarding]);
+        feed(&spec.port.to_be_bytes());
+        feed(&spec.ring_size.to_be_bytes());
+        let mut backends: Vec<&BackendState> = self.backends.iter().collect();
+        backends.sort_by_key(|b| (b.address, b.port));
+        let mut index = BTreeMap::new();
+        for (i, b) in backends.iter().enumerate() {
+            index.insert(b.id, u32::try_from(i).unwrap_or(u32::MAX));
+            let (addr, family) = addr_bytes(b.address);
+            feed(&addr);
+            feed(&[family, u8::from(b.up)]);
+            feed(&b.port.to_be_bytes());
+            feed(&b.weight.to_be_bytes());
+        }
+        feed(
+            &u32::try_from(self.ring.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        for id in &self.ring {
+            feed(&index.get(id).copied().unwrap_or(u32::MAX).to_be_bytes());
+        }
+        format!("{hash:016x}")
+    }
+}
+
 /// What one `apply` wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -911,6 +959,48 @@ mod tests {
             global: GlobalConfig::default(),
             services: vec![service("web", "203.0.113.10", SCHED_MAGLEV, backends)],
         }
+    }
+
+    #[test]
+    fn fingerprints_agree_across_id_histories_and_differ_with_weights() {
+        let three = [
+            ("198.51.100.11", 1),
+            ("198.51.100.12", 1),
+            ("198.51.100.13", 1),
+        ];
+        let mut a = Balancer::new(Recorder::default());
+        a.apply(&spec(&three)).unwrap();
+        // Another balancer whose ids came out otherwise: it saw .13 alone first.
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&spec(&[("198.51.100.13", 1)])).unwrap();
+        b.apply(&spec(&three)).unwrap();
+        let ids = |x: &Balancer<Recorder>| -> Vec<u32> {
+            x.service("web")
+                .unwrap()
+                .backends
+                .iter()
+                .map(|b| b.id)
+                .collect()
+        };
+        assert_ne!(ids(&a), ids(&b), "the test needs different ids");
+        let print = |x: &Balancer<Recorder>| x.service("web").unwrap().fingerprint();
+        assert_eq!(print(&a), print(&b));
+        assert_eq!(print(&a).len(), 16);
+        b.apply(&spec(&[
+            ("198.51.100.11", 1),
+            ("198.51.100.12", 2),
+            ("198.51.100.13", 1),
+        ]))
+        .unwrap();
+        assert_ne!(print(&a), print(&b));
+        // A backend down (weight 0 in the ring) differs too.
+        b.apply(&spec(&[
+            ("198.51.100.11", 1),
+            ("198.51.100.12", 0),
+            ("198.51.100.13", 1),
+        ]))
+        .unwrap();
+        assert_ne!(print(&a), print(&b));
     }
 
     #[test]
