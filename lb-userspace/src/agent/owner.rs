@@ -928,12 +928,24 @@ impl Agent {
                         "reload: xdp_mode, conntrack_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
+                if new.agent.snat_ports != self.config.agent.snat_ports
+                    || new.agent.reserve_snat_ports != self.config.agent.reserve_snat_ports
+                {
+                    tracing::warn!(
+                        "reload: snat_ports and reserve_snat_ports changes take effect at the next agent start (the ports are reserved there)"
+                    );
+                }
                 let old = std::mem::replace(&mut self.config, new);
                 // Keep agent-wide settings that need a restart.
                 self.config.agent.interface = old.agent.interface.clone();
                 self.config.agent.bpffs = old.agent.bpffs.clone();
                 self.config.agent.api_socket = old.agent.api_socket.clone();
                 self.config.agent.metrics = old.agent.metrics;
+                // The range checked against the kernel's ephemeral ports and reserved at
+                // start: a new one written to the SNAT pool now could hand out ports that
+                // local sockets may take.
+                self.config.agent.snat_ports = old.agent.snat_ports;
+                self.config.agent.reserve_snat_ports = old.agent.reserve_snat_ports;
                 // The overlay in memory came from this file: keep writing it there.
                 self.config.agent.state_file = old.agent.state_file.clone();
                 match self.sync() {
