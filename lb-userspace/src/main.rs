@@ -10,7 +10,7 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use weir::cli::{
     AgentArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs, EX_NOPERM, EX_USAGE,
-    EXIT_FAILURE, LogFormat, Streams,
+    EXIT_FAILURE, LogFormat, Streams, TeardownArgs,
 };
 
 fn main() -> ExitCode {
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         Command::Decap(args) => decap(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Client(command) => client(&command),
-        Command::Teardown(args) => teardown(&args.bpffs),
+        Command::Teardown(args) => teardown(&args),
     }
 }
 
@@ -119,26 +119,55 @@ fn client(command: &ClientCommand) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn teardown(bpffs: &Path) -> ExitCode {
-    match weir::datapath::teardown(bpffs) {
-        Ok(()) => {
-            println!("{}: XDP program detached and pins removed", bpffs.display());
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            let code = weir::cli::teardown_exit_code(&err);
-            let hint = if code == EX_NOPERM {
-                " (run as root)"
-            } else {
-                ""
-            };
-            eprintln!(
-                "error: tearing down the datapath pinned under {}: {err:#}{hint}",
-                bpffs.display()
+/// `weir teardown`: the pinned datapath first, then the SNAT ports the agent reserved
+/// (only once the datapath's lock showed that no agent runs it: a running agent's pairs
+/// need their ports kept from local sockets). A datapath already gone (its bpffs directory
+/// absent) still has its reservations undone.
+fn teardown(args: &TeardownArgs) -> ExitCode {
+    let bpffs = &args.bpffs;
+    let pinned = bpffs.exists();
+    if pinned {
+        if let Err(err) = weir::datapath::teardown(bpffs) {
+            return teardown_failed(
+                &err,
+                &format!("tearing down the datapath pinned under {}", bpffs.display()),
             );
-            ExitCode::from(code)
         }
+        println!("{}: XDP program detached and pins removed", bpffs.display());
     }
+    match weir::datapath::ports::release(&args.state_file) {
+        Ok(Some(released)) => {
+            println!(
+                "{}: removed the SNAT ports the agent reserved from \
+                 net.ipv4.ip_local_reserved_ports (was '{}', now '{}')",
+                released.record.display(),
+                released.before,
+                released.after
+            );
+        }
+        Ok(None) if !pinned => {
+            eprintln!(
+                "error: nothing to tear down: {} does not exist and {} records no reserved ports",
+                bpffs.display(),
+                weir::datapath::ports::record_path(&args.state_file).display()
+            );
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        Ok(None) => {}
+        Err(err) => return teardown_failed(&err, "removing the reserved SNAT ports"),
+    }
+    ExitCode::SUCCESS
+}
+
+fn teardown_failed(err: &anyhow::Error, what: &str) -> ExitCode {
+    let code = weir::cli::teardown_exit_code(err);
+    let hint = if code == EX_NOPERM {
+        " (run as root)"
+    } else {
+        ""
+    };
+    eprintln!("error: {what}: {err:#}{hint}");
+    ExitCode::from(code)
 }
 
 fn runtime_error(err: &anyhow::Error) -> ExitCode {

@@ -60,7 +60,8 @@ pub const SOCKET_ENV: &str = "WEIR_SOCKET";
 /// `weir status`, `service`, `backend`, `stats`, `reload` and `conn` talk to the running
 /// agent over its management socket (`--socket`, default /run/weir/weir.sock or
 /// $WEIR_SOCKET);
-/// `weir teardown` removes a datapath an agent left attached after it stopped.
+/// `weir teardown` removes a datapath an agent left attached after it stopped, and the
+/// SNAT ports it reserved.
 ///
 /// Exit status:
 ///   0   success
@@ -208,6 +209,12 @@ pub struct TeardownArgs {
     /// in its config).
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+
+    /// The agent's state file (`[agent] state_file`): beside it, `reserved-ports.json`
+    /// records the SNAT ports the agent added to net.ipv4.ip_local_reserved_ports, which
+    /// teardown removes again (only those) in the network namespace it runs in.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
 
 /// The commands that talk to the running agent.
@@ -946,11 +953,20 @@ mod tests {
             panic!("{cli:?}")
         };
         assert_eq!(args.bpffs, Path::new("/sys/fs/bpf/weir"));
-        let cli = parse(&["teardown", "--bpffs", "/sys/fs/bpf/lab"]).unwrap();
+        assert_eq!(args.state_file, Path::new("/var/lib/weir/state.json"));
+        let cli = parse(&[
+            "teardown",
+            "--bpffs",
+            "/sys/fs/bpf/lab",
+            "--state-file",
+            "/tmp/lab/state.json",
+        ])
+        .unwrap();
         let Command::Teardown(args) = cli.command else {
             panic!("{cli:?}")
         };
         assert_eq!(args.bpffs, Path::new("/sys/fs/bpf/lab"));
+        assert_eq!(args.state_file, Path::new("/tmp/lab/state.json"));
         // Not a client command: no socket.
         assert!(parse(&["teardown", "--socket", "/x.sock"]).is_err());
     }

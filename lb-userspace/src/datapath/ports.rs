@@ -9,7 +9,13 @@
 //! agent added is known later. Nothing the agent did not add is ever removed or rewritten.
 //! With `reserve_snat_ports = false` such an overlap stops the start instead.
 //!
-//! The range arithmetic is pure and tested on strings; [`reserve`] does the I/O.
+//! `weir teardown` undoes it ([`release`]): it removes from the reserved list exactly the
+//! recorded ranges (an operator's own reservations, even overlapping ones made before, stay),
+//! then the record. The record names the network namespace it was made in, and a teardown
+//! from another namespace changes nothing there.
+//!
+//! The range arithmetic is pure and tested on strings; [`reserve`] and [`release`] do the
+//! I/O.
 
 use std::{
     fs,
@@ -89,6 +95,29 @@ pub fn merge(mut ranges: Ranges) -> Ranges {
     out
 }
 
+/// `ranges` without the ports of `remove`, sorted and merged.
+#[must_use]
+pub fn subtract(ranges: &[(u16, u16)], remove: &[(u16, u16)]) -> Ranges {
+    let remove = merge(remove.to_vec());
+    let mut out = Vec::new();
+    for &(lo, hi) in &merge(ranges.to_vec()) {
+        let mut next = u32::from(lo);
+        for &(rlo, rhi) in &remove {
+            if u32::from(rhi) < next || rlo > hi {
+                continue;
+            }
+            if u32::from(rlo) > next {
+                out.push((next as u16, rlo - 1));
+            }
+            next = u32::from(rhi) + 1;
+        }
+        if next <= u32::from(hi) {
+            out.push((next as u16, hi));
+        }
+    }
+    out
+}
+
 /// The ports of `snat` inside `ephemeral` that `reserved` does not hold yet.
 #[must_use]
 pub fn missing(snat: (u16, u16), ephemeral: (u16, u16), reserved: &[(u16, u16)]) -> Ranges {
@@ -153,12 +182,33 @@ pub fn reserve(snat: (u16, u16), allowed: bool, state_file: &Path) -> anyhow::Re
     let value = format_reserved(&merge(union));
     // The record first: a crash between the two leaves a record of a range not added yet,
     // which a later removal skips (it removes only what it finds), never the reverse.
-    let record = state_file
-        .parent()
-        .map_or_else(|| PathBuf::from(RECORD_FILE), |d| d.join(RECORD_FILE));
-    let mut recorded = read_record(&record)?;
+    let record = record_path(state_file);
+    let netns = current_netns()?;
+    let mut recorded = match read_record(&record)? {
+        Some(r) if r.netns.as_ref().is_none_or(|n| *n == netns) => r.added,
+        Some(r) => {
+            // Another namespace's record (state files shared across namespaces, or one
+            // left by a namespace that is gone): it cannot be undone from here.
+            tracing::warn!(
+                record = %record.display(),
+                recorded_in = ?r.netns,
+                here = %netns,
+                forgotten = %format_reserved(&r.added),
+                "the record of reserved SNAT ports was made in another network namespace; \
+                 starting a new one for this namespace"
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
     recorded.extend(&add);
-    write_record(&record, &merge(recorded))?;
+    write_record(
+        &record,
+        &Record {
+            added: merge(recorded),
+            netns: Some(netns),
+        },
+    )?;
     fs::write(RESERVED, &value).with_context(|| format!("writing {RESERVED}"))?;
     tracing::info!(
         added = %add_text,
@@ -170,32 +220,100 @@ pub fn reserve(snat: (u16, u16), allowed: bool, state_file: &Path) -> anyhow::Re
     Ok(())
 }
 
-/// The ranges recorded as added by the agent (none if there is no record).
-pub fn read_record(path: &Path) -> anyhow::Result<Ranges> {
+/// What `weir teardown` did to the reserved ports ([`release`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// The record it followed.
+    pub record: PathBuf,
+    /// `ip_local_reserved_ports` before and after.
+    pub before: String,
+    pub after: String,
+}
+
+/// Where the record of a state file's agent lives: beside the state file.
+#[must_use]
+pub fn record_path(state_file: &Path) -> PathBuf {
+    state_file
+        .parent()
+        .map_or_else(|| PathBuf::from(RECORD_FILE), |d| d.join(RECORD_FILE))
+}
+
+/// Undoes [`reserve`] for the agent whose state file is `state_file`: removes the recorded
+/// ranges still in this namespace's `ip_local_reserved_ports` (nothing else: an operator's
+/// ranges stay, even where they overlap the record, as they were never recorded), then the
+/// record. `None` when there is no record. Refused, changing nothing, when the record was
+/// made in another network namespace. Run only once no agent runs: an agent's pairs need
+/// their ports kept from local sockets.
+pub fn release(state_file: &Path) -> anyhow::Result<Option<Released>> {
+    let record = record_path(state_file);
+    let Some(recorded) = read_record(&record)? else {
+        return Ok(None);
+    };
+    let netns = current_netns()?;
+    if let Some(theirs) = recorded.netns.as_ref().filter(|n| **n != netns) {
+        bail!(
+            "{} records SNAT ports reserved in network namespace {theirs}, not this one \
+             ({netns}); run `weir teardown` in that namespace (nsenter --net=...), or remove \
+             the record by hand if that namespace is gone; nothing changed",
+            record.display()
+        );
+    }
+    let before = fs::read_to_string(RESERVED).with_context(|| format!("reading {RESERVED}"))?;
+    let current = parse_reserved(&before)
+        .with_context(|| format!("{RESERVED} holds {:?}, not a port list", before.trim()))?;
+    let left = subtract(&current, &recorded.added);
+    let after = format_reserved(&left);
+    if left != current {
+        fs::write(RESERVED, &after).with_context(|| format!("writing {RESERVED}"))?;
+    }
+    // Only once the sysctl is right: a failed write keeps the record for another try.
+    match fs::remove_file(&record) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", record.display())),
+    }
+    Ok(Some(Released {
+        record,
+        before: before.trim().to_owned(),
+        after,
+    }))
+}
+
+/// This process's network namespace, as the kernel names it (`net:[4026531840]`).
+fn current_netns() -> anyhow::Result<String> {
+    let link = fs::read_link("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
+    Ok(link.to_string_lossy().into_owned())
+}
+
+/// The record (none if there is no file).
+pub fn read_record(path: &Path) -> anyhow::Result<Option<Record>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice::<Record>(&bytes)
-            .map(|r| r.added)
+            .map(Some)
             .with_context(|| format!("reading {}", path.display())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Record {
+/// `reserved-ports.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
     /// Ranges the agent added to `ip_local_reserved_ports`.
-    added: Ranges,
+    pub added: Ranges,
+    /// The network namespace whose sysctl they were added to (`net:[INODE]`); absent in
+    /// records of earlier agents, which are taken to be this namespace's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// Writes the record atomically (a temporary of this process, renamed), mode 0600.
-fn write_record(path: &Path, added: &[(u16, u16)]) -> anyhow::Result<()> {
+fn write_record(path: &Path, record: &Record) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let tmp = path.with_file_name(format!(".{RECORD_FILE}.{}.tmp", std::process::id()));
-    let mut text = serde_json::to_vec_pretty(&Record {
-        added: added.to_vec(),
-    })?;
+    let mut text = serde_json::to_vec_pretty(record)?;
     text.push(b'\n');
     let written = (|| {
         let _ = fs::remove_file(&tmp);
@@ -282,12 +400,64 @@ mod tests {
     }
 
     #[test]
+    fn teardown_removes_only_what_was_recorded() {
+        // The operator had 8080 and 50010-50019; the agent added the rest of 50000-50100.
+        let operator = parse_reserved("8080,50010-50019").unwrap();
+        let added = missing((50000, 50100), (32768, 60999), &operator);
+        assert_eq!(added, vec![(50000, 50009), (50020, 50100)]);
+        let mut union = operator.clone();
+        union.extend(&added);
+        let value = format_reserved(&merge(union));
+        assert_eq!(value, "8080,50000-50100");
+        // Teardown: the union minus the record is the operator's list again.
+        let left = subtract(&parse_reserved(&value).unwrap(), &added);
+        assert_eq!(format_reserved(&left), "8080,50010-50019");
+        // Idempotent: nothing recorded is left to remove.
+        assert_eq!(subtract(&left, &added), left);
+        // Ranges the operator added later outside the record stay; a recorded range
+        // someone already removed is simply not there.
+        let later = parse_reserved("8080,40000-40009,50000-50009").unwrap();
+        assert_eq!(
+            format_reserved(&subtract(&later, &added)),
+            "8080,40000-40009"
+        );
+        assert_eq!(subtract(&[], &added), vec![]);
+    }
+
+    #[test]
+    fn subtract_cuts_at_every_edge() {
+        assert_eq!(
+            subtract(&[(1, 100)], &[(1, 1), (10, 20), (100, 100)]),
+            vec![(2, 9), (21, 99)]
+        );
+        assert_eq!(
+            subtract(&[(1, 5), (10, 15)], &[(3, 12)]),
+            vec![(1, 2), (13, 15)]
+        );
+        assert_eq!(subtract(&[(65535, 65535)], &[(0, 65535)]), vec![]);
+        assert_eq!(subtract(&[(0, 65535)], &[]), vec![(0, 65535)]);
+    }
+
+    #[test]
     fn the_record_round_trips_privately() {
         let dir = std::env::temp_dir().join(format!("weir-ports-{}", std::process::id()));
         let path = dir.join(RECORD_FILE);
-        assert_eq!(read_record(&path).unwrap(), vec![]);
-        write_record(&path, &[(60000, 60999)]).unwrap();
-        assert_eq!(read_record(&path).unwrap(), vec![(60000, 60999)]);
+        assert_eq!(read_record(&path).unwrap(), None);
+        let record = Record {
+            added: vec![(60000, 60999)],
+            netns: Some("net:[4026531840]".into()),
+        };
+        write_record(&path, &record).unwrap();
+        assert_eq!(read_record(&path).unwrap(), Some(record));
+        // An earlier agent's record names no namespace.
+        fs::write(&path, r#"{"added":[[61000,61999]]}"#).unwrap();
+        assert_eq!(
+            read_record(&path).unwrap(),
+            Some(Record {
+                added: vec![(61000, 61999)],
+                netns: None
+            })
+        );
         use std::os::unix::fs::PermissionsExt as _;
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
