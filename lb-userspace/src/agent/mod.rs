@@ -226,6 +226,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         inconsistent: None,
         rings_changed: true,
         nat_orphans: std::collections::HashSet::new(),
+        nat_table: None,
     };
     let report = agent.sync()?;
     tracing::info!(

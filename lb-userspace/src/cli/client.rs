@@ -135,9 +135,14 @@ impl ConnCommand {
     /// a `conn_list` instead, to say how many would go).
     pub fn request(&self) -> Request {
         match self {
-            Self::List { filter, limit } => Request::ConnList {
+            Self::List {
+                filter,
+                state,
+                limit,
+            } => Request::ConnList {
                 service: filter.service.clone(),
                 backend: filter.backend,
+                state: *state,
                 limit: Some(*limit),
             },
             Self::Flush { filter, all, yes } => Request::ConnFlush {
@@ -393,6 +398,7 @@ impl Client<'_> {
             let would: ConnList = self.fetch(&Request::ConnList {
                 service: filter.service.clone(),
                 backend: filter.backend,
+                state: None,
                 limit: Some(1),
             })?;
             return Err(Failure::Refused(format!(
@@ -775,6 +781,7 @@ mod tests {
             Request::ConnList {
                 service: None,
                 backend: None,
+                state: None,
                 limit: Some(1000)
             }
         );
@@ -792,7 +799,17 @@ mod tests {
             Request::ConnList {
                 service: Some("web".into()),
                 backend: Some(ip("2001:db8::12")),
+                state: None,
                 limit: Some(5)
+            }
+        );
+        assert_eq!(
+            conn(&["conn", "list", "--state", "time-wait"]),
+            Request::ConnList {
+                service: None,
+                backend: None,
+                state: Some(api::ConnState::TimeWait),
+                limit: Some(1000)
             }
         );
         assert_eq!(
@@ -816,6 +833,8 @@ mod tests {
         for bad in [
             &["conn", "list", "--limit", "0"][..],
             &["conn", "list", "--limit", "100001"],
+            &["conn", "list", "--state", "open"],
+            &["conn", "flush", "--all", "--state", "close"],
             &["conn", "flush", "--all", "--service", "web"],
             &["conn", "list", "web"],
             &["conn"],
@@ -896,16 +915,19 @@ mod tests {
                 Request::ConnList {
                     service: None,
                     backend: None,
+                    state: None,
                     limit: Some(1000)
                 },
                 Request::ConnList {
                     service: Some("web".into()),
                     backend: None,
+                    state: None,
                     limit: Some(1000)
                 },
                 Request::ConnList {
                     service: None,
                     backend,
+                    state: None,
                     limit: Some(1)
                 },
                 Request::ConnFlush {

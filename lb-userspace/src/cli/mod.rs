@@ -469,6 +469,11 @@ pub enum ConnCommand {
         #[command(flatten)]
         filter: ConnFilterArgs,
 
+        /// Only the connections in this state: syn-sent, syn-recv, established, fin-wait,
+        /// time-wait, close (TCP), unreplied, replied (UDP).
+        #[arg(long, value_name = "STATE", value_parser = parse_conn_state)]
+        state: Option<crate::api::ConnState>,
+
         /// Show at most this many connections (1..=100000); the total is always given.
         #[arg(
             long,
@@ -590,6 +595,20 @@ pub struct InvalidAddress;
 
 fn parse_address(text: &str) -> Result<IpAddr, InvalidAddress> {
     text.parse().map_err(|_| InvalidAddress)
+}
+
+/// A connection state by its wire name (`weir conn list --state`).
+fn parse_conn_state(text: &str) -> Result<crate::api::ConnState, String> {
+    crate::api::ConnState::ALL
+        .into_iter()
+        .find(|s| s.as_str() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = crate::api::ConnState::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            format!("\"{text}\" is not a state (one of {})", names.join(", "))
+        })
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
