@@ -2211,10 +2211,11 @@ fn fullnat_snat_exhaustion_refuses_cleanly_and_recovers() {
 
 /// `weir teardown` undoes the agent's reservation: a fullnat range inside the balancer
 /// namespace's ephemeral ports, beside (and overlapping) an operator's range, is reserved
-/// at start (the union); after the agent stops, `weir teardown` run in that namespace
-/// removes exactly the recorded ranges (the operator's, overlap included, survive), the
-/// record and the pins. A teardown run from another namespace refuses to touch the record
-/// there, and a second teardown finds nothing to do.
+/// at start (the union) and kept when the agent stops. Then `weir teardown`: of another
+/// datapath, it leaves the record alone; run from another namespace, it removes the pins
+/// but refuses the record (the sysctl is per namespace); run in the balancer's namespace,
+/// it removes exactly the recorded ranges (the operator's, overlap included, survive) and
+/// the record; once more, it finds nothing to do.
 #[test]
 fn teardown_removes_exactly_the_reserved_snat_ports() {
     let Some(bed) = Bed::build_fullnat("ft") else {
@@ -2284,15 +2285,29 @@ fn teardown_removes_exactly_the_reserved_snat_ports() {
         println!("$ weir teardown (in {ns}) -> {code}\n{out}{err}");
         (code, out, err)
     };
-    // From another namespace (the client's), with no datapath named: the record is the
-    // balancer namespace's, so nothing is touched anywhere.
+    // The teardown of another datapath leaves this one's record alone.
+    let (code, _, err) = teardown(&topo.lb, &topo.workdir.join("other-bpffs"));
+    assert_eq!(code, 1, "nothing of that datapath to tear down");
+    assert!(err.contains("left alone"), "{err}");
+    assert!(
+        record.exists(),
+        "another datapath's teardown kept the record"
+    );
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}")
+    );
+    // From another namespace (the client's): the pins go (they are the mount
+    // namespace's), but the record is the balancer namespace's, so no sysctl is touched.
     let cli_reserved = common::in_netns(&topo.cli, || {
         fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").expect("read")
     });
-    let (code, _, err) = teardown(&topo.cli, &topo.workdir.join("no-such-bpffs"));
+    let (code, out, err) = teardown(&topo.cli, &bpffs);
     assert_eq!(code, 1, "a record of another namespace is refused");
+    assert!(out.contains("pins removed"), "{out}");
     assert!(err.contains("network namespace"), "{err}");
     assert!(record.exists(), "the refused teardown kept the record");
+    assert!(!bpffs.exists(), "the pins are gone");
     assert_eq!(
         common::in_netns(&topo.cli, || fs::read_to_string(
             "/proc/sys/net/ipv4/ip_local_reserved_ports"
@@ -2300,20 +2315,21 @@ fn teardown_removes_exactly_the_reserved_snat_ports() {
         .expect("read")),
         cli_reserved
     );
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}")
+    );
 
+    // In the balancer's namespace: the datapath is gone already, its reservation goes now.
     let (code, out, err) = teardown(&topo.lb, &bpffs);
     assert_eq!(code, 0, "weir teardown: {err}");
-    assert!(
-        out.contains("pins removed") && out.contains("ip_local_reserved_ports"),
-        "{out}"
-    );
+    assert!(out.contains("ip_local_reserved_ports"), "{out}");
     assert_eq!(
         lb_reserved_ports(topo).trim(),
         operator,
         "only the recorded ranges went; the operator's, inside the SNAT range, stayed"
     );
     assert!(!record.exists(), "the record is gone with the ranges");
-    assert!(!bpffs.exists(), "the pins are gone");
     // Again: nothing left to do, nothing changed.
     let (code, _, err) = teardown(&topo.lb, &bpffs);
     assert_eq!(code, 1);

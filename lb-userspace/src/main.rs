@@ -12,6 +12,7 @@ use weir::cli::{
     AgentArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs, EX_NOPERM, EX_USAGE,
     EXIT_FAILURE, LogFormat, Streams, TeardownArgs,
 };
+use weir::datapath::ports::Release;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -122,7 +123,7 @@ fn client(command: &ClientCommand) -> ExitCode {
 /// `weir teardown`: the pinned datapath first, then the SNAT ports the agent reserved
 /// (only once the datapath's lock showed that no agent runs it: a running agent's pairs
 /// need their ports kept from local sockets). A datapath already gone (its bpffs directory
-/// absent) still has its reservations undone.
+/// absent) still has its reservations undone; another datapath's record is left alone.
 fn teardown(args: &TeardownArgs) -> ExitCode {
     let bpffs = &args.bpffs;
     let pinned = bpffs.exists();
@@ -135,28 +136,47 @@ fn teardown(args: &TeardownArgs) -> ExitCode {
         }
         println!("{}: XDP program detached and pins removed", bpffs.display());
     }
-    match weir::datapath::ports::release(&args.state_file) {
-        Ok(Some(released)) => {
+    match weir::datapath::ports::release(&args.state_file, bpffs) {
+        Ok(Release::Released {
+            record,
+            before,
+            after,
+        }) => {
             println!(
                 "{}: removed the SNAT ports the agent reserved from \
-                 net.ipv4.ip_local_reserved_ports (was '{}', now '{}')",
-                released.record.display(),
-                released.before,
-                released.after
+                 net.ipv4.ip_local_reserved_ports (was '{before}', now '{after}')",
+                record.display()
             );
         }
-        Ok(None) if !pinned => {
+        Ok(Release::OtherDatapath {
+            record,
+            bpffs: theirs,
+        }) => {
+            // Not an error: the state file's default is shared by every datapath's teardown.
             eprintln!(
-                "error: nothing to tear down: {} does not exist and {} records no reserved ports",
-                bpffs.display(),
-                weir::datapath::ports::record_path(&args.state_file).display()
+                "note: {} records SNAT ports of the datapath under {}, not {}: left alone",
+                record.display(),
+                theirs.display(),
+                bpffs.display()
             );
-            return ExitCode::from(EXIT_FAILURE);
+            if !pinned {
+                return nothing_to_tear_down(args);
+            }
         }
-        Ok(None) => {}
+        Ok(Release::NoRecord) if !pinned => return nothing_to_tear_down(args),
+        Ok(Release::NoRecord) => {}
         Err(err) => return teardown_failed(&err, "removing the reserved SNAT ports"),
     }
     ExitCode::SUCCESS
+}
+
+fn nothing_to_tear_down(args: &TeardownArgs) -> ExitCode {
+    eprintln!(
+        "error: nothing to tear down: {} does not exist and {} records no reserved ports of it",
+        args.bpffs.display(),
+        weir::datapath::ports::record_path(&args.state_file).display()
+    );
+    ExitCode::from(EXIT_FAILURE)
 }
 
 fn teardown_failed(err: &anyhow::Error, what: &str) -> ExitCode {

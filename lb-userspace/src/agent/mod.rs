@@ -140,6 +140,7 @@ fn check_fullnat(config: &Config) -> anyhow::Result<()> {
         config.agent.snat_ports,
         config.agent.reserve_snat_ports,
         &config.agent.state_file,
+        &config.agent.bpffs,
     )
 }
 

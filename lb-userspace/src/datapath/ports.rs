@@ -11,8 +11,9 @@
 //!
 //! `weir teardown` undoes it ([`release`]): it removes from the reserved list exactly the
 //! recorded ranges (an operator's own reservations, even overlapping ones made before, stay),
-//! then the record. The record names the network namespace it was made in, and a teardown
-//! from another namespace changes nothing there.
+//! then the record. The record names the network namespace it was made in and the datapath
+//! (`[agent] bpffs`) it was made for: a teardown from another namespace changes nothing
+//! there, and the teardown of another datapath leaves it alone.
 //!
 //! The range arithmetic is pure and tested on strings; [`reserve`] and [`release`] do the
 //! I/O.
@@ -144,9 +145,14 @@ pub fn missing(snat: (u16, u16), ephemeral: (u16, u16), reserved: &[(u16, u16)])
 
 /// Makes sure the kernel hands out no ephemeral port of `snat` in this namespace: adds
 /// the missing part to `ip_local_reserved_ports` (union, logged, recorded in
-/// `<state dir>/reserved-ports.json`) when `allowed`, else refuses with a message naming the
-/// overlap and both ways out.
-pub fn reserve(snat: (u16, u16), allowed: bool, state_file: &Path) -> anyhow::Result<()> {
+/// `<state dir>/reserved-ports.json`, with this namespace and the datapath `bpffs`) when
+/// `allowed`, else refuses with a message naming the overlap and both ways out.
+pub fn reserve(
+    snat: (u16, u16),
+    allowed: bool,
+    state_file: &Path,
+    bpffs: &Path,
+) -> anyhow::Result<()> {
     let range_text =
         fs::read_to_string(PORT_RANGE).with_context(|| format!("reading {PORT_RANGE}"))?;
     let ephemeral = parse_port_range(&range_text)
@@ -185,17 +191,17 @@ pub fn reserve(snat: (u16, u16), allowed: bool, state_file: &Path) -> anyhow::Re
     let record = record_path(state_file);
     let netns = current_netns()?;
     let mut recorded = match read_record(&record)? {
-        Some(r) if r.netns.as_ref().is_none_or(|n| *n == netns) => r.added,
+        Some(r) if r.made_for(&netns, bpffs) => r.added,
         Some(r) => {
-            // Another namespace's record (state files shared across namespaces, or one
-            // left by a namespace that is gone): it cannot be undone from here.
+            // Another namespace's or datapath's record (a state file shared by agents, or
+            // one left by a namespace that is gone): this agent cannot undo it.
             tracing::warn!(
                 record = %record.display(),
                 recorded_in = ?r.netns,
-                here = %netns,
+                recorded_for = ?r.bpffs,
                 forgotten = %format_reserved(&r.added),
-                "the record of reserved SNAT ports was made in another network namespace; \
-                 starting a new one for this namespace"
+                "the record of reserved SNAT ports was made in another network namespace or \
+                 for another datapath; starting a new one for this agent"
             );
             Vec::new()
         }
@@ -207,6 +213,7 @@ pub fn reserve(snat: (u16, u16), allowed: bool, state_file: &Path) -> anyhow::Re
         &Record {
             added: merge(recorded),
             netns: Some(netns),
+            bpffs: Some(bpffs.to_owned()),
         },
     )?;
     fs::write(RESERVED, &value).with_context(|| format!("writing {RESERVED}"))?;
@@ -222,12 +229,18 @@ pub fn reserve(snat: (u16, u16), allowed: bool, state_file: &Path) -> anyhow::Re
 
 /// What `weir teardown` did to the reserved ports ([`release`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Released {
-    /// The record it followed.
-    pub record: PathBuf,
-    /// `ip_local_reserved_ports` before and after.
-    pub before: String,
-    pub after: String,
+pub enum Release {
+    /// No record beside the state file.
+    NoRecord,
+    /// The record is another datapath's (its `bpffs`): left alone.
+    OtherDatapath { record: PathBuf, bpffs: PathBuf },
+    /// The recorded ranges were removed (those still there), then the record.
+    Released {
+        record: PathBuf,
+        /// `ip_local_reserved_ports` before and after.
+        before: String,
+        after: String,
+    },
 }
 
 /// Where the record of a state file's agent lives: beside the state file.
@@ -238,23 +251,29 @@ pub fn record_path(state_file: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from(RECORD_FILE), |d| d.join(RECORD_FILE))
 }
 
-/// Undoes [`reserve`] for the agent whose state file is `state_file`: removes the recorded
-/// ranges still in this namespace's `ip_local_reserved_ports` (nothing else: an operator's
-/// ranges stay, even where they overlap the record, as they were never recorded), then the
-/// record. `None` when there is no record. Refused, changing nothing, when the record was
-/// made in another network namespace. Run only once no agent runs: an agent's pairs need
-/// their ports kept from local sockets.
-pub fn release(state_file: &Path) -> anyhow::Result<Option<Released>> {
+/// Undoes [`reserve`] for the agent of datapath `bpffs` whose state file is `state_file`:
+/// removes the recorded ranges still in this namespace's `ip_local_reserved_ports` (nothing
+/// else: an operator's ranges stay, even where they overlap the record, as they were never
+/// recorded), then the record. A record made for another datapath is left alone; one made
+/// in another network namespace is refused, changing nothing. Run only once no agent runs
+/// the datapath: an agent's pairs need their ports kept from local sockets.
+pub fn release(state_file: &Path, bpffs: &Path) -> anyhow::Result<Release> {
     let record = record_path(state_file);
     let Some(recorded) = read_record(&record)? else {
-        return Ok(None);
+        return Ok(Release::NoRecord);
     };
+    if let Some(theirs) = recorded.bpffs.as_ref().filter(|b| *b != bpffs) {
+        return Ok(Release::OtherDatapath {
+            record,
+            bpffs: theirs.clone(),
+        });
+    }
     let netns = current_netns()?;
     if let Some(theirs) = recorded.netns.as_ref().filter(|n| **n != netns) {
         bail!(
             "{} records SNAT ports reserved in network namespace {theirs}, not this one \
              ({netns}); run `weir teardown` in that namespace (nsenter --net=...), or remove \
-             the record by hand if that namespace is gone; nothing changed",
+             the record by hand if that namespace is gone; the reserved ports stay as they are",
             record.display()
         );
     }
@@ -272,11 +291,11 @@ pub fn release(state_file: &Path) -> anyhow::Result<Option<Released>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", record.display())),
     }
-    Ok(Some(Released {
+    Ok(Release::Released {
         record,
         before: before.trim().to_owned(),
         after,
-    }))
+    })
 }
 
 /// This process's network namespace, as the kernel names it (`net:[4026531840]`).
@@ -305,6 +324,19 @@ pub struct Record {
     /// records of earlier agents, which are taken to be this namespace's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// The datapath (`[agent] bpffs`) of the agent that added them: its teardown removes
+    /// them, another's does not. Absent in records of earlier agents (any datapath's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpffs: Option<PathBuf>,
+}
+
+impl Record {
+    /// Whether an agent of datapath `bpffs` in namespace `netns` made this record (an
+    /// earlier agent's record names neither and is taken for this one's).
+    fn made_for(&self, netns: &str, bpffs: &Path) -> bool {
+        self.netns.as_deref().is_none_or(|n| n == netns)
+            && self.bpffs.as_deref().is_none_or(|b| b == bpffs)
+    }
 }
 
 /// Writes the record atomically (a temporary of this process, renamed), mode 0600.
@@ -425,6 +457,30 @@ mod tests {
     }
 
     #[test]
+    fn release_leaves_another_datapaths_record_alone() {
+        let dir = std::env::temp_dir().join(format!("weir-release-{}", std::process::id()));
+        let state = dir.join("state.json");
+        let lab = Path::new("/sys/fs/bpf/lab");
+        assert_eq!(release(&state, lab).unwrap(), Release::NoRecord);
+        let record = Record {
+            added: vec![(50000, 50100)],
+            netns: Some("net:[1]".into()),
+            bpffs: Some("/sys/fs/bpf/weir".into()),
+        };
+        write_record(&record_path(&state), &record).unwrap();
+        // Returned before the sysctl is read: another datapath's record is not ours.
+        assert_eq!(
+            release(&state, lab).unwrap(),
+            Release::OtherDatapath {
+                record: dir.join(RECORD_FILE),
+                bpffs: "/sys/fs/bpf/weir".into()
+            }
+        );
+        assert_eq!(read_record(&record_path(&state)).unwrap(), Some(record));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn subtract_cuts_at_every_edge() {
         assert_eq!(
             subtract(&[(1, 100)], &[(1, 1), (10, 20), (100, 100)]),
@@ -446,18 +502,26 @@ mod tests {
         let record = Record {
             added: vec![(60000, 60999)],
             netns: Some("net:[4026531840]".into()),
+            bpffs: Some("/sys/fs/bpf/weir".into()),
         };
         write_record(&path, &record).unwrap();
-        assert_eq!(read_record(&path).unwrap(), Some(record));
-        // An earlier agent's record names no namespace.
+        assert_eq!(read_record(&path).unwrap(), Some(record.clone()));
+        let weir = Path::new("/sys/fs/bpf/weir");
+        assert!(record.made_for("net:[4026531840]", weir));
+        assert!(!record.made_for("net:[4026532316]", weir));
+        assert!(!record.made_for("net:[4026531840]", Path::new("/sys/fs/bpf/lab")));
+        // An earlier agent's record names neither: it is taken for anyone's.
         fs::write(&path, r#"{"added":[[61000,61999]]}"#).unwrap();
+        let old = read_record(&path).unwrap().unwrap();
         assert_eq!(
-            read_record(&path).unwrap(),
-            Some(Record {
+            old,
+            Record {
                 added: vec![(61000, 61999)],
-                netns: None
-            })
+                netns: None,
+                bpffs: None
+            }
         );
+        assert!(old.made_for("net:[4026532316]", Path::new("/sys/fs/bpf/lab")));
         use std::os::unix::fs::PermissionsExt as _;
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
