@@ -12,7 +12,9 @@
 //! `forwarding = "fullnat"` (destination and source NAT) runs in `Layout::Fullnat`: the
 //! backends share a subnet with the balancer and have no route via it at all; nginx answers
 //! HTTP through a fullnat VIP and logs the SNAT address, and concurrent 4 MiB uploads arrive
-//! intact.
+//! intact. A range of 64 SNAT ports under 500 connections refuses the rest cleanly (counted,
+//! gauged, never a reused tuple) and recovers as RSTs free ports; `weir teardown` removes
+//! exactly the ports the agent reserved.
 //!
 //! A control test runs the same servers with the balancer's kernel routing instead of the
 //! agent: when it passes and a NAT test fails, the fault is the balancer's, not the
@@ -2060,4 +2062,437 @@ fn two_arm_nat_carries_requests_uploads_and_downloads() {
 #[test]
 fn two_arm_fullnat_carries_requests_uploads_and_downloads() {
     two_arm(Layout::Fullnat, "f2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// fullnat: SNAT port exhaustion and recovery; teardown of the reserved ports
+// ---------------------------------------------------------------------------------------------
+
+/// The exhaustion test's SNAT range: 64 ports, above the kernel's ephemeral range (nothing
+/// reserved), so one backend endpoint can have exactly 64 connections through the one
+/// SNAT address.
+const SNAT_LO: u16 = 61_000;
+const SNAT_PORTS: u16 = 64;
+/// Connections the exhaustion test tries to hold open at once.
+const EXHAUST_CONNS: usize = 500;
+/// How long the refused ones are given: the SYN and its first retransmission (1 s) are
+/// both dropped while the range is full.
+const EXHAUST_WAIT: Duration = Duration::from_millis(2_500);
+/// Closed by RST, then opened again once their ports are free.
+const EXHAUST_RECYCLED: usize = 32;
+/// A CLOSE pair's 10 s timeout, one table walk (every 5 s, reclaiming 2 s past the
+/// timeout), one round of retries (`RECYCLE_ROUND`) and a second of slack. The datapath's
+/// in-line reclaim frees some ports from 10 s on (seen: 13 of 32 at 10.6 s, the last at
+/// 15.1 s, when a walk took the rest).
+const RECYCLE_DEADLINE: Duration = Duration::from_secs(20);
+/// How long each round of new connections waits: their SYN and its retransmission (1 s).
+const RECYCLE_ROUND: Duration = Duration::from_millis(1_500);
+
+/// Non-blocking TCP connects to `dst` from namespace `ns`, one per socket, all sent at
+/// once (ephemeral source ports).
+fn start_connects(ns: &str, dst: SocketAddr, n: usize) -> Vec<socket2::Socket> {
+    common::in_netns(ns, move || {
+        (0..n)
+            .map(|_| {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(dst),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )
+                .expect("socket");
+                s.set_nonblocking(true).expect("non-blocking");
+                match s.connect(&dst.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(e) => panic!("connect to {dst}: {e}"),
+                }
+                s
+            })
+            .collect()
+    })
+}
+
+/// Waits until `wait` has passed or every socket has connected or failed; returns the
+/// connected ones and how many failed with an error (the others are still connecting).
+fn settle(sockets: Vec<socket2::Socket>, wait: Duration) -> (Vec<socket2::Socket>, usize) {
+    let deadline = Instant::now() + wait;
+    let mut pending = sockets;
+    let mut connected = Vec::new();
+    let mut failed = 0;
+    loop {
+        let mut still = Vec::new();
+        for s in pending {
+            match s.take_error() {
+                Ok(Some(_)) | Err(_) => failed += 1,
+                Ok(None) if s.peer_addr().is_ok() => connected.push(s),
+                Ok(None) => still.push(s),
+            }
+        }
+        pending = still;
+        if pending.is_empty() || Instant::now() >= deadline {
+            return (connected, failed);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The backend side of every established connection on `port` in namespace `ns`: the
+/// peers (`ss`), i.e. the SNAT address and port of each fullnat connection.
+fn established_peers(ns: &str, port: u16) -> Vec<SocketAddr> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("ss");
+    assert!(out.status.success(), "ss in {ns}: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().last()?.parse::<SocketAddr>().ok())
+        // The server's socket is dual-stack: IPv4 peers show as mapped addresses.
+        .map(|peer| SocketAddr::new(peer.ip().to_canonical(), peer.port()))
+        .collect()
+}
+
+/// The SNAT sources of the service's connections as `weir conn list` shows them; every
+/// one must have one.
+fn listed_snat_sources(topo: &Topology, service: &str) -> Vec<SocketAddr> {
+    conn_list(topo, &["--service", service])
+        .connections
+        .iter()
+        .map(|c| {
+            c.snat
+                .unwrap_or_else(|| panic!("a fullnat connection without SNAT: {c:?}"))
+        })
+        .collect()
+}
+
+/// Asserts `sources` are distinct SNAT ports of the test's range on the balancer's address.
+fn assert_distinct_snat_ports(sources: &[SocketAddr], what: &str) {
+    let distinct: HashSet<&SocketAddr> = sources.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        sources.len(),
+        "{what}: a backend-side tuple is used twice: {sources:?}"
+    );
+    for s in sources {
+        assert!(
+            s.ip() == Family::V4.snat() && (SNAT_LO..SNAT_LO + SNAT_PORTS).contains(&s.port()),
+            "{what}: {s} is not a port of {}:{SNAT_LO}+{SNAT_PORTS}",
+            Family::V4.snat()
+        );
+    }
+}
+
+/// Waits (a walk every 5 s) until the SNAT gauges of `web` on the balancer's address show
+/// `in_use` ports and a use ratio of `ratio`.
+fn wait_snat_gauges(topo: &Topology, in_use: f64, ratio: f64) {
+    let address = Family::V4.snat().to_string();
+    let labels = [("service", "web"), ("address", address.as_str())];
+    let start = Instant::now();
+    loop {
+        let samples = topo.metrics().expect("metrics");
+        let got = (
+            common::metric(&samples, "weir_snat_ports_in_use", &labels),
+            common::metric(&samples, "weir_snat_port_use_ratio", &labels),
+        );
+        if got == (Some(in_use), Some(ratio)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(12),
+            "SNAT gauges (in use, ratio) {got:?}, not ({in_use}, {ratio}) within 12 s"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The design's §16.5: a `fullnat` service with one backend and an SNAT range of 64 ports,
+/// 500 connections held open at once. Exactly 64 connect, each on its own backend-side
+/// tuple (the backend's `ss` and `weir conn list` show 64 distinct SNAT ports of the
+/// range); the other 436 never connect (their SYNs are dropped, `drop_snat_exhausted`
+/// counts at least one per connection, in `weir stats` and `/metrics`), and the gauges
+/// say the range is full for that backend (`weir_snat_ports_in_use` 64,
+/// `weir_snat_port_use_ratio` 1, `weir status` likewise). Then 32 of them are closed by RST
+/// (`SO_LINGER` 0): within their 10 s CLOSE timeout and one walk, 32 new connections get
+/// exactly their ports, and no 65th connection ever exists.
+#[test]
+fn fullnat_snat_exhaustion_refuses_cleanly_and_recovers() {
+    let Some(bed) = Bed::build_fullnat("fe") else {
+        return;
+    };
+    let topo = &bed.topo;
+    all_on_cpu0();
+    let _server = IdServer::start(&topo.backends[0], 0, HTTP_BACKEND_PORT, &[]).expect("id server");
+    let service = ServiceBuilder::new("web", VIP_V4, HTTP_PORT, "tcp")
+        .forwarding("fullnat")
+        .raw("snat_addresses", &format!("[\"{}\"]", Family::V4.snat()))
+        .backend(Backend::new(backend_v4(0)).port(HTTP_BACKEND_PORT));
+    let config = agent_config(topo, std::slice::from_ref(&service)).raw(
+        "snat_ports",
+        &format!("\"{SNAT_LO}-{}\"", SNAT_LO + SNAT_PORTS - 1),
+    );
+    let path = topo.write_agent_config(&config).expect("config");
+    let _agent = topo
+        .start_agent_file(&path)
+        .unwrap_or_else(|e| panic!("the agent did not start with a fullnat config: {e:#}"));
+    let lb_reserved = lb_reserved_ports(topo);
+    let vip = SocketAddr::new(VIP_V4.into(), HTTP_PORT);
+    let exhausted_before = topo.global_counter("drop_snat_exhausted");
+
+    let start = Instant::now();
+    let sockets = start_connects(&topo.cli, vip, EXHAUST_CONNS);
+    let (mut open, failed) = settle(sockets, EXHAUST_WAIT);
+    println!(
+        "[snat exhaustion] {EXHAUST_CONNS} connects: {} connected, {failed} failed with an \
+         error, the rest still connecting after {:.2?}",
+        open.len(),
+        start.elapsed()
+    );
+    assert_eq!(
+        open.len(),
+        usize::from(SNAT_PORTS),
+        "exactly as many connections as SNAT ports for the one backend"
+    );
+    assert_eq!(
+        failed, 0,
+        "a refused connection's SYN is dropped, never answered with an error"
+    );
+    let refused = EXHAUST_CONNS - open.len();
+    let exhausted = topo.global_counter("drop_snat_exhausted") - exhausted_before;
+    assert!(
+        exhausted >= u64::try_from(refused).expect("count"),
+        "drop_snat_exhausted counted {exhausted} for {refused} refused connections"
+    );
+    let peers = established_peers(&topo.backends[0], HTTP_BACKEND_PORT);
+    assert_eq!(
+        peers.len(),
+        usize::from(SNAT_PORTS),
+        "backend sockets: {peers:?}"
+    );
+    assert_distinct_snat_ports(&peers, "the backend's established sockets");
+    let mut listed = listed_snat_sources(topo, "web");
+    assert_distinct_snat_ports(&listed, "weir conn list");
+    listed.sort_unstable();
+    let mut seen = peers.clone();
+    seen.sort_unstable();
+    assert_eq!(listed, seen, "the pairs are the backend's connections");
+
+    wait_snat_gauges(topo, f64::from(SNAT_PORTS), 1.0);
+    let samples = topo.metrics().expect("metrics");
+    let dropped = common::metric(
+        &samples,
+        "weir_packets_dropped_total",
+        &[("reason", "snat_exhausted")],
+    )
+    .expect("the drop counter is exported");
+    assert!(
+        dropped >= refused as f64,
+        "/metrics: {dropped} exhaustion drops"
+    );
+    let resp = topo.api(&Request::Status {}).expect("status");
+    let status: Status = resp.data.expect("data").try_into().expect("status");
+    let nat = status
+        .nat
+        .expect("weir status shows the NAT table after a walk");
+    assert!(nat.snat_exhausted >= u64::try_from(refused).expect("count"));
+    let web = nat
+        .snat
+        .iter()
+        .find(|s| s.service == "web")
+        .expect("web's SNAT address in the status");
+    assert_eq!(
+        (
+            web.address,
+            web.ports_in_use,
+            web.fullest_backend,
+            web.port_count
+        ),
+        (Family::V4.snat(), 64, 64, 64)
+    );
+    assert!(nat.entries >= 128 && nat.capacity > nat.entries, "{nat:?}");
+
+    // 32 closed by RST: their pairs go to CLOSE, expire after 10 s and free their ports.
+    let closed_at = Instant::now();
+    for s in open.drain(..EXHAUST_RECYCLED) {
+        s.set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+        drop(s);
+    }
+    let mut reopened: Vec<socket2::Socket> = Vec::new();
+    while reopened.len() < EXHAUST_RECYCLED {
+        assert!(
+            closed_at.elapsed() < RECYCLE_DEADLINE,
+            "only {} of {EXHAUST_RECYCLED} new connections within {RECYCLE_DEADLINE:?} of the RSTs",
+            reopened.len()
+        );
+        // Never more than the ports freed: a 65th live connection would be a reused tuple.
+        let tries = start_connects(&topo.cli, vip, EXHAUST_RECYCLED - reopened.len());
+        let (connected, failed) = settle(tries, RECYCLE_ROUND);
+        assert_eq!(
+            failed, 0,
+            "a refused connection is never answered with an error"
+        );
+        if !connected.is_empty() {
+            println!(
+                "[snat exhaustion] {:.2?} after the RSTs: {} more",
+                closed_at.elapsed(),
+                connected.len()
+            );
+        }
+        reopened.extend(connected);
+    }
+    println!(
+        "[snat exhaustion] {EXHAUST_RECYCLED} new connections {:.2?} after the RSTs",
+        closed_at.elapsed()
+    );
+    let peers = established_peers(&topo.backends[0], HTTP_BACKEND_PORT);
+    assert_eq!(
+        peers.len(),
+        usize::from(SNAT_PORTS),
+        "after the recycling: {peers:?}"
+    );
+    assert_distinct_snat_ports(&peers, "after the recycling");
+    assert_distinct_snat_ports(&listed_snat_sources(topo, "web"), "weir conn list again");
+    // One more still finds the range full.
+    let (extra, failed) = settle(start_connects(&topo.cli, vip, 1), RECYCLE_ROUND);
+    assert_eq!(
+        (extra.len(), failed),
+        (0, 0),
+        "a 65th connection while 64 are open"
+    );
+    assert_eq!(
+        lb_reserved_ports(topo),
+        lb_reserved,
+        "no reservation needed"
+    );
+    drop((open, reopened));
+    bed.finish();
+}
+
+/// `weir teardown` undoes the agent's reservation: a fullnat range inside the balancer
+/// namespace's ephemeral ports, beside (and overlapping) an operator's range, is reserved
+/// at start (the union) and kept when the agent stops. Then `weir teardown`: of another
+/// datapath, it leaves the record alone; run from another namespace, it removes the pins
+/// but refuses the record (the sysctl is per namespace); run in the balancer's namespace,
+/// it removes exactly the recorded ranges (the operator's, overlap included, survive) and
+/// the record; once more, it finds nothing to do.
+#[test]
+fn teardown_removes_exactly_the_reserved_snat_ports() {
+    let Some(bed) = Bed::build_fullnat("ft") else {
+        return;
+    };
+    let topo = &bed.topo;
+    let range = common::in_netns(&topo.lb, || {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("port range")
+    });
+    let lo: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("ephemeral low port");
+    let (snat_lo, snat_hi) = (lo + 100, lo + 199);
+    let (op_lo, op_hi) = (lo + 150, lo + 159);
+    let operator = format!("8080,{op_lo}-{op_hi}");
+    common::in_netns(&topo.lb, || {
+        fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", &operator)
+            .expect("write the balancer's reserved ports");
+    });
+    let _server = IdServer::start(&topo.backends[0], 0, HTTP_BACKEND_PORT, &[]).expect("id server");
+    let service = ServiceBuilder::new("web", VIP_V4, HTTP_PORT, "tcp")
+        .forwarding("fullnat")
+        .raw("snat_addresses", &format!("[\"{}\"]", Family::V4.snat()))
+        .backend(Backend::new(backend_v4(0)).port(HTTP_BACKEND_PORT));
+    let config = agent_config(topo, std::slice::from_ref(&service))
+        .raw("snat_ports", &format!("\"{snat_lo}-{snat_hi}\""));
+    let path = topo.write_agent_config(&config).expect("config");
+    let mut agent = topo
+        .start_agent_file(&path)
+        .unwrap_or_else(|e| panic!("the agent did not start reserving its ports: {e:#}"));
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}"),
+        "the union of the operator's ranges and the SNAT range"
+    );
+    let vip = SocketAddr::new(VIP_V4.into(), HTTP_PORT);
+    let (mut s, id) = common::id_tcp_connect(&topo.cli, vip, 47_100, IO_TIMEOUT).expect("connect");
+    assert_eq!(id, 0);
+    common::id_tcp_echo(&mut s, b"through the reserved range").expect("echo");
+    drop(s);
+    agent.stop();
+    // Stopping keeps the datapath and the reservation (the pairs stay served).
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}")
+    );
+    let record = topo.workdir.join("reserved-ports.json");
+    assert!(record.exists(), "the record outlives the agent");
+
+    let state = topo.workdir.join("state.json");
+    let bpffs = topo.bpffs();
+    let teardown = |ns: &str, bpffs: &std::path::Path| {
+        let net = format!("--net=/run/netns/{ns}");
+        let args = [
+            "nsenter",
+            &net,
+            common::weir_bin(),
+            "teardown",
+            "--bpffs",
+            bpffs.to_str().expect("utf-8"),
+            "--state-file",
+            state.to_str().expect("utf-8"),
+        ];
+        let (code, out, err) = common::run_status(&args).expect("run weir teardown");
+        println!("$ weir teardown (in {ns}) -> {code}\n{out}{err}");
+        (code, out, err)
+    };
+    // The teardown of another datapath leaves this one's record alone.
+    let (code, _, err) = teardown(&topo.lb, &topo.workdir.join("other-bpffs"));
+    assert_eq!(code, 1, "nothing of that datapath to tear down");
+    assert!(err.contains("left alone"), "{err}");
+    assert!(
+        record.exists(),
+        "another datapath's teardown kept the record"
+    );
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}")
+    );
+    // From another namespace (the client's): the pins go (they are the mount
+    // namespace's), but the record is the balancer namespace's, so no sysctl is touched.
+    let cli_reserved = common::in_netns(&topo.cli, || {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").expect("read")
+    });
+    let (code, out, err) = teardown(&topo.cli, &bpffs);
+    assert_eq!(code, 1, "a record of another namespace is refused");
+    assert!(out.contains("pins removed"), "{out}");
+    assert!(err.contains("network namespace"), "{err}");
+    assert!(record.exists(), "the refused teardown kept the record");
+    assert!(!bpffs.exists(), "the pins are gone");
+    assert_eq!(
+        common::in_netns(&topo.cli, || fs::read_to_string(
+            "/proc/sys/net/ipv4/ip_local_reserved_ports"
+        )
+        .expect("read")),
+        cli_reserved
+    );
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        format!("8080,{snat_lo}-{snat_hi}")
+    );
+
+    // In the balancer's namespace: the datapath is gone already, its reservation goes now.
+    let (code, out, err) = teardown(&topo.lb, &bpffs);
+    assert_eq!(code, 0, "weir teardown: {err}");
+    assert!(out.contains("ip_local_reserved_ports"), "{out}");
+    assert_eq!(
+        lb_reserved_ports(topo).trim(),
+        operator,
+        "only the recorded ranges went; the operator's, inside the SNAT range, stayed"
+    );
+    assert!(!record.exists(), "the record is gone with the ranges");
+    // Again: nothing left to do, nothing changed.
+    let (code, _, err) = teardown(&topo.lb, &bpffs);
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to tear down"), "{err}");
+    assert_eq!(lb_reserved_ports(topo).trim(), operator);
+    bed.finish();
 }

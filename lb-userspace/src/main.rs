@@ -10,8 +10,9 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use weir::cli::{
     AgentArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs, EX_NOPERM, EX_USAGE,
-    EXIT_FAILURE, LogFormat, Streams,
+    EXIT_FAILURE, LogFormat, Streams, TeardownArgs,
 };
+use weir::datapath::ports::Release;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
         Command::Decap(args) => decap(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Client(command) => client(&command),
-        Command::Teardown(args) => teardown(&args.bpffs),
+        Command::Teardown(args) => teardown(&args),
     }
 }
 
@@ -119,26 +120,74 @@ fn client(command: &ClientCommand) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn teardown(bpffs: &Path) -> ExitCode {
-    match weir::datapath::teardown(bpffs) {
-        Ok(()) => {
-            println!("{}: XDP program detached and pins removed", bpffs.display());
-            ExitCode::SUCCESS
+/// `weir teardown`: the pinned datapath first, then the SNAT ports the agent reserved
+/// (only once the datapath's lock showed that no agent runs it: a running agent's pairs
+/// need their ports kept from local sockets). A datapath already gone (its bpffs directory
+/// absent) still has its reservations undone; another datapath's record is left alone.
+fn teardown(args: &TeardownArgs) -> ExitCode {
+    let bpffs = &args.bpffs;
+    let pinned = bpffs.exists();
+    if pinned {
+        if let Err(err) = weir::datapath::teardown(bpffs) {
+            return teardown_failed(
+                &err,
+                &format!("tearing down the datapath pinned under {}", bpffs.display()),
+            );
         }
-        Err(err) => {
-            let code = weir::cli::teardown_exit_code(&err);
-            let hint = if code == EX_NOPERM {
-                " (run as root)"
-            } else {
-                ""
-            };
+        println!("{}: XDP program detached and pins removed", bpffs.display());
+    }
+    match weir::datapath::ports::release(&args.state_file, bpffs) {
+        Ok(Release::Released {
+            record,
+            before,
+            after,
+        }) => {
+            println!(
+                "{}: removed the SNAT ports the agent reserved from \
+                 net.ipv4.ip_local_reserved_ports (was '{before}', now '{after}')",
+                record.display()
+            );
+        }
+        Ok(Release::OtherDatapath {
+            record,
+            bpffs: theirs,
+        }) => {
+            // Not an error: the state file's default is shared by every datapath's teardown.
             eprintln!(
-                "error: tearing down the datapath pinned under {}: {err:#}{hint}",
+                "note: {} records SNAT ports of the datapath under {}, not {}: left alone",
+                record.display(),
+                theirs.display(),
                 bpffs.display()
             );
-            ExitCode::from(code)
+            if !pinned {
+                return nothing_to_tear_down(args);
+            }
         }
+        Ok(Release::NoRecord) if !pinned => return nothing_to_tear_down(args),
+        Ok(Release::NoRecord) => {}
+        Err(err) => return teardown_failed(&err, "removing the reserved SNAT ports"),
     }
+    ExitCode::SUCCESS
+}
+
+fn nothing_to_tear_down(args: &TeardownArgs) -> ExitCode {
+    eprintln!(
+        "error: nothing to tear down: {} does not exist and {} records no reserved ports of it",
+        args.bpffs.display(),
+        weir::datapath::ports::record_path(&args.state_file).display()
+    );
+    ExitCode::from(EXIT_FAILURE)
+}
+
+fn teardown_failed(err: &anyhow::Error, what: &str) -> ExitCode {
+    let code = weir::cli::teardown_exit_code(err);
+    let hint = if code == EX_NOPERM {
+        " (run as root)"
+    } else {
+        ""
+    };
+    eprintln!("error: {what}: {err:#}{hint}");
+    ExitCode::from(code)
 }
 
 fn runtime_error(err: &anyhow::Error) -> ExitCode {

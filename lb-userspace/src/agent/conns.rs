@@ -12,7 +12,7 @@ use std::{
 use lb_common::{
     FlowKey, PROTO_TCP, addr_from_bytes,
     nat::{
-        NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY, NAT_TCP_CLOSE, NAT_TCP_ESTABLISHED,
+        NAT_NO_SNAT, NAT_PICKED_UP, NAT_REPLIED, NAT_REPLY, NAT_TCP_CLOSE, NAT_TCP_ESTABLISHED,
         NAT_TCP_FIN_WAIT, NAT_TCP_SYN_RECV, NAT_TCP_SYN_SENT, NAT_TCP_TIME_WAIT, NatEntry,
     },
 };
@@ -31,11 +31,13 @@ pub struct ConnBackend {
     pub generation: u32,
 }
 
-/// Which connections a request is about; both `None` means every one.
+/// Which connections a request is about; all `None` means every one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnFilter {
     pub service: Option<String>,
     pub backend: Option<IpAddr>,
+    /// Only for a list (a flush takes whole backends or services, never a state).
+    pub state: Option<ConnState>,
 }
 
 impl ConnFilter {
@@ -85,8 +87,8 @@ fn state(key: &FlowKey, e: &NatEntry, partner: Option<&NatEntry>) -> ConnState {
     }
 }
 
-/// The forward entries matching `filter`, as the API shows them, sorted by service, backend
-/// and client, at most `limit`. A pair's idle time is the shorter of its two entries' (the
+/// The forward entries matching `filter` (a state filter by the pair's state, as listed),
+/// as the API shows them, sorted by service, backend and client, at most `limit`. A pair's idle time is the shorter of its two entries' (the
 /// last packet either way) and it expires when both have: the datapath's pair rule.
 #[must_use]
 pub fn list(
@@ -106,6 +108,10 @@ pub fn list(
             continue;
         }
         let partner = entries.get(&e.partner_key(key));
+        let state = state(key, e, partner);
+        if filter.state.is_some_and(|want| want != state) {
+            continue;
+        }
         let idle_ns = |x: &NatEntry| now_ns.saturating_sub(x.last_seen_ns);
         let left_ns =
             |x: &NatEntry| (u64::from(x.timeout_s) * 1_000_000_000).saturating_sub(idle_ns(x));
@@ -122,8 +128,10 @@ pub fn list(
             },
             client: socket(key.src_addr, key.src_port_be, key.family),
             vip: socket(key.dst_addr, key.dst_port_be, key.family),
+            snat: (e.snat_slot != NAT_NO_SNAT)
+                .then(|| socket(e.new_src_addr, e.new_src_port_be, key.family)),
             backend: socket(e.new_dst_addr, e.new_dst_port_be, key.family),
-            state: state(key, e, partner),
+            state,
             idle_seconds: idle / 1_000_000_000,
             expires_in_seconds: left / 1_000_000_000,
             picked_up: e.flags & NAT_PICKED_UP != 0,
@@ -337,6 +345,7 @@ mod tests {
         ConnFilter {
             service: service.map(Into::into),
             backend: backend.map(ip),
+            state: None,
         }
     }
 
@@ -433,6 +442,55 @@ mod tests {
             list(&t, &stale, &filter(None, Some("198.51.100.11")), 100, now).total,
             0
         );
+    }
+
+    #[test]
+    fn the_state_filter_and_the_snat_source() {
+        let now = 10_000 * S;
+        let mut t = table(now);
+        // Client port 40001 becomes a fullnat pair in TIME_WAIT: its forward entry's new
+        // source is the SNAT address and port.
+        let snat = addr_bytes(ip("198.51.100.1")).0;
+        for (key, e) in &mut t {
+            if e.backend_id == 2 {
+                e.tcp_state = NAT_TCP_TIME_WAIT;
+                e.snat_slot = 0;
+                if e.flags & NAT_REPLY == 0 {
+                    e.new_src_addr = snat;
+                    e.new_src_port_be = 61_007u16.to_be();
+                }
+                assert_eq!(key.proto, PROTO_TCP);
+            }
+        }
+        let b = backends();
+        let by_state = |state| ConnFilter {
+            state: Some(state),
+            ..filter(None, None)
+        };
+        let waiting = list(&t, &b, &by_state(ConnState::TimeWait), 100, now);
+        assert_eq!(waiting.total, 1);
+        let c = &waiting.connections[0];
+        assert_eq!(c.client.port(), 40001);
+        assert_eq!(c.snat, Some("198.51.100.1:61007".parse().unwrap()));
+        assert_eq!(
+            list(&t, &b, &by_state(ConnState::Established), 100, now).total,
+            2
+        );
+        let udp = list(&t, &b, &by_state(ConnState::Replied), 100, now);
+        assert_eq!(
+            (udp.total, udp.connections[0].protocol),
+            (1, api::Protocol::Udp)
+        );
+        assert_eq!(
+            udp.connections[0].snat, None,
+            "a nat pair has no SNAT source"
+        );
+        // The state filter narrows the others.
+        let none = ConnFilter {
+            state: Some(ConnState::TimeWait),
+            ..filter(Some("dns"), None)
+        };
+        assert_eq!(list(&t, &b, &none, 100, now).total, 0);
     }
 
     #[test]

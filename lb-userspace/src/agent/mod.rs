@@ -143,6 +143,7 @@ fn check_fullnat(config: &Config) -> anyhow::Result<()> {
         config.agent.snat_ports,
         config.agent.reserve_snat_ports,
         &config.agent.state_file,
+        &config.agent.bpffs,
     )
 }
 
@@ -243,6 +244,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         fingerprints_published: false,
         unsettled: std::collections::HashSet::new(),
         settle_deadline: None,
+        nat_table: None,
     };
     let report = agent.sync()?;
     tracing::info!(

@@ -6,15 +6,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use lb_common::{
-    FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP,
-    nat::{NAT_RECLAIM_MARGIN_NS, NAT_REPLY, NatEntry},
+    FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP, addr_from_bytes,
+    nat::{NAT_NO_SNAT, NAT_RECLAIM_MARGIN_NS, NAT_REPLY, NatEntry},
     stat,
 };
 
@@ -145,6 +145,8 @@ pub struct Agent {
     pub unsettled: HashSet<desired::BackendKey>,
     /// When the agent announces even with verdicts missing; `None` until attached.
     pub settle_deadline: Option<Instant>,
+    /// What the last walk of the NAT table measured (`weir status`); `None` before it.
+    pub nat_table: Option<NatTableGauges>,
 }
 
 /// The longest the first health verdicts may hold back the announcements at start.
@@ -166,6 +168,8 @@ pub struct Recount {
     walker: ConntrackWalker,
     nat: Option<NatWalker>,
     nat_orphans: HashSet<FlowKey>,
+    /// `[agent] snat_ports`: the range the datapath allocates from.
+    snat_ports: (u16, u16),
     backends: HashMap<u32, BackendTimeouts>,
     /// The datapath's counters when the walk began.
     before: HashMap<u32, i64>,
@@ -187,6 +191,8 @@ pub struct RecountResult {
     pub nat_entries: Option<usize>,
     /// Live NAT connections per backend id (`NatWalkOutcome::pairs`).
     pub nat_pairs: HashMap<u32, u64>,
+    /// The SNAT ports the table holds after the walk (`snat_claims`).
+    pub snat: HashMap<SnatClaim, u64>,
 }
 
 /// What a walk of the NAT table decides (`nat_walk`).
@@ -257,6 +263,94 @@ pub fn nat_walk(
     out
 }
 
+/// Where SNAT port claims are (`snat_claims`): the backend id a pair was made for, its SNAT
+/// address, and the backend endpoint (address, port, protocol) whose port space it takes.
+/// The datapath claims a port per reply tuple, so two pairs compete for a port only when
+/// they share the SNAT address and the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnatClaim {
+    pub backend_id: u32,
+    pub address: IpAddr,
+    pub endpoint: SocketAddr,
+    pub proto: u8,
+    /// The port lies in the SNAT range the datapath allocates from now (a pair made before
+    /// a restart with another `snat_ports` takes none of its ports).
+    pub in_range: bool,
+}
+
+/// Counts the SNAT ports the table holds after a walk: every `fullnat` reply entry (its
+/// key is the claim: backend:bp → snat:sp) that the walk does not reclaim. Orphans waiting
+/// for their second walk still hold their port, so they count.
+#[must_use]
+pub fn snat_claims(
+    entries: &HashMap<FlowKey, NatEntry>,
+    reclaimed: &[FlowKey],
+    snat_ports: (u16, u16),
+) -> HashMap<SnatClaim, u64> {
+    let reclaimed: HashSet<&FlowKey> = reclaimed.iter().collect();
+    let mut out = HashMap::new();
+    for (key, e) in entries {
+        if e.flags & NAT_REPLY == 0 || e.snat_slot == NAT_NO_SNAT || reclaimed.contains(key) {
+            continue;
+        }
+        let port = u16::from_be(key.dst_port_be);
+        let claim = SnatClaim {
+            backend_id: e.backend_id,
+            address: addr_from_bytes(key.dst_addr, key.family),
+            endpoint: SocketAddr::new(
+                addr_from_bytes(key.src_addr, key.family),
+                u16::from_be(key.src_port_be),
+            ),
+            proto: key.proto,
+            in_range: (snat_ports.0..=snat_ports.1).contains(&port),
+        };
+        *out.entry(claim).or_default() += 1;
+    }
+    out
+}
+
+/// The SNAT use of every SNAT address of every `fullnat` service (`services`: name,
+/// backend ids, SNAT addresses, in config order) from a walk's claims: the service's pairs
+/// on the address, and the fullest of its backend endpoints there, counting every
+/// service's in-range pairs on that endpoint (they share its ports).
+#[must_use]
+pub fn snat_use(
+    services: &[(String, HashSet<u32>, Vec<IpAddr>)],
+    claims: &HashMap<SnatClaim, u64>,
+    port_count: u64,
+) -> Vec<api::SnatUse> {
+    let mut per_endpoint: HashMap<(IpAddr, SocketAddr, u8), u64> = HashMap::new();
+    for (c, n) in claims {
+        if c.in_range {
+            *per_endpoint
+                .entry((c.address, c.endpoint, c.proto))
+                .or_default() += n;
+        }
+    }
+    let mut out = Vec::new();
+    for (name, ids, addresses) in services {
+        for address in addresses {
+            let mine = claims
+                .iter()
+                .filter(|(c, _)| c.address == *address && ids.contains(&c.backend_id));
+            let ports_in_use = mine.clone().map(|(_, n)| n).sum();
+            let fullest_backend = mine
+                .filter_map(|(c, _)| per_endpoint.get(&(c.address, c.endpoint, c.proto)))
+                .copied()
+                .max()
+                .unwrap_or(0);
+            out.push(api::SnatUse {
+                service: name.clone(),
+                address: *address,
+                ports_in_use,
+                fullest_backend,
+                port_count,
+            });
+        }
+    }
+    out
+}
+
 impl Recount {
     /// Walks the table; blocking (seconds for millions of entries without batches).
     pub fn run(self) -> RecountResult {
@@ -290,6 +384,7 @@ impl Recount {
         let mut nat_reclaimed = 0;
         let mut nat_entries = None;
         let mut nat_pairs = HashMap::new();
+        let mut snat = HashMap::new();
         if let Some(nat) = &self.nat {
             let mut table = HashMap::new();
             match nat.walk(|key, value| {
@@ -301,6 +396,7 @@ impl Recount {
                     nat_counts = outcome.counts;
                     nat_pairs = outcome.pairs;
                     nat_orphans = outcome.orphans;
+                    snat = snat_claims(&table, &outcome.reclaim, self.snat_ports);
                     match nat.delete(&outcome.reclaim) {
                         Ok(n) => nat_reclaimed = n,
                         Err(err) => {
@@ -328,6 +424,7 @@ impl Recount {
             nat_reclaimed,
             nat_entries,
             nat_pairs,
+            snat,
         }
     }
 }
@@ -357,11 +454,6 @@ pub fn counts_as_active(
         b.udp_ns
     };
     now_ns.saturating_sub(value.last_seen_ns) <= timeout
-}
-
-/// Whether a service's forwarding translates through `NAT_CT` (`fullnat` joins here).
-const fn is_nat(forwarding: u8) -> bool {
-    forwarding == lb_common::FORWARD_NAT
 }
 
 fn now_unix() -> u64 {
@@ -467,6 +559,7 @@ impl Agent {
             walker,
             nat,
             nat_orphans: self.nat_orphans.clone(),
+            snat_ports: self.config.agent.snat_ports,
             backends,
             before,
         })
@@ -485,8 +578,9 @@ impl Agent {
         self.metrics
             .observe_nat_reclaimed(result.nat_reclaimed as u64);
         if let Some(entries) = result.nat_entries {
-            self.metrics
-                .set_nat_table(self.nat_gauges(entries, &result.nat_pairs));
+            let gauges = self.nat_gauges(entries, &result.nat_pairs, &result.snat);
+            self.metrics.set_nat_table(gauges.clone());
+            self.nat_table = Some(gauges);
         }
         let current: HashMap<u32, u32> = self
             .balancer
@@ -520,13 +614,39 @@ impl Agent {
     }
 
     /// The NAT gauges of a walk: every backend of a NAT service gets a series (0 without
-    /// connections, so an alert sees it), and any other backend a pair still points to.
-    fn nat_gauges(&self, entries: usize, pairs: &HashMap<u32, u64>) -> NatTableGauges {
+    /// connections, so an alert sees it), and any other backend a pair still points to;
+    /// every SNAT address of a `fullnat` service gets its use.
+    fn nat_gauges(
+        &self,
+        entries: usize,
+        pairs: &HashMap<u32, u64>,
+        claims: &HashMap<SnatClaim, u64>,
+    ) -> NatTableGauges {
+        let fullnat: Vec<(String, HashSet<u32>, Vec<IpAddr>)> = self
+            .balancer
+            .services()
+            .filter(|s| s.spec.forwarding == lb_common::FORWARD_FULLNAT)
+            .map(|s| {
+                (
+                    s.spec.name.clone(),
+                    s.backends.iter().map(|b| b.id).collect(),
+                    s.spec
+                        .snat
+                        .iter()
+                        .map(|source| {
+                            addr_from_bytes(source.addr, lb_common::addr_bytes(s.spec.vip).1)
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let (lo, hi) = self.config.agent.snat_ports;
+        let snat = snat_use(&fullnat, claims, u64::from(hi - lo) + 1);
         let mut connections = Vec::new();
         for state in self.balancer.services() {
             for b in &state.backends {
                 let count = pairs.get(&b.id).copied();
-                if is_nat(state.spec.forwarding) || count.is_some() {
+                if lb_common::forwarding_is_nat(state.spec.forwarding) || count.is_some() {
                     connections.push((state.spec.name.clone(), b.address, count.unwrap_or(0)));
                 }
             }
@@ -535,6 +655,7 @@ impl Agent {
             entries: entries as u64,
             capacity: u64::from(self.balancer.maps().nat_capacity()),
             connections,
+            snat,
         }
     }
 
@@ -543,10 +664,11 @@ impl Agent {
     /// request; `Err`: the answer, when there is nothing to walk.
     pub fn conn_job(&self, request: &Request) -> Option<Result<ConnJob, Response>> {
         let refuse = |message: &str| Some(Err(Response::error(ErrorCode::BadRequest, message)));
-        let (service, backend, action) = match request {
+        let (service, backend, state, action) = match request {
             Request::ConnList {
                 service,
                 backend,
+                state,
                 limit,
             } => {
                 let limit = limit.unwrap_or(api::CONN_LIST_DEFAULT_LIMIT);
@@ -559,6 +681,7 @@ impl Agent {
                 (
                     service,
                     backend,
+                    *state,
                     ConnAction::List {
                         limit: limit as usize,
                     },
@@ -588,7 +711,7 @@ impl Agent {
                          `weir conn flush`",
                     );
                 }
-                (service, backend, ConnAction::Flush)
+                (service, backend, None, ConnAction::Flush)
             }
             _ => return None,
         };
@@ -652,6 +775,7 @@ impl Agent {
             filter: ConnFilter {
                 service: service.clone(),
                 backend: *backend,
+                state,
             },
             action,
         }))
@@ -929,6 +1053,16 @@ impl Agent {
             backends_up: backends.iter().filter(|b| b.up).count(),
             last_reload: self.last_reload.clone(),
             inconsistent: self.inconsistent.clone(),
+            nat: self.nat_table.as_ref().map(|t| api::NatStatus {
+                entries: t.entries,
+                capacity: t.capacity,
+                snat_exhausted: self.balancer.maps().global().map_or(0, |g| {
+                    g.get(stat::DROP_SNAT_EXHAUSTED as usize)
+                        .copied()
+                        .unwrap_or(0)
+                }),
+                snat: t.snat.clone(),
+            }),
             announce: self.announce_status(),
         }
     }
@@ -1143,6 +1277,13 @@ impl Agent {
                         "reload: [announce] changes take effect at the next agent start"
                     );
                 }
+                if new.agent.snat_ports != self.config.agent.snat_ports
+                    || new.agent.reserve_snat_ports != self.config.agent.reserve_snat_ports
+                {
+                    tracing::warn!(
+                        "reload: snat_ports and reserve_snat_ports changes take effect at the next agent start (the ports are reserved there)"
+                    );
+                }
                 let old = std::mem::replace(&mut self.config, new);
                 self.config.announce = old.announce.clone();
                 // Keep agent-wide settings that need a restart.
@@ -1150,6 +1291,11 @@ impl Agent {
                 self.config.agent.bpffs = old.agent.bpffs.clone();
                 self.config.agent.api_socket = old.agent.api_socket.clone();
                 self.config.agent.metrics = old.agent.metrics;
+                // The range checked against the kernel's ephemeral ports and reserved at
+                // start: a new one written to the SNAT pool now could hand out ports that
+                // local sockets may take.
+                self.config.agent.snat_ports = old.agent.snat_ports;
+                self.config.agent.reserve_snat_ports = old.agent.reserve_snat_ports;
                 // The overlay in memory came from this file: keep writing it there.
                 self.config.agent.state_file = old.agent.state_file.clone();
                 match self.sync() {
@@ -1661,5 +1807,94 @@ mod tests {
         let out = nat_walk(&table, &backends, now, &none);
         assert!(out.counts.is_empty());
         assert_eq!(out.pairs.get(&3), Some(&1));
+    }
+
+    /// A `fullnat` pair: `nat_pair`'s client port `cport` to backend id `id` at
+    /// `backend`:8080, translated to `snat`:`sport`.
+    fn fullnat_pair(
+        id: u32,
+        backend: [u8; 4],
+        cport: u16,
+        snat: [u8; 4],
+        sport: u16,
+        now: u64,
+    ) -> [(FlowKey, NatEntry); 2] {
+        let [(mut fwd_key, mut fwd), _] = nat_pair(1, 1, now);
+        fwd_key.src_port_be = cport.to_be();
+        fwd.backend_id = id;
+        fwd.new_dst_addr[..4].copy_from_slice(&backend);
+        fwd.new_src_addr = [0; 16];
+        fwd.new_src_addr[..4].copy_from_slice(&snat);
+        fwd.new_src_port_be = sport.to_be();
+        fwd.snat_slot = 0;
+        let reply_key = fwd.partner_key(&fwd_key);
+        let reply = NatEntry {
+            new_src_addr: fwd_key.dst_addr,
+            new_dst_addr: fwd_key.src_addr,
+            new_src_port_be: fwd_key.dst_port_be,
+            new_dst_port_be: fwd_key.src_port_be,
+            flags: NAT_REPLY,
+            ..fwd
+        };
+        [(fwd_key, fwd), (reply_key, reply)]
+    }
+
+    #[test]
+    fn snat_use_counts_the_ports_held_per_address_and_the_fullest_backend() {
+        let now = 1_000_000_000_000;
+        let (b1, b2) = ([198, 51, 100, 11], [198, 51, 100, 12]);
+        let (a1, a2) = ([198, 51, 100, 1], [198, 51, 100, 2]);
+        let mut table: HashMap<FlowKey, NatEntry> = HashMap::new();
+        // Service "web" (backend ids 3 and 4): three pairs to b1 on a1, one to b2 on a1,
+        // one to b1 on a2; one of b1's on a1 has a port outside today's range.
+        for (id, backend, cport, snat, sport) in [
+            (3, b1, 40_000, a1, 61_000),
+            (3, b1, 40_001, a1, 61_001),
+            (3, b1, 40_002, a1, 50_000),
+            (4, b2, 40_003, a1, 61_000),
+            (3, b1, 40_004, a2, 61_000),
+        ] {
+            table.extend(fullnat_pair(id, backend, cport, snat, sport, now));
+        }
+        // Service "api" (backend id 5) shares b1:8080 and a1: its pair takes b1's ports too.
+        table.extend(fullnat_pair(5, b1, 40_005, a1, 61_002, now));
+        // A `nat` pair holds no SNAT port.
+        table.extend(nat_pair(1, 1, now));
+        // A pair the walk reclaims holds none either.
+        let gone = fullnat_pair(3, b1, 40_006, a1, 61_003, now);
+        let reclaimed: Vec<FlowKey> = gone.iter().map(|(k, _)| *k).collect();
+        table.extend(gone);
+
+        let claims = snat_claims(&table, &reclaimed, (61_000, 61_003));
+        assert_eq!(claims.values().sum::<u64>(), 6, "{claims:?}");
+        let ip = |a: [u8; 4]| IpAddr::from(a);
+        let services = [
+            (
+                "web".to_owned(),
+                HashSet::from([3, 4]),
+                vec![ip(a1), ip(a2)],
+            ),
+            ("api".to_owned(), HashSet::from([5]), vec![ip(a1)]),
+            ("idle".to_owned(), HashSet::from([9]), vec![ip(a2)]),
+        ];
+        let rows: Vec<(String, IpAddr, u64, u64)> = snat_use(&services, &claims, 4)
+            .into_iter()
+            .map(|u| {
+                assert_eq!(u.port_count, 4);
+                (u.service, u.address, u.ports_in_use, u.fullest_backend)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                // web on a1: 4 pairs; b1:8080 holds 3 in-range ports there (2 of web's,
+                // 1 of api's), b2 holds 1.
+                ("web".to_owned(), ip(a1), 4, 3),
+                ("web".to_owned(), ip(a2), 1, 1),
+                ("api".to_owned(), ip(a1), 1, 3),
+                // An address without pairs still gets its row (a 0 series to alert on).
+                ("idle".to_owned(), ip(a2), 0, 0),
+            ]
+        );
     }
 }

@@ -79,14 +79,16 @@ pub enum Request {
     AnnounceWithdraw {},
     /// `weir announce resume`: announce the VIPs that can be served again.
     AnnounceResume {},
-    /// The NAT connections (pairs of `NAT_CT`), optionally of one service and/or backend;
-    /// at most `limit` (default [`CONN_LIST_DEFAULT_LIMIT`], at most
+    /// The NAT connections (pairs of `NAT_CT`), optionally of one service, backend and/or
+    /// state; at most `limit` (default [`CONN_LIST_DEFAULT_LIMIT`], at most
     /// [`CONN_LIST_MAX_LIMIT`]), with the total that matched.
     ConnList {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         service: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<IpAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<ConnState>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
@@ -386,6 +388,9 @@ pub struct Status {
     /// The VIPs' BGP announcements; `None` without an `[announce]` section.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<AnnounceStatus>,
+    /// The NAT table as the last walk found it; `None` before the first walk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatStatus>,
 }
 
 /// What the agent hands BIRD to announce (`[announce]`): the routes of its TUN device.
@@ -410,6 +415,39 @@ pub struct VipAnnouncement {
     pub since: u64,
     /// Why: `serving`, `starting`, `no-backend`, `withdrawn` (by the operator), `stopping`.
     pub reason: String,
+}
+
+/// [`Status::nat`]: the NAT table's fill and the SNAT port use, from the agent's last table
+/// walk (every 5 s), and the SYNs refused for want of a port since the datapath was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatStatus {
+    /// Entries in the table (two per connection, expired ones until reclaimed).
+    pub entries: u64,
+    /// Entries the table holds at most (`2 x nat_connections`); new connections are
+    /// refused when it is full.
+    pub capacity: u64,
+    /// New fullnat connections refused because no SNAT port was free (the datapath's
+    /// `drop_snat_exhausted`, every address together).
+    pub snat_exhausted: u64,
+    /// Every SNAT address of every `fullnat` service, by service then address.
+    pub snat: Vec<SnatUse>,
+}
+
+/// One SNAT address of one `fullnat` service ([`NatStatus::snat`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatUse {
+    pub service: String,
+    pub address: IpAddr,
+    /// The service's connections whose SNAT source is this address.
+    pub ports_in_use: u64,
+    /// The connections through this address of the fullest of the service's backend
+    /// endpoints (address, port, protocol), every service's together since they share the
+    /// ports. Over `port_count` it is `weir_snat_port_use_ratio`: at `port_count`, new
+    /// connections to that backend through this address are refused.
+    pub fullest_backend: u64,
+    /// Ports of `[agent] snat_ports`: how many connections one backend endpoint can have
+    /// through this address.
+    pub port_count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,6 +588,9 @@ pub struct ConnInfo {
     pub protocol: Protocol,
     pub client: SocketAddr,
     pub vip: SocketAddr,
+    /// `fullnat`: the SNAT address and port the backend sees as the connection's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat: Option<SocketAddr>,
     pub backend: SocketAddr,
     pub state: ConnState,
     /// Seconds since the last packet, either way.
@@ -653,6 +694,20 @@ pub enum ConnState {
     Unreplied,
     /// UDP, answered.
     Replied,
+}
+
+impl ConnState {
+    /// Every state, in the order of the TCP state machine, then UDP's.
+    pub const ALL: [Self; 8] = [
+        Self::SynSent,
+        Self::SynRecv,
+        Self::Established,
+        Self::FinWait,
+        Self::TimeWait,
+        Self::Close,
+        Self::Unreplied,
+        Self::Replied,
+    ];
 }
 
 /// A backend's health as the agent sees it ([`BackendInfo::health`]).
@@ -795,6 +850,7 @@ mod tests {
             last_reload: None,
             inconsistent: None,
             announce: None,
+            nat: None,
         }
     }
 
@@ -829,16 +885,7 @@ mod tests {
         ]);
         check(&[Admin::Enabled, Admin::Draining, Admin::Disabled]);
         check(&[Health::Up, Health::Down, Health::Unchecked]);
-        check(&[
-            ConnState::SynSent,
-            ConnState::SynRecv,
-            ConnState::Established,
-            ConnState::FinWait,
-            ConnState::TimeWait,
-            ConnState::Close,
-            ConnState::Unreplied,
-            ConnState::Replied,
-        ]);
+        check(&ConnState::ALL);
         assert_eq!(Scheduler::IpHash.as_str(), "ip-hash");
         assert_eq!(Scheduler::LeastConn.to_string(), "least-conn");
     }
@@ -972,6 +1019,7 @@ mod tests {
             protocol: Protocol::Tcp,
             client: "203.0.113.7:40000".parse().unwrap(),
             vip: "198.51.100.10:80".parse().unwrap(),
+            snat: None,
             backend: "198.51.100.11:8080".parse().unwrap(),
             state: ConnState::Established,
             idle_seconds: 3,
@@ -985,12 +1033,13 @@ mod tests {
         let list = Request::ConnList {
             service: None,
             backend: Some(ip("198.51.100.11")),
+            state: Some(ConnState::FinWait),
             limit: Some(5),
         };
         let text = serde_json::to_string(&list).unwrap();
         assert_eq!(
             text,
-            r#"{"cmd":"conn_list","backend":"198.51.100.11","limit":5}"#
+            r#"{"cmd":"conn_list","backend":"198.51.100.11","state":"fin-wait","limit":5}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), list);
         // A bare flush deserializes with neither `all` nor `confirm`: the agent refuses it.
@@ -1014,6 +1063,8 @@ mod tests {
         assert_eq!(Response::from_json(&text, &list).unwrap(), response);
         let value = serde_json::to_value(&response).unwrap();
         assert_eq!(value["data"]["connections"][0]["state"], "established");
+        // A `nat` connection has no SNAT source: the field is left out.
+        assert!(value["data"]["connections"][0].get("snat").is_none());
         assert_eq!(
             value["data"]["connections"][0]["client"],
             "203.0.113.7:40000"

@@ -137,9 +137,14 @@ impl ConnCommand {
     /// a `conn_list` instead, to say how many would go).
     pub fn request(&self) -> Request {
         match self {
-            Self::List { filter, limit } => Request::ConnList {
+            Self::List {
+                filter,
+                state,
+                limit,
+            } => Request::ConnList {
                 service: filter.service.clone(),
                 backend: filter.backend,
+                state: *state,
                 limit: Some(*limit),
             },
             Self::Flush { filter, all, yes } => Request::ConnFlush {
@@ -442,6 +447,7 @@ impl Client<'_> {
             let would: ConnList = self.fetch(&Request::ConnList {
                 service: filter.service.clone(),
                 backend: filter.backend,
+                state: None,
                 limit: Some(1),
             })?;
             return Err(Failure::Refused(format!(
@@ -925,6 +931,7 @@ mod tests {
             Request::ConnList {
                 service: None,
                 backend: None,
+                state: None,
                 limit: Some(1000)
             }
         );
@@ -942,7 +949,17 @@ mod tests {
             Request::ConnList {
                 service: Some("web".into()),
                 backend: Some(ip("2001:db8::12")),
+                state: None,
                 limit: Some(5)
+            }
+        );
+        assert_eq!(
+            conn(&["conn", "list", "--state", "time-wait"]),
+            Request::ConnList {
+                service: None,
+                backend: None,
+                state: Some(api::ConnState::TimeWait),
+                limit: Some(1000)
             }
         );
         assert_eq!(
@@ -966,6 +983,8 @@ mod tests {
         for bad in [
             &["conn", "list", "--limit", "0"][..],
             &["conn", "list", "--limit", "100001"],
+            &["conn", "list", "--state", "open"],
+            &["conn", "flush", "--all", "--state", "close"],
             &["conn", "flush", "--all", "--service", "web"],
             &["conn", "list", "web"],
             &["conn"],
@@ -1046,16 +1065,19 @@ mod tests {
                 Request::ConnList {
                     service: None,
                     backend: None,
+                    state: None,
                     limit: Some(1000)
                 },
                 Request::ConnList {
                     service: Some("web".into()),
                     backend: None,
+                    state: None,
                     limit: Some(1000)
                 },
                 Request::ConnList {
                     service: None,
                     backend,
+                    state: None,
                     limit: Some(1)
                 },
                 Request::ConnFlush {

@@ -7,8 +7,8 @@ use clap::Parser as _;
 
 use super::{BackendArgs, BackendCommand, Cli, ClientCommand, Command};
 use crate::api::{
-    Admin, BackendInfo, ConnInfo, ConnList, ConnState, Health, Protocol, ReloadOutcome,
-    ServiceTable, Stats, Status, TrafficStats, XdpMode,
+    Admin, BackendInfo, ConnInfo, ConnList, ConnState, Health, NatStatus, Protocol, ReloadOutcome,
+    ServiceTable, SnatUse, Stats, Status, TrafficStats, XdpMode,
 };
 
 pub(super) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -85,6 +85,36 @@ pub(super) fn sample_status() -> Status {
         }),
         inconsistent: None,
         announce: None,
+        nat: None,
+    }
+}
+
+/// `sample_status` with a NAT table: one `fullnat` service with two SNAT addresses, one
+/// of them full for a backend.
+pub(super) fn sample_nat_status() -> Status {
+    Status {
+        nat: Some(NatStatus {
+            entries: 1_200,
+            capacity: 524_288,
+            snat_exhausted: 17,
+            snat: vec![
+                SnatUse {
+                    service: "web".into(),
+                    address: ip("198.51.100.1"),
+                    ports_in_use: 96,
+                    fullest_backend: 64,
+                    port_count: 64,
+                },
+                SnatUse {
+                    service: "web".into(),
+                    address: ip("198.51.100.2"),
+                    ports_in_use: 3,
+                    fullest_backend: 2,
+                    port_count: 64,
+                },
+            ],
+        }),
+        ..sample_status()
     }
 }
 
@@ -120,6 +150,7 @@ pub(super) fn sample_conns() -> ConnList {
                 protocol: Protocol::Tcp,
                 client: "203.0.113.7:40000".parse().unwrap(),
                 vip: "198.51.100.10:80".parse().unwrap(),
+                snat: Some("198.51.100.1:61007".parse().unwrap()),
                 backend: "198.51.100.11:8080".parse().unwrap(),
                 state: ConnState::Established,
                 idle_seconds: 3,
@@ -131,6 +162,7 @@ pub(super) fn sample_conns() -> ConnList {
                 protocol: Protocol::Udp,
                 client: "[2001:db8::7]:53000".parse().unwrap(),
                 vip: "[2001:db8::10]:53".parse().unwrap(),
+                snat: None,
                 backend: "[2001:db8::12]:5353".parse().unwrap(),
                 state: ConnState::Unreplied,
                 idle_seconds: 0,

@@ -60,7 +60,8 @@ pub const SOCKET_ENV: &str = "WEIR_SOCKET";
 /// `weir status`, `service`, `backend`, `stats`, `reload`, `conn` and `announce` talk to
 /// the running agent over its management socket (`--socket`, default /run/weir/weir.sock
 /// or $WEIR_SOCKET), `weir fleet check` to several agents;
-/// `weir teardown` removes a datapath an agent left attached after it stopped.
+/// `weir teardown` removes a datapath an agent left attached after it stopped, and the
+/// SNAT ports it reserved.
 ///
 /// Exit status:
 ///   0   success
@@ -208,6 +209,12 @@ pub struct TeardownArgs {
     /// in its config).
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+
+    /// The agent's state file (`[agent] state_file`): beside it, `reserved-ports.json`
+    /// records the SNAT ports the agent added to net.ipv4.ip_local_reserved_ports, which
+    /// teardown removes again (only those) in the network namespace it runs in.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
 
 /// The commands that talk to the running agent.
@@ -521,6 +528,11 @@ pub enum ConnCommand {
         #[command(flatten)]
         filter: ConnFilterArgs,
 
+        /// Only the connections in this state: syn-sent, syn-recv, established, fin-wait,
+        /// time-wait, close (TCP), unreplied, replied (UDP).
+        #[arg(long, value_name = "STATE", value_parser = parse_conn_state)]
+        state: Option<crate::api::ConnState>,
+
         /// Show at most this many connections (1..=100000); the total is always given.
         #[arg(
             long,
@@ -644,6 +656,20 @@ pub struct InvalidAddress;
 
 fn parse_address(text: &str) -> Result<IpAddr, InvalidAddress> {
     text.parse().map_err(|_| InvalidAddress)
+}
+
+/// A connection state by its wire name (`weir conn list --state`).
+fn parse_conn_state(text: &str) -> Result<crate::api::ConnState, String> {
+    crate::api::ConnState::ALL
+        .into_iter()
+        .find(|s| s.as_str() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = crate::api::ConnState::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            format!("\"{text}\" is not a state (one of {})", names.join(", "))
+        })
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -1007,11 +1033,20 @@ mod tests {
             panic!("{cli:?}")
         };
         assert_eq!(args.bpffs, Path::new("/sys/fs/bpf/weir"));
-        let cli = parse(&["teardown", "--bpffs", "/sys/fs/bpf/lab"]).unwrap();
+        assert_eq!(args.state_file, Path::new("/var/lib/weir/state.json"));
+        let cli = parse(&[
+            "teardown",
+            "--bpffs",
+            "/sys/fs/bpf/lab",
+            "--state-file",
+            "/tmp/lab/state.json",
+        ])
+        .unwrap();
         let Command::Teardown(args) = cli.command else {
             panic!("{cli:?}")
         };
         assert_eq!(args.bpffs, Path::new("/sys/fs/bpf/lab"));
+        assert_eq!(args.state_file, Path::new("/tmp/lab/state.json"));
         // Not a client command: no socket.
         assert!(parse(&["teardown", "--socket", "/x.sock"]).is_err());
     }

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::BackendCommand;
 use crate::api::{
-    Admin, AnnounceStatus, BackendInfo, ConnList, ReloadReport, ServiceInfo, ServiceTable, Stats,
-    Status, TrafficStats,
+    Admin, AnnounceStatus, BackendInfo, ConnList, NatStatus, ReloadReport, ServiceInfo,
+    ServiceTable, Stats, Status, TrafficStats,
 };
 use crate::config::Config;
 
@@ -237,6 +237,9 @@ pub fn render_status(status: &Status, now: u64, out: &mut dyn Write) -> io::Resu
         writeln!(out)?;
         render_announce(announce, now, out)?;
     }
+    if let Some(nat) = &status.nat {
+        render_nat_status(nat, out)?;
+    }
     Ok(())
 }
 
@@ -357,6 +360,51 @@ pub fn render_fleet(services: &[FleetService], out: &mut dyn Write) -> io::Resul
     table.write(out)
 }
 
+/// The NAT part of `weir status`: the table's fill, then one line per SNAT address.
+fn render_nat_status(nat: &NatStatus, out: &mut dyn Write) -> io::Result<()> {
+    use Align::{Left, Right};
+    writeln!(
+        out,
+        "\nNAT table  {} of {} entries ({}), {} new connection{} refused for want of an SNAT port",
+        nat.entries,
+        nat.capacity,
+        percent(nat.entries, nat.capacity),
+        nat.snat_exhausted,
+        plural(usize::try_from(nat.snat_exhausted).unwrap_or(usize::MAX)),
+    )?;
+    if nat.snat.is_empty() {
+        return Ok(());
+    }
+    let mut table = Table::new(&[
+        ("SERVICE", Left),
+        ("SNAT ADDRESS", Left),
+        ("CONNS", Right),
+        ("FULLEST BACKEND", Right),
+        ("PORTS", Right),
+        ("USE", Right),
+    ]);
+    for s in &nat.snat {
+        table.row(vec![
+            s.service.clone(),
+            s.address.to_string(),
+            s.ports_in_use.to_string(),
+            s.fullest_backend.to_string(),
+            s.port_count.to_string(),
+            percent(s.fullest_backend, s.port_count),
+        ]);
+    }
+    writeln!(out)?;
+    table.write(out)
+}
+
+/// `part` of `whole` as a percentage with one decimal (`-` of nothing).
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".to_owned();
+    }
+    format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+}
+
 /// `weir service list`.
 pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Result<()> {
     use Align::{Left, Right};
@@ -437,6 +485,7 @@ pub fn render_conns(list: &ConnList, out: &mut dyn Write) -> io::Result<()> {
         ("PROTO", Left),
         ("CLIENT", Left),
         ("VIP", Left),
+        ("SNAT", Left),
         ("BACKEND", Left),
         ("SERVICE", Left),
         ("STATE", Left),
@@ -448,6 +497,7 @@ pub fn render_conns(list: &ConnList, out: &mut dyn Write) -> io::Result<()> {
             c.protocol.to_string(),
             c.client.to_string(),
             c.vip.to_string(),
+            c.snat.map_or_else(|| "-".to_owned(), |a| a.to_string()),
             c.backend.to_string(),
             c.service.clone().unwrap_or_else(|| "-".to_owned()),
             if c.picked_up {
@@ -742,7 +792,8 @@ pub fn reload_line(report: &ReloadReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::{
-        backend, backend_info, ip, sample_conns, sample_ring, sample_stats, sample_status,
+        backend, backend_info, ip, sample_conns, sample_nat_status, sample_ring, sample_stats,
+        sample_status,
     };
     use super::*;
     use crate::api::{Forwarding, Health, HealthCheckKind, Protocol, Scheduler, ServiceInfo};
@@ -785,9 +836,9 @@ dns-long-name  203.0.113.5         0          0  disabled  up         no      17
         assert_eq!(
             text,
             "\
-PROTO  CLIENT               VIP                BACKEND              SERVICE  STATE                  IDLE  EXPIRES IN
-tcp    203.0.113.7:40000    198.51.100.10:80   198.51.100.11:8080   web      established              3s       7437s
-udp    [2001:db8::7]:53000  [2001:db8::10]:53  [2001:db8::12]:5353  -        unreplied (picked up)    0s         30s
+PROTO  CLIENT               VIP                SNAT                BACKEND              SERVICE  STATE                  IDLE  EXPIRES IN
+tcp    203.0.113.7:40000    198.51.100.10:80   198.51.100.1:61007  198.51.100.11:8080   web      established              3s       7437s
+udp    [2001:db8::7]:53000  [2001:db8::10]:53  -                   [2001:db8::12]:5353  -        unreplied (picked up)    0s         30s
 2 of 7 connections shown (--limit N shows more)
 "
         );
@@ -801,7 +852,7 @@ udp    [2001:db8::7]:53000  [2001:db8::10]:53  [2001:db8::12]:5353  -        unr
         let text = render(|out| render_conns(&list, out));
         assert_eq!(
             text,
-            "PROTO  CLIENT  VIP  BACKEND  SERVICE  STATE  IDLE  EXPIRES IN\n0 connections\n"
+            "PROTO  CLIENT  VIP  SNAT  BACKEND  SERVICE  STATE  IDLE  EXPIRES IN\n0 connections\n"
         );
     }
 
@@ -899,6 +950,25 @@ VIP           ANNOUNCED  REASON     SINCE
 "
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn status_rendering_with_nat() {
+        let text = render(|out| render_status(&sample_nat_status(), 1_065, out));
+        let nat = text
+            .split_once("\n\n")
+            .map(|(_, nat)| nat)
+            .unwrap_or_else(|| panic!("no NAT part: {text}"));
+        assert_eq!(
+            nat,
+            "\
+NAT table  1200 of 524288 entries (0.2%), 17 new connections refused for want of an SNAT port
+
+SERVICE  SNAT ADDRESS  CONNS  FULLEST BACKEND  PORTS     USE
+web      198.51.100.1     96               64     64  100.0%
+web      198.51.100.2      3                2     64    3.1%
+"
         );
     }
 

@@ -52,7 +52,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 31] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 33] = [
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -199,6 +199,16 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 31] = [
         MetricType::GAUGE,
     ),
     (
+        "weir_snat_ports_in_use",
+        "SNAT ports held by the service's fullnat connections whose source is the address (from the agent's table walk).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_snat_port_use_ratio",
+        "The fullest backend endpoint's connections through the SNAT address (every service's) over the snat_ports range's port count; at 1, new connections to that backend through this address are refused (drop_snat_exhausted). The gauge to alert on.",
+        MetricType::GAUGE,
+    ),
+    (
         "weir_nat_to_kernel_total",
         "Translated NAT packets handed to the kernel to forward because the next hop's neighbour was not resolved yet.",
         MetricType::COUNTER,
@@ -304,6 +314,8 @@ pub struct NatTableGauges {
     pub capacity: u64,
     /// (service, backend, live connections).
     pub connections: Vec<(String, IpAddr, u64)>,
+    /// Every SNAT address of every `fullnat` service.
+    pub snat: Vec<api::SnatUse>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -433,6 +445,24 @@ impl DatapathCollector {
                         *count as f64,
                     ),
                 );
+            }
+            for s in &nat.snat {
+                let address = s.address.to_string();
+                let pairs = [
+                    ("service", s.service.as_str()),
+                    ("address", address.as_str()),
+                ];
+                push(
+                    "weir_snat_ports_in_use",
+                    gauge(&pairs, s.ports_in_use as f64),
+                );
+                // A range has at least one port (config rule); 0 only guards the division.
+                let ratio = if s.port_count == 0 {
+                    0.0
+                } else {
+                    s.fullest_backend as f64 / s.port_count as f64
+                };
+                push("weir_snat_port_use_ratio", gauge(&pairs, ratio));
             }
         }
         if let Some((stats, backends)) = snapshot {
@@ -865,6 +895,22 @@ mod tests {
                 ("web".into(), WEB_BACKEND.parse().unwrap(), 3),
                 ("web".into(), "198.51.100.12".parse().unwrap(), 0),
             ],
+            snat: vec![
+                api::SnatUse {
+                    service: "web".into(),
+                    address: "198.51.100.1".parse().unwrap(),
+                    ports_in_use: 80,
+                    fullest_backend: 64,
+                    port_count: 64,
+                },
+                api::SnatUse {
+                    service: "web".into(),
+                    address: "198.51.100.2".parse().unwrap(),
+                    ports_in_use: 0,
+                    fullest_backend: 0,
+                    port_count: 64,
+                },
+            ],
         });
         f.metrics.observe_nat_reclaimed(4);
         f.metrics.observe_nat_reclaimed(2);
@@ -886,6 +932,21 @@ mod tests {
             sample(&text, r#"weir_nat_reclaimed_total{by="agent"}"#),
             Some(6.0)
         );
+        // The SNAT gauges: a full endpoint is 1.0, an address without pairs a 0 series.
+        let snat = |family: &str, address: &str| {
+            sample(
+                &text,
+                &format!("{family}{{address=\"{address}\",service=\"web\"}}"),
+            )
+        };
+        assert_eq!(snat("weir_snat_ports_in_use", "198.51.100.1"), Some(80.0));
+        assert_eq!(snat("weir_snat_port_use_ratio", "198.51.100.1"), Some(1.0));
+        assert_eq!(snat("weir_snat_ports_in_use", "198.51.100.2"), Some(0.0));
+        assert_eq!(snat("weir_snat_port_use_ratio", "198.51.100.2"), Some(0.0));
+        assert!(
+            text.contains("# TYPE weir_snat_port_use_ratio gauge"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE weir_nat_connections gauge"), "{text}");
         assert!(
             text.contains("# TYPE weir_nat_reclaimed_total counter"),
@@ -896,9 +957,11 @@ mod tests {
             entries: 0,
             capacity: 524_288,
             connections: vec![],
+            snat: vec![],
         });
         let text = f.scrape(&snapshot(1, 0));
         assert_eq!(sample(&text, &backend_series("weir_nat_connections")), None);
+        assert!(!text.contains("weir_snat_ports_in_use{"), "{text}");
         assert_eq!(sample(&text, "weir_nat_table_entries"), Some(0.0));
     }
 
