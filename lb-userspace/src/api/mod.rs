@@ -187,6 +187,10 @@ impl Response {
 /// payload alone (`untagged`): `{"ok":true,"data":{"version":...}}` for a [`Status`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one reply per API request, serialized at once: its size costs nothing"
+)]
 pub enum Reply {
     /// `status`.
     Status(Status),
