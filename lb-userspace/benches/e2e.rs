@@ -23,7 +23,15 @@
 //!   through the LB (for those runs the backends route the client via the LB) for the
 //!   reverse NAT;
 //! * `haproxy`: HAProxy `mode tcp`, `nbthread 1`; `nginx-stream`: nginx stream proxy,
-//!   one worker. Both listen on the VIP (added to the LB's `lo` for their runs).
+//!   one worker. Both listen on the VIP (added to the LB's `lo` for their runs);
+//! * `weir-nat` / `weir-fullnat`: `weir agent` with `forwarding = "nat"` / `"fullnat"`,
+//!   attached to `eth0` and to every backend link (`[agent] interfaces`), so that the
+//!   replies cross the balancer in XDP both ways. For `weir-nat` the backends route the
+//!   client via the LB (as for nftables); for `weir-fullnat` they answer the SNAT address
+//!   `SNAT_V4` (on the LB's `lo`), which only their link to the LB reaches (an on-link
+//!   route there: each backend has a subnet of its own with the LB here, where a shared
+//!   subnet would need none). The client's `eth0` has GRO on for these runs: a veth without
+//!   an XDP program takes frames redirected in XDP only then.
 //!
 //! Each configuration runs a keep-alive test (requests/s) and a `Connection: close` test
 //! (new connections/s); the machine's busy CPU time over each test comes from /proc/stat.
@@ -55,6 +63,15 @@ use weir_testbed::{Backend, ConfigBuilder, ServiceBuilder};
 
 const BACKENDS: usize = 3;
 const NODE_IF: &str = "eth0";
+/// `weir-fullnat`'s SNAT address, on the LB's `lo` for its runs.
+const SNAT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// `weir-fullnat`'s SNAT ports: a pair holds its port through TIME_WAIT (120 s), so the
+/// tens of thousands of connections of a `Connection: close` test need a wide range (the
+/// pairs of one backend never exceed the range's size in a 5 s test at this machine's
+/// rates; the agent refuses a connection when 64 probed ports are taken). The agent adds
+/// it to the LB's `ip_local_reserved_ports` (its ephemeral range is all ports here); the run
+/// puts the previous value back, so the other configurations keep every ephemeral port.
+const SNAT_PORTS: &str = "10000-65535";
 
 /// Backend `i`'s address, on its link to the LB (198.51.100.(16 + 4i)/30).
 fn backend_v4(i: usize) -> Ipv4Addr {
@@ -254,10 +271,17 @@ impl Lab {
     /// pins go to the host's bpffs); ready once its XDP program is attached, which the
     /// agent does after writing its maps.
     fn start_agent(&self, config: &str) -> Result<common::ChildGuard> {
+        self.start_agent_on(config, &[NODE_IF])
+    }
+
+    /// As `start_agent`, ready once XDP is attached to every one of `interfaces`.
+    fn start_agent_on(&self, config: &str, interfaces: &[&str]) -> Result<common::ChildGuard> {
         let path = self.write_file("agent.toml", config)?;
         let path = path.to_str().context("utf-8 path")?;
         let mut child = common::spawn_nsenter(&self.lb, &["agent", "--config", path])?;
-        child.wait_xdp(&self.lb, NODE_IF, Some(Duration::from_secs(15)))?;
+        for ifname in interfaces {
+            child.wait_xdp(&self.lb, ifname, Some(Duration::from_secs(15)))?;
+        }
         Ok(child)
     }
 
@@ -303,16 +327,20 @@ enum Peer {
     Direct,
     WeirTunnel,
     WeirDirect,
+    WeirNat,
+    WeirFullnat,
     NftNumgen,
     NftJhash,
     Haproxy,
     NginxStream,
 }
 
-const PEERS: [Peer; 7] = [
+const PEERS: [Peer; 9] = [
     Peer::Direct,
     Peer::WeirTunnel,
     Peer::WeirDirect,
+    Peer::WeirNat,
+    Peer::WeirFullnat,
     Peer::NftNumgen,
     Peer::NftJhash,
     Peer::Haproxy,
@@ -325,6 +353,8 @@ impl Peer {
             Self::Direct => "direct",
             Self::WeirTunnel => "weir-tunnel",
             Self::WeirDirect => "weir-direct",
+            Self::WeirNat => "weir-nat",
+            Self::WeirFullnat => "weir-fullnat",
             Self::NftNumgen => "nft-numgen",
             Self::NftJhash => "nft-jhash",
             Self::Haproxy => "haproxy",
@@ -337,6 +367,8 @@ impl Peer {
             Self::Direct => "direct to one backend (baseline)",
             Self::WeirTunnel => "Weir, tunnel (IP-in-IP + XDP decap)",
             Self::WeirDirect => "Weir, direct (L2 DSR)",
+            Self::WeirNat => "Weir, nat (destination NAT, replies via the LB)",
+            Self::WeirFullnat => "Weir, fullnat (destination + source NAT)",
             Self::NftNumgen => "nftables DNAT, numgen random",
             Self::NftJhash => "nftables DNAT, jhash",
             Self::Haproxy => "HAProxy 2.6, mode tcp, 1 thread",
@@ -382,6 +414,34 @@ impl Drop for Active<'_> {
             }
         }
     }
+}
+
+/// The links of the LB to the backends (`b0`..), where the NAT modes' replies arrive.
+fn backend_links() -> Vec<String> {
+    (0..BACKENDS).map(|i| format!("b{i}")).collect()
+}
+
+/// The NAT modes' agent: on `eth0` and every backend link, the web service over the
+/// backends with `forwarding` (`fullnat`: translated to `SNAT_V4`, ports `SNAT_PORTS`).
+fn nat_agent_config(t: &Lab, forwarding: &str) -> String {
+    let mut web = (0..BACKENDS).fold(
+        ServiceBuilder::new("web", VIP_V4, 80, "tcp").forwarding(forwarding),
+        |s, i| s.backend(Backend::new(backend_v4(i))),
+    );
+    let links = backend_links();
+    let interfaces: Vec<&str> = [NODE_IF]
+        .into_iter()
+        .chain(links.iter().map(String::as_str))
+        .collect();
+    let mut config = t
+        .agent_config()
+        .interfaces(&interfaces)
+        .conntrack_entries(262_144);
+    if forwarding == "fullnat" {
+        web = web.raw("snat_addresses", &format!("[\"{SNAT_V4}\"]"));
+        config = config.raw("snat_ports", &format!("\"{SNAT_PORTS}\""));
+    }
+    config.service(web).render()
 }
 
 fn agent_config(t: &Lab, forwarding: &str) -> String {
@@ -484,6 +544,24 @@ fn wait_listening(ns: &str, child: &mut common::ChildGuard, what: &str) -> Resul
     }
 }
 
+/// The reverse NAT (nftables, Weir's `nat`) needs the replies: for the run, the backends
+/// route the client via the LB instead of their direct link.
+fn route_client_via_lb(t: &Lab, a: &mut Active<'_>) -> Result<()> {
+    let client = format!("{CLIENT_V4}/32");
+    for (i, b) in t.backends.iter().enumerate() {
+        let via = lb_side(i).to_string();
+        let src = backend_v4(i).to_string();
+        a.undo_cmd(&[
+            "ip", "-n", b, "route", "replace", &client, "dev", "eth1", "src", &src,
+        ]);
+        ip(
+            b,
+            &["route", "replace", &client, "via", &via, "dev", NODE_IF],
+        )?;
+    }
+    Ok(())
+}
+
 fn start(t: &Lab, peer: Peer) -> Result<Active<'_>> {
     let mut a = Active::default();
     let vip_lo = format!("{VIP_V4}/32");
@@ -503,6 +581,51 @@ fn start(t: &Lab, peer: Peer) -> Result<Active<'_>> {
             a.undo.push(Box::new(|| t.teardown_datapath()));
             a.children
                 .push(t.start_agent(&agent_config(t, forwarding))?);
+        }
+        Peer::WeirNat | Peer::WeirFullnat => {
+            let forwarding = if peer == Peer::WeirNat {
+                "nat"
+            } else {
+                "fullnat"
+            };
+            // The translated replies are redirected from a backend link to eth0, whose peer
+            // (the client's end, without an XDP program) takes them only with GRO on.
+            let gro = ns_exec(&t.cli, &["ethtool", "-k", NODE_IF])?;
+            let was = if gro.contains("generic-receive-offload: on") {
+                "on"
+            } else {
+                "off"
+            };
+            a.undo_cmd(&[
+                "ip", "netns", "exec", &t.cli, "ethtool", "-K", NODE_IF, "gro", was,
+            ]);
+            ns_exec(&t.cli, &["ethtool", "-K", NODE_IF, "gro", "on"])?;
+            if peer == Peer::WeirNat {
+                route_client_via_lb(t, &mut a)?;
+            } else {
+                let snat = SNAT_V4.to_string();
+                let snat_host = format!("{snat}/32");
+                a.undo_cmd(&["ip", "-n", &t.lb, "addr", "del", &snat_host, "dev", "lo"]);
+                ip(&t.lb, &["addr", "add", &snat_host, "dev", "lo"])?;
+                for b in &t.backends {
+                    a.undo_cmd(&["ip", "-n", b, "route", "del", &snat_host]);
+                    ip(b, &["route", "add", &snat_host, "dev", NODE_IF])?;
+                }
+                // The agent reserves the SNAT ports in the LB's namespace; the others'
+                // runs get them back.
+                let reserved = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+                let before = ns_exec(&t.lb, &["cat", reserved])?;
+                let restore = format!("echo '{}' > {reserved}", before.trim());
+                a.undo_cmd(&["ip", "netns", "exec", &t.lb, "sh", "-c", &restore]);
+            }
+            a.undo.push(Box::new(|| t.teardown_datapath()));
+            let links = backend_links();
+            let interfaces: Vec<&str> = [NODE_IF]
+                .into_iter()
+                .chain(links.iter().map(String::as_str))
+                .collect();
+            a.children
+                .push(t.start_agent_on(&nat_agent_config(t, forwarding), &interfaces)?);
         }
         Peer::NftNumgen | Peer::NftJhash => {
             let hash = if peer == Peer::NftNumgen {
@@ -524,19 +647,7 @@ fn start(t: &Lab, peer: Peer) -> Result<Active<'_>> {
                 "weirbench",
             ]);
             ns_exec(&t.lb, &["nft", "-f", path]).context("loading the nftables ruleset")?;
-            // The reverse NAT needs the replies: the backends route the client via the LB.
-            let client = format!("{CLIENT_V4}/32");
-            for (i, b) in t.backends.iter().enumerate() {
-                let via = lb_side(i).to_string();
-                let src = backend_v4(i).to_string();
-                a.undo_cmd(&[
-                    "ip", "-n", b, "route", "replace", &client, "dev", "eth1", "src", &src,
-                ]);
-                ip(
-                    b,
-                    &["route", "replace", &client, "via", &via, "dev", NODE_IF],
-                )?;
-            }
+            route_client_via_lb(t, &mut a)?;
         }
         Peer::Haproxy => {
             a.undo_cmd(&["ip", "-n", &t.lb, "addr", "del", &vip_lo, "dev", "lo"]);
@@ -901,6 +1012,11 @@ fn ratio_line(what: &str, num: Option<Spread>, den: Option<Spread>, target: f64)
                 n.median, d.median
             )
         }
+        // On a busy machine the peer's added CPU can come out at zero or below: no ratio.
+        (Some(n), Some(d)) => format!(
+            "| {what} | {:+.2} / {:+.2}: no ratio (peer's added CPU not positive) | at most {target} | n/a |",
+            n.median, d.median
+        ),
         _ => format!("| {what} | not measured | at most {target} | n/a |"),
     }
 }
@@ -967,7 +1083,10 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
 
     let mut bpf_rows = Vec::new();
     for (&peer, smp) in peers.iter().zip(samples) {
-        if matches!(peer, Peer::WeirTunnel | Peer::WeirDirect) {
+        if matches!(
+            peer,
+            Peer::WeirTunnel | Peer::WeirDirect | Peer::WeirNat | Peer::WeirFullnat
+        ) {
             bpf_rows.push(vec![
                 peer.label().to_owned(),
                 show_opt(spread_of(&smp.keepalive, Run::bpf_per_request), 3),
@@ -998,6 +1117,23 @@ fn report(peers: &[Peer], samples: &[Samples], seconds: u64, repeats: usize, con
             (Peer::NftJhash, 0.25),
             (Peer::Haproxy, 0.05),
         ] {
+            let _ = writeln!(
+                targets,
+                "{}",
+                ratio_line(
+                    &format!("{} vs {}", weir.name(), peer.name()),
+                    req_added(weir),
+                    req_added(peer),
+                    target
+                )
+            );
+        }
+    }
+
+    // Issue 12: the NAT modes against the kernel's DNAT (numgen, as kube-proxy) and
+    // HAProxy.
+    for weir in [Peer::WeirNat, Peer::WeirFullnat] {
+        for (peer, target) in [(Peer::NftNumgen, 0.5), (Peer::Haproxy, 0.25)] {
             let _ = writeln!(
                 targets,
                 "{}",

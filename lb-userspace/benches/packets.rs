@@ -11,16 +11,25 @@
 //! * ceiling: returns `XDP_DROP` (the generator alone);
 //! * forwarding floor: returns `XDP_TX` (sent back out of `eth0` to the client's end, which
 //!   has the sink): the cost of transmitting and receiving a frame, without balancing;
-//! * Weir (tunnel, direct): runs the balancer's own code (`run_balancer`, as
-//!   `weir_balancer`), whose `XDP_REDIRECT` really transmits to the backend's veth;
+//! * Weir (tunnel, direct, nat, fullnat): runs the balancer's own code (`run_balancer`,
+//!   as `weir_balancer`), whose `XDP_REDIRECT` really transmits to the backend's veth;
 //! * kernel paths (nftables DNAT, nginx stream, plain forwarding): returns `XDP_PASS`, so
 //!   the frame enters the LB's network stack as received on `eth0`.
+//!
+//! In the NAT modes (Weir's `nat` and `fullnat`, and nftables DNAT) the replies cross the
+//! balancer too, so they have rows of their own (`*-reply`): forward frames first make
+//! `FLOWS` flows to a service (or nftables map) of backend 0 alone, checked in the NAT
+//! table (or `/proc/net/nf_conntrack`), then the generator sends backend 0's replies to
+//! them, as received on backend 0's link (`b1`): to the client's ports (nat, nftables) or
+//! to the SNAT ports (fullnat, with exactly `FLOWS` SNAT ports, so that every one of them
+//! is in use). The translated replies leave by `eth0` to the client, counted there. One
+//! backend is enough: a reply's cost is one lookup by its tuple, whatever the backends.
 //!
 //! Topology (namespaces `w<pid>bpk-*`): the LB's `eth0` (peer in a client namespace, only
 //! to be up) and one veth per backend (`b1`..`b3`, each its own /30). Each backend's end
 //! has `weir_bench_sink` (XDP_DROP) attached, so every balancer's output costs the same to
 //! receive; packets are counted from the backends' interface counters (the client's end
-//! also has a sink, for the forwarding floor). Everything runs on
+//! also has a sink, for the forwarding floor and the replies). Everything runs on
 //! one core (the generator is pinned to CPU 0; the receive work of veth runs on the
 //! sending CPU), except nginx's worker, which is pinned to CPU 1.
 //!
@@ -70,8 +79,19 @@ const XDP_TX: u32 = 3;
 
 const FLOWS: u32 = 1000;
 const SRC_PORT_BASE: u16 = 10_000;
+/// The client's source ports of the reply cases' flows: apart from the forward cases', so
+/// that the kernel's conntrack entries of `nft-numgen` (bound to any backend) are not met
+/// by `nft-numgen-reply`'s flows (bound to backend 0).
+const REPLY_FLOW_BASE: u16 = 20_000;
+/// `weir-fullnat-reply`'s SNAT ports: exactly `FLOWS` of them, so that once every flow has
+/// a pair the ports in use are exactly `SNAT_PORT_BASE..SNAT_PORT_BASE + FLOWS`, which the
+/// generator can address (it writes consecutive values into one field).
+const SNAT_PORT_BASE: u16 = 61_000;
 /// Offset of the UDP source port in the template (Ethernet 14 + IPv4 20).
 const SRC_PORT_OFFSET: u32 = 34;
+/// Offset of the UDP destination port: a reply's varying field (the client's port, or
+/// fullnat's SNAT port).
+const DST_PORT_OFFSET: u32 = 36;
 const PORT: u16 = 4000;
 const BACKENDS: usize = 3;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -107,19 +127,29 @@ enum Case {
     XdpTx,
     WeirTunnel,
     WeirDirect,
+    WeirNat,
+    WeirFullnat,
+    WeirNatReply,
+    WeirFullnatReply,
     NftNumgen,
     NftJhash,
+    NftNumgenReply,
     NginxStream,
     KernelForward,
 }
 
-const CASES: [Case; 8] = [
+const CASES: [Case; 13] = [
     Case::Ceiling,
     Case::XdpTx,
     Case::WeirTunnel,
     Case::WeirDirect,
+    Case::WeirNat,
+    Case::WeirFullnat,
+    Case::WeirNatReply,
+    Case::WeirFullnatReply,
     Case::NftNumgen,
     Case::NftJhash,
+    Case::NftNumgenReply,
     Case::NginxStream,
     Case::KernelForward,
 ];
@@ -131,8 +161,13 @@ impl Case {
             Self::XdpTx => "xdp-tx",
             Self::WeirTunnel => "weir-tunnel",
             Self::WeirDirect => "weir-direct",
+            Self::WeirNat => "weir-nat",
+            Self::WeirFullnat => "weir-fullnat",
+            Self::WeirNatReply => "weir-nat-reply",
+            Self::WeirFullnatReply => "weir-fullnat-reply",
             Self::NftNumgen => "nft-numgen",
             Self::NftJhash => "nft-jhash",
+            Self::NftNumgenReply => "nft-numgen-reply",
             Self::NginxStream => "nginx-stream",
             Self::KernelForward => "kernel-forward",
         }
@@ -144,21 +179,40 @@ impl Case {
             Self::XdpTx => "generator into XDP_TX, no balancing (forwarding floor)",
             Self::WeirTunnel => "Weir, tunnel (IP-in-IP)",
             Self::WeirDirect => "Weir, direct (L2 DSR)",
+            Self::WeirNat => "Weir, nat (destination NAT), forward",
+            Self::WeirFullnat => "Weir, fullnat (destination + source NAT), forward",
+            Self::WeirNatReply => "Weir, nat, reply (backend to client)",
+            Self::WeirFullnatReply => "Weir, fullnat, reply (backend to client)",
             Self::NftNumgen => "nftables DNAT, numgen random",
             Self::NftJhash => "nftables DNAT, jhash",
+            Self::NftNumgenReply => "nftables DNAT, reply (backend to client)",
             Self::NginxStream => "nginx 1.22 stream (UDP), 1 worker",
             Self::KernelForward => "kernel IP forwarding, no NAT (reference)",
         }
     }
+
+    /// Whether the case sends a backend's replies to the client (counted at the client),
+    /// after its flows were made by forward frames.
+    const fn is_reply(self) -> bool {
+        matches!(
+            self,
+            Self::WeirNatReply | Self::WeirFullnatReply | Self::NftNumgenReply
+        )
+    }
 }
 
-/// The 60-byte UDP frame: client -> `dst`:PORT, from the client's MAC to the LB's.
-fn template(lb_mac: [u8; 6], cli_mac: [u8; 6], dst: Ipv4Addr) -> Vec<u8> {
-    let mut f = lb_mac.to_vec();
-    f.extend_from_slice(&cli_mac);
+/// A 60-byte UDP frame `src`:`sport` -> `dst`:`dport`, from `src_mac` to `dst_mac`.
+fn template(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+) -> Vec<u8> {
+    let mut f = dst_mac.to_vec();
+    f.extend_from_slice(&src_mac);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     let mut ip = vec![0x45, 0, 0, 46, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip.extend_from_slice(&CLIENT.octets());
+    ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     let sum = ip
         .chunks(2)
@@ -168,9 +222,10 @@ fn template(lb_mac: [u8; 6], cli_mac: [u8; 6], dst: Ipv4Addr) -> Vec<u8> {
     let csum = !u16::try_from(sum).expect("folded");
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     f.extend_from_slice(&ip);
-    // UDP: source port (varied per flow by the generator), PORT, length 26, no checksum.
-    f.extend_from_slice(&SRC_PORT_BASE.to_be_bytes());
-    f.extend_from_slice(&PORT.to_be_bytes());
+    // UDP: the ports (one of them varied per flow by the generator), length 26, no
+    // checksum.
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
     f.extend_from_slice(&[0, 26, 0, 0]);
     f.resize(60, 0);
     f
@@ -185,6 +240,30 @@ fn mac_of(ns: &str, ifname: &str) -> Result<[u8; 6]> {
         .map(|x| u8::from_str_radix(x, 16))
         .collect::<Result<_, _>>()?;
     bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s}"))
+}
+
+/// A permanent neighbour entry in `ns`: `addr` is at `mac` on `dev`.
+fn neigh_permanent(ns: &str, addr: Ipv4Addr, mac: [u8; 6], dev: &str) -> Result<()> {
+    let mac = mac
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    ip(
+        ns,
+        &[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac,
+            "nud",
+            "permanent",
+            "dev",
+            dev,
+        ],
+    )
+    .map(drop)
 }
 
 fn rx_packets(ns: &str) -> Result<u64> {
@@ -245,6 +324,9 @@ impl Lab {
         )?;
         ip(&lb, &["link", "set", "eth0", "up"])?;
         ip(&cli, &["link", "set", "eth0", "up"])?;
+        // The client's sink drops ARP too: the translated replies of the reply cases need
+        // its neighbour entry.
+        neigh_permanent(&lb, CLIENT, mac_of(&cli, "eth0")?, "eth0")?;
         for (i, b) in lab.backends.iter().enumerate() {
             let port = format!("b{}", i + 1);
             ip(
@@ -265,26 +347,7 @@ impl Lab {
             ip(&lb, &["link", "set", &port, "up"])?;
             ip(b, &["link", "set", "eth0", "up"])?;
             // The sinks drop ARP too: the LB's neighbour entries are permanent.
-            let mac = mac_of(b, "eth0")?;
-            let mac = mac
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            ip(
-                &lb,
-                &[
-                    "neigh",
-                    "replace",
-                    &backend(i).to_string(),
-                    "lladdr",
-                    &mac,
-                    "nud",
-                    "permanent",
-                    "dev",
-                    &port,
-                ],
-            )?;
+            neigh_permanent(&lb, backend(i), mac_of(b, "eth0")?, &port)?;
         }
         sysctl(
             &lb,
@@ -307,9 +370,9 @@ impl Lab {
     }
 
     /// Frames received so far at the backends, or for `XDP_TX` (which sends back out of
-    /// the ingress interface) at the client.
+    /// the ingress interface) and the replies at the client.
     fn delivered(&self, case: Case) -> Result<u64> {
-        if case == Case::XdpTx {
+        if case == Case::XdpTx || case.is_reply() {
             return rx_packets(&self.cli);
         }
         self.backends.iter().map(|b| rx_packets(b)).sum()
@@ -386,48 +449,86 @@ impl Drop for Sink {
     }
 }
 
+/// The balancer of a Weir case: the UDP service's `forwarding`, over backends
+/// `0..backends`, and for `fullnat` the `[agent] snat_ports` (`None`: the default).
+#[derive(Debug, Clone, Copy)]
+struct WeirSetup {
+    forwarding: &'static str,
+    backends: usize,
+    snat_ports: Option<(u16, u16)>,
+}
+
+impl WeirSetup {
+    const fn over_all(forwarding: &'static str) -> Self {
+        Self {
+            forwarding,
+            backends: BACKENDS,
+            snat_ports: None,
+        }
+    }
+}
+
 /// One loaded eBPF object with its generator program (and a balancer for Weir's cases).
 struct Generator {
     ebpf: Ebpf,
-    _balancer: Option<Balancer<KernelMaps>>,
+    balancer: Option<Balancer<KernelMaps>>,
 }
 
 impl Generator {
-    /// Loads a generator; with `forwarding`, also configures the balancer (as the agent
-    /// does: maps from the config, every interface a redirect target).
-    fn load(forwarding: Option<&str>) -> Result<Self> {
-        let mut ebpf = datapath::load_object(65_536, forwarding.is_none())?;
+    /// Loads a generator; with a setup, also configures the balancer (as the agent does:
+    /// maps from the config, every interface a redirect target).
+    fn load(setup: Option<WeirSetup>) -> Result<Self> {
+        let mut ebpf = datapath::load_object(65_536, setup.is_none())?;
         datapath::load_program(&mut ebpf, GEN)?;
-        let balancer = match forwarding {
+        let balancer = match setup {
             None => None,
-            Some(forwarding) => {
-                let udp = (0..BACKENDS).fold(
-                    ServiceBuilder::new("udp", VIP, PORT, "udp").forwarding(forwarding),
+            Some(setup) => {
+                let mut udp = (0..setup.backends).fold(
+                    ServiceBuilder::new("udp", VIP, PORT, "udp").forwarding(setup.forwarding),
                     |s, i| s.backend(Backend::new(backend(i))),
                 );
-                let text = ConfigBuilder::new("eth0")
+                if setup.forwarding == "fullnat" {
+                    // The LB's own address (the agent checks that it is assigned; it is).
+                    udp = udp.raw("snat_addresses", &format!("[\"{LB}\"]"));
+                }
+                if matches!(setup.forwarding, "nat" | "fullnat") {
+                    // The reply cases' pairs are made once per repeat and must outlive the
+                    // repeat's other cases.
+                    udp = udp.udp_idle_timeout(Duration::from_secs(600));
+                }
+                let mut agent = ConfigBuilder::new("eth0")
                     .tunnel_source(LB)
-                    .conntrack_entries(65536)
-                    .service(udp)
-                    .render();
+                    .conntrack_entries(65536);
+                if let Some((lo, hi)) = setup.snat_ports {
+                    agent = agent.raw("snat_ports", &format!("\"{lo}-{hi}\""));
+                }
+                let text = agent.service(udp).render();
                 let cfg = config::parse(&text, Path::new("bench-packets.toml"))?;
                 let mut balancer = Balancer::new(KernelMaps::take(&mut ebpf)?);
                 balancer.apply(&plain(&cfg))?;
-                for i in 1..=BACKENDS {
-                    let index = datapath::ifindex(&format!("b{i}"))?;
+                // eth0 too: the NAT replies leave by it, redirected from a backend's link.
+                let names = ["eth0".to_owned()]
+                    .into_iter()
+                    .chain((1..=BACKENDS).map(|i| format!("b{i}")));
+                for name in names {
+                    let index = datapath::ifindex(&name)?;
                     balancer.maps_mut().set_tx_port(index)?;
                 }
                 Some(balancer)
             }
         };
-        Ok(Self {
-            ebpf,
-            _balancer: balancer,
-        })
+        Ok(Self { ebpf, balancer })
     }
 
-    /// Sets the frame and the action of the next runs.
-    fn set(&mut self, frame: &[u8], action: u32) -> Result<()> {
+    /// Entries of the balancer's NAT table (two per connection).
+    fn nat_entries(&self) -> Result<usize> {
+        let balancer = self.balancer.as_ref().context("no balancer")?;
+        Ok(balancer.maps().nat_walker()?.walk(|_, _| {})?)
+    }
+
+    /// Sets the frame and the action of the next runs: the generator writes
+    /// `base..base + FLOWS` into the 16-bit field at `offset`, one value per frame.
+    fn set(&mut self, frame: &[u8], action: u32, offset: u32, base: u16) -> Result<()> {
         let mut t = BenchTemplate {
             len: u32::try_from(frame.len())?,
             data: [0; BENCH_TEMPLATE_LEN],
@@ -441,7 +542,7 @@ impl Generator {
         template.set(0, t, 0)?;
         let mut settings: Array<_, u32> =
             Array::try_from(self.ebpf.map_mut(BENCH_GEN).context("BENCH_GEN map")?)?;
-        for (i, v) in [action, FLOWS, SRC_PORT_OFFSET, u32::from(SRC_PORT_BASE)]
+        for (i, v) in [action, FLOWS, offset, u32::from(base)]
             .into_iter()
             .enumerate()
         {
@@ -478,6 +579,44 @@ impl Generator {
     }
 }
 
+/// A generator loaded only for the cases selected.
+fn loaded(g: &mut Option<Generator>) -> Result<&mut Generator> {
+    g.as_mut().context("generator not loaded")
+}
+
+/// Makes a reply case's flows before its replies are sent: forward frames from the client
+/// (ports `REPLY_FLOW_BASE..+FLOWS`, to the VIP) until every flow has its NAT pair (Weir)
+/// or its conntrack entry translated to backend 0 (the kernel), in at most 20 calls of
+/// `REPEAT` frames (about a thousand per flow each). A reply without its translation would
+/// be forwarded untranslated (nat, the kernel) and counted as delivered, hence the check.
+/// fullnat's pairs are FLOWS over FLOWS SNAT ports: its last flows find a free port only
+/// when their random start lands near it, which the repeated frames of a flow give them.
+fn prime(
+    lab: &Lab,
+    case: Case,
+    g: &mut Generator,
+    to_vip: &[u8],
+    action: u32,
+    ingress: u32,
+) -> Result<()> {
+    g.set(to_vip, action, SRC_PORT_OFFSET, REPLY_FLOW_BASE)?;
+    let want = usize::try_from(FLOWS)?;
+    let mut have = 0;
+    for _ in 0..20 {
+        // Any duration shorter than one call: one call.
+        g.run(to_vip.len(), ingress, 0.01)?;
+        have = if case == Case::NftNumgenReply {
+            kernel_reply_flows(lab)?
+        } else {
+            g.nat_entries()? / 2
+        };
+        if have >= want {
+            return Ok(());
+        }
+    }
+    bail!("only {have} of {FLOWS} flows have a translation to reply to");
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
@@ -510,15 +649,31 @@ impl Drop for Active {
     }
 }
 
-fn nft_ruleset(hash: &str) -> String {
-    let map: Vec<String> = (0..BACKENDS)
+/// DNAT of VIP:PORT to backends `0..backends` by `hash`.
+fn nft_ruleset(hash: &str, backends: usize) -> String {
+    let map: Vec<String> = (0..backends)
         .map(|i| format!("{i} : {}", backend(i)))
         .collect();
     format!(
         "table ip weirbench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
-         ip daddr {VIP} udp dport {PORT} dnat to {hash} mod {BACKENDS} map {{ {} }}\n  }}\n}}\n",
+         ip daddr {VIP} udp dport {PORT} dnat to {hash} mod {backends} map {{ {} }}\n  }}\n}}\n",
         map.join(", ")
     )
+}
+
+/// How many of the reply cases' flows (client ports `REPLY_FLOW_BASE..+FLOWS` to VIP:PORT)
+/// the LB's kernel conntrack holds translated to backend 0 (`/proc/net/nf_conntrack`).
+fn kernel_reply_flows(lab: &Lab) -> Result<usize> {
+    let table = ns_exec(&lab.lb, &["cat", "/proc/net/nf_conntrack"])?;
+    let reply = format!("src={} dst={CLIENT} sport={PORT} dport=", backend(0));
+    let ports = u32::from(REPLY_FLOW_BASE)..u32::from(REPLY_FLOW_BASE) + FLOWS;
+    Ok(table
+        .lines()
+        .filter(|l| l.contains(&format!("dst={VIP} ")))
+        .filter_map(|l| l.split_once(&reply))
+        .filter_map(|(_, rest)| rest.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|port| ports.contains(port))
+        .count())
 }
 
 fn nginx_config(dir: &Path) -> String {
@@ -540,14 +695,21 @@ fn start_kernel_case(lab: &Lab, case: Case) -> Result<Active> {
     let mut a = Active::default();
     let lb = lab.lb.clone();
     match case {
-        Case::NftNumgen | Case::NftJhash => {
-            let hash = if case == Case::NftNumgen {
-                "numgen random"
-            } else {
+        Case::NftNumgen | Case::NftJhash | Case::NftNumgenReply => {
+            let hash = if case == Case::NftJhash {
                 "jhash ip saddr . udp sport"
+            } else {
+                "numgen random"
+            };
+            // The reply case's flows all go to backend 0, whose replies it sends (the rule
+            // runs for a flow's first packet only; the replies meet the conntrack entry).
+            let backends = if case == Case::NftNumgenReply {
+                1
+            } else {
+                BACKENDS
             };
             let path = lab.workdir.join("nft.conf");
-            std::fs::write(&path, nft_ruleset(hash))?;
+            std::fs::write(&path, nft_ruleset(hash, backends))?;
             a.undo.push(
                 [
                     "ip",
@@ -653,8 +815,24 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let lb_mac = mac_of(&lab.lb, "eth0").expect("LB MAC");
     let cli_mac = mac_of(&lab.cli, "eth0").expect("client MAC");
-    let to_vip = template(lb_mac, cli_mac, VIP);
-    let to_backend = template(lb_mac, cli_mac, backend(0));
+    let to_vip = template(lb_mac, cli_mac, (CLIENT, SRC_PORT_BASE), (VIP, PORT));
+    let to_backend = template(lb_mac, cli_mac, (CLIENT, SRC_PORT_BASE), (backend(0), PORT));
+    // The replies of backend 0, as they arrive on its link: to the client (nat, the
+    // kernel's DNAT) and to the SNAT address (fullnat).
+    let lb_link_mac = mac_of(&lab.lb, "b1").expect("LB's MAC on b1");
+    let b0_mac = mac_of(&lab.backends[0], "eth0").expect("backend MAC");
+    let reply_to_client = template(
+        lb_link_mac,
+        b0_mac,
+        (backend(0), PORT),
+        (CLIENT, REPLY_FLOW_BASE),
+    );
+    let reply_to_snat = template(
+        lb_link_mac,
+        b0_mac,
+        (backend(0), PORT),
+        (LB, SNAT_PORT_BASE),
+    );
 
     let results = common::in_netns(&lab.lb, || {
         pin_to(0);
@@ -663,9 +841,41 @@ fn main() {
             failures: Vec::new(),
         };
         let ingress = datapath::ifindex("eth0").expect("eth0");
+        let backend_link = datapath::ifindex("b1").expect("b1");
         let mut plain = Generator::load(None).expect("generator");
-        let mut tunnel = Generator::load(Some("tunnel")).expect("Weir tunnel generator");
-        let mut direct = Generator::load(Some("direct")).expect("Weir direct generator");
+        let mut tunnel =
+            Generator::load(Some(WeirSetup::over_all("tunnel"))).expect("Weir tunnel generator");
+        let mut direct =
+            Generator::load(Some(WeirSetup::over_all("direct"))).expect("Weir direct generator");
+        // The NAT modes' objects (each with its own NAT table) only when their case runs.
+        // The reply cases balance to backend 0 alone, so that every flow's reply comes from
+        // the backend whose frames the generator sends; fullnat's has exactly FLOWS SNAT
+        // ports, so that the ports in use are known once every flow has its pair.
+        let load_for = |case: Case, setup: WeirSetup| {
+            selected(case).then(|| {
+                Generator::load(Some(setup))
+                    .unwrap_or_else(|e| panic!("{} generator: {e:#}", case.name()))
+            })
+        };
+        let mut nat = load_for(Case::WeirNat, WeirSetup::over_all("nat"));
+        let mut fullnat = load_for(Case::WeirFullnat, WeirSetup::over_all("fullnat"));
+        let mut nat_reply = load_for(
+            Case::WeirNatReply,
+            WeirSetup {
+                forwarding: "nat",
+                backends: 1,
+                snat_ports: None,
+            },
+        );
+        let last_snat_port = SNAT_PORT_BASE + u16::try_from(FLOWS - 1).expect("few flows");
+        let mut fullnat_reply = load_for(
+            Case::WeirFullnatReply,
+            WeirSetup {
+                forwarding: "fullnat",
+                backends: 1,
+                snat_ports: Some((SNAT_PORT_BASE, last_snat_port)),
+            },
+        );
         let total = repeats * CASES.iter().filter(|c| selected(**c)).count();
         let mut done = 0;
         for rep in 0..repeats {
@@ -692,17 +902,46 @@ fn main() {
                         Case::XdpTx => (&mut plain, &to_vip, XDP_TX),
                         Case::WeirTunnel => (&mut tunnel, &to_vip, ACTION_BALANCE),
                         Case::WeirDirect => (&mut direct, &to_vip, ACTION_BALANCE),
+                        Case::WeirNat => (loaded(&mut nat)?, &to_vip, ACTION_BALANCE),
+                        Case::WeirFullnat => (loaded(&mut fullnat)?, &to_vip, ACTION_BALANCE),
+                        Case::WeirNatReply => {
+                            (loaded(&mut nat_reply)?, &reply_to_client, ACTION_BALANCE)
+                        }
+                        Case::WeirFullnatReply => {
+                            (loaded(&mut fullnat_reply)?, &reply_to_snat, ACTION_BALANCE)
+                        }
+                        Case::NftNumgenReply => (&mut plain, &reply_to_client, XDP_PASS),
                         Case::KernelForward => (&mut plain, &to_backend, XDP_PASS),
                         _ => (&mut plain, &to_vip, XDP_PASS),
                     };
-                    g.set(frame, action)?;
+                    // Forward frames vary the client's port and come from the client's
+                    // side; replies vary their destination port (the client's, or the
+                    // SNAT port) and arrive on backend 0's link.
+                    let (offset, base, from) = match case {
+                        Case::WeirNatReply | Case::NftNumgenReply => {
+                            (DST_PORT_OFFSET, REPLY_FLOW_BASE, backend_link)
+                        }
+                        Case::WeirFullnatReply => (DST_PORT_OFFSET, SNAT_PORT_BASE, backend_link),
+                        _ => (SRC_PORT_OFFSET, SRC_PORT_BASE, ingress),
+                    };
+                    if case.is_reply() {
+                        prime(&lab, case, g, &to_vip, action, ingress)?;
+                    }
+                    g.set(frame, action, offset, base)?;
                     // Warm-up: connection tables, nginx's sessions, caches.
-                    g.run(frame.len(), ingress, 0.3)?;
+                    g.run(frame.len(), from, 0.3)?;
                     let before = lab.delivered(case)?;
-                    let (sent, busy) = g.run(frame.len(), ingress, seconds)?;
+                    let (sent, busy) = g.run(frame.len(), from, seconds)?;
                     let delivered = lab.delivered(case)? - before;
                     if delivered == 0 && case != Case::Ceiling {
-                        bail!("no packet reached the backends ({sent} generated)");
+                        bail!(
+                            "no packet reached the {} ({sent} generated)",
+                            if case.is_reply() {
+                                "client"
+                            } else {
+                                "backends"
+                            }
+                        );
                     }
                     let rate = if case == Case::Ceiling {
                         sent as f64 / busy
@@ -788,7 +1027,7 @@ fn report(r: &Results, seconds: f64, repeats: usize, background: Option<f64>) {
     let table = support::table(
         &[
             "path",
-            "Mpps at the backends",
+            "Mpps delivered",
             "ns/packet",
             "ns over ceiling",
             "ratio to ceiling",
@@ -843,11 +1082,41 @@ fn report(r: &Results, seconds: f64, repeats: usize, background: Option<f64>) {
             }
         }
     }
+    // Issue 12: the NAT modes at least 3x the kernel's DNAT, each direction against the
+    // kernel's same direction.
+    for (weir, nft) in [
+        (Case::WeirNat, Case::NftNumgen),
+        (Case::WeirFullnat, Case::NftNumgen),
+        (Case::WeirNatReply, Case::NftNumgenReply),
+        (Case::WeirFullnatReply, Case::NftNumgenReply),
+    ] {
+        let line = match (median(weir), median(nft)) {
+            (Some(w), Some(n)) => {
+                let x = w / n;
+                format!(
+                    "| {} / {} | {w:.2} / {n:.2} = {x:.2} | at least 3 | {} |",
+                    weir.name(),
+                    nft.name(),
+                    if x >= 3.0 { "met" } else { "MISSED" }
+                )
+            }
+            _ => format!(
+                "| {} / {} | not measured | at least 3 | n/a |",
+                weir.name(),
+                nft.name()
+            ),
+        };
+        let _ = writeln!(targets, "{line}");
+    }
     let mut body = format!(
         "Measured by `cargo xtask bench packets` on {}: 60-byte UDP frames over {FLOWS} flows, \
          {seconds} s per case after a 0.3 s warm-up, {repeats} interleaved repeats, one \
-         generator core; median (min–max). The ceiling counts generated frames; every \
-         other row counts frames received at the backends.\n\n{table}\n{targets}",
+         generator core; median (min–max). The ceiling counts generated frames; the reply \
+         rows count frames received at the client, every other row frames received at the \
+         backends. The reply rows send backend 0's answers to the flows made just before by \
+         forward frames (a service, or nftables map, of backend 0 alone; fullnat with exactly \
+         {FLOWS} SNAT ports, all in use), as they arrive on backend 0's link; the balancer \
+         translates them back to the VIP and sends them to the client.\n\n{table}\n{targets}",
         support::machine()
     );
     if let Some(bg) = background {

@@ -156,6 +156,11 @@ pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
     let v = load(json)?;
     let rows = v["rows"].as_array().context("no rows in the results")?;
     let machine = v["machine"].as_str().unwrap_or("");
+    // Taller with more rows (the NAT modes added some), so that bars and labels stay legible.
+    let height = |base: u32, per_row: u32| {
+        let n = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+        base.max(per_row.saturating_mul(n).saturating_add(120))
+    };
     match v["bench"].as_str() {
         Some("e2e") => {
             let color = |name: &str| {
@@ -167,7 +172,7 @@ pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
                     PEER
                 }
             };
-            let root = BitMapBackend::new(out, (1400, 520)).into_drawing_area();
+            let root = BitMapBackend::new(out, (1400, height(520, 50))).into_drawing_area();
             root.fill(&WHITE)?;
             let (title, body) = root.split_vertically(36);
             title.titled(
@@ -199,7 +204,7 @@ pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
                     PEER
                 }
             };
-            let root = BitMapBackend::new(out, (1100, 480)).into_drawing_area();
+            let root = BitMapBackend::new(out, (1100, height(480, 36))).into_drawing_area();
             root.fill(&WHITE)?;
             let (title, body) = root.split_vertically(36);
             title.titled(
@@ -208,7 +213,7 @@ pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
             )?;
             panel(
                 &body,
-                "packets per second at the backends",
+                "packets per second delivered (at the backends; replies at the client)",
                 "Mpps (median, min–max)",
                 &bars(rows, "mpps", color),
             )?;
