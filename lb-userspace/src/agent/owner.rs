@@ -15,6 +15,7 @@ use std::{
 use lb_common::{
     FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP, addr_from_bytes,
     nat::{NAT_NO_SNAT, NAT_RECLAIM_MARGIN_NS, NAT_REPLY, NatEntry},
+    rules::MAX_RULES_PER_SERVICE,
     stat,
 };
 
@@ -987,6 +988,7 @@ impl Agent {
                 global: Vec::new(),
                 services: Vec::new(),
                 backends: Vec::new(),
+                source_rules: Vec::new(),
             })
     }
 
@@ -1025,6 +1027,27 @@ impl Agent {
                 new_flows: b.new_flows,
             })
             .collect();
+        let mut source_rules = Vec::new();
+        for state in self.balancer.services() {
+            for (i, rule) in (0..MAX_RULES_PER_SERVICE).zip(&state.spec.source_rules) {
+                // Only the slots of configured rules: one read each, bounded by the rules.
+                let packets = match self
+                    .balancer
+                    .maps()
+                    .read_source_rule_count(state.id * MAX_RULES_PER_SERVICE + i)
+                {
+                    Ok(n) => n,
+                    Err(err) if strict => return Err(err),
+                    Err(_) => 0,
+                };
+                source_rules.push(api::RuleStats {
+                    service: state.spec.name.clone(),
+                    action: if rule.allow { "allow" } else { "deny" }.to_owned(),
+                    prefix: format!("{}/{}", addr_from_bytes(rule.addr, rule.family), rule.len),
+                    packets,
+                });
+            }
+        }
         Ok(api::Stats {
             global: stat::NAMES
                 .iter()
@@ -1033,6 +1056,7 @@ impl Agent {
                 .collect(),
             services,
             backends,
+            source_rules,
         })
     }
 

@@ -551,6 +551,21 @@ pub struct Stats {
     pub global: Vec<(String, u64)>,
     pub services: Vec<TrafficStats>,
     pub backends: Vec<TrafficStats>,
+    /// Every source rule of every service, with the packets it decided.
+    #[serde(default)]
+    pub source_rules: Vec<RuleStats>,
+}
+
+/// One `allow` / `deny` rule of a service and the packets it decided (new flows admitted
+/// by an `allow`, dropped by a `deny`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStats {
+    pub service: String,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// The prefix as `ADDR/LEN`.
+    pub prefix: String,
+    pub packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -972,6 +987,7 @@ mod tests {
                     global: vec![("xdp_tx".into(), 5)],
                     services: vec![],
                     backends: vec![],
+                    source_rules: vec![],
                 }
                 .into(),
             ),

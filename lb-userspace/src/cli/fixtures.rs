@@ -135,6 +135,7 @@ pub(super) fn sample_stats(scale: u64) -> Stats {
             bytes: 64_000 * scale,
             new_flows: 10 * scale,
         }],
+        source_rules: vec![],
     }
 }
 

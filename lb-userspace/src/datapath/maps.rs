@@ -342,6 +342,14 @@ impl KernelMaps {
             .map_err(map_err(map_name::SOURCE_RULES))
     }
 
+    /// The packets source rule `index` decided, summed over CPUs.
+    pub fn read_source_rule_count(&self, index: u32) -> Result<u64, DatapathError> {
+        self.source_rule_stats
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .map_err(map_err(map_name::SOURCE_RULE_STATS))
+    }
+
     /// The packets each source rule decided, summed over CPUs, by counter index.
     pub fn read_source_rule_counts(&self) -> Result<Vec<u64>, DatapathError> {
         (0..lb_common::rules::MAX_SOURCE_RULES)

@@ -52,7 +52,12 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 33] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
+    (
+        "weir_source_rule_packets_total",
+        "Packets of flows without an entry that a service's source rule decided: admitted by an allow, dropped by a deny.",
+        MetricType::COUNTER,
+    ),
     (
         "weir_backend_up",
         "Whether the datapath honours flows tracked to the backend (1) or not (0).",
@@ -496,6 +501,17 @@ impl DatapathCollector {
                     push("weir_health_check_duration_seconds", histogram(&pairs, &c));
                 }
             }
+            for rule in &stats.source_rules {
+                let pairs = [
+                    ("service", rule.service.as_str()),
+                    ("action", rule.action.as_str()),
+                    ("prefix", rule.prefix.as_str()),
+                ];
+                push(
+                    "weir_source_rule_packets_total",
+                    counter(&pairs, rule.packets),
+                );
+            }
             for row in stats.services.iter().filter(|row| row.backend.is_none()) {
                 let pairs = [("service", row.service.as_str())];
                 push("weir_service_packets_total", counter(&pairs, row.packets));
@@ -858,6 +874,12 @@ mod tests {
             global,
             services: vec![traffic(None, packets)],
             backends: vec![traffic(Some(WEB_BACKEND), packets)],
+            source_rules: vec![api::RuleStats {
+                service: "web".into(),
+                action: "deny".into(),
+                prefix: "198.51.100.0/24".into(),
+                packets: drops,
+            }],
         };
         (stats, vec![backend_info(WEB_BACKEND, true, packets)])
     }
@@ -1084,6 +1106,13 @@ mod tests {
             Some(42.0)
         );
         assert_eq!(
+            sample(
+                &text,
+                r#"weir_source_rule_packets_total{action="deny",prefix="198.51.100.0/24",service="web"}"#
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
             sample(&text, r#"weir_service_bytes_total{service="web"}"#),
             Some(4200.0)
         );
@@ -1139,6 +1168,7 @@ mod tests {
             global: Vec::new(),
             services: Vec::new(),
             backends: Vec::new(),
+            source_rules: Vec::new(),
         };
         let text = f.scrape(&(empty, Vec::new()));
         assert!(!text.contains("service=\"web\""), "{text}");
