@@ -36,6 +36,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // tests/e2e_scaleout.rs: the BGP speaker of the router and of each balancer
     // (`weir agent`'s `[announce]` feeds it), and its `birdc`.
     "bird2",
+    // `cargo xtask bench paper` (the seed paper's experiment): Flask backends, httperf as the
+    // load, and the capture it measures from (tcpdump writes it, tshark dissects it).
+    "python3-flask",
+    "httperf",
+    "tcpdump",
+    "tshark",
 ];
 
 /// Daemons whose Debian packages start a system-wide service on install; the benches and
@@ -101,6 +107,16 @@ fn debian_packages() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("setup: apt-get update failed")?;
+    // tshark's wireshark-common asks whether non-root users may capture; answer it before
+    // the install (no, the default: the benches capture as root), so nothing waits for a
+    // terminal even where DEBIAN_FRONTEND is ignored.
+    if missing.split(' ').any(|p| p == "tshark") {
+        cmd::run_with_input(
+            &mut Command::new("debconf-set-selections"),
+            b"wireshark-common wireshark-common/install-setuid boolean false\n",
+        )
+        .context("setup: debconf-set-selections failed")?;
+    }
     cmd::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
