@@ -51,10 +51,16 @@ pub fn write_app(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The arguments after [`PYTHON`] that run backend `name` on `port`.
+/// The arguments after [`PYTHON`] that run backend `name` on `port`: unbuffered (`-u`), so
+/// that its output is in its log at once.
 #[must_use]
 pub fn args(app: &Path, name: &str, port: u16) -> Vec<String> {
-    vec![app.display().to_string(), name.to_owned(), port.to_string()]
+    vec![
+        "-u".to_owned(),
+        app.display().to_string(),
+        name.to_owned(),
+        port.to_string(),
+    ]
 }
 
 #[cfg(test)]

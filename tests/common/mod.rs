@@ -39,6 +39,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 // namesake.
 pub use weir_testbed::*;
 
+pub mod dashboard;
 pub mod predict;
 pub mod test_run;
 pub mod tunnel;
