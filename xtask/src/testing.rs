@@ -17,6 +17,7 @@ const PRIVILEGED_TESTS: &[&str] = &[
     "e2e_mtu",
     "e2e_nat",
     "e2e_scaleout",
+    "e2e_dashboard",
 ];
 
 /// `--test NAME` for each of `names`.
