@@ -835,18 +835,44 @@ fn main() {
         started.elapsed().as_secs_f64(),
         raw.values().map(Vec::len).sum::<usize>()
     );
+    // Two tshark processes at a time (the machine's cores), in the runs' order.
+    let jobs: Vec<((Balancer, usize), Raw)> = raw
+        .into_iter()
+        .flat_map(|(key, runs)| runs.into_iter().map(move |r| (key, r)))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let dissected: Vec<Vec<(usize, Result<CaptureQos>)>> = thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((_, r)) = jobs.get(i) else {
+                            return out;
+                        };
+                        out.push((i, dissect(&r.pcap)));
+                        let _ = fs::remove_file(&r.pcap);
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("dissecting thread"))
+            .collect()
+    });
+    let mut dissected: Vec<(usize, Result<CaptureQos>)> = dissected.into_iter().flatten().collect();
+    dissected.sort_by_key(|(i, _)| *i);
     let mut results: Results = BTreeMap::new();
-    for (key, runs) in raw {
-        for r in runs {
-            match dissect(&r.pcap) {
-                Ok(qos) => results.entry(key).or_default().push(RunResult {
-                    httperf: r.httperf,
-                    qos,
-                    balancer_us: r.balancer_us,
-                }),
-                Err(e) => failures.push(format!("{}: {e:#}", r.pcap.display())),
-            }
-            let _ = fs::remove_file(&r.pcap);
+    for ((key, r), (_, qos)) in jobs.into_iter().zip(dissected) {
+        match qos {
+            Ok(qos) => results.entry(key).or_default().push(RunResult {
+                httperf: r.httperf,
+                qos,
+                balancer_us: r.balancer_us,
+            }),
+            Err(e) => failures.push(format!("{}: {e:#}", r.pcap.display())),
         }
     }
     drop(lab);
