@@ -14,7 +14,7 @@
 //! * `NGINX round-robin / least_conn / ip_hash`: Debian's nginx on the balancer, one worker,
 //!   the VIP on its `lo`, `proxy_pass` over HTTP/1.0 to the backends, as the paper did;
 //! * `Weir fullnat` with `round-robin`, `least-conn`, `ip-hash`, `maglev`: the paper's
-//!   topology (the backends see the balancer's address);
+//!   topology (the backends see the balancer's address, one per scheduler: `snat_address`);
 //! * `Weir nat` with the same four schedulers: the backends route via the balancer;
 //! * `Weir tunnel maglev`: IP-in-IP to `weir decap` on the backends, which answer the client
 //!   directly (the VIP on their `lo`, an on-link route to the client's subnet).
@@ -247,6 +247,19 @@ impl Lab {
                 ],
             )?;
         }
+        // The fullnat configurations' SNAT addresses, on the backends' subnet.
+        for m in METHODS {
+            ip(
+                &topo.lb,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", snat_address(m)),
+                    "dev",
+                    NODE_IF,
+                ],
+            )?;
+        }
         // The 50 client addresses, and the balancer's neighbour entries for them (its XDP
         // program sends translated replies to the client's MAC from the kernel's table).
         for i in 0..CLIENTS {
@@ -378,12 +391,23 @@ fn nginx_config(dir: &Path, method: Method) -> String {
     )
 }
 
+/// The SNAT address of the fullnat configuration with `method`: one of its own on the
+/// balancer (198.51.100.101-104). The bench removes the datapath between configurations, so
+/// each starts with an empty NAT table and picks its SNAT ports afresh; from one shared
+/// address it would pick ports whose connections the backends still hold in TIME_WAIT (60 s)
+/// from the configuration before, which the backends may refuse (a retransmitted SYN, a
+/// second of delay). The same configuration comes back only a round later, over a minute on.
+fn snat_address(method: Method) -> Ipv4Addr {
+    let i = METHODS.iter().position(|m| *m == method).unwrap_or(0);
+    Ipv4Addr::new(198, 51, 100, 101 + u8::try_from(i).unwrap_or(0))
+}
+
 fn weir_service(forwarding: &str, method: Method) -> ServiceBuilder {
     let mut s = ServiceBuilder::new("web", VIP_V4, HTTP_PORT, "tcp")
         .scheduler(method.weir())
         .forwarding(forwarding);
     if forwarding == "fullnat" {
-        s = s.raw("snat_addresses", &format!("[\"{LB_V4}\"]"));
+        s = s.raw("snat_addresses", &format!("[\"{}\"]", snat_address(method)));
     }
     (0..BACKENDS).fold(s, |s, i| s.backend(Backend::new(backend_v4(i))))
 }
@@ -1104,7 +1128,11 @@ fn report(
          backends) as in the paper. **Weir** forwards at L4 in XDP: `fullnat` (the backends \
          see the balancer's address: the paper's topology of stock backends), `nat` \
          (backends route via the balancer) and tunnel DSR (backends answer the client \
-         directly).\n\
+         directly). The bench removes Weir's datapath between configurations, so each starts \
+         with an empty NAT table; each fullnat scheduler has an SNAT address of its own, \
+         lest a fresh table pick SNAT ports whose connections the backends still hold in \
+         TIME_WAIT from the configuration before (a balancer that keeps its table, as the \
+         agent does across restarts, does not meet this).\n\
          - **Measurements** come from a capture on the client's veth (tcpdump, snap length \
          {SNAPLEN}, dissected by tshark 4.0): delay is request to complete response as the \
          client sees it (`http.time`), jitter the mean absolute difference of consecutive \
