@@ -33,7 +33,8 @@
 //! balancer.
 //!
 //! Arguments: `--runs N` (default 10), `--requests N` (default 1000), `--rate R` (requests
-//! per second, default 500), `--only a,b` (configuration names, e.g. `nginx-rr,fullnat-rr`).
+//! per second, default 500), `--only a,b` (configuration names, e.g. `nginx-rr,fullnat-rr`),
+//! `--keep-captures` (leave the pcap files in `$TMPDIR/weir-paper-captures`).
 //! Writes docs/PAPER.md, and the JSON results `cargo xtask bench` draws docs/bench-paper.png
 //! from. Nothing here asserts a figure: targets are reported as met or missed.
 
@@ -73,6 +74,9 @@ const CLIENT_NET: &str = "203.0.113.128/25";
 /// Snap length: every header of a response (the `X-Backend` line is in the headers, which
 /// Werkzeug and nginx send in one segment of under 300 bytes).
 const SNAPLEN: &str = "512";
+/// tcpdump's capture buffer, KiB: room for a whole run's frames, so that a capture thread
+/// that the busy machine schedules late loses none (those would read as missing segments).
+const CAPTURE_BUFFER_KIB: &str = "65536";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Method {
@@ -572,6 +576,8 @@ struct Raw {
     httperf: Httperf,
     pcap: PathBuf,
     balancer_us: f64,
+    /// Frames the kernel dropped from the capture (not from the network).
+    capture_drops: u64,
 }
 
 struct Load {
@@ -597,6 +603,8 @@ fn run_once(
             NODE_IF,
             "-n",
             "--immediate-mode",
+            "-B",
+            CAPTURE_BUFFER_KIB,
             "-Z",
             "root",
             "-s",
@@ -651,10 +659,13 @@ fn run_once(
         thread::sleep(Duration::from_millis(20));
     }
     let httperf = qos::parse_httperf(&out)?;
+    let capture_drops = qos::tcpdump_kernel_drops(&tcpdump.log())
+        .with_context(|| format!("tcpdump's summary:\n{}", tcpdump.log()))?;
     Ok(Raw {
         httperf,
         pcap,
         balancer_us,
+        capture_drops,
     })
 }
 
@@ -687,6 +698,7 @@ struct RunResult {
     httperf: Httperf,
     qos: CaptureQos,
     balancer_us: f64,
+    capture_drops: u64,
 }
 
 impl RunResult {
@@ -795,7 +807,14 @@ fn main() {
         eprintln!("warning: BPF_ENABLE_STATS refused; Weir's XDP time is not counted");
     }
     let lab = Lab::build().unwrap_or_else(|e| panic!("topology: {e:#}"));
-    let captures = lab.topo.workdir.join("captures");
+    // `--keep-captures`: the pcap files stay (outside the lab's work directory, which goes
+    // with the lab) for a look with tshark or wireshark.
+    let keep = support::flag("--keep-captures");
+    let captures = if keep {
+        std::env::temp_dir().join("weir-paper-captures")
+    } else {
+        lab.topo.workdir.join("captures")
+    };
     fs::create_dir_all(&captures).expect("captures dir");
 
     let mut raw: BTreeMap<(Balancer, usize), Vec<Raw>> = BTreeMap::new();
@@ -876,7 +895,9 @@ fn main() {
                             return out;
                         };
                         out.push((i, dissect(&r.pcap)));
-                        let _ = fs::remove_file(&r.pcap);
+                        if !keep {
+                            let _ = fs::remove_file(&r.pcap);
+                        }
                     }
                 })
             })
@@ -895,6 +916,7 @@ fn main() {
                 httperf: r.httperf,
                 qos,
                 balancer_us: r.balancer_us,
+                capture_drops: r.capture_drops,
             }),
             Err(e) => failures.push(format!("{}: {e:#}", r.pcap.display())),
         }
@@ -1017,6 +1039,9 @@ struct Summary {
     lost: u64,
     unanswered: u64,
     errors: u64,
+    capture_drops: u64,
+    /// Connections on a client port used before in the same capture (`qos`).
+    reused_ports: u64,
     balancer_us: Option<f64>,
 }
 
@@ -1045,6 +1070,12 @@ fn summarize(results: &Results, b: Balancer, m: usize) -> Option<Summary> {
         lost,
         unanswered: runs.iter().map(|r| r.qos.unanswered).sum(),
         errors: runs.iter().map(|r| r.httperf.errors).sum(),
+        capture_drops: runs.iter().map(|r| r.capture_drops).sum(),
+        reused_ports: runs
+            .iter()
+            .flat_map(|r| r.qos.backends.values())
+            .map(|q| q.reused_ports)
+            .sum(),
         balancer_us: mean(
             &runs
                 .iter()
@@ -1327,16 +1358,18 @@ fn report(
     for (m, mode) in CLIENT_MODES.iter().enumerate() {
         for &b in balancers {
             if let Some(s) = summarize(results, b, m)
-                && (s.lost > 0 || s.unanswered > 0 || s.errors > 0)
+                && (s.lost > 0 || s.unanswered > 0 || s.errors > 0 || s.capture_drops > 0)
             {
                 lossy.push(format!(
-                    "{} ({}): {} retransmitted or missing segments, {} unanswered connections, \
-                     {} httperf errors",
+                    "{} ({}): {} retransmitted or missing segments, {} connections without a \
+                     response in the capture, {} httperf errors, {} frames dropped from the \
+                     capture by the kernel",
                     b.label(),
                     mode.label(),
                     s.lost,
                     s.unanswered,
-                    s.errors
+                    s.errors,
+                    s.capture_drops
                 ));
             }
         }
@@ -1351,6 +1384,43 @@ fn report(
             format!("\n\n- {}", lossy.join("\n- "))
         }
     );
+    let mut reused = Vec::new();
+    for (m, mode) in CLIENT_MODES.iter().enumerate() {
+        for &b in balancers {
+            if let Some(s) = summarize(results, b, m)
+                && s.reused_ports > 0
+            {
+                reused.push(format!(
+                    "{} ({}): {}",
+                    b.label(),
+                    mode.label(),
+                    s.reused_ports
+                ));
+            }
+        }
+    }
+    if !reused.is_empty() {
+        let _ = writeln!(
+            doc,
+            "Not counted as loss: connections on a client port that an earlier connection of \
+             the same capture used, {} in all. The backend may still hold that earlier \
+             connection in TIME_WAIT and answer the new SYN with its stale ACK; the client \
+             resets it and sends the SYN again (one retransmitted SYN, a few ms). This is the \
+             client and the backend meeting again on one 4-tuple, not a network loss; the \
+             baseline, `nat` and tunnel keep the client's port to the backend, while fullnat's \
+             SNAT ports and NGINX's own connections make other 4-tuples, which meet it less:\n\n- {}\n",
+            reused
+                .iter()
+                .map(|r| r
+                    .rsplit(": ")
+                    .next()
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0))
+                .sum::<u64>(),
+            reused.join("\n- ")
+        );
+    }
     let _ = writeln!(
         doc,
         "Where a target is missed, the per-run tables below show by how much; the \

@@ -12,7 +12,12 @@
 //!   directions, Ethernet frames as captured) over the whole capture's duration;
 //! * **loss**: frames tshark flags as retransmitted (`tcp.analysis.retransmission`, fast and
 //!   spurious ones included) plus gaps it detects (`tcp.analysis.lost_segment`), over the
-//!   backend's frames, in percent;
+//!   backend's frames, in percent; except on a connection whose client port was used before in
+//!   the capture (`tcp.analysis.reused_ports`): there the backend may still hold the old
+//!   connection in TIME_WAIT and answer the new SYN with a stale ACK (the client resets it
+//!   and sends its SYN again), and tshark, taking both for one stream, flags the new
+//!   connection's segments as retransmissions. Such connections are counted apart
+//!   ([`BackendQos::reused_ports`]), their flags not as loss;
 //! * **delay**: from the request to its response (`http.time`: the frame that completes the
 //!   response, minus the request's), mean in ms;
 //! * **jitter**: the mean of |d(i) − d(i−1)| over the backend's delays in the order the
@@ -24,7 +29,7 @@ use anyhow::{Context as _, Result, bail};
 
 /// The fields `tshark -T fields -E separator=/t -E occurrence=a -E aggregator='|'` must print,
 /// in this order, for [`analyse`].
-pub const TSHARK_FIELDS: [&str; 9] = [
+pub const TSHARK_FIELDS: [&str; 10] = [
     "frame.time_epoch",
     "tcp.stream",
     "frame.len",
@@ -34,6 +39,7 @@ pub const TSHARK_FIELDS: [&str; 9] = [
     "http.response.line",
     "tcp.analysis.retransmission",
     "tcp.analysis.lost_segment",
+    "tcp.analysis.reused_ports",
 ];
 
 /// The response header that names the backend which answered.
@@ -51,6 +57,8 @@ pub struct BackendQos {
     /// Retransmitted or missing segments, percent of `frames`.
     pub loss_percent: f64,
     pub lost_frames: u64,
+    /// Connections on a client port used before in the capture (see the module docs).
+    pub reused_ports: u64,
     /// Mean request-to-response time, ms (`None` without responses).
     pub delay_ms: Option<f64>,
     /// Mean absolute difference of consecutive delays, ms (`None` below two responses).
@@ -79,6 +87,7 @@ struct Stream {
     frames: u64,
     bytes: u64,
     lost: u64,
+    reused: bool,
     requests: u64,
     /// (arrival time, delay in s, backend) of each response.
     responses: Vec<(f64, f64, Option<String>)>,
@@ -132,6 +141,9 @@ pub fn analyse(tshark: &str) -> Result<CaptureQos> {
         if !f[7].is_empty() || !f[8].is_empty() {
             s.lost += 1;
         }
+        if !f[9].is_empty() {
+            s.reused = true;
+        }
         if !f[3].is_empty() {
             s.requests += 1;
         }
@@ -172,7 +184,11 @@ pub fn analyse(tshark: &str) -> Result<CaptureQos> {
                 let q = out.backends.entry(b.clone()).or_default();
                 q.frames += s.frames;
                 q.bytes += s.bytes;
-                q.lost_frames += s.lost;
+                if s.reused {
+                    q.reused_ports += 1;
+                } else {
+                    q.lost_frames += s.lost;
+                }
                 q.responses += s.responses.len() as u64;
                 delays
                     .entry(b)
@@ -183,7 +199,9 @@ pub fn analyse(tshark: &str) -> Result<CaptureQos> {
                 if s.requests > 0 && s.responses.is_empty() {
                     out.unanswered += 1;
                 }
-                out.unanswered_lost_frames += s.lost;
+                if !s.reused {
+                    out.unanswered_lost_frames += s.lost;
+                }
             }
         }
     }
@@ -269,12 +287,21 @@ pub fn parse_httperf(out: &str) -> Result<Httperf> {
     Ok(h)
 }
 
+/// The packets tcpdump says the kernel dropped from its capture (`N packets dropped by
+/// kernel`, printed when it stops): segments missing from a capture for that reason were not
+/// lost on the network.
+pub fn tcpdump_kernel_drops(log: &str) -> Option<u64> {
+    log.lines()
+        .find_map(|l| l.trim().strip_suffix("packets dropped by kernel"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A frame line as tshark prints it.
-    fn frame(ts: f64, stream: u64, len: u64, extra: [&str; 6]) -> String {
+    fn frame(ts: f64, stream: u64, len: u64, extra: [&str; 7]) -> String {
         format!(
             "{ts:.6}\t{stream}\t{len}\t{}",
             extra.join("\t").trim_end_matches('\n')
@@ -293,13 +320,13 @@ mod tests {
     fn connection(t0: f64, stream: u64, backend: &str, delay: f64, retrans: usize) -> Vec<String> {
         let h = headers(backend);
         let mut v = vec![
-            frame(t0, stream, 74, ["", "", "", "", "", ""]),
-            frame(t0 + 0.0001, stream, 128, ["1", "", "", "", "", ""]),
+            frame(t0, stream, 74, ["", "", "", "", "", "", ""]),
+            frame(t0 + 0.0001, stream, 128, ["1", "", "", "", "", "", ""]),
             frame(
                 t0 + 0.0001 + delay,
                 stream,
                 255,
-                ["", "200", &format!("{delay:.9}"), &h, "", ""],
+                ["", "200", &format!("{delay:.9}"), &h, "", "", ""],
             ),
         ];
         for i in 0..retrans {
@@ -307,7 +334,7 @@ mod tests {
                 t0 + 0.01 + i as f64 * 1e-4,
                 stream,
                 66,
-                ["", "", "", "", "1", ""],
+                ["", "", "", "", "1", "", ""],
             ));
         }
         v
@@ -323,9 +350,9 @@ mod tests {
         lines.extend(connection(0.2, 2, "a", 0.004, 0));
         lines.extend(connection(0.3, 3, "a", 0.003, 0));
         // A request without an answer, and its missing segment.
-        lines.push(frame(0.4, 4, 74, ["", "", "", "", "", ""]));
-        lines.push(frame(0.4001, 4, 128, ["1", "", "", "", "", ""]));
-        lines.push(frame(1.0, 4, 66, ["", "", "", "", "", "1"]));
+        lines.push(frame(0.4, 4, 74, ["", "", "", "", "", "", ""]));
+        lines.push(frame(0.4001, 4, 128, ["1", "", "", "", "", "", ""]));
+        lines.push(frame(1.0, 4, 66, ["", "", "", "", "", "1", ""]));
         let q = analyse(&lines.join("\n")).expect("parses");
         assert_eq!(q.requests, 5);
         assert_eq!(q.unanswered, 1);
@@ -346,6 +373,22 @@ mod tests {
         assert_eq!(b.jitter_ms, None, "one response has no variation");
     }
 
+    /// A SYN the backend's TIME_WAIT answered with a stale ACK, then the connection again on
+    /// the same port: tshark's retransmission flags there are not loss.
+    #[test]
+    fn reused_ports_are_counted_apart_from_loss() {
+        let mut lines = connection(0.0, 0, "a", 0.002, 3);
+        lines.push(frame(0.02, 0, 74, ["", "", "", "", "1", "", "1"]));
+        lines.extend(connection(0.1, 1, "a", 0.002, 1));
+        let q = analyse(&lines.join("\n")).expect("parses");
+        let a = &q.backends["a"];
+        assert_eq!(a.reused_ports, 1);
+        assert_eq!(
+            a.lost_frames, 1,
+            "only the other connection's retransmission"
+        );
+    }
+
     #[test]
     fn jitter_follows_arrival_order_not_stream_order() {
         // Stream 1 answers first: delays in arrival order are 1, 5, 2 (jitter 3.5), in
@@ -360,14 +403,14 @@ mod tests {
     #[test]
     fn non_2xx_and_bad_lines() {
         let h = headers("c");
-        let line = frame(0.0, 0, 100, ["", "503", "0.001", &h, "", ""]);
+        let line = frame(0.0, 0, 100, ["", "503", "0.001", &h, "", "", ""]);
         let q = analyse(&line).expect("parses");
         assert_eq!(q.non_2xx, 1);
         assert_eq!(q.backends["c"].responses, 1);
         assert!(analyse("1.0\t0\t60").is_err(), "too few fields");
-        assert!(analyse(&frame(0.0, 0, 1, ["", "abc", "", "", "", ""])).is_err());
+        assert!(analyse(&frame(0.0, 0, 1, ["", "abc", "", "", "", "", ""])).is_err());
         // Not TCP (no stream): ignored.
-        let q = analyse("1.0\t\t60\t\t\t\t\t\t").expect("parses");
+        let q = analyse("1.0\t\t60\t\t\t\t\t\t\t").expect("parses");
         assert_eq!(q, CaptureQos::default());
     }
 
@@ -387,6 +430,15 @@ mod tests {
         assert_eq!(delay_and_jitter(&[]), (None, None));
         assert_eq!(delay_and_jitter(&[4.0]), (Some(4.0), None));
         assert_eq!(delay_and_jitter(&[1.0, 3.0, 2.0]), (Some(2.0), Some(1.5)));
+    }
+
+    #[test]
+    fn tcpdump_drops() {
+        let log = "tcpdump: listening on eth0, link-type EN10MB (Ethernet), snapshot length \
+                   512 bytes\n20114 packets captured\n20131 packets received by filter\n\
+                   17 packets dropped by kernel\n";
+        assert_eq!(tcpdump_kernel_drops(log), Some(17));
+        assert_eq!(tcpdump_kernel_drops("tcpdump: listening on eth0\n"), None);
     }
 
     #[test]
