@@ -1405,10 +1405,9 @@ fn report(
             "Not counted as loss: connections on a client port that an earlier connection of \
              the same capture used, {} in all. The backend may still hold that earlier \
              connection in TIME_WAIT and answer the new SYN with its stale ACK; the client \
-             resets it and sends the SYN again (one retransmitted SYN, a few ms). This is the \
-             client and the backend meeting again on one 4-tuple, not a network loss; the \
-             baseline, `nat` and tunnel keep the client's port to the backend, while fullnat's \
-             SNAT ports and NGINX's own connections make other 4-tuples, which meet it less:\n\n- {}\n",
+             resets it and sends the SYN again (one retransmitted SYN, a few ms). This is a \
+             TIME_WAIT met again on one 4-tuple (the client's, or the balancer's own towards \
+             the backend), not a network loss:\n\n- {}\n",
             reused
                 .iter()
                 .map(|r| r
