@@ -28,7 +28,7 @@ use std::{
 
 use common::{
     Backend, ConfigBuilder, EchoServers, HealthCheck, Prometheus, Servers, ServiceBuilder,
-    Topology, VIP_V4, backend_v4,
+    Topology, VIP_V4, backend_v4, dashboard,
 };
 use serde_json::Value;
 use weir::api::Request;
@@ -1356,59 +1356,6 @@ fn prometheus_counts_match_traffic() {
     );
 }
 
-/// The Grafana dashboard's location in the repository.
-fn dashboard_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/grafana/weir-dashboard.json")
-}
-
-/// Every `targets[].expr` of the dashboard's panels (rows' nested panels included).
-fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
-    fn walk(panels: &Value, out: &mut Vec<String>) {
-        for panel in panels.as_array().into_iter().flatten() {
-            for target in panel["targets"].as_array().into_iter().flatten() {
-                if let Some(expr) = target["expr"].as_str()
-                    && !expr.trim().is_empty()
-                {
-                    out.push(expr.to_owned());
-                }
-            }
-            walk(&panel["panels"], out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(&dashboard["panels"], &mut out);
-    out
-}
-
-/// Grafana variables to PromQL: interval variables become `1m`, every other variable `.*`.
-fn substitute_variables(expr: &str) -> String {
-    let mut out = String::with_capacity(expr.len());
-    let mut rest = expr;
-    while let Some(pos) = rest.find('$') {
-        out.push_str(&rest[..pos]);
-        let after = &rest[pos + 1..];
-        let (name, len) = if let Some(inner) = after.strip_prefix('{') {
-            let end = inner.find('}').map_or(inner.len(), |e| e);
-            let name = inner[..end].split(':').next().unwrap_or("");
-            (name, end + 2)
-        } else {
-            let end = after
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(after.len());
-            (&after[..end], end)
-        };
-        if name.is_empty() {
-            out.push('$');
-            rest = after;
-            continue;
-        }
-        out.push_str(if name.starts_with("__") { "1m" } else { ".*" });
-        rest = &after[len..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// Every PromQL expression of `config/grafana/weir-dashboard.json`, variables substituted
 /// (`$service` etc. -> `.*`, `$__rate_interval` etc. -> `1m`), returns data from a real
 /// Prometheus scraping a real agent with traffic.
@@ -1417,14 +1364,13 @@ fn grafana_dashboard_queries_return_data() {
     if !common::require_root() {
         return;
     }
-    let path = dashboard_path();
+    let path = dashboard::path();
     if !path.exists() {
         eprintln!("SKIPPED: no dashboard at {}", path.display());
         return;
     }
-    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
-        .expect("dashboard JSON");
-    let exprs = dashboard_exprs(&dashboard);
+    let dashboard = dashboard::load().expect("dashboard JSON");
+    let exprs = dashboard::all_exprs(&dashboard);
     assert!(!exprs.is_empty(), "no targets[].expr in {}", path.display());
 
     let (topo, _servers, _agent, prometheus) = prometheus_setup("gd");
@@ -1457,7 +1403,7 @@ fn grafana_dashboard_queries_return_data() {
 
     let mut empty = Vec::new();
     for expr in &exprs {
-        let promql = substitute_variables(expr);
+        let promql = dashboard::substitute(expr, "1m");
         match prometheus.query(&promql) {
             Ok(result) if !result.is_empty() => {
                 println!("[dashboard] {} series: {promql}", result.len());
@@ -1478,8 +1424,14 @@ fn grafana_dashboard_queries_return_data() {
 #[test]
 fn grafana_variable_substitution() {
     assert_eq!(
-        substitute_variables("rate(x{service=~\"$service\",b=~\"${backend}\"}[$__rate_interval])"),
+        dashboard::substitute(
+            "rate(x{service=~\"$service\",b=~\"${backend}\"}[$__rate_interval])",
+            "1m"
+        ),
         "rate(x{service=~\".*\",b=~\".*\"}[1m])"
     );
-    assert_eq!(substitute_variables("a[${__range}] $ 1"), "a[1m] $ 1");
+    assert_eq!(
+        dashboard::substitute("a[${__range}] $ 1", "1m"),
+        "a[1m] $ 1"
+    );
 }

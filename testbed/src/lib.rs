@@ -10,7 +10,9 @@
 //! * [`scaleout`]: a client behind a router doing ECMP over several balancers
 //!   ([`ScaleOut`]), the balancers and backends on one segment;
 //! * [`config`]: agent config text with `[agent]` and `[[service]]` tables
-//!   ([`ConfigBuilder`], [`ServiceBuilder`]).
+//!   ([`ConfigBuilder`], [`ServiceBuilder`]);
+//! * [`webapp`]: the Flask backend of the paper bench and the dashboard test;
+//! * [`qos`]: the paper bench's measurements from tshark's and httperf's output.
 //!
 //! Network safety: addresses are only ever added inside namespaces created here, to veth
 //! ends created inside them, and only from 198.51.100.0/24, 203.0.113.0/24 and
@@ -24,8 +26,10 @@
 pub mod cmd;
 pub mod config;
 pub mod netns;
+pub mod qos;
 pub mod scaleout;
 pub mod topology;
+pub mod webapp;
 
 pub use cmd::{ip, ns_exec, run, sysctl, xdp_attached};
 pub use config::{Backend, ConfigBuilder, HealthCheck, ServiceBuilder};

@@ -39,6 +39,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 // namesake.
 pub use weir_testbed::*;
 
+pub mod dashboard;
 pub mod predict;
 pub mod test_run;
 pub mod tunnel;
@@ -1631,7 +1632,18 @@ impl Prometheus {
 
     /// An instant query through the HTTP API: the `data.result` array.
     pub fn query(&self, expr: &str) -> Result<Vec<serde_json::Value>> {
-        let target = format!("/api/v1/query?query={}", url_encode(expr));
+        self.query_target(expr, format!("/api/v1/query?query={}", url_encode(expr)))
+    }
+
+    /// As `query`, evaluated at `time` (Unix seconds) instead of now.
+    pub fn query_at(&self, expr: &str, time: f64) -> Result<Vec<serde_json::Value>> {
+        self.query_target(
+            expr,
+            format!("/api/v1/query?query={}&time={time:.3}", url_encode(expr)),
+        )
+    }
+
+    fn query_target(&self, expr: &str, target: String) -> Result<Vec<serde_json::Value>> {
         let (status, body) = http_get(&self.ns, self.addr, &target, Duration::from_secs(5))?;
         let v: serde_json::Value = serde_json::from_str(&body)
             .with_context(|| format!("query {expr:?}: answer {status} is not JSON: {body}"))?;

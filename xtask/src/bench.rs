@@ -5,16 +5,18 @@
 //! traffic), `packets` (packets per second through each balancer), `control` (Maglev
 //! build time, map writes per change) and `agent` (health verdict to maps, the agent's CPU). Each writes its section of docs/BENCHMARKS.md;
 //! `e2e` and `packets` also leave their results as JSON, from which this draws
-//! docs/bench-e2e.png and docs/bench-packets.png.
+//! docs/bench-e2e.png and docs/bench-packets.png. `paper` (the seed paper's experiment:
+//! Flask behind NGINX and Weir per method, httperf, per-backend QoS from a capture, about
+//! 18 minutes) writes docs/PAPER.md and its chart docs/bench-paper.png.
 use std::{path::PathBuf, process::ExitCode};
 
 use crate::{chart, cmd};
 
 /// Benchmarks that exist, run in this order when no name is given.
-const IMPLEMENTED: &[&str] = &["datapath", "control", "agent", "packets", "e2e"];
+const IMPLEMENTED: &[&str] = &["datapath", "control", "agent", "packets", "e2e", "paper"];
 
 /// Benchmarks with a chart in docs/.
-const CHARTED: &[&str] = &["e2e", "packets"];
+const CHARTED: &[&str] = &["e2e", "packets", "paper"];
 
 /// Where the benches leave their JSON results: `<target dir>/weir-bench/NAME.json`.
 fn results_file(name: &str) -> PathBuf {

@@ -150,7 +150,7 @@ fn load(json: &Path) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))
 }
 
-/// Draws the chart of a bench's results (`e2e` or `packets`) into `out`.
+/// Draws the chart of a bench's results (`e2e`, `packets` or `paper`) into `out`.
 pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
     register_font()?;
     let v = load(json)?;
@@ -219,6 +219,62 @@ pub(crate) fn draw(json: &Path, out: &Path) -> anyhow::Result<()> {
             )?;
             root.present()?;
         }
+        Some("paper") => {
+            let color = |name: &str| {
+                if name.starts_with("none") {
+                    REFERENCE
+                } else if name.starts_with("nginx") {
+                    PEER
+                } else {
+                    WEIR
+                }
+            };
+            // One client address and 50: the rows of each mode, in the bench's order.
+            let mode = |clients: &str| -> Vec<Value> {
+                rows.iter()
+                    .filter(|r| r["clients"].as_str() == Some(clients))
+                    .cloned()
+                    .collect()
+            };
+            let (one, fifty) = (mode("1"), mode("50"));
+            let n = one.len().max(fifty.len()).max(1);
+            let height = u32::try_from(n * 26 + 120).unwrap_or(600);
+            let root = BitMapBackend::new(out, (2100, height)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let (title, body) = root.split_vertically(36);
+            title.titled(
+                &format!(
+                    "bench paper: Flask behind each balancer, httperf, capture on the client ({machine})"
+                ),
+                ("sans-serif", 15),
+            )?;
+            let (left, rest) = body.split_horizontally(700);
+            let (middle, right) = rest.split_horizontally(700);
+            panel(
+                &left,
+                "delay, one client address",
+                "mean delay per run, ms (median of runs, min–max)",
+                &bars(&one, "delay_ms", color),
+            )?;
+            panel(
+                &middle,
+                "delay, 50 client addresses",
+                "mean delay per run, ms (median of runs, min–max)",
+                &bars(&fifty, "delay_ms", color),
+            )?;
+            let balancers: Vec<Value> = one
+                .iter()
+                .filter(|r| r["baseline"].as_bool() != Some(true))
+                .cloned()
+                .collect();
+            panel(
+                &right,
+                "balancer CPU per request, one client address",
+                "CPU µs per request (median of runs, min–max)",
+                &bars(&balancers, "cpu_us_per_request", color),
+            )?;
+            root.present()?;
+        }
         other => bail!("no chart for results of bench {other:?}"),
     }
     println!("chart written to {}", out.display());
@@ -233,9 +289,9 @@ mod tests {
         serde_json::json!({ "median": v, "min": v * 0.9, "max": v * 1.1 })
     }
 
-    /// Draws both charts from made-up results (skipped without the font).
+    /// Draws every chart from made-up results (skipped without the font).
     #[test]
-    fn draws_both_charts() {
+    fn draws_every_chart() {
         if !Path::new(FONT).is_file() {
             eprintln!("SKIPPED: {FONT} missing");
             return;
@@ -261,7 +317,20 @@ mod tests {
                 { "name": "nft-numgen", "label": "nftables", "mpps": null },
             ]
         });
-        for (name, value) in [("e2e", e2e), ("packets", packets)] {
+        let paper = serde_json::json!({
+            "bench": "paper", "machine": "test machine",
+            "rows": [
+                { "name": "none-a", "label": "no balancer → Flask A", "clients": "1",
+                  "baseline": true, "delay_ms": spread(1.0), "cpu_us_per_request": spread(0.0) },
+                { "name": "nginx-rr", "label": "NGINX, round robin", "clients": "1",
+                  "baseline": false, "delay_ms": spread(1.6), "cpu_us_per_request": spread(170.0) },
+                { "name": "fullnat-rr", "label": "Weir fullnat, round robin", "clients": "1",
+                  "baseline": false, "delay_ms": spread(0.8), "cpu_us_per_request": spread(10.0) },
+                { "name": "fullnat-rr", "label": "Weir fullnat, round robin", "clients": "50",
+                  "baseline": false, "delay_ms": spread(0.9), "cpu_us_per_request": null },
+            ]
+        });
+        for (name, value) in [("e2e", e2e), ("packets", packets), ("paper", paper)] {
             let json = dir.join(format!("{name}.json"));
             std::fs::write(&json, value.to_string()).expect("write json");
             let png = dir.join(format!("{name}.png"));

@@ -65,6 +65,31 @@ pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// As [`run`], with `input` written to the command's stdin.
+pub(crate) fn run_with_input(command: &mut Command, input: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let line = display(command);
+    println!("$ {line}");
+    let mut child = command
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{line}`"))?;
+    // Dropped at the end of the block: the command sees the end of its input.
+    {
+        let mut stdin = child.stdin.take().context("no stdin pipe")?;
+        stdin
+            .write_all(input)
+            .with_context(|| format!("writing to `{line}`"))?;
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
 /// Runs `command` quietly and returns its stdout, or `None` if it cannot start or fails.
 pub(crate) fn output(command: &mut Command) -> Option<String> {
     let output = command

@@ -5,6 +5,7 @@
 mod bench;
 mod chart;
 mod cmd;
+mod dashboard_schema;
 mod demo;
 mod dist;
 // Compiled into the `weir-docs` helper (feature `docs`); here only for its tests.
@@ -49,9 +50,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks: `datapath`, `control`, `agent`, `packets`, `e2e` (default: all of
-    /// them, in that order). They write docs/BENCHMARKS.md and the charts in docs/. All but the
-    /// Maglev part of `control` need root.
+    /// Run benchmarks: `datapath`, `control`, `agent`, `packets`, `e2e`, `paper` (default: all
+    /// of them, in that order). They write docs/BENCHMARKS.md (`paper`: docs/PAPER.md) and the
+    /// charts in docs/. All but the Maglev part of `control` need root.
     Bench {
         /// Benchmarks to run; none means all implemented ones.
         names: Vec<String>,

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd;
+use crate::{cmd, dashboard_schema};
 
 /// Debian packages the tests and the demo use: the packages of the programs they run (the
 /// demo's `demo::TOOLS`, the tests' `TEST_TOOLS` in this module's tests, which check that
@@ -36,6 +36,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // tests/e2e_scaleout.rs: the BGP speaker of the router and of each balancer
     // (`weir agent`'s `[announce]` feeds it), and its `birdc`.
     "bird2",
+    // `cargo xtask bench paper` (the seed paper's experiment): Flask backends, httperf as the
+    // load, and the capture it measures from (tcpdump writes it, tshark dissects it).
+    "python3-flask",
+    "httperf",
+    "tcpdump",
+    "tshark",
+    // `cargo xtask test`'s check of the Grafana dashboard against Grafana's schema
+    // (`dashboard_schema`: the TypeScript compiler and Grafana's schema library, from npm).
+    "nodejs",
 ];
 
 /// Daemons whose Debian packages start a system-wide service on install; the benches and
@@ -59,6 +68,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
     rust_src()?;
     nightly_clippy()?;
     bpf_linker()?;
+    dashboard_schema_tools()?;
     println!("==> setup: done");
     Ok(())
 }
@@ -101,6 +111,16 @@ fn debian_packages() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("setup: apt-get update failed")?;
+    // tshark's wireshark-common asks whether non-root users may capture; answer it before
+    // the install (no, the default: the benches capture as root), so nothing waits for a
+    // terminal even where DEBIAN_FRONTEND is ignored.
+    if missing.split(' ').any(|p| p == "tshark") {
+        cmd::run_with_input(
+            &mut Command::new("debconf-set-selections"),
+            b"wireshark-common wireshark-common/install-setuid boolean false\n",
+        )
+        .context("setup: debconf-set-selections failed")?;
+    }
     cmd::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -228,6 +248,46 @@ fn nightly_clippy() -> anyhow::Result<()> {
     step("nightly clippy: missing; installing");
     cmd::run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", NIGHTLY]))
         .context("setup: could not add clippy to the nightly toolchain")?;
+    Ok(())
+}
+
+/// The npm packages of the dashboard's schema check, in a folder of their own.
+fn dashboard_schema_tools() -> anyhow::Result<()> {
+    let dir = dashboard_schema::tools_dir()?;
+    if dashboard_schema::installed(&dir) {
+        step(&format!(
+            "dashboard schema tools: present ({})",
+            dir.display()
+        ));
+        return Ok(());
+    }
+    // Debian's nodejs comes without npm (its own package); NodeSource's includes it.
+    if cmd::output(Command::new("npm").arg("--version")).is_none() {
+        bail!(
+            "setup: npm not found; the dashboard's schema check needs it: install it (Debian: \
+             `apt-get install npm`) and re-run"
+        );
+    }
+    step(&format!(
+        "dashboard schema tools: missing; installing {} into {}",
+        dashboard_schema::PACKAGES.join(" "),
+        dir.display()
+    ));
+    fs::create_dir_all(&dir)
+        .with_context(|| format!("setup: could not create {}", dir.display()))?;
+    cmd::run(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .args(dashboard_schema::PACKAGES),
+    )
+    .context("setup: npm install of the dashboard schema tools failed")?;
+    if !dashboard_schema::installed(&dir) {
+        bail!(
+            "setup: npm installed into {} but the dashboard schema tools are not there",
+            dir.display()
+        );
+    }
     Ok(())
 }
 

@@ -75,12 +75,12 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
     ),
     (
         "weir_backend_packets_total",
-        "Packets the datapath forwarded to the backend.",
+        "Packets of the backend's flows the datapath forwarded (in the NAT modes both directions, to the backend and back to the client).",
         MetricType::COUNTER,
     ),
     (
         "weir_backend_bytes_total",
-        "Bytes (as received) the datapath forwarded to the backend.",
+        "Bytes (frames as received) of the backend's flows the datapath forwarded (in the NAT modes both directions).",
         MetricType::COUNTER,
     ),
     (
