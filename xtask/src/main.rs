@@ -5,7 +5,6 @@
 mod bench;
 mod chart;
 mod cmd;
-mod dashboard_schema;
 mod demo;
 mod dist;
 // Compiled into the `weir-docs` helper (feature `docs`); here only for its tests.

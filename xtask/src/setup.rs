@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, dashboard_schema};
+use crate::cmd;
 
 /// Debian packages the tests and the demo use: the packages of the programs they run (the
 /// demo's `demo::TOOLS`, the tests' `TEST_TOOLS` in this module's tests, which check that
@@ -42,9 +42,6 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "httperf",
     "tcpdump",
     "tshark",
-    // `cargo xtask test`'s check of the Grafana dashboard against Grafana's schema
-    // (`dashboard_schema`: the TypeScript compiler and Grafana's schema library, from npm).
-    "nodejs",
 ];
 
 /// Daemons whose Debian packages start a system-wide service on install; the benches and
@@ -68,7 +65,6 @@ pub(crate) fn setup() -> anyhow::Result<()> {
     rust_src()?;
     nightly_clippy()?;
     bpf_linker()?;
-    dashboard_schema_tools()?;
     println!("==> setup: done");
     Ok(())
 }
@@ -248,46 +244,6 @@ fn nightly_clippy() -> anyhow::Result<()> {
     step("nightly clippy: missing; installing");
     cmd::run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", NIGHTLY]))
         .context("setup: could not add clippy to the nightly toolchain")?;
-    Ok(())
-}
-
-/// The npm packages of the dashboard's schema check, in a folder of their own.
-fn dashboard_schema_tools() -> anyhow::Result<()> {
-    let dir = dashboard_schema::tools_dir()?;
-    if dashboard_schema::installed(&dir) {
-        step(&format!(
-            "dashboard schema tools: present ({})",
-            dir.display()
-        ));
-        return Ok(());
-    }
-    // Debian's nodejs comes without npm (its own package); NodeSource's includes it.
-    if cmd::output(Command::new("npm").arg("--version")).is_none() {
-        bail!(
-            "setup: npm not found; the dashboard's schema check needs it: install it (Debian: \
-             `apt-get install npm`) and re-run"
-        );
-    }
-    step(&format!(
-        "dashboard schema tools: missing; installing {} into {}",
-        dashboard_schema::PACKAGES.join(" "),
-        dir.display()
-    ));
-    fs::create_dir_all(&dir)
-        .with_context(|| format!("setup: could not create {}", dir.display()))?;
-    cmd::run(
-        Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&dir)
-            .args(dashboard_schema::PACKAGES),
-    )
-    .context("setup: npm install of the dashboard schema tools failed")?;
-    if !dashboard_schema::installed(&dir) {
-        bail!(
-            "setup: npm installed into {} but the dashboard schema tools are not there",
-            dir.display()
-        );
-    }
     Ok(())
 }
 
