@@ -959,21 +959,7 @@ impl Demo {
                 routes.trim()
             );
         }
-        let curl = [
-            "ip",
-            "netns",
-            "exec",
-            NS_CLI,
-            "curl",
-            "-sS",
-            "--max-time",
-            "2",
-            &format!("http://{VIP}/"),
-        ];
-        println!("      $ {}", curl.join(" "));
-        let answer = run(&curl).context("the first request through the balancer")?;
-        let answer = answer.trim().to_owned();
-        println!("      {answer}");
+        let answer = first_request()?;
         let log = self
             .workdir
             .join(format!("{answer}-nginx"))
@@ -1063,20 +1049,7 @@ impl Demo {
         for (decap, ns) in self.decaps.iter_mut().zip(NS_BACKENDS) {
             wait_xdp(decap, ns, NODE_IF, START_TIMEOUT)?;
         }
-        let curl = [
-            "ip",
-            "netns",
-            "exec",
-            NS_CLI,
-            "curl",
-            "-sS",
-            "--max-time",
-            "2",
-            &format!("http://{VIP}/"),
-        ];
-        println!("      $ {}", curl.join(" "));
-        let answer = run(&curl).context("the first request through the balancer")?;
-        println!("      {}", answer.trim());
+        first_request()?;
         Ok(())
     }
 
@@ -1615,6 +1588,27 @@ fn http_batch(requests: usize) -> anyhow::Result<Batch> {
     })?;
     check_interrupted()?;
     Ok(batch)
+}
+
+/// The first request through the balancer, as a person would send it (curl in the client's
+/// namespace), shown with its answer: the name of the backend that served it.
+fn first_request() -> anyhow::Result<String> {
+    let curl = [
+        "ip",
+        "netns",
+        "exec",
+        NS_CLI,
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        &format!("http://{VIP}/"),
+    ];
+    println!("      $ {}", curl.join(" "));
+    let answer = run(&curl).context("the first request through the balancer")?;
+    let answer = answer.trim().to_owned();
+    println!("      {answer}");
+    Ok(answer)
 }
 
 /// One request from namespace `ns` (for single probes).
