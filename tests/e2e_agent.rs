@@ -1278,22 +1278,6 @@ fn prometheus_setup(tag: &str) -> (Topology, EchoServers, common::ChildGuard, Pr
     (topo, servers, agent, prometheus)
 }
 
-/// Per-backend values of an instant query's result (label `backend`).
-fn by_backend(result: &[Value]) -> BTreeMap<String, f64> {
-    result
-        .iter()
-        .map(|s| {
-            (
-                s["metric"]["backend"].as_str().unwrap_or("").to_owned(),
-                s["value"][1]
-                    .as_str()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(f64::NAN),
-            )
-        })
-        .collect()
-}
-
 /// 600 UDP datagrams over 600 flows: after a scrape, Prometheus' `weir_backend_packets_total`
 /// of each backend equals the datagrams its echo server received. `promtool check metrics`
 /// finds no problem in a real scrape.
@@ -1316,12 +1300,12 @@ fn prometheus_counts_match_traffic() {
     prometheus
         .wait_scrape_after(done, Duration::from_secs(10))
         .expect("scrape");
-    let packets = by_backend(
+    let packets = dashboard::by_backend(
         &prometheus
             .query("weir_backend_packets_total{service=\"udp\"}")
             .expect("query"),
     );
-    let flows = by_backend(
+    let flows = dashboard::by_backend(
         &prometheus
             .query("weir_backend_new_flows_total{service=\"udp\"}")
             .expect("query"),

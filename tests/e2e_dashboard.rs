@@ -44,7 +44,6 @@ use common::{
     BACKENDS, Backend, ChildGuard, HealthCheck, Prometheus, ServiceBuilder, Topology, VIP_V4,
     backend_v4, dashboard, ns_exec,
 };
-use serde_json::Value;
 use weir_testbed::webapp;
 
 const HTTP_PORT: u16 = 80;
@@ -124,24 +123,8 @@ fn counter(ns: &str, chain: &str) -> Result<(u64, u64)> {
     Ok((after("packets")?, after("bytes")?))
 }
 
-/// An instant query's result by its `backend` label.
-fn by_backend(result: &[Value]) -> BTreeMap<String, f64> {
-    result
-        .iter()
-        .map(|s| {
-            (
-                s["metric"]["backend"].as_str().unwrap_or("").to_owned(),
-                s["value"][1]
-                    .as_str()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(f64::NAN),
-            )
-        })
-        .collect()
-}
-
 fn up_states(prom: &Prometheus, up_query: &str) -> BTreeMap<String, f64> {
-    by_backend(&prom.query(up_query).expect("UP/DOWN panel query"))
+    dashboard::by_backend(&prom.query(up_query).expect("UP/DOWN panel query"))
 }
 
 /// Polls the UP/DOWN panel until backend `i` reads `want`; returns how long that took.
@@ -224,11 +207,11 @@ fn dashboard_panels_show_each_backend_state_traffic_and_the_request_rate() {
     }
 
     // Traffic per backend: N requests, one connection each.
-    let traffic_before = by_backend(&prom.query(&traffic_query).expect("traffic query"));
+    let traffic_before = dashboard::by_backend(&prom.query(&traffic_query).expect("traffic query"));
     let packets_query = "weir_backend_packets_total{service=\"web\"}";
     let flows_query = "weir_backend_new_flows_total{service=\"web\"}";
-    let packets_before = by_backend(&prom.query(packets_query).expect("query"));
-    let flows_before = by_backend(&prom.query(flows_query).expect("query"));
+    let packets_before = dashboard::by_backend(&prom.query(packets_query).expect("query"));
+    let flows_before = dashboard::by_backend(&prom.query(flows_query).expect("query"));
     let counters = || -> Vec<[(u64, u64); 2]> {
         topo.backends
             .iter()
@@ -245,9 +228,9 @@ fn dashboard_panels_show_each_backend_state_traffic_and_the_request_rate() {
     let counters_after = counters();
     prom.wait_scrape_after(common::unix_now(), Duration::from_secs(10))
         .expect("scrape");
-    let traffic_after = by_backend(&prom.query(&traffic_query).expect("traffic query"));
-    let packets_after = by_backend(&prom.query(packets_query).expect("query"));
-    let flows_after = by_backend(&prom.query(flows_query).expect("query"));
+    let traffic_after = dashboard::by_backend(&prom.query(&traffic_query).expect("traffic query"));
+    let packets_after = dashboard::by_backend(&prom.query(packets_query).expect("query"));
+    let flows_after = dashboard::by_backend(&prom.query(flows_query).expect("query"));
     let delta = |after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, key: &str| {
         after.get(key).copied().unwrap_or(f64::NAN) - before.get(key).copied().unwrap_or(0.0)
     };

@@ -156,35 +156,8 @@ impl ScaleOut {
         )?;
         ip(&rt, &["link", "set", NODE_IF, "up"])?;
 
-        // The segment: a bridge without STP or multicast snooping, no bridge netfilter.
-        ip(
-            &sw,
-            &[
-                "link",
-                "add",
-                "name",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "mcast_snooping",
-                "0",
-            ],
-        )?;
-        ip(&sw, &["link", "set", "br0", "up"])?;
-        ns_exec(
-            &sw,
-            &[
-                "sysctl",
-                "-q",
-                "-e",
-                "-w",
-                "net.bridge.bridge-nf-call-iptables=0",
-                "net.bridge.bridge-nf-call-ip6tables=0",
-                "net.bridge.bridge-nf-call-arptables=0",
-            ],
-        )?;
+        // The segment: the test bed's switch bridge.
+        crate::topology::switch_bridge(&sw)?;
         let mut links: Vec<(String, String, &str)> =
             vec![("prt".to_owned(), rt.clone(), ROUTER_SEGMENT_IF)];
         for (i, lb) in self.lbs.iter().enumerate() {

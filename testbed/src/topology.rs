@@ -84,6 +84,43 @@ const SWITCH_CLIENT_PORT: &str = "pcli";
 /// Two-arm: the balancer's end of the client's veth.
 pub const CLIENT_ARM_IF: &str = "eth1";
 
+/// The switch of a topology: bridge `br0` in namespace `sw`, up, without STP or multicast
+/// snooping and without bridge netfilter. A new namespace starts with bridge-nf-call-* on
+/// when br_netfilter is loaded: the bridge would then run netfilter and silently drop
+/// malformed IP, hiding what the balancer forwards. The keys exist only then (`-e`: ignore
+/// unknown keys).
+pub(crate) fn switch_bridge(sw: &str) -> Result<()> {
+    ip(
+        sw,
+        &[
+            "link",
+            "add",
+            "name",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "mcast_snooping",
+            "0",
+        ],
+    )?;
+    ip(sw, &["link", "set", "br0", "up"])?;
+    ns_exec(
+        sw,
+        &[
+            "sysctl",
+            "-q",
+            "-e",
+            "-w",
+            "net.bridge.bridge-nf-call-iptables=0",
+            "net.bridge.bridge-nf-call-ip6tables=0",
+            "net.bridge.bridge-nf-call-arptables=0",
+        ],
+    )?;
+    Ok(())
+}
+
 /// IPv4 address of backend `i` (0-based): 198.51.100.11, .12, .13.
 ///
 /// # Panics
@@ -267,39 +304,8 @@ impl Topology {
             )?;
         }
 
-        // The switch: a bridge without STP or multicast snooping.
         let sw = self.sw.clone();
-        ip(
-            &sw,
-            &[
-                "link",
-                "add",
-                "name",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "mcast_snooping",
-                "0",
-            ],
-        )?;
-        ip(&sw, &["link", "set", "br0", "up"])?;
-        // A new namespace starts with bridge-nf-call-* on when br_netfilter is loaded: the
-        // bridge would then run netfilter and silently drop malformed IP, hiding what the
-        // balancer forwards. The keys exist only then (-e: ignore unknown keys).
-        ns_exec(
-            &sw,
-            &[
-                "sysctl",
-                "-q",
-                "-e",
-                "-w",
-                "net.bridge.bridge-nf-call-iptables=0",
-                "net.bridge.bridge-nf-call-ip6tables=0",
-                "net.bridge.bridge-nf-call-arptables=0",
-            ],
-        )?;
+        switch_bridge(&sw)?;
         let mut links: Vec<(String, String)> = vec![(SWITCH_LB_PORT.to_owned(), self.lb.clone())];
         if !self.two_arm {
             links.push((SWITCH_CLIENT_PORT.to_owned(), self.cli.clone()));

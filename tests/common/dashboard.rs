@@ -3,7 +3,7 @@
 //! variables substituted so that Prometheus can evaluate it. The tests take the queries from
 //! the file at run time, never a copy, so that a broken panel fails a test.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
@@ -106,4 +106,21 @@ pub fn substitute(expr: &str, interval: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The values of a Prometheus instant query's result by their `backend` label (NaN for a
+/// value that is not a number).
+pub fn by_backend(result: &[Value]) -> BTreeMap<String, f64> {
+    result
+        .iter()
+        .map(|s| {
+            (
+                s["metric"]["backend"].as_str().unwrap_or("").to_owned(),
+                s["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
 }
