@@ -4,8 +4,10 @@
 //! `cli` and `agent`, the two entry points):
 //! - [`sys`]: every libc/bpf syscall outside aya and std.
 //! - [`config`]: the TOML file, its validation, and the rules the CLI shares.
+//! - [`audit`]: the audit log: its records, its files and their rotation, its writer thread.
 //! - [`overlay`]: the CLI's changes kept in the state file.
-//! - [`api`]: the management protocol's types, its server side and its client.
+//! - [`api`]: the management protocol's types, its server sides (the Unix socket, and the
+//!   remote HTTPS listener with its bearer tokens) and its clients.
 //! - [`datapath`]: the eBPF object, loading, pinning and adoption, the map layer.
 //! - [`reconcile`]: the datapath-level desired state and the diff that writes it.
 //! - [`health`]: active health checks.
@@ -14,10 +16,11 @@
 //! - [`decap`]: `weir decap` on the backends.
 //! - [`cli`]: the command line.
 //!
-//! Coming next, each in a module of its own beside these: `announce` (BGP announcements of
-//! the VIPs through BIRD) and `audit` (a log of every change made to the running agent).
+//! Coming next, in a module of its own beside these: `announce` (BGP announcements of the
+//! VIPs through BIRD), which records what it does with [`audit::AuditLog::announcement`].
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod datapath;

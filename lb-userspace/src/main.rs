@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use weir::cli::{
-    AgentArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs, EX_NOPERM, EX_USAGE,
-    EXIT_FAILURE, LogFormat, Streams,
+    AgentArgs, AuditCommand, AuditTailArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs,
+    EX_NOPERM, EX_USAGE, EXIT_FAILURE, LogFormat, Streams,
 };
 
 fn main() -> ExitCode {
@@ -29,7 +29,8 @@ fn main() -> ExitCode {
         Command::Decap(args) => decap(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Client(command) => client(&command),
-        Command::Teardown(args) => teardown(&args.bpffs),
+        Command::Teardown(args) => teardown(&args.bpffs, &args.audit_log),
+        Command::Audit(AuditCommand::Tail(args)) => audit_tail(&args),
     }
 }
 
@@ -119,8 +120,21 @@ fn client(command: &ClientCommand) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn teardown(bpffs: &Path) -> ExitCode {
-    match weir::datapath::teardown(bpffs) {
+fn audit_tail(args: &AuditTailArgs) -> ExitCode {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match weir::cli::audit_tail(args, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => runtime_error(&err),
+    }
+}
+
+fn teardown(bpffs: &Path, audit_log: &Path) -> ExitCode {
+    let result = weir::datapath::teardown(bpffs);
+    if let Some(warning) = weir::cli::audit_teardown(audit_log, bpffs, &result) {
+        eprintln!("{warning}");
+    }
+    match result {
         Ok(()) => {
             println!("{}: XDP program detached and pins removed", bpffs.display());
             ExitCode::SUCCESS

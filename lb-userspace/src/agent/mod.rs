@@ -43,6 +43,7 @@ use self::{
 };
 use crate::{
     api::server::{ApiCall, ApiSocket},
+    audit::{AuditLog, Outcome, Record, Rotation, Who},
     config::Config,
     datapath::{
         self, KernelMaps, MapWriter as _,
@@ -150,6 +151,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(config = %config_path.display(), interfaces = %interfaces.join(","), services = config.services.len(), "starting");
     // Everything that can be checked before touching the datapath.
     check_kernel()?;
+    anyhow::ensure!(
+        config.api.is_none(),
+        "[api]: the remote API is not in this build yet; remove the [api] table"
+    );
     for name in &interfaces {
         datapath::ifindex(name)?;
     }
@@ -160,6 +165,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(config.agent.metrics)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", config.agent.metrics))?;
+    // Opened before the datapath is touched: an audit path the agent may not write (a file
+    // it did not create) stops it here.
+    let audit = AuditLog::start(
+        &config.agent.audit_log,
+        Rotation {
+            max_bytes: config.agent.audit_max_bytes,
+            keep: config.agent.audit_keep,
+        },
+        metrics.audit_counters(),
+    )
+    .with_context(|| format!("opening the audit log {}", config.agent.audit_log.display()))?;
 
     let pins = PinDir::prepare(&config.agent.bpffs)?;
     // Held until the process exits: a second agent on this datapath is refused here,
@@ -229,6 +245,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         inconsistent: None,
         rings_changed: true,
         nat_orphans: std::collections::HashSet::new(),
+        audit: audit.clone(),
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -293,6 +310,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     }));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
     tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
+    audit.record(
+        Record::new(Who::agent("start"), "agent_start", Outcome::Ok).change(
+            serde_json::Value::Null,
+            serde_json::json!({
+                "pid": std::process::id(),
+                "config": agent.config_path.display().to_string(),
+                "adopted": agent.adopted,
+                "services": agent.config.services.len(),
+            }),
+        ),
+    );
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -331,21 +359,35 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                let _ = agent.reload();
+                let _ = agent.reload(&Who::agent("sighup"));
             }
             Some(event) = health_rx.recv() => agent.on_health(event),
-            Some(ApiCall { request, reply }) = api_rx.recv() => match agent.conn_job(&request) {
-                // `weir conn`: the NAT table is walked on a blocking thread, which answers.
+            Some(ApiCall { request, who, reply }) = api_rx.recv() => match agent.conn_job(&request) {
+                // `weir conn`: the NAT table is walked on a blocking thread, which answers
+                // (and records a flush in the audit log).
                 Some(Ok(job)) => {
+                    let audit = agent.audit.clone();
                     tokio::task::spawn_blocking(move || {
-                        let _ = reply.send(job.run());
+                        let answer = job.run();
+                        if request.is_change() {
+                            let after = answer
+                                .data
+                                .as_ref()
+                                .and_then(|d| serde_json::to_value(d).ok())
+                                .unwrap_or_default();
+                            audit.record(owner::response_record(&who, &request, serde_json::Value::Null, after, &answer));
+                        }
+                        let _ = reply.send(answer);
                     });
                 }
                 Some(Err(answer)) => {
+                    if request.is_change() {
+                        agent.audit.record(owner::response_record(&who, &request, serde_json::Value::Null, serde_json::Value::Null, &answer));
+                    }
                     let _ = reply.send(answer);
                 }
                 None => {
-                    let _ = reply.send(agent.handle(request));
+                    let _ = reply.send(agent.handle(request, &who));
                 }
             },
             Some(reply) = snapshot_rx.recv() => {
@@ -381,6 +423,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     api_task.abort();
     metrics_task.abort();
     api_socket.remove_if_ours();
+    audit.record(
+        Record::new(Who::agent("stop"), "agent_stop", Outcome::Ok).change(
+            serde_json::json!({"pid": std::process::id()}),
+            serde_json::Value::Null,
+        ),
+    );
+    // What was queued is written before the process exits, unless the disk hangs.
+    audit.close(Duration::from_secs(2));
     Ok(())
 }
 

@@ -517,6 +517,8 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload_successful: IntGauge,
     rollback_failures: IntCounter,
+    audit_dropped: IntCounter,
+    audit_failed: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -582,6 +584,20 @@ impl Metrics {
                 "Failed changes whose rollback failed too, leaving the datapath with a mix of old and new state until the next successful apply.",
             ))?,
         )?;
+        let audit_dropped = register(
+            registry,
+            IntCounter::with_opts(Opts::new(
+                "weir_audit_records_dropped_total",
+                "Audit records dropped because the audit writer was behind (its queue full).",
+            ))?,
+        )?;
+        let audit_failed = register(
+            registry,
+            IntCounter::with_opts(Opts::new(
+                "weir_audit_write_failures_total",
+                "Audit records whose write failed, and audit log rotations that failed or were stopped by a file weir did not create.",
+            ))?,
+        )?;
         let build_info = register(
             registry,
             IntGaugeVec::new(
@@ -600,7 +616,18 @@ impl Metrics {
             reloads,
             last_reload_successful,
             rollback_failures,
+            audit_dropped,
+            audit_failed,
         })
+    }
+
+    /// The counters the audit writer counts its losses in.
+    #[must_use]
+    pub fn audit_counters(&self) -> crate::audit::AuditCounters {
+        crate::audit::AuditCounters {
+            dropped: self.audit_dropped.clone(),
+            failed: self.audit_failed.clone(),
+        }
     }
 
     /// Where scrapes get their datapath snapshot from (the agent's owner task).
