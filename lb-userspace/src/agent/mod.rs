@@ -151,10 +151,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(config = %config_path.display(), interfaces = %interfaces.join(","), services = config.services.len(), "starting");
     // Everything that can be checked before touching the datapath.
     check_kernel()?;
-    anyhow::ensure!(
-        config.api.is_none(),
-        "[api]: the remote API is not in this build yet; remove the [api] table"
-    );
     for name in &interfaces {
         datapath::ifindex(name)?;
     }
@@ -176,6 +172,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         metrics.audit_counters(),
     )
     .with_context(|| format!("opening the audit log {}", config.agent.audit_log.display()))?;
+    // The remote API's certificate, key and port are checked here too.
+    let remote_api = config
+        .api
+        .as_ref()
+        .map(crate::api::remote::RemoteApi::bind)
+        .transpose()?;
 
     let pins = PinDir::prepare(&config.agent.bpffs)?;
     // Held until the process exits: a second agent on this datapath is refused here,
@@ -297,6 +299,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     pin::detach_other_links(&agent.config.agent.bpffs, &pin_names)?;
 
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
+    let remote_task = remote_api.map(|remote| {
+        let (tx, audit) = (api_tx.clone(), audit.clone());
+        tokio::spawn(async move {
+            if let Err(err) = remote.serve(tx, audit).await {
+                tracing::error!(error = %err, "the remote API stopped");
+            }
+        })
+    });
     let api_task = tokio::spawn(crate::api::server::serve(api_socket.listener()?, api_tx));
     let (snapshot_tx, mut snapshot_rx) = mpsc::channel::<owner::SnapshotReply>(8);
     // Called by the collector on a blocking thread (metrics::http gathers there).
@@ -309,7 +319,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             .flatten()
     }));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
-    tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
+    tracing::info!(api = %agent.config.agent.api_socket.display(), remote_api = ?agent.config.api.as_ref().map(|a| a.listen), metrics = %agent.config.agent.metrics, "ready");
     audit.record(
         Record::new(Who::agent("start"), "agent_start", Outcome::Ok).change(
             serde_json::Value::Null,
@@ -421,6 +431,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         tracing::info!(%interface, "stopping; the datapath stays attached (pinned); `weir teardown` removes it");
     }
     api_task.abort();
+    if let Some(task) = remote_task {
+        task.abort();
+    }
     metrics_task.abort();
     api_socket.remove_if_ours();
     audit.record(

@@ -14,9 +14,11 @@
 //! This module depends on no other part of the agent: the agent converts its own types.
 
 pub mod client;
+pub mod http;
+pub mod remote;
 pub mod server;
 
-pub use client::{ClientError, request};
+pub use client::{ClientError, RemoteTarget, request, request_remote};
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -194,6 +196,26 @@ pub enum ErrorCode {
     /// `reload`: the config file is invalid; the running config stays in force.
     InvalidConfig,
     Internal,
+    /// Remote API: no bearer token, or one that is not configured (HTTP 401).
+    Unauthorized,
+    /// Remote API: the token's scope does not allow the request (HTTP 403).
+    Forbidden,
+}
+
+impl ErrorCode {
+    /// The HTTP status the remote API answers an error with.
+    #[must_use]
+    pub const fn http_status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::UnknownService | Self::UnknownBackend => 404,
+            Self::Conflict => 409,
+            Self::InvalidAddress | Self::InvalidConfig => 422,
+            Self::Internal => 500,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

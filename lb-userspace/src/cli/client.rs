@@ -15,8 +15,8 @@ use super::render::{
 };
 use super::{
     BackendArgs, BackendCommand, BackendTarget, ClientCommand, ConnArgs, ConnCommand,
-    ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_UNAVAILABLE, EXIT_FAILURE,
-    EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
+    ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_UNAVAILABLE, EX_USAGE,
+    EXIT_FAILURE, EXIT_OK, OutputFormat, ServiceArgs, ServiceCommand,
 };
 use crate::api::{
     self, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode, ReloadReport,
@@ -156,6 +156,7 @@ pub fn api_exit_code(code: ErrorCode) -> u8 {
         ErrorCode::InvalidAddress => EX_DATAERR,
         ErrorCode::UnknownService | ErrorCode::UnknownBackend => EX_NOUSER,
         ErrorCode::InvalidConfig => EX_CONFIG,
+        ErrorCode::Unauthorized | ErrorCode::Forbidden => EX_NOPERM,
         ErrorCode::BadRequest | ErrorCode::Conflict | ErrorCode::Internal => EXIT_FAILURE,
     }
 }
@@ -165,7 +166,9 @@ pub fn client_exit_code(err: &ClientError) -> u8 {
     match err {
         ClientError::NotRunning(_) => EX_UNAVAILABLE,
         ClientError::PermissionDenied(_) => EX_NOPERM,
-        ClientError::Io { .. } | ClientError::BadResponse(_) => EXIT_FAILURE,
+        ClientError::Io { .. } | ClientError::BadResponse(_) | ClientError::Remote(_) => {
+            EXIT_FAILURE
+        }
     }
 }
 
@@ -190,8 +193,16 @@ fn run_client_frames(
     streams: &mut Streams<'_>,
     frames: Option<u64>,
 ) -> u8 {
+    let remote = match command.opts().remote() {
+        Ok(remote) => remote,
+        Err(message) => {
+            let _ = writeln!(streams.err, "error: {message}");
+            return EX_USAGE;
+        }
+    };
     let mut client = Client {
         socket: command.opts().socket_path(),
+        remote,
         output: command.opts().output,
         out: &mut *streams.out,
         terminal: streams.terminal,
@@ -269,6 +280,14 @@ impl Failure {
                             .to_owned(),
                     ),
                     ErrorCode::Internal => Some("see the agent's log".to_owned()),
+                    ErrorCode::Unauthorized => Some(
+                        "check --token-file: the token must be one whose SHA-256 is in the \
+                         agent's [[api.token]]"
+                            .to_owned(),
+                    ),
+                    ErrorCode::Forbidden => {
+                        Some("this needs a token with scope = \"admin\"".to_owned())
+                    }
                     ErrorCode::InvalidAddress | ErrorCode::Conflict => None,
                 };
                 match hint {
@@ -283,6 +302,8 @@ impl Failure {
 
 struct Client<'a> {
     socket: PathBuf,
+    /// `--server`: the remote agent, used instead of `socket`.
+    remote: Option<api::RemoteTarget>,
     output: OutputFormat,
     out: &'a mut dyn Write,
     terminal: bool,
@@ -291,7 +312,11 @@ struct Client<'a> {
 impl Client<'_> {
     /// Sends `request` and returns the `data` of a successful answer.
     fn call(&self, request: &Request) -> Result<Reply, Failure> {
-        let response = api::request(&self.socket, request).map_err(Failure::Client)?;
+        let response = match &self.remote {
+            Some(remote) => api::request_remote(remote, request),
+            None => api::request(&self.socket, request),
+        }
+        .map_err(Failure::Client)?;
         match (response.ok, response.error, response.data) {
             (true, _, Some(reply)) => Ok(reply),
             (true, _, None) => Err(Failure::bad_response("ok, but no data")),

@@ -289,6 +289,27 @@ pub struct ClientOpts {
     #[arg(long, value_name = "PATH", global = true)]
     pub socket: Option<PathBuf>,
 
+    /// Talk to a remote agent's HTTPS API (`[api] listen`) instead of the local socket:
+    /// `https://HOST[:PORT]` (default port 9443). Needs --token-file.
+    #[arg(
+        long,
+        value_name = "URL",
+        global = true,
+        requires = "token_file",
+        conflicts_with = "socket"
+    )]
+    pub server: Option<String>,
+
+    /// The file holding the bearer token for --server (its text; a trailing newline is
+    /// ignored). The agent knows only its SHA-256 (`[[api.token]] sha256`).
+    #[arg(long, value_name = "FILE", global = true, requires = "server")]
+    pub token_file: Option<PathBuf>,
+
+    /// The CA certificates (PEM) to trust for --server, e.g. the agent's own self-signed
+    /// certificate. Default: the system bundle /etc/ssl/certs/ca-certificates.crt.
+    #[arg(long, value_name = "FILE", global = true, requires = "server")]
+    pub ca_file: Option<PathBuf>,
+
     /// Output format: aligned tables for people (`table`), or the `data` of the agent's
     /// answer as pretty-printed JSON for scripts (`json`).
     #[arg(
@@ -306,6 +327,34 @@ impl ClientOpts {
     /// The socket to connect to: `--socket`, else `$WEIR_SOCKET`, else the default.
     pub fn socket_path(&self) -> PathBuf {
         resolve_socket(self.socket.as_deref(), std::env::var_os(SOCKET_ENV))
+    }
+
+    /// The remote agent of `--server`, with the token read from `--token-file`; `None`
+    /// for the local socket.
+    pub fn remote(&self) -> Result<Option<crate::api::RemoteTarget>, String> {
+        let Some(url) = &self.server else {
+            return Ok(None);
+        };
+        let Some(file) = &self.token_file else {
+            return Err("--server needs --token-file".to_owned());
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("reading the token file {}: {e}", file.display()))?;
+        let token = text.trim_end_matches(['\n', '\r']).to_owned();
+        if token.is_empty() || token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(format!(
+                "the token file {} must hold one token: printable, no spaces",
+                file.display()
+            ));
+        }
+        Ok(Some(crate::api::RemoteTarget {
+            url: url.clone(),
+            token,
+            ca_file: self
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::api::client::SYSTEM_CA_BUNDLE)),
+        }))
     }
 }
 
