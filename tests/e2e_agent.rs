@@ -1483,3 +1483,124 @@ fn grafana_variable_substitution() {
     );
     assert_eq!(substitute_variables("a[${__range}] $ 1"), "a[1m] $ 1");
 }
+
+/// The audit records of the topology's agent, without the file-created marker.
+fn audit_records(topo: &Topology) -> Vec<Value> {
+    std::fs::read_to_string(topo.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+        .filter(|r| r["what"] != "audit_file_created")
+        .collect()
+}
+
+/// Waits (up to 5 s: the writer thread is asynchronous) for a record matching `pred`.
+fn wait_record(topo: &Topology, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some(r) = audit_records(topo)
+            .into_iter()
+            .find(|r| r["what"] == what && pred(r))
+        {
+            return r;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no {what} record in {:#?}", audit_records(topo));
+}
+
+#[test]
+fn audit_log_records_each_change_kind() {
+    if !common::require_root() {
+        return;
+    }
+    let topo = Topology::build("au").expect("topology");
+    let _servers: Vec<EchoServers> = (0..common::BACKENDS)
+        .map(|i| topo.start_backend_echo(i, PORT).expect("echo server"))
+        .collect();
+    let svc = |weights: &[u32]| service("web", "tcp", PORT, weights).health_check(health("tcp"));
+    let config = agent_config(&topo, [svc(&[1, 1, 1])]);
+    let path = topo.write_agent_config(&config).expect("config");
+    let mut agent = topo.start_agent_file(&path).expect("agent");
+    wait_all_up(&topo, "web", &[0, 1, 2]);
+    let b0 = backend_v4(0).to_string();
+    let uid = nix_uid();
+
+    // Start, and the health transitions that brought the backends up.
+    let start = wait_record(&topo, "agent_start", |_| true);
+    assert_eq!(start["who"]["kind"], "agent");
+    let health = wait_record(&topo, "health", |r| r["target"] == format!("web/{b0}"));
+    assert_eq!(health["who"]["source"], "health_check");
+    assert_eq!(health["after"], "up");
+
+    // A CLI change over the Unix socket: who is the CLI's uid (SO_PEERCRED), with a pid.
+    weir_cli_ok(&topo, &["backend", "weight", "web", &b0, "3"]);
+    let change = wait_record(&topo, "backend_weight", |_| true);
+    assert_eq!(change["who"]["kind"], "unix");
+    assert_eq!(change["who"]["uid"], uid);
+    assert!(
+        change["who"]["pid"].as_u64().is_some_and(|p| p > 0),
+        "{change}"
+    );
+    assert_eq!(change["target"], format!("web/{b0}"));
+    assert_eq!(change["before"]["weight"], 1);
+    assert_eq!(change["after"]["weight"], 3);
+    assert_eq!(change["result"], "ok");
+
+    // A refused change is recorded as an error with the agent's message.
+    let (code, _, _) = weir_cli(&topo, &["backend", "drain", "web", "198.51.100.99"]);
+    assert_eq!(code, 67);
+    let refused = wait_record(&topo, "backend_drain", |_| true);
+    assert_eq!(refused["result"], "error");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no backend"))
+    );
+
+    // A reload through the CLI, with its diff summary; and one by SIGHUP.
+    std::fs::write(&path, agent_config(&topo, [svc(&[1, 2])]).render()).expect("write");
+    weir_cli_ok(&topo, &["reload"]);
+    let reload = wait_record(&topo, "reload", |r| r["who"]["kind"] == "unix");
+    assert_eq!(reload["who"]["uid"], uid);
+    assert_eq!(
+        reload["diff"]["backends_removed"],
+        serde_json::json!([format!("web/{}", backend_v4(2))])
+    );
+    assert_eq!(
+        reload["diff"]["backends_changed"],
+        serde_json::json!([format!("web/{}", backend_v4(1))])
+    );
+    agent.signal(libc::SIGHUP).expect("SIGHUP");
+    let hup = wait_record(&topo, "reload", |r| r["who"]["source"] == "sighup");
+    assert_eq!(hup["result"], "ok");
+
+    // Stop, then teardown: the CLI records its own line.
+    agent.stop();
+    wait_record(&topo, "agent_stop", |_| true);
+    let bpffs = topo.bpffs();
+    let log = topo.audit_log();
+    let (code, out, err) = common::run_status(&[
+        common::weir_bin(),
+        "teardown",
+        "--bpffs",
+        bpffs.to_str().unwrap(),
+        "--audit-log",
+        log.to_str().unwrap(),
+    ])
+    .expect("run weir teardown");
+    assert_eq!(code, 0, "{out}{err}");
+    let teardown = wait_record(&topo, "teardown", |_| true);
+    assert_eq!(teardown["who"]["kind"], "cli");
+    assert_eq!(teardown["who"]["uid"], uid);
+    assert_eq!(teardown["result"], "ok");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&log).expect("audit log").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+fn nix_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}

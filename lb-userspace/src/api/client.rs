@@ -105,7 +105,7 @@ pub fn request_remote(target: &RemoteTarget, req: &Request) -> Result<Response, 
     };
     let tcp = TcpStream::connect((host.as_str(), port)).map_err(|source| {
         if source.kind() == io::ErrorKind::ConnectionRefused {
-            ClientError::NotRunning(path.clone())
+            ClientError::RemoteUnreachable(path.clone())
         } else {
             io_err(source)
         }
@@ -166,6 +166,8 @@ pub enum ClientError {
     BadResponse(String),
     #[error("remote API: {0}")]
     Remote(String),
+    #[error("nothing answers at {0}: is the agent running with [api] listen set to it?")]
+    RemoteUnreachable(String),
 }
 
 /// Sends one request to the agent at `socket` and reads its response.

@@ -164,7 +164,7 @@ pub fn api_exit_code(code: ErrorCode) -> u8 {
 /// The exit status for a failure to get an answer from the agent.
 pub fn client_exit_code(err: &ClientError) -> u8 {
     match err {
-        ClientError::NotRunning(_) => EX_UNAVAILABLE,
+        ClientError::NotRunning(_) | ClientError::RemoteUnreachable(_) => EX_UNAVAILABLE,
         ClientError::PermissionDenied(_) => EX_NOPERM,
         ClientError::Io { .. } | ClientError::BadResponse(_) | ClientError::Remote(_) => {
             EXIT_FAILURE
