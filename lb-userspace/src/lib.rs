@@ -15,6 +15,7 @@
 //! - [`agent`]: the start sequence, the desired-state function and the owner task.
 //! - [`decap`]: `weir decap` on the backends.
 //! - [`cli`]: the command line.
+//! - [`fuzzing`]: the properties the fuzz targets check (config, API requests, packets).
 //!
 //! Coming next, in a module of its own beside these: `announce` (BGP announcements of the
 //! VIPs through BIRD), which records what it does with [`audit::AuditLog::announcement`].
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod decap;
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod overlay;
