@@ -1604,3 +1604,145 @@ fn nix_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }
 }
+
+/// SHA-256 of a token's text, as `[[api.token]] sha256` wants it.
+fn sha256_hex(text: &str) -> String {
+    weir::api::remote::token_hash(text)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `ip netns exec LB weir ARGS... --server https://127.0.0.1:9443 --token-file FILE
+/// --ca-file CERT`: (exit code, stdout, stderr).
+fn weir_remote(
+    topo: &Topology,
+    token_file: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
+    let cert = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/api-test.crt");
+    let mut v = vec!["ip", "netns", "exec", topo.lb.as_str(), common::weir_bin()];
+    v.extend_from_slice(args);
+    v.extend_from_slice(&[
+        "--server",
+        "https://127.0.0.1:9443",
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--ca-file",
+        cert,
+    ]);
+    common::run_status(&v).expect("run weir")
+}
+
+#[test]
+fn remote_api_refuses_bad_tokens_and_plaintext() {
+    if !common::require_root() {
+        return;
+    }
+    let topo = Topology::build("ra").expect("topology");
+    let _servers = topo.start_echo_servers(PORT).expect("echo servers");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data");
+    let mut text = agent_config(&topo, [service("web", "tcp", PORT, &[1, 1, 1])]).render();
+    text.push_str(&format!(
+        "\n[api]\nlisten = \"127.0.0.1:9443\"\ncert = \"{data}/api-test.crt\"\n\
+         key = \"{data}/api-test.key\"\n\
+         [[api.token]]\nname = \"viewer\"\nscope = \"read\"\nsha256 = \"{}\"\n\
+         [[api.token]]\nname = \"ops\"\nscope = \"admin\"\nsha256 = \"{}\"\n",
+        sha256_hex("read-secret"),
+        sha256_hex("admin-secret")
+    ));
+    let path = topo.write_file("remote.toml", &text).expect("config");
+    let _agent = topo.start_agent_file(&path).expect("agent");
+    let token = |name: &str, secret: &str| {
+        topo.write_file(name, &format!("{secret}\n"))
+            .expect("token")
+    };
+    let (admin, read, wrong) = (
+        token("admin.token", "admin-secret"),
+        token("read.token", "read-secret"),
+        token("wrong.token", "guess"),
+    );
+    let b0 = backend_v4(0).to_string();
+    let change = ["backend", "weight", "web", b0.as_str(), "4"];
+
+    // A wrong token: 401, exit 77; a read-only token asking for a change: 403, exit 77.
+    let (code, _, err) = weir_remote(&topo, &wrong, &change);
+    assert_eq!(code, 77, "{err}");
+    let (code, _, err) = weir_remote(&topo, &read, &change);
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    // The read-only token may read; the admin token may change.
+    let (code, out, err) = weir_remote(&topo, &read, &["backend", "list", "web"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&b0), "{out}");
+    let (code, _, err) = weir_remote(&topo, &admin, &change);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        backend_info(&topo, "web", backend_v4(0).into())["weight"],
+        4
+    );
+
+    // No token at all, and plaintext HTTP to the TLS port.
+    let curl = |args: &[&str]| {
+        let mut v = vec![
+            "ip",
+            "netns",
+            "exec",
+            topo.lb.as_str(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+        ];
+        v.extend_from_slice(args);
+        common::run_status(&v).expect("run curl")
+    };
+    let (_, status, _) = curl(&[
+        "--cacert",
+        &format!("{data}/api-test.crt"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "--data",
+        "{\"cmd\":\"reload\"}",
+        "https://127.0.0.1:9443/v1/request",
+    ]);
+    assert_eq!(status, "401");
+    let (code, out, err) = curl(&[
+        "-H",
+        "Authorization: Bearer admin-secret",
+        "-X",
+        "POST",
+        "--data",
+        "{\"cmd\":\"reload\"}",
+        "http://127.0.0.1:9443/v1/request",
+    ]);
+    assert_ne!(code, 0, "plaintext HTTP got an answer: {out}{err}");
+    assert!(!out.contains("\"ok\""), "{out}");
+
+    // Every refusal and the change are in the audit log with who asked.
+    let refused = |pred: &dyn Fn(&Value) -> bool| {
+        wait_record(&topo, "backend_weight", |r| {
+            r["result"] == "refused" && pred(r)
+        })
+    };
+    refused(&|r| r["who"]["kind"] == "anonymous");
+    let forbidden = refused(&|r| r["who"]["name"] == "viewer");
+    assert_eq!(forbidden["who"]["kind"], "token");
+    wait_record(&topo, "reload", |r| {
+        r["result"] == "refused" && r["who"]["kind"] == "anonymous"
+    });
+    let made = wait_record(&topo, "backend_weight", |r| r["result"] == "ok");
+    assert_eq!(made["who"]["kind"], "token");
+    assert_eq!(made["who"]["name"], "ops");
+    assert_eq!(made["after"]["weight"], 4);
+    assert!(
+        !audit_records(&topo)
+            .iter()
+            .any(|r| r["what"] == "reload" && r["result"] == "ok"),
+        "the plaintext reload was made"
+    );
+}
