@@ -1419,3 +1419,266 @@ fn grafana_variable_substitution() {
         "a[1m] $ 1"
     );
 }
+
+/// The audit records of the topology's agent, without the file-created marker.
+fn audit_records(topo: &Topology) -> Vec<Value> {
+    std::fs::read_to_string(topo.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+        .filter(|r| r["what"] != "audit_file_created")
+        .collect()
+}
+
+/// Waits (up to 5 s: the writer thread is asynchronous) for a record matching `pred`.
+fn wait_record(topo: &Topology, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some(r) = audit_records(topo)
+            .into_iter()
+            .find(|r| r["what"] == what && pred(r))
+        {
+            return r;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no {what} record in {:#?}", audit_records(topo));
+}
+
+#[test]
+fn audit_log_records_each_change_kind() {
+    if !common::require_root() {
+        return;
+    }
+    let topo = Topology::build("au").expect("topology");
+    let _servers: Vec<EchoServers> = (0..common::BACKENDS)
+        .map(|i| topo.start_backend_echo(i, PORT).expect("echo server"))
+        .collect();
+    let svc = |weights: &[u32]| service("web", "tcp", PORT, weights).health_check(health("tcp"));
+    let config = agent_config(&topo, [svc(&[1, 1, 1])]);
+    let path = topo.write_agent_config(&config).expect("config");
+    let mut agent = topo.start_agent_file(&path).expect("agent");
+    wait_all_up(&topo, "web", &[0, 1, 2]);
+    let b0 = backend_v4(0).to_string();
+    let uid = nix_uid();
+
+    // Start, and the health transitions that brought the backends up.
+    let start = wait_record(&topo, "agent_start", |_| true);
+    assert_eq!(start["who"]["kind"], "agent");
+    let health = wait_record(&topo, "health", |r| r["target"] == format!("web/{b0}"));
+    assert_eq!(health["who"]["source"], "health_check");
+    assert_eq!(health["after"], "up");
+
+    // A CLI change over the Unix socket: who is the CLI's uid (SO_PEERCRED), with a pid.
+    weir_cli_ok(&topo, &["backend", "weight", "web", &b0, "3"]);
+    let change = wait_record(&topo, "backend_weight", |_| true);
+    assert_eq!(change["who"]["kind"], "unix");
+    assert_eq!(change["who"]["uid"], uid);
+    assert!(
+        change["who"]["pid"].as_u64().is_some_and(|p| p > 0),
+        "{change}"
+    );
+    assert_eq!(change["target"], format!("web/{b0}"));
+    assert_eq!(change["before"]["weight"], 1);
+    assert_eq!(change["after"]["weight"], 3);
+    assert_eq!(change["result"], "ok");
+
+    // A refused change is recorded as an error with the agent's message.
+    let (code, _, _) = weir_cli(&topo, &["backend", "drain", "web", "198.51.100.99"]);
+    assert_eq!(code, 67);
+    let refused = wait_record(&topo, "backend_drain", |_| true);
+    assert_eq!(refused["result"], "error");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no backend"))
+    );
+
+    // A reload through the CLI, with its diff summary; and one by SIGHUP.
+    std::fs::write(&path, agent_config(&topo, [svc(&[1, 2])]).render()).expect("write");
+    weir_cli_ok(&topo, &["reload"]);
+    let reload = wait_record(&topo, "reload", |r| r["who"]["kind"] == "unix");
+    assert_eq!(reload["who"]["uid"], uid);
+    assert_eq!(
+        reload["diff"]["backends_removed"],
+        serde_json::json!([format!("web/{}", backend_v4(2))])
+    );
+    assert_eq!(
+        reload["diff"]["backends_changed"],
+        serde_json::json!([format!("web/{}", backend_v4(1))])
+    );
+    agent.signal(libc::SIGHUP).expect("SIGHUP");
+    let hup = wait_record(&topo, "reload", |r| r["who"]["source"] == "sighup");
+    assert_eq!(hup["result"], "ok");
+
+    // Stop, then teardown: the CLI records its own line.
+    agent.stop();
+    wait_record(&topo, "agent_stop", |_| true);
+    let bpffs = topo.bpffs();
+    let log = topo.audit_log();
+    let (code, out, err) = common::run_status(&[
+        common::weir_bin(),
+        "teardown",
+        "--bpffs",
+        bpffs.to_str().unwrap(),
+        "--audit-log",
+        log.to_str().unwrap(),
+    ])
+    .expect("run weir teardown");
+    assert_eq!(code, 0, "{out}{err}");
+    let teardown = wait_record(&topo, "teardown", |_| true);
+    assert_eq!(teardown["who"]["kind"], "cli");
+    assert_eq!(teardown["who"]["uid"], uid);
+    assert_eq!(teardown["result"], "ok");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&log).expect("audit log").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+fn nix_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// SHA-256 of a token's text, as `[[api.token]] sha256` wants it.
+fn sha256_hex(text: &str) -> String {
+    weir::api::remote::token_hash(text)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `ip netns exec LB weir ARGS... --server https://127.0.0.1:9443 --token-file FILE
+/// --ca-file CERT`: (exit code, stdout, stderr).
+fn weir_remote(
+    topo: &Topology,
+    token_file: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
+    let cert = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/api-test.crt");
+    let mut v = vec!["ip", "netns", "exec", topo.lb.as_str(), common::weir_bin()];
+    v.extend_from_slice(args);
+    v.extend_from_slice(&[
+        "--server",
+        "https://127.0.0.1:9443",
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--ca-file",
+        cert,
+    ]);
+    common::run_status(&v).expect("run weir")
+}
+
+#[test]
+fn remote_api_refuses_bad_tokens_and_plaintext() {
+    if !common::require_root() {
+        return;
+    }
+    let topo = Topology::build("ra").expect("topology");
+    let _servers = topo.start_echo_servers(PORT).expect("echo servers");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data");
+    let mut text = agent_config(&topo, [service("web", "tcp", PORT, &[1, 1, 1])]).render();
+    text.push_str(&format!(
+        "\n[api]\nlisten = \"127.0.0.1:9443\"\ncert = \"{data}/api-test.crt\"\n\
+         key = \"{data}/api-test.key\"\n\
+         [[api.token]]\nname = \"viewer\"\nscope = \"read\"\nsha256 = \"{}\"\n\
+         [[api.token]]\nname = \"ops\"\nscope = \"admin\"\nsha256 = \"{}\"\n",
+        sha256_hex("read-secret"),
+        sha256_hex("admin-secret")
+    ));
+    let path = topo.write_file("remote.toml", &text).expect("config");
+    let _agent = topo.start_agent_file(&path).expect("agent");
+    let token = |name: &str, secret: &str| {
+        topo.write_file(name, &format!("{secret}\n"))
+            .expect("token")
+    };
+    let (admin, read, wrong) = (
+        token("admin.token", "admin-secret"),
+        token("read.token", "read-secret"),
+        token("wrong.token", "guess"),
+    );
+    let b0 = backend_v4(0).to_string();
+    let change = ["backend", "weight", "web", b0.as_str(), "4"];
+
+    // A wrong token: 401, exit 77; a read-only token asking for a change: 403, exit 77.
+    let (code, _, err) = weir_remote(&topo, &wrong, &change);
+    assert_eq!(code, 77, "{err}");
+    let (code, _, err) = weir_remote(&topo, &read, &change);
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    // The read-only token may read; the admin token may change.
+    let (code, out, err) = weir_remote(&topo, &read, &["backend", "list", "web"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&b0), "{out}");
+    let (code, _, err) = weir_remote(&topo, &admin, &change);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        backend_info(&topo, "web", backend_v4(0).into())["weight"],
+        4
+    );
+
+    // No token at all, and plaintext HTTP to the TLS port.
+    let curl = |args: &[&str]| {
+        let mut v = vec![
+            "ip",
+            "netns",
+            "exec",
+            topo.lb.as_str(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+        ];
+        v.extend_from_slice(args);
+        common::run_status(&v).expect("run curl")
+    };
+    let (_, status, _) = curl(&[
+        "--cacert",
+        &format!("{data}/api-test.crt"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "--data",
+        "{\"cmd\":\"reload\"}",
+        "https://127.0.0.1:9443/v1/request",
+    ]);
+    assert_eq!(status, "401");
+    let (code, out, err) = curl(&[
+        "-H",
+        "Authorization: Bearer admin-secret",
+        "-X",
+        "POST",
+        "--data",
+        "{\"cmd\":\"reload\"}",
+        "http://127.0.0.1:9443/v1/request",
+    ]);
+    assert_ne!(code, 0, "plaintext HTTP got an answer: {out}{err}");
+    assert!(!out.contains("\"ok\""), "{out}");
+
+    // Every refusal and the change are in the audit log with who asked.
+    let refused = |pred: &dyn Fn(&Value) -> bool| {
+        wait_record(&topo, "backend_weight", |r| {
+            r["result"] == "refused" && pred(r)
+        })
+    };
+    refused(&|r| r["who"]["kind"] == "anonymous");
+    let forbidden = refused(&|r| r["who"]["name"] == "viewer");
+    assert_eq!(forbidden["who"]["kind"], "token");
+    wait_record(&topo, "reload", |r| {
+        r["result"] == "refused" && r["who"]["kind"] == "anonymous"
+    });
+    let made = wait_record(&topo, "backend_weight", |r| r["result"] == "ok");
+    assert_eq!(made["who"]["kind"], "token");
+    assert_eq!(made["who"]["name"], "ops");
+    assert_eq!(made["after"]["weight"], 4);
+    assert!(
+        !audit_records(&topo)
+            .iter()
+            .any(|r| r["what"] == "reload" && r["result"] == "ok"),
+        "the plaintext reload was made"
+    );
+}

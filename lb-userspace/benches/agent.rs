@@ -241,6 +241,7 @@ fn health_check_cpu(n: usize) -> (f64, f64) {
         .conntrack_entries(4096)
         .api_socket(&work.join("weir.sock"))
         .state_file(&work.join("state.json"))
+        .audit_log(&work.join("audit.jsonl"))
         .bpffs(Path::new(&bpffs));
     let per_service = 100;
     for s in 0..n.div_ceil(per_service) {

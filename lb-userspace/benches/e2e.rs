@@ -264,6 +264,7 @@ impl Lab {
             .xdp_mode("native")
             .api_socket(&self.workdir.join("weir.sock"))
             .state_file(&self.workdir.join("state.json"))
+            .audit_log(&self.workdir.join("audit.jsonl"))
             .bpffs(&self.bpffs())
     }
 

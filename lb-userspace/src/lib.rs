@@ -4,9 +4,11 @@
 //! `cli` and `agent`, the two entry points):
 //! - [`sys`]: every libc/bpf syscall outside aya and std.
 //! - [`config`]: the TOML file, its validation, and the rules the CLI shares.
+//! - [`audit`]: the audit log: its records, its files and their rotation, its writer thread.
 //! - [`overlay`]: the CLI's changes kept in the state file.
 //! - [`announce`]: the VIPs' BGP announcements, as routes BIRD imports from the kernel.
-//! - [`api`]: the management protocol's types, its server side and its client.
+//! - [`api`]: the management protocol's types, its server sides (the Unix socket, and the
+//!   remote HTTPS listener with its bearer tokens) and its clients.
 //! - [`datapath`]: the eBPF object, loading, pinning and adoption, the map layer.
 //! - [`reconcile`]: the datapath-level desired state and the diff that writes it.
 //! - [`health`]: active health checks.
@@ -14,16 +16,16 @@
 //! - [`agent`]: the start sequence, the desired-state function and the owner task.
 //! - [`decap`]: `weir decap` on the backends.
 //! - [`cli`]: the command line.
-//!
-//! Coming next, in a module of its own beside these: `audit` (a log of every change made to
-//! the running agent).
+//! - [`fuzzing`]: the properties the fuzz targets check (config, API requests, packets).
 pub mod agent;
 pub mod announce;
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod decap;
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod overlay;

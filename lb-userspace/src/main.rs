@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use weir::cli::{
-    AgentArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs, EX_NOPERM, EX_USAGE,
-    EXIT_FAILURE, LogFormat, Streams, TeardownArgs,
+    AgentArgs, AuditCommand, AuditTailArgs, Cli, ClientCommand, Command, ConfigCommand, DecapArgs,
+    EX_NOPERM, EX_USAGE, EXIT_FAILURE, LogFormat, Streams, TeardownArgs,
 };
 use weir::datapath::ports::Release;
 
@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Client(command) => client(&command),
         Command::Teardown(args) => teardown(&args),
+        Command::Audit(AuditCommand::Tail(args)) => audit_tail(&args),
     }
 }
 
@@ -120,15 +121,29 @@ fn client(command: &ClientCommand) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `weir teardown`: the pinned datapath first, then the SNAT ports the agent reserved
-/// (only once the datapath's lock showed that no agent runs it: a running agent's pairs
-/// need their ports kept from local sockets). A datapath already gone (its bpffs directory
-/// absent) still has its reservations undone; another datapath's record is left alone.
+fn audit_tail(args: &AuditTailArgs) -> ExitCode {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match weir::cli::audit_tail(args, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => runtime_error(&err),
+    }
+}
+
+/// `weir teardown`: the pinned datapath first (recorded in the audit log), then the SNAT
+/// ports the agent reserved (only once the datapath's lock showed that no agent runs it: a
+/// running agent's pairs need their ports kept from local sockets). A datapath already gone
+/// (its bpffs directory absent) still has its reservations undone; another datapath's
+/// record is left alone.
 fn teardown(args: &TeardownArgs) -> ExitCode {
     let bpffs = &args.bpffs;
     let pinned = bpffs.exists();
     if pinned {
-        if let Err(err) = weir::datapath::teardown(bpffs) {
+        let result = weir::datapath::teardown(bpffs);
+        if let Some(warning) = weir::cli::audit_teardown(&args.audit_log, bpffs, &result) {
+            eprintln!("{warning}");
+        }
+        if let Err(err) = result {
             return teardown_failed(
                 &err,
                 &format!("tearing down the datapath pinned under {}", bpffs.display()),

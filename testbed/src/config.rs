@@ -164,6 +164,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// `audit_log`: the agent's audit file (tests keep theirs in their work directory).
+    #[must_use]
+    pub fn audit_log(mut self, file: &Path) -> Self {
+        self.agent.set("audit_log", path(file));
+        self
+    }
+
     #[must_use]
     pub fn bpffs(mut self, dir: &Path) -> Self {
         self.agent.set("bpffs", path(dir));

@@ -413,7 +413,13 @@ impl Topology {
             .conntrack_entries(65536)
             .api_socket(&self.api_socket())
             .state_file(&self.workdir.join("state.json"))
+            .audit_log(&self.audit_log())
             .bpffs(&self.bpffs())
+    }
+
+    /// The agent's audit log, in the work directory.
+    pub fn audit_log(&self) -> PathBuf {
+        self.workdir.join("audit.jsonl")
     }
 
     pub fn api_socket(&self) -> PathBuf {

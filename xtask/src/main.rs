@@ -7,6 +7,7 @@ mod chart;
 mod cmd;
 mod demo;
 mod dist;
+mod fuzz;
 // Compiled into the `weir-docs` helper (feature `docs`); here only for its tests.
 #[cfg(test)]
 mod docs;
@@ -28,7 +29,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Install what the build and the tests need (idempotent; a fast no-op when done):
-    /// Debian packages, rustfmt/clippy, the nightly toolchain with rust-src, bpf-linker.
+    /// Debian packages, rustfmt/clippy, the nightly toolchain with rust-src, bpf-linker,
+    /// cargo-fuzz.
     Setup,
     /// Build the host crates (the eBPF object is built by lb-userspace's build script).
     Build {
@@ -36,7 +38,8 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test tier in order: fmt, clippy, host unit tests, privileged tests.
+    /// Run every test tier in order: fmt, clippy, host unit tests, a short fuzz run
+    /// (20 s per target), privileged tests.
     ///
     /// The privileged tier (golden-packet and network-namespace tests) needs root. Without
     /// root it is SKIPPED, or FAILS when CI is set.
@@ -75,6 +78,16 @@ enum Command {
         /// Weir on them (no VIP, no decap, no route via the balancer).
         #[arg(long, conflicts_with = "clean")]
         nat: bool,
+    },
+    /// Run the cargo-fuzz targets (`config`, `api_request`, `packet`; default: all) for
+    /// `--seconds` each (default 600). A crash stops with the input saved under
+    /// fuzz/artifacts/TARGET/.
+    Fuzz {
+        /// Targets to run; none means all.
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, value_name = "N")]
+        seconds: Option<u64>,
     },
     /// Build a release tarball: `weir` (release), its man pages and bash/zsh/fish
     /// completions (generated from its clap definition), the systemd unit, the example
@@ -117,6 +130,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         // Runs setup itself, after its root check (and not for `--clean`).
         Command::Demo { keep, clean, nat } => demo::demo(keep, clean, nat),
+        Command::Fuzz { targets, seconds } => {
+            setup::setup()?;
+            fuzz::fuzz(&targets, seconds).map(|()| ExitCode::SUCCESS)
+        }
         Command::Dist => {
             setup::setup()?;
             dist::dist().map(|()| ExitCode::SUCCESS)

@@ -65,6 +65,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
     rust_src()?;
     nightly_clippy()?;
     bpf_linker()?;
+    crate::fuzz::install_cargo_fuzz()?;
     println!("==> setup: done");
     Ok(())
 }

@@ -125,6 +125,20 @@ pub(crate) fn test(host_only: bool, harness_args: &[String]) -> anyhow::Result<E
         });
     }
 
+    // 3b. Fuzzing: a short bounded run of every cargo-fuzz target (fuzz/).
+    if stop {
+        stages.push(Stage {
+            name: "fuzz",
+            outcome: Outcome::NotRun,
+        });
+    } else {
+        banner(3, "fuzz (short run)");
+        stages.push(Stage {
+            name: "fuzz",
+            outcome: run_all(crate::fuzz::commands(&[], crate::fuzz::TEST_SECONDS)?),
+        });
+    }
+
     // 4. Privileged tests: golden packets (BPF_PROG_TEST_RUN) and network-namespace
     //    end-to-end tests, i.e. lb-userspace's integration test targets but the host ones.
     //    One at a time: they share the kernel's network state.

@@ -46,6 +46,7 @@ use self::{
 use crate::{
     announce::Announcer,
     api::server::{ApiCall, ApiSocket},
+    audit::{AuditLog, Outcome, Record, Rotation, Who},
     config::Config,
     datapath::{
         self, KernelMaps, MapWriter as _,
@@ -164,6 +165,23 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(config.agent.metrics)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", config.agent.metrics))?;
+    // Opened before the datapath is touched: an audit path the agent may not write (a file
+    // it did not create) stops it here.
+    let audit = AuditLog::start(
+        &config.agent.audit_log,
+        Rotation {
+            max_bytes: config.agent.audit_max_bytes,
+            keep: config.agent.audit_keep,
+        },
+        metrics.audit_counters(),
+    )
+    .with_context(|| format!("opening the audit log {}", config.agent.audit_log.display()))?;
+    // The remote API's certificate, key and port are checked here too.
+    let remote_api = config
+        .api
+        .as_ref()
+        .map(crate::api::remote::RemoteApi::bind)
+        .transpose()?;
 
     let pins = PinDir::prepare(&config.agent.bpffs)?;
     // Held until the process exits: a second agent on this datapath is refused here,
@@ -245,6 +263,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         unsettled: std::collections::HashSet::new(),
         settle_deadline: None,
         nat_table: None,
+        audit: audit.clone(),
     };
     let report = agent.sync()?;
     tracing::info!(
@@ -296,6 +315,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     pin::detach_other_links(&agent.config.agent.bpffs, &pin_names)?;
 
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
+    let remote_task = remote_api.map(|remote| {
+        let (tx, audit) = (api_tx.clone(), audit.clone());
+        tokio::spawn(async move {
+            if let Err(err) = remote.serve(tx, audit).await {
+                tracing::error!(error = %err, "the remote API stopped");
+            }
+        })
+    });
     let api_task = tokio::spawn(crate::api::server::serve(api_socket.listener()?, api_tx));
     let (snapshot_tx, mut snapshot_rx) = mpsc::channel::<owner::SnapshotReply>(8);
     // Called by the collector on a blocking thread (metrics::http gathers there).
@@ -309,7 +336,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     }));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
     agent.announce_ready();
-    tracing::info!(api = %agent.config.agent.api_socket.display(), metrics = %agent.config.agent.metrics, "ready");
+    tracing::info!(api = %agent.config.agent.api_socket.display(), remote_api = ?agent.config.api.as_ref().map(|a| a.listen), metrics = %agent.config.agent.metrics, "ready");
+    audit.record(
+        Record::new(Who::agent("start"), "agent_start", Outcome::Ok).change(
+            serde_json::Value::Null,
+            serde_json::json!({
+                "pid": std::process::id(),
+                "config": agent.config_path.display().to_string(),
+                "adopted": agent.adopted,
+                "services": agent.config.services.len(),
+            }),
+        ),
+    );
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -348,21 +386,35 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                let _ = agent.reload();
+                let _ = agent.reload(&Who::agent("sighup"));
             }
             Some(event) = health_rx.recv() => agent.on_health(event),
-            Some(ApiCall { request, reply }) = api_rx.recv() => match agent.conn_job(&request) {
-                // `weir conn`: the NAT table is walked on a blocking thread, which answers.
+            Some(ApiCall { request, who, reply }) = api_rx.recv() => match agent.conn_job(&request) {
+                // `weir conn`: the NAT table is walked on a blocking thread, which answers
+                // (and records a flush in the audit log).
                 Some(Ok(job)) => {
+                    let audit = agent.audit.clone();
                     tokio::task::spawn_blocking(move || {
-                        let _ = reply.send(job.run());
+                        let answer = job.run();
+                        if request.is_change() {
+                            let after = answer
+                                .data
+                                .as_ref()
+                                .and_then(|d| serde_json::to_value(d).ok())
+                                .unwrap_or_default();
+                            audit.record(owner::response_record(&who, &request, serde_json::Value::Null, after, &answer));
+                        }
+                        let _ = reply.send(answer);
                     });
                 }
                 Some(Err(answer)) => {
+                    if request.is_change() {
+                        agent.audit.record(owner::response_record(&who, &request, serde_json::Value::Null, serde_json::Value::Null, &answer));
+                    }
                     let _ = reply.send(answer);
                 }
                 None => {
-                    let _ = reply.send(agent.handle(request));
+                    let _ = reply.send(agent.handle(request, &who));
                 }
             },
             Some(reply) = snapshot_rx.recv() => {
@@ -403,8 +455,19 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         tracing::info!(%interface, "stopping; the datapath stays attached (pinned); `weir teardown` removes it");
     }
     api_task.abort();
+    if let Some(task) = remote_task {
+        task.abort();
+    }
     metrics_task.abort();
     api_socket.remove_if_ours();
+    audit.record(
+        Record::new(Who::agent("stop"), "agent_stop", Outcome::Ok).change(
+            serde_json::json!({"pid": std::process::id()}),
+            serde_json::Value::Null,
+        ),
+    );
+    // What was queued is written before the process exits, unless the disk hangs.
+    audit.close(Duration::from_secs(2));
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use super::{
 use crate::{
     announce::{Announcer, IpRoutes},
     api::{self, ErrorCode, Request, Response},
+    audit::{AuditLog, Outcome, Record, Who},
     config::{self, Config, HealthKind, ServiceConfig, rules},
     datapath::{
         AttachedMode, KernelMaps, MapWriter as _, StatsReader as _,
@@ -148,6 +149,87 @@ pub struct Agent {
     pub settle_deadline: Option<Instant>,
     /// What the last walk of the NAT table measured (`weir status`); `None` before it.
     pub nat_table: Option<NatTableGauges>,
+    /// Where every change is recorded (never blocks).
+    pub audit: AuditLog,
+}
+
+/// The audit record of a change answered with `response`: ok, or the error it gave.
+#[must_use]
+pub fn response_record(
+    who: &Who,
+    request: &Request,
+    before: serde_json::Value,
+    after: serde_json::Value,
+    response: &Response,
+) -> Record {
+    let outcome = if response.ok {
+        Outcome::Ok
+    } else {
+        Outcome::Error
+    };
+    let mut record = Record::new(who.clone(), request.name(), outcome).change(before, after);
+    record.target = request.target();
+    if let Some(error) = &response.error {
+        record.error = Some(error.message.clone());
+    }
+    record
+}
+
+/// What a reload changes, for the audit log: services added, removed or changed (any key
+/// but the backends), and backends (`service/address`) added, removed or changed.
+#[must_use]
+pub fn config_diff(old: &Config, new: &Config) -> serde_json::Value {
+    let mut out: std::collections::BTreeMap<&str, Vec<String>> = [
+        "services_added",
+        "services_removed",
+        "services_changed",
+        "backends_added",
+        "backends_removed",
+        "backends_changed",
+    ]
+    .into_iter()
+    .map(|k| (k, Vec::new()))
+    .collect();
+    let mut push = |key: &'static str, value: String| {
+        out.entry(key).or_default().push(value);
+    };
+    for o in &old.services {
+        match new.services.iter().find(|n| n.name == o.name) {
+            None => push("services_removed", o.name.clone()),
+            Some(n) => {
+                let without = |s: &ServiceConfig| ServiceConfig {
+                    backends: Vec::new(),
+                    ..s.clone()
+                };
+                if without(o) != without(n) {
+                    push("services_changed", o.name.clone());
+                }
+                for ob in &o.backends {
+                    match n.backends.iter().find(|nb| nb.address == ob.address) {
+                        None => push("backends_removed", format!("{}/{}", o.name, ob.address)),
+                        Some(nb) if nb != ob => {
+                            push("backends_changed", format!("{}/{}", o.name, ob.address));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                for nb in &n.backends {
+                    if !o.backends.iter().any(|ob| ob.address == nb.address) {
+                        push("backends_added", format!("{}/{}", n.name, nb.address));
+                    }
+                }
+            }
+        }
+    }
+    for n in &new.services {
+        if !old.services.iter().any(|o| o.name == n.name) {
+            push("services_added", n.name.clone());
+            for nb in &n.backends {
+                push("backends_added", format!("{}/{}", n.name, nb.address));
+            }
+        }
+    }
+    serde_json::json!(out)
 }
 
 /// The longest the first health verdicts may hold back the announcements at start.
@@ -875,6 +957,9 @@ impl Agent {
                     return;
                 }
                 let t = Instant::now();
+                let before = self
+                    .service_config(&service)
+                    .map(|s| self.health_of(s, address));
                 if up {
                     // Slow start: a backend that becomes healthy ramps up.
                     self.start_ramp(&service, address);
@@ -884,17 +969,33 @@ impl Agent {
                     if up { Health::Up } else { Health::Down },
                 );
                 let settles = self.unsettled.remove(&(service.clone(), address));
+                let health = |h: Option<Health>| {
+                    serde_json::to_value(h.map(api::Health::from)).unwrap_or_default()
+                };
+                let record = Record::new(Who::agent("health_check"), "health", Outcome::Ok)
+                    .target(format!("{service}/{address}"))
+                    .change(
+                        health(before),
+                        health(Some(if up { Health::Up } else { Health::Down })),
+                    );
                 match self.sync() {
-                    Ok(report) => tracing::info!(
-                        %service,
-                        %address,
-                        up,
-                        ring_slots_written = report.ring_slots_written,
-                        apply_us = t.elapsed().as_micros() as u64,
-                        "backend health changed"
-                    ),
+                    Ok(report) => {
+                        tracing::info!(
+                            %service,
+                            %address,
+                            up,
+                            ring_slots_written = report.ring_slots_written,
+                            apply_us = t.elapsed().as_micros() as u64,
+                            "backend health changed"
+                        );
+                        self.audit.record(record);
+                    }
                     Err(err) => {
                         tracing::error!(%service, %address, error = %err, "applying a health change failed");
+                        self.audit.record(Record {
+                            result: Outcome::Error,
+                            ..record.error(format!("{err:#}"))
+                        });
                         self.roll_back(&err);
                     }
                 }
@@ -1129,6 +1230,17 @@ impl Agent {
                 "VIP route {}",
                 if change.announced { "added: BIRD announces it" } else { "deleted: BIRD withdraws it" }
             );
+            self.audit.record(
+                Record::new(Who::agent("announce"), "announcement", Outcome::Ok)
+                    .target(change.vip.to_string())
+                    .change(
+                        serde_json::json!({"announced": !change.announced}),
+                        serde_json::json!({
+                            "announced": change.announced,
+                            "reason": change.reason.as_str(),
+                        }),
+                    ),
+            );
         }
         self.record_announcements();
     }
@@ -1261,7 +1373,26 @@ impl Agent {
         }
     }
 
-    pub fn reload(&mut self) -> Response {
+    /// Re-reads the config file and applies it, recording the outcome and what changed in
+    /// the audit log.
+    pub fn reload(&mut self, who: &Who) -> Response {
+        let old = self.config.clone();
+        let response = self.reload_inner();
+        let mut record = response_record(
+            who,
+            &Request::Reload {},
+            serde_json::json!({"services": old.services.len(), "backends": old.backend_count()}),
+            serde_json::json!({"services": self.config.services.len(), "backends": self.config.backend_count()}),
+            &response,
+        );
+        if response.ok {
+            record = record.diff(config_diff(&old, &self.config));
+        }
+        self.audit.record(record);
+        response
+    }
+
+    fn reload_inner(&mut self) -> Response {
         let result = config::load(&self.config_path);
         match result {
             Err(err) => {
@@ -1283,9 +1414,13 @@ impl Agent {
                     || new.agent.api_socket != self.config.agent.api_socket
                     || new.agent.metrics != self.config.agent.metrics
                     || new.agent.state_file != self.config.agent.state_file
+                    || new.agent.audit_log != self.config.agent.audit_log
+                    || new.agent.audit_max_bytes != self.config.agent.audit_max_bytes
+                    || new.agent.audit_keep != self.config.agent.audit_keep
+                    || new.api != self.config.api
                 {
                     tracing::warn!(
-                        "reload: interface(s), bpffs, api_socket, metrics and state_file changes take effect at the next agent start"
+                        "reload: interface(s), bpffs, api_socket, metrics, state_file, the audit log and [api] changes take effect at the next agent start"
                     );
                 }
                 if new.agent.xdp_mode != self.config.agent.xdp_mode
@@ -1322,6 +1457,10 @@ impl Agent {
                 self.config.agent.reserve_snat_ports = old.agent.reserve_snat_ports;
                 // The overlay in memory came from this file: keep writing it there.
                 self.config.agent.state_file = old.agent.state_file.clone();
+                self.config.agent.audit_log = old.agent.audit_log.clone();
+                self.config.agent.audit_max_bytes = old.agent.audit_max_bytes;
+                self.config.agent.audit_keep = old.agent.audit_keep;
+                self.config.api = old.api.clone();
                 match self.sync() {
                     Ok(report) => {
                         self.metrics.observe_reload(true);
@@ -1422,7 +1561,55 @@ impl Agent {
         }
     }
 
-    pub fn handle(&mut self, req: Request) -> Response {
+    /// Answers `req` from `who`; a change is recorded in the audit log with the state of
+    /// what it changed before and after.
+    pub fn handle(&mut self, req: Request, who: &Who) -> Response {
+        if !req.is_change() {
+            return self.answer(req);
+        }
+        if req == (Request::Reload {}) {
+            return self.reload(who);
+        }
+        let before = self.audit_state(&req);
+        let request = req.clone();
+        let response = self.answer(req);
+        let after = self.audit_state(&request);
+        self.audit
+            .record(response_record(who, &request, before, after, &response));
+        response
+    }
+
+    /// The part of the state a backend change is about, as the audit log shows it before
+    /// and after: `null` when the backend is not there.
+    fn audit_state(&self, req: &Request) -> serde_json::Value {
+        let (Request::BackendAdd {
+            service, address, ..
+        }
+        | Request::BackendRemove { service, address }
+        | Request::BackendWeight {
+            service, address, ..
+        }
+        | Request::BackendDrain { service, address }
+        | Request::BackendEnable { service, address }
+        | Request::BackendDisable { service, address }) = req
+        else {
+            return serde_json::Value::Null;
+        };
+        self.backend_infos(Some(service))
+            .into_iter()
+            .find(|b| b.address == *address)
+            .map_or(serde_json::Value::Null, |b| {
+                serde_json::json!({
+                    "weight": b.weight,
+                    "admin": b.admin,
+                    "health": b.health,
+                    "up": b.up,
+                    "effective_weight": b.effective_weight,
+                })
+            })
+    }
+
+    fn answer(&mut self, req: Request) -> Response {
         match req {
             Request::Status {} => Response::ok(self.status()),
             Request::ServiceList {} => {
@@ -1577,7 +1764,7 @@ impl Agent {
                 self.set_admin(service, address, Admin::Disabled)
             }
             Request::Stats {} => Response::ok(self.stats()),
-            Request::Reload {} => self.reload(),
+            Request::Reload {} => self.reload(&Who::agent("api")),
             Request::AnnounceWithdraw {} => self.set_announce_withdrawn(true),
             Request::AnnounceResume {} => self.set_announce_withdrawn(false),
             // The agent's loop hands these to `conn_job` first: their walk of the NAT table
@@ -1920,5 +2107,89 @@ mod tests {
                 ("idle".to_owned(), ip(a2), 0, 0),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    fn parse(backends: &str, extra_service: &str) -> Config {
+        config::parse(
+            &format!(
+                "[agent]\ninterface = \"eth0\"\ntunnel_source = \"198.51.100.1\"\n[[service]]\nname = \"web\"\n\
+                 vip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n{backends}{extra_service}"
+            ),
+            std::path::Path::new("t.toml"),
+        )
+        .expect("valid config")
+    }
+
+    #[test]
+    fn a_reload_diff_names_what_changed() {
+        let old = parse(
+            "[[service.backend]]\naddress = \"198.51.100.11\"\n\
+             [[service.backend]]\naddress = \"198.51.100.12\"\n",
+            "",
+        );
+        let new = parse(
+            "[[service.backend]]\naddress = \"198.51.100.11\"\nweight = 3\n\
+             [[service.backend]]\naddress = \"198.51.100.13\"\n",
+            "[[service]]\nname = \"dns\"\nvip = \"203.0.113.53\"\nport = 53\n\
+             protocol = \"udp\"\n[[service.backend]]\naddress = \"198.51.100.53\"\n",
+        );
+        let diff = config_diff(&old, &new);
+        assert_eq!(diff["services_added"], serde_json::json!(["dns"]));
+        assert_eq!(diff["services_removed"], serde_json::json!([]));
+        assert_eq!(diff["services_changed"], serde_json::json!([]));
+        assert_eq!(
+            diff["backends_added"],
+            serde_json::json!(["web/198.51.100.13", "dns/198.51.100.53"])
+        );
+        assert_eq!(
+            diff["backends_removed"],
+            serde_json::json!(["web/198.51.100.12"])
+        );
+        assert_eq!(
+            diff["backends_changed"],
+            serde_json::json!(["web/198.51.100.11"])
+        );
+        let back = config_diff(&new, &old);
+        assert_eq!(back["services_removed"], serde_json::json!(["dns"]));
+        assert_eq!(
+            config_diff(&old, &old)["backends_changed"],
+            serde_json::json!([])
+        );
+    }
+
+    #[test]
+    fn a_change_record_carries_who_target_and_error() {
+        let who = Who::Unix {
+            uid: 1000,
+            pid: Some(42),
+        };
+        let request = Request::BackendWeight {
+            service: "web".into(),
+            address: "198.51.100.11".parse().unwrap(),
+            weight: 3,
+        };
+        let refused = Response::error(ErrorCode::UnknownBackend, "no such backend");
+        let record = response_record(
+            &who,
+            &request,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            &refused,
+        );
+        assert_eq!(record.what, "backend_weight");
+        assert_eq!(record.target.as_deref(), Some("web/198.51.100.11"));
+        assert_eq!(record.result, Outcome::Error);
+        assert_eq!(record.error.as_deref(), Some("no such backend"));
+        let line = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            line["who"],
+            serde_json::json!({"kind": "unix", "uid": 1000, "pid": 42})
+        );
+        assert_eq!(line["result"], "error");
     }
 }

@@ -14,9 +14,11 @@
 //! This module depends on no other part of the agent: the agent converts its own types.
 
 pub mod client;
+pub mod http;
+pub mod remote;
 pub mod server;
 
-pub use client::{ClientError, request};
+pub use client::{ClientError, RemoteTarget, request, request_remote};
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -107,6 +109,81 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's `cmd`, as the audit log names it.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Status {} => "status",
+            Self::ServiceList {} => "service_list",
+            Self::ServiceTable { .. } => "service_table",
+            Self::BackendList { .. } => "backend_list",
+            Self::BackendAdd { .. } => "backend_add",
+            Self::BackendRemove { .. } => "backend_remove",
+            Self::BackendWeight { .. } => "backend_weight",
+            Self::BackendDrain { .. } => "backend_drain",
+            Self::BackendEnable { .. } => "backend_enable",
+            Self::BackendDisable { .. } => "backend_disable",
+            Self::Stats {} => "stats",
+            Self::Reload {} => "reload",
+            Self::AnnounceWithdraw {} => "announce_withdraw",
+            Self::AnnounceResume {} => "announce_resume",
+            Self::ConnList { .. } => "conn_list",
+            Self::ConnFlush { .. } => "conn_flush",
+        }
+    }
+
+    /// Whether the request changes the running state: audited, and refused to a read-only
+    /// token of the remote API.
+    #[must_use]
+    pub const fn is_change(&self) -> bool {
+        match self {
+            Self::Status {}
+            | Self::ServiceList {}
+            | Self::ServiceTable { .. }
+            | Self::BackendList { .. }
+            | Self::Stats {}
+            | Self::ConnList { .. } => false,
+            Self::BackendAdd { .. }
+            | Self::BackendRemove { .. }
+            | Self::BackendWeight { .. }
+            | Self::BackendDrain { .. }
+            | Self::BackendEnable { .. }
+            | Self::BackendDisable { .. }
+            | Self::Reload {}
+            | Self::AnnounceWithdraw {}
+            | Self::AnnounceResume {}
+            | Self::ConnFlush { .. } => true,
+        }
+    }
+
+    /// What a change is about, for the audit log: `service/address`, `service`, or nothing.
+    #[must_use]
+    pub fn target(&self) -> Option<String> {
+        match self {
+            Self::BackendAdd {
+                service, address, ..
+            }
+            | Self::BackendRemove { service, address }
+            | Self::BackendWeight {
+                service, address, ..
+            }
+            | Self::BackendDrain { service, address }
+            | Self::BackendEnable { service, address }
+            | Self::BackendDisable { service, address } => Some(format!("{service}/{address}")),
+            Self::ConnFlush {
+                service, backend, ..
+            } => match (service, backend) {
+                (Some(s), Some(b)) => Some(format!("{s}/{b}")),
+                (Some(s), None) => Some(s.clone()),
+                (None, Some(b)) => Some(b.to_string()),
+                (None, None) => Some("all".to_owned()),
+            },
+            _ => None,
+        }
+    }
+}
+
 /// How many connections `conn_list` returns when the request gives no `limit`.
 pub const CONN_LIST_DEFAULT_LIMIT: u32 = 1000;
 /// The most connections one `conn_list` answer holds (about 250 bytes of JSON each).
@@ -130,6 +207,26 @@ pub enum ErrorCode {
     /// `reload`: the config file is invalid; the running config stays in force.
     InvalidConfig,
     Internal,
+    /// Remote API: no bearer token, or one that is not configured (HTTP 401).
+    Unauthorized,
+    /// Remote API: the token's scope does not allow the request (HTTP 403).
+    Forbidden,
+}
+
+impl ErrorCode {
+    /// The HTTP status the remote API answers an error with.
+    #[must_use]
+    pub const fn http_status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::UnknownService | Self::UnknownBackend => 404,
+            Self::Conflict => 409,
+            Self::InvalidAddress | Self::InvalidConfig => 422,
+            Self::Internal => 500,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

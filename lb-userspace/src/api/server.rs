@@ -16,13 +16,35 @@ use tokio::{
 };
 
 use super::{ErrorCode, MAX_REQUEST_BYTES, Request, Response};
+use crate::audit::Who;
 use crate::sys::{self, SocketPath};
 
-/// A request and where its answer goes.
+/// A request, who sent it (for the audit log) and where its answer goes.
 #[derive(Debug)]
 pub struct ApiCall {
     pub request: Request,
+    pub who: Who,
     pub reply: oneshot::Sender<Response>,
+}
+
+/// Hands `request` to the owner task and waits for its answer.
+pub async fn call(tx: &mpsc::Sender<ApiCall>, request: Request, who: Who) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if tx
+        .send(ApiCall {
+            request,
+            who,
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        Response::error(ErrorCode::Internal, "the agent is shutting down")
+    } else {
+        rx.await.unwrap_or_else(|_| {
+            Response::error(ErrorCode::Internal, "the agent dropped the request")
+        })
+    }
 }
 
 /// The bound API socket. The agent never deletes or replaces a file it did not create:
@@ -114,6 +136,12 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ApiCall>) {
 /// Reads one request (up to a newline or EOF, at most `MAX_REQUEST_BYTES`, within 5 s),
 /// gets the owner's answer, writes it.
 async fn answer(mut stream: UnixStream, tx: mpsc::Sender<ApiCall>) -> std::io::Result<()> {
+    // SO_PEERCRED: the peer's uid and pid at connect time, as the kernel saw them.
+    let cred = stream.peer_cred()?;
+    let who = Who::Unix {
+        uid: cred.uid(),
+        pid: cred.pid(),
+    };
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -145,16 +173,7 @@ async fn answer(mut stream: UnixStream, tx: mpsc::Sender<ApiCall>) -> std::io::R
                 Err(err) => {
                     Response::error(ErrorCode::BadRequest, format!("invalid request: {err}"))
                 }
-                Ok(request) => {
-                    let (reply, rx) = oneshot::channel();
-                    if tx.send(ApiCall { request, reply }).await.is_err() {
-                        Response::error(ErrorCode::Internal, "the agent is shutting down")
-                    } else {
-                        rx.await.unwrap_or_else(|_| {
-                            Response::error(ErrorCode::Internal, "the agent dropped the request")
-                        })
-                    }
-                }
+                Ok(request) => call(&tx, request, who).await,
             }
         }
     };

@@ -17,8 +17,8 @@ use super::render::{
 use super::{
     AnnounceArgs, AnnounceCommand, BackendArgs, BackendCommand, BackendTarget, ClientCommand,
     ConnArgs, ConnCommand, ConnFilterArgs, EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER,
-    EX_UNAVAILABLE, EXIT_FAILURE, EXIT_OK, FleetArgs, FleetCommand, OutputFormat, ServiceArgs,
-    ServiceCommand,
+    EX_UNAVAILABLE, EX_USAGE, EXIT_FAILURE, EXIT_OK, FleetArgs, FleetCommand, OutputFormat,
+    ServiceArgs, ServiceCommand,
 };
 use crate::api::{
     self, AnnounceStatus, ApiError, BackendInfo, ClientError, ConnFlushed, ConnList, ErrorCode,
@@ -163,6 +163,7 @@ pub fn api_exit_code(code: ErrorCode) -> u8 {
         ErrorCode::InvalidAddress => EX_DATAERR,
         ErrorCode::UnknownService | ErrorCode::UnknownBackend => EX_NOUSER,
         ErrorCode::InvalidConfig => EX_CONFIG,
+        ErrorCode::Unauthorized | ErrorCode::Forbidden => EX_NOPERM,
         ErrorCode::BadRequest | ErrorCode::Conflict | ErrorCode::Internal => EXIT_FAILURE,
     }
 }
@@ -170,9 +171,11 @@ pub fn api_exit_code(code: ErrorCode) -> u8 {
 /// The exit status for a failure to get an answer from the agent.
 pub fn client_exit_code(err: &ClientError) -> u8 {
     match err {
-        ClientError::NotRunning(_) => EX_UNAVAILABLE,
+        ClientError::NotRunning(_) | ClientError::RemoteUnreachable(_) => EX_UNAVAILABLE,
         ClientError::PermissionDenied(_) => EX_NOPERM,
-        ClientError::Io { .. } | ClientError::BadResponse(_) => EXIT_FAILURE,
+        ClientError::Io { .. } | ClientError::BadResponse(_) | ClientError::Remote(_) => {
+            EXIT_FAILURE
+        }
     }
 }
 
@@ -197,8 +200,16 @@ fn run_client_frames(
     streams: &mut Streams<'_>,
     frames: Option<u64>,
 ) -> u8 {
+    let remote = match command.opts().remote() {
+        Ok(remote) => remote,
+        Err(message) => {
+            let _ = writeln!(streams.err, "error: {message}");
+            return EX_USAGE;
+        }
+    };
     let mut client = Client {
         socket: command.opts().socket_path(),
+        remote,
         output: command.opts().output,
         out: &mut *streams.out,
         terminal: streams.terminal,
@@ -276,6 +287,14 @@ impl Failure {
                             .to_owned(),
                     ),
                     ErrorCode::Internal => Some("see the agent's log".to_owned()),
+                    ErrorCode::Unauthorized => Some(
+                        "check --token-file: the token must be one whose SHA-256 is in the \
+                         agent's [[api.token]]"
+                            .to_owned(),
+                    ),
+                    ErrorCode::Forbidden => {
+                        Some("this needs a token with scope = \"admin\"".to_owned())
+                    }
                     ErrorCode::InvalidAddress | ErrorCode::Conflict => None,
                 };
                 match hint {
@@ -290,6 +309,8 @@ impl Failure {
 
 struct Client<'a> {
     socket: PathBuf,
+    /// `--server`: the remote agent, used instead of `socket`.
+    remote: Option<api::RemoteTarget>,
     output: OutputFormat,
     out: &'a mut dyn Write,
     terminal: bool,
@@ -298,7 +319,11 @@ struct Client<'a> {
 impl Client<'_> {
     /// Sends `request` and returns the `data` of a successful answer.
     fn call(&self, request: &Request) -> Result<Reply, Failure> {
-        let response = api::request(&self.socket, request).map_err(Failure::Client)?;
+        let response = match &self.remote {
+            Some(remote) => api::request_remote(remote, request),
+            None => api::request(&self.socket, request),
+        }
+        .map_err(Failure::Client)?;
         match (response.ok, response.error, response.data) {
             (true, _, Some(reply)) => Ok(reply),
             (true, _, None) => Err(Failure::bad_response("ok, but no data")),
@@ -404,6 +429,7 @@ impl Client<'_> {
         for socket in sockets {
             let asked = Client {
                 socket: socket.clone(),
+                remote: None,
                 output: self.output,
                 out: &mut io::sink(),
                 terminal: false,

@@ -122,6 +122,39 @@ pub enum Command {
     /// the path for good after stopping the agent. Works locally (not through the API
     /// socket); needs root.
     Teardown(TeardownArgs),
+
+    /// Read the agent's audit log: one JSON line per change to the running state (API and
+    /// CLI changes, reloads, health transitions, teardown, refusals of the remote API).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Subcommands of `weir audit`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the last lines of the audit log, and with --follow every line appended after
+    /// them (across rotations) until Ctrl-C.
+    Tail(AuditTailArgs),
+}
+
+/// Options of `weir audit tail`.
+#[derive(Debug, Args)]
+pub struct AuditTailArgs {
+    /// How many of the last lines to print.
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 20)]
+    pub lines: usize,
+
+    /// Keep printing lines as they are appended.
+    #[arg(short, long)]
+    pub follow: bool,
+
+    /// The audit log (`[agent] audit_log`).
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_AUDIT_LOG, conflicts_with = "config")]
+    pub file: PathBuf,
+
+    /// Read the audit log's path from this config file instead.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Options of `weir agent`.
@@ -215,6 +248,10 @@ pub struct TeardownArgs {
     /// teardown removes again (only those) in the network namespace it runs in.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_STATE_FILE)]
     pub state_file: PathBuf,
+    /// The audit log to record the teardown in (`[agent] audit_log`). Written only when
+    /// its directory exists; a failure to write it is reported, not fatal.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_AUDIT_LOG)]
+    pub audit_log: PathBuf,
 }
 
 /// The commands that talk to the running agent.
@@ -317,6 +354,27 @@ pub struct ClientOpts {
     #[arg(long, value_name = "PATH", global = true)]
     pub socket: Option<PathBuf>,
 
+    /// Talk to a remote agent's HTTPS API (`[api] listen`) instead of the local socket:
+    /// `https://HOST[:PORT]` (default port 9443). Needs --token-file.
+    #[arg(
+        long,
+        value_name = "URL",
+        global = true,
+        requires = "token_file",
+        conflicts_with = "socket"
+    )]
+    pub server: Option<String>,
+
+    /// The file holding the bearer token for --server (its text; a trailing newline is
+    /// ignored). The agent knows only its SHA-256 (`[[api.token]] sha256`).
+    #[arg(long, value_name = "FILE", global = true, requires = "server")]
+    pub token_file: Option<PathBuf>,
+
+    /// The CA certificates (PEM) to trust for --server, e.g. the agent's own self-signed
+    /// certificate. Default: the system bundle /etc/ssl/certs/ca-certificates.crt.
+    #[arg(long, value_name = "FILE", global = true, requires = "server")]
+    pub ca_file: Option<PathBuf>,
+
     /// Output format: aligned tables for people (`table`), or the `data` of the agent's
     /// answer as pretty-printed JSON for scripts (`json`).
     #[arg(
@@ -334,6 +392,34 @@ impl ClientOpts {
     /// The socket to connect to: `--socket`, else `$WEIR_SOCKET`, else the default.
     pub fn socket_path(&self) -> PathBuf {
         resolve_socket(self.socket.as_deref(), std::env::var_os(SOCKET_ENV))
+    }
+
+    /// The remote agent of `--server`, with the token read from `--token-file`; `None`
+    /// for the local socket.
+    pub fn remote(&self) -> Result<Option<crate::api::RemoteTarget>, String> {
+        let Some(url) = &self.server else {
+            return Ok(None);
+        };
+        let Some(file) = &self.token_file else {
+            return Err("--server needs --token-file".to_owned());
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("reading the token file {}: {e}", file.display()))?;
+        let token = text.trim_end_matches(['\n', '\r']).to_owned();
+        if token.is_empty() || token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(format!(
+                "the token file {} must hold one token: printable, no spaces",
+                file.display()
+            ));
+        }
+        Ok(Some(crate::api::RemoteTarget {
+            url: url.clone(),
+            token,
+            ca_file: self
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::api::client::SYSTEM_CA_BUNDLE)),
+        }))
     }
 }
 
@@ -623,6 +709,93 @@ fn is_invalid_address(err: &clap::Error) -> bool {
 
 /// The exit status for a failed `weir teardown`: [`EX_NOPERM`] when the cause is a denied
 /// permission, [`EXIT_FAILURE`] otherwise.
+/// `weir audit tail`: the last `args.lines` lines to `out`, then with `--follow` every new
+/// line (polling every 200 ms; a rotation, seen as another file at the path, is followed
+/// from its start). Returns only on an error or, without `--follow`, when done.
+pub fn audit_tail(args: &AuditTailArgs, out: &mut dyn io::Write) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::{Read as _, Seek as _};
+    use std::os::unix::fs::MetadataExt as _;
+    let path = match &args.config {
+        Some(file) => config::load(file)?.agent.audit_log,
+        None => args.file.clone(),
+    };
+    let (lines, mut offset) = crate::audit::tail(&path, args.lines)
+        .with_context(|| format!("reading {}", path.display()))?;
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    if !args.follow {
+        return Ok(());
+    }
+    let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut current = identity(&path);
+    let mut pending = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = identity(&path);
+        if now.is_none() {
+            continue;
+        }
+        if now != current {
+            // Rotated: the new file is read from its start.
+            current = now;
+            offset = 0;
+            pending.clear();
+        }
+        let mut file =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let len = file.metadata()?.len();
+        if len < offset {
+            offset = 0;
+        }
+        if len == offset {
+            continue;
+        }
+        file.seek(io::SeekFrom::Start(offset))?;
+        let mut chunk = Vec::new();
+        file.take(len - offset).read_to_end(&mut chunk)?;
+        offset = len;
+        pending.extend_from_slice(&chunk);
+        // Whole lines only: a line being written is printed once complete.
+        if let Some(end) = pending.iter().rposition(|&b| b == b'\n') {
+            out.write_all(&pending[..=end])?;
+            out.flush()?;
+            pending.drain(..=end);
+        }
+    }
+}
+
+/// The audit record of a `weir teardown` (written by the CLI itself, the agent being gone):
+/// to `audit_log` if its directory exists. Returns a warning to print when it could not.
+pub fn audit_teardown(
+    audit_log: &Path,
+    bpffs: &Path,
+    result: &anyhow::Result<()>,
+) -> Option<String> {
+    use crate::audit::{Outcome, Record, Who};
+    if !audit_log.parent().is_some_and(Path::is_dir) {
+        return None;
+    }
+    let mut record = Record::new(
+        Who::this_process(),
+        "teardown",
+        if result.is_ok() {
+            Outcome::Ok
+        } else {
+            Outcome::Error
+        },
+    )
+    .target(bpffs.display().to_string());
+    if let Err(err) = result {
+        record.error = Some(format!("{err:#}"));
+    }
+    crate::audit::append_now(audit_log, &record)
+        .err()
+        .map(|err| format!("warning: the teardown is not in the audit log: {err:#}"))
+}
+
 pub fn teardown_exit_code(err: &anyhow::Error) -> u8 {
     let denied = err.chain().any(|cause| {
         cause

@@ -101,7 +101,53 @@ pub struct Config {
     pub announce: Option<AnnounceConfig>,
     /// The `[[service]]` tables, in file order (at least one, at most `MAX_SERVICES`).
     pub services: Vec<ServiceConfig>,
+    /// The `[api]` table: the remote management API (HTTPS only), if configured.
+    pub api: Option<RemoteApiConfig>,
 }
+
+/// `[api]`: the remote management API. HTTPS only, every request authenticated by a bearer
+/// token whose SHA-256 is listed in `[[api.token]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteApiConfig {
+    /// `listen`: the TCP address of the TLS listener.
+    pub listen: SocketAddr,
+    /// `cert`: the server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// `key`: the server's private key (PEM).
+    pub key: PathBuf,
+    /// `[[api.token]]`, at least one.
+    pub tokens: Vec<ApiToken>,
+}
+
+/// `[[api.token]]`: one bearer token, known by the SHA-256 of its text only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    /// `name`: who holds it, as the audit log records it.
+    pub name: String,
+    pub scope: TokenScope,
+    /// `sha256`: the SHA-256 of the token's text (64 hex digits in the file).
+    pub sha256: [u8; 32],
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenScope {
+    /// `read`: every request that changes nothing (status, lists, stats, `conn list`).
+    Read,
+    /// `admin`: every request.
+    Admin,
+}
+
+/// Default `[agent] audit_log`.
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/weir/audit.jsonl";
+/// Default `[agent] audit_max_bytes` (64 MiB).
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 64 << 20;
+/// Smallest accepted `[agent] audit_max_bytes`.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 4096;
+/// Default `[agent] audit_keep`.
+pub const DEFAULT_AUDIT_KEEP: u32 = 5;
+/// Largest accepted `[agent] audit_keep`.
+pub const MAX_AUDIT_KEEP: u32 = 100;
 
 impl Config {
     /// The number of backends over all services (a backend listed by two services counts
@@ -153,6 +199,12 @@ pub struct AgentConfig {
     /// ephemeral range to `net.ipv4.ip_local_reserved_ports` of its namespace (default
     /// on); off, such an overlap stops the agent at start.
     pub reserve_snat_ports: bool,
+    /// The audit log (`audit_log`): one JSON line per change to the running state.
+    pub audit_log: PathBuf,
+    /// `audit_max_bytes`: the size at which the audit log is rotated.
+    pub audit_max_bytes: u64,
+    /// `audit_keep`: rotated audit files kept (`FILE.1` .. `FILE.N`).
+    pub audit_keep: u32,
 }
 
 /// `[announce]`: the VIPs become routes on a TUN device of the agent's own, in a routing

@@ -12,6 +12,25 @@ pub(super) struct RawConfig {
     pub(super) announce: Option<RawAnnounce>,
     #[serde(default)]
     pub(super) service: Vec<RawService>,
+    pub(super) api: Option<RawApi>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApi {
+    pub(super) listen: String,
+    pub(super) cert: String,
+    pub(super) key: String,
+    #[serde(default)]
+    pub(super) token: Vec<RawToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawToken {
+    pub(super) name: String,
+    pub(super) scope: String,
+    pub(super) sha256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +59,9 @@ pub(super) struct RawAgent {
     pub(super) answer_ping: Option<bool>,
     pub(super) snat_ports: Option<String>,
     pub(super) reserve_snat_ports: Option<bool>,
+    pub(super) audit_log: Option<String>,
+    pub(super) audit_max_bytes: Option<i64>,
+    pub(super) audit_keep: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -322,6 +322,9 @@ weight = 65535
             answer_ping: true,
             snat_ports: lb_common::nat::DEFAULT_SNAT_PORTS,
             reserve_snat_ports: true,
+            audit_log: PathBuf::from(DEFAULT_AUDIT_LOG),
+            audit_max_bytes: DEFAULT_AUDIT_MAX_BYTES,
+            audit_keep: DEFAULT_AUDIT_KEEP,
         },
         announce: None,
         services: vec![
@@ -376,6 +379,7 @@ weight = 65535
                 source_rules: Vec::new(),
             },
         ],
+        api: None,
     };
     let config = ok(text);
     assert_eq!(config, expected);
@@ -1470,4 +1474,85 @@ fn announce_defaults_and_rejects_tables_and_devices_it_cannot_own() {
         "announce.peer",
         "unknown field",
     );
+}
+
+#[test]
+fn audit_log_keys() {
+    let text = web("", &[backend("203.0.113.11")]).replacen(
+        "[agent]\n",
+        "[agent]\naudit_log = \"/var/tmp/a.jsonl\"\naudit_max_bytes = 8192\naudit_keep = 0\n",
+        1,
+    );
+    let agent = ok(&text).agent;
+    assert_eq!(agent.audit_log, Path::new("/var/tmp/a.jsonl"));
+    assert_eq!((agent.audit_max_bytes, agent.audit_keep), (8192, 0));
+    for (key, value, needle) in [
+        ("audit_log", "\"rel.jsonl\"", "absolute"),
+        ("audit_max_bytes", "100", "too small"),
+        ("audit_keep", "101", "out of range"),
+    ] {
+        let text = web("", &[backend("203.0.113.11")]).replacen(
+            "[agent]\n",
+            &format!("[agent]\n{key} = {value}\n"),
+            1,
+        );
+        rejects(&text, &format!("agent.{key}"), needle);
+    }
+}
+
+#[test]
+fn remote_api_table() {
+    let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let api = |tokens: &str| {
+        format!(
+            "{}\n[api]\nlisten = \"198.51.100.1:9443\"\ncert = \"/etc/weir/api.crt\"\n\
+             key = \"/etc/weir/api.key\"\n{tokens}",
+            web("", &[backend("203.0.113.11")])
+        )
+    };
+    let token = |name: &str, scope: &str, sha: &str| {
+        format!("[[api.token]]\nname = \"{name}\"\nscope = \"{scope}\"\nsha256 = \"{sha}\"\n")
+    };
+    let config = ok(&api(&token("ops", "admin", hash)));
+    let remote = config.api.expect("[api]");
+    assert_eq!(remote.listen, "198.51.100.1:9443".parse().unwrap());
+    assert_eq!(remote.tokens[0].name, "ops");
+    assert_eq!(remote.tokens[0].scope, TokenScope::Admin);
+    assert_eq!(remote.tokens[0].sha256[0], 0x9f);
+    assert_eq!(remote.tokens[0].sha256[31], 0x08);
+    assert!(ok(&web("", &[backend("203.0.113.11")])).api.is_none());
+    rejects(&api(""), "api.token", "at least one");
+    rejects(
+        &api(&token("ops", "write", hash)),
+        "api.token[0].scope",
+        "unknown scope",
+    );
+    rejects(
+        &api(&token("ops", "read", "abc")),
+        "api.token[0].sha256",
+        "64 hex",
+    );
+    rejects(
+        &api(&token("ops", "read", &"g".repeat(64))),
+        "api.token[0].sha256",
+        "64 hex",
+    );
+    rejects(
+        &api(&token("a b", "read", hash)),
+        "api.token[0].name",
+        "invalid token name",
+    );
+    let other = "0".repeat(64);
+    rejects(
+        &api(&(token("ops", "read", hash) + &token("ops", "admin", &other))),
+        "api.token[1].name",
+        "duplicate",
+    );
+    rejects(
+        &api(&(token("ops", "read", hash) + &token("dev", "admin", hash))),
+        "api.token[1].sha256",
+        "twice",
+    );
+    let plain = api(&token("ops", "read", hash)).replace("198.51.100.1:9443", "9443");
+    rejects(&plain, "api.listen", "invalid listen address");
 }

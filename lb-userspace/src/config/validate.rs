@@ -15,18 +15,19 @@ use lb_common::{
     nat::DEFAULT_NAT_CONNECTIONS,
 };
 
-use super::raw::{RawAgent, RawAnnounce, RawConfig, RawHealthCheck, RawService};
+use super::raw::{RawAgent, RawAnnounce, RawApi, RawConfig, RawHealthCheck, RawService};
 use super::rules::{
     self, check_interface_name, check_service_name, check_source, family, parse_ip, quoted,
     special_address,
 };
 use super::{
-    AgentConfig, AnnounceConfig, BackendConfig, Config, DEFAULT_ANNOUNCE_DEVICE,
-    DEFAULT_ANNOUNCE_TABLE, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_METRICS,
-    DEFAULT_NAT_TCP_IDLE_TIMEOUT, DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT,
-    DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding, HealthCheck, HealthKind, MAX_CHECK_INTERVAL,
-    MAX_CONNTRACK_ENTRIES, MAX_DURATION, MAX_INTERFACES, MAX_NAT_CONNECTIONS, Protocol,
-    ServiceConfig, SourcePrefix, SourceRule, fail,
+    AgentConfig, AnnounceConfig, ApiToken, BackendConfig, Config, DEFAULT_ANNOUNCE_DEVICE,
+    DEFAULT_ANNOUNCE_TABLE, DEFAULT_API_SOCKET, DEFAULT_AUDIT_KEEP, DEFAULT_AUDIT_LOG,
+    DEFAULT_AUDIT_MAX_BYTES, DEFAULT_BPFFS, DEFAULT_METRICS, DEFAULT_NAT_TCP_IDLE_TIMEOUT,
+    DEFAULT_STATE_FILE, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, Fail, Forwarding,
+    HealthCheck, HealthKind, MAX_AUDIT_KEEP, MAX_CHECK_INTERVAL, MAX_CONNTRACK_ENTRIES,
+    MAX_DURATION, MAX_INTERFACES, MAX_NAT_CONNECTIONS, MIN_AUDIT_MAX_BYTES, Protocol,
+    RemoteApiConfig, ServiceConfig, SourcePrefix, SourceRule, TokenScope, fail,
 };
 
 /// The whole file: the `[agent]` table, then every service in order, then what only the
@@ -108,11 +109,13 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Fail> {
         services.push(service);
     }
     check_snat_addresses(&services)?;
+    let api = raw.api.map(validate_api).transpose()?;
 
     Ok(Config {
         agent,
         announce,
         services,
+        api,
     })
 }
 
@@ -156,6 +159,113 @@ fn validate_announce(agent: &AgentConfig, raw: RawAnnounce) -> Result<AnnounceCo
         ));
     }
     Ok(AnnounceConfig { device, table })
+}
+
+/// `[api]`: a listen address, absolute cert and key paths, and at least one token with a
+/// distinct name, a known scope and a 64-hex-digit SHA-256.
+fn validate_api(raw: RawApi) -> Result<RemoteApiConfig, Fail> {
+    let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
+        fail(
+            "api.listen",
+            format!(
+                "invalid listen address {} (expected IP:PORT, e.g. \"198.51.100.1:9443\")",
+                quoted(&raw.listen)
+            ),
+        )
+    })?;
+    let absolute = |value: String, key: &str| -> Result<PathBuf, Fail> {
+        if value.starts_with('/') {
+            Ok(PathBuf::from(value))
+        } else {
+            Err(fail(
+                key,
+                format!("{} must be an absolute path", quoted(&value)),
+            ))
+        }
+    };
+    let cert = absolute(raw.cert, "api.cert")?;
+    let key = absolute(raw.key, "api.key")?;
+    if raw.token.is_empty() {
+        return Err(fail(
+            "api.token",
+            "at least one [[api.token]] is required: the remote API has no unauthenticated access",
+        ));
+    }
+    let mut tokens: Vec<ApiToken> = Vec::with_capacity(raw.token.len());
+    for (index, token) in raw.token.into_iter().enumerate() {
+        let prefix = format!("api.token[{index}]");
+        if token.name.is_empty()
+            || token.name.len() > 64
+            || !token
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(fail(
+                format!("{prefix}.name"),
+                format!(
+                    "invalid token name {} (1 to 64 of A-Z a-z 0-9 - _ . @)",
+                    quoted(&token.name)
+                ),
+            ));
+        }
+        if tokens.iter().any(|t| t.name == token.name) {
+            return Err(fail(
+                format!("{prefix}.name"),
+                format!("duplicate token name {}", quoted(&token.name)),
+            ));
+        }
+        let scope = match token.scope.as_str() {
+            "read" => TokenScope::Read,
+            "admin" => TokenScope::Admin,
+            other => {
+                return Err(fail(
+                    format!("{prefix}.scope"),
+                    format!(
+                        "unknown scope {} (expected \"read\" or \"admin\")",
+                        quoted(other)
+                    ),
+                ));
+            }
+        };
+        let sha256 = parse_sha256(&token.sha256).ok_or_else(|| {
+            fail(
+                format!("{prefix}.sha256"),
+                "expected the SHA-256 of the token as 64 hex digits (`printf %s TOKEN | sha256sum`)",
+            )
+        })?;
+        if tokens.iter().any(|t| t.sha256 == sha256) {
+            return Err(fail(
+                format!("{prefix}.sha256"),
+                "the same token is listed twice: each token must be unique",
+            ));
+        }
+        tokens.push(ApiToken {
+            name: token.name,
+            scope,
+            sha256,
+        });
+    }
+    Ok(RemoteApiConfig {
+        listen,
+        cert,
+        key,
+        tokens,
+    })
+}
+
+/// 64 hex digits as 32 bytes.
+fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    let text = text.as_bytes();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in text.chunks_exact(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        out[i] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(out)
 }
 
 /// What only the services together can break for `fullnat`: an SNAT address is no VIP and
@@ -354,6 +464,31 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
     let api_socket = path(raw.api_socket, DEFAULT_API_SOCKET, "agent.api_socket")?;
     let bpffs = path(raw.bpffs, DEFAULT_BPFFS, "agent.bpffs")?;
     let state_file = path(raw.state_file, DEFAULT_STATE_FILE, "agent.state_file")?;
+    let audit_log = path(raw.audit_log, DEFAULT_AUDIT_LOG, "agent.audit_log")?;
+    let audit_max_bytes = match raw.audit_max_bytes {
+        None => DEFAULT_AUDIT_MAX_BYTES,
+        Some(n) => u64::try_from(n)
+            .ok()
+            .filter(|n| *n >= MIN_AUDIT_MAX_BYTES)
+            .ok_or_else(|| {
+                fail(
+                    "agent.audit_max_bytes",
+                    format!("{n} is too small (at least {MIN_AUDIT_MAX_BYTES})"),
+                )
+            })?,
+    };
+    let audit_keep = match raw.audit_keep {
+        None => DEFAULT_AUDIT_KEEP,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= MAX_AUDIT_KEEP)
+            .ok_or_else(|| {
+                fail(
+                    "agent.audit_keep",
+                    format!("{n} is out of range (0..={MAX_AUDIT_KEEP})"),
+                )
+            })?,
+    };
     let metrics_text = raw.metrics.unwrap_or_else(|| DEFAULT_METRICS.to_owned());
     let metrics = metrics_text.parse::<SocketAddr>().map_err(|_| {
         fail(
@@ -388,6 +523,9 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         answer_ping: raw.answer_ping.unwrap_or(true),
         snat_ports,
         reserve_snat_ports: raw.reserve_snat_ports.unwrap_or(true),
+        audit_log,
+        audit_max_bytes,
+        audit_keep,
     })
 }
 

@@ -571,6 +571,8 @@ pub struct Metrics {
     /// (rather than the whole family reset, which a scrape could catch empty).
     announced_vips: Mutex<Vec<String>>,
     fingerprints: Mutex<Vec<(String, String)>>,
+    audit_dropped: IntCounter,
+    audit_failed: IntCounter,
 }
 
 /// One VIP's announcement for the metrics: (VIP, announced, unix seconds of the last
@@ -640,6 +642,20 @@ impl Metrics {
                 "Failed changes whose rollback failed too, leaving the datapath with a mix of old and new state until the next successful apply.",
             ))?,
         )?;
+        let audit_dropped = register(
+            registry,
+            IntCounter::with_opts(Opts::new(
+                "weir_audit_records_dropped_total",
+                "Audit records dropped because the audit writer was behind (its queue full).",
+            ))?,
+        )?;
+        let audit_failed = register(
+            registry,
+            IntCounter::with_opts(Opts::new(
+                "weir_audit_write_failures_total",
+                "Audit records whose write failed, and audit log rotations that failed or were stopped by a file weir did not create.",
+            ))?,
+        )?;
         let build_info = register(
             registry,
             IntGaugeVec::new(
@@ -695,7 +711,9 @@ impl Metrics {
             reloads,
             last_reload_successful,
             rollback_failures,
-            vip_announced,
+            audit_dropped,
+            audit_failed,
+                    vip_announced,
             vip_announce_changed,
             announce_withdrawn,
             ring_fingerprint,
@@ -738,6 +756,15 @@ impl Metrics {
                 .set(1);
         }
         *last = prints;
+    }
+
+    /// The counters the audit writer counts its losses in.
+    #[must_use]
+    pub fn audit_counters(&self) -> crate::audit::AuditCounters {
+        crate::audit::AuditCounters {
+            dropped: self.audit_dropped.clone(),
+            failed: self.audit_failed.clone(),
+        }
     }
 
     /// Where scrapes get their datapath snapshot from (the agent's owner task).
