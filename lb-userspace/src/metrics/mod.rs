@@ -713,7 +713,7 @@ impl Metrics {
             rollback_failures,
             audit_dropped,
             audit_failed,
-                    vip_announced,
+            vip_announced,
             vip_announce_changed,
             announce_withdrawn,
             ring_fingerprint,
