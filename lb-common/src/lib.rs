@@ -32,7 +32,13 @@ pub mod map_name {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RING: &str = "RING";
+    /// The established flows (a plain hash: never evicts; the agent expires its entries).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// Flows not established yet (a TCP SYN seen, or one UDP datagram): an LRU of its own,
+    /// so that a flood of new tuples churns only it.
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    /// Per CPU: the new-flow rate of the current second and the end of flood mode.
+    pub const FLOOD_STATE: &str = "FLOOD_STATE";
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -90,6 +96,31 @@ pub const MAX_RING_SIZE: u32 = 65537;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default size of the connection table when the config does not say.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// Smallest half-open table: the default is a quarter of the connection table, at least this.
+pub const MIN_HALF_OPEN_ENTRIES: u32 = 1024;
+/// The half-open table's default size for a connection table of `conntrack_entries`.
+#[must_use]
+pub const fn default_half_open_entries(conntrack_entries: u32) -> u32 {
+    let quarter = conntrack_entries / 4;
+    if quarter > MIN_HALF_OPEN_ENTRIES {
+        quarter
+    } else {
+        MIN_HALF_OPEN_ENTRIES
+    }
+}
+/// A half-open entry older than this (since its last packet) is not honoured: the handshake's
+/// ACK, or a UDP flow's second datagram, comes well within it.
+pub const HALF_OPEN_TIMEOUT_NS: u64 = 10_000_000_000;
+/// How long a CPU stays in flood mode (new flows scheduled by the consistent hash) after the
+/// last sign of a flood: its new-flow rate over the threshold, or the connection table full.
+pub const FLOOD_HOLD_NS: u64 = 1_000_000_000;
+/// The agent deletes an established entry that saw no packet after the one that made it
+/// (`FLOW_CONFIRMED` unset) once it is idle this long: the handshake's ACK of a spoofed
+/// SYN/ACK pair, never followed by anything.
+pub const UNCONFIRMED_TIMEOUT_NS: u64 = 10_000_000_000;
+/// The agent deletes a closed entry (a FIN or RST seen) idle this long: the rest of the
+/// close (retransmitted FINs, the last ACK) is over by then.
+pub const CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 /// Entries of `FRAG_SERVICES`: one per (VIP address, protocol) at most, and each is at least
 /// one service.
 pub const MAX_FRAG_SERVICES: u32 = MAX_SERVICES;
@@ -157,6 +188,21 @@ pub const FLOW_CLOSED: u64 = 2;
 /// whole address). Its packets keep asking `VIPS`, exact port first, as new flows do: a
 /// service for its exact port, configured since, takes it over.
 pub const FLOW_VIA_PORT0: u64 = 4;
+/// `FlowValue::flags`: the flow sent a packet after the one that made its entry (the
+/// handshake's ACK, or a UDP flow's second datagram). An entry without it is expired by the
+/// agent after `UNCONFIRMED_TIMEOUT_NS` idle, not the service's timeout.
+pub const FLOW_CONFIRMED: u64 = 8;
+
+/// Value of the per-CPU `FLOOD_STATE`: this CPU's new flows in the current one-second window,
+/// and until when it schedules new flows by the consistent hash (flood mode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodState {
+    pub window_start_ns: u64,
+    pub new_flows: u64,
+    pub flood_until_ns: u64,
+}
+const _: () = assert!(size_of::<FloodState>() == 24);
 
 /// `BackendInfo::state` values.
 pub const BACKEND_DOWN: u8 = 0;
@@ -263,8 +309,20 @@ pub mod stat {
     pub const DROP_SOURCE_DENIED: u32 = 47;
     /// A flow the service has no entry for, from a source none of its `allow` rules covers.
     pub const DROP_SOURCE_NOT_ALLOWED: u32 = 48;
+    /// A flow entered the half-open table (a SYN, a first UDP datagram, or a mid-flow TCP
+    /// packet of a flow no table knows).
+    pub const HALF_OPEN_CREATED: u32 = 49;
+    /// A half-open flow's next packet moved it to the connection table (established).
+    pub const FLOW_ESTABLISHED: u32 = 50;
+    /// A half-open flow that could not move to the connection table because it is full (live
+    /// entries are never evicted): it keeps its backend through the half-open table and the
+    /// consistent hash.
+    pub const CONNTRACK_FULL: u32 = 51;
+    /// New flows scheduled by the service's consistent hash instead of its scheduler because
+    /// this CPU is in flood mode.
+    pub const FLOOD_HASHED: u32 = 52;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 49;
+    pub const COUNT: u32 = 53;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -317,6 +375,10 @@ pub mod stat {
         "drop_nat_untracked_midflow",
         "drop_source_denied",
         "drop_source_not_allowed",
+        "half_open_created",
+        "flow_established",
+        "conntrack_full",
+        "flood_hashed",
     ];
 }
 
@@ -525,8 +587,12 @@ pub struct GlobalConfig {
     pub outer_spread_v4: [u8; 4],
     /// `GLOBAL_*` bits.
     pub flags: u32,
+    /// New flows per second on one CPU above which that CPU enters flood mode (new flows
+    /// scheduled by the consistent hash, see `FLOOD_HOLD_NS`); 0: only a full connection
+    /// table does.
+    pub flood_threshold: u32,
 }
-const _: () = assert!(size_of::<GlobalConfig>() == 32);
+const _: () = assert!(size_of::<GlobalConfig>() == 36);
 
 /// `GlobalConfig::flags`: the balancer answers ICMP / ICMPv6 echo requests to VIP addresses.
 pub const GLOBAL_ANSWER_PING: u32 = 1;

@@ -60,8 +60,8 @@ pub(crate) fn lookup_vip(key: &FlowKey) -> Option<(&'static VipInfo, bool)> {
 /// first. Changed settings of a service reach `SERVICES` before `VIPS`.
 #[inline(always)]
 fn tracked_service(flow: *mut FlowValue) -> Option<(&'static VipInfo, &'static BackendInfo)> {
-    // SAFETY: a value of the connection table, valid until this program returns (LRU maps
-    // are preallocated: an entry evicted meanwhile is at worst reused, never freed).
+    // SAFETY: a value of the connection table, valid until this program returns (the table
+    // is preallocated: an entry deleted meanwhile is at worst reused, never freed).
     let f = unsafe { &*flow };
     if f.flags & FLOW_VIA_PORT0 != 0 {
         return None;

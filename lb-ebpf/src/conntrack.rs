@@ -1,15 +1,17 @@
-//! The connection table (`CONNTRACK`) and the active-connection counts (`BACKEND_CONNS`):
-//! which backend a packet's flow keeps, when the scheduler is asked instead, and when a
-//! flow starts and stops counting as an active connection.
+//! The connection tables (`CONNTRACK`, `HALF_OPEN`), flood mode (`FLOOD_STATE`) and the
+//! active-connection counts (`BACKEND_CONNS`): which backend a packet's flow keeps, when the
+//! scheduler is asked instead, and when a flow starts and stops counting as an active
+//! connection.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_UP, BackendInfo, FLOW_CLOSED, FLOW_COUNTED, FLOW_VIA_PORT0, FlowKey, FlowValue,
-    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, VipInfo, stat,
+    BACKEND_UP, BackendInfo, FLOOD_HOLD_NS, FLOW_CLOSED, FLOW_CONFIRMED, FLOW_COUNTED,
+    FLOW_VIA_PORT0, FlowKey, FlowValue, HALF_OPEN_TIMEOUT_NS, LAST_SEEN_GRANULARITY_NS, PROTO_TCP,
+    VipInfo, stat,
 };
 
 use crate::{
-    maps::{BACKEND_CONNS, BACKENDS, CONNTRACK},
+    maps::{BACKEND_CONNS, BACKENDS, CONNTRACK, FLOOD_STATE, GLOBAL, HALF_OPEN},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     sched::schedule,
     stats::{Exit, Stats, bump, drop},
@@ -19,6 +21,15 @@ use crate::{
 #[inline(always)]
 pub(crate) fn lookup(key: &FlowKey) -> Option<*mut FlowValue> {
     CONNTRACK.get_ptr_mut(key)
+}
+
+/// The entry of a flow in either table: established, else half-open (for ICMP errors, which
+/// may quote a flow still in its handshake).
+#[inline(always)]
+pub(crate) fn lookup_any(key: &FlowKey) -> Option<*mut FlowValue> {
+    CONNTRACK
+        .get_ptr_mut(key)
+        .or_else(|| HALF_OPEN.get_ptr_mut(key))
 }
 
 /// A packet's service as the pipeline found it.
@@ -33,9 +44,21 @@ pub(crate) struct Service<'a> {
     pub(crate) tracked: Option<&'static BackendInfo>,
 }
 
-/// The backend of a packet's flow: the table's while the entry is fresh and still honoured
-/// (and the packet no bare SYN), else the scheduler's pick, which is then recorded. Returns
-/// the backend id, the backend, and whether a new table entry was made.
+/// The backend of a packet's flow, and whether the scheduler picked it (a new flow).
+///
+/// Flows go through two tables, so that a flood of new or spoofed tuples cannot push out an
+/// established connection (README, "Floods"):
+/// - `CONNTRACK`, the established flows: a plain hash that never evicts. A packet of a flow
+///   it holds, fresh and still honoured (and no bare SYN), keeps the entry's backend.
+/// - `HALF_OPEN`, an LRU: a bare SYN, a first UDP datagram, or a mid-flow TCP packet of a flow
+///   no table knows asks the scheduler, and its pick waits here. The flow's next packet (the
+///   handshake's ACK, a second datagram) moves it to `CONNTRACK`, where it counts as an
+///   active connection. Spoofed SYNs only churn this table; they are never counted.
+///
+/// When `CONNTRACK` is full, a flow stays in `HALF_OPEN`, and the CPU enters flood mode, as it
+/// does when its new-flow rate passes `GlobalConfig::flood_threshold`: new flows are then
+/// scheduled by the service's consistent hash, which every later packet of the flow finds
+/// again without an entry.
 #[inline(always)]
 pub(crate) fn backend_for(
     p: &Parsed,
@@ -62,103 +85,137 @@ pub(crate) fn backend_for(
     };
     let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
 
-    let mut tracked = None;
-    let mut stale = None;
     if let Some(flow) = entry {
-        // SAFETY: a value of the table, valid until this program returns: LRU maps are
-        // preallocated, so an entry evicted meanwhile is at worst reused, never freed.
+        // SAFETY: a value of the table, valid until this program returns: the table is
+        // preallocated, so an entry deleted meanwhile is at worst reused, never freed.
         let f = unsafe { &*flow };
         let expired = timeout_ns != 0 && now.saturating_sub(f.last_seen_ns) > timeout_ns;
         if expired {
             bump(stats, stat::CT_IDLE_EXPIRED);
         } else if !is_syn && let Some(b) = tracked_backend.or_else(|| honoured(f, vip.service_id)) {
-            tracked = Some((f.backend_id, b, flow));
-        }
-        if tracked.is_none() {
-            stale = Some(flow);
-        }
-    }
-    let mut new_flow = false;
-    let (backend_id, backend) = match tracked {
-        Some((id, b, flow)) => {
             bump(stats, stat::CT_HIT);
-            // SAFETY: as above. A plain store: racing CPUs of one flow write nearly the same
-            // time, and the granularity keeps busy flows from writing on every packet.
+            // SAFETY: as above. Plain stores: racing CPUs of one flow write nearly the same
+            // time (or the same flag), and the granularity keeps busy flows from writing on
+            // every packet; the flag is written once.
             unsafe {
                 if now.saturating_sub((*flow).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
                     (*flow).last_seen_ns = now;
+                }
+                if (*flow).flags & FLOW_CONFIRMED == 0 {
+                    (*flow).flags |= FLOW_CONFIRMED;
                 }
             }
             if is_end {
                 release(flow);
             }
-            (id, b)
+            return Ok((f.backend_id, b, false));
         }
-        None => {
-            bump(stats, stat::CT_MISS);
-            // A TCP packet that is neither a SYN nor known: it belongs to a connection made
-            // before an eviction, an idle expiry or an LB restart. It goes by the hash.
-            let midflow = is_tcp && !is_syn;
-            if midflow {
-                bump(stats, stat::UNTRACKED_MIDFLOW);
+        // Stale (expired, no longer honoured) or a SYN reusing the tuple: the entry goes.
+        // The flow starts over in the half-open table; left here, it would shadow it.
+        release(flow);
+        let _ = CONNTRACK.remove(&p.key);
+    }
+    bump(stats, stat::CT_MISS);
+
+    // The half-open table: the flow's pick, made by its SYN (or first datagram).
+    if !is_syn && let Some(half) = HALF_OPEN.get_ptr_mut(&p.key) {
+        // SAFETY: a value of the LRU, preallocated: valid until this program returns.
+        let h = unsafe { &*half };
+        if now.saturating_sub(h.last_seen_ns) <= HALF_OPEN_TIMEOUT_NS
+            && let Some(backend) = honoured(h, vip.service_id)
+        {
+            let id = h.backend_id;
+            if is_rst {
+                let _ = HALF_OPEN.remove(&p.key);
+                return Ok((id, backend, false));
             }
-            // Source rules before the scheduler: a refused flow takes no round-robin turn,
-            // no least-conn count and no entry.
-            crate::rules::admit(vip, &p.key)?;
-            let picked = schedule(vip, &p.key, midflow).and_then(|id| {
-                let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
-                Ok((id, backend))
-            });
-            // A stale entry still counted for the very backend the flow goes to again (a SYN
-            // retransmitted, a port reused by the same client) hands its count over to the
-            // new entry: releasing it and counting the new one would be two atomic adds
-            // that cancel out.
-            let hands_over = !is_end
-                && !is_rst
-                && stale.is_some_and(|flow| {
-                    picked
-                        .as_ref()
-                        .is_ok_and(|(id, backend)| counted_for(flow, *id, backend.generation))
-                });
-            if let Some(flow) = stale
-                && !hands_over
-            {
-                release(flow);
-            }
-            let (id, backend) = picked?;
-            if !is_rst {
-                // A FIN of a flow the table lost (re-picked, evicted, expired) keeps the rest
-                // of the close on one backend but is no active connection: it would never be
-                // released, so it is not counted.
-                let value = FlowValue {
-                    backend_id: id,
-                    generation: backend.generation,
-                    last_seen_ns: now,
-                    flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED }
-                        | if via_port0 { FLOW_VIA_PORT0 } else { 0 },
-                };
-                // A full LRU evicts its oldest entry (the agent reconciles the counts); a
-                // failure here only means the next packet asks the scheduler again.
-                // Should the insert fail, a handed-over entry stays as it was, counted.
-                if CONNTRACK.insert(&p.key, &value, 0).is_ok() && !is_end && !hands_over {
+            let value = FlowValue {
+                backend_id: id,
+                generation: h.generation,
+                last_seen_ns: now,
+                // A FIN before anything else: the close goes to the same backend, but it
+                // is no active connection.
+                flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED } | (h.flags & FLOW_VIA_PORT0),
+            };
+            if CONNTRACK.insert(&p.key, &value, 0).is_ok() {
+                bump(stats, stat::FLOW_ESTABLISHED);
+                if !is_end {
                     add_conns(id, 1);
                 }
-                new_flow = true;
+                let _ = HALF_OPEN.remove(&p.key);
+                return Ok((id, backend, false));
             }
-            (id, backend)
+            // Full: the flow keeps its backend through this entry (refreshed), and this
+            // CPU's new flows go by the hash, which needs no entry.
+            bump(stats, stat::CONNTRACK_FULL);
+            enter_flood(now);
+            // SAFETY: as above; a plain store of the time, as for `CONNTRACK`.
+            unsafe { (*half).last_seen_ns = now };
+            return Ok((id, backend, false));
         }
-    };
-    Ok((backend_id, backend, new_flow))
+    }
+
+    // A TCP packet that is neither a SYN nor known: it belongs to a connection made before
+    // an eviction, an idle expiry or an LB restart. It goes by the hash.
+    let midflow = is_tcp && !is_syn;
+    if midflow {
+        bump(stats, stat::UNTRACKED_MIDFLOW);
+    }
+    // Source rules before the scheduler: a refused flow takes no round-robin turn, no
+    // least-conn count and no entry.
+    crate::rules::admit(vip, &p.key)?;
+    let flood = !midflow && in_flood(now);
+    if flood {
+        bump(stats, stat::FLOOD_HASHED);
+    }
+    let id = schedule(vip, &p.key, midflow || flood)?;
+    let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
+    if !is_rst {
+        let value = FlowValue {
+            backend_id: id,
+            generation: backend.generation,
+            last_seen_ns: now,
+            flags: if via_port0 { FLOW_VIA_PORT0 } else { 0 },
+        };
+        // An LRU: a full one evicts its oldest half-open entry, never a connection.
+        if HALF_OPEN.insert(&p.key, &value, 0).is_ok() {
+            bump(stats, stat::HALF_OPEN_CREATED);
+        }
+    }
+    // A new flow for the per-service and per-backend counters: the scheduler's picks.
+    Ok((id, backend, !is_rst))
 }
 
-/// Whether an entry counts as an active connection of backend `id` in its `generation`.
+/// Counts a new flow on this CPU and says whether the CPU is in flood mode: its new flows
+/// this second passed `GlobalConfig::flood_threshold`, or the connection table was full,
+/// within the last `FLOOD_HOLD_NS`. Per CPU: no shared cache line on the new-flow path.
 #[inline(always)]
-fn counted_for(flow: *mut FlowValue, id: u32, generation: u32) -> bool {
-    // SAFETY: `flow` points at a live table value (from the lookup in this run).
-    let f = unsafe { &*flow };
-    f.flags & (FLOW_COUNTED | FLOW_CLOSED) == FLOW_COUNTED
-        && f.backend_id == id
-        && f.generation == generation
+fn in_flood(now: u64) -> bool {
+    let Some(state) = FLOOD_STATE.get_ptr_mut(0) else {
+        return false;
+    };
+    let threshold = GLOBAL.get(0).map_or(0, |g| u64::from(g.flood_threshold));
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+    unsafe {
+        if now.saturating_sub((*state).window_start_ns) >= 1_000_000_000 {
+            (*state).window_start_ns = now;
+            (*state).new_flows = 0;
+        }
+        (*state).new_flows += 1;
+        if threshold != 0 && (*state).new_flows > threshold {
+            (*state).flood_until_ns = now + FLOOD_HOLD_NS;
+        }
+        now < (*state).flood_until_ns
+    }
+}
+
+/// Puts this CPU in flood mode for `FLOOD_HOLD_NS` (the connection table is full).
+#[inline(always)]
+fn enter_flood(now: u64) {
+    if let Some(state) = FLOOD_STATE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { (*state).flood_until_ns = now + FLOOD_HOLD_NS };
+    }
 }
 
 /// A backend a tracked flow may keep: still up, still of this service, still the same

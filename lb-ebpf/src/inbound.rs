@@ -355,9 +355,9 @@ fn forward_error(
         vip.udp_idle_timeout_s
     };
     let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
-    // SAFETY: a value of the connection table, valid until this program returns (LRU maps
-    // are preallocated); only read.
-    let tracked = conntrack::lookup(&key)
+    // SAFETY: a value of a connection table, valid until this program returns (both are
+    // preallocated); only read.
+    let tracked = conntrack::lookup_any(&key)
         .map(|f| unsafe { &*f })
         .and_then(|f| {
             let fresh = timeout_ns == 0 || now.saturating_sub(f.last_seen_ns) <= timeout_ns;

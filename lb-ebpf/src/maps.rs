@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
 };
 use lb_common::{
-    BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, GlobalConfig,
-    MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS, NextHop,
-    TrafficCounters, VipAddrBits, VipInfo, VipKey,
+    BackendInfo, BenchTemplate, DEFAULT_CONNTRACK_ENTRIES, FloodState, FlowKey, FlowValue,
+    GlobalConfig, MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS,
+    MIN_HALF_OPEN_ENTRIES, NextHop, TrafficCounters, VipAddrBits, VipInfo, VipKey,
     icmp::IcmpBucket,
     nat::{DEFAULT_NAT_CONNECTIONS, MAX_SNAT_ADDRS, NatEntry, SnatSource},
     rules::{MAX_SOURCE_RULES, SourceRule, SourceRuleData},
@@ -77,10 +77,24 @@ pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BAC
 #[map]
 pub(crate) static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAX_RING_SIZE, 0);
 
-/// The connection table. The agent resizes it from `conntrack_entries` at load time.
+/// The connection table: established flows. A plain hash, not an LRU: a flood of new
+/// tuples cannot evict a live connection; when it is full, new flows are refused an entry
+/// (and scheduled by the consistent hash, see `FLOOD_STATE`). The agent deletes expired
+/// entries on its walk. Resized from `conntrack_entries` at load time.
 #[map]
-pub(crate) static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+pub(crate) static CONNTRACK: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Flows not established yet: a TCP SYN's pick until the handshake's ACK, a first UDP
+/// datagram's until the second. An LRU of its own, so that spoofed SYNs churn only it.
+/// Resized from `half_open_entries` at load time.
+#[map]
+pub(crate) static HALF_OPEN: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(MIN_HALF_OPEN_ENTRIES, 0);
+
+/// This CPU's new-flow rate and flood mode (`lb_common::FloodState`).
+#[map]
+pub(crate) static FLOOD_STATE: PerCpuArray<FloodState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Global counters, one array of `stat::COUNT` per CPU: one lookup per packet.
 #[map]
@@ -104,7 +118,7 @@ pub(crate) static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entrie
 
 /// Active connections per backend (new flows minus ended ones), for least-conn and for the
 /// operator. Shared across CPUs and updated atomically; the agent reconciles it with the
-/// table (entries the LRU evicted never report their end).
+/// table (entries the agent expires never report their end).
 #[map]
 pub(crate) static BACKEND_CONNS: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
 

@@ -18,6 +18,7 @@ const PRIVILEGED_TESTS: &[&str] = &[
     "e2e_nat",
     "e2e_scaleout",
     "e2e_defence",
+    "e2e_flood",
     "e2e_dashboard",
 ];
 

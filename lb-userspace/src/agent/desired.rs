@@ -68,6 +68,7 @@ pub fn global(config: &Config) -> GlobalConfig {
     if config.agent.answer_ping {
         global.flags |= GLOBAL_ANSWER_PING;
     }
+    global.flood_threshold = config.agent.flood_threshold;
     global
 }
 

@@ -209,6 +209,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 
     let mut ebpf = datapath::load_object_pinned(
         config.agent.conntrack_entries,
+        config.agent.half_open_entries,
         config.agent.nat_connections,
         &config.agent.bpffs,
     )

@@ -13,7 +13,8 @@ use std::{
 };
 
 use lb_common::{
-    FLOW_CLOSED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP, addr_from_bytes,
+    FLOW_CLOSED, FLOW_CONFIRMED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP,
+    addr_from_bytes,
     nat::{NAT_NO_SNAT, NAT_RECLAIM_MARGIN_NS, NAT_REPLY, NatEntry},
     rules::MAX_RULES_PER_SERVICE,
     stat,
@@ -33,7 +34,7 @@ use crate::{
         maps::{ConntrackWalker, NatWalker},
     },
     health::{HealthChecker, HealthEvent, Target},
-    metrics::{Metrics, NatTableGauges},
+    metrics::{ConntrackGauges, Expiry, Metrics, NatTableGauges},
     overlay::{Admin, Overlay},
     reconcile::{ApplyReport, Balancer},
 };
@@ -276,6 +277,43 @@ pub struct RecountResult {
     pub nat_pairs: HashMap<u32, u64>,
     /// The SNAT ports the table holds after the walk (`snat_claims`).
     pub snat: HashMap<SnatClaim, u64>,
+    /// The connection tables as walked; `None` when the walk failed.
+    pub conntrack: Option<ConntrackGauges>,
+}
+
+/// Whether the agent deletes an established entry, and why. The datapath already ignores
+/// such an entry (idle, stale) or has no more use for it (closed, unconfirmed); deleting it
+/// frees its slot in a table that never evicts.
+#[must_use]
+pub fn expiry(
+    key: &FlowKey,
+    value: &FlowValue,
+    backends: &HashMap<u32, BackendTimeouts>,
+    now_ns: u64,
+) -> Option<Expiry> {
+    let Some(b) = backends
+        .get(&value.backend_id)
+        .filter(|b| b.generation == value.generation)
+    else {
+        return Some(Expiry::Stale);
+    };
+    let idle = now_ns.saturating_sub(value.last_seen_ns);
+    let timeout = if key.proto == PROTO_TCP {
+        b.tcp_ns
+    } else {
+        b.udp_ns
+    };
+    if timeout != 0 && idle > timeout {
+        Some(Expiry::Idle)
+    } else if value.flags & FLOW_CLOSED != 0 && idle > lb_common::CLOSED_TIMEOUT_NS {
+        Some(Expiry::Closed)
+    } else if value.flags & (FLOW_CONFIRMED | FLOW_CLOSED) == 0
+        && idle > lb_common::UNCONFIRMED_TIMEOUT_NS
+    {
+        Some(Expiry::Unconfirmed)
+    } else {
+        None
+    }
 }
 
 /// What a walk of the NAT table decides (`nat_walk`).
@@ -449,8 +487,14 @@ impl Recount {
         // that starts between the snapshot and the walk's visit of its entry is counted
         // (one too many until the next recount). Walking the NAT table first widened
         // that window enough for e2e_sched to see it.
+        // Expired entries are deleted (the table never evicts) and not counted.
+        let mut expire: Vec<FlowKey> = Vec::new();
+        let mut expired = [0u64; Expiry::ALL.len()];
         let entries = match self.walker.walk(|key, value| {
-            if counts_as_active(key, value, &self.backends, now_ns)
+            if let Some(why) = expiry(key, value, &self.backends, now_ns) {
+                expire.push(*key);
+                expired[why.index()] += 1;
+            } else if counts_as_active(key, value, &self.backends, now_ns)
                 && let Some((_, count)) = counts.get_mut(&value.backend_id)
             {
                 *count += 1;
@@ -461,6 +505,25 @@ impl Recount {
                 tracing::warn!(error = %err, "walking the connection table failed; counts left as they are");
                 return RecountResult::default();
             }
+        };
+        let deleted = match self.walker.delete(&expire) {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::warn!(error = %err, entries = expire.len(), "deleting expired connection-table entries failed");
+                expired = [0; Expiry::ALL.len()];
+                0
+            }
+        };
+        let half_open = self.walker.count_half_open().unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "walking the half-open table failed");
+            0
+        });
+        let conntrack = ConntrackGauges {
+            entries: entries.saturating_sub(deleted) as u64,
+            capacity: u64::from(self.walker.capacity),
+            half_open: half_open as u64,
+            half_open_capacity: u64::from(self.walker.half_open_capacity),
+            expired,
         };
         let mut nat_counts = HashMap::new();
         let mut nat_orphans = HashSet::new();
@@ -508,6 +571,7 @@ impl Recount {
             nat_entries,
             nat_pairs,
             snat,
+            conntrack: Some(conntrack),
         }
     }
 }
@@ -600,9 +664,10 @@ impl Agent {
         }
     }
 
-    /// A recount of every backend's active connections, to run off the owner task (a
-    /// million entries take a while even in batches): entries the LRU evicted, or that went
-    /// idle without another packet, never told the datapath their flow ended.
+    /// A recount of every backend's active connections, and the expiry of the connection
+    /// table's dead entries, to run off the owner task (a million entries take a while even
+    /// in batches): entries that went idle without another packet never told the datapath
+    /// their flow ended.
     pub fn recount_job(&self) -> Option<Recount> {
         let walker = match self.balancer.maps().conntrack_walker() {
             Ok(walker) => walker,
@@ -660,6 +725,12 @@ impl Agent {
         }
         self.metrics
             .observe_nat_reclaimed(result.nat_reclaimed as u64);
+        if let Some(conntrack) = result.conntrack {
+            if conntrack.expired.iter().any(|n| *n > 0) {
+                tracing::debug!(expired = ?conntrack.expired, "expired connection-table entries deleted");
+            }
+            self.metrics.set_conntrack(conntrack);
+        }
         if let Some(entries) = result.nat_entries {
             let gauges = self.nat_gauges(entries, &result.nat_pairs, &result.snat);
             self.metrics.set_nat_table(gauges.clone());
@@ -1425,10 +1496,11 @@ impl Agent {
                 }
                 if new.agent.xdp_mode != self.config.agent.xdp_mode
                     || new.agent.conntrack_entries != self.config.agent.conntrack_entries
+                    || new.agent.half_open_entries != self.config.agent.half_open_entries
                     || new.agent.nat_connections != self.config.agent.nat_connections
                 {
                     tracing::warn!(
-                        "reload: xdp_mode, conntrack_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
+                        "reload: xdp_mode, conntrack_entries, half_open_entries and nat_connections changes take effect only on a fresh datapath (after weir teardown)"
                     );
                 }
                 if new.announce != self.config.announce {
@@ -1914,6 +1986,82 @@ mod tests {
         ] {
             assert!(!counts_as_active(&tcp, &other, &backends, now), "{other:?}");
         }
+    }
+
+    /// The agent's expiry of established entries: idle past the service's timeout, closed
+    /// for 10 s, unconfirmed (nothing after the ACK that made it) for 10 s, or stale; a
+    /// confirmed, open entry stays however long it idles within its timeout.
+    #[test]
+    fn expiry_of_established_entries() {
+        let backends: HashMap<u32, BackendTimeouts> = [(
+            3,
+            BackendTimeouts {
+                generation: 2,
+                up: true,
+                tcp_ns: 900_000_000_000,
+                udp_ns: 30_000_000_000,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let now = 2_000_000_000_000;
+        let tcp = FlowKey {
+            proto: PROTO_TCP,
+            ..FlowKey::default()
+        };
+        let udp = FlowKey {
+            proto: PROTO_UDP,
+            ..FlowKey::default()
+        };
+        let s = 1_000_000_000;
+        let entry = |idle_s: u64, flags: u64| FlowValue {
+            backend_id: 3,
+            generation: 2,
+            last_seen_ns: now - idle_s * s,
+            flags,
+        };
+        let confirmed = FLOW_COUNTED | FLOW_CONFIRMED;
+        for (key, value, want) in [
+            (tcp, entry(800, confirmed), None),
+            (tcp, entry(901, confirmed), Some(Expiry::Idle)),
+            (udp, entry(31, confirmed), Some(Expiry::Idle)),
+            (tcp, entry(9, FLOW_COUNTED | FLOW_CLOSED), None),
+            (
+                tcp,
+                entry(11, FLOW_COUNTED | FLOW_CLOSED),
+                Some(Expiry::Closed),
+            ),
+            (
+                tcp,
+                entry(11, FLOW_COUNTED | FLOW_CONFIRMED | FLOW_CLOSED),
+                Some(Expiry::Closed),
+            ),
+            (tcp, entry(9, FLOW_COUNTED), None),
+            (tcp, entry(11, FLOW_COUNTED), Some(Expiry::Unconfirmed)),
+            (udp, entry(11, FLOW_COUNTED), Some(Expiry::Unconfirmed)),
+            (
+                tcp,
+                FlowValue {
+                    generation: 1,
+                    ..entry(0, confirmed)
+                },
+                Some(Expiry::Stale),
+            ),
+            (
+                tcp,
+                FlowValue {
+                    backend_id: 4,
+                    ..entry(0, confirmed)
+                },
+                Some(Expiry::Stale),
+            ),
+        ] {
+            assert_eq!(expiry(&key, &value, &backends, now), want, "{value:?}");
+        }
+        assert_eq!(
+            Expiry::ALL.map(Expiry::label),
+            ["idle", "closed", "unconfirmed", "stale"]
+        );
     }
 
     /// A `nat` pair of backend 3 (generation 2): client 198.51.100.2:40000 → VIP :80 ⇒

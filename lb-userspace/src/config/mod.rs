@@ -178,6 +178,14 @@ pub struct AgentConfig {
     pub tunnel_source_prefix: Option<SourcePrefix>,
     /// Capacity of the connection-tracking map (1..=`MAX_CONNTRACK_ENTRIES`).
     pub conntrack_entries: u32,
+    /// Capacity of the half-open table (flows before their handshake's ACK or their second
+    /// datagram; an LRU): default a quarter of `conntrack_entries`, at least
+    /// `lb_common::MIN_HALF_OPEN_ENTRIES`.
+    pub half_open_entries: u32,
+    /// New flows per second on one CPU above which it schedules new flows by the consistent
+    /// hash (flood mode); 0: only a full connection table does. Default: a quarter of
+    /// `half_open_entries`, so that half-open entries outlive a handshake under the rate.
+    pub flood_threshold: u32,
     /// Capacity of the NAT connection table in connections (1..=`MAX_NAT_CONNECTIONS`);
     /// the map (`NAT_CT`) holds two entries per connection.
     pub nat_connections: u32,

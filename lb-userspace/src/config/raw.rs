@@ -51,6 +51,8 @@ pub(super) struct RawAgent {
     pub(super) tunnel_source_v6: Option<String>,
     pub(super) tunnel_source_prefix: Option<String>,
     pub(super) conntrack_entries: Option<i64>,
+    pub(super) half_open_entries: Option<i64>,
+    pub(super) flood_threshold: Option<i64>,
     pub(super) nat_connections: Option<i64>,
     pub(super) api_socket: Option<String>,
     pub(super) metrics: Option<String>,

@@ -314,6 +314,8 @@ weight = 65535
             tunnel_source_v6: Some("2001:db8::1".parse().unwrap()),
             tunnel_source_prefix: None,
             conntrack_entries: 4096,
+            half_open_entries: 1024,
+            flood_threshold: 256,
             nat_connections: 1024,
             api_socket: PathBuf::from(DEFAULT_API_SOCKET),
             metrics: DEFAULT_METRICS.parse().unwrap(),

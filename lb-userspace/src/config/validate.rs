@@ -508,6 +508,32 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         .map_err(|reason| fail("agent.snat_ports", reason))?
         .unwrap_or(DEFAULT_SNAT_PORTS);
 
+    let half_open_entries = match raw.half_open_entries {
+        None => lb_common::default_half_open_entries(conntrack_entries),
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=MAX_CONNTRACK_ENTRIES).contains(n))
+            .ok_or_else(|| {
+                fail(
+                    "agent.half_open_entries",
+                    format!("{n} is out of range (1..={MAX_CONNTRACK_ENTRIES})"),
+                )
+            })?,
+    };
+    let flood_threshold = match raw.flood_threshold {
+        None => (half_open_entries / 4).max(1),
+        Some(n) => u32::try_from(n).map_err(|_| {
+            fail(
+                "agent.flood_threshold",
+                format!(
+                    "{n} is out of range (0..={}; new flows per second per CPU, 0: only a \
+                     full connection table starts flood mode)",
+                    u32::MAX
+                ),
+            )
+        })?,
+    };
+
     Ok(AgentConfig {
         interfaces,
         xdp_mode: raw.xdp_mode,
@@ -515,6 +541,8 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, Fail> {
         tunnel_source_v6,
         tunnel_source_prefix,
         conntrack_entries,
+        half_open_entries,
+        flood_threshold,
         nat_connections,
         api_socket,
         metrics,

@@ -113,6 +113,10 @@ pub struct KernelMaps {
     /// and for walking the table on another thread.
     ring_fd: OwnedFd,
     conntrack_fd: OwnedFd,
+    /// `CONNTRACK`'s and `HALF_OPEN`'s `max_entries` as the kernel has them.
+    conntrack_capacity: u32,
+    half_open_fd: OwnedFd,
+    half_open_capacity: u32,
     nat_ct: HashMap<MapData, FlowKey, NatEntry>,
     nat_ct_fd: OwnedFd,
     /// `NAT_CT`'s `max_entries` as the kernel has it (a pinned table keeps its size).
@@ -141,11 +145,15 @@ impl NatWalker {
     }
 }
 
-/// A handle on the connection table that can walk it on another thread: the walk of a
+/// A handle on the connection tables that can walk them on another thread: the walk of a
 /// million entries takes long enough that the owner task must not wait for it.
 #[derive(Debug)]
 pub struct ConntrackWalker {
     fd: OwnedFd,
+    half_open_fd: OwnedFd,
+    /// `CONNTRACK`'s and `HALF_OPEN`'s `max_entries`.
+    pub capacity: u32,
+    pub half_open_capacity: u32,
 }
 
 impl ConntrackWalker {
@@ -154,6 +162,25 @@ impl ConntrackWalker {
         // SAFETY: `fd` is the CONNTRACK map, whose key and value types are `FlowKey` and
         // `FlowValue` (lb-ebpf's maps.rs and lb-common share them).
         unsafe { crate::sys::map_lookup_batch(self.fd.as_fd(), 4096, each) }
+    }
+
+    /// Deletes `keys` from the connection table (those already gone are skipped); returns
+    /// how many went.
+    pub fn delete(&self, keys: &[FlowKey]) -> std::io::Result<usize> {
+        // SAFETY: as above.
+        unsafe { crate::sys::map_delete_batch(self.fd.as_fd(), keys) }
+    }
+
+    /// The entries of the half-open table (an LRU: read, never written here).
+    pub fn count_half_open(&self) -> std::io::Result<usize> {
+        // SAFETY: `half_open_fd` is the HALF_OPEN map: `FlowKey` keys, `FlowValue` values.
+        unsafe {
+            crate::sys::map_lookup_batch(
+                self.half_open_fd.as_fd(),
+                4096,
+                |_: &FlowKey, _: &FlowValue| {},
+            )
+        }
     }
 }
 
@@ -169,6 +196,16 @@ pub fn ring_index(service_id: u32, slot: u32) -> Result<u32, DatapathError> {
         });
     }
     Ok(service_id * MAX_RING_SIZE + slot)
+}
+
+/// A hash map's `max_entries` as the kernel has it (a pinned map keeps its size).
+fn max_entries(map: &Map, name: &'static str) -> Result<u32, DatapathError> {
+    match map {
+        Map::LruHashMap(data) | Map::HashMap(data) => {
+            Ok(data.info().map_err(map_err(name))?.max_entries())
+        }
+        _ => Err(DatapathError::MissingMap(name)),
+    }
 }
 
 /// A duplicate of the file descriptor of a map, before the map becomes a typed handle.
@@ -208,6 +245,12 @@ impl KernelMaps {
             .take_map(map_name::CONNTRACK)
             .ok_or(DatapathError::MissingMap(map_name::CONNTRACK))?;
         let conntrack_fd = dup_fd(&conntrack, map_name::CONNTRACK)?;
+        let conntrack_capacity = max_entries(&conntrack, map_name::CONNTRACK)?;
+        let half_open = ebpf
+            .take_map(map_name::HALF_OPEN)
+            .ok_or(DatapathError::MissingMap(map_name::HALF_OPEN))?;
+        let half_open_fd = dup_fd(&half_open, map_name::HALF_OPEN)?;
+        let half_open_capacity = max_entries(&half_open, map_name::HALF_OPEN)?;
         let nat_ct = ebpf
             .take_map(map_name::NAT_CT)
             .ok_or(DatapathError::MissingMap(map_name::NAT_CT))?;
@@ -238,6 +281,9 @@ impl KernelMaps {
             backend_conns: take(ebpf, map_name::BACKEND_CONNS)?,
             ring_fd,
             conntrack_fd,
+            conntrack_capacity,
+            half_open_fd,
+            half_open_capacity,
             nat_ct: HashMap::try_from(nat_ct).map_err(map_err(map_name::NAT_CT))?,
             nat_ct_fd,
             nat_capacity,
@@ -289,7 +335,22 @@ impl KernelMaps {
                     io_error: source,
                 }),
             })?;
-        Ok(ConntrackWalker { fd })
+        let half_open_fd = self
+            .half_open_fd
+            .try_clone()
+            .map_err(|source| DatapathError::Map {
+                name: map_name::HALF_OPEN,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: source,
+                }),
+            })?;
+        Ok(ConntrackWalker {
+            fd,
+            half_open_fd,
+            capacity: self.conntrack_capacity,
+            half_open_capacity: self.half_open_capacity,
+        })
     }
 
     /// A backend's active connections as the datapath counts them. The datapath's count

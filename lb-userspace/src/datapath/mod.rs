@@ -104,11 +104,13 @@ pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
 /// connection table or NAT table keeps its size until `weir teardown`.
 pub fn load_object_pinned(
     conntrack_entries: u32,
+    half_open_entries: u32,
     nat_connections: u32,
     bpffs: &Path,
 ) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_name::CONNTRACK, conntrack_entries.max(1));
+    loader.map_max_entries(map_name::HALF_OPEN, half_open_entries.max(1));
     loader.map_max_entries(map_name::NAT_CT, nat_table_entries(nat_connections));
     let paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
         .iter()
@@ -126,16 +128,22 @@ pub fn nat_table_entries(nat_connections: u32) -> u32 {
     nat_connections.max(1).saturating_mul(2)
 }
 
-/// Loads the object. `conntrack_entries` sizes the connection table (`NAT_CT` keeps the
+/// Loads the object. `conntrack_entries` sizes the connection table, and the half-open
+/// table by default (`NAT_CT` keeps the
 /// object's size, `lb_common::nat::DEFAULT_NAT_CONNECTIONS` pairs); `small` shrinks the
 /// balancer-only maps to one entry for processes that only run the decap or pass program
 /// (the ring alone preallocates 16 MiB).
 pub fn load_object(conntrack_entries: u32, small: bool) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_name::CONNTRACK, conntrack_entries.max(1));
+    loader.map_max_entries(
+        map_name::HALF_OPEN,
+        lb_common::default_half_open_entries(conntrack_entries),
+    );
     if small {
         loader.map_max_entries(map_name::RING, 1);
         loader.map_max_entries(map_name::CONNTRACK, 1);
+        loader.map_max_entries(map_name::HALF_OPEN, 1);
     }
     Ok(loader.load(EBPF_OBJECT)?)
 }

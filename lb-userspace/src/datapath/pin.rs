@@ -24,7 +24,7 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 20] = [
+pub const PINNED_MAPS: [&str; 21] = [
     map_name::VIPS,
     map_name::SERVICES,
     map_name::VIP_ADDRS,
@@ -32,6 +32,8 @@ pub const PINNED_MAPS: [&str; 20] = [
     map_name::BACKENDS,
     map_name::RING,
     map_name::CONNTRACK,
+    // Flows in their handshake: a restart loses none.
+    map_name::HALF_OPEN,
     map_name::STATS,
     map_name::VIP_STATS,
     map_name::BACKEND_STATS,

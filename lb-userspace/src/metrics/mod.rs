@@ -52,7 +52,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 42] = [
     (
         "weir_source_rule_packets_total",
         "Packets of flows without an entry that a service's source rule decided: admitted by an allow, dropped by a deny.",
@@ -136,6 +136,46 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
     (
         "weir_conntrack_misses_total",
         "Packets that asked the scheduler (no entry, a stale entry, or a SYN).",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_flows_half_open_total",
+        "Flows that entered the half-open table: a SYN, a first UDP datagram, or a mid-flow TCP packet of a flow no table knew.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_flows_established_total",
+        "Half-open flows whose next packet (the handshake's ACK, a second datagram) moved them to the connection table.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_conntrack_refused_total",
+        "Packets of half-open flows refused a connection-table entry because the table was full (entries are never evicted); they keep their backend through the half-open table and the hash.",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_flood_hashed_flows_total",
+        "New flows scheduled by the service's consistent hash instead of its scheduler because their CPU was in flood mode (new-flow rate over flood_threshold, or the connection table full).",
+        MetricType::COUNTER,
+    ),
+    (
+        "weir_conntrack_entries",
+        "Entries of the connection tables (table=established, never evicted; table=half_open, an LRU), from the agent's walk.",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_conntrack_capacity",
+        "Entries each connection table holds at most.",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_conntrack_fill_ratio",
+        "Entries over capacity per connection table: at 1 for table=established, new flows get no entry (the gauge to alert on).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_conntrack_expired_total",
+        "Established entries the agent's walk deleted, by reason: idle (past the service's timeout), closed, unconfirmed (nothing after the packet that made it), stale (its backend is gone).",
         MetricType::COUNTER,
     ),
     (
@@ -264,6 +304,10 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
                 return Some(("weir_nat_reclaimed_total", Some(("by", "datapath"))));
             }
             "nat_to_kernel" => "weir_nat_to_kernel_total",
+            "half_open_created" => "weir_flows_half_open_total",
+            "flow_established" => "weir_flows_established_total",
+            "conntrack_full" => "weir_conntrack_refused_total",
+            "flood_hashed" => "weir_flood_hashed_flows_total",
             "nat_icmp_translated" => "weir_nat_icmp_translated_total",
             _ => return None,
         };
@@ -309,6 +353,9 @@ struct Inner {
     nat: Mutex<Option<NatTableGauges>>,
     /// NAT table entries the agent's walk deleted so far.
     nat_reclaimed: AtomicU64,
+    /// The last connection-table walk's gauges, and the entries the walks deleted so far
+    /// by reason; `None` before the first walk.
+    conntrack: Mutex<Option<(ConntrackGauges, [u64; Expiry::ALL.len()])>>,
     descs: Vec<Desc>,
 }
 
@@ -321,6 +368,53 @@ pub struct NatTableGauges {
     pub connections: Vec<(String, IpAddr, u64)>,
     /// Every SNAT address of every `fullnat` service.
     pub snat: Vec<api::SnatUse>,
+}
+
+/// What a walk of the connection tables measured and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackGauges {
+    /// Entries of the established table after the walk's deletes, and its capacity.
+    pub entries: u64,
+    pub capacity: u64,
+    /// Entries of the half-open table (an LRU), and its capacity.
+    pub half_open: u64,
+    pub half_open_capacity: u64,
+    /// Entries this walk deleted, by `Expiry` reason (`Expiry::index`).
+    pub expired: [u64; Expiry::ALL.len()],
+}
+
+/// Why the agent deletes an established entry (`expiry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Idle longer than its service's timeout.
+    Idle,
+    /// Closed (a FIN or RST seen) and idle `CLOSED_TIMEOUT_NS`.
+    Closed,
+    /// Never a packet after the one that made it (`FLOW_CONFIRMED` unset), idle
+    /// `UNCONFIRMED_TIMEOUT_NS`: the ACK of a spoofed SYN, ACK pair.
+    Unconfirmed,
+    /// Made for a backend id that is gone or now means another backend.
+    Stale,
+}
+
+impl Expiry {
+    pub const ALL: [Self; 4] = [Self::Idle, Self::Closed, Self::Unconfirmed, Self::Stale];
+
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `reason` label of `weir_conntrack_expired_total`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Closed => "closed",
+            Self::Unconfirmed => "unconfirmed",
+            Self::Stale => "stale",
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -438,6 +532,28 @@ impl DatapathCollector {
                 self.0.nat_reclaimed.load(Ordering::Relaxed),
             ),
         );
+        if let Some((ct, expired)) = lock(&self.0.conntrack).as_ref() {
+            for (table, entries, capacity) in [
+                ("established", ct.entries, ct.capacity),
+                ("half_open", ct.half_open, ct.half_open_capacity),
+            ] {
+                let labels = [("table", table)];
+                push("weir_conntrack_entries", gauge(&labels, entries as f64));
+                push("weir_conntrack_capacity", gauge(&labels, capacity as f64));
+                let ratio = if capacity == 0 {
+                    0.0
+                } else {
+                    entries as f64 / capacity as f64
+                };
+                push("weir_conntrack_fill_ratio", gauge(&labels, ratio));
+            }
+            for why in Expiry::ALL {
+                push(
+                    "weir_conntrack_expired_total",
+                    counter(&[("reason", why.label())], expired[why.index()]),
+                );
+            }
+        }
         if let Some(nat) = lock(&self.0.nat).as_ref() {
             push("weir_nat_table_entries", gauge(&[], nat.entries as f64));
             push("weir_nat_table_capacity", gauge(&[], nat.capacity as f64));
@@ -614,6 +730,7 @@ impl Metrics {
                 checks: Mutex::new(HashMap::new()),
                 nat: Mutex::new(None),
                 nat_reclaimed: AtomicU64::new(0),
+                conntrack: Mutex::new(None),
                 descs,
             })),
         )?;
@@ -800,6 +917,17 @@ impl Metrics {
     /// Records what a walk of the NAT table measured (replacing the last walk's gauges).
     pub fn set_nat_table(&self, gauges: NatTableGauges) {
         *lock(&self.datapath.0.nat) = Some(gauges);
+    }
+
+    /// Records a walk of the connection tables: its gauges, and its deletes added to the
+    /// totals.
+    pub fn set_conntrack(&self, gauges: ConntrackGauges) {
+        let mut last = lock(&self.datapath.0.conntrack);
+        let mut totals = last.map_or([0; Expiry::ALL.len()], |(_, t)| t);
+        for (total, n) in totals.iter_mut().zip(gauges.expired) {
+            *total += n;
+        }
+        *last = Some((gauges, totals));
     }
 
     /// Records NAT table entries the agent's walk deleted.
