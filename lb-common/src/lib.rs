@@ -19,6 +19,7 @@ pub mod inbound;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod nat;
+pub mod rate;
 #[cfg(feature = "user")]
 pub mod rr;
 pub mod rules;
@@ -58,6 +59,15 @@ pub mod map_name {
     pub const SOURCE_RULES: &str = "SOURCE_RULES";
     /// Per-CPU packets decided by each source rule, indexed by `rules::SourceRule::index`.
     pub const SOURCE_RULE_STATS: &str = "SOURCE_RULE_STATS";
+    /// Each service's rate limits (`rate::RateLimits`, by service id).
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    /// The per-source buckets of the rate limits (an LRU: `rate::RateKey` keys, TATs in ns).
+    pub const RATE_STATE: &str = "RATE_STATE";
+    /// Each service's bucket of its service-wide limit (a TAT in ns, by service id).
+    pub const RATE_VIP_STATE: &str = "RATE_VIP_STATE";
+    /// Per-CPU new flows dropped by each limit, indexed `service_id * rate::RATE_SLOTS +
+    /// rate::LIMIT_*`.
+    pub const RATE_STATS: &str = "RATE_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -263,8 +273,12 @@ pub mod stat {
     pub const DROP_SOURCE_DENIED: u32 = 47;
     /// A flow the service has no entry for, from a source none of its `allow` rules covers.
     pub const DROP_SOURCE_NOT_ALLOWED: u32 = 48;
+    /// A new flow over its service's limit of new flows per source (or source prefix).
+    pub const DROP_RATE_SOURCE: u32 = 49;
+    /// A new flow over its service's limit of new flows, all sources together.
+    pub const DROP_RATE_VIP: u32 = 50;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 49;
+    pub const COUNT: u32 = 51;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -317,6 +331,8 @@ pub mod stat {
         "drop_nat_untracked_midflow",
         "drop_source_denied",
         "drop_source_not_allowed",
+        "drop_rate_source",
+        "drop_rate_vip",
     ];
 }
 
@@ -450,8 +466,11 @@ pub struct VipInfo {
     pub tcp_idle_timeout_s: u32,
     /// A tracked UDP flow idle this long (seconds) is forgotten.
     pub udp_idle_timeout_s: u32,
+    /// `rate::RATE_SOURCE_FLOWS` | `rate::RATE_VIP_FLOWS`, or 0: no rate limits.
+    pub rate_limits: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<VipInfo>() == 20);
+const _: () = assert!(size_of::<VipInfo>() == 24);
 
 /// Value of `BACKENDS`, indexed by backend id.
 #[repr(C)]
@@ -647,6 +666,10 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::SourceRuleData {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::rules::SourceRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rate::RateLimits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rate::RateKey {}
 }
 
 #[cfg(feature = "user")]

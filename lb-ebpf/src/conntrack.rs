@@ -105,6 +105,7 @@ pub(crate) fn backend_for(
             // Source rules before the scheduler: a refused flow takes no round-robin turn,
             // no least-conn count and no entry.
             crate::rules::admit(vip, &p.key)?;
+            crate::rate::admit(vip, &p.key, midflow)?;
             let picked = schedule(vip, &p.key, midflow).and_then(|id| {
                 let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
                 Ok((id, backend))
