@@ -1,7 +1,7 @@
 //! Per-service rate limits on new flows (per source or source prefix, and per service): the
 //! maps' types (`RATE_LIMITS` values, `RATE_STATE` keys), the `VipInfo::rate_limits` flags,
-//! and the pure logic both sides must agree on: the GCRA step ([`gcra`]), the masking of a
-//! source to its prefix ([`mask_prefix`]) and the conversion of a configured rate and burst
+//! and the pure logic both sides must agree on: the GCRA step ([`gcra`]), the mask of a
+//! source prefix ([`prefix_mask`], applied by [`mask_source`]) and the conversion of a configured rate and burst
 //! into the datapath's nanoseconds ([`Gcra::new`]).
 //!
 //! Each limit is a GCRA (generic cell rate algorithm, the virtual-scheduling form of a token
@@ -74,11 +74,12 @@ pub struct RateLimits {
     pub source_flows: Gcra,
     /// New flows of the service ([`RATE_VIP_FLOWS`]).
     pub vip_flows: Gcra,
-    /// The leading bits of a source that make its bucket (32 / 128: one per address).
-    pub source_prefix_len: u8,
-    pub _pad: [u8; 7],
+    /// The mask of the source prefix that makes a bucket ([`prefix_mask`]): the agent
+    /// computes it, so that the datapath masks without a branch per byte (each would split
+    /// the verifier's states by the prefix length).
+    pub source_mask: [u8; 16],
 }
-const _: () = assert!(size_of::<RateLimits>() == 40);
+const _: () = assert!(size_of::<RateLimits>() == 48);
 
 /// Key of `RATE_STATE`: one bucket per service, limit and source prefix.
 #[repr(C)]
@@ -91,7 +92,7 @@ pub struct RateKey {
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
     pub _pad: [u8; 2],
-    /// The source with its host bits zeroed ([`mask_prefix`]); IPv4 in the first 4 bytes.
+    /// The source with its host bits zeroed ([`mask_source`]); IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<RateKey>() == 24);
@@ -110,16 +111,16 @@ pub const fn gcra(tat_ns: u64, now_ns: u64, limit: &Gcra) -> Option<u64> {
     }
 }
 
-/// Zeroes the bits of `addr` after its first `len` (an IPv4 address in the first 4 bytes has
-/// `len` at most 32; longer lengths leave it whole, as its other bytes are zero already).
-/// Unrolled byte by byte with constant bounds, so the BPF verifier sees no loop.
-#[inline(always)]
-pub fn mask_prefix(addr: &mut [u8; 16], len: u8) {
+/// The mask of a prefix of `len` bits: its first `len` bits set (an IPv4 address, in the
+/// first 4 bytes, takes at most 32: its other bytes are zero anyway).
+#[must_use]
+pub const fn prefix_mask(len: u8) -> [u8; 16] {
+    let mut mask = [0u8; 16];
     let mut i = 0;
     while i < 16 {
         let start = (i * 8) as u32;
         let len = len as u32;
-        addr[i] &= if len >= start + 8 {
+        mask[i] = if len >= start + 8 {
             0xff
         } else if len <= start {
             0
@@ -127,6 +128,18 @@ pub fn mask_prefix(addr: &mut [u8; 16], len: u8) {
             // 1..=7 leading bits of this byte.
             !(0xffu8 >> (len - start))
         };
+        i += 1;
+    }
+    mask
+}
+
+/// Zeroes the bits of `addr` that `mask` ([`prefix_mask`]) does not keep. Byte by byte with
+/// constant bounds and no branch: the BPF verifier sees straight-line code.
+#[inline(always)]
+pub fn mask_source(addr: &mut [u8; 16], mask: &[u8; 16]) {
+    let mut i = 0;
+    while i < 16 {
+        addr[i] &= mask[i];
         i += 1;
     }
 }
@@ -195,28 +208,24 @@ mod tests {
 
     #[test]
     fn masks_prefixes() {
-        let mut a = [0xff; 16];
-        mask_prefix(&mut a, 64);
+        let mask = |addr: [u8; 16], len| {
+            let mut out = addr;
+            mask_source(&mut out, &prefix_mask(len));
+            out
+        };
         assert_eq!(
-            a,
+            mask([0xff; 16], 64),
             [
                 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0
             ]
         );
-        let mut b = [198, 51, 100, 77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        mask_prefix(&mut b, 24);
-        assert_eq!(b[..4], [198, 51, 100, 0]);
-        let mut c = [198, 51, 100, 77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        mask_prefix(&mut c, 27);
-        assert_eq!(c[..4], [198, 51, 100, 64]);
-        let mut d = c;
-        mask_prefix(&mut d, 32);
-        assert_eq!(d, c);
-        mask_prefix(&mut d, 0);
-        assert_eq!(d, [0; 16]);
-        let mut e = [0xff; 16];
-        mask_prefix(&mut e, 128);
-        assert_eq!(e, [0xff; 16]);
+        let host = [198, 51, 100, 77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(mask(host, 24)[..4], [198, 51, 100, 0]);
+        assert_eq!(mask(host, 27)[..4], [198, 51, 100, 64]);
+        assert_eq!(mask(host, 32), host);
+        assert_eq!(mask(host, 0), [0; 16]);
+        assert_eq!(mask([0xff; 16], 128), [0xff; 16]);
+        assert_eq!(prefix_mask(33)[..5], [0xff, 0xff, 0xff, 0xff, 0x80]);
         assert_eq!(full_prefix(FAMILY_V4), 32);
         assert_eq!(full_prefix(crate::FAMILY_V6), 128);
     }

@@ -9,7 +9,7 @@ use lb_common::{
     FlowKey, VipInfo,
     rate::{
         CAS_ATTEMPTS, Gcra, LIMIT_SOURCE_FLOWS, LIMIT_VIP_FLOWS, RATE_SLOTS, RATE_SOURCE_FLOWS,
-        RATE_VIP_FLOWS, RateKey, gcra, mask_prefix,
+        RATE_VIP_FLOWS, RateKey, gcra, mask_source,
     },
     stat,
 };
@@ -49,13 +49,7 @@ pub(crate) fn admit(vip: &VipInfo, key: &FlowKey, midflow: bool) -> Result<(), E
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if flags & RATE_SOURCE_FLOWS != 0
-        && !source_admits(
-            vip,
-            key,
-            &limits.source_flows,
-            limits.source_prefix_len,
-            now,
-        )
+        && !source_admits(vip, key, &limits.source_flows, &limits.source_mask, now)
     {
         return Err(refuse(
             vip.service_id,
@@ -76,7 +70,7 @@ pub(crate) fn admit(vip: &VipInfo, key: &FlowKey, midflow: bool) -> Result<(), E
 /// flow. A bucket that cannot be found or made (the scratch or the LRU failing, which they
 /// do not) admits: the limit protects backends, it must not refuse flows on its own failure.
 #[inline(always)]
-fn source_admits(vip: &VipInfo, key: &FlowKey, limit: &Gcra, prefix_len: u8, now: u64) -> bool {
+fn source_admits(vip: &VipInfo, key: &FlowKey, limit: &Gcra, mask: &[u8; 16], now: u64) -> bool {
     let Some(s) = RATE_SCRATCH.get_ptr_mut(0) else {
         return true;
     };
@@ -88,7 +82,7 @@ fn source_admits(vip: &VipInfo, key: &FlowKey, limit: &Gcra, prefix_len: u8, now
     s.key.family = key.family;
     s.key._pad = [0; 2];
     s.key.addr = key.src_addr;
-    mask_prefix(&mut s.key.addr, prefix_len);
+    mask_source(&mut s.key.addr, mask);
     s.fresh = 0;
     let tat = match RATE_STATE.get_ptr_mut(&s.key) {
         Some(tat) => tat,

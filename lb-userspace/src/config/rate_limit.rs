@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use lb_common::rate::{Gcra, MAX_BURST, MAX_RATE, RateLimits};
+use lb_common::rate::{Gcra, MAX_BURST, MAX_RATE, RateLimits, prefix_mask};
 use serde::Deserialize;
 
 use super::{Fail, fail};
@@ -63,8 +63,7 @@ impl RateLimitConfig {
         RateLimits {
             source_flows: gcra(self.per_source),
             vip_flows: gcra(self.per_vip),
-            source_prefix_len: self.source_prefix,
-            _pad: [0; 7],
+            source_mask: prefix_mask(self.source_prefix),
         }
     }
 }

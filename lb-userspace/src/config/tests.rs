@@ -1597,7 +1597,7 @@ fn rate_limits() {
     assert_eq!(datapath.source_flows.interval_ns, 1_000_000);
     assert_eq!(datapath.source_flows.tolerance_ns, 100_000_000);
     assert_eq!(datapath.vip_flows.interval_ns, 20_000);
-    assert_eq!(datapath.source_prefix_len, 24);
+    assert_eq!(datapath.source_mask[..4], [0xff, 0xff, 0xff, 0]);
 
     // No table: no limits, and the datapath value is all zero but the prefix.
     let none = ok(&web("", &[backend("203.0.113.11")])).services[0].rate_limit;
