@@ -991,6 +991,39 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_reach_their_service_slot_and_flags() {
+        use lb_common::rate::{Gcra, prefix_mask};
+        let limits = RateLimits {
+            source_flows: Gcra::new(1000, 100),
+            vip_flows: Gcra::default(),
+            source_mask: prefix_mask(24),
+        };
+        let with = |limits: RateLimits| {
+            let mut spec = spec(&[("198.51.100.11", 1)]);
+            spec.services[0].rate_limits = limits;
+            spec
+        };
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&with(limits)).unwrap();
+        let id = b.service("web").unwrap().id;
+        let vip = |b: &Balancer<Recorder>| b.maps().vips.values().next().copied().unwrap();
+        assert_eq!(b.maps().rate_limits.get(&id), Some(&limits));
+        assert_eq!(vip(&b).rate_limits, RATE_SOURCE_FLOWS);
+        // A reload that adds the VIP's limit rewrites the slot and the flags.
+        let both = RateLimits {
+            vip_flows: Gcra::new(50_000, 5000),
+            ..limits
+        };
+        b.apply(&with(both)).unwrap();
+        assert_eq!(b.maps().rate_limits.get(&id), Some(&both));
+        assert_eq!(vip(&b).rate_limits, RATE_SOURCE_FLOWS | RATE_VIP_FLOWS);
+        // Without limits the flags go to 0 (the slot is left, unread).
+        b.apply(&with(RateLimits::default())).unwrap();
+        assert_eq!(vip(&b).rate_limits, 0);
+        assert_eq!(b.maps().rate_limits.len(), 1);
+    }
+
+    #[test]
     fn fingerprints_agree_across_id_histories_and_differ_with_weights() {
         let three = [
             ("198.51.100.11", 1),
