@@ -1155,7 +1155,11 @@ impl Agent {
         for state in self.balancer.services() {
             let limits = &state.spec.rate_limits;
             let configured = [
-                (LIMIT_SOURCE_FLOWS, "source", limits.source_flows.interval_ns != 0),
+                (
+                    LIMIT_SOURCE_FLOWS,
+                    "source",
+                    limits.source_flows.interval_ns != 0,
+                ),
                 (LIMIT_VIP_FLOWS, "vip", limits.vip_flows.interval_ns != 0),
             ];
             if !configured.iter().any(|(_, _, on)| *on) {
@@ -1860,7 +1864,7 @@ impl Agent {
 }
 
 /// `weir service list`'s view of a service's `[service.rate_limit]`.
-fn rate_limit_info(limits: &crate::config::RateLimitConfig) -> api::RateLimitInfo {
+fn rate_limit_info(limits: &config::RateLimitConfig) -> api::RateLimitInfo {
     api::RateLimitInfo {
         new_flows_per_source: limits.per_source.map(|l| l.rate),
         source_burst: limits.per_source.map(|l| l.burst),
@@ -2232,4 +2236,3 @@ mod audit_tests {
         assert_eq!(line["result"], "error");
     }
 }
-

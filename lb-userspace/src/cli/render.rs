@@ -13,8 +13,7 @@ use serde::Serialize;
 use super::BackendCommand;
 use crate::api::{
     Admin, AnnounceStatus, BackendInfo, ConnList, NatStatus, RateLimitInfo, ReloadReport,
-    ServiceInfo,
-    ServiceTable, Stats, Status, TrafficStats,
+    ServiceInfo, ServiceTable, Stats, Status, TrafficStats,
 };
 use crate::config::Config;
 
