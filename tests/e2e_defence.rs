@@ -259,8 +259,14 @@ fn udp_datagram(src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> [u8; 36] {
 /// Sends `OFFERED` datagrams a second for `duration` to `dst` through a raw socket (run in
 /// the client namespace), each from a source port not used before by its source: every one
 /// a new flow. The sources take turns. Paced against the clock (a late sender catches up),
-/// and bounded: it gives up 2 s after `duration`. Returns the datagrams sent.
-fn offer_new_flows(sources: &[Ipv4Addr], dst: SocketAddrV4, duration: Duration) -> Result<u64> {
+/// and bounded: it gives up 2 s after `duration`. Tells `started` the instant it begins;
+/// returns the datagrams sent.
+fn offer_new_flows(
+    sources: &[Ipv4Addr],
+    dst: SocketAddrV4,
+    duration: Duration,
+    started: &std::sync::mpsc::Sender<Instant>,
+) -> Result<u64> {
     let s = Socket::new(
         Domain::IPV4,
         Type::RAW,
@@ -269,6 +275,7 @@ fn offer_new_flows(sources: &[Ipv4Addr], dst: SocketAddrV4, duration: Duration) 
     let to = SockAddr::from(SocketAddr::V4(dst));
     let total = OFFERED * duration.as_secs();
     let start = Instant::now();
+    started.send(start).context("the sampler is gone")?;
     let mut sent = 0u64;
     while sent < total && start.elapsed() < duration + Duration::from_secs(2) {
         let due = (start.elapsed().as_nanos() * u128::from(OFFERED) / 1_000_000_000)
@@ -306,7 +313,9 @@ fn rate_sample(topo: &Topology, service: &str, limit: &str) -> (u64, u64) {
 
 /// Offers `OFFERED` new flows/s from `sources` to `service` for `secs` seconds and samples
 /// its counters every second: the admitted new flows per second (normalised by each
-/// window's measured length), and the totals (sent, admitted, dropped).
+/// window's measured length), and the totals (sent, admitted, dropped). A window runs from
+/// the sender's first datagram, then between samples, each sample timed at the middle of
+/// its API call (which takes some milliseconds).
 fn measure(
     topo: &Topology,
     service: &str,
@@ -318,18 +327,22 @@ fn measure(
     let dst = SocketAddrV4::new(VIP_V4, port);
     let (a0, d0) = rate_sample(topo, service, limit);
     let duration = Duration::from_secs(secs);
+    let (tx, rx) = std::sync::mpsc::channel();
     let sender = common::spawn_in_netns(&topo.cli, "rl-sender", move || {
-        offer_new_flows(sources, dst, duration)
+        offer_new_flows(sources, dst, duration, &tx)
     })
     .expect("sender");
-    let start = Instant::now();
+    let start = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the sender started");
     let mut last = (start, a0);
     let mut per_second = Vec::new();
     for i in 1..=secs {
         let at = start + Duration::from_secs(i);
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
-        let now = Instant::now();
+        let before = Instant::now();
         let (admitted, _) = rate_sample(topo, service, limit);
+        let now = before + before.elapsed() / 2;
         let window = now.duration_since(last.0).as_secs_f64();
         per_second.push((admitted - last.1) as f64 / window);
         last = (now, admitted);
