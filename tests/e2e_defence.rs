@@ -1,7 +1,9 @@
 //! Privileged end-to-end tests of the balancer's defences: per-service source rules (`allow`
 //! / `deny`), IPv4 and IPv6, with real TCP connections from several client addresses of the
 //! test bed's client namespace, counted in the datapath and in `/metrics`, and changed by a
-//! reload. Needs root; skipped otherwise (fails in CI).
+//! reload; and rate limits on new flows (per source and per VIP), offered UDP flows at ten
+//! times the limit from a raw socket, measured per second, and changed by a reload. Needs
+//! root; skipped otherwise (fails in CI).
 //!
 //! Run: `cargo test -p lb-userspace --test e2e_defence -- --test-threads=1 --nocapture`
 
@@ -9,8 +11,8 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -192,4 +194,262 @@ fn source_rules_allow_and_deny_v4_and_v6() {
     let after = answered(&topo, &client4, vip4, 31_500);
     println!("[rules] after the reload, the v4 client: {after} of {TRIES}");
     assert_eq!(after, TRIES, "the reload lifted the deny");
+}
+
+/// The rate-limited UDP services: `rl-src` on port 9 (per source, `source`), `rl-vip` on
+/// port 10 (per VIP: 500 new flows/s with bursts of 25).
+const RL_SRC_PORT: u16 = 9;
+const RL_VIP_PORT: u16 = 10;
+/// Offered new flows per second: ten times `rl-src`'s first limit.
+const OFFERED: u64 = 10_000;
+
+/// A direct-mode UDP service on `VIP_V4`:`port` over the three IPv4 backends, with `limit`
+/// as its `[service.rate_limit]` table (TOML inline table text).
+fn udp_service(name: &str, port: u16, limit: &str) -> ServiceBuilder {
+    (0..BACKENDS)
+        .fold(
+            ServiceBuilder::new(name, VIP_V4, port, "udp").forwarding("direct"),
+            |s, i| s.backend(Backend::new(backend_v4(i))),
+        )
+        .raw("rate_limit", limit)
+}
+
+/// `rl-src` limited to `per_source` new flows/s per source with bursts of `burst` (a
+/// twentieth of a second's flows: the first second admits at most 5% more than the rate,
+/// and a sender stalled for up to 50 ms loses nothing), and `rl-vip`.
+fn rate_config(topo: &Topology, per_source: u64, burst: u64) -> ConfigBuilder {
+    topo.agent_config()
+        .service(udp_service(
+            "rl-src",
+            RL_SRC_PORT,
+            &format!("{{ new_flows_per_source = {per_source}, source_burst = {burst} }}"),
+        ))
+        .service(udp_service(
+            "rl-vip",
+            RL_VIP_PORT,
+            "{ new_flows_per_vip = 500, vip_burst = 25 }",
+        ))
+}
+
+/// An IPv4 + UDP datagram from `src`:`sport` to `dst` with an 8-byte payload (UDP checksum
+/// 0: none, which IPv4 allows).
+fn udp_datagram(src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> [u8; 36] {
+    let mut p = [0u8; 36];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&36u16.to_be_bytes());
+    p[6] = 0x40; // DF
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    let sum = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    p[10..12].copy_from_slice(&csum.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    p[24..26].copy_from_slice(&16u16.to_be_bytes());
+    p[28..36].copy_from_slice(b"weir-rl!");
+    p
+}
+
+/// Sends `OFFERED` datagrams a second for `duration` to `dst` through a raw socket (run in
+/// the client namespace), each from a source port not used before by its source: every one
+/// a new flow. The sources take turns. Paced against the clock (a late sender catches up),
+/// and bounded: it gives up 2 s after `duration`. Tells `started` the instant it begins;
+/// returns the datagrams sent.
+fn offer_new_flows(
+    sources: &[Ipv4Addr],
+    dst: SocketAddrV4,
+    duration: Duration,
+    started: &std::sync::mpsc::Sender<Instant>,
+) -> Result<u64> {
+    let s = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    let to = SockAddr::from(SocketAddr::V4(dst));
+    let total = OFFERED * duration.as_secs();
+    let start = Instant::now();
+    started.send(start).context("the sampler is gone")?;
+    let mut sent = 0u64;
+    while sent < total && start.elapsed() < duration + Duration::from_secs(2) {
+        let due = (start.elapsed().as_nanos() * u128::from(OFFERED) / 1_000_000_000)
+            .min(u128::from(total)) as u64;
+        while sent < due {
+            let src = sources[(sent % sources.len() as u64) as usize];
+            // 1024.. : at most 64,512 flows per source and run (a run sends at most 50,000).
+            let sport = 1024 + (sent / sources.len() as u64 % 64_512) as u16;
+            s.send_to(&udp_datagram(src, sport, dst), &to)
+                .context("raw send")?;
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(sent)
+}
+
+/// (new flows admitted, new flows dropped by `limit`) of `service`, from the agent's stats.
+fn rate_sample(topo: &Topology, service: &str, limit: &str) -> (u64, u64) {
+    let resp = topo.api(&weir::api::Request::Stats {}).expect("API stats");
+    assert!(resp.ok, "stats failed: {:?}", resp.error);
+    let stats: weir::api::Stats = resp.data.expect("data").try_into().expect("stats");
+    let admitted = stats
+        .services
+        .iter()
+        .find(|s| s.service == service && s.backend.is_none())
+        .map_or(0, |s| s.new_flows);
+    let dropped = stats
+        .rate_limited
+        .iter()
+        .find(|r| r.service == service && r.limit == limit)
+        .map_or(0, |r| r.packets);
+    (admitted, dropped)
+}
+
+/// Offers `OFFERED` new flows/s from `sources` to `service` for `secs` seconds and samples
+/// its counters every second: the admitted new flows per second (normalised by each
+/// window's measured length), and the totals (sent, admitted, dropped). A window runs from
+/// the sender's first datagram, then between samples, each sample timed at the middle of
+/// its API call (which takes some milliseconds).
+fn measure(
+    topo: &Topology,
+    service: &str,
+    limit: &str,
+    sources: &'static [Ipv4Addr],
+    port: u16,
+    secs: u64,
+) -> (Vec<f64>, u64, u64, u64) {
+    let dst = SocketAddrV4::new(VIP_V4, port);
+    let (a0, d0) = rate_sample(topo, service, limit);
+    let duration = Duration::from_secs(secs);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sender = common::spawn_in_netns(&topo.cli, "rl-sender", move || {
+        offer_new_flows(sources, dst, duration, &tx)
+    })
+    .expect("sender");
+    let start = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the sender started");
+    let mut last = (start, a0);
+    let mut per_second = Vec::new();
+    for i in 1..=secs {
+        let at = start + Duration::from_secs(i);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let before = Instant::now();
+        let (admitted, _) = rate_sample(topo, service, limit);
+        let now = before + before.elapsed() / 2;
+        let window = now.duration_since(last.0).as_secs_f64();
+        per_second.push((admitted - last.1) as f64 / window);
+        last = (now, admitted);
+    }
+    let sent = sender.join().expect("sender thread").expect("sender");
+    // The last datagrams in flight reach the counters.
+    std::thread::sleep(Duration::from_millis(300));
+    let (a1, d1) = rate_sample(topo, service, limit);
+    (per_second, sent, a1 - a0, d1 - d0)
+}
+
+fn assert_rate(what: &str, per_second: &[f64], lo: f64, hi: f64) {
+    let shown: Vec<String> = per_second.iter().map(|r| format!("{r:.0}")).collect();
+    println!("[rate] {what}: admitted per second {}", shown.join(", "));
+    assert!(
+        per_second.iter().all(|r| (lo..=hi).contains(r)),
+        "{what}: admitted per second {shown:?}, not all within {lo}..={hi}"
+    );
+}
+
+/// Sources the raw sender writes into its datagrams (inside the client namespace only; no
+/// address is configured for them: the answers, ICMP port unreachables, go nowhere).
+static SOURCE_A: [Ipv4Addr; 1] = [Ipv4Addr::new(198, 51, 100, 2)];
+static SOURCE_B: [Ipv4Addr; 1] = [Ipv4Addr::new(198, 51, 100, 4)];
+static SOURCES_CD: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(198, 51, 100, 5),
+    Ipv4Addr::new(198, 51, 100, 6),
+];
+
+/// The accuracy test: 1,000 new flows/s per source offered at 10,000/s for 5 s:
+/// every second admits 900 to 1,100, and every flow not admitted is counted as dropped by
+/// the per-source limit (globally, per service and in `/metrics`). A reload raises the limit
+/// to 2,000/s with the agent running: the next flood from another source admits 1,800 to
+/// 2,200 a second. The per-VIP limit (500/s) holds two sources at 10,000/s together to 450
+/// to 550 a second.
+#[test]
+fn rate_limits_hold_at_ten_times_the_rate() {
+    if !common::require_root() {
+        return;
+    }
+    let topo = Topology::build("rl").expect("topology");
+    let path = topo
+        .write_agent_config(&rate_config(&topo, 1000, 50))
+        .expect("config");
+    let _agent = topo.start_agent_file(&path).expect("weir agent");
+
+    // 1. Per source, 10x.
+    let (per_second, sent, admitted, dropped) =
+        measure(&topo, "rl-src", "source", &SOURCE_A, RL_SRC_PORT, 5);
+    println!("[rate] per source 1000/s: sent {sent}, admitted {admitted}, dropped {dropped}");
+    assert_rate("per source 1000/s at 10x", &per_second, 900.0, 1100.0);
+    assert_eq!(sent, 5 * OFFERED, "the sender kept its rate");
+    assert_eq!(
+        admitted + dropped,
+        sent,
+        "every flow not admitted is counted as dropped"
+    );
+    assert_eq!(
+        topo.global_counter("drop_rate_source"),
+        dropped,
+        "the global counter agrees"
+    );
+    let samples = topo.metrics().expect("metrics");
+    assert_eq!(
+        common::metric(
+            &samples,
+            "weir_rate_limited_packets_total",
+            &[("service", "rl-src"), ("limit", "source")],
+        ),
+        Some(dropped as f64),
+        "weir_rate_limited_packets_total"
+    );
+
+    // 2. Changed live: 2000/s.
+    topo.write_agent_config(&rate_config(&topo, 2000, 100))
+        .expect("config");
+    let resp = topo.api(&weir::api::Request::Reload {}).expect("reload");
+    assert!(resp.ok, "reload: {:?}", resp.error);
+    let list = topo
+        .api(&weir::api::Request::ServiceList {})
+        .expect("service list");
+    let list = serde_json::to_value(list.data.expect("data")).expect("json");
+    let shown = list
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == "rl-src"))
+        .map(|s| s["rate_limit"]["new_flows_per_source"].clone());
+    assert_eq!(shown, Some(serde_json::json!(2000)), "service list: {list}");
+    let (per_second, sent, admitted, dropped) =
+        measure(&topo, "rl-src", "source", &SOURCE_B, RL_SRC_PORT, 3);
+    println!(
+        "[rate] per source 2000/s after the reload: sent {sent}, admitted {admitted}, dropped {dropped}"
+    );
+    assert_rate(
+        "per source 2000/s after a reload",
+        &per_second,
+        1800.0,
+        2200.0,
+    );
+    assert_eq!(admitted + dropped, sent);
+
+    // 3. Per VIP: two sources together.
+    let (per_second, sent, admitted, dropped) =
+        measure(&topo, "rl-vip", "vip", &SOURCES_CD, RL_VIP_PORT, 3);
+    println!(
+        "[rate] per VIP 500/s, two sources: sent {sent}, admitted {admitted}, dropped {dropped}"
+    );
+    assert_rate("per VIP 500/s at 20x", &per_second, 450.0, 550.0);
+    assert_eq!(admitted + dropped, sent);
+    assert_eq!(topo.global_counter("drop_rate_vip"), dropped);
 }

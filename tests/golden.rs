@@ -4838,3 +4838,135 @@ fn golden_source_rules() {
         common::in_netns(ns.name(), || check_case(&mut lab, case));
     }
 }
+
+/// Rate limits: `rate4` admits 1 new flow/s per /24 with bursts of 2, `udp4` 1 new flow/s
+/// per source, burst 1, `vip4` 1 new flow/s for the whole VIP. Within a burst new flows are
+/// tunnelled; over it they are dropped untouched and counted by limit, globally and per
+/// service. Tracked flows and TCP packets that are no SYN are never limited.
+#[test]
+fn golden_rate_limits() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("grat")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    let (b11, b12) = ("198.51.100.11", "198.51.100.12");
+    let config = [
+        ring_service("rate4", "203.0.113.30", 80, "tcp", &[b11, b12]).raw(
+            "rate_limit",
+            "{ new_flows_per_source = 1, source_burst = 2, source_prefix = 24 }",
+        ),
+        ring_service("udp4", "203.0.113.31", 53, "udp", &[b11, b12]).raw(
+            "rate_limit",
+            "{ new_flows_per_source = 1, source_burst = 1 }",
+        ),
+        ring_service("vip4", "203.0.113.32", 80, "tcp", &[b11, b12])
+            .raw("rate_limit", "{ new_flows_per_vip = 1, vip_burst = 1 }"),
+    ]
+    .into_iter()
+    .fold(lab_agent(), ConfigBuilder::service);
+    let mut lab = common::in_netns(ns.name(), || open_lab(&config));
+    let rate4 = [203, 0, 113, 30];
+    let udp4 = ip4("203.0.113.31");
+    let vip4 = [203, 0, 113, 32];
+    // Another host of the client's /24, and one outside it.
+    let neighbour = [198, 51, 100, 3];
+    let elsewhere = [203, 0, 113, 99];
+    let limited = |desc, ip: Vec<u8>, reason| Case {
+        desc,
+        input: frame4(&ip),
+        action: XDP_DROP,
+        output: None,
+        counters: vec![stat::CT_MISS, reason],
+    };
+    let cases = vec![
+        tunnel_case(
+            &lab,
+            "rate4: the first new flow of the /24",
+            "rate4",
+            v4_from(CLIENT4, rate4, 41_000, SYN),
+            true,
+        ),
+        tunnel_case(
+            &lab,
+            "rate4: the second, from another host of the /24 (the burst is 2)",
+            "rate4",
+            v4_from(neighbour, rate4, 41_001, SYN),
+            true,
+        ),
+        limited(
+            "rate4: the third new flow of the /24 is over the limit",
+            v4_from(CLIENT4, rate4, 41_002, SYN),
+            stat::DROP_RATE_SOURCE,
+        ),
+        tunnel_case(
+            &lab,
+            "rate4: a source of another /24 has a bucket of its own",
+            "rate4",
+            v4_from(elsewhere, rate4, 41_003, SYN),
+            true,
+        ),
+        Case {
+            counters: vec![stat::CT_MISS, stat::FLOW_ESTABLISHED],
+            ..tunnel_case(
+                &lab,
+                "rate4: a half-open flow of the limited /24 is not limited",
+                "rate4",
+                v4_from(CLIENT4, rate4, 41_000, PSH_ACK),
+                true,
+            )
+        },
+        tunnel_case(
+            &lab,
+            "rate4: a segment without an entry that is no SYN is no new flow",
+            "rate4",
+            v4_from(CLIENT4, rate4, 41_004, ACK),
+            true,
+        ),
+        tunnel_case(
+            &lab,
+            "udp4: the first datagram of a flow makes the source's one new flow",
+            "udp4",
+            v4_packet(udp4, PROTO_UDP, 41_005, 53, 0),
+            true,
+        ),
+        Case {
+            counters: vec![stat::CT_MISS, stat::FLOW_ESTABLISHED],
+            ..tunnel_case(
+                &lab,
+                "udp4: the flow's next datagram is tracked (half-open), not limited",
+                "udp4",
+                v4_packet(udp4, PROTO_UDP, 41_005, 53, 0),
+                true,
+            )
+        },
+        limited(
+            "udp4: a datagram of another flow of the source is over the limit",
+            v4_packet(udp4, PROTO_UDP, 41_006, 53, 0),
+            stat::DROP_RATE_SOURCE,
+        ),
+        tunnel_case(
+            &lab,
+            "vip4: the VIP's one new flow",
+            "vip4",
+            v4_from(CLIENT4, vip4, 41_007, SYN),
+            true,
+        ),
+        limited(
+            "vip4: a new flow of another source is over the VIP's limit",
+            v4_from(elsewhere, vip4, 41_008, SYN),
+            stat::DROP_RATE_VIP,
+        ),
+    ];
+    for case in &cases {
+        common::in_netns(ns.name(), || check_case(&mut lab, case));
+    }
+    let drops = |name: &str| {
+        let id = lab.balancer.service(name).expect("service").id;
+        lab.balancer.maps().read_rate_drops(id).expect("RATE_STATS")
+    };
+    // [per source, per VIP] of each service.
+    assert_eq!(drops("rate4"), [1, 0]);
+    assert_eq!(drops("udp4"), [1, 0]);
+    assert_eq!(drops("vip4"), [0, 1]);
+}

@@ -19,6 +19,7 @@ pub mod inbound;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod nat;
+pub mod rate;
 #[cfg(feature = "user")]
 pub mod rr;
 pub mod rules;
@@ -64,6 +65,15 @@ pub mod map_name {
     pub const SOURCE_RULES: &str = "SOURCE_RULES";
     /// Per-CPU packets decided by each source rule, indexed by `rules::SourceRule::index`.
     pub const SOURCE_RULE_STATS: &str = "SOURCE_RULE_STATS";
+    /// Each service's rate limits (`rate::RateLimits`, by service id).
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    /// The per-source buckets of the rate limits (an LRU: `rate::RateKey` keys, TATs in ns).
+    pub const RATE_STATE: &str = "RATE_STATE";
+    /// Each service's bucket of its service-wide limit (a TAT in ns, by service id).
+    pub const RATE_VIP_STATE: &str = "RATE_VIP_STATE";
+    /// Per-CPU new flows dropped by each limit, indexed `service_id * rate::RATE_SLOTS +
+    /// rate::LIMIT_*`.
+    pub const RATE_STATS: &str = "RATE_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -321,8 +331,12 @@ pub mod stat {
     /// New flows scheduled by the service's consistent hash instead of its scheduler because
     /// this CPU is in flood mode.
     pub const FLOOD_HASHED: u32 = 52;
+    /// A new flow over its service's limit of new flows per source (or source prefix).
+    pub const DROP_RATE_SOURCE: u32 = 53;
+    /// A new flow over its service's limit of new flows, all sources together.
+    pub const DROP_RATE_VIP: u32 = 54;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 53;
+    pub const COUNT: u32 = 55;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -379,6 +393,8 @@ pub mod stat {
         "flow_established",
         "conntrack_full",
         "flood_hashed",
+        "drop_rate_source",
+        "drop_rate_vip",
     ];
 }
 
@@ -512,8 +528,11 @@ pub struct VipInfo {
     pub tcp_idle_timeout_s: u32,
     /// A tracked UDP flow idle this long (seconds) is forgotten.
     pub udp_idle_timeout_s: u32,
+    /// `rate::RATE_SOURCE_FLOWS` | `rate::RATE_VIP_FLOWS`, or 0: no rate limits.
+    pub rate_limits: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<VipInfo>() == 20);
+const _: () = assert!(size_of::<VipInfo>() == 24);
 
 /// Value of `BACKENDS`, indexed by backend id.
 #[repr(C)]
@@ -713,6 +732,10 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::SourceRuleData {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::rules::SourceRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rate::RateLimits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rate::RateKey {}
 }
 
 #[cfg(feature = "user")]

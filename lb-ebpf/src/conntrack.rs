@@ -164,6 +164,7 @@ pub(crate) fn backend_for(
     // Source rules before the scheduler: a refused flow takes no round-robin turn, no
     // least-conn count and no entry.
     crate::rules::admit(vip, &p.key)?;
+    crate::rate::admit(vip, &p.key, midflow)?;
     let flood = !midflow && in_flood(now);
     if flood {
         bump(stats, stat::FLOOD_HASHED);

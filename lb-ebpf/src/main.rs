@@ -83,6 +83,7 @@ mod mss;
 mod nat;
 mod nat_icmp;
 mod parse;
+mod rate;
 mod rules;
 mod sched;
 mod stats;

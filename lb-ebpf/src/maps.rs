@@ -11,11 +11,12 @@ use lb_common::{
     MIN_HALF_OPEN_ENTRIES, NextHop, TrafficCounters, VipAddrBits, VipInfo, VipKey,
     icmp::IcmpBucket,
     nat::{DEFAULT_NAT_CONNECTIONS, MAX_SNAT_ADDRS, NatEntry, SnatSource},
+    rate::{RATE_STATE_ENTRIES, RATE_STATS_ENTRIES, RateKey, RateLimits},
     rules::{MAX_SOURCE_RULES, SourceRule, SourceRuleData},
     stat,
 };
 
-use crate::nat::NatScratch;
+use crate::{nat::NatScratch, rate::RateScratch};
 
 #[map]
 pub(crate) static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -183,3 +184,31 @@ pub(crate) static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_e
 /// with a full burst is harmless, and nothing else reads it.
 #[map]
 pub(crate) static ICMP_BUCKETS: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each service's rate limits, by service id; read only when its `VipInfo::rate_limits` has
+/// a flag. Written by the agent before the flags that make the datapath read them.
+#[map]
+pub(crate) static RATE_LIMITS: Array<RateLimits> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// The per-source buckets (GCRA theoretical arrival times, ns) of every service's limit of
+/// new flows per source prefix. Shared by every CPU (one source's flows may arrive on any
+/// queue), updated by compare-and-exchange. An LRU: a flood of distinct sources evicts the
+/// least recently used buckets, which start full again when their source returns.
+#[map]
+pub(crate) static RATE_STATE: LruHashMap<RateKey, u64> =
+    LruHashMap::with_max_entries(RATE_STATE_ENTRIES, 0);
+
+/// Each service's bucket of its service-wide limit (a TAT in ns), by service id: an array,
+/// so that no flood of sources can evict it.
+#[map]
+pub(crate) static RATE_VIP_STATE: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// New flows each limit dropped, per CPU, at `service_id * RATE_SLOTS + LIMIT_*`.
+#[map]
+pub(crate) static RATE_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(RATE_STATS_ENTRIES, 0);
+
+/// This CPU's `RATE_STATE` key and the value a new bucket is inserted with, in map memory:
+/// the balancer's stack has no 32 bytes to spare.
+#[map]
+pub(crate) static RATE_SCRATCH: PerCpuArray<RateScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -349,6 +349,7 @@ pub(crate) fn new_flow(
         bump(stats, stat::UNTRACKED_MIDFLOW);
     }
     crate::rules::admit(vip, &p.key)?;
+    crate::rate::admit(vip, &p.key, midflow)?;
     let id = schedule(vip, &p.key, midflow)?;
     let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
     if backend.family != p.key.family {

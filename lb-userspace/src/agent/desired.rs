@@ -128,6 +128,7 @@ pub fn service_spec(
                 }
             })
             .collect(),
+        rate_limits: service.rate_limit.datapath(),
     }
 }
 

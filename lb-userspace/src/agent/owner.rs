@@ -16,6 +16,7 @@ use lb_common::{
     FLOW_CLOSED, FLOW_CONFIRMED, FLOW_COUNTED, FlowKey, FlowValue, MAX_BACKENDS, PROTO_TCP,
     addr_from_bytes,
     nat::{NAT_NO_SNAT, NAT_RECLAIM_MARGIN_NS, NAT_REPLY, NatEntry},
+    rate::{LIMIT_SOURCE_FLOWS, LIMIT_VIP_FLOWS},
     rules::MAX_RULES_PER_SERVICE,
     stat,
 };
@@ -1161,6 +1162,7 @@ impl Agent {
                 services: Vec::new(),
                 backends: Vec::new(),
                 source_rules: Vec::new(),
+                rate_limited: Vec::new(),
             })
     }
 
@@ -1220,6 +1222,34 @@ impl Agent {
                 });
             }
         }
+        let mut rate_limited = Vec::new();
+        for state in self.balancer.services() {
+            let limits = &state.spec.rate_limits;
+            let configured = [
+                (
+                    LIMIT_SOURCE_FLOWS,
+                    "source",
+                    limits.source_flows.interval_ns != 0,
+                ),
+                (LIMIT_VIP_FLOWS, "vip", limits.vip_flows.interval_ns != 0),
+            ];
+            if !configured.iter().any(|(_, _, on)| *on) {
+                continue;
+            }
+            // One read per limited service (its own slots).
+            let drops = match self.balancer.maps().read_rate_drops(state.id) {
+                Ok(d) => d,
+                Err(err) if strict => return Err(err),
+                Err(_) => Default::default(),
+            };
+            for (slot, limit, _) in configured.into_iter().filter(|(_, _, on)| *on) {
+                rate_limited.push(api::RateLimitStats {
+                    service: state.spec.name.clone(),
+                    limit: limit.to_owned(),
+                    packets: drops[usize::from(slot)],
+                });
+            }
+        }
         Ok(api::Stats {
             global: stat::NAMES
                 .iter()
@@ -1229,6 +1259,7 @@ impl Agent {
             services,
             backends,
             source_rules,
+            rate_limited,
         })
     }
 
@@ -1709,6 +1740,7 @@ impl Agent {
                             .service(&s.name)
                             .map(crate::reconcile::ServiceState::fingerprint)
                             .unwrap_or_default(),
+                        rate_limit: rate_limit_info(&s.rate_limit),
                     })
                     .collect();
                 Response::ok(list)
@@ -1900,6 +1932,17 @@ impl Agent {
             .flat_map(|s| self.overlay.effective(s))
             .map(|b| b.address)
             .collect()
+    }
+}
+
+/// `weir service list`'s view of a service's `[service.rate_limit]`.
+fn rate_limit_info(limits: &config::RateLimitConfig) -> api::RateLimitInfo {
+    api::RateLimitInfo {
+        new_flows_per_source: limits.per_source.map(|l| l.rate),
+        source_burst: limits.per_source.map(|l| l.burst),
+        source_prefix: limits.per_source.map(|_| limits.source_prefix),
+        new_flows_per_vip: limits.per_vip.map(|l| l.rate),
+        vip_burst: limits.per_vip.map(|l| l.burst),
     }
 }
 

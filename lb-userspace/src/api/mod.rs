@@ -578,6 +578,20 @@ pub struct ServiceInfo {
     /// balancer that sends a flow where the others do (`weir fleet check`).
     #[serde(default)]
     pub fingerprint: String,
+    /// `[service.rate_limit]` (all `None`: no limits).
+    #[serde(default)]
+    pub rate_limit: RateLimitInfo,
+}
+
+/// A service's limits on new flows, as configured (with the default bursts filled in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitInfo {
+    pub new_flows_per_source: Option<u64>,
+    pub source_burst: Option<u64>,
+    /// The prefix length sources are grouped by (only with `new_flows_per_source`).
+    pub source_prefix: Option<u8>,
+    pub new_flows_per_vip: Option<u64>,
+    pub vip_burst: Option<u64>,
 }
 
 /// `backend_list` (a list of these), also the data of backend changes.
@@ -651,6 +665,18 @@ pub struct Stats {
     /// Every source rule of every service, with the packets it decided.
     #[serde(default)]
     pub source_rules: Vec<RuleStats>,
+    /// The new flows each configured rate limit dropped.
+    #[serde(default)]
+    pub rate_limited: Vec<RateLimitStats>,
+}
+
+/// One rate limit of a service and the new flows it dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitStats {
+    pub service: String,
+    /// `source` (`new_flows_per_source`) or `vip` (`new_flows_per_vip`).
+    pub limit: String,
+    pub packets: u64,
 }
 
 /// One `allow` / `deny` rule of a service and the packets it decided (new flows admitted
@@ -946,6 +972,7 @@ mod tests {
             backends: 1,
             backends_up: 0,
             fingerprint: "0123456789abcdef".into(),
+            rate_limit: RateLimitInfo::default(),
         }
     }
 
@@ -1085,6 +1112,7 @@ mod tests {
                     services: vec![],
                     backends: vec![],
                     source_rules: vec![],
+                    rate_limited: vec![],
                 }
                 .into(),
             ),

@@ -859,6 +859,7 @@ mod tests {
             backends: 3,
             backends_up: 3,
             fingerprint: fingerprint.into(),
+            rate_limit: api::RateLimitInfo::default(),
         }
     }
 

@@ -136,6 +136,7 @@ pub(super) fn sample_stats(scale: u64) -> Stats {
             new_flows: 10 * scale,
         }],
         source_rules: vec![],
+        rate_limited: vec![],
     }
 }
 

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::BackendCommand;
 use crate::api::{
-    Admin, AnnounceStatus, BackendInfo, ConnList, NatStatus, ReloadReport, ServiceInfo,
-    ServiceTable, Stats, Status, TrafficStats,
+    Admin, AnnounceStatus, BackendInfo, ConnList, NatStatus, RateLimitInfo, ReloadReport,
+    ServiceInfo, ServiceTable, Stats, Status, TrafficStats,
 };
 use crate::config::Config;
 
@@ -418,6 +418,7 @@ pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Res
         ("HEALTH CHECK", Left),
         ("BACKENDS", Right),
         ("UP", Right),
+        ("RATE LIMIT", Left),
         ("FINGERPRINT", Left),
     ]);
     for s in services {
@@ -431,10 +432,32 @@ pub fn render_services(services: &[ServiceInfo], out: &mut dyn Write) -> io::Res
             s.health_check.to_string(),
             s.backends.to_string(),
             s.backends_up.to_string(),
+            rate_limit(&s.rate_limit),
             s.fingerprint.clone(),
         ]);
     }
     table.write(out)
+}
+
+/// A service's rate limits in a cell: `1000/s+100 per /24`, `5000/s+500 per vip`, both
+/// separated by `, `, or `-`.
+fn rate_limit(r: &RateLimitInfo) -> String {
+    let mut parts = Vec::new();
+    if let Some(rate) = r.new_flows_per_source {
+        parts.push(format!(
+            "{rate}/s+{} per /{}",
+            r.source_burst.unwrap_or(0),
+            r.source_prefix.unwrap_or(0)
+        ));
+    }
+    if let Some(rate) = r.new_flows_per_vip {
+        parts.push(format!("{rate}/s+{} per vip", r.vip_burst.unwrap_or(0)));
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// `weir backend list`.
@@ -996,6 +1019,13 @@ web      198.51.100.2      3                2     64    3.1%
                 backends: 3,
                 backends_up: 3,
                 fingerprint: "00000000000000aa".into(),
+                rate_limit: RateLimitInfo {
+                    new_flows_per_source: Some(1000),
+                    source_burst: Some(100),
+                    source_prefix: Some(24),
+                    new_flows_per_vip: Some(50_000),
+                    vip_burst: Some(5000),
+                },
             },
             ServiceInfo {
                 name: "dns".into(),
@@ -1009,15 +1039,16 @@ web      198.51.100.2      3                2     64    3.1%
                 backends: 2,
                 backends_up: 1,
                 fingerprint: "00000000000000bb".into(),
+                rate_limit: RateLimitInfo::default(),
             },
         ];
         let text = render(|out| render_services(&services, out));
         assert_eq!(
             text,
             "\
-SERVICE  LISTENER          PROTO  SCHEDULER  FORWARDING   RING  HEALTH CHECK  BACKENDS  UP  FINGERPRINT
-web      198.51.100.10:80  tcp    maglev     tunnel      65537  tcp                  3   3  00000000000000aa
-dns      [2001:db8::53]:*  udp    maglev     direct        251  none                 2   1  00000000000000bb
+SERVICE  LISTENER          PROTO  SCHEDULER  FORWARDING   RING  HEALTH CHECK  BACKENDS  UP  RATE LIMIT                                FINGERPRINT
+web      198.51.100.10:80  tcp    maglev     tunnel      65537  tcp                  3   3  1000/s+100 per /24, 50000/s+5000 per vip  00000000000000aa
+dns      [2001:db8::53]:*  udp    maglev     direct        251  none                 2   1  -                                         00000000000000bb
 "
         );
         // Three agents: web the same everywhere, dns changed on one and missing on another.

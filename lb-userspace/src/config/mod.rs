@@ -15,6 +15,7 @@
 //! struct as `Option<_>`/`#[serde(default)]` fields plus a checked field on the public type,
 //! so older files stay valid.
 
+mod rate_limit;
 mod raw;
 pub mod rules;
 mod validate;
@@ -22,6 +23,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use rate_limit::{FlowLimit, RateLimitConfig};
 pub use validate::parse_duration;
 
 use std::fmt;
@@ -377,6 +379,8 @@ pub struct ServiceConfig {
     /// Source rules (`allow`, `deny`), checked before a flow is scheduled: at most
     /// `rules::MAX_RULES_PER_SERVICE` together, each of the VIP's family, no prefix twice.
     pub source_rules: Vec<SourceRule>,
+    /// `[service.rate_limit]`: limits on new flows per source (prefix) and per VIP.
+    pub rate_limit: RateLimitConfig,
 }
 
 /// One prefix of a service's `allow` or `deny` list.

@@ -87,6 +87,7 @@ pub(super) struct RawService {
     pub(super) snat_addresses: Option<Vec<String>>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
+    pub(super) rate_limit: Option<super::rate_limit::RawRateLimit>,
 }
 
 #[derive(Debug, Deserialize)]

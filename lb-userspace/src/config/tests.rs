@@ -358,6 +358,10 @@ weight = 65535
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                 snat_addresses: Vec::new(),
                 source_rules: Vec::new(),
+                rate_limit: RateLimitConfig {
+                    source_prefix: 32,
+                    ..RateLimitConfig::default()
+                },
             },
             ServiceConfig {
                 name: "dns.v6".to_owned(),
@@ -379,6 +383,10 @@ weight = 65535
                 udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                 snat_addresses: Vec::new(),
                 source_rules: Vec::new(),
+                rate_limit: RateLimitConfig {
+                    source_prefix: 128,
+                    ..RateLimitConfig::default()
+                },
             },
         ],
         api: None,
@@ -1557,4 +1565,100 @@ fn remote_api_table() {
     );
     let plain = api(&token("ops", "read", hash)).replace("198.51.100.1:9443", "9443");
     rejects(&plain, "api.listen", "invalid listen address");
+}
+
+#[test]
+fn rate_limits() {
+    let with = |table: &str| {
+        web(
+            &format!("[service.rate_limit]\n{table}"),
+            &[backend("203.0.113.11")],
+        )
+    };
+    let config = ok(&with(
+        "new_flows_per_source = 1000\nsource_prefix = 24\nnew_flows_per_vip = 50000\nvip_burst = 7\n",
+    ));
+    let limits = config.services[0].rate_limit;
+    assert_eq!(
+        limits.per_source,
+        Some(FlowLimit {
+            rate: 1000,
+            burst: 100
+        }),
+        "the default burst is a tenth of a second's flows"
+    );
+    assert_eq!(limits.source_prefix, 24);
+    assert_eq!(
+        limits.per_vip,
+        Some(FlowLimit {
+            rate: 50_000,
+            burst: 7
+        })
+    );
+    let datapath = limits.datapath();
+    assert_eq!(datapath.source_flows.interval_ns, 1_000_000);
+    assert_eq!(datapath.source_flows.tolerance_ns, 100_000_000);
+    assert_eq!(datapath.vip_flows.interval_ns, 20_000);
+    assert_eq!(datapath.source_mask[..4], [0xff, 0xff, 0xff, 0]);
+
+    // No table: no limits, and the datapath value is all zero but the prefix.
+    let none = ok(&web("", &[backend("203.0.113.11")])).services[0].rate_limit;
+    assert!(!none.any());
+    assert_eq!(none.datapath().source_flows.interval_ns, 0);
+    // A slow rate still gets a burst of one.
+    let slow = ok(&with("new_flows_per_vip = 3\n")).services[0].rate_limit;
+    assert_eq!(slow.per_vip.map(|l| l.burst), Some(1));
+
+    rejects(
+        &with("new_flows_per_source = 0\n"),
+        "service[0].rate_limit.new_flows_per_source",
+        "out of range",
+    );
+    rejects(
+        &with("new_flows_per_source = 10000001\n"),
+        "service[0].rate_limit.new_flows_per_source",
+        "1 to 10000000",
+    );
+    rejects(
+        &with("new_flows_per_vip = 10\nvip_burst = -1\n"),
+        "service[0].rate_limit.vip_burst",
+        "out of range",
+    );
+    rejects(
+        &with("source_burst = 5\n"),
+        "service[0].rate_limit.source_burst",
+        "`new_flows_per_source` is not set",
+    );
+    rejects(
+        &with("new_flows_per_vip = 10\nsource_prefix = 24\n"),
+        "service[0].rate_limit.source_prefix",
+        "not set",
+    );
+    rejects(
+        &with("new_flows_per_source = 10\nsource_prefix = 33\n"),
+        "service[0].rate_limit.source_prefix",
+        "0 to 32",
+    );
+    rejects(
+        &with("new_flows = 10\n"),
+        "service[0].rate_limit.new_flows",
+        "unknown field",
+    );
+    rejects(
+        &with("new_flows_per_source = \"fast\"\n"),
+        "service[0].rate_limit.new_flows_per_source",
+        "",
+    );
+    // IPv6: a /64 groups one site's addresses.
+    let v6 = format!(
+        "{AGENT}{}",
+        service(
+            "web6",
+            "2001:db8::10",
+            80,
+            "[service.rate_limit]\nnew_flows_per_source = 100\nsource_prefix = 64\n",
+            &[backend("2001:db8:1::11")]
+        )
+    );
+    assert_eq!(ok(&v6).services[0].rate_limit.source_prefix, 64);
 }

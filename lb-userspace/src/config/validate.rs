@@ -722,6 +722,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
     };
     let snat_addresses = validate_snat_addresses(&prefix, vip, raw.forwarding, raw.snat_addresses)?;
     let source_rules = validate_source_rules(&prefix, vip, raw.allow, raw.deny)?;
+    let rate_limit = super::rate_limit::validate(&prefix, vip, raw.rate_limit)?;
 
     Ok(ServiceConfig {
         name: raw.name,
@@ -738,6 +739,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         udp_idle_timeout,
         snat_addresses,
         source_rules,
+        rate_limit,
     })
 }
 

@@ -16,6 +16,7 @@ use lb_common::{
     BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
     VipInfo, VipKey, map_name,
     nat::{MAX_SNAT_ADDRS, NatEntry, SnatSource},
+    rate::{RATE_SLOTS, RateLimits},
     rules::{SourceRule, SourceRuleData},
     stat,
 };
@@ -53,6 +54,10 @@ pub trait MapWriter {
     fn set_source_rule(&mut self, key: RuleKey, rule: SourceRule) -> Result<(), DatapathError>;
     /// Removes one source rule.
     fn remove_source_rule(&mut self, key: RuleKey) -> Result<(), DatapathError>;
+    /// Writes a service's rate limits (`RATE_LIMITS[service_id]`), before the `VIPS` entry
+    /// whose flags make the datapath read them.
+    fn set_rate_limits(&mut self, service_id: u32, limits: RateLimits)
+    -> Result<(), DatapathError>;
     /// Writes one ring slot of a service.
     fn set_ring_slot(
         &mut self,
@@ -74,8 +79,9 @@ pub trait MapWriter {
     }
     /// Registers an interface as a redirect target.
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError>;
-    /// Zeroes the traffic counters of a backend id (`backend`) or a service id, when the id
-    /// is given to a new owner: it must not inherit the previous owner's totals.
+    /// Zeroes the traffic counters of a backend id (`backend`) or a service id (with its
+    /// rate-limit drops), when the id is given to a new owner: it must not inherit the
+    /// previous owner's totals.
     fn reset_traffic(&mut self, backend: bool, id: u32) -> Result<(), DatapathError>;
     /// Overwrites a backend's active-connection count (reconciliation, or 0 when an id is
     /// given to a new backend).
@@ -99,6 +105,8 @@ pub struct KernelMaps {
     frag_services: HashMap<MapData, VipKey, u32>,
     source_rules: LpmTrie<MapData, SourceRuleData, SourceRule>,
     source_rule_stats: PerCpuArray<MapData, u64>,
+    rate_limits: Array<MapData, RateLimits>,
+    rate_stats: PerCpuArray<MapData, u64>,
     backends: Array<MapData, BackendInfo>,
     ring: Array<MapData, u32>,
     global: Array<MapData, GlobalConfig>,
@@ -270,6 +278,8 @@ impl KernelMaps {
             frag_services: take(ebpf, map_name::FRAG_SERVICES)?,
             source_rules: take(ebpf, map_name::SOURCE_RULES)?,
             source_rule_stats: take(ebpf, map_name::SOURCE_RULE_STATS)?,
+            rate_limits: take(ebpf, map_name::RATE_LIMITS)?,
+            rate_stats: take(ebpf, map_name::RATE_STATS)?,
             backends: take(ebpf, map_name::BACKENDS)?,
             ring: Array::try_from(ring).map_err(map_err(map_name::RING))?,
             global: take(ebpf, map_name::GLOBAL)?,
@@ -409,6 +419,22 @@ impl KernelMaps {
             .get(&index, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .map_err(map_err(map_name::SOURCE_RULE_STATS))
+    }
+
+    /// The new flows a service's rate limits dropped, summed over CPUs: by `rate::LIMIT_*`.
+    pub fn read_rate_drops(
+        &self,
+        service_id: u32,
+    ) -> Result<[u64; RATE_SLOTS as usize], DatapathError> {
+        let mut out = [0; RATE_SLOTS as usize];
+        for (limit, slot) in (0..RATE_SLOTS).zip(out.iter_mut()) {
+            *slot = self
+                .rate_stats
+                .get(&(service_id * RATE_SLOTS + limit), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .map_err(map_err(map_name::RATE_STATS))?;
+        }
+        Ok(out)
     }
 
     /// The packets each source rule decided, summed over CPUs, by counter index.
@@ -572,6 +598,16 @@ impl MapWriter for KernelMaps {
         }
     }
 
+    fn set_rate_limits(
+        &mut self,
+        service_id: u32,
+        limits: RateLimits,
+    ) -> Result<(), DatapathError> {
+        self.rate_limits
+            .set(service_id, limits, 0)
+            .map_err(map_err(map_name::RATE_LIMITS))
+    }
+
     fn set_ring_slot(
         &mut self,
         service_id: u32,
@@ -619,15 +655,29 @@ impl MapWriter for KernelMaps {
                 io_error: source,
             }),
         })?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
-            .map_err(|source| DatapathError::Map {
+        let per_cpu_error = |name| {
+            move |source| DatapathError::Map {
                 name,
                 source: MapError::SyscallError(aya::sys::SyscallError {
                     call: "per-cpu values",
                     io_error: source,
                 }),
-            })?;
-        map.set(id, zeros, 0).map_err(map_err(name))
+            }
+        };
+        let zeros = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+            .map_err(per_cpu_error(name))?;
+        map.set(id, zeros, 0).map_err(map_err(name))?;
+        if !backend {
+            // The service's slots of the rate-limit drops, and no other service's.
+            for limit in 0..RATE_SLOTS {
+                let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                    .map_err(per_cpu_error(map_name::RATE_STATS))?;
+                self.rate_stats
+                    .set(id * RATE_SLOTS + limit, zeros, 0)
+                    .map_err(map_err(map_name::RATE_STATS))?;
+            }
+        }
+        Ok(())
     }
 
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {

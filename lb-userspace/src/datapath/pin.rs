@@ -24,7 +24,7 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 21] = [
+pub const PINNED_MAPS: [&str; 25] = [
     map_name::VIPS,
     map_name::SERVICES,
     map_name::VIP_ADDRS,
@@ -45,6 +45,12 @@ pub const PINNED_MAPS: [&str; 21] = [
     map_name::FRAG_SERVICES,
     map_name::SOURCE_RULES,
     map_name::SOURCE_RULE_STATS,
+    // The limits the VIPS flags name, and the buckets: a restart neither lifts a limit nor
+    // hands every source a fresh burst.
+    map_name::RATE_LIMITS,
+    map_name::RATE_STATE,
+    map_name::RATE_VIP_STATE,
+    map_name::RATE_STATS,
     // NAT pairs: a restarted agent (or a SIGKILLed one) loses no NATed connection.
     map_name::NAT_CT,
     // The SNAT addresses the pairs' replies are addressed to: kept with the pairs.

@@ -29,6 +29,8 @@ pub struct Recorder {
     /// `FRAG_SERVICES`: (address, protocol) -> service id.
     pub frag_services: BTreeMap<VipKey, u32>,
     pub source_rules: BTreeMap<super::maps::RuleKey, lb_common::rules::SourceRule>,
+    /// `RATE_LIMITS`: service id -> its limits (every write).
+    pub rate_limits: BTreeMap<u32, lb_common::rate::RateLimits>,
     pub conns: BTreeMap<u32, i64>,
     /// `SNAT_POOL`: service id -> its addresses (the slots written non-empty).
     pub snat_pools: BTreeMap<u32, Vec<SnatSource>>,
@@ -117,6 +119,15 @@ impl MapWriter for Recorder {
 
     fn remove_source_rule(&mut self, key: super::maps::RuleKey) -> Result<(), DatapathError> {
         self.source_rules.remove(&key);
+        Ok(())
+    }
+
+    fn set_rate_limits(
+        &mut self,
+        service_id: u32,
+        limits: lb_common::rate::RateLimits,
+    ) -> Result<(), DatapathError> {
+        self.rate_limits.insert(service_id, limits);
         Ok(())
     }
 

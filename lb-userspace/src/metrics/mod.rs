@@ -52,7 +52,12 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 42] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 43] = [
+    (
+        "weir_rate_limited_packets_total",
+        "New flows a service's rate limit dropped: limit=source (new_flows_per_source) or vip (new_flows_per_vip).",
+        MetricType::COUNTER,
+    ),
     (
         "weir_source_rule_packets_total",
         "Packets of flows without an entry that a service's source rule decided: admitted by an allow, dropped by a deny.",
@@ -628,6 +633,16 @@ impl DatapathCollector {
                     counter(&pairs, rule.packets),
                 );
             }
+            for row in &stats.rate_limited {
+                let pairs = [
+                    ("service", row.service.as_str()),
+                    ("limit", row.limit.as_str()),
+                ];
+                push(
+                    "weir_rate_limited_packets_total",
+                    counter(&pairs, row.packets),
+                );
+            }
             for row in stats.services.iter().filter(|row| row.backend.is_none()) {
                 let pairs = [("service", row.service.as_str())];
                 push("weir_service_packets_total", counter(&pairs, row.packets));
@@ -1035,6 +1050,11 @@ mod tests {
                 prefix: "198.51.100.0/24".into(),
                 packets: drops,
             }],
+            rate_limited: vec![api::RateLimitStats {
+                service: "web".into(),
+                limit: "source".into(),
+                packets: drops + 1,
+            }],
         };
         (stats, vec![backend_info(WEB_BACKEND, true, packets)])
     }
@@ -1268,6 +1288,13 @@ mod tests {
             Some(7.0)
         );
         assert_eq!(
+            sample(
+                &text,
+                r#"weir_rate_limited_packets_total{limit="source",service="web"}"#
+            ),
+            Some(8.0)
+        );
+        assert_eq!(
             sample(&text, r#"weir_service_bytes_total{service="web"}"#),
             Some(4200.0)
         );
@@ -1324,6 +1351,7 @@ mod tests {
             services: Vec::new(),
             backends: Vec::new(),
             source_rules: Vec::new(),
+            rate_limited: Vec::new(),
         };
         let text = f.scrape(&(empty, Vec::new()));
         assert!(!text.contains("service=\"web\""), "{text}");

@@ -19,6 +19,7 @@ use lb_common::{
     inbound::fragment_key,
     maglev,
     nat::SnatSource,
+    rate::{RATE_SOURCE_FLOWS, RATE_VIP_FLOWS, RateLimits},
     rules::{
         MAX_RULES_PER_SERVICE, RULE_ALLOW, RULE_DENY, SOURCE_RULES_ALLOWLIST, SOURCE_RULES_ANY,
         SourceRule, rule_key,
@@ -63,6 +64,9 @@ pub struct ServiceSpec {
     /// Source rules, in config order (allow list, then deny list): rule `i` counts in
     /// `SOURCE_RULE_STATS[id * MAX_RULES_PER_SERVICE + i]`.
     pub source_rules: Vec<RuleSpec>,
+    /// Rate limits on new flows, as the datapath applies them (`RATE_LIMITS[id]`); a limit
+    /// whose `interval_ns` is 0 is off, all zero: none.
+    pub rate_limits: RateLimits,
 }
 
 /// One source rule of a service, as the datapath keys it.
@@ -77,6 +81,18 @@ pub struct RuleSpec {
 }
 
 impl ServiceSpec {
+    /// `VipInfo::rate_limits` of the service.
+    fn rate_limit_flags(&self) -> u8 {
+        let mut flags = 0;
+        if self.rate_limits.source_flows.interval_ns != 0 {
+            flags |= RATE_SOURCE_FLOWS;
+        }
+        if self.rate_limits.vip_flows.interval_ns != 0 {
+            flags |= RATE_VIP_FLOWS;
+        }
+        flags
+    }
+
     /// `VipInfo::source_rules` of the service.
     fn source_rule_flags(&self) -> u8 {
         let mut flags = 0;
@@ -274,6 +290,8 @@ pub struct Balancer<M> {
     frag_services: BTreeMap<VipKey, u32>,
     /// `SOURCE_RULES` as written.
     source_rules: BTreeMap<RuleKey, SourceRule>,
+    /// `RATE_LIMITS` as this balancer wrote it, by service id.
+    rate_limits: BTreeMap<u32, RateLimits>,
     /// The VIP address filter as written; `None` until this balancer first wrote it (after
     /// adoption too: the first `apply` writes it whole, replacing whatever was pinned).
     vip_addr_bits: Option<Box<VipAddrBits>>,
@@ -321,6 +339,7 @@ fn orphan_spec(key: VipKey, info: &VipInfo) -> ServiceSpec {
         backends: Vec::new(),
         snat: Vec::new(),
         source_rules: Vec::new(),
+        rate_limits: RateLimits::default(),
     }
 }
 
@@ -336,6 +355,7 @@ impl<M: MapWriter> Balancer<M> {
             vip_addrs: BTreeSet::new(),
             frag_services: BTreeMap::new(),
             source_rules: BTreeMap::new(),
+            rate_limits: BTreeMap::new(),
             rings: RingCache::default(),
             vip_addr_bits: None,
         }
@@ -846,6 +866,8 @@ impl<M: MapWriter> Balancer<M> {
             source_rules: service.source_rule_flags(),
             tcp_idle_timeout_s: service.tcp_idle_timeout_s,
             udp_idle_timeout_s: service.udp_idle_timeout_s,
+            rate_limits: service.rate_limit_flags(),
+            _pad: [0; 3],
         };
         // `SERVICES` mirrors `VIPS` by id (tracked flows find their service there): written
         // before the VIP entry, voided before it goes, so it never names a service that
@@ -863,6 +885,12 @@ impl<M: MapWriter> Balancer<M> {
                 self.maps.set_source_rule(key, rule)?;
                 self.source_rules.insert(key, rule);
             }
+        }
+        // The limits likewise, into the service's own slot. A service that drops its limits
+        // keeps the old values there, unread once its flags are 0.
+        if info.rate_limits != 0 && self.rate_limits.get(&state.id) != Some(&service.rate_limits) {
+            self.maps.set_rate_limits(state.id, service.rate_limits)?;
+            self.rate_limits.insert(state.id, service.rate_limits);
         }
         self.maps.set_service(state.id, info)?;
         self.maps.set_vip(key, info)?;
@@ -918,6 +946,7 @@ mod tests {
             udp_idle_timeout_s: 300,
             snat: Vec::new(),
             source_rules: Vec::new(),
+            rate_limits: RateLimits::default(),
             backends: backends
                 .iter()
                 .map(|(address, weight)| BackendSpec {
@@ -959,6 +988,39 @@ mod tests {
             global: GlobalConfig::default(),
             services: vec![service("web", "203.0.113.10", SCHED_MAGLEV, backends)],
         }
+    }
+
+    #[test]
+    fn rate_limits_reach_their_service_slot_and_flags() {
+        use lb_common::rate::{Gcra, prefix_mask};
+        let limits = RateLimits {
+            source_flows: Gcra::new(1000, 100),
+            vip_flows: Gcra::default(),
+            source_mask: prefix_mask(24),
+        };
+        let with = |limits: RateLimits| {
+            let mut spec = spec(&[("198.51.100.11", 1)]);
+            spec.services[0].rate_limits = limits;
+            spec
+        };
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&with(limits)).unwrap();
+        let id = b.service("web").unwrap().id;
+        let vip = |b: &Balancer<Recorder>| b.maps().vips.values().next().copied().unwrap();
+        assert_eq!(b.maps().rate_limits.get(&id), Some(&limits));
+        assert_eq!(vip(&b).rate_limits, RATE_SOURCE_FLOWS);
+        // A reload that adds the VIP's limit rewrites the slot and the flags.
+        let both = RateLimits {
+            vip_flows: Gcra::new(50_000, 5000),
+            ..limits
+        };
+        b.apply(&with(both)).unwrap();
+        assert_eq!(b.maps().rate_limits.get(&id), Some(&both));
+        assert_eq!(vip(&b).rate_limits, RATE_SOURCE_FLOWS | RATE_VIP_FLOWS);
+        // Without limits the flags go to 0 (the slot is left, unread).
+        b.apply(&with(RateLimits::default())).unwrap();
+        assert_eq!(vip(&b).rate_limits, 0);
+        assert_eq!(b.maps().rate_limits.len(), 1);
     }
 
     #[test]
@@ -1479,6 +1541,13 @@ mod tests {
         }
         fn remove_source_rule(&mut self, key: RuleKey) -> Result<(), DatapathError> {
             self.inner.remove_source_rule(key)
+        }
+        fn set_rate_limits(
+            &mut self,
+            service_id: u32,
+            limits: RateLimits,
+        ) -> Result<(), DatapathError> {
+            self.inner.set_rate_limits(service_id, limits)
         }
         fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
             self.inner.set_vip(key, info)
