@@ -1175,6 +1175,8 @@ fn predictions_agree_with_the_agent() {
                     port: 0,
                     ring_weight,
                     up: true,
+                    max_connections: b.max_connections,
+                    standby: false,
                 })
                 .collect();
             service_spec(service, cfg.agent.snat_ports, backends)

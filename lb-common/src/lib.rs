@@ -16,6 +16,7 @@ pub mod hash;
 pub mod headers;
 pub mod icmp;
 pub mod inbound;
+pub mod limits;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod nat;
@@ -58,6 +59,12 @@ pub mod map_name {
     pub const SOURCE_RULES: &str = "SOURCE_RULES";
     /// Per-CPU packets decided by each source rule, indexed by `rules::SourceRule::index`.
     pub const SOURCE_RULE_STATS: &str = "SOURCE_RULE_STATS";
+    /// Each backend's `max_connections` (`u32`, 0 = none), by backend id.
+    pub const CONN_LIMITS: &str = "CONN_LIMITS";
+    /// Each service's `limits::SpillSet`, by service id.
+    pub const SPILL_SETS: &str = "SPILL_SETS";
+    /// Per-CPU new flows each backend turned away because it was full, by backend id.
+    pub const CONN_LIMIT_STATS: &str = "CONN_LIMIT_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -263,8 +270,15 @@ pub mod stat {
     pub const DROP_SOURCE_DENIED: u32 = 47;
     /// A flow the service has no entry for, from a source none of its `allow` rules covers.
     pub const DROP_SOURCE_NOT_ALLOWED: u32 = 48;
-    /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 49;
+    /// A new flow refused because its backend and every other backend it could go to
+    /// (the service's serving backends and its backups) were at their `max_connections`.
+    pub const DROP_BACKENDS_FULL: u32 = 52;
+    /// A new flow sent to another backend than the scheduler's pick, which was at its
+    /// `max_connections`.
+    pub const BACKEND_FULL_SPILLED: u32 = 53;
+    /// Number of counters; the size of `STATS`. (49..=51 are the rate limits', on their
+    /// own branch.)
+    pub const COUNT: u32 = 54;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -317,6 +331,11 @@ pub mod stat {
         "drop_nat_untracked_midflow",
         "drop_source_denied",
         "drop_source_not_allowed",
+        "reserved_49",
+        "reserved_50",
+        "reserved_51",
+        "drop_backends_full",
+        "backend_full_spilled",
     ];
 }
 
@@ -450,8 +469,11 @@ pub struct VipInfo {
     pub tcp_idle_timeout_s: u32,
     /// A tracked UDP flow idle this long (seconds) is forgotten.
     pub udp_idle_timeout_s: u32,
+    /// `limits::CONN_LIMITS_ANY`, or 0: no backend of the service has a `max_connections`.
+    pub conn_limits: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<VipInfo>() == 20);
+const _: () = assert!(size_of::<VipInfo>() == 24);
 
 /// Value of `BACKENDS`, indexed by backend id.
 #[repr(C)]
@@ -647,6 +669,8 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::SourceRuleData {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::rules::SourceRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::limits::SpillSet {}
 }
 
 #[cfg(feature = "user")]

@@ -105,10 +105,12 @@ pub(crate) fn backend_for(
             // Source rules before the scheduler: a refused flow takes no round-robin turn,
             // no least-conn count and no entry.
             crate::rules::admit(vip, &p.key)?;
-            let picked = schedule(vip, &p.key, midflow).and_then(|id| {
-                let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
-                Ok((id, backend))
-            });
+            let picked = schedule(vip, &p.key, midflow)
+                .and_then(|id| crate::maxconn::room(vip, &p.key, id, midflow, stale, stats))
+                .and_then(|id| {
+                    let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
+                    Ok((id, backend))
+                });
             // A stale entry still counted for the very backend the flow goes to again (a SYN
             // retransmitted, a port reused by the same client) hands its count over to the
             // new entry: releasing it and counting the new one would be two atomic adds

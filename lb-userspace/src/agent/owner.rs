@@ -1036,23 +1036,25 @@ impl Agent {
             for b in self.overlay.effective(service) {
                 let tracked =
                     state.and_then(|s| s.backends.iter().find(|x| x.address == b.address));
-                let (slots, counters, up, effective_weight, active_connections) = match tracked {
-                    Some(t) => {
-                        let counters = match self.balancer.maps().backend(t.id) {
-                            Ok(c) => c,
-                            Err(err) if strict => return Err(err),
-                            Err(_) => Default::default(),
-                        };
-                        (
-                            slots.get(&t.id).copied().unwrap_or(0),
-                            counters,
-                            t.up,
-                            t.weight,
-                            self.balancer.maps().active_connections(t.id),
-                        )
-                    }
-                    None => (0, Default::default(), false, 0, 0),
-                };
+                let (slots, counters, up, effective_weight, active_connections, turned_away) =
+                    match tracked {
+                        Some(t) => {
+                            let counters = match self.balancer.maps().backend(t.id) {
+                                Ok(c) => c,
+                                Err(err) if strict => return Err(err),
+                                Err(_) => Default::default(),
+                            };
+                            (
+                                slots.get(&t.id).copied().unwrap_or(0),
+                                counters,
+                                t.up,
+                                t.weight,
+                                self.balancer.maps().active_connections(t.id),
+                                self.balancer.maps().turned_away(t.id),
+                            )
+                        }
+                        None => (0, Default::default(), false, 0, 0, 0),
+                    };
                 out.push(api::BackendInfo {
                     service: service.name.clone(),
                     address: b.address,
@@ -1064,6 +1066,8 @@ impl Agent {
                     effective_weight,
                     backup: b.backup,
                     active_connections,
+                    max_connections: b.max_connections,
+                    turned_away,
                     packets: counters.packets,
                     bytes: counters.bytes,
                     new_flows: counters.new_flows,

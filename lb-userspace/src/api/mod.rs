@@ -603,6 +603,12 @@ pub struct BackendInfo {
     /// Active connections the datapath counts (new flows minus ended or expired ones).
     #[serde(default)]
     pub active_connections: u64,
+    /// Active connections at which it takes no new flow; 0: no limit.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// New flows picked for it that it turned away while full (`max_connections`).
+    #[serde(default)]
+    pub turned_away: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -927,6 +933,8 @@ mod tests {
             effective_weight: 0,
             backup: false,
             active_connections: 2,
+            max_connections: 0,
+            turned_away: 0,
             packets: 10,
             bytes: 640,
             new_flows: 1,

@@ -467,7 +467,12 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
             b.admin.to_string(),
             b.health.to_string(),
             yes_no(b.up),
-            b.active_connections.to_string(),
+            // With a limit: active/max, the backend's headroom at a glance.
+            if b.max_connections > 0 {
+                format!("{}/{}", b.active_connections, b.max_connections)
+            } else {
+                b.active_connections.to_string()
+            },
             b.slots.to_string(),
             b.packets.to_string(),
             b.bytes.to_string(),

@@ -85,6 +85,7 @@ pub(super) struct RawService {
     pub(super) snat_addresses: Option<Vec<String>>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
+    pub(super) max_connections: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +116,7 @@ pub(super) struct RawBackend {
     #[serde(default)]
     pub(super) backup: bool,
     pub(super) port: Option<i64>,
+    pub(super) max_connections: Option<i64>,
 }
 
 /// Reads `text` into the `Raw*` structs; the error names the key (or [`NO_KEY`] for a

@@ -52,7 +52,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 38] = [
     (
         "weir_source_rule_packets_total",
         "Packets of flows without an entry that a service's source rule decided: admitted by an allow, dropped by a deny.",
@@ -72,6 +72,21 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
         "weir_backend_active_connections",
         "Active connections to the backend as the datapath counts them (new flows minus ended or idle-expired ones).",
         MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_max_connections",
+        "The backend's max_connections: at this many active connections it takes no new flow (0: no limit).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_full",
+        "Whether the backend is at its max_connections (1) and turns new flows away, or not (0).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_turned_away_total",
+        "New flows the scheduler picked for the backend that it turned away because it was at its max_connections (sent to another backend, or refused when all were full).",
+        MetricType::COUNTER,
     ),
     (
         "weir_backend_packets_total",
@@ -219,6 +234,11 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 34] = [
         MetricType::COUNTER,
     ),
     (
+        "weir_backend_full_spilled_total",
+        "New flows sent to another backend than the scheduler's pick because the pick was at its max_connections.",
+        MetricType::COUNTER,
+    ),
+    (
         "weir_nat_icmp_translated_total",
         "ICMP errors quoting a NAT connection, translated and forwarded (client side to the backend, backend side to the client).",
         MetricType::COUNTER,
@@ -265,6 +285,7 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
             }
             "nat_to_kernel" => "weir_nat_to_kernel_total",
             "nat_icmp_translated" => "weir_nat_icmp_translated_total",
+            "backend_full_spilled" => "weir_backend_full_spilled_total",
             _ => return None,
         };
         Some((family, None))
@@ -483,6 +504,20 @@ impl DatapathCollector {
                 push(
                     "weir_backend_active_connections",
                     gauge(&pairs, b.active_connections as f64),
+                );
+                push(
+                    "weir_backend_max_connections",
+                    gauge(&pairs, f64::from(b.max_connections)),
+                );
+                let full =
+                    b.max_connections > 0 && b.active_connections >= u64::from(b.max_connections);
+                push(
+                    "weir_backend_full",
+                    gauge(&pairs, f64::from(u8::from(full))),
+                );
+                push(
+                    "weir_backend_turned_away_total",
+                    counter(&pairs, b.turned_away),
                 );
                 push("weir_backend_packets_total", counter(&pairs, b.packets));
                 push("weir_backend_bytes_total", counter(&pairs, b.bytes));
@@ -873,6 +908,8 @@ mod tests {
             effective_weight: 3,
             backup: false,
             active_connections: 7,
+            max_connections: 0,
+            turned_away: 0,
             packets,
             bytes: packets * 100,
             new_flows: packets / 10,
@@ -1016,7 +1053,11 @@ mod tests {
 
     #[test]
     fn every_datapath_counter_has_a_metric() {
-        for name in lb_common::stat::NAMES {
+        // `reserved_*`: the rate limits' slots, named on their own branch.
+        for name in lb_common::stat::NAMES
+            .iter()
+            .filter(|n| !n.starts_with("reserved_"))
+        {
             assert!(global_family(name).is_some(), "{name} has no metric");
         }
     }
