@@ -1,6 +1,7 @@
 //! Connection limits (`max_connections` per backend, HAProxy `maxconn`, IPVS `u_threshold`):
 //! the `VipInfo::conn_limits` flag, the per-service [`SpillSet`] of `SPILL_SETS` (where the
-//! new flows of a full backend may go instead) and the choice itself ([`find_room`]), pure
+//! new flows of a full backend may go instead) and the order of the choice
+//! ([`spill_candidate`], which the datapath walks; [`find_room`] is the whole choice), pure
 //! so that the datapath and the tests share it.
 //!
 //! A backend is full while its active connections (`BACKEND_CONNS`) reach its limit
@@ -68,12 +69,36 @@ impl Default for SpillSet {
     }
 }
 
-/// Where a new flow goes under connection limits: `pick` (the scheduler's choice) if it is
-/// not `full`, else the first backend with room among the set's primaries, walked from
-/// position `hash() % count` round the list (`hash` is asked only then) (so the overflow of one full backend spreads over
-/// the others rather than piling onto one), then among its backups in order. `None`: every
-/// one is full. `full` is asked at most once per listed backend, plus once for `pick`.
+/// Probes after the scheduler's pick: every listed primary, then every listed backup.
+pub const SPILL_PROBES: u32 = (SPILL_PRIMARIES + SPILL_BACKUPS) as u32;
+
+/// The backend probe `index` (0-based, after the pick) asks about: the set's primaries
+/// walked from position `hash % count` round the list (so that the overflow of one full
+/// backend spreads over the others rather than piling onto one), then its backups in
+/// order. `None`: no probe that far, the walk is over. Counts beyond the capacities are
+/// read as the capacities.
 #[inline(always)]
+#[must_use]
+pub fn spill_candidate(set: &SpillSet, hash: u32, index: u32) -> Option<u32> {
+    // Indexes in `usize` from here: on BPF a 32-bit index checked in one register and used
+    // zero-extended from another loses the verifier's bound.
+    let n = (set.primary_count as usize).min(SPILL_PRIMARIES);
+    let index = index as usize;
+    if index < n {
+        let mut at = (hash as usize).checked_rem(n).unwrap_or(0) + index;
+        if at >= n {
+            at -= n;
+        }
+        return set.primaries.get(at).copied();
+    }
+    let backups = (set.backup_count as usize).min(SPILL_BACKUPS);
+    set.backups.get(..backups)?.get(index - n).copied()
+}
+
+/// Where a new flow goes under connection limits: `pick` (the scheduler's choice) if it is
+/// not `full`, else the first backend with room in [`spill_candidate`]'s order (the pick
+/// itself skipped); `None`: every one is full. `hash` is asked only if the pick is full.
+/// The datapath walks the same order with `bpf_loop`.
 pub fn find_room(
     pick: u32,
     set: &SpillSet,
@@ -83,43 +108,10 @@ pub fn find_room(
     if !full(pick) {
         return Some(pick);
     }
-    let n = if set.primary_count > SPILL_PRIMARIES as u32 {
-        SPILL_PRIMARIES as u32
-    } else {
-        set.primary_count
-    };
-    let start = hash().checked_rem(n).unwrap_or(0);
-    let mut i = 0;
-    while i < SPILL_PRIMARIES as u32 {
-        if i >= n {
-            break;
-        }
-        let mut at = start + i;
-        if at >= n {
-            at -= n;
-        }
-        if let Some(&id) = set.primaries.get(at as usize)
-            && id != pick
-            && !full(id)
-        {
-            return Some(id);
-        }
-        i += 1;
-    }
-    let mut i = 0;
-    while i < SPILL_BACKUPS as u32 {
-        if i >= set.backup_count {
-            break;
-        }
-        if let Some(&id) = set.backups.get(i as usize)
-            && id != pick
-            && !full(id)
-        {
-            return Some(id);
-        }
-        i += 1;
-    }
-    None
+    let hash = hash();
+    (0..SPILL_PROBES)
+        .map_while(|i| spill_candidate(set, hash, i))
+        .find(|id| *id != pick && !full(*id))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use lb_common::{
     stat,
 };
 
-use crate::nat::NatScratch;
+use crate::{maxconn::LimitScratch, nat::NatScratch};
 
 #[map]
 pub(crate) static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -87,6 +87,12 @@ pub(crate) static SPILL_SETS: Array<SpillSet> = Array::with_max_entries(MAX_SERV
 #[map]
 pub(crate) static CONN_LIMIT_STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// This CPU's state of a connection-limit decision (`maxconn::LimitScratch`): the lookup
+/// keys of its `bpf_loop` probes, which may use no stack. Not pinned: nothing survives a
+/// packet in it.
+#[map]
+pub(crate) static LIMIT_SCRATCH: PerCpuArray<LimitScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
