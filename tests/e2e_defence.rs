@@ -233,7 +233,8 @@ fn active(topo: &Topology) -> Vec<u64> {
 /// connections fill the primaries, three each (counted by the identifying servers and by
 /// the datapath); the next three go to the backup; the next ones are refused, one dropped
 /// SYN each (`drop_backends_full`); every flow a full pick turned away is counted at that
-/// pick. Two connections closed on the first primary make room there for exactly two.
+/// pick. Two connections closed on the first primary make room there for exactly two, and
+/// `weir backend max-conns` raising its limit by one for one more.
 #[test]
 fn max_connections_fill_primaries_then_the_backup_then_refuse() {
     if !common::require_root() {
@@ -367,6 +368,26 @@ fn max_connections_fill_primaries_then_the_backup_then_refuse() {
     assert!(last.is_err(), "full again");
     assert_eq!(active(&topo), [3, 3, 3, 3]);
     assert_eq!(topo.global_counter("drop_backends_full") - refused0, 4);
+
+    // `weir backend max-conns` raises the first primary's limit: one more fits there.
+    let resp = topo
+        .api(&weir::api::Request::BackendMaxConns {
+            service: "mc".to_owned(),
+            address: backend_v4(0).into(),
+            max_connections: MAX_CONNS + 1,
+        })
+        .expect("API backend_max_conns");
+    assert!(resp.ok, "backend_max_conns failed: {:?}", resp.error);
+    let (stream, index) = open(46_018).expect("a connection under the raised limit");
+    held.push((stream, index));
+    println!(
+        "[maxconn] first primary's limit raised to {}: the next one on server {index}; datapath {:?}",
+        MAX_CONNS + 1,
+        active(&topo)
+    );
+    assert_eq!(index, 0);
+    assert_eq!(active(&topo), [4, 3, 3, 3]);
+    assert!(open(46_019).is_err(), "full again");
     // Held open until here: every count above is of live connections.
     drop(held);
 }

@@ -1593,6 +1593,9 @@ impl Agent {
         | Request::BackendWeight {
             service, address, ..
         }
+        | Request::BackendMaxConns {
+            service, address, ..
+        }
         | Request::BackendDrain { service, address }
         | Request::BackendEnable { service, address }
         | Request::BackendDisable { service, address }) = req
@@ -1609,6 +1612,7 @@ impl Agent {
                     "health": b.health,
                     "up": b.up,
                     "effective_weight": b.effective_weight,
+                    "max_connections": b.max_connections,
                 })
             })
     }
@@ -1756,6 +1760,21 @@ impl Agent {
                 }
                 self.change(&service, address, |o| {
                     o.entry(&service, address).weight = Some(weight);
+                })
+            }
+            Request::BackendMaxConns {
+                service,
+                address,
+                max_connections,
+            } => {
+                if let Some(resp) = self.require_backend(&service, address) {
+                    return resp;
+                }
+                if let Err(reason) = rules::check_max_connections(i64::from(max_connections)) {
+                    return Response::error(ErrorCode::BadRequest, reason);
+                }
+                self.change(&service, address, |o| {
+                    o.entry(&service, address).max_connections = Some(max_connections);
                 })
             }
             Request::BackendDrain { service, address } => {
