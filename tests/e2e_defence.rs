@@ -1,9 +1,10 @@
 //! Privileged end-to-end tests of the balancer's defences: per-service source rules (`allow`
 //! / `deny`), IPv4 and IPv6, with real TCP connections from several client addresses of the
 //! test bed's client namespace, counted in the datapath and in `/metrics`, and changed by a
-//! reload; and rate limits on new flows (per source and per VIP), offered UDP flows at ten
-//! times the limit from a raw socket, measured per second, and changed by a reload. Needs
-//! root; skipped otherwise (fails in CI).
+//! reload; rate limits on new flows (per source and per VIP), offered UDP flows at ten
+//! times the limit from a raw socket, measured per second, and changed by a reload; and
+//! connection limits (`max_connections` with a backup), with idle connections held open and
+//! attributed to the backend that accepted them. Needs root; skipped otherwise (fails in CI).
 //!
 //! Run: `cargo test -p lb-userspace --test e2e_defence -- --test-threads=1 --nocapture`
 
@@ -452,4 +453,200 @@ fn rate_limits_hold_at_ten_times_the_rate() {
     assert_rate("per VIP 500/s at 20x", &per_second, 450.0, 550.0);
     assert_eq!(admitted + dropped, sent);
     assert_eq!(topo.global_counter("drop_rate_vip"), dropped);
+}
+
+/// The connection-limit test's backup: a second address of the third backend's namespace
+/// (the test bed has three), served by the same identifying server, told apart from the
+/// third primary by the datapath's per-backend counts.
+const BACKUP_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 14);
+/// `max_connections` of every backend of the connection-limit test.
+const MAX_CONNS: u32 = 3;
+
+/// `backend_list` of one service: (address, active connections, max, turned away).
+fn limits(topo: &Topology, service: &str) -> Vec<(IpAddr, u64, u32, u64)> {
+    let req = weir::api::Request::BackendList {
+        service: Some(service.to_owned()),
+    };
+    let resp = topo.api(&req).expect("API backend_list");
+    assert!(resp.ok, "backend_list failed: {:?}", resp.error);
+    let list: Vec<weir::api::BackendInfo> =
+        resp.data.expect("data").try_into().expect("backend list");
+    list.into_iter()
+        .map(|b| {
+            (
+                b.address,
+                b.active_connections,
+                b.max_connections,
+                b.turned_away,
+            )
+        })
+        .collect()
+}
+
+/// Active connections per backend, in config order (.11, .12, .13, backup .14).
+fn active(topo: &Topology) -> Vec<u64> {
+    limits(topo, "mc").iter().map(|b| b.1).collect()
+}
+
+/// `max_connections = 3` on three primaries and a backup (direct mode, maglev): nine idle
+/// connections fill the primaries, three each (counted by the identifying servers and by
+/// the datapath); the next three go to the backup; the next ones are refused, one dropped
+/// SYN each (`drop_backends_full`); every flow a full pick turned away is counted at that
+/// pick. Two connections closed on the first primary make room there for exactly two, and
+/// `weir backend max-conns` raising its limit by one for one more.
+#[test]
+fn max_connections_fill_primaries_then_the_backup_then_refuse() {
+    if !common::require_root() {
+        return;
+    }
+    let topo = Topology::build("mc").expect("topology");
+    let with_len = format!("{BACKUP_V4}/24");
+    ip(
+        &topo.backends[2],
+        &["addr", "add", with_len.as_str(), "dev", common::NODE_IF],
+    )
+    .expect("backup address");
+    common::ns_exec(
+        &topo.lb,
+        &[
+            "ping",
+            "-q",
+            "-n",
+            "-c",
+            "1",
+            "-w",
+            "3",
+            "-W",
+            "1",
+            &BACKUP_V4.to_string(),
+        ],
+    )
+    .expect("the balancer resolves the backup's neighbour");
+    let _servers = topo.start_id_servers(PORT).expect("id servers");
+    let service = (0..BACKENDS)
+        .fold(
+            ServiceBuilder::new("mc", VIP_V4, PORT, "tcp").forwarding("direct"),
+            |s, i| s.backend(Backend::new(backend_v4(i)).max_connections(MAX_CONNS)),
+        )
+        .backend(
+            Backend::new(BACKUP_V4)
+                .backup(true)
+                .max_connections(MAX_CONNS),
+        );
+    let _agent = topo
+        .start_agent(&topo.agent_config().service(service))
+        .expect("weir agent");
+    let vip = SocketAddr::new(VIP_V4.into(), PORT);
+    let open = |port: u16| common::id_tcp_connect(&topo.cli, vip, port, CONNECT_TIMEOUT);
+    let spilled0 = topo.global_counter("backend_full_spilled");
+    let refused0 = topo.global_counter("drop_backends_full");
+
+    // Nine: the primaries fill, three each, the backup takes none.
+    let mut held = Vec::new();
+    let mut by_server = [0u64; BACKENDS];
+    for port in 46_000..46_009 {
+        let (stream, index) = open(port).unwrap_or_else(|e| panic!("connection {port}: {e:#}"));
+        by_server[usize::from(index)] += 1;
+        held.push((stream, index));
+    }
+    let spilled_among_nine = topo.global_counter("backend_full_spilled") - spilled0;
+    println!(
+        "[maxconn] 9 connections: per server {by_server:?}, datapath {:?}, {spilled_among_nine} spilled from a full pick",
+        active(&topo)
+    );
+    assert_eq!(by_server, [3, 3, 3], "servers' peers");
+    assert_eq!(active(&topo), [3, 3, 3, 0], "datapath counts");
+
+    // Three more: the backup (the third server's namespace, the backup's count).
+    for port in 46_009..46_012 {
+        let (stream, index) = open(port).unwrap_or_else(|e| panic!("connection {port}: {e:#}"));
+        assert_eq!(index, 2, "connection {port} lands on the backup's host");
+        held.push((stream, index));
+    }
+    println!("[maxconn] 12 connections: datapath {:?}", active(&topo));
+    assert_eq!(active(&topo), [3, 3, 3, 3]);
+
+    // Everything full: refused, one SYN dropped and counted each.
+    let refused: Vec<u16> = (46_012..46_015).filter(|p| open(*p).is_err()).collect();
+    let dropped = topo.global_counter("drop_backends_full") - refused0;
+    println!(
+        "[maxconn] all full: {} of 3 refused, drop_backends_full +{dropped}",
+        refused.len()
+    );
+    assert_eq!(refused.len(), 3, "every connection refused");
+    assert_eq!(dropped, 3, "one dropped SYN per refused connection");
+    let spilled = topo.global_counter("backend_full_spilled") - spilled0;
+    assert_eq!(
+        spilled,
+        spilled_among_nine + 3,
+        "the backup's three were spilled"
+    );
+    let turned_away: u64 = limits(&topo, "mc").iter().map(|b| b.3).sum();
+    assert_eq!(
+        turned_away,
+        spilled + dropped,
+        "every flow a full pick turned away is counted at the pick"
+    );
+    let samples = topo.metrics().expect("metrics");
+    let gauge = |name: &str, backend: IpAddr| {
+        let backend = backend.to_string();
+        common::metric(&samples, name, &[("service", "mc"), ("backend", &backend)])
+            .unwrap_or_else(|| panic!("no {name} for {backend}"))
+    };
+    assert_eq!(gauge("weir_backend_full", BACKUP_V4.into()), 1.0);
+    assert_eq!(
+        gauge("weir_backend_max_connections", BACKUP_V4.into()),
+        f64::from(MAX_CONNS)
+    );
+
+    // Two closed on the first primary: room for two there, and only there.
+    let mut closed = 0;
+    held.retain(|(_, index)| {
+        let close = *index == 0 && closed < 2;
+        closed += usize::from(close);
+        !close
+    });
+    common::wait_until(
+        "the first primary's count drops",
+        Duration::from_secs(5),
+        || (active(&topo) == [1, 3, 3, 3]).then_some(()),
+    );
+    let mut again = Vec::new();
+    for port in 46_015..46_017 {
+        let (stream, index) = open(port).unwrap_or_else(|e| panic!("connection {port}: {e:#}"));
+        again.push(index);
+        held.push((stream, index));
+    }
+    let last = open(46_017);
+    println!(
+        "[maxconn] after closing 2 on the first primary: new ones on servers {again:?}, then {}; datapath {:?}",
+        if last.is_err() { "refused" } else { "accepted" },
+        active(&topo)
+    );
+    assert_eq!(again, [0, 0], "the room is on the first primary");
+    assert!(last.is_err(), "full again");
+    assert_eq!(active(&topo), [3, 3, 3, 3]);
+    assert_eq!(topo.global_counter("drop_backends_full") - refused0, 4);
+
+    // `weir backend max-conns` raises the first primary's limit: one more fits there.
+    let resp = topo
+        .api(&weir::api::Request::BackendMaxConns {
+            service: "mc".to_owned(),
+            address: backend_v4(0).into(),
+            max_connections: MAX_CONNS + 1,
+        })
+        .expect("API backend_max_conns");
+    assert!(resp.ok, "backend_max_conns failed: {:?}", resp.error);
+    let (stream, index) = open(46_018).expect("a connection under the raised limit");
+    held.push((stream, index));
+    println!(
+        "[maxconn] first primary's limit raised to {}: the next one on server {index}; datapath {:?}",
+        MAX_CONNS + 1,
+        active(&topo)
+    );
+    assert_eq!(index, 0);
+    assert_eq!(active(&topo), [4, 3, 3, 3]);
+    assert!(open(46_019).is_err(), "full again");
+    // Held open until here: every count above is of live connections.
+    drop(held);
 }

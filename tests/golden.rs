@@ -1182,6 +1182,8 @@ fn predictions_agree_with_the_agent() {
                     port: 0,
                     ring_weight,
                     up: true,
+                    max_connections: b.max_connections,
+                    standby: false,
                 })
                 .collect();
             service_spec(service, cfg.agent.snat_ports, backends)
@@ -4969,4 +4971,179 @@ fn golden_rate_limits() {
     assert_eq!(drops("rate4"), [1, 0]);
     assert_eq!(drops("udp4"), [1, 0]);
     assert_eq!(drops("vip4"), [0, 1]);
+}
+
+/// Connection limits (`max_connections`): service `lim` has primaries .11 and .12 (at most 2
+/// connections each) and the backup .13 (at most 1), which stands by outside the ring as the
+/// agent leaves it while the primaries serve. The counts are set by hand between cases. A
+/// full pick spills to the other primary, then to the backup, then the SYN is refused;
+/// a mid-flow packet and a half-open flow are never moved; a flow counts once established
+/// (its second packet), and a SYN reusing a tuple ends the connection it had.
+#[test]
+fn golden_connection_limits() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::create(&common::prefix("glim")).expect("namespace");
+    common::lab_namespace(ns.name()).expect("lab namespace");
+    let [b11, b12, b13] = [11, 12, 13].map(|i| Ipv4Addr::new(198, 51, 100, i));
+    let config = lab_agent().service(
+        ServiceBuilder::new("lim", Ipv4Addr::new(203, 0, 113, 22), 80, "tcp")
+            .ring_size(1009)
+            .raw("max_connections", "2")
+            .backend(Backend::new(b11))
+            .backend(Backend::new(b12))
+            .backend(Backend::new(b13).backup(true).max_connections(1)),
+    );
+    let mut lab = common::in_netns(ns.name(), || open_lab(&config));
+    // As the agent has it: the backup out of the ring, standing by.
+    let cfg = config::parse(&config.render(), Path::new("golden.toml")).expect("valid config");
+    let mut spec = plain(&cfg);
+    spec.services[0].backends[2].ring_weight = 0;
+    lab.balancer.apply(&spec).expect("apply");
+    let id_of = |lab: &Lab, addr: Ipv4Addr| {
+        lab.balancer
+            .service("lim")
+            .expect("service")
+            .backends
+            .iter()
+            .find(|b| b.address == IpAddr::V4(addr))
+            .expect("backend")
+            .id
+    };
+    let set_conns = |lab: &mut Lab, addr: Ipv4Addr, n: i64| {
+        let id = id_of(lab, addr);
+        lab.balancer
+            .maps_mut()
+            .set_active_connections(id, n)
+            .expect("BACKEND_CONNS");
+    };
+    let vip = ip4("203.0.113.22");
+    let packet = |port: u16, flags: u8| v4_packet(vip, PROTO_TCP, port, 80, flags);
+    // The first source port from `from` whose flow the ring gives to `backend`.
+    let port_for = |lab: &Lab, from: u16, backend: Ipv4Addr| {
+        (from..from + 64)
+            .find(|p| predicted(&lab.balancer, "lim", &packet(*p, SYN)) == IpAddr::V4(backend))
+            .expect("a flow for the backend")
+    };
+    let to = |desc, ip: Vec<u8>, backend: Ipv4Addr, counters: Vec<u32>| Case {
+        desc,
+        input: frame4(&ip),
+        action: XDP_TX,
+        output: Some(tunnel_out(
+            &ip,
+            true,
+            IpAddr::V4(backend),
+            flow_hash(&key_of(&ip)),
+            None,
+        )),
+        counters,
+    };
+    let run = |lab: &mut Lab, case: &Case| common::in_netns(ns.name(), || check_case(lab, case));
+    let (pick, other) = (b11, b12);
+
+    let first = port_for(&lab, 43_000, pick);
+    run(
+        &mut lab,
+        &to(
+            "room: the scheduler's pick",
+            packet(first, SYN),
+            pick,
+            vec![stat::CT_MISS],
+        ),
+    );
+    set_conns(&mut lab, pick, 2);
+    let spilled = port_for(&lab, first + 1, pick);
+    run(
+        &mut lab,
+        &to(
+            "the pick is full: the other primary",
+            packet(spilled, SYN),
+            other,
+            vec![stat::CT_MISS, stat::BACKEND_FULL_SPILLED],
+        ),
+    );
+    assert_eq!(
+        lab.balancer.maps().turned_away(id_of(&lab, pick)),
+        1,
+        "the full pick counts the flow it turned away"
+    );
+    set_conns(&mut lab, other, 2);
+    let to_backup = port_for(&lab, 43_100, other);
+    run(
+        &mut lab,
+        &to(
+            "both primaries full: the standby backup",
+            packet(to_backup, SYN),
+            b13,
+            vec![stat::CT_MISS, stat::BACKEND_FULL_SPILLED],
+        ),
+    );
+    // Half-open until its next packet, which counts it.
+    assert_eq!(lab.balancer.maps().active_connections(id_of(&lab, b13)), 0);
+    run(
+        &mut lab,
+        &to(
+            "the backup's flow established: counted",
+            packet(to_backup, ACK),
+            b13,
+            vec![stat::CT_MISS, stat::FLOW_ESTABLISHED],
+        ),
+    );
+    assert_eq!(lab.balancer.maps().active_connections(id_of(&lab, b13)), 1);
+    run(
+        &mut lab,
+        &Case {
+            desc: "everything full: the SYN is refused",
+            input: frame4(&packet(to_backup + 1, SYN)),
+            action: XDP_DROP,
+            output: None,
+            counters: vec![stat::CT_MISS, stat::DROP_BACKENDS_FULL],
+        },
+    );
+    let midflow = port_for(&lab, 43_200, pick);
+    run(
+        &mut lab,
+        &to(
+            "a mid-flow packet of a lost flow keeps the hash's backend, full or not",
+            packet(midflow, ACK),
+            pick,
+            vec![stat::CT_MISS, stat::UNTRACKED_MIDFLOW],
+        ),
+    );
+    run(
+        &mut lab,
+        &to(
+            "a half-open flow keeps its full backend",
+            packet(spilled, PSH_ACK),
+            other,
+            vec![stat::CT_MISS, stat::FLOW_ESTABLISHED],
+        ),
+    );
+    run(
+        &mut lab,
+        &to(
+            "a SYN reusing the backup's tuple ends that connection, so the backup has room",
+            packet(to_backup, SYN),
+            b13,
+            vec![stat::CT_MISS, stat::BACKEND_FULL_SPILLED],
+        ),
+    );
+    assert_eq!(
+        lab.balancer.maps().active_connections(id_of(&lab, b13)),
+        0,
+        "the old connection released, the new one half-open"
+    );
+    // Room again on the pick: its new flows are its own again.
+    set_conns(&mut lab, pick, 1);
+    let again = port_for(&lab, 43_300, pick);
+    run(
+        &mut lab,
+        &to(
+            "room again: the pick",
+            packet(again, SYN),
+            pick,
+            vec![stat::CT_MISS],
+        ),
+    );
 }

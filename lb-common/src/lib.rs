@@ -16,6 +16,7 @@ pub mod hash;
 pub mod headers;
 pub mod icmp;
 pub mod inbound;
+pub mod limits;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod nat;
@@ -74,6 +75,12 @@ pub mod map_name {
     /// Per-CPU new flows dropped by each limit, indexed `service_id * rate::RATE_SLOTS +
     /// rate::LIMIT_*`.
     pub const RATE_STATS: &str = "RATE_STATS";
+    /// Each backend's `max_connections` (`u32`, 0 = none), by backend id.
+    pub const CONN_LIMITS: &str = "CONN_LIMITS";
+    /// Each service's `limits::SpillSet`, by service id.
+    pub const SPILL_SETS: &str = "SPILL_SETS";
+    /// Per-CPU new flows each backend turned away because it was full, by backend id.
+    pub const CONN_LIMIT_STATS: &str = "CONN_LIMIT_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -335,8 +342,14 @@ pub mod stat {
     pub const DROP_RATE_SOURCE: u32 = 53;
     /// A new flow over its service's limit of new flows, all sources together.
     pub const DROP_RATE_VIP: u32 = 54;
+    /// A new flow refused because its backend and every other backend it could go to
+    /// (the service's serving backends and its backups) were at their `max_connections`.
+    pub const DROP_BACKENDS_FULL: u32 = 55;
+    /// A new flow sent to another backend than the scheduler's pick, which was at its
+    /// `max_connections`.
+    pub const BACKEND_FULL_SPILLED: u32 = 56;
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 55;
+    pub const COUNT: u32 = 57;
 
     /// Human and metric names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -395,6 +408,8 @@ pub mod stat {
         "flood_hashed",
         "drop_rate_source",
         "drop_rate_vip",
+        "drop_backends_full",
+        "backend_full_spilled",
     ];
 }
 
@@ -530,7 +545,9 @@ pub struct VipInfo {
     pub udp_idle_timeout_s: u32,
     /// `rate::RATE_SOURCE_FLOWS` | `rate::RATE_VIP_FLOWS`, or 0: no rate limits.
     pub rate_limits: u8,
-    pub _pad: [u8; 3],
+    /// `limits::CONN_LIMITS_ANY`, or 0: no backend of the service has a `max_connections`.
+    pub conn_limits: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<VipInfo>() == 24);
 
@@ -736,6 +753,8 @@ mod pod {
     unsafe impl aya::Pod for crate::rate::RateLimits {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::rate::RateKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::limits::SpillSet {}
 }
 
 #[cfg(feature = "user")]

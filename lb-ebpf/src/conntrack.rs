@@ -170,6 +170,7 @@ pub(crate) fn backend_for(
         bump(stats, stat::FLOOD_HASHED);
     }
     let id = schedule(vip, &p.key, midflow || flood)?;
+    let id = crate::maxconn::room(vip, &p.key, id, midflow, stats)?;
     let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
     if !is_rst {
         let value = FlowValue {

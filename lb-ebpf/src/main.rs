@@ -79,6 +79,7 @@ mod forward;
 mod icmp;
 mod inbound;
 mod maps;
+mod maxconn;
 mod mss;
 mod nat;
 mod nat_icmp;

@@ -10,13 +10,14 @@ use lb_common::{
     GlobalConfig, MAX_BACKENDS, MAX_FRAG_SERVICES, MAX_RING_SIZE, MAX_SERVICES, MAX_TX_PORTS,
     MIN_HALF_OPEN_ENTRIES, NextHop, TrafficCounters, VipAddrBits, VipInfo, VipKey,
     icmp::IcmpBucket,
+    limits::SpillSet,
     nat::{DEFAULT_NAT_CONNECTIONS, MAX_SNAT_ADDRS, NatEntry, SnatSource},
     rate::{RATE_STATE_ENTRIES, RATE_STATS_ENTRIES, RateKey, RateLimits},
     rules::{MAX_SOURCE_RULES, SourceRule, SourceRuleData},
     stat,
 };
 
-use crate::{nat::NatScratch, rate::RateScratch};
+use crate::{maxconn::LimitScratch, nat::NatScratch, rate::RateScratch};
 
 #[map]
 pub(crate) static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -70,6 +71,29 @@ pub(crate) static SOURCE_RULE_STATS: PerCpuArray<u64> =
 #[map]
 pub(crate) static RULE_SCRATCH: PerCpuArray<LpmKey<SourceRuleData>> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Each backend's `max_connections` (0: no limit), by backend id. Read only for new flows
+/// of services whose `VipInfo::conn_limits` says some backend has one.
+#[map]
+pub(crate) static CONN_LIMITS: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Each service's spill set (`SpillSet`): the backends a new flow may go to when the
+/// scheduler's pick is full, its backups included even while the primaries serve (the
+/// ring then holds none of them). One slot per service, written whole by the agent.
+#[map]
+pub(crate) static SPILL_SETS: Array<SpillSet> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// New flows each backend turned away because it was full (sent elsewhere or refused),
+/// per CPU, by backend id.
+#[map]
+pub(crate) static CONN_LIMIT_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// This CPU's state of a connection-limit decision (`maxconn::LimitScratch`): the lookup
+/// keys of its `bpf_loop` probes, which may use no stack. Not pinned: nothing survives a
+/// packet in it.
+#[map]
+pub(crate) static LIMIT_SCRATCH: PerCpuArray<LimitScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);

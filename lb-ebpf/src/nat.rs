@@ -351,6 +351,7 @@ pub(crate) fn new_flow(
     crate::rules::admit(vip, &p.key)?;
     crate::rate::admit(vip, &p.key, midflow)?;
     let id = schedule(vip, &p.key, midflow)?;
+    let id = crate::maxconn::room(vip, &p.key, id, midflow, stats)?;
     let backend = BACKENDS.get(id).ok_or(drop(stat::DROP_NO_BACKEND))?;
     if backend.family != p.key.family {
         return Err(drop(stat::DROP_FAMILY));

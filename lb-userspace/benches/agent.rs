@@ -115,6 +115,8 @@ fn verdicts<M: MapWriter>(
                     port: 0,
                     ring_weight: if up { b.weight } else { 0 },
                     up,
+                    max_connections: 0,
+                    standby: false,
                 }
             })
             .collect();

@@ -45,6 +45,9 @@ pub struct BackendOverride {
     pub weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
+    /// `weir backend max-conns`: the backend's `max_connections` (0: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 /// The state file's contents.
@@ -91,6 +94,9 @@ pub struct EffectiveBackend {
     /// From the config file (`nat`); backends added from the CLI listen on the service's
     /// port.
     pub port: Option<u16>,
+    /// Active connections at which it takes no new flow (0: no limit): the CLI's, else the
+    /// config file's; backends added from the CLI start at the service's default.
+    pub max_connections: u32,
 }
 
 impl Overlay {
@@ -180,6 +186,7 @@ impl Overlay {
                 admin: Admin::Enabled,
                 backup: b.backup,
                 port: b.port,
+                max_connections: b.max_connections,
             })
             .collect();
         for (address, change) in changes {
@@ -190,6 +197,7 @@ impl Overlay {
                     admin: Admin::Enabled,
                     backup: false,
                     port: None,
+                    max_connections: service.max_connections,
                 });
             }
         }
@@ -201,6 +209,9 @@ impl Overlay {
                 }
                 if let Some(admin) = change.admin {
                     backend.admin = admin;
+                }
+                if let Some(max) = change.max_connections {
+                    backend.max_connections = max;
                 }
             }
         }
@@ -249,6 +260,7 @@ mod tests {
                     admin: Admin::Draining,
                     backup: false,
                     port: None,
+                    max_connections: 0,
                 },
                 EffectiveBackend {
                     address: ip("198.51.100.13"),
@@ -256,6 +268,7 @@ mod tests {
                     admin: Admin::Enabled,
                     backup: false,
                     port: None,
+                    max_connections: 0,
                 },
             ]
         );

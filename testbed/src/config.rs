@@ -390,6 +390,9 @@ impl ServiceBuilder {
             if let Some(port) = backend.port {
                 out.push_str(&format!("port = {port}\n"));
             }
+            if let Some(max) = backend.max_connections {
+                out.push_str(&format!("max_connections = {max}\n"));
+            }
         }
         if let Some(check) = &self.health_check {
             out.push_str("[service.health_check]\n");
@@ -407,6 +410,8 @@ pub struct Backend {
     pub backup: Option<bool>,
     /// The port the backend listens on when it is not the service's (NAT modes).
     pub port: Option<u16>,
+    /// `max_connections = N`.
+    pub max_connections: Option<u32>,
 }
 
 impl Backend {
@@ -417,6 +422,7 @@ impl Backend {
             weight: None,
             backup: None,
             port: None,
+            max_connections: None,
         }
     }
 
@@ -434,6 +440,15 @@ impl Backend {
     pub fn backup(self, backup: bool) -> Self {
         Self {
             backup: Some(backup),
+            ..self
+        }
+    }
+
+    /// `max_connections = N`: at N active connections it takes no new flow.
+    #[must_use]
+    pub fn max_connections(self, max: u32) -> Self {
+        Self {
+            max_connections: Some(max),
             ..self
         }
     }

@@ -150,6 +150,8 @@ pub fn plain(config: &Config) -> DatapathSpec {
                         port: backend_port(s, b.port),
                         ring_weight: b.weight,
                         up: true,
+                        max_connections: b.max_connections,
+                        standby: b.backup && b.weight > 0,
                     })
                     .collect();
                 service_spec(s, config.agent.snat_ports, backends)
@@ -162,7 +164,9 @@ pub fn plain(config: &Config) -> DatapathSpec {
 ///
 /// A backend is `up` (tracked flows stay) unless unhealthy or disabled. It takes new flows
 /// if up, enabled (not draining) and weighted, and, for a backup, only while no primary of
-/// the service takes new flows. During slow start its weight ramps linearly.
+/// the service takes new flows, or when the primaries are full (`max_connections`): a backup
+/// that could take new flows stands by for those. During slow start its weight ramps
+/// linearly.
 #[must_use]
 pub fn desired(
     config: &Config,
@@ -195,6 +199,10 @@ pub fn desired(
                             0
                         },
                         up: up(b),
+                        max_connections: b.max_connections,
+                        // A backup waiting while the primaries serve: it takes what full
+                        // primaries turn away (`max_connections`), and nothing else.
+                        standby: b.backup && takes_new(b) && primary_serving,
                     }
                 })
                 .collect();
@@ -288,6 +296,39 @@ mod tests {
             .insert(("web".to_owned(), ip("198.51.100.12")), Health::Up);
         let spec = desired(&c, &Overlay::default(), &observed, Instant::now());
         assert_eq!(weights(&spec), [(0, false), (3, true), (0, true)]);
+    }
+
+    #[test]
+    fn a_waiting_backup_stands_by_for_full_primaries_and_limits_pass_through() {
+        let c = config(
+            "max_connections = 7",
+            &format!("{THREE}max_connections = 2\n"),
+        );
+        let mut observed = Observed::default();
+        let spec = desired(&c, &Overlay::default(), &observed, Instant::now());
+        let view = |spec: &DatapathSpec| -> Vec<(u32, bool, u32)> {
+            spec.services[0]
+                .backends
+                .iter()
+                .map(|b| (b.ring_weight, b.standby, b.max_connections))
+                .collect()
+        };
+        // The backup (its own limit 2) waits in the ring's stead: standby.
+        assert_eq!(view(&spec), [(1, false, 7), (3, false, 7), (0, true, 2)]);
+        // Once it serves in the primaries' place it is in the ring, no longer standby.
+        let c = config("[service.health_check]\nkind = \"tcp\"\n", THREE);
+        observed
+            .health
+            .insert(("web".to_owned(), ip("198.51.100.13")), Health::Up);
+        let spec = desired(&c, &Overlay::default(), &observed, Instant::now());
+        assert_eq!(view(&spec), [(0, false, 0), (0, false, 0), (1, false, 0)]);
+        // A draining backup stands by for nothing.
+        let c = config("", THREE);
+        let mut overlay = Overlay::default();
+        overlay.entry("web", ip("198.51.100.13")).admin = Some(Admin::Draining);
+        overlay.entry("web", ip("198.51.100.11")).max_connections = Some(9);
+        let spec = desired(&c, &overlay, &Observed::default(), Instant::now());
+        assert_eq!(view(&spec), [(1, false, 9), (3, false, 0), (0, false, 0)]);
     }
 
     #[test]

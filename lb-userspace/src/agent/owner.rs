@@ -1108,23 +1108,25 @@ impl Agent {
             for b in self.overlay.effective(service) {
                 let tracked =
                     state.and_then(|s| s.backends.iter().find(|x| x.address == b.address));
-                let (slots, counters, up, effective_weight, active_connections) = match tracked {
-                    Some(t) => {
-                        let counters = match self.balancer.maps().backend(t.id) {
-                            Ok(c) => c,
-                            Err(err) if strict => return Err(err),
-                            Err(_) => Default::default(),
-                        };
-                        (
-                            slots.get(&t.id).copied().unwrap_or(0),
-                            counters,
-                            t.up,
-                            t.weight,
-                            self.balancer.maps().active_connections(t.id),
-                        )
-                    }
-                    None => (0, Default::default(), false, 0, 0),
-                };
+                let (slots, counters, up, effective_weight, active_connections, turned_away) =
+                    match tracked {
+                        Some(t) => {
+                            let counters = match self.balancer.maps().backend(t.id) {
+                                Ok(c) => c,
+                                Err(err) if strict => return Err(err),
+                                Err(_) => Default::default(),
+                            };
+                            (
+                                slots.get(&t.id).copied().unwrap_or(0),
+                                counters,
+                                t.up,
+                                t.weight,
+                                self.balancer.maps().active_connections(t.id),
+                                self.balancer.maps().turned_away(t.id),
+                            )
+                        }
+                        None => (0, Default::default(), false, 0, 0, 0),
+                    };
                 out.push(api::BackendInfo {
                     service: service.name.clone(),
                     address: b.address,
@@ -1136,6 +1138,8 @@ impl Agent {
                     effective_weight,
                     backup: b.backup,
                     active_connections,
+                    max_connections: b.max_connections,
+                    turned_away,
                     packets: counters.packets,
                     bytes: counters.bytes,
                     new_flows: counters.new_flows,
@@ -1692,6 +1696,9 @@ impl Agent {
         | Request::BackendWeight {
             service, address, ..
         }
+        | Request::BackendMaxConns {
+            service, address, ..
+        }
         | Request::BackendDrain { service, address }
         | Request::BackendEnable { service, address }
         | Request::BackendDisable { service, address }) = req
@@ -1708,6 +1715,7 @@ impl Agent {
                     "health": b.health,
                     "up": b.up,
                     "effective_weight": b.effective_weight,
+                    "max_connections": b.max_connections,
                 })
             })
     }
@@ -1856,6 +1864,21 @@ impl Agent {
                 }
                 self.change(&service, address, |o| {
                     o.entry(&service, address).weight = Some(weight);
+                })
+            }
+            Request::BackendMaxConns {
+                service,
+                address,
+                max_connections,
+            } => {
+                if let Some(resp) = self.require_backend(&service, address) {
+                    return resp;
+                }
+                if let Err(reason) = rules::check_max_connections(i64::from(max_connections)) {
+                    return Response::error(ErrorCode::BadRequest, reason);
+                }
+                self.change(&service, address, |o| {
+                    o.entry(&service, address).max_connections = Some(max_connections);
                 })
             }
             Request::BackendDrain { service, address } => {

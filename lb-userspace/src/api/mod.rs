@@ -60,6 +60,12 @@ pub enum Request {
         address: IpAddr,
         weight: u32,
     },
+    /// A backend's `max_connections` (0: no limit).
+    BackendMaxConns {
+        service: String,
+        address: IpAddr,
+        max_connections: u32,
+    },
     /// No new flows; tracked flows stay.
     BackendDrain {
         service: String,
@@ -121,6 +127,7 @@ impl Request {
             Self::BackendAdd { .. } => "backend_add",
             Self::BackendRemove { .. } => "backend_remove",
             Self::BackendWeight { .. } => "backend_weight",
+            Self::BackendMaxConns { .. } => "backend_max_conns",
             Self::BackendDrain { .. } => "backend_drain",
             Self::BackendEnable { .. } => "backend_enable",
             Self::BackendDisable { .. } => "backend_disable",
@@ -147,6 +154,7 @@ impl Request {
             Self::BackendAdd { .. }
             | Self::BackendRemove { .. }
             | Self::BackendWeight { .. }
+            | Self::BackendMaxConns { .. }
             | Self::BackendDrain { .. }
             | Self::BackendEnable { .. }
             | Self::BackendDisable { .. }
@@ -166,6 +174,9 @@ impl Request {
             }
             | Self::BackendRemove { service, address }
             | Self::BackendWeight {
+                service, address, ..
+            }
+            | Self::BackendMaxConns {
                 service, address, ..
             }
             | Self::BackendDrain { service, address }
@@ -375,6 +386,7 @@ impl ReplyKind {
             Request::BackendAdd { .. }
             | Request::BackendRemove { .. }
             | Request::BackendWeight { .. }
+            | Request::BackendMaxConns { .. }
             | Request::BackendDrain { .. }
             | Request::BackendEnable { .. }
             | Request::BackendDisable { .. } => Self::BackendChange,
@@ -617,6 +629,12 @@ pub struct BackendInfo {
     /// Active connections the datapath counts (new flows minus ended or expired ones).
     #[serde(default)]
     pub active_connections: u64,
+    /// Active connections at which it takes no new flow; 0: no limit.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// New flows picked for it that it turned away while full (`max_connections`).
+    #[serde(default)]
+    pub turned_away: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -953,6 +971,8 @@ mod tests {
             effective_weight: 0,
             backup: false,
             active_connections: 2,
+            max_connections: 0,
+            turned_away: 0,
             packets: 10,
             bytes: 640,
             new_flows: 1,

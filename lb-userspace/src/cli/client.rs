@@ -77,6 +77,17 @@ impl BackendCommand {
                     weight: *weight,
                 }
             }
+            Self::MaxConns {
+                target,
+                max_connections,
+            } => {
+                let (service, address) = parts(target);
+                Request::BackendMaxConns {
+                    service,
+                    address,
+                    max_connections: *max_connections,
+                }
+            }
             Self::Drain(target) => {
                 let (service, address) = parts(target);
                 Request::BackendDrain { service, address }
@@ -507,6 +518,7 @@ impl Client<'_> {
         // Changes report the state before and after; the answer holds only the after.
         let before = match command {
             BackendCommand::Weight { target, .. }
+            | BackendCommand::MaxConns { target, .. }
             | BackendCommand::Drain(target)
             | BackendCommand::Enable(target)
             | BackendCommand::Disable(target)

@@ -48,6 +48,8 @@ pub(super) fn backend_info(service: &str, address: &str, weight: u32, admin: Adm
         effective_weight: weight,
         backup: false,
         active_connections: 17,
+        max_connections: 0,
+        turned_away: 0,
         packets: 1_234_567,
         bytes: 987_654_321,
         new_flows: 4321,

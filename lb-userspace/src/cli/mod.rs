@@ -532,6 +532,20 @@ pub enum BackendCommand {
         weight: u32,
     },
 
+    /// Set a backend's connection limit: at this many active connections it takes no new
+    /// flow (they go to another backend with room, a backup, or are refused).
+    MaxConns {
+        #[command(flatten)]
+        target: BackendTarget,
+
+        /// The new limit (0..=67108864; 0 means no limit).
+        #[arg(
+            value_name = "N",
+            value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_CONNTRACK_ENTRIES))
+        )]
+        max_connections: u32,
+    },
+
     /// Drain a backend: no new flows, but the flows it already serves stay with it (for a
     /// graceful shutdown). Undo with `weir backend enable`.
     Drain(BackendTarget),
@@ -673,6 +687,7 @@ impl BackendCommand {
             Self::List { .. } => None,
             Self::Add { target, .. }
             | Self::Weight { target, .. }
+            | Self::MaxConns { target, .. }
             | Self::Remove(target)
             | Self::Drain(target)
             | Self::Enable(target)

@@ -490,7 +490,12 @@ pub fn render_backends(backends: &[BackendInfo], out: &mut dyn Write) -> io::Res
             b.admin.to_string(),
             b.health.to_string(),
             yes_no(b.up),
-            b.active_connections.to_string(),
+            // With a limit: active/max, the backend's headroom at a glance.
+            if b.max_connections > 0 {
+                format!("{}/{}", b.active_connections, b.max_connections)
+            } else {
+                b.active_connections.to_string()
+            },
             b.slots.to_string(),
             b.packets.to_string(),
             b.bytes.to_string(),
@@ -776,6 +781,24 @@ pub fn change_line(
             match before {
                 Some(before) => format!("weight {} -> {new}", before.weight),
                 None => format!("weight set to {new}"),
+            }
+        }
+        BackendCommand::MaxConns {
+            max_connections, ..
+        } => {
+            let shown = |max: u32| {
+                if max == 0 {
+                    "none".to_owned()
+                } else {
+                    max.to_string()
+                }
+            };
+            let new = shown(after.map_or(*max_connections, |a| a.max_connections));
+            match before {
+                Some(before) => {
+                    format!("max_connections {} -> {new}", shown(before.max_connections))
+                }
+                None => format!("max_connections set to {new}"),
             }
         }
         BackendCommand::Drain(_) | BackendCommand::Enable(_) | BackendCommand::Disable(_) => {
@@ -1132,6 +1155,28 @@ web      198.51.100.11     3000   1000  192000    64000         30       10
         assert_eq!(
             change_line(&weight, None, None),
             "web 198.51.100.11: weight set to 3"
+        );
+        let limited = BackendInfo {
+            max_connections: 100,
+            ..after.clone()
+        };
+        let max = backend(&["backend", "max-conns", "web", "198.51.100.11", "100"]);
+        assert_eq!(
+            change_line(&max, Some(&before), Some(&limited)),
+            "web 198.51.100.11: max_connections none -> 100"
+        );
+        let lifted = backend(&["backend", "max-conns", "web", "198.51.100.11", "0"]);
+        assert_eq!(
+            change_line(&lifted, Some(&limited), None),
+            "web 198.51.100.11: max_connections 100 -> none"
+        );
+        let mut full = limited.clone();
+        full.active_connections = 100;
+        let mut out = Vec::new();
+        render_backends(&[full], &mut out).unwrap();
+        assert!(
+            String::from_utf8(out).unwrap().contains(" 100/100 "),
+            "CONNS shows active/max"
         );
         let drained = backend_info("web", "198.51.100.11", 1, Admin::Draining);
         let drain = backend(&["backend", "drain", "web", "198.51.100.11"]);

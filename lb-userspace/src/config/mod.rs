@@ -381,6 +381,9 @@ pub struct ServiceConfig {
     pub source_rules: Vec<SourceRule>,
     /// `[service.rate_limit]`: limits on new flows per source (prefix) and per VIP.
     pub rate_limit: RateLimitConfig,
+    /// The `max_connections` of backends that do not set their own (those added from the
+    /// CLI too); 0: no limit.
+    pub max_connections: u32,
 }
 
 /// One prefix of a service's `allow` or `deny` list.
@@ -542,6 +545,9 @@ pub struct BackendConfig {
     pub backup: bool,
     /// The port the backend listens on (`nat` only); `None`: the service's port.
     pub port: Option<u16>,
+    /// Active connections at which the backend takes no new flow (HAProxy `maxconn`):
+    /// its own `max_connections`, else the service's; 0: no limit.
+    pub max_connections: u32,
 }
 
 /// Reads and validates the config file at `path`.

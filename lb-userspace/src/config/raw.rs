@@ -88,6 +88,7 @@ pub(super) struct RawService {
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
     pub(super) rate_limit: Option<super::rate_limit::RawRateLimit>,
+    pub(super) max_connections: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +119,7 @@ pub(super) struct RawBackend {
     #[serde(default)]
     pub(super) backup: bool,
     pub(super) port: Option<i64>,
+    pub(super) max_connections: Option<i64>,
 }
 
 /// Reads `text` into the `Raw*` structs; the error names the key (or [`NO_KEY`] for a

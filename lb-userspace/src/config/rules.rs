@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::{Forwarding, MAX_SERVICE_NAME_LEN, MAX_WEIGHT};
+use super::{Forwarding, MAX_CONNTRACK_ENTRIES, MAX_SERVICE_NAME_LEN, MAX_WEIGHT};
 
 /// The longest Linux interface name (`IFNAMSIZ` - 1).
 pub const MAX_INTERFACE_NAME_LEN: usize = 15;
@@ -135,6 +135,17 @@ pub fn check_weight(weight: i64) -> Result<u32, String> {
         .ok()
         .filter(|w| *w <= MAX_WEIGHT)
         .ok_or_else(|| format!("{weight} is out of range (0..={MAX_WEIGHT}; 0 means no new flows)"))
+}
+
+/// A backend's `max_connections` (or a service's default of it): 0 (no limit) up to the
+/// largest connection table, which no backend can outgrow.
+pub fn check_max_connections(max: i64) -> Result<u32, String> {
+    u32::try_from(max)
+        .ok()
+        .filter(|m| *m <= MAX_CONNTRACK_ENTRIES)
+        .ok_or_else(|| {
+            format!("{max} is out of range (0..={MAX_CONNTRACK_ENTRIES}; 0 means no limit)")
+        })
 }
 
 /// A service's backends together: at least one, and some weight to share.

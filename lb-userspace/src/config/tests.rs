@@ -344,12 +344,14 @@ weight = 65535
                         weight: 3,
                         backup: false,
                         port: None,
+                        max_connections: 0,
                     },
                     BackendConfig {
                         address: "2001:db8:1::11".parse().unwrap(),
                         weight: 0,
                         backup: false,
                         port: None,
+                        max_connections: 0,
                     },
                 ],
                 health_check: HealthCheck::default(),
@@ -362,6 +364,7 @@ weight = 65535
                     source_prefix: 32,
                     ..RateLimitConfig::default()
                 },
+                max_connections: 0,
             },
             ServiceConfig {
                 name: "dns.v6".to_owned(),
@@ -376,6 +379,7 @@ weight = 65535
                     weight: 65535,
                     backup: false,
                     port: None,
+                    max_connections: 0,
                 }],
                 health_check: HealthCheck::default(),
                 slow_start: Duration::ZERO,
@@ -387,6 +391,7 @@ weight = 65535
                     source_prefix: 128,
                     ..RateLimitConfig::default()
                 },
+                max_connections: 0,
             },
         ],
         api: None,
@@ -1430,6 +1435,64 @@ fn source_rules() {
         &with(&format!("deny = [{}]\n", many.join(", "))),
         "service[0].allow",
         "at most 64 per service",
+    );
+}
+
+#[test]
+fn max_connections_per_backend_with_a_service_default() {
+    let limited =
+        |address: &str, max: &str| format!("address = \"{address}\"\nmax_connections = {max}");
+    // No key: no limit anywhere.
+    let config = ok(&web("", &[backend("203.0.113.11")]));
+    assert_eq!(config.services[0].max_connections, 0);
+    assert_eq!(config.services[0].backends[0].max_connections, 0);
+    // The service's default for backends without their own; a backend's 0 lifts it.
+    let config = ok(&web(
+        "max_connections = 100\n",
+        &[
+            backend("203.0.113.11"),
+            limited("203.0.113.12", "3"),
+            limited("203.0.113.13", "0"),
+        ],
+    ));
+    let service = &config.services[0];
+    assert_eq!(service.max_connections, 100);
+    let maxes: Vec<u32> = service.backends.iter().map(|b| b.max_connections).collect();
+    assert_eq!(maxes, [100, 3, 0]);
+    // The largest connection table is the largest limit.
+    let top = MAX_CONNTRACK_ENTRIES.to_string();
+    assert_eq!(
+        ok(&web("", &[limited("203.0.113.11", &top)])).services[0].backends[0].max_connections,
+        MAX_CONNTRACK_ENTRIES
+    );
+    rejects(
+        &web("", &[limited("203.0.113.11", "-1")]),
+        "service[0].backend[0].max_connections",
+        "out of range (0..=67108864; 0 means no limit)",
+    );
+    rejects(
+        &web(
+            "",
+            &[
+                backend("203.0.113.11"),
+                limited(
+                    "203.0.113.12",
+                    &(u64::from(MAX_CONNTRACK_ENTRIES) + 1).to_string(),
+                ),
+            ],
+        ),
+        "service[0].backend[1].max_connections",
+        "out of range",
+    );
+    rejects(
+        &web("max_connections = -5\n", &[backend("203.0.113.11")]),
+        "service[0].max_connections",
+        "out of range",
+    );
+    rejects(
+        &web("", &[limited("203.0.113.11", "\"ten\"")]),
+        "service[0].backend[0].max_connections",
+        "invalid type",
     );
 }
 

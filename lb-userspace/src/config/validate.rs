@@ -624,6 +624,12 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         ));
     }
 
+    let max_connections = raw
+        .max_connections
+        .map(rules::check_max_connections)
+        .transpose()
+        .map_err(|reason| fail(key("max_connections"), reason))?
+        .unwrap_or(0);
     let mut seen: HashMap<IpAddr, usize> = HashMap::new();
     let mut backends = Vec::with_capacity(raw.backend.len());
     for (b, raw_backend) in raw.backend.into_iter().enumerate() {
@@ -651,11 +657,18 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
             .map(|p| rules::check_backend_port(raw.forwarding, port, p))
             .transpose()
             .map_err(|reason| fail(bkey("port"), reason))?;
+        let backend_max = raw_backend
+            .max_connections
+            .map(rules::check_max_connections)
+            .transpose()
+            .map_err(|reason| fail(bkey("max_connections"), reason))?
+            .unwrap_or(max_connections);
         backends.push(BackendConfig {
             address,
             weight,
             backup: raw_backend.backup,
             port: backend_port,
+            max_connections: backend_max,
         });
     }
     let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
@@ -740,6 +753,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Fail
         snat_addresses,
         source_rules,
         rate_limit,
+        max_connections,
     })
 }
 

@@ -14,7 +14,9 @@ use aya::{
 };
 use lb_common::{
     BackendInfo, FlowKey, FlowValue, GlobalConfig, MAX_RING_SIZE, TrafficCounters, VipAddrBits,
-    VipInfo, VipKey, map_name,
+    VipInfo, VipKey,
+    limits::SpillSet,
+    map_name,
     nat::{MAX_SNAT_ADDRS, NatEntry, SnatSource},
     rate::{RATE_SLOTS, RateLimits},
     rules::{SourceRule, SourceRuleData},
@@ -86,6 +88,10 @@ pub trait MapWriter {
     /// Overwrites a backend's active-connection count (reconciliation, or 0 when an id is
     /// given to a new backend).
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError>;
+    /// Writes a backend's `max_connections` (`CONN_LIMITS`; 0: no limit).
+    fn set_conn_limit(&mut self, backend_id: u32, max: u32) -> Result<(), DatapathError>;
+    /// Writes a service's spill set (`SPILL_SETS`), its one slot, whole.
+    fn set_spill_set(&mut self, service_id: u32, set: &SpillSet) -> Result<(), DatapathError>;
 }
 
 /// Read access to the datapath's counters.
@@ -130,6 +136,9 @@ pub struct KernelMaps {
     /// `NAT_CT`'s `max_entries` as the kernel has it (a pinned table keeps its size).
     nat_capacity: u32,
     snat_pool: Array<MapData, SnatSource>,
+    conn_limits: Array<MapData, u32>,
+    spill_sets: Array<MapData, SpillSet>,
+    conn_limit_stats: PerCpuArray<MapData, u64>,
 }
 
 /// A handle on the NAT connection table for the agent's periodic walk, on a blocking
@@ -298,6 +307,9 @@ impl KernelMaps {
             nat_ct_fd,
             nat_capacity,
             snat_pool: take(ebpf, map_name::SNAT_POOL)?,
+            conn_limits: take(ebpf, map_name::CONN_LIMITS)?,
+            spill_sets: take(ebpf, map_name::SPILL_SETS)?,
+            conn_limit_stats: take(ebpf, map_name::CONN_LIMIT_STATS)?,
         })
     }
 
@@ -376,6 +388,20 @@ impl KernelMaps {
     #[must_use]
     pub fn raw_active_connections(&self, backend_id: u32) -> i64 {
         self.backend_conns.get(&backend_id, 0).unwrap_or(0)
+    }
+
+    /// A backend's `max_connections` as the datapath holds it (0: no limit).
+    #[must_use]
+    pub fn conn_limit(&self, backend_id: u32) -> u32 {
+        self.conn_limits.get(&backend_id, 0).unwrap_or(0)
+    }
+
+    /// New flows a backend turned away because it was full, summed over CPUs.
+    #[must_use]
+    pub fn turned_away(&self, backend_id: u32) -> u64 {
+        self.conn_limit_stats
+            .get(&backend_id, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Every VIP entry (for adopting a pinned datapath).
@@ -676,6 +702,13 @@ impl MapWriter for KernelMaps {
                     .set(id * RATE_SLOTS + limit, zeros, 0)
                     .map_err(map_err(map_name::RATE_STATS))?;
             }
+        } else {
+            // The turned-away count is a traffic total of the backend too.
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(per_cpu_error(map_name::CONN_LIMIT_STATS))?;
+            self.conn_limit_stats
+                .set(id, zeros, 0)
+                .map_err(map_err(map_name::CONN_LIMIT_STATS))?;
         }
         Ok(())
     }
@@ -684,6 +717,18 @@ impl MapWriter for KernelMaps {
         self.backend_conns
             .set(backend_id, count, 0)
             .map_err(map_err(map_name::BACKEND_CONNS))
+    }
+
+    fn set_conn_limit(&mut self, backend_id: u32, max: u32) -> Result<(), DatapathError> {
+        self.conn_limits
+            .set(backend_id, max, 0)
+            .map_err(map_err(map_name::CONN_LIMITS))
+    }
+
+    fn set_spill_set(&mut self, service_id: u32, set: &SpillSet) -> Result<(), DatapathError> {
+        self.spill_sets
+            .set(service_id, set, 0)
+            .map_err(map_err(map_name::SPILL_SETS))
     }
 
     fn set_tx_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {

@@ -24,7 +24,7 @@ use crate::{
 
 /// The maps the agent pins under `[agent] bpffs` and a restarted agent adopts. Not the
 /// benchmark template or the decap program's VIP set.
-pub const PINNED_MAPS: [&str; 25] = [
+pub const PINNED_MAPS: [&str; 28] = [
     map_name::VIPS,
     map_name::SERVICES,
     map_name::VIP_ADDRS,
@@ -55,6 +55,10 @@ pub const PINNED_MAPS: [&str; 25] = [
     map_name::NAT_CT,
     // The SNAT addresses the pairs' replies are addressed to: kept with the pairs.
     map_name::SNAT_POOL,
+    // Connection limits: the running program keeps enforcing them without an agent.
+    map_name::CONN_LIMITS,
+    map_name::SPILL_SETS,
+    map_name::CONN_LIMIT_STATS,
 ];
 
 /// Name of the pinned XDP link of the first interface in the bpffs directory.

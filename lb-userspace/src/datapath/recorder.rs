@@ -39,6 +39,10 @@ pub struct Recorder {
     pub backend_writes: usize,
     /// `reset_traffic` calls: (backend?, id).
     pub traffic_resets: Vec<(bool, u32)>,
+    /// `CONN_LIMITS`: backend id -> `max_connections`.
+    pub conn_limits: BTreeMap<u32, u32>,
+    /// `SPILL_SETS`: service id -> set.
+    pub spill_sets: BTreeMap<u32, lb_common::limits::SpillSet>,
 }
 
 impl Recorder {
@@ -157,6 +161,26 @@ impl MapWriter for Recorder {
     }
     fn set_active_connections(&mut self, backend_id: u32, count: i64) -> Result<(), DatapathError> {
         self.conns.insert(backend_id, count);
+        Ok(())
+    }
+    fn set_conn_limit(&mut self, backend_id: u32, max: u32) -> Result<(), DatapathError> {
+        assert!(
+            backend_id < MAX_BACKENDS,
+            "backend id {backend_id} outside the CONN_LIMITS array"
+        );
+        self.conn_limits.insert(backend_id, max);
+        Ok(())
+    }
+    fn set_spill_set(
+        &mut self,
+        service_id: u32,
+        set: &lb_common::limits::SpillSet,
+    ) -> Result<(), DatapathError> {
+        assert!(
+            service_id < MAX_SERVICES,
+            "service id {service_id} outside the SPILL_SETS array"
+        );
+        self.spill_sets.insert(service_id, *set);
         Ok(())
     }
 }

@@ -52,7 +52,7 @@ const CHECK_DURATION_BUCKETS: [f64; 15] = [
 const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The families the datapath collector produces: (name, help, type).
-const DATAPATH_FAMILIES: [(&str, &str, MetricType); 43] = [
+const DATAPATH_FAMILIES: [(&str, &str, MetricType); 47] = [
     (
         "weir_rate_limited_packets_total",
         "New flows a service's rate limit dropped: limit=source (new_flows_per_source) or vip (new_flows_per_vip).",
@@ -77,6 +77,21 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 43] = [
         "weir_backend_active_connections",
         "Active connections to the backend as the datapath counts them (new flows minus ended or idle-expired ones).",
         MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_max_connections",
+        "The backend's max_connections: at this many active connections it takes no new flow (0: no limit).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_full",
+        "Whether the backend is at its max_connections (1) and turns new flows away, or not (0).",
+        MetricType::GAUGE,
+    ),
+    (
+        "weir_backend_turned_away_total",
+        "New flows the scheduler picked for the backend that it turned away because it was at its max_connections (sent to another backend, or refused when all were full).",
+        MetricType::COUNTER,
     ),
     (
         "weir_backend_packets_total",
@@ -264,6 +279,11 @@ const DATAPATH_FAMILIES: [(&str, &str, MetricType); 43] = [
         MetricType::COUNTER,
     ),
     (
+        "weir_backend_full_spilled_total",
+        "New flows sent to another backend than the scheduler's pick because the pick was at its max_connections.",
+        MetricType::COUNTER,
+    ),
+    (
         "weir_nat_icmp_translated_total",
         "ICMP errors quoting a NAT connection, translated and forwarded (client side to the backend, backend side to the client).",
         MetricType::COUNTER,
@@ -314,6 +334,7 @@ pub fn global_family(name: &str) -> Option<(&'static str, Option<(&'static str, 
             "conntrack_full" => "weir_conntrack_refused_total",
             "flood_hashed" => "weir_flood_hashed_flows_total",
             "nat_icmp_translated" => "weir_nat_icmp_translated_total",
+            "backend_full_spilled" => "weir_backend_full_spilled_total",
             _ => return None,
         };
         Some((family, None))
@@ -604,6 +625,20 @@ impl DatapathCollector {
                 push(
                     "weir_backend_active_connections",
                     gauge(&pairs, b.active_connections as f64),
+                );
+                push(
+                    "weir_backend_max_connections",
+                    gauge(&pairs, f64::from(b.max_connections)),
+                );
+                let full =
+                    b.max_connections > 0 && b.active_connections >= u64::from(b.max_connections);
+                push(
+                    "weir_backend_full",
+                    gauge(&pairs, f64::from(u8::from(full))),
+                );
+                push(
+                    "weir_backend_turned_away_total",
+                    counter(&pairs, b.turned_away),
                 );
                 push("weir_backend_packets_total", counter(&pairs, b.packets));
                 push("weir_backend_bytes_total", counter(&pairs, b.bytes));
@@ -1016,6 +1051,8 @@ mod tests {
             effective_weight: 3,
             backup: false,
             active_connections: 7,
+            max_connections: 0,
+            turned_away: 0,
             packets,
             bytes: packets * 100,
             new_flows: packets / 10,

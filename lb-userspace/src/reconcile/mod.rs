@@ -17,6 +17,7 @@ use lb_common::{
     MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, SCHED_IP_HASH, VipAddrBits, VipInfo, VipKey,
     addr_bytes, forwarding_is_nat,
     inbound::fragment_key,
+    limits::{CONN_LIMITS_ANY, SpillSet},
     maglev,
     nat::SnatSource,
     rate::{RATE_SOURCE_FLOWS, RATE_VIP_FLOWS, RateLimits},
@@ -142,6 +143,11 @@ pub struct BackendSpec {
     pub ring_weight: u32,
     /// Whether flows already tracked to it keep going there.
     pub up: bool,
+    /// Active connections at which it takes no new flow; 0: no limit.
+    pub max_connections: u32,
+    /// A backup standing by while primaries serve (ring weight 0): it takes the new flows
+    /// that full primaries turn away.
+    pub standby: bool,
 }
 
 /// A backend as the agent tracks it.
@@ -295,6 +301,11 @@ pub struct Balancer<M> {
     /// The VIP address filter as written; `None` until this balancer first wrote it (after
     /// adoption too: the first `apply` writes it whole, replacing whatever was pinned).
     vip_addr_bits: Option<Box<VipAddrBits>>,
+    /// `CONN_LIMITS` as written, by backend id (after adoption empty: each service's next
+    /// write writes its backends' limits whole).
+    conn_limits: BTreeMap<u32, u32>,
+    /// `SPILL_SETS` as written, by service id (likewise).
+    spill_sets: BTreeMap<u32, SpillSet>,
 }
 
 /// The service that IPv4 fragments to each (address, protocol) belong to, by name: where
@@ -358,6 +369,8 @@ impl<M: MapWriter> Balancer<M> {
             rate_limits: BTreeMap::new(),
             rings: RingCache::default(),
             vip_addr_bits: None,
+            conn_limits: BTreeMap::new(),
+            spill_sets: BTreeMap::new(),
         }
     }
 
@@ -643,6 +656,39 @@ impl<M: MapWriter> Balancer<M> {
         Ok(report)
     }
 
+    /// Writes the `CONN_LIMITS` of a service's backends (`backends[i]` is `desired[i]`) and
+    /// its `SPILL_SETS` slot, where they differ from what was written: the spill set lists
+    /// the backends that take new flows, then the standby backups, in config order.
+    fn write_limits(
+        &mut self,
+        service_id: u32,
+        backends: &[BackendState],
+        desired: &[BackendSpec],
+    ) -> Result<(), ApplyError> {
+        for (backend, wanted) in backends.iter().zip(desired) {
+            if self.conn_limits.get(&backend.id) != Some(&wanted.max_connections) {
+                self.maps
+                    .set_conn_limit(backend.id, wanted.max_connections)?;
+                self.conn_limits.insert(backend.id, wanted.max_connections);
+            }
+        }
+        let pairs = || backends.iter().zip(desired);
+        let primaries: Vec<u32> = pairs()
+            .filter(|(b, _)| b.weight > 0)
+            .map(|(b, _)| b.id)
+            .collect();
+        let backups: Vec<u32> = pairs()
+            .filter(|(b, w)| w.standby && w.up && b.weight == 0)
+            .map(|(b, _)| b.id)
+            .collect();
+        let set = SpillSet::new(&primaries, &backups);
+        if self.spill_sets.get(&service_id) != Some(&set) {
+            self.maps.set_spill_set(service_id, &set)?;
+            self.spill_sets.insert(service_id, set);
+        }
+        Ok(())
+    }
+
     fn remove_service(
         &mut self,
         state: ServiceState,
@@ -867,7 +913,12 @@ impl<M: MapWriter> Balancer<M> {
             tcp_idle_timeout_s: service.tcp_idle_timeout_s,
             udp_idle_timeout_s: service.udp_idle_timeout_s,
             rate_limits: service.rate_limit_flags(),
-            _pad: [0; 3],
+            conn_limits: if desired.iter().any(|b| b.max_connections > 0) {
+                CONN_LIMITS_ANY
+            } else {
+                0
+            },
+            _pad: [0; 2],
         };
         // `SERVICES` mirrors `VIPS` by id (tracked flows find their service there): written
         // before the VIP entry, voided before it goes, so it never names a service that
@@ -892,6 +943,9 @@ impl<M: MapWriter> Balancer<M> {
             self.maps.set_rate_limits(state.id, service.rate_limits)?;
             self.rate_limits.insert(state.id, service.rate_limits);
         }
+        // The limits and the spill set likewise, before the flag that makes the datapath
+        // read them: backends joined above, and the set names no backend that goes below.
+        self.write_limits(state.id, &backends, desired)?;
         self.maps.set_service(state.id, info)?;
         self.maps.set_vip(key, info)?;
         report.vips_written += 1;
@@ -954,6 +1008,8 @@ mod tests {
                     port: 0,
                     ring_weight: *weight,
                     up: true,
+                    max_connections: 0,
+                    standby: false,
                 })
                 .collect(),
         }
@@ -1348,6 +1404,70 @@ mod tests {
     }
 
     /// ... and a stale address found in the pins at adoption goes at the first apply.
+    /// Limits reach `CONN_LIMITS` and the VIP's flag; the spill set lists the serving
+    /// backends, then the standby backups that are up; a change rewrites only what changed,
+    /// and a restarted agent rewrites them whole (it cannot know what the pins hold).
+    #[test]
+    fn limits_and_the_spill_set_follow_the_spec() {
+        let limited = |max_b1: u32| {
+            let mut d = spec(&[
+                ("198.51.100.11", 1),
+                ("198.51.100.12", 2),
+                ("198.51.100.13", 0),
+                ("198.51.100.14", 0),
+            ]);
+            let b = &mut d.services[0].backends;
+            b[0].max_connections = max_b1;
+            b[1].max_connections = 3;
+            b[2].standby = true;
+            b[2].max_connections = 3;
+            // A standby backup that is down stands by for nothing.
+            b[3].standby = true;
+            b[3].up = false;
+            d
+        };
+        let mut b = Balancer::new(Recorder::default());
+        b.apply(&spec(&[("198.51.100.11", 1)])).unwrap();
+        assert_eq!(b.maps().vips.values().next().unwrap().conn_limits, 0);
+        b.apply(&limited(3)).unwrap();
+        let ids: Vec<u32> = b
+            .service("web")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|x| x.id)
+            .collect();
+        let m = b.maps();
+        let info = m.vips.values().next().unwrap();
+        assert_eq!(info.conn_limits, CONN_LIMITS_ANY);
+        assert_eq!(m.services[&info.service_id], *info);
+        let maxes: Vec<u32> = ids.iter().map(|id| m.conn_limits[id]).collect();
+        assert_eq!(maxes, [3, 3, 3, 0]);
+        assert_eq!(
+            m.spill_sets[&info.service_id],
+            SpillSet::new(&ids[..2], &ids[2..3])
+        );
+        // One limit changes: one write.
+        let before = b.maps().clone();
+        b.apply(&limited(5)).unwrap();
+        let changed: Vec<_> = b
+            .maps()
+            .conn_limits
+            .iter()
+            .filter(|(id, max)| before.conn_limits.get(id) != Some(max))
+            .collect();
+        assert_eq!(changed, [(&ids[0], &5)]);
+        // Adopted: the next apply writes every limit and the set again.
+        let mut maps = b.maps().clone();
+        maps.conn_limits.clear();
+        maps.spill_sets.clear();
+        let desired = limited(5);
+        let (mut second, _) = readopt(maps, &desired.services);
+        second.apply(&desired).unwrap();
+        assert_eq!(second.maps().conn_limits, b.maps().conn_limits);
+        assert_eq!(second.maps().spill_sets, b.maps().spill_sets);
+    }
+
     #[test]
     fn adoption_removes_a_stale_pre_check_address() {
         let mut first = Balancer::new(Recorder::default());
@@ -1597,6 +1717,12 @@ mod tests {
         fn set_active_connections(&mut self, id: u32, count: i64) -> Result<(), DatapathError> {
             self.inner.set_active_connections(id, count)
         }
+        fn set_conn_limit(&mut self, id: u32, max: u32) -> Result<(), DatapathError> {
+            self.inner.set_conn_limit(id, max)
+        }
+        fn set_spill_set(&mut self, id: u32, set: &SpillSet) -> Result<(), DatapathError> {
+            self.inner.set_spill_set(id, set)
+        }
     }
 
     /// Review finding: a failed write dropped the service's state, leaking its ids, and the
@@ -1619,6 +1745,8 @@ mod tests {
             port: 0,
             ring_weight: 1,
             up: true,
+            max_connections: 0,
+            standby: false,
         });
         assert!(b.apply(&four).is_err());
         let kept = b.service("web").expect("the service is still known");
