@@ -24,9 +24,15 @@
 //!
 //! The last balancer row runs on every CPU at once (a thread pinned to each, all on the same
 //! maps): new TCP flows from `weir_bench_gen`, each CPU walking its own share of 65,536
-//! source ports, so every run inserts into the connection table as a SYN flood spread by
-//! RSS would; it prices the table's shared state (the LRU lists, the bucket locks), which a
-//! single CPU never contends for. Its figure is the median over the CPUs of each one's mean.
+//! source ports, so every run inserts into the half-open table (an LRU) as a SYN flood
+//! spread by RSS would; it prices the table's shared state (the LRU lists, the bucket
+//! locks), which a single CPU never contends for. Its figure is the median over the CPUs of
+//! each one's mean: 1e9 over it is the SYN-flood throughput of one core.
+//!
+//! The rate-limit rows: a service whose limits no bench packet reaches, whose established
+//! packets price an idle limiter (tracked packets never reach it) and whose SYNs the limit
+//! check with its `cmpxchg`; and a service limited to one new flow a second per source,
+//! whose SYNs after the first are dropped by the limit: the cost of a flood it holds.
 //!
 //! The table goes to stdout and to docs/BENCHMARKS.md.
 //!
@@ -111,6 +117,21 @@ fn bench_config() -> ConfigBuilder {
             ServiceBuilder::new("udp4-big", vip(15), 53, "udp"),
             &three[..1],
         ))
+        // Rate limits: one far above any rate the bench makes (its established packets
+        // price an idle limiter), one of a flow a second (its SYNs price a flood dropped
+        // by the limit).
+        .service(
+            with(ServiceBuilder::new("limited", vip(16), 80, "tcp"), &three).raw(
+                "rate_limit",
+                "{ new_flows_per_source = 10000000, new_flows_per_vip = 10000000 }",
+            ),
+        )
+        .service(
+            with(ServiceBuilder::new("flooded", vip(17), 80, "tcp"), &three).raw(
+                "rate_limit",
+                "{ new_flows_per_source = 1, source_burst = 1 }",
+            ),
+        )
         .service(with(
             ServiceBuilder::new(
                 "tcp6",
@@ -392,6 +413,9 @@ fn main() {
         let at_mtu = frame(0x0800, &ipv4(big, 17, &udp_sized(40005, 53, 1480 - 28)));
         let too_big4 = frame(0x0800, &ipv4(big, 17, &udp_sized(40006, 53, 1500 - 28)));
         let too_big6 = frame(0x86dd, &ipv6(0x10, 6, &tcp_sized(40007, 80, 1500 - 60)));
+        let limited_ack = frame(0x0800, &ipv4([203, 0, 113, 16], 6, &tcp(40008, 80, 0x10)));
+        let limited_syn = frame(0x0800, &ipv4([203, 0, 113, 16], 6, &tcp(40009, 80, 0x02)));
+        let flooded_syn = frame(0x0800, &ipv4([203, 0, 113, 17], 6, &tcp(40013, 80, 0x02)));
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x06]);
         arp.resize(60, 0);
@@ -440,9 +464,27 @@ fn main() {
                 XDP_TX,
             ),
             (
+                "TCP SYN, new flow, rate-limited service (under its limits)",
+                prog_name::BENCH,
+                &limited_syn,
+                XDP_TX,
+            ),
+            (
+                "TCP SYN over a per-source rate limit: dropped",
+                prog_name::BENCH,
+                &flooded_syn,
+                XDP_DROP,
+            ),
+            (
                 "TCP established (table hit), tunnel",
                 prog_name::BENCH,
                 &ack,
+                XDP_TX,
+            ),
+            (
+                "TCP established, tunnel, service with rate limits (idle limiter)",
+                prog_name::BENCH,
+                &limited_ack,
                 XDP_TX,
             ),
             ("UDP (table hit), tunnel", prog_name::BENCH, &udp4, XDP_TX),
