@@ -177,6 +177,8 @@ struct Balancer {
     socket: PathBuf,
     bpffs: PathBuf,
     config: PathBuf,
+    /// The agent's audit log, in the test's directory (never the host's default).
+    audit: PathBuf,
     agent: Option<ChildGuard>,
     bird: Option<Bird>,
 }
@@ -325,6 +327,7 @@ impl Fleet {
                 .conntrack_entries(65536)
                 .api_socket(&socket)
                 .state_file(&dir.join("state.json"))
+                .audit_log(&dir.join("audit.jsonl"))
                 .bpffs(&bpffs)
                 .announce(DEVICE, TABLE)
                 .service(web_service());
@@ -337,6 +340,7 @@ impl Fleet {
                 socket,
                 bpffs,
                 config: config_path,
+                audit: dir.join("audit.jsonl"),
                 agent: None,
                 bird: Some(bird),
             });
@@ -759,6 +763,25 @@ fn balancers_behind_ecmp_announce_withdraw_and_keep_flows() {
     fleet.wait_next_hops(&[0, 1], Duration::from_secs(5));
     let resumed = t.elapsed();
     thread::sleep(Duration::from_millis(300));
+    // Both commands and the route changes they made are in the balancer's audit log.
+    let audit = fs::read_to_string(&fleet.balancers[1].audit).expect("audit log");
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+        .collect();
+    let what = |w: &str| lines.iter().filter(|l| l["what"] == w).collect::<Vec<_>>();
+    assert_eq!(what("announce_withdraw").len(), 1, "{audit}");
+    assert_eq!(what("announce_resume").len(), 1, "{audit}");
+    let vip = VIP_V4.to_string();
+    let routes: Vec<bool> = what("announcement")
+        .iter()
+        .filter(|l| l["target"] == vip.as_str())
+        .map(|l| l["after"]["announced"].as_bool().expect("announced"))
+        .collect();
+    assert!(
+        routes.ends_with(&[false, true]),
+        "the withdrawal and the return of the VIP's route: {routes:?}\n{audit}"
+    );
     // SIGTERM withdraws before the agent exits.
     let t = Instant::now();
     let status = fleet.balancers[1]
