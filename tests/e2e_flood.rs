@@ -61,7 +61,7 @@ impl IdleEchoServers {
             threads.push(common::spawn_in_netns(ns, "idle-echo", move || {
                 common::accept_until_stopped(&listener, &stop, "idle echo", |s| {
                     let stop = stop.clone();
-                    thread::spawn(move || echo_until_stopped(s, &stop))
+                    thread::spawn(move || common::echo_until_stopped(s, &stop))
                 });
             })?);
         }
@@ -74,27 +74,6 @@ impl Drop for IdleEchoServers {
         self.stop.store(true, Ordering::SeqCst);
         for h in self.threads.drain(..) {
             let _ = h.join();
-        }
-    }
-}
-
-fn echo_until_stopped(mut s: TcpStream, stop: &AtomicBool) {
-    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 16384];
-    while !stop.load(Ordering::SeqCst) {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
         }
     }
 }
@@ -383,6 +362,19 @@ fn floods_of_spoofed_tuples_evict_no_connection() {
                 emptied.is_some_and(|v| v <= 100.0),
                 "the unconfirmed entries expired: {emptied:?}"
             );
+            // `weir status` shows the tables as the last walk found them.
+            let resp = topo
+                .api(&weir::api::Request::Status {})
+                .expect("API status");
+            let status: weir::api::Status = resp.data.expect("data").try_into().expect("status");
+            let ct = status
+                .conntrack
+                .expect("the connection tables in weir status");
+            assert_eq!(
+                (ct.capacity, ct.half_open_capacity),
+                (u64::from(TABLE), 1024)
+            );
+            assert!(ct.refused > 0 && ct.entries <= 100, "{ct:?}");
             let expired = gauge(
                 &topo,
                 "weir_conntrack_expired_total",

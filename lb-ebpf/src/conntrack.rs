@@ -4,6 +4,7 @@
 //! connection.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     BACKEND_UP, BackendInfo, FLOOD_HOLD_NS, FLOW_CLOSED, FLOW_CONFIRMED, FLOW_COUNTED,
     FLOW_VIA_PORT0, FlowKey, FlowValue, HALF_OPEN_TIMEOUT_NS, LAST_SEEN_GRANULARITY_NS, PROTO_TCP,
@@ -12,6 +13,7 @@ use lb_common::{
 
 use crate::{
     maps::{BACKEND_CONNS, BACKENDS, CONNTRACK, FLOOD_STATE, GLOBAL, HALF_OPEN},
+    nat::EEXIST,
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     sched::schedule,
     stats::{Exit, Stats, bump, drop},
@@ -137,13 +139,18 @@ pub(crate) fn backend_for(
                 // is no active connection.
                 flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED } | (h.flags & FLOW_VIA_PORT0),
             };
-            if CONNTRACK.insert(&p.key, &value, 0).is_ok() {
-                bump(stats, stat::FLOW_ESTABLISHED);
-                if !is_end {
-                    add_conns(id, 1);
+            // `BPF_NOEXIST`: of two CPUs establishing one flow at once, one counts it.
+            match CONNTRACK.insert(&p.key, &value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => {
+                    bump(stats, stat::FLOW_ESTABLISHED);
+                    if !is_end {
+                        add_conns(id, 1);
+                    }
+                    let _ = HALF_OPEN.remove(&p.key);
+                    return Ok((id, backend, false));
                 }
-                let _ = HALF_OPEN.remove(&p.key);
-                return Ok((id, backend, false));
+                Err(e) if e == -EEXIST => return Ok((id, backend, false)),
+                Err(_) => {}
             }
             // Full: the flow keeps its backend through this entry (refreshed), and this
             // CPU's new flows go by the hash, which needs no entry.

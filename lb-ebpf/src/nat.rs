@@ -54,7 +54,8 @@ pub(crate) const NAT_DST: u8 = 1;
 /// `NAT_CT` says so).
 pub(crate) const NAT_SRC: u8 = 2;
 
-const EEXIST: i32 = 17;
+/// `EEXIST`: a `BPF_NOEXIST` insert whose key another CPU inserted first.
+pub(crate) const EEXIST: i32 = 17;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 

@@ -1854,11 +1854,17 @@ fn id_tcp_accept_loop(
 
 /// Sends the index, then echoes until EOF, an error, or the stop flag.
 fn id_tcp_conn(mut s: TcpStream, index: u8, stop: &AtomicBool) {
-    let _ = s.set_read_timeout(Some(POLL));
     let _ = s.set_write_timeout(Some(Duration::from_secs(3)));
     if s.write_all(&[index]).is_err() {
         return;
     }
+    echo_until_stopped(s, stop);
+}
+
+/// Echoes until EOF, an error, or the stop flag, however long the connection idles (the
+/// stop flag is looked at every `POLL`).
+pub fn echo_until_stopped(mut s: TcpStream, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(POLL));
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::SeqCst) {
         match s.read(&mut buf) {

@@ -264,6 +264,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         unsettled: std::collections::HashSet::new(),
         settle_deadline: None,
         nat_table: None,
+        conntrack_table: None,
         audit: audit.clone(),
     };
     let report = agent.sync()?;

@@ -151,6 +151,8 @@ pub struct Agent {
     pub settle_deadline: Option<Instant>,
     /// What the last walk of the NAT table measured (`weir status`); `None` before it.
     pub nat_table: Option<NatTableGauges>,
+    /// What the last walk of the connection tables measured (`weir status`).
+    pub conntrack_table: Option<ConntrackGauges>,
     /// Where every change is recorded (never blocks).
     pub audit: AuditLog,
 }
@@ -731,6 +733,7 @@ impl Agent {
                 tracing::debug!(expired = ?conntrack.expired, "expired connection-table entries deleted");
             }
             self.metrics.set_conntrack(conntrack);
+            self.conntrack_table = Some(conntrack);
         }
         if let Some(entries) = result.nat_entries {
             let gauges = self.nat_gauges(entries, &result.nat_pairs, &result.snat);
@@ -1295,6 +1298,23 @@ impl Agent {
                 snat: t.snat.clone(),
             }),
             announce: self.announce_status(),
+            conntrack: self.conntrack_table.map(|t| {
+                let global = self.balancer.maps().global().ok();
+                let counter = |i: u32| {
+                    global
+                        .as_ref()
+                        .and_then(|g| g.get(i as usize).copied())
+                        .unwrap_or(0)
+                };
+                api::ConntrackStatus {
+                    entries: t.entries,
+                    capacity: t.capacity,
+                    half_open: t.half_open,
+                    half_open_capacity: t.half_open_capacity,
+                    refused: counter(stat::CONNTRACK_FULL),
+                    flood_hashed: counter(stat::FLOOD_HASHED),
+                }
+            }),
         }
     }
 

@@ -504,6 +504,26 @@ pub struct Status {
     /// The NAT table as the last walk found it; `None` before the first walk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatStatus>,
+    /// The connection tables as the last walk found them; `None` before the first walk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackStatus>,
+}
+
+/// The connection tables (README, "Floods") in `weir status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackStatus {
+    /// Established entries and the table's capacity (it never evicts: full, new flows get
+    /// no entry).
+    pub entries: u64,
+    pub capacity: u64,
+    /// Half-open entries (an LRU) and its capacity.
+    pub half_open: u64,
+    pub half_open_capacity: u64,
+    /// Packets of flows refused an established entry because the table was full
+    /// (`conntrack_full`), and new flows scheduled by the hash in flood mode
+    /// (`flood_hashed`), since the datapath was created.
+    pub refused: u64,
+    pub flood_hashed: u64,
 }
 
 /// What the agent hands BIRD to announce (`[announce]`): the routes of its TUN device.
@@ -1014,6 +1034,7 @@ mod tests {
             inconsistent: None,
             announce: None,
             nat: None,
+            conntrack: None,
         }
     }
 

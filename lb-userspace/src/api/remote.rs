@@ -344,6 +344,7 @@ mod tests {
             inconsistent: None,
             announce: None,
             nat: None,
+            conntrack: None,
         }
     }
 

@@ -88,6 +88,7 @@ pub(super) fn sample_status() -> Status {
         inconsistent: None,
         announce: None,
         nat: None,
+        conntrack: None,
     }
 }
 

@@ -222,6 +222,23 @@ pub fn render_status(status: &Status, now: u64, out: &mut dyn Write) -> io::Resu
         ),
         ("last reload", last_reload),
     ];
+    let mut lines = Vec::from(lines);
+    if let Some(ct) = &status.conntrack {
+        lines.push((
+            "connections",
+            format!(
+                "{} of {} established ({}), {} of {} half-open; {} refused an entry (table \
+                 full), {} new flows by the hash (flood mode)",
+                ct.entries,
+                ct.capacity,
+                percent(ct.entries, ct.capacity),
+                ct.half_open,
+                ct.half_open_capacity,
+                ct.refused,
+                ct.flood_hashed,
+            ),
+        ));
+    }
     let width = lines.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
     for (key, value) in lines {
         writeln!(out, "{key:<width$}  {value}")?;
@@ -995,6 +1012,30 @@ VIP           ANNOUNCED  REASON     SINCE
 203.0.113.10  no         withdrawn  1m 5s ago
 "
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_rendering_with_the_connection_tables() {
+        let status = Status {
+            conntrack: Some(crate::api::ConntrackStatus {
+                entries: 4096,
+                capacity: 4096,
+                half_open: 512,
+                half_open_capacity: 1024,
+                refused: 46_475,
+                flood_hashed: 3,
+            }),
+            ..sample_status()
+        };
+        let text = render(|out| render_status(&status, 1_065, out));
+        assert!(
+            text.lines().any(|l| l.starts_with("connections")
+                && l.ends_with(
+                    "4096 of 4096 established (100.0%), 512 of 1024 half-open; 46475 refused \
+                     an entry (table full), 3 new flows by the hash (flood mode)"
+                )),
             "{text}"
         );
     }
