@@ -127,29 +127,33 @@ pub(crate) fn backend_for(
             && let Some(backend) = honoured(h, vip.service_id)
         {
             let id = h.backend_id;
-            if is_rst {
-                let _ = HALF_OPEN.remove(&p.key);
-                return Ok((id, backend, false));
-            }
             let value = FlowValue {
                 backend_id: id,
                 generation: h.generation,
                 last_seen_ns: now,
-                // A FIN before anything else: the close goes to the same backend, but it
-                // is no active connection.
+                // A FIN or RST before anything else: the close goes to the same backend,
+                // but it is no active connection (the agent deletes the entry in 10 s).
                 flags: if is_end { FLOW_CLOSED } else { FLOW_COUNTED } | (h.flags & FLOW_VIA_PORT0),
             };
-            // `BPF_NOEXIST`: of two CPUs establishing one flow at once, one counts it.
+            // `BPF_NOEXIST`: of two CPUs establishing one flow at once, one counts it; and a
+            // close racing the handshake's ACK on another CPU (a client that connects and
+            // resets at once) either lands first, so the ACK finds the entry and counts
+            // nothing, or finds the ACK's entry and releases it.
             match CONNTRACK.insert(&p.key, &value, u64::from(BPF_NOEXIST)) {
                 Ok(()) => {
-                    bump(stats, stat::FLOW_ESTABLISHED);
                     if !is_end {
+                        bump(stats, stat::FLOW_ESTABLISHED);
                         add_conns(id, 1);
                     }
                     let _ = HALF_OPEN.remove(&p.key);
                     return Ok((id, backend, false));
                 }
-                Err(e) if e == -EEXIST => return Ok((id, backend, false)),
+                Err(e) if e == -EEXIST => {
+                    if is_end && let Some(theirs) = CONNTRACK.get_ptr_mut(&p.key) {
+                        release(theirs);
+                    }
+                    return Ok((id, backend, false));
+                }
                 Err(_) => {}
             }
             // Full: the flow keeps its backend through this entry (refreshed), and this
