@@ -2019,28 +2019,34 @@ mod tests {
         assert_eq!(check_port(service, service.backends[0].port), 9000);
     }
 
-    #[test]
-    fn only_live_counted_entries_of_the_current_generation_count() {
-        let backends: HashMap<u32, BackendTimeouts> = [(
+    /// Backend 3 in generation 2: TCP flows idle out after 900 s, UDP ones after `udp_ns`.
+    fn backend_3(udp_ns: u64) -> HashMap<u32, BackendTimeouts> {
+        [(
             3,
             BackendTimeouts {
                 generation: 2,
                 up: true,
                 tcp_ns: 900_000_000_000,
-                udp_ns: 10_000_000_000,
+                udp_ns,
             },
         )]
         .into_iter()
-        .collect();
+        .collect()
+    }
+
+    fn tcp_and_udp_keys() -> (FlowKey, FlowKey) {
+        let key = |proto| FlowKey {
+            proto,
+            ..FlowKey::default()
+        };
+        (key(PROTO_TCP), key(PROTO_UDP))
+    }
+
+    #[test]
+    fn only_live_counted_entries_of_the_current_generation_count() {
+        let backends = backend_3(10_000_000_000);
         let now = 1_000_000_000_000;
-        let tcp = FlowKey {
-            proto: PROTO_TCP,
-            ..FlowKey::default()
-        };
-        let udp = FlowKey {
-            proto: PROTO_UDP,
-            ..FlowKey::default()
-        };
+        let (tcp, udp) = tcp_and_udp_keys();
         let live = FlowValue {
             backend_id: 3,
             generation: 2,
@@ -2079,26 +2085,9 @@ mod tests {
     /// confirmed, open entry stays however long it idles within its timeout.
     #[test]
     fn expiry_of_established_entries() {
-        let backends: HashMap<u32, BackendTimeouts> = [(
-            3,
-            BackendTimeouts {
-                generation: 2,
-                up: true,
-                tcp_ns: 900_000_000_000,
-                udp_ns: 30_000_000_000,
-            },
-        )]
-        .into_iter()
-        .collect();
+        let backends = backend_3(30_000_000_000);
         let now = 2_000_000_000_000;
-        let tcp = FlowKey {
-            proto: PROTO_TCP,
-            ..FlowKey::default()
-        };
-        let udp = FlowKey {
-            proto: PROTO_UDP,
-            ..FlowKey::default()
-        };
+        let (tcp, udp) = tcp_and_udp_keys();
         let s = 1_000_000_000;
         let entry = |idle_s: u64, flags: u64| FlowValue {
             backend_id: 3,
