@@ -2,7 +2,10 @@
 //! `weir_bench_too_big`): restoring the packet template between runs and varying the
 //! generator's flows. The balancing they measure is `balance::run`, unchanged.
 use aya_ebpf::{
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
+    bindings::xdp_action,
+    helpers::generated::{
+        bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
+    },
     programs::XdpContext,
 };
 use lb_common::{
@@ -12,7 +15,7 @@ use lb_common::{
 
 use crate::{
     forward::nexthop::fib_next_hop,
-    maps::{BACKENDS, BENCH_GEN, BENCH_GEN_SEQ, BENCH_TEMPLATE, ICMP_BUCKETS},
+    maps::{BACKENDS, BENCH_GEN, BENCH_GEN_PORTS, BENCH_GEN_SEQ, BENCH_TEMPLATE, ICMP_BUCKETS},
     parse::ptr_at,
 };
 
@@ -103,7 +106,9 @@ pub(crate) fn try_bench_fib(ctx: &XdpContext) -> Result<(), ()> {
 }
 
 /// Restores the template, then writes the next of `BENCH_GEN[1]` flows into the packet.
-/// Returns the configured action: `BENCH_GEN_BALANCE` or an XDP action.
+/// Returns the configured action: `BENCH_GEN_BALANCE` or an XDP action. `XDP_REDIRECT`
+/// sends flow `n` out of interface `n % BENCH_GEN[4]` of `BENCH_GEN[5..]`, as a balancer
+/// spreads its flows over backends behind those interfaces, with no balancing.
 #[inline(always)]
 pub(crate) fn try_bench_gen(ctx: &XdpContext) -> Result<u32, ()> {
     let (Some(action), Some(flows), Some(offset), Some(base)) = (
@@ -127,6 +132,15 @@ pub(crate) fn try_bench_gen(ctx: &XdpContext) -> Result<u32, ()> {
     let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, field.as_mut_ptr().cast(), 2) };
     if rc != 0 {
         return Err(());
+    }
+    if action == xdp_action::XDP_REDIRECT {
+        let ports = *BENCH_GEN.get(4).ok_or(())?;
+        if ports == 0 || ports > BENCH_GEN_PORTS {
+            return Err(());
+        }
+        let ifindex = *BENCH_GEN.get(5 + n % ports).ok_or(())?;
+        // SAFETY: a helper without pointer arguments; it only records the target.
+        return Ok(unsafe { bpf_redirect(ifindex, 0) } as u32);
     }
     Ok(action)
 }

@@ -102,11 +102,13 @@ use crate::{
 };
 
 #[xdp]
+#[inline(always)]
 pub fn weir_balancer(ctx: XdpContext) -> u32 {
     balance::run(&ctx)
 }
 
 #[xdp]
+#[inline(always)]
 pub fn weir_decap(ctx: XdpContext) -> u32 {
     let stats = STATS.get_ptr_mut(0);
     let action = match decap::try_decap(&ctx) {
@@ -133,6 +135,7 @@ pub fn weir_pass(_ctx: XdpContext) -> u32 {
 /// trims whatever the previous run prepended, copies the template back, then runs exactly
 /// the balancer's code.
 #[xdp]
+#[inline(always)]
 pub fn weir_bench(ctx: XdpContext) -> u32 {
     if bench::restore_template(&ctx).is_err() {
         return xdp_action::XDP_ABORTED;
@@ -144,6 +147,7 @@ pub fn weir_bench(ctx: XdpContext) -> u32 {
 /// instead of forwarding, whose rewrite (trimmed, headers prepended) the restoration undoes
 /// and whose rate limit it lifts for the run (`bench::restore_too_big`).
 #[xdp]
+#[inline(always)]
 pub fn weir_bench_too_big(ctx: XdpContext) -> u32 {
     if bench::restore_too_big(&ctx).is_err() {
         return xdp_action::XDP_ABORTED;
@@ -168,6 +172,7 @@ pub fn weir_bench_fib(ctx: XdpContext) -> u32 {
 /// balances it or returns the configured action (`XDP_DROP`: the generator's ceiling;
 /// `XDP_PASS`: the frame enters the kernel's stack as if received on the ingress interface).
 #[xdp]
+#[inline(always)]
 pub fn weir_bench_gen(ctx: XdpContext) -> u32 {
     match bench::try_bench_gen(&ctx) {
         Ok(bench::BENCH_GEN_BALANCE) => balance::run(&ctx),

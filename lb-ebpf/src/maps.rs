@@ -171,9 +171,14 @@ pub(crate) static DECAP_LOCAL: HashMap<VipKey, u32> =
 
 /// `weir_bench_gen`'s settings, written by `cargo xtask bench packets`: the action
 /// (`BENCH_GEN_BALANCE`, or an XDP action returned as is), the number of flows, the byte
-/// offset of the 16-bit field that tells flows apart (a source port), and its first value.
+/// offset of the 16-bit field that tells flows apart (a source port), and its first value;
+/// for the action `XDP_REDIRECT` (the floor of a balancer with backends behind other
+/// interfaces), the number of interfaces and their indexes (`BENCH_GEN[4]`, `[5..]`).
 #[map]
-pub(crate) static BENCH_GEN: Array<u32> = Array::with_max_entries(4, 0);
+pub(crate) static BENCH_GEN: Array<u32> = Array::with_max_entries(4 + 1 + BENCH_GEN_PORTS, 0);
+
+/// The most interfaces `weir_bench_gen`'s redirect floor spreads its frames over.
+pub(crate) const BENCH_GEN_PORTS: u32 = 4;
 
 /// `weir_bench_gen`'s flow counter, one per CPU.
 #[map]
