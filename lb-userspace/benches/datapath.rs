@@ -41,7 +41,20 @@
 //! the doc is left alone), `--object PATH` (an eBPF object built elsewhere instead of the
 //! one embedded, for trying a datapath change without rebuilding the bench; the doc is
 //! left alone), `--min` (report the fastest round instead of the median: on a machine
-//! shared with other work, the round least disturbed; the doc is left alone).
+//! shared with other work, the round least disturbed; the doc is left alone), `--katran
+//! PATH` (or `WEIR_KATRAN_SRC=PATH`: a Katran checkout, the directory holding `katran/lib`;
+//! see below).
+//!
+//! Katran side by side: given a checkout, the bench builds Katran's balancer behind the same
+//! template restoration (`katran/bench_wrapper.c`, `katran/mod.rs`: clang-19, Katran's
+//! default switches, IPIP; per-CPU LRUs) and runs Katran's rows in the same rounds as
+//! Weir's, on the same frames, each output checked once (XDP_TX, an outer header to a
+//! real, the inner packet untouched); then a table of Weir's cost over its template copy
+//! divided by Katran's over its own, with issue 10's targets. The Katran rows go to stdout
+//! only; the doc's table stays Weir's.
+
+#[path = "katran/mod.rs"]
+mod katran;
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -359,11 +372,28 @@ fn main() {
         arg("--only").map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
     let object = arg("--object");
     let min = std::env::args().any(|a| a == "--min");
+    let katran_src = katran::source(arg("--katran"));
+    let katran_object = katran_src.as_deref().map(|src| {
+        let bytes = katran::build(src).expect("building Katran (see katran/mod.rs)");
+        println!(
+            "Katran: {} (commit {}), built with clang-19 -O2 -g -target bpf, default switches (IPIP)",
+            src.display(),
+            katran::describe(src)
+        );
+        bytes
+    });
+    if katran_object.is_none() {
+        println!(
+            "Katran rows skipped: give a Katran checkout with `-- --katran PATH` or WEIR_KATRAN_SRC=PATH \
+             (PATH holds katran/lib; e.g. `git -C <katran repo> archive HEAD katran/lib | tar -x -C /tmp/katran-src`) \
+             and install clang-19"
+        );
+    }
     let ns = common::Netns::create(&common::prefix("bdp")).expect("namespace");
     let n = ns.name().to_owned();
     common::lab_namespace(&n).expect("lab namespace");
 
-    let rows = common::in_netns(&n, || {
+    let (rows, katran_rows) = common::in_netns(&n, || {
         let cfg = config::parse(&bench_config().render(), Path::new("bench.toml")).expect("config");
         let mut ebpf = match &object {
             Some(path) => {
@@ -423,6 +453,29 @@ fn main() {
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x06]);
         arp.resize(60, 0);
+
+        // Katran on the same frames: (name, frame, action, whether it is tunnelled).
+        let mut katran = katran_object.as_deref().map(|object| {
+            katran::Katran::load(object, &KATRAN_REALS, &katran_vips()).expect("Katran")
+        });
+        let mut katran_cases: Vec<(&str, &[u8], u32, bool)> = vec![
+            (KATRAN_COPY, &arp, XDP_PASS, false),
+            ("Katran non-VIP IPv4 TCP, passed", &non_vip, XDP_PASS, false),
+            (KATRAN_SYN, &syn, XDP_TX, true),
+            (KATRAN_ESTABLISHED, &ack, XDP_TX, true),
+            (KATRAN_UDP, &udp4, XDP_TX, true),
+            (KATRAN_V6, &v6, XDP_TX, true),
+        ];
+        katran_cases.retain(|(name, ..)| {
+            katran.is_some()
+                && (*name == KATRAN_COPY
+                    || only
+                        .as_ref()
+                        .is_none_or(|o| o.iter().any(|w| name.contains(w.as_str()))))
+        });
+        if let Some(k) = katran.as_mut() {
+            katran_check(k, &katran_cases, g0);
+        }
 
         let mut cases: Vec<(&str, &str, &[u8], u32)> = vec![
             (
@@ -543,11 +596,34 @@ fn main() {
         // Rounds interleaved over the cases, so that a slow spell of a shared machine
         // spreads over all of them instead of skewing one.
         let mut samples = vec![Vec::with_capacity(rounds); cases.len()];
+        let mut katran_samples = vec![Vec::with_capacity(rounds); katran_cases.len()];
         for _ in 0..rounds {
             for (i, (_, program, input, want)) in cases.iter().enumerate() {
                 samples[i].push(b.measure_once(program, input, *want));
             }
+            if let Some(k) = katran.as_mut() {
+                for (i, (name, input, want, _)) in katran_cases.iter().enumerate() {
+                    k.set_template(input).expect("Katran template");
+                    let runner = common::test_run::XdpRunner::new(&k.ebpf, katran::PROGRAM, g0)
+                        .expect("program");
+                    let (action, duration) = runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
+                    assert_eq!(action, *want, "{name}: unexpected XDP action");
+                    katran_samples[i].push(duration);
+                }
+            }
         }
+        let katran_rows: Option<Vec<(String, f64)>> = katran.as_ref().map(|k| {
+            let fallback = k.fallback_lru_runs().expect("Katran stats");
+            assert_eq!(
+                fallback, 0,
+                "Katran used fallback_cache instead of its per-CPU LRUs"
+            );
+            katran_cases
+                .iter()
+                .zip(std::mem::take(&mut katran_samples))
+                .map(|((name, ..), s)| ((*name).to_owned(), b.pick(s)))
+                .collect()
+        });
         let mut rows: Vec<(String, f64)> = cases
             .iter()
             .zip(samples)
@@ -561,7 +637,7 @@ fn main() {
             let ns = b.measure_parallel(&syn);
             rows.push((parallel.to_owned(), ns));
         }
-        rows
+        (rows, katran_rows)
     });
 
     let floor = rows[0].1;
@@ -585,6 +661,9 @@ fn main() {
         );
     }
     println!("{table}");
+    if let Some(k) = &katran_rows {
+        println!("{}", katran_tables(&rows, k, floor, copy));
+    }
     if only.is_none() && object.is_none() && !min {
         write_doc(&table, rounds);
     }
@@ -627,4 +706,152 @@ fn write_doc(table: &str, rounds: usize) {
     } else {
         println!("written to {}", path.display());
     }
+}
+
+/// Katran's rows (see the module documentation).
+const KATRAN_COPY: &str = "Katran template copy only (ARP, passed)";
+const KATRAN_SYN: &str = "Katran TCP SYN, new flow (CH + LRU update), IPIP";
+const KATRAN_ESTABLISHED: &str = "Katran TCP established (LRU hit), IPIP";
+const KATRAN_UDP: &str = "Katran UDP (LRU hit), IPIP";
+const KATRAN_V6: &str = "Katran IPv6 TCP established (LRU hit), 6in6";
+
+/// Katran's reals, ids 1 to 5: Weir's backends of the `tcp4`/`udp4` and `tcp6` services.
+const KATRAN_REALS: [katran::Real; 5] = [
+    katran::Real::V4(Ipv4Addr::new(198, 51, 100, 11)),
+    katran::Real::V4(Ipv4Addr::new(198, 51, 100, 12)),
+    katran::Real::V4(Ipv4Addr::new(198, 51, 100, 13)),
+    katran::Real::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11)),
+    katran::Real::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x12)),
+];
+
+/// Katran's VIPs: Weir's `tcp4`, `udp4` and `tcp6` services, the addresses of its frames.
+fn katran_vips() -> Vec<katran::Vip> {
+    let v4 = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+    vec![
+        katran::Vip {
+            addr: v4,
+            port: 80,
+            proto: 6,
+            reals: vec![1, 2, 3],
+        },
+        katran::Vip {
+            addr: v4,
+            port: 53,
+            proto: 17,
+            reals: vec![1, 2, 3],
+        },
+        katran::Vip {
+            addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10)),
+            port: 80,
+            proto: 6,
+            reals: vec![4, 5],
+        },
+    ]
+}
+
+/// Runs each Katran case once on every CPU (so that each CPU's LRU holds the flows before
+/// the timing, as it would in production after the flow's first packet), then checks one
+/// output per case: the action, and for tunnelled cases the encapsulation.
+fn katran_check(k: &mut katran::Katran, cases: &[(&str, &[u8], u32, bool)], g0: u32) {
+    let cpus = nr_cpus().expect("number of CPUs");
+    for (name, input, want, tunnelled) in cases {
+        k.set_template(input).expect("Katran template");
+        let ebpf = &k.ebpf;
+        std::thread::scope(|s| {
+            for cpu in 0..cpus {
+                s.spawn(move || {
+                    pin_to(cpu);
+                    let runner = common::test_run::XdpRunner::new(ebpf, katran::PROGRAM, g0)
+                        .expect("program");
+                    let (action, _) = runner.run(input).expect("BPF_PROG_TEST_RUN");
+                    assert_eq!(action, *want, "{name}: unexpected XDP action on CPU {cpu}");
+                });
+            }
+        });
+        let runner =
+            common::test_run::XdpRunner::new(&k.ebpf, katran::PROGRAM, g0).expect("program");
+        let (action, out) = runner.run(input).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(action, *want, "{name}: unexpected XDP action");
+        if *tunnelled {
+            match katran::check_encap(input, &out, &KATRAN_REALS) {
+                Ok(real) => println!("{name}: XDP_TX to {real}, output checked"),
+                Err(e) => panic!("{name}: wrong output: {e:#}"),
+            }
+        } else {
+            assert_eq!(out, *input, "{name}: a passed frame was changed");
+        }
+    }
+}
+
+/// Katran's rows against the floor and its own template copy, then Weir's cost over its
+/// template copy divided by Katran's over its own, per packet kind, with issue 10's targets.
+fn katran_tables(
+    weir: &[(String, f64)],
+    katran: &[(String, f64)],
+    floor: f64,
+    copy: f64,
+) -> String {
+    let find = |rows: &[(String, f64)], name: &str| {
+        rows.iter().find(|(n, _)| n == name).map(|(_, ns)| *ns)
+    };
+    let k_copy = find(katran, KATRAN_COPY).expect("Katran's template copy always runs");
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| Katran case (its per-CPU LRUs) | ns/packet | over floor | over Katran's template copy |"
+    );
+    let _ = writeln!(t, "|---|---:|---:|---:|");
+    for (name, ns) in katran {
+        let _ = writeln!(
+            t,
+            "| {name} | {ns:.1} | {:+.1} | {:+.1} |",
+            ns - floor,
+            ns - k_copy
+        );
+    }
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "| packet | Weir over its copy | Katran over its copy | Weir / Katran | issue 10 target |"
+    );
+    let _ = writeln!(t, "|---|---:|---:|---:|---|");
+    let kinds = [
+        (
+            "established IPv4 TCP, tunnel",
+            "TCP established (table hit), tunnel",
+            KATRAN_ESTABLISHED,
+            Some(0.8),
+        ),
+        (
+            "SYN, new flow, tunnel",
+            "TCP SYN, new flow, maglev (scheduler + insert), tunnel",
+            KATRAN_SYN,
+            Some(1.0),
+        ),
+        ("UDP, tunnel", "UDP (table hit), tunnel", KATRAN_UDP, None),
+        (
+            "IPv6 TCP established, 6in6",
+            "IPv6 TCP established, tunnel",
+            KATRAN_V6,
+            None,
+        ),
+        (
+            "non-VIP IPv4 TCP, passed",
+            "non-VIP IPv4 TCP, passed",
+            "Katran non-VIP IPv4 TCP, passed",
+            None,
+        ),
+    ];
+    for (kind, w, k, target) in kinds {
+        let (Some(w), Some(k)) = (find(weir, w), find(katran, k)) else {
+            continue;
+        };
+        let (w, k) = (w - copy, k - k_copy);
+        let ratio = w / k;
+        let target = target.map_or_else(String::new, |t: f64| {
+            format!("≤ {t:.1}: {}", if ratio <= t { "met" } else { "not met" })
+        });
+        let _ = writeln!(t, "| {kind} | {w:.1} | {k:.1} | {ratio:.2} | {target} |");
+    }
+    t
 }

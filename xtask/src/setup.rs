@@ -44,6 +44,23 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tshark",
 ];
 
+/// The compiler of `bench datapath`'s Katran rows (lb-userspace/benches/katran), and the C
+/// headers Katran's balancer includes; installed only when `WEIR_KATRAN_SRC` is set (the
+/// checkout those rows are built from), so that CI, which runs no bench, does not pay for
+/// an LLVM.
+const KATRAN_PACKAGES: &[&str] = &["clang-19", "libc6-dev", "linux-libc-dev"];
+
+/// The packages this run of setup wants: [`DEBIAN_PACKAGES`], and [`KATRAN_PACKAGES`] when
+/// `WEIR_KATRAN_SRC` is set.
+fn wanted_packages() -> Vec<&'static str> {
+    let katran = std::env::var_os("WEIR_KATRAN_SRC").is_some_and(|v| !v.is_empty());
+    DEBIAN_PACKAGES
+        .iter()
+        .chain(if katran { KATRAN_PACKAGES } else { &[] })
+        .copied()
+        .collect()
+}
+
 /// Daemons whose Debian packages start a system-wide service on install; the benches and
 /// tests run their own instances inside namespaces, so setup stops these right after
 /// installing (a BIRD in the root namespace would speak for this host).
@@ -75,14 +92,15 @@ fn step(message: &str) {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
+    let packages = wanted_packages();
     if cmd::output(Command::new("dpkg-query").arg("--version")).is_none() {
         step(&format!(
             "debian packages: dpkg-query not found (not Debian?); SKIPPED, make sure these are installed: {}",
-            DEBIAN_PACKAGES.join(" ")
+            packages.join(" ")
         ));
         return Ok(());
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !debian_package_installed(package))
@@ -90,7 +108,7 @@ fn debian_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         step(&format!(
             "debian packages: all installed ({})",
-            DEBIAN_PACKAGES.join(" ")
+            packages.join(" ")
         ));
         return Ok(());
     }
