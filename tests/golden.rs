@@ -21,7 +21,7 @@ use common::{
 };
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP,
-    hash::{flow_hash, source_hash},
+    hash::{flow_hash, outer_hash, source_hash},
     prog_name, stat,
 };
 use weir::{
@@ -493,7 +493,7 @@ fn miss_counters(ip: &[u8]) -> Vec<u32> {
 
 fn tunnel_case(lab: &Lab, desc: &'static str, service: &str, ip: Vec<u8>, v4: bool) -> Case {
     let backend = predicted(&lab.balancer, service, &ip);
-    let hash = flow_hash(&key_of(&ip));
+    let hash = outer_hash(&key_of(&ip));
     let input = if v4 { frame4(&ip) } else { frame6(&ip) };
     Case {
         desc,
@@ -1557,7 +1557,7 @@ fn golden_outer_source_per_flow() {
             let IpAddr::V4(backend) = predicted(&lab.balancer, "web", &ip) else {
                 unreachable!("IPv4 backends")
             };
-            let hash = flow_hash(&key_of(&ip));
+            let hash = outer_hash(&key_of(&ip));
             let src = [198, 51, 100, 16 | (hash & 0x0f) as u8];
             sources.insert(src);
             let mut want = eth(backend_mac(backend.octets()[3]), LB_MAC, None, 0x0800);
@@ -1637,13 +1637,13 @@ fn golden_decap() {
             ),
             (
                 "IPv6-in-IPv6: stripped",
-                tunnel_out(&in6, false, local6, flow_hash(&key_of(&in6)), None),
+                tunnel_out(&in6, false, local6, outer_hash(&key_of(&in6)), None),
                 Some(decapped(&in6, false, local6, None)),
                 stat::DECAP_OK,
             ),
             (
                 "IPv4-in-IPv6: stripped, EtherType becomes IPv4",
-                tunnel_out(&in4, true, local6, flow_hash(&key_of(&in4)), None),
+                tunnel_out(&in4, true, local6, outer_hash(&key_of(&in4)), None),
                 Some(decapped(&in4, true, local6, None)),
                 stat::DECAP_OK,
             ),
@@ -2439,7 +2439,7 @@ fn golden_icmp_and_fragments() {
                 desc: "ICMPv6 Packet Too Big: tunnelled to the flow's backend, label from its hash",
                 input: frame6(&ptb),
                 action: XDP_TX,
-                output: Some(tunnel_out(&ptb, false, backend, flow_hash(&flow6), None)),
+                output: Some(tunnel_out(&ptb, false, backend, outer_hash(&flow6), None)),
                 counters: vec![stat::ICMP_ERROR_FORWARDED],
             },
         );
@@ -2828,7 +2828,7 @@ fn golden_too_big() {
         let b11 = IpAddr::from(Ipv4Addr::new(198, 51, 100, 11));
         let c11 = IpAddr::from(Ipv6Addr::from(v6(0x11)));
         let tunnel = |ip: &[u8], v4: bool, backend: IpAddr| {
-            tunnel_out(ip, v4, backend, flow_hash(&key_of(ip)), None)
+            tunnel_out(ip, v4, backend, outer_hash(&key_of(ip)), None)
         };
 
         let mut cases = Vec::new();
@@ -4821,7 +4821,7 @@ fn golden_source_rules() {
     lab.balancer.apply(&plain(&cfg)).expect("apply the reload");
     let tracked = v4_from(other4, vip4, 40_001, PSH_ACK);
     let backend = predicted(&lab.balancer, "rules4", &tracked);
-    let hash = flow_hash(&key_of(&tracked));
+    let hash = outer_hash(&key_of(&tracked));
     let cases = vec![
         Case {
             desc: "after the reload: the half-open flow of 198.51.100.3 is not judged again",
@@ -5034,7 +5034,7 @@ fn golden_connection_limits() {
             &ip,
             true,
             IpAddr::V4(backend),
-            flow_hash(&key_of(&ip)),
+            outer_hash(&key_of(&ip)),
             None,
         )),
         counters,

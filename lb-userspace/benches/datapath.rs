@@ -660,10 +660,16 @@ fn main() {
             }
         );
     }
-    println!("{table}");
+    // Katran's rows and the ratios of the same run go with Weir's, to stdout and the doc.
     if let Some(k) = &katran_rows {
-        println!("{}", katran_tables(&rows, k, floor, copy));
+        let _ = write!(table, "\n{}", katran_tables(&rows, k, floor, copy));
+    } else {
+        let _ = write!(
+            table,
+            "\nKatran was not measured in this run (no `--katran PATH` / `WEIR_KATRAN_SRC`).\n"
+        );
     }
+    println!("{table}");
     if only.is_none() && object.is_none() && !min {
         write_doc(&table, rounds);
     }

@@ -5,7 +5,7 @@
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     BackendInfo, FAMILY_V4, GlobalConfig, PROTO_IPIP, PROTO_IPV6,
-    hash::flow_hash,
+    hash::outer_hash,
     headers::{
         ETH_HDR_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
         write_ipv4_outer, write_ipv6_outer,
@@ -95,7 +95,7 @@ pub(super) fn forward_tunnel(
         ];
         // One source per flow within the configured prefix, if any: the backend's NIC
         // hashes the outer header to pick a receive queue.
-        let outer_src = global.outer_source_v4(|| flow_hash(&p.key));
+        let outer_src = global.outer_source_v4(|| outer_hash(&p.key));
         // SAFETY: `ptr_at` checked the 20 bytes of the new outer header are in the packet;
         // packet memory is writable in XDP, and no other reference to it is alive.
         write_ipv4_outer(
@@ -117,7 +117,7 @@ pub(super) fn forward_tunnel(
             inner_proto,
             p.ip_len,
             // Only the IPv6 outer header needs the hash (its flow label).
-            flow_hash(&p.key),
+            outer_hash(&p.key),
         );
     }
     egress(ctx, hop.ifindex, tagged)
