@@ -55,6 +55,7 @@
 
 #[path = "katran/mod.rs"]
 mod katran;
+mod support;
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -228,15 +229,6 @@ fn ipv6(dst_last: u8, proto: u8, l4: &[u8]) -> Vec<u8> {
     p
 }
 
-/// `--name VALUE` from the bench's arguments (cargo adds `--bench`, which is ignored).
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
 struct Bench {
     ebpf: aya::Ebpf,
     rounds: usize,
@@ -254,18 +246,6 @@ const BENCH_GEN_SEQ: &str = "BENCH_GEN_SEQ";
 /// Flows of the all-CPUs case, and the offset of the TCP source port they differ in.
 const PARALLEL_FLOWS: u32 = 65_536;
 const SPORT_OFFSET: u32 = 14 + 20;
-
-fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
-    // touch that set and this thread's affinity.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
-            eprintln!("warning: cannot pin a thread to CPU {cpu}");
-        }
-    }
-}
 
 impl Bench {
     /// New flows on every CPU at once through `weir_bench_gen`: the median over the CPUs
@@ -298,7 +278,7 @@ impl Bench {
                     .map(|cpu| {
                         let runner = &runner;
                         s.spawn(move || {
-                            pin_to(cpu);
+                            support::pin_to(cpu);
                             let (action, duration) =
                                 runner.time(input, REPEAT).expect("BPF_PROG_TEST_RUN");
                             assert_eq!(action, XDP_TX, "{BENCH_GEN}: unexpected XDP action");
@@ -364,15 +344,15 @@ fn main() {
         eprintln!("bench datapath needs root (BPF_PROG_TEST_RUN and a network namespace)");
         std::process::exit(1);
     }
-    let rounds: usize = arg("--rounds")
+    let rounds: usize = support::arg::<String>("--rounds")
         .map(|r| r.parse().expect("--rounds N"))
         .unwrap_or(DEFAULT_ROUNDS)
         .clamp(1, 101);
-    let only: Option<Vec<String>> =
-        arg("--only").map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
-    let object = arg("--object");
+    let only: Option<Vec<String>> = support::arg::<String>("--only")
+        .map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
+    let object = support::arg::<String>("--object");
     let min = std::env::args().any(|a| a == "--min");
-    let katran_src = katran::source(arg("--katran"));
+    let katran_src = katran::source(support::arg::<String>("--katran"));
     let katran_object = katran_src.as_deref().map(|src| {
         let bytes = katran::build(src).expect("building Katran (see katran/mod.rs)");
         println!(
@@ -675,43 +655,14 @@ fn main() {
     }
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores, Linux {kernel}")
-}
-
 fn write_doc(table: &str, rounds: usize) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
-    let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let begin = "<!-- datapath:begin -->";
-    let end = "<!-- datapath:end -->";
-    let section = format!(
-        "{begin}\nMeasured by `cargo xtask bench datapath` on {}: `BPF_PROG_TEST_RUN`, repeat {REPEAT}, median of {rounds} rounds.\n\n{table}{end}",
-        machine()
+    support::write_doc_section(
+        "datapath",
+        &format!(
+            "Measured by `cargo xtask bench datapath` on {}: `BPF_PROG_TEST_RUN`, repeat {REPEAT}, median of {rounds} rounds.\n\n{table}",
+            support::machine()
+        ),
     );
-    let text = match (existing.find(begin), existing.find(end)) {
-        (Some(a), Some(b)) if b > a => {
-            format!("{}{section}{}", &existing[..a], &existing[b + end.len()..])
-        }
-        _ => format!("{existing}\n{section}\n"),
-    };
-    if let Err(e) = std::fs::write(&path, text) {
-        eprintln!("warning: cannot write {}: {e}", path.display());
-    } else {
-        println!("written to {}", path.display());
-    }
 }
 
 /// Katran's rows (see the module documentation).
@@ -722,12 +673,12 @@ const KATRAN_UDP: &str = "Katran UDP (LRU hit), IPIP";
 const KATRAN_V6: &str = "Katran IPv6 TCP established (LRU hit), 6in6";
 
 /// Katran's reals, ids 1 to 5: Weir's backends of the `tcp4`/`udp4` and `tcp6` services.
-const KATRAN_REALS: [katran::Real; 5] = [
-    katran::Real::V4(Ipv4Addr::new(198, 51, 100, 11)),
-    katran::Real::V4(Ipv4Addr::new(198, 51, 100, 12)),
-    katran::Real::V4(Ipv4Addr::new(198, 51, 100, 13)),
-    katran::Real::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11)),
-    katran::Real::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x12)),
+const KATRAN_REALS: [IpAddr; 5] = [
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11)),
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)),
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 13)),
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11)),
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x12)),
 ];
 
 /// Katran's VIPs: Weir's `tcp4`, `udp4` and `tcp6` services, the addresses of its frames.
@@ -766,7 +717,7 @@ fn katran_check(k: &mut katran::Katran, cases: &[(&str, &[u8], u32, bool)], g0: 
         std::thread::scope(|s| {
             for cpu in 0..cpus {
                 s.spawn(move || {
-                    pin_to(cpu);
+                    support::pin_to(cpu);
                     let runner = common::test_run::XdpRunner::new(ebpf, katran::PROGRAM, g0)
                         .expect("program");
                     let (action, _) = runner.run(input).expect("BPF_PROG_TEST_RUN");

@@ -115,11 +115,24 @@ fn backend(i: usize) -> Ipv4Addr {
     )
 }
 
-/// One-arm backend `i`: on `eth0`'s segment (198.51.100.0/26), its neighbour entry the
-/// client's end, whose sink receives what the balancer sends there with `XDP_TX`, as a
-/// switch port would.
+/// One-arm backend `i`: on `eth0`'s segment (198.51.100.0/26), behind the client's end,
+/// whose sink receives what the balancer sends there with `XDP_TX`, as a switch port would
+/// (XDP sees every frame whatever its destination MAC).
 fn one_arm_backend(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 40 + u8::try_from(i).expect("few backends"))
+}
+
+/// One-arm backend `i`'s MAC (its permanent neighbour entry on `eth0`): a frame's
+/// destination MAC tells which backend it was sent to, in direct mode too.
+fn one_arm_mac(i: usize) -> [u8; 6] {
+    [
+        0x02,
+        0,
+        0,
+        0,
+        0,
+        0x40 + u8::try_from(i).expect("few backends"),
+    ]
 }
 
 fn lb_side(i: usize) -> Ipv4Addr {
@@ -359,10 +372,9 @@ impl Lab {
         ip(&cli, &["link", "set", "eth0", "up"])?;
         // The client's sink drops ARP too: the translated replies of the reply cases need
         // its neighbour entry, as do the one-arm backends, behind the client's end.
-        let cli_mac = mac_of(&cli, "eth0")?;
-        neigh_permanent(&lb, CLIENT, cli_mac, "eth0")?;
+        neigh_permanent(&lb, CLIENT, mac_of(&cli, "eth0")?, "eth0")?;
         for i in 0..BACKENDS {
-            neigh_permanent(&lb, one_arm_backend(i), cli_mac, "eth0")?;
+            neigh_permanent(&lb, one_arm_backend(i), one_arm_mac(i), "eth0")?;
         }
         for (i, b) in lab.backends.iter().enumerate() {
             let port = format!("b{}", i + 1);
@@ -646,53 +658,46 @@ impl Generator {
 
 /// Before a one-arm case is timed: its frames of the first flows, run one by one (not as live
 /// frames), leave by `eth0` (`XDP_TX`) towards the client's end, which stands for the switch
-/// in front of the backends, each to one of the one-arm backends (the outer destination
-/// for the tunnel, the destination MAC and the untouched VIP for direct), and over all
-/// three: what the timed run then counts at the client is balanced traffic.
-fn check_one_arm(
-    g: &Generator,
-    frame: &[u8],
-    case: Case,
-    ingress: u32,
-    cli_mac: [u8; 6],
-) -> Result<()> {
+/// in front of the backends, each to one of the one-arm backends (its MAC; for the tunnel,
+/// also the outer destination), with the packet intact (IP-in-IP around it, or only the MACs
+/// changed), and the flows reach all three: what the timed run then counts at the client is
+/// balanced traffic.
+fn check_one_arm(g: &Generator, frame: &[u8], case: Case, ingress: u32) -> Result<()> {
     let runner = common::test_run::XdpRunner::new(&g.ebpf, GEN, ingress)?;
+    // The packet as generated: the template with its flow's source port.
+    let port = usize::try_from(SRC_PORT_OFFSET)?;
+    let same = |inner: &[u8]| {
+        inner.len() == frame.len() - 14
+            && inner[..port - 14] == frame[14..port]
+            && inner[port - 12..] == frame[port + 2..]
+    };
     let mut seen = [0u32; BACKENDS];
     for _ in 0..3 * FLOWS.min(64) {
         let (action, out) = runner.run(frame)?;
         if action != XDP_TX {
             bail!("{}: action {action}, not XDP_TX", case.name());
         }
-        if out.len() < 34 || out[..6] != cli_mac {
-            bail!("{}: not sent to the segment behind eth0", case.name());
-        }
-        // The packet as generated: the template with its flow's source port.
-        let port = usize::try_from(SRC_PORT_OFFSET)?;
-        let same = |inner: &[u8]| {
-            inner.len() == frame.len() - 14
-                && inner[..port - 14] == frame[14..port]
-                && inner[port - 12..] == frame[port + 2..]
-        };
-        let to = if case == Case::WeirTunnelOneArm {
-            // Outer IPv4 header, protocol 4 (IP-in-IP), then the untouched inner packet.
-            if out.len() < 34 + 14 || out[23] != 4 || !same(&out[34..]) {
-                bail!("{}: not an IP-in-IP frame of the packet", case.name());
-            }
-            Ipv4Addr::new(out[30], out[31], out[32], out[33])
-        } else {
-            // The packet untouched after the MACs; the backend is told by nothing else
-            // here (all are behind the same MAC), so only the VIP is checked.
-            if out[12..14] != frame[12..14] || !same(&out[14..]) {
-                bail!("{}: direct frame changed beyond its MACs", case.name());
-            }
-            one_arm_backend(0)
-        };
         let i = (0..BACKENDS)
-            .find(|i| one_arm_backend(*i) == to)
-            .with_context(|| format!("{}: sent to {to}, no backend", case.name()))?;
+            .find(|i| out.len() >= 14 && out[..6] == one_arm_mac(*i))
+            .with_context(|| format!("{}: sent to no backend's MAC", case.name()))?;
+        let intact = if case == Case::WeirTunnelOneArm {
+            // Outer IPv4 header to that backend, protocol 4 (IP-in-IP), then the packet.
+            out.len() >= 34 + 14
+                && out[23] == 4
+                && out[30..34] == one_arm_backend(i).octets()
+                && same(&out[34..])
+        } else {
+            out[12..14] == frame[12..14] && same(&out[14..])
+        };
+        if !intact {
+            bail!(
+                "{}: the frame to backend {i} is not the packet",
+                case.name()
+            );
+        }
         seen[i] += 1;
     }
-    if case == Case::WeirTunnelOneArm && seen.contains(&0) {
+    if seen.contains(&0) {
         bail!(
             "{}: flows reached only some backends: {seen:?}",
             case.name()
@@ -737,19 +742,6 @@ fn prime(
         }
     }
     bail!("only {have} of {FLOWS} flows have a translation to reply to");
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
-    // touch that set and this thread's affinity.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
-            eprintln!("warning: cannot pin the generator to CPU {cpu}");
-        }
-    }
 }
 
 /// What a kernel-path case set up; undone on drop.
@@ -963,7 +955,7 @@ fn main() {
     );
 
     let results = common::in_netns(&lab.lb, || {
-        pin_to(0);
+        support::pin_to(0);
         let mut r = Results {
             samples: vec![Vec::new(); CASES.len()],
             failures: Vec::new(),
@@ -1075,7 +1067,7 @@ fn main() {
                     }
                     g.set(frame, action, offset, base)?;
                     if matches!(case, Case::WeirTunnelOneArm | Case::WeirDirectOneArm) {
-                        check_one_arm(g, frame, case, ingress, cli_mac)?;
+                        check_one_arm(g, frame, case, ingress)?;
                     }
                     // Warm-up: connection tables, nginx's sessions, caches.
                     g.run(frame.len(), from, 0.3)?;

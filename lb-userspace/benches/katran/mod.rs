@@ -14,7 +14,7 @@
 //! checks on Katran's own counter).
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
@@ -119,32 +119,23 @@ pub fn describe(src: &Path) -> String {
         .unwrap_or_else(|| "not a git checkout".to_owned())
 }
 
-/// A real: its address, IPv4 or IPv6.
-#[derive(Clone, Copy)]
-pub enum Real {
-    V4(Ipv4Addr),
-    V6(Ipv6Addr),
-}
-
-impl Real {
-    /// `struct real_definition`: the address (an IPv4 one in the first four bytes), the
-    /// flags, padding.
-    fn definition(self) -> [u8; 20] {
-        let mut d = [0u8; 20];
-        match self {
-            Self::V4(a) => d[..4].copy_from_slice(&a.octets()),
-            Self::V6(a) => {
-                d[..16].copy_from_slice(&a.octets());
-                d[16] = F_IPV6;
-            }
+/// `struct real_definition` of a real at `addr`: the address (an IPv4 one in the first
+/// four bytes), the flags (`F_IPV6`), padding.
+fn real_definition(addr: IpAddr) -> [u8; 20] {
+    let mut d = [0u8; 20];
+    match addr {
+        IpAddr::V4(a) => d[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => {
+            d[..16].copy_from_slice(&a.octets());
+            d[16] = F_IPV6;
         }
-        d
     }
+    d
 }
 
 /// A VIP: address, port, protocol, and the ids of its reals.
 pub struct Vip {
-    pub addr: std::net::IpAddr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
     pub reals: Vec<u32>,
@@ -155,8 +146,8 @@ impl Vip {
     fn definition(&self) -> [u8; 20] {
         let mut d = [0u8; 20];
         match self.addr {
-            std::net::IpAddr::V4(a) => d[..4].copy_from_slice(&a.octets()),
-            std::net::IpAddr::V6(a) => d[..16].copy_from_slice(&a.octets()),
+            IpAddr::V4(a) => d[..4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => d[..16].copy_from_slice(&a.octets()),
         }
         d[16..18].copy_from_slice(&self.port.to_be_bytes());
         d[18] = self.proto;
@@ -212,7 +203,7 @@ fn create_lru(cpu: u32) -> Result<MapData> {
 
 impl Katran {
     /// Loads `object` (from [`build`]), verifies `katran_bench` and fills the maps.
-    pub fn load(object: &[u8], reals: &[Real], vips: &[Vip]) -> Result<Self> {
+    pub fn load(object: &[u8], reals: &[IpAddr], vips: &[Vip]) -> Result<Self> {
         let mut ebpf = aya::EbpfLoader::new()
             .load(object)
             .context("loading Katran's object")?;
@@ -226,7 +217,7 @@ impl Katran {
         let mut real_map: Array<_, [u8; 20]> =
             Array::try_from(ebpf.map_mut("reals").context("reals")?)?;
         for (i, r) in reals.iter().enumerate() {
-            real_map.set(i as u32 + 1, r.definition(), 0)?;
+            real_map.set(i as u32 + 1, real_definition(*r), 0)?;
         }
         let mut vip_map: HashMap<_, [u8; 20], [u32; 2]> =
             HashMap::try_from(ebpf.map_mut("vip_map").context("vip_map")?)?;
@@ -293,7 +284,7 @@ impl Katran {
 /// Checks one output of Katran for `input`: the gateway's MAC as the outer destination, an
 /// outer IPv4 (protocol 4) or IPv6 (next header 41 for an IPv6 packet, 4 for IPv4) header to
 /// one of `reals`, and the inner packet (the input without its Ethernet header) untouched.
-pub fn check_encap(input: &[u8], output: &[u8], reals: &[Real]) -> Result<String> {
+pub fn check_encap(input: &[u8], output: &[u8], reals: &[IpAddr]) -> Result<IpAddr> {
     ensure!(output.len() > 14, "output too short");
     ensure!(
         output[..6] == GATEWAY_MAC,
@@ -306,12 +297,12 @@ pub fn check_encap(input: &[u8], output: &[u8], reals: &[Real]) -> Result<String
         0x0800 => {
             ensure!(output.len() >= 34, "no outer IPv4 header");
             let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&output[30..34])?);
-            (20, Real::V4(dst), output[23])
+            (20, IpAddr::V4(dst), output[23])
         }
         0x86dd => {
             ensure!(output.len() >= 54, "no outer IPv6 header");
             let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&output[38..54])?);
-            (40, Real::V6(dst), output[20])
+            (40, IpAddr::V6(dst), output[20])
         }
         other => bail!("outer ethertype {other:#06x}"),
     };
@@ -320,19 +311,13 @@ pub fn check_encap(input: &[u8], output: &[u8], reals: &[Real]) -> Result<String
         proto == want_proto,
         "outer protocol {proto}, want {want_proto}"
     );
-    let known = reals.iter().any(|r| match (r, dst) {
-        (Real::V4(a), Real::V4(b)) => *a == b,
-        (Real::V6(a), Real::V6(b)) => *a == b,
-        _ => false,
-    });
-    let dst_text = match dst {
-        Real::V4(a) => a.to_string(),
-        Real::V6(a) => a.to_string(),
-    };
-    ensure!(known, "outer destination {dst_text} is not a real");
+    ensure!(
+        reals.contains(&dst),
+        "outer destination {dst} is not a real"
+    );
     ensure!(
         output[14 + outer_len..] == input[14..],
         "inner packet changed"
     );
-    Ok(dst_text)
+    Ok(dst)
 }

@@ -1,5 +1,5 @@
-//! Shared by the `e2e`, `packets` and `control` benches: arguments, statistics, the machine
-//! description, CPU time from /proc/stat, and writing results (a section of
+//! Shared by the benches: arguments, statistics, the machine description, CPU time from
+//! /proc/stat, pinning a thread to a CPU, and writing results (a section of
 //! docs/BENCHMARKS.md between markers, and a JSON file for `cargo xtask bench` to chart).
 #![expect(
     dead_code,
@@ -245,4 +245,17 @@ pub fn bpf_run_time_ns(pid: u32) -> u64 {
         }
     }
     total
+}
+
+/// Pins the calling thread to `cpu` (a warning if it cannot be).
+pub fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch that set and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+            eprintln!("warning: cannot pin a thread to CPU {cpu}");
+        }
+    }
 }
