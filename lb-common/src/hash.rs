@@ -83,9 +83,8 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
 
 /// Entropy for a flow's outer header: the IPv6 flow label (RFC 6438) and, with
 /// `tunnel_source_prefix`, the IPv4 outer source, which a backend's NIC hashes to pick a
-/// receive queue. The 5-tuple is folded into one word and only finalised: a tenth of
-/// `flow_hash`'s work, paid on every tunnelled packet, where `flow_hash` is paid once per new
-/// flow. Nothing predicts a backend from it; it only has to differ between flows.
+/// receive queue. The 5-tuple is folded into one word and only finalised (two multiplies):
+/// paid on every tunnelled packet, where `flow_hash` is paid once per new flow. Nothing predicts a backend from it; it only has to differ between flows.
 #[inline(always)]
 #[must_use]
 pub const fn outer_hash(key: &FlowKey) -> u32 {
