@@ -436,7 +436,8 @@ fn main() {
 
         // Katran on the same frames: (name, frame, action, whether it is tunnelled).
         let mut katran = katran_object.as_deref().map(|object| {
-            katran::Katran::load(object, &KATRAN_REALS, &katran_vips()).expect("Katran")
+            katran::Katran::load(object, katran::PROGRAM, &KATRAN_REALS, &katran_vips())
+                .expect("Katran")
         });
         let mut katran_cases: Vec<(&str, &[u8], u32, bool)> = vec![
             (KATRAN_COPY, &arp, XDP_PASS, false),

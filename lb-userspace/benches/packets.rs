@@ -13,6 +13,10 @@
 //!   has the sink): the cost of transmitting and receiving a frame, without balancing;
 //! * Weir (tunnel, direct, nat, fullnat): runs the balancer's own code (`run_balancer`,
 //!   as `weir_balancer`), whose `XDP_REDIRECT` really transmits to the backend's veth;
+//! * Katran (`katran-1arm`, given a Katran checkout with `--katran PATH` or
+//!   `WEIR_KATRAN_SRC`, as in `bench datapath`): the same generator in front of Katran's
+//!   `balancer_ingress` (`katran/bench_wrapper.c`), balancing the one-arm VIP over the
+//!   one-arm backends; its `XDP_TX` sends out of `eth0`, like Weir's one-arm rows;
 //! * kernel paths (nftables DNAT, nginx stream, plain forwarding): returns `XDP_PASS`, so
 //!   the frame enters the LB's network stack as received on `eth0`.
 //!
@@ -40,10 +44,12 @@
 //! veth receive runs when the loop re-enables softirqs after each batch of 64 frames).
 //!
 //! Arguments: `--seconds N` per case (default 2), `--repeats N` (default 3), `--only a,b`
-//! (cases by name; the ceiling always runs).
+//! (cases by name; the ceiling always runs), `--katran PATH` (Katran's row).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "katran/mod.rs"]
+mod katran;
 mod support;
 
 use std::{
@@ -56,7 +62,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, maps::Array, programs::XdpMode};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::XdpMode,
+};
 use common::{Netns, ip, ns_exec, sysctl};
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate, map_name};
 use support::Spread;
@@ -153,6 +163,7 @@ enum Case {
     WeirDirect,
     WeirTunnelOneArm,
     WeirDirectOneArm,
+    KatranOneArm,
     WeirNat,
     WeirFullnat,
     WeirNatReply,
@@ -164,7 +175,7 @@ enum Case {
     KernelForward,
 }
 
-const CASES: [Case; 16] = [
+const CASES: [Case; 17] = [
     Case::Ceiling,
     Case::XdpTx,
     Case::XdpRedirect,
@@ -172,6 +183,7 @@ const CASES: [Case; 16] = [
     Case::WeirDirect,
     Case::WeirTunnelOneArm,
     Case::WeirDirectOneArm,
+    Case::KatranOneArm,
     Case::WeirNat,
     Case::WeirFullnat,
     Case::WeirNatReply,
@@ -193,6 +205,7 @@ impl Case {
             Self::WeirDirect => "weir-direct",
             Self::WeirTunnelOneArm => "weir-tunnel-1arm",
             Self::WeirDirectOneArm => "weir-direct-1arm",
+            Self::KatranOneArm => "katran-1arm",
             Self::WeirNat => "weir-nat",
             Self::WeirFullnat => "weir-fullnat",
             Self::WeirNatReply => "weir-nat-reply",
@@ -216,6 +229,7 @@ impl Case {
             Self::WeirDirect => "Weir, direct (L2 DSR), backends' links (XDP_REDIRECT)",
             Self::WeirTunnelOneArm => "Weir, tunnel (IP-in-IP), one arm (XDP_TX)",
             Self::WeirDirectOneArm => "Weir, direct (L2 DSR), one arm (XDP_TX)",
+            Self::KatranOneArm => "Katran (IP-in-IP, its per-CPU LRUs), one arm (XDP_TX)",
             Self::WeirNat => "Weir, nat (destination NAT), forward",
             Self::WeirFullnat => "Weir, fullnat (destination + source NAT), forward",
             Self::WeirNatReply => "Weir, nat, reply (backend to client)",
@@ -233,7 +247,7 @@ impl Case {
     const fn to_client(self) -> bool {
         matches!(
             self,
-            Self::XdpTx | Self::WeirTunnelOneArm | Self::WeirDirectOneArm
+            Self::XdpTx | Self::WeirTunnelOneArm | Self::WeirDirectOneArm | Self::KatranOneArm
         ) || self.is_reply()
     }
 
@@ -531,7 +545,11 @@ impl WeirSetup {
 /// One loaded eBPF object with its generator program (and a balancer for Weir's cases).
 struct Generator {
     ebpf: Ebpf,
+    /// The generator's entry: `weir_bench_gen`, or Katran's `katran_gen`.
+    program: &'static str,
     balancer: Option<Balancer<KernelMaps>>,
+    /// Katran's per-CPU LRUs, open while its generator runs.
+    _lrus: Vec<MapData>,
 }
 
 impl Generator {
@@ -582,7 +600,34 @@ impl Generator {
                 Some(balancer)
             }
         };
-        Ok(Self { ebpf, balancer })
+        Ok(Self {
+            ebpf,
+            program: GEN,
+            balancer,
+            _lrus: Vec::new(),
+        })
+    }
+
+    /// Katran's generator (`katran_gen` of `katran/bench_wrapper.c`, built from the checkout
+    /// of this run), balancing the one-arm VIP over the one-arm backends, as the Weir one-arm
+    /// cases do; Katran sends every frame to its gateway's MAC, out of `eth0`.
+    fn katran(object: &[u8]) -> Result<Self> {
+        let reals: Vec<std::net::IpAddr> =
+            (0..BACKENDS).map(|i| one_arm_backend(i).into()).collect();
+        let vip = katran::Vip {
+            addr: ONE_ARM_VIP.into(),
+            port: PORT,
+            proto: 17,
+            reals: (1..=u32::try_from(BACKENDS)?).collect(),
+        };
+        let (ebpf, lrus) =
+            katran::Katran::load(object, katran::GEN_PROGRAM, &reals, &[vip])?.into_parts();
+        Ok(Self {
+            ebpf,
+            program: katran::GEN_PROGRAM,
+            balancer: None,
+            _lrus: lrus,
+        })
     }
 
     /// Entries of the balancer's NAT table (two per connection).
@@ -633,7 +678,7 @@ impl Generator {
     /// the calls (`BPF_PROG_TEST_RUN`'s own timer: it leaves out each call's setup, some
     /// 30 ms here, mostly the XDP dispatcher's update and its RCU grace period).
     fn run(&self, frame_len: usize, ingress: u32, seconds: f64) -> Result<(u64, f64)> {
-        let generator = common::test_run::XdpRunner::new(&self.ebpf, GEN, ingress)?;
+        let generator = common::test_run::XdpRunner::new(&self.ebpf, self.program, ingress)?;
         let frame = vec![0u8; frame_len];
         let start = Instant::now();
         let mut sent = 0u64;
@@ -663,7 +708,7 @@ impl Generator {
 /// changed), and the flows reach all three: what the timed run then counts at the client is
 /// balanced traffic.
 fn check_one_arm(g: &Generator, frame: &[u8], case: Case, ingress: u32) -> Result<()> {
-    let runner = common::test_run::XdpRunner::new(&g.ebpf, GEN, ingress)?;
+    let runner = common::test_run::XdpRunner::new(&g.ebpf, g.program, ingress)?;
     // The packet as generated: the template with its flow's source port.
     let port = usize::try_from(SRC_PORT_OFFSET)?;
     let same = |inner: &[u8]| {
@@ -677,10 +722,20 @@ fn check_one_arm(g: &Generator, frame: &[u8], case: Case, ingress: u32) -> Resul
         if action != XDP_TX {
             bail!("{}: action {action}, not XDP_TX", case.name());
         }
-        let i = (0..BACKENDS)
-            .find(|i| out.len() >= 14 && out[..6] == one_arm_mac(*i))
-            .with_context(|| format!("{}: sent to no backend's MAC", case.name()))?;
-        let intact = if case == Case::WeirTunnelOneArm {
+        // Katran sends everything to its gateway: the outer destination tells the backend.
+        let i = if case == Case::KatranOneArm {
+            if out.len() < 34 || out[..6] != katran::GATEWAY_MAC {
+                bail!("{}: not sent to Katran's gateway MAC", case.name());
+            }
+            (0..BACKENDS)
+                .find(|i| out[30..34] == one_arm_backend(*i).octets())
+                .with_context(|| format!("{}: outer destination is no backend", case.name()))?
+        } else {
+            (0..BACKENDS)
+                .find(|i| out.len() >= 14 && out[..6] == one_arm_mac(*i))
+                .with_context(|| format!("{}: sent to no backend's MAC", case.name()))?
+        };
+        let intact = if matches!(case, Case::WeirTunnelOneArm | Case::KatranOneArm) {
             // Outer IPv4 header to that backend, protocol 4 (IP-in-IP), then the packet.
             out.len() >= 34 + 14
                 && out[23] == 4
@@ -912,6 +967,25 @@ fn main() {
                 .as_deref()
                 .is_none_or(|o| o.split(',').any(|n| n.trim() == case.name()))
     };
+    // Katran next to Weir's one-arm rows, given a checkout (as `bench datapath`).
+    let katran_src = katran::source(support::arg::<String>("--katran"));
+    let katran_object = katran_src.as_deref().map(|src| {
+        let bytes = katran::build(src).expect("building Katran (see katran/mod.rs)");
+        println!(
+            "Katran: {} (commit {}), built with clang-19 -O2 -g -target bpf, default switches (IPIP)",
+            src.display(),
+            katran::describe(src)
+        );
+        bytes
+    });
+    if katran_object.is_none() {
+        println!(
+            "Katran's row skipped: give a Katran checkout with `-- --katran PATH` or \
+             WEIR_KATRAN_SRC=PATH (PATH holds katran/lib)"
+        );
+    }
+    let selected =
+        |case: Case| selected(case) && (case != Case::KatranOneArm || katran_object.is_some());
     let started = Instant::now();
     // What other processes cost while nothing of ours runs (µs per second).
     let background = support::cpu_busy_us().ok().and_then(|cpu0| {
@@ -986,6 +1060,12 @@ fn main() {
                     .unwrap_or_else(|e| panic!("{} generator: {e:#}", case.name()))
             })
         };
+        let mut katran_one_arm = katran_object
+            .as_deref()
+            .filter(|_| selected(Case::KatranOneArm))
+            .map(|object| {
+                Generator::katran(object).unwrap_or_else(|e| panic!("Katran generator: {e:#}"))
+            });
         let mut nat = load_for(Case::WeirNat, WeirSetup::over_all("nat"));
         let mut fullnat = load_for(Case::WeirFullnat, WeirSetup::over_all("fullnat"));
         let mut nat_reply = load_for(
@@ -1040,6 +1120,11 @@ fn main() {
                         Case::WeirDirectOneArm => {
                             (&mut direct_one_arm, &to_one_arm_vip, ACTION_BALANCE)
                         }
+                        Case::KatranOneArm => (
+                            loaded(&mut katran_one_arm)?,
+                            &to_one_arm_vip,
+                            ACTION_BALANCE,
+                        ),
                         Case::WeirNat => (loaded(&mut nat)?, &to_vip, ACTION_BALANCE),
                         Case::WeirFullnat => (loaded(&mut fullnat)?, &to_vip, ACTION_BALANCE),
                         Case::WeirNatReply => {
@@ -1066,7 +1151,10 @@ fn main() {
                         prime(&lab, case, g, &to_vip, action, ingress)?;
                     }
                     g.set(frame, action, offset, base)?;
-                    if matches!(case, Case::WeirTunnelOneArm | Case::WeirDirectOneArm) {
+                    if matches!(
+                        case,
+                        Case::WeirTunnelOneArm | Case::WeirDirectOneArm | Case::KatranOneArm
+                    ) {
                         check_one_arm(g, frame, case, ingress)?;
                     }
                     // Warm-up: connection tables, nginx's sessions, caches.
@@ -1126,6 +1214,10 @@ fn report(r: &Results, seconds: f64, repeats: usize, background: Option<f64>) {
     let mut json_rows = Vec::new();
     for (i, case) in CASES.iter().enumerate() {
         let s = spread(i);
+        // Katran's row only when a checkout was given.
+        if *case == Case::KatranOneArm && r.samples[i].is_empty() {
+            continue;
+        }
         // Per repeat ratio to that repeat's ceiling.
         let ratios: Vec<f64> = r.samples[i]
             .iter()
@@ -1207,6 +1299,26 @@ fn report(r: &Results, seconds: f64, repeats: usize, background: Option<f64>) {
                 weir.name(),
                 floor.name(),
                 if x >= 0.8 { "met" } else { "MISSED" }
+            );
+        }
+    }
+    // Katran in the same place as the one-arm tunnel, for scale: what the reference reaches
+    // of the same floor, and Weir against it.
+    if let (Some(k), Some(f)) = (median(Case::KatranOneArm), median(Case::XdpTx)) {
+        let _ = writeln!(
+            targets,
+            "| {} / {} (reference) | {k:.2} / {f:.2} = {:.3} | | |",
+            Case::KatranOneArm.name(),
+            Case::XdpTx.name(),
+            k / f
+        );
+        if let Some(w) = median(Case::WeirTunnelOneArm) {
+            let _ = writeln!(
+                targets,
+                "| {} / {} (reference) | {w:.2} / {k:.2} = {:.3} | | |",
+                Case::WeirTunnelOneArm.name(),
+                Case::KatranOneArm.name(),
+                w / k
             );
         }
     }

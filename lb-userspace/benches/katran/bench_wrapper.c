@@ -32,14 +32,32 @@ struct {
   __type(key, __u32);
   __type(value, struct weir_bench_template);
   __uint(max_entries, 1);
-} weir_bench_template SEC(".maps");
+} BENCH_TEMPLATE SEC(".maps");
+
+// `bench packets`' generator settings, as Weir's `weir_bench_gen` reads them (lb-ebpf
+// `BENCH_GEN`, `BENCH_GEN_SEQ`): [0] unused here (Katran balances every frame), [1] the number
+// of flows, [2] the offset of the 16-bit field that tells them apart, [3] its first value;
+// and this CPU's position in the flows.
+struct {
+  __uint(type, BPF_MAP_TYPE_ARRAY);
+  __type(key, __u32);
+  __type(value, __u32);
+  __uint(max_entries, 9);
+} BENCH_GEN SEC(".maps");
+
+struct {
+  __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+  __type(key, __u32);
+  __type(value, __u32);
+  __uint(max_entries, 1);
+} BENCH_GEN_SEQ SEC(".maps");
 
 // Weir's `restore_template`: trim what the previous run prepended, copy the template back.
 static __attribute__((__always_inline__)) inline int weir_restore_template(
     struct xdp_md* ctx) {
   __u32 zero = 0;
   struct weir_bench_template* t =
-      bpf_map_lookup_elem(&weir_bench_template, &zero);
+      bpf_map_lookup_elem(&BENCH_TEMPLATE, &zero);
   if (!t) {
     return -1;
   }
@@ -81,5 +99,31 @@ __attribute__((flatten)) int katran_bench(struct xdp_md* ctx) {
     return XDP_ABORTED;
   }
   weir_reset_conn_rate();
+  return balancer_ingress(ctx);
+}
+
+// `bench packets`: Weir's `weir_bench_gen` in front of Katran, run with live frames on the
+// LB's interface. The template restored, the next flow's value written into it, then
+// Katran's `balancer_ingress`, inlined, whose XDP_TX really transmits. Katran's new-connection
+// rate is left alone here: the flows are in its LRU after the warm-up, so no frame is new.
+SEC("xdp")
+__attribute__((flatten)) int katran_gen(struct xdp_md* ctx) {
+  __u32 k1 = 1, k2 = 2, k3 = 3, zero = 0;
+  __u32* flows = bpf_map_lookup_elem(&BENCH_GEN, &k1);
+  __u32* offset = bpf_map_lookup_elem(&BENCH_GEN, &k2);
+  __u32* base = bpf_map_lookup_elem(&BENCH_GEN, &k3);
+  __u32* seq = bpf_map_lookup_elem(&BENCH_GEN_SEQ, &zero);
+  if (!flows || !offset || !base || !seq) {
+    return XDP_ABORTED;
+  }
+  if (weir_restore_template(ctx)) {
+    return XDP_ABORTED;
+  }
+  __u32 n = *seq;
+  *seq = n + 1 >= *flows ? 0 : n + 1;
+  __u16 field = bpf_htons((__u16)(*base + n));
+  if (weir_xdp_store_bytes(ctx, *offset, &field, 2)) {
+    return XDP_ABORTED;
+  }
   return balancer_ingress(ctx);
 }

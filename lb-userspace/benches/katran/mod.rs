@@ -12,6 +12,13 @@
 //! `ch_rings`, the default gateway's MAC in `ctl_array`, and one LRU per CPU in
 //! `lru_mapping` (its production setup; `fallback_cache` is never used, which the bench
 //! checks on Katran's own counter).
+//!
+//! `bench packets` loads the wrapper's other entry, `katran_gen`: Weir's packet generator
+//! (`weir_bench_gen`, the same settings maps) in front of the same `balancer_ingress`.
+#![expect(
+    dead_code,
+    reason = "bench datapath and bench packets each use a different part of this module"
+)]
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -29,13 +36,17 @@ use aya::{
 };
 use lb_common::{BENCH_TEMPLATE_LEN, BenchTemplate};
 
-/// The entry point of `bench_wrapper.c`.
+/// The entry point of `bench_wrapper.c` for `bench datapath`.
 pub const PROGRAM: &str = "katran_bench";
+/// Its entry point for `bench packets` (a generator in front of Katran, with live frames).
+pub const GEN_PROGRAM: &str = "katran_gen";
 /// The wrapper, next to this file.
 const WRAPPER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/benches/katran/bench_wrapper.c"
 );
+/// The wrapper's template map: named as Weir's, so that `bench packets` sets both alike.
+const TEMPLATE_MAP: &str = lb_common::map_name::BENCH_TEMPLATE;
 /// The compiler; `WEIR_KATRAN_CLANG` overrides it.
 const CLANG: &str = "clang-19";
 
@@ -158,9 +169,8 @@ impl Vip {
 /// Katran loaded, its maps filled, its bench entry verified.
 pub struct Katran {
     pub ebpf: Ebpf,
-    template: Array<MapData, BenchTemplate>,
     /// The per-CPU LRUs, held open for the bench's life.
-    _lrus: Vec<MapData>,
+    lrus: Vec<MapData>,
 }
 
 /// A new LRU hash map of Katran's flow keys (`bpf(BPF_MAP_CREATE)`: aya creates no
@@ -202,16 +212,17 @@ fn create_lru(cpu: u32) -> Result<MapData> {
 }
 
 impl Katran {
-    /// Loads `object` (from [`build`]), verifies `katran_bench` and fills the maps.
-    pub fn load(object: &[u8], reals: &[IpAddr], vips: &[Vip]) -> Result<Self> {
+    /// Loads `object` (from [`build`]), verifies `program` ([`PROGRAM`] or [`GEN_PROGRAM`])
+    /// and fills the maps.
+    pub fn load(object: &[u8], program: &str, reals: &[IpAddr], vips: &[Vip]) -> Result<Self> {
         let mut ebpf = aya::EbpfLoader::new()
             .load(object)
             .context("loading Katran's object")?;
         let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .context("no katran_bench in the object")?
+            .program_mut(program)
+            .with_context(|| format!("no {program} in the object"))?
             .try_into()
-            .context("katran_bench is not XDP")?;
+            .with_context(|| format!("{program} is not XDP"))?;
         program.load().context("Katran: verifier")?;
 
         let mut real_map: Array<_, [u8; 20]> =
@@ -249,15 +260,12 @@ impl Katran {
             mapping.set(cpu, &lru, 0).context("lru_mapping")?;
             lrus.push(lru);
         }
-        let template = Array::try_from(
-            ebpf.take_map("weir_bench_template")
-                .context("weir_bench_template")?,
-        )?;
-        Ok(Self {
-            ebpf,
-            template,
-            _lrus: lrus,
-        })
+        Ok(Self { ebpf, lrus })
+    }
+
+    /// The loaded object, and the per-CPU LRUs to keep open as long as it runs.
+    pub fn into_parts(self) -> (Ebpf, Vec<MapData>) {
+        (self.ebpf, self.lrus)
     }
 
     /// The frame each run starts from.
@@ -268,7 +276,9 @@ impl Katran {
         };
         let head = input.len().min(BENCH_TEMPLATE_LEN);
         t.data[..head].copy_from_slice(&input[..head]);
-        self.template.set(0, t, 0)?;
+        let mut template: Array<_, BenchTemplate> =
+            Array::try_from(self.ebpf.map_mut(TEMPLATE_MAP).context(TEMPLATE_MAP)?)?;
+        template.set(0, t, 0)?;
         Ok(())
     }
 
