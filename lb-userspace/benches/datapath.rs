@@ -352,23 +352,7 @@ fn main() {
         .map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
     let object = support::arg::<String>("--object");
     let min = std::env::args().any(|a| a == "--min");
-    let katran_src = katran::source(support::arg::<String>("--katran"));
-    let katran_object = katran_src.as_deref().map(|src| {
-        let bytes = katran::build(src).expect("building Katran (see katran/mod.rs)");
-        println!(
-            "Katran: {} (commit {}), built with clang-19 -O2 -g -target bpf, default switches (IPIP)",
-            src.display(),
-            katran::describe(src)
-        );
-        bytes
-    });
-    if katran_object.is_none() {
-        println!(
-            "Katran rows skipped: give a Katran checkout with `-- --katran PATH` or WEIR_KATRAN_SRC=PATH \
-             (PATH holds katran/lib; e.g. `git -C <katran repo> archive HEAD katran/lib | tar -x -C /tmp/katran-src`) \
-             and install clang-19"
-        );
-    }
+    let katran_object = katran::object_for_run("rows");
     let ns = common::Netns::create(&common::prefix("bdp")).expect("namespace");
     let n = ns.name().to_owned();
     common::lab_namespace(&n).expect("lab namespace");

@@ -968,22 +968,7 @@ fn main() {
                 .is_none_or(|o| o.split(',').any(|n| n.trim() == case.name()))
     };
     // Katran next to Weir's one-arm rows, given a checkout (as `bench datapath`).
-    let katran_src = katran::source(support::arg::<String>("--katran"));
-    let katran_object = katran_src.as_deref().map(|src| {
-        let bytes = katran::build(src).expect("building Katran (see katran/mod.rs)");
-        println!(
-            "Katran: {} (commit {}), built with clang-19 -O2 -g -target bpf, default switches (IPIP)",
-            src.display(),
-            katran::describe(src)
-        );
-        bytes
-    });
-    if katran_object.is_none() {
-        println!(
-            "Katran's row skipped: give a Katran checkout with `-- --katran PATH` or \
-             WEIR_KATRAN_SRC=PATH (PATH holds katran/lib)"
-        );
-    }
+    let katran_object = katran::object_for_run("row");
     let selected =
         |case: Case| selected(case) && (case != Case::KatranOneArm || katran_object.is_some());
     let started = Instant::now();

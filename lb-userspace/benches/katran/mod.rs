@@ -76,6 +76,26 @@ pub fn source(arg: Option<String>) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Katran's object for this run: built from the checkout given by `--katran PATH` or
+/// `WEIR_KATRAN_SRC` (said on stdout), or `None` with a line saying how to get `rows`.
+pub fn object_for_run(rows: &str) -> Option<Vec<u8>> {
+    let Some(src) = source(crate::support::arg::<String>("--katran")) else {
+        println!(
+            "Katran's {rows} skipped: give a Katran checkout with `-- --katran PATH` or \
+             WEIR_KATRAN_SRC=PATH (PATH holds katran/lib; e.g. `git -C <katran repo> archive \
+             HEAD katran/lib | tar -x -C /tmp/katran-src`) and install clang-19"
+        );
+        return None;
+    };
+    let bytes = build(&src).expect("building Katran (see katran/mod.rs)");
+    println!(
+        "Katran: {} (commit {}), built with clang-19 -O2 -g -target bpf, default switches (IPIP)",
+        src.display(),
+        describe(&src)
+    );
+    Some(bytes)
+}
+
 /// Compiles the wrapper against the checkout at `src` into a temporary directory; returns
 /// the object's bytes.
 pub fn build(src: &Path) -> Result<Vec<u8>> {
