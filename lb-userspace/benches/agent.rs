@@ -411,6 +411,8 @@ fn status_latency(entries: u32) -> (f64, f64, f64, String) {
 }
 
 fn main() {
+    // A run stopped from outside still removes its namespaces.
+    common::remove_on_signal().expect("signal handling");
     if !common::require_root() {
         eprintln!("bench agent needs root (namespaces, BPF maps)");
         std::process::exit(1);

@@ -339,6 +339,8 @@ impl Bench {
 }
 
 fn main() {
+    // A run stopped from outside still removes its namespaces.
+    common::remove_on_signal().expect("signal handling");
     // `cargo bench` passes `--bench`; nothing else to parse.
     if !common::require_root() {
         eprintln!("bench datapath needs root (BPF_PROG_TEST_RUN and a network namespace)");

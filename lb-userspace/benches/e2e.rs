@@ -869,6 +869,8 @@ fn measure(t: &Lab, peer: Peer, seconds: u64, conns: u32) -> Result<Measured> {
 }
 
 fn main() {
+    // A run stopped from outside still removes its namespaces.
+    common::remove_on_signal().expect("signal handling");
     if !common::require_root() {
         eprintln!("bench e2e needs root (network namespaces, XDP)");
         std::process::exit(1);

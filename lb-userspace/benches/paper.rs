@@ -757,6 +757,8 @@ fn show(v: Option<f64>, decimals: usize) -> String {
 type Results = BTreeMap<(Balancer, usize), Vec<RunResult>>;
 
 fn main() {
+    // A run stopped from outside still removes its namespaces.
+    common::remove_on_signal().expect("signal handling");
     if !common::require_root() {
         eprintln!("bench paper needs root (network namespaces, XDP)");
         std::process::exit(1);

@@ -34,7 +34,8 @@ pub mod webapp;
 pub use cmd::{ip, ns_exec, run, sysctl, xdp_attached};
 pub use config::{Backend, ConfigBuilder, HealthCheck, ServiceBuilder};
 pub use netns::{
-    Netns, enter_netns, in_netns, remove_namespace, spawn_in_netns, stop_processes, try_in_netns,
+    Netns, enter_netns, in_netns, remove_namespace, remove_on_signal, spawn_in_netns,
+    stop_processes, try_in_netns,
 };
 pub use scaleout::{
     ROUTER_CLIENT_SIDE_V4, ROUTER_SEGMENT_IF, ROUTER_V4, SCALEOUT_CLIENT_V4, ScaleOut,

@@ -7,7 +7,11 @@ use std::{
     io,
     os::fd::AsRawFd as _,
     path::Path,
-    sync::mpsc,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicI32, Ordering},
+        mpsc,
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -19,6 +23,18 @@ use crate::cmd::{ip, run};
 /// How long processes left in a namespace get between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(50);
+
+/// The namespaces this process created and still owns, for [`remove_on_signal`].
+static OWNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn owned() -> std::sync::MutexGuard<'static, Vec<String>> {
+    // A panic elsewhere while holding the list leaves it whole (pushes and removals only).
+    OWNED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn disown(name: &str) {
+    owned().retain(|n| n != name);
+}
 
 /// A network namespace created with `ip netns add`, removed on drop ([`remove_namespace`]:
 /// processes left inside are stopped first).
@@ -39,6 +55,7 @@ impl Netns {
                 .with_context(|| format!("removing the leftover namespace {name}"))?;
         }
         run(&["ip", "netns", "add", name])?;
+        owned().push(name.to_owned());
         let ns = Self {
             name: name.to_owned(),
             owned: true,
@@ -54,6 +71,7 @@ impl Netns {
     /// Removes the namespace now, reporting a failure (dropping only prints it).
     pub fn delete(mut self) -> Result<()> {
         self.owned = false;
+        disown(&self.name);
         remove_namespace(&self.name)
     }
 
@@ -61,18 +79,95 @@ impl Netns {
     #[must_use]
     pub fn keep(mut self) -> String {
         self.owned = false;
+        disown(&self.name);
         std::mem::take(&mut self.name)
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if self.owned
-            && let Err(e) = remove_namespace(&self.name)
-        {
-            eprintln!("warning: cannot delete namespace {}: {e:#}", self.name);
+        if self.owned {
+            disown(&self.name);
+            if let Err(e) = remove_namespace(&self.name) {
+                eprintln!("warning: cannot delete namespace {}: {e:#}", self.name);
+            }
         }
     }
+}
+
+/// The write end of [`remove_on_signal`]'s pipe, for its signal handler.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+/// The signal handler: writes the signal's number to the pipe, which is all it may do
+/// (`write(2)` is async-signal-safe).
+extern "C" fn on_signal(signal: libc::c_int) {
+    let byte = u8::try_from(signal).unwrap_or(u8::MAX);
+    // SAFETY: writes one byte from a live local to a pipe this process opened; a failure
+    // (the pipe full of earlier signals) loses nothing that matters.
+    unsafe {
+        libc::write(
+            SIGNAL_PIPE.load(Ordering::Relaxed),
+            (&raw const byte).cast(),
+            1,
+        )
+    };
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP remove the namespaces this process still owns (and what
+/// runs in them) before it exits with 128 + the signal: a run stopped from outside (Ctrl-C,
+/// `timeout`, a cancelled job) runs no destructor, and would leave them behind.
+///
+/// A handler, not a blocked mask and `sigwait`: a blocked mask is inherited by every
+/// process spawned later (servers, agents), which would then ignore the SIGTERM that stops
+/// them, while a handler is reset by `exec`. The handler only writes the signal's number to
+/// a pipe; a thread of its own reads it and cleans up.
+pub fn remove_on_signal() -> Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe2: {}", io::Error::last_os_error());
+    }
+    let [read_end, write_end] = fds;
+    SIGNAL_PIPE.store(write_end, Ordering::Relaxed);
+    thread::Builder::new()
+        .name("netns-signals".to_owned())
+        .spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: reads one byte into a live local from the pipe opened above.
+            let n = unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) };
+            if n != 1 {
+                eprintln!(
+                    "warning: reading the signal pipe: {}",
+                    io::Error::last_os_error()
+                );
+                return;
+            }
+            let signal = i32::from(byte);
+            let names = owned().clone();
+            eprintln!("signal {signal}: removing the namespaces {names:?} before exiting");
+            for name in &names {
+                if let Err(e) = remove_namespace(name) {
+                    eprintln!("warning: cannot delete namespace {name}: {e:#}");
+                }
+            }
+            std::process::exit(128 + signal);
+        })
+        .context("starting the signal thread")?;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: an all-zero `sigaction` is a valid value to fill in; the handler only
+        // calls write(2), which is async-signal-safe.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&raw mut action.sa_mask);
+            libc::sigaction(signal, &raw const action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            bail!("sigaction({signal}): {}", io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The processes inside namespace `ns` (`ip netns pids`), never this process itself.
