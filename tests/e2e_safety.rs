@@ -1,7 +1,8 @@
 //! Privileged end-to-end tests of what a running agent must never do (issue 9): delete a
 //! file that is not its socket, share a datapath with a second agent, leave pins or a socket
 //! behind after a failed start, keep running without its health checks after a panic, claim
-//! a datapath survives when it does not, or accept CLI changes the config file would refuse.
+//! a datapath survives when it does not, or accept CLI changes the config file would refuse;
+//! and what the harness itself must not do: leave its namespaces behind when stopped.
 //!
 //! Each test builds its own topology (see `common/mod.rs`), torn down by `Drop` guards.
 //! Needs root; skipped otherwise (fails in CI).
@@ -324,4 +325,96 @@ fn a_private_bpffs_is_called_what_it_is() {
         );
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A test or bench stopped from outside (Ctrl-C, `timeout`, a cancelled CI job) runs no
+/// destructor: with `remove_on_signal` its namespaces, and what runs in them, still go.
+/// This test runs itself again as that process (`WEIR_SIGNAL_CHILD` names its namespace):
+/// the child makes the namespace, starts a process inside, and waits to be stopped.
+/// What the user cares about: the exit says "killed by SIGTERM" (143), the namespace is
+/// gone, and the process inside got its SIGTERM (a blocked signal mask, inherited by every
+/// process spawned after it, would have made it ignore that and be killed after 3 s).
+#[test]
+fn a_stopped_run_removes_its_namespaces() {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _},
+        process::{Command, Stdio},
+    };
+    const CHILD: &str = "WEIR_SIGNAL_CHILD";
+    if let Ok(name) = std::env::var(CHILD) {
+        common::remove_on_signal().expect("signal handling");
+        let ns = common::Netns::create(&name).expect("namespace");
+        #[expect(
+            clippy::zombie_processes,
+            reason = "never waited for: the signal thread stops it and exits this process"
+        )]
+        let _sleeper = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "sleep", "60"])
+            .spawn()
+            .expect("a process in the namespace");
+        while common::run(&["ip", "netns", "pids", ns.name()])
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        // On a line of its own: libtest may have begun one with the test's name.
+        println!("\nsignal child ready");
+        thread::sleep(Duration::from_secs(30));
+        panic!("not stopped within 30 s");
+    }
+    if !common::require_root() {
+        return;
+    }
+    let name = common::prefix("sig");
+    let mut child = Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--exact",
+            "a_stopped_run_removes_its_namespaces",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, &name)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the child run");
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line == "signal child ready");
+    let netns = format!("/run/netns/{name}");
+    assert!(ready, "the child never got ready");
+    assert!(Path::new(&netns).exists(), "the child made no {netns}");
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    // SAFETY: kill(2) on our own, not yet reaped child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().expect("the child's exit");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("its stderr");
+    let gone = !Path::new(&netns).exists();
+    if !gone {
+        // Not left for the next run either way.
+        let _ = common::remove_namespace(&name);
+    }
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "exit after SIGTERM; stderr:\n{stderr}"
+    );
+    assert!(
+        gone,
+        "{netns} is still there after SIGTERM; stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("stopping process") && !stderr.contains("ignored SIGTERM"),
+        "the process in the namespace was not stopped by its SIGTERM; stderr:\n{stderr}"
+    );
 }
